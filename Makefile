@@ -1,0 +1,22 @@
+# The two set-up commands the README starts with. Each builds .venv itself.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test bench clean
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[drivers,test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/llmos demo
+
+test: $(STAMP)
+	$(PY) -m mypy ipc kernel sdk
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,55 @@
+"""Typed body codec: one msgspec encoder, one decoder per union, built once."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Iterable, Union
+
+import msgspec
+
+from ipc.errors import BadRequest, Error
+from ipc.envelope import FrameLike
+from ipc.protocol.base import Message
+
+_encoder = msgspec.msgpack.Encoder()
+encode = _encoder.encode
+
+
+@functools.lru_cache(maxsize=256)
+def _decoder_for(types: tuple[type, ...]) -> msgspec.msgpack.Decoder[Any]:
+    target: Any = types[0] if len(types) == 1 else Union[types]  # noqa: UP007 - runtime union
+    return msgspec.msgpack.Decoder(target)
+
+
+def decoder(types: Iterable[type[Message] | type[Error]]) -> msgspec.msgpack.Decoder[Any]:
+    """The decoder for a set of tagged body types (cached: build it once)."""
+    return _decoder_for(tuple(sorted(set(types), key=lambda t: t.__qualname__)))
+
+
+def decode_body(dec: msgspec.msgpack.Decoder[Any], frame: FrameLike, what: str = "body") -> Any:
+    """Decode a body; raises `BadRequest` naming what was wrong."""
+    try:
+        return dec.decode(frame)
+    except msgspec.ValidationError as exc:
+        raise BadRequest(f"invalid {what}: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise BadRequest(f"undecodable {what}: {exc}") from None
+
+
+error_decoder = msgspec.msgpack.Decoder(Error)
+
+
+class AnyDecoder:
+    """Decodes any message type defined so far; rebuilt only when new types appear."""
+
+    def __init__(self) -> None:
+        self._version = -1
+        self._dec: msgspec.msgpack.Decoder[Any] | None = None
+
+    def decode(self, frame: FrameLike, what: str = "body") -> Any:
+        from ipc.protocol.base import message_types, registry_version
+
+        if self._version != registry_version() or self._dec is None:
+            self._version = registry_version()
+            self._dec = decoder(message_types())
+        return decode_body(self._dec, frame, what)

@@ -1,0 +1,34 @@
+"""Where a running llmos keeps its files: `LLMOS_HOME` (default ``~/.llmos``)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def llmos_home(home: str | os.PathLike[str] | None = None) -> Path:
+    if home is not None:
+        return Path(home).expanduser().resolve()
+    env = os.environ.get("LLMOS_HOME")
+    return Path(env).expanduser().resolve() if env else Path.home() / ".llmos"
+
+
+def run_dir(home: Path) -> Path:
+    return home / "run"
+
+
+def front_endpoint(home: Path) -> str:
+    """The clients' endpoint; overridden by `LLMOS_FRONT` for tcp:// set-ups."""
+    return os.environ.get("LLMOS_FRONT") or f"ipc://{run_dir(home) / 'front.sock'}"
+
+
+def back_endpoint(home: Path) -> str:
+    return os.environ.get("LLMOS_BACK") or f"ipc://{run_dir(home) / 'back.sock'}"
+
+
+def pid_file(home: Path) -> Path:
+    return run_dir(home) / "kernel.pid"
+
+
+def logs_dir(home: Path) -> Path:
+    return home / "logs"

@@ -1,0 +1,38 @@
+"""The echo service: the smallest real service, used by tests and the routing benchmark."""
+
+from __future__ import annotations
+
+from ipc.protocol.base import Message
+
+
+class Echo(Message):
+    payload: bytes = b""
+    # Hold the reply this long; lets tests catch a request in flight.
+    delay_s: float = 0.0
+
+
+class EchoOnce(Message):
+    """Like Echo but not idempotent: after a crash it is answered `unavailable`."""
+
+    payload: bytes = b""
+    delay_s: float = 0.0
+
+
+class EchoReply(Message):
+    payload: bytes
+    instance: str
+    attempt: int = 0
+
+
+class Count(Message):
+    """Stream `n` Counted events, then reply CountDone."""
+
+    n: int
+
+
+class Counted(Message):
+    i: int
+
+
+class CountDone(Message):
+    n: int

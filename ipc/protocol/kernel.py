@@ -1,0 +1,108 @@
+"""Messages to and from the kernel itself (dst ``"kernel"``).
+
+READY / HEARTBEAT / DISCONNECT are header kinds; READY carries `Ready` as its
+body. Everything else here is an ordinary request, reply or event.
+"""
+
+from __future__ import annotations
+
+from ipc.protocol.base import Message
+
+KERNEL = "kernel"
+SERVICES_TOPIC = "kernel.services"
+
+
+class Ready(Message):
+    """A service instance registering. `secret` is the per-boot secret the
+    supervisor gave it at spawn; a client without it cannot register."""
+
+    service: str
+    instance: str
+    pid: int
+    secret: str
+    ops: list[str] = []
+    idempotent_ops: list[str] = []
+    capacity: int = 0
+    # Service-specific facts other services need at registration (e.g. a
+    # driver's num_blocks / block_size), as plain scalars.
+    meta: dict[str, str | int | float | bool] = {}
+
+
+class Registered(Message):
+    """The kernel's answer to READY."""
+
+    instance: str
+
+
+class ServiceUp(Message):
+    service: str
+    instance: str
+    pid: int
+    meta: dict[str, str | int | float | bool] = {}
+
+
+class ServiceDown(Message):
+    service: str
+    instance: str
+    reason: str
+
+
+class Subscribe(Message):
+    """Stream the events published on `topic` until the subscriber goes away."""
+
+    topic: str
+
+
+class Subscribed(Message):
+    topic: str
+
+
+class Status(Message):
+    pass
+
+
+class InstanceInfo(Message):
+    service: str
+    instance: str
+    pid: int
+    state: str  # starting | ready | backoff | stopped | dead
+    restarts: int = 0
+    uptime_s: float = 0.0
+    last_exit: str = ""
+    outstanding: int = 0
+
+
+class KernelCounters(Message):
+    routed: int = 0
+    replies: int = 0
+    rejected: int = 0
+    dropped: int = 0
+    resent: int = 0
+    queued: int = 0
+
+
+class StatusReply(Message):
+    pid: int
+    uptime_s: float
+    instances: list[InstanceInfo]
+    counters: KernelCounters
+
+
+class Kill(Message):
+    """Kill a service's instances with a signal (operator action; the
+    supervisor restarts them according to their restart type)."""
+
+    target: str  # service name or instance
+    signal: str = "SIGKILL"
+
+
+class Killed(Message):
+    instances: list[str]
+
+
+class Shutdown(Message):
+    reason: str = "requested"
+
+
+class ShuttingDown(Message):
+    pass

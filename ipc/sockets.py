@@ -1,0 +1,148 @@
+"""ZeroMQ sockets tuned for llmos, and `Channel`: batch-draining async I/O.
+
+A `Channel` wraps a plain (non-asyncio) zmq socket. The event loop watches the
+socket's FD; readers drain with NOBLOCK until EAGAIN, so one wake-up moves a
+whole batch. ZeroMQ's FD is edge-triggered and any socket operation (a send
+included) may consume the edge, so every send re-checks `EVENTS` and wakes the
+reader itself when input is pending — otherwise a message could sit unread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+from typing import Callable, Sequence
+
+import msgspec
+import zmq
+
+from ipc.envelope import FrameLike
+
+SEND_HWM = 100_000
+RECV_HWM = 100_000
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+DRAIN_BATCH = 512
+
+
+class SocketLimits(msgspec.Struct, frozen=True):
+    send_hwm: int = SEND_HWM
+    recv_hwm: int = RECV_HWM
+    max_message_bytes: int = MAX_MESSAGE_BYTES
+
+
+def _apply_limits(sock: zmq.Socket[bytes], limits: SocketLimits) -> None:
+    sock.setsockopt(zmq.SNDHWM, limits.send_hwm)
+    sock.setsockopt(zmq.RCVHWM, limits.recv_hwm)
+    sock.setsockopt(zmq.MAXMSGSIZE, limits.max_message_bytes)
+    sock.setsockopt(zmq.LINGER, 0)
+
+
+def prepare_ipc_path(endpoint: str) -> None:
+    """Make the directory of an ipc:// endpoint owner-only, and clear a stale file."""
+    if not endpoint.startswith("ipc://"):
+        return
+    path = Path(endpoint[len("ipc://"):])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.chmod(path.parent, 0o700)
+    if path.exists():
+        path.unlink()
+
+
+def remove_ipc_path(endpoint: str) -> None:
+    if endpoint.startswith("ipc://"):
+        Path(endpoint[len("ipc://"):]).unlink(missing_ok=True)
+
+
+def bind_router(ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str,
+                limits: SocketLimits = SocketLimits()) -> zmq.Socket[bytes]:
+    """A ROUTER that never drops silently (ROUTER_MANDATORY) and lets a restarted
+    peer take over its old identity (ROUTER_HANDOVER)."""
+    sock = ctx.socket(zmq.ROUTER)
+    _apply_limits(sock, limits)
+    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+    prepare_ipc_path(endpoint)
+    sock.bind(endpoint)
+    if endpoint.startswith("ipc://"):
+        os.chmod(endpoint[len("ipc://"):], 0o600)
+    return sock
+
+
+def connect_dealer(ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str, identity: bytes | None = None,
+                   limits: SocketLimits = SocketLimits()) -> zmq.Socket[bytes]:
+    sock = ctx.socket(zmq.DEALER)
+    _apply_limits(sock, limits)
+    if identity:
+        sock.setsockopt(zmq.IDENTITY, identity)
+    sock.connect(endpoint)
+    return sock
+
+
+class Channel:
+    """Async batch I/O over one zmq socket, on the running asyncio loop.
+
+    Several channels may share one `wake` event so a single task can serve
+    them all (the kernel serves its two ROUTERs from one loop)."""
+
+    def __init__(self, sock: zmq.Socket[bytes], wake: asyncio.Event | None = None,
+                 on_readable: Callable[[], None] | None = None):
+        """Readers either await `recv_batch` (woken through `wake`) or, with
+        `on_readable`, get a callback on the loop that drains synchronously."""
+        self.sock = sock
+        self._wake = wake or asyncio.Event()
+        self._on_readable = on_readable
+        self._loop = asyncio.get_running_loop()
+        self._fd = sock.getsockopt(zmq.FD)
+        self._loop.add_reader(self._fd, on_readable or self._wake.set)
+        self._closed = False
+
+    @property
+    def wake(self) -> asyncio.Event:
+        return self._wake
+
+    def pending_input(self) -> bool:
+        return bool(self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN)
+
+    def drain(self, limit: int = DRAIN_BATCH) -> list[list[zmq.Frame]]:
+        """Everything readable now, up to `limit` messages, without blocking."""
+        out: list[list[zmq.Frame]] = []
+        recv = self.sock.recv_multipart
+        try:
+            while len(out) < limit:
+                out.append(recv(zmq.NOBLOCK, copy=False))
+        except zmq.Again:
+            pass
+        return out
+
+    async def recv_batch(self, limit: int = DRAIN_BATCH) -> list[list[zmq.Frame]]:
+        while True:
+            batch = self.drain(limit)
+            if batch:
+                return batch
+            self._wake.clear()
+            if self.pending_input():
+                continue
+            await self._wake.wait()
+
+    def send(self, frames: Sequence[FrameLike | zmq.Frame]) -> bool:
+        """Send without blocking. False when the peer is unknown or its queue is
+        full (ROUTER_MANDATORY): the caller decides what a drop means."""
+        try:
+            self.sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+        except (zmq.Again, zmq.error.ZMQError):
+            return False
+        finally:
+            if not self._closed and self.pending_input():
+                if self._on_readable is not None:
+                    self._loop.call_soon(self._on_readable)
+                else:
+                    self._wake.set()
+        return True
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._loop.remove_reader(self._fd)
+        self.sock.close(linger=0)

@@ -1,0 +1,39 @@
+"""`python -m kernel [--home DIR] [--config FILE]`: one uvloop process."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ipc.errors import LlmosError
+from ipc.home import llmos_home
+from kernel.config import load_config
+from sdk.logs import configure
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m kernel")
+    ap.add_argument("--home", help="LLMOS_HOME (default ~/.llmos)")
+    ap.add_argument("--config", help="TOML config file")
+    args = ap.parse_args(argv)
+    home = llmos_home(args.home)
+    configure("kernel", home)
+    try:
+        config = load_config(args.config)
+    except LlmosError as exc:
+        print(f"llmos: {exc.message}", file=sys.stderr)
+        return 2
+    return boot(config, home)
+
+
+def boot(config, home) -> int:  # type: ignore[no-untyped-def]
+    import anyio
+
+    from kernel.main import run_kernel
+
+    rc = anyio.run(run_kernel, config, home, backend="asyncio", backend_options={"use_uvloop": True})
+    return int(rc)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""Configuration: one TOML file decoded into typed structs; every field has a default.
+
+Supervision policy is data here (Erlang/OTP child specs), not code.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from enum import StrEnum
+from pathlib import Path
+
+import msgspec
+
+from ipc.errors import BadRequest
+from ipc.sockets import SocketLimits
+
+
+class Restart(StrEnum):
+    PERMANENT = "permanent"  # always restarted
+    TRANSIENT = "transient"  # restarted only after an abnormal exit
+    TEMPORARY = "temporary"  # never restarted
+
+
+class Strategy(StrEnum):
+    ONE_FOR_ONE = "one_for_one"
+    REST_FOR_ONE = "rest_for_one"  # also restart every child started after it
+
+
+class ChildSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    name: str
+    module: str
+    args: list[str] = []
+    restart: Restart = Restart.PERMANENT
+    instances: int = 1
+    # Per-child restart intensity: more than `intensity` restarts within
+    # `period_s` seconds escalates (the kernel stops everything and exits).
+    intensity: int = 5
+    period_s: float = 10.0
+    shutdown_timeout_s: float = 5.0
+    startup_timeout_s: float = 120.0
+    env: dict[str, str] = {}
+
+
+class SupervisorConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    strategy: Strategy = Strategy.ONE_FOR_ONE
+    # Exponential restart backoff, capped (MINIX 3's reincarnation server).
+    backoff_initial_s: float = 0.05
+    backoff_max_s: float = 5.0
+
+
+class KernelConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    front: str = ""  # "" = ipc:// under LLMOS_HOME/run
+    back: str = ""
+    wait_queue_limit: int = 1024
+    wait_timeout_s: float = 30.0
+    max_attempts: int = 3
+    limits: SocketLimits = SocketLimits()
+
+
+def default_children() -> list[ChildSpec]:
+    return [ChildSpec(name="echo", module="services.echo")]
+
+
+class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    kernel: KernelConfig = KernelConfig()
+    supervisor: SupervisorConfig = SupervisorConfig()
+    children: list[ChildSpec] = msgspec.field(default_factory=default_children)
+
+    def validate(self) -> "Config":
+        names = [c.name for c in self.children]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise BadRequest(f"config: duplicate child names {sorted(dup)}")
+        for c in self.children:
+            if c.instances < 1:
+                raise BadRequest(f"config: child {c.name!r} needs instances >= 1")
+            if c.intensity < 0 or c.period_s <= 0:
+                raise BadRequest(f"config: child {c.name!r} has a bad restart intensity/period")
+        return self
+
+
+def load_config(path: str | Path | None) -> Config:
+    """Read the TOML file at `path` (None: all defaults). Errors name the file and field."""
+    if path is None:
+        return Config().validate()
+    p = Path(path)
+    try:
+        raw = tomllib.loads(p.read_text())
+    except FileNotFoundError:
+        raise BadRequest(f"config file not found: {p}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise BadRequest(f"config file {p} is not valid TOML: {exc}") from None
+    try:
+        return msgspec.convert(raw, Config).validate()
+    except msgspec.ValidationError as exc:
+        raise BadRequest(f"config file {p}: {exc}") from None

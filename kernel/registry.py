@@ -1,0 +1,72 @@
+"""Who is registered: service name → live instances, by identity and by name."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True, eq=False)
+class Instance:
+    service: str
+    name: str
+    identity: bytes
+    pid: int
+    ops: frozenset[str]
+    idempotent_ops: frozenset[str]
+    meta: dict[str, str | int | float | bool]
+    last_seen: float = field(default_factory=time.monotonic)
+    last_ping: float = 0.0
+    registered_at: float = field(default_factory=time.monotonic)
+    # routing ids of requests this instance holds and has not answered
+    outstanding: set[int] = field(default_factory=set)
+
+
+class Registry:
+    def __init__(self) -> None:
+        self.by_identity: dict[bytes, Instance] = {}
+        self.by_name: dict[str, Instance] = {}
+        self.services: dict[str, list[Instance]] = {}
+        # Names that may register later: requests for them wait instead of failing.
+        self.known: set[str] = set()
+
+    def add(self, inst: Instance) -> None:
+        self.by_identity[inst.identity] = inst
+        self.by_name[inst.name] = inst
+        self.services.setdefault(inst.service, []).append(inst)
+        self.known.add(inst.service)
+
+    def remove(self, inst: Instance) -> None:
+        if self.by_identity.get(inst.identity) is inst:
+            del self.by_identity[inst.identity]
+        if self.by_name.get(inst.name) is inst:
+            del self.by_name[inst.name]
+        live = self.services.get(inst.service)
+        if live and inst in live:
+            live.remove(inst)
+
+    def pick(self, dst: str) -> Instance | None:
+        """The live instance for `dst`: the named instance itself, or the
+        service's instance with the fewest outstanding requests."""
+        inst = self.by_name.get(dst)
+        if inst is not None:
+            return inst
+        live = self.services.get(dst)
+        if not live:
+            return None
+        if len(live) == 1:
+            return live[0]
+        return min(live, key=lambda i: len(i.outstanding))
+
+    def service_of(self, dst: str) -> str | None:
+        """The service a destination belongs to, if it could ever be served."""
+        inst = self.by_name.get(dst)
+        if inst is not None:
+            return inst.service
+        if dst in self.known:
+            return dst
+        # An instance name like "echo-1" of a known service that is restarting.
+        base, _, idx = dst.rpartition("-")
+        if idx.isdigit() and base in self.known:
+            return dst
+        return None

@@ -1,0 +1,436 @@
+"""The kernel's mechanism: two ROUTER sockets, routing, liveness, wait queues.
+
+Clients talk to the front socket, services to the back socket. A request gets a
+kernel routing id (`rid`) that replaces the sender's msg id on the way to the
+service; the reply's rid finds the requester again. Only the header is decoded
+here; bodies pass through untouched (except the kernel's own ops).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import itertools
+import os
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Sequence
+
+import anyio
+import msgspec
+import zmq
+from anyio.abc import TaskStatus
+
+from ipc import codec
+from ipc.envelope import PROTOCOL_VERSION, Header, Kind, decode_header, encode_header, split_route
+from ipc.errors import BadRequest, DeadlineExceeded, Error, LlmosError, NotFound, Overloaded, Unauthorized, Unavailable
+from ipc.heartbeat import HEARTBEAT_EXPIRY_S, HEARTBEAT_INTERVAL_S
+from ipc.protocol import kernel as kp
+from ipc.protocol.base import Message
+from ipc.sockets import Channel, bind_router, remove_ipc_path
+from kernel.config import KernelConfig
+from kernel.registry import Instance, Registry
+from sdk.logs import get_logger
+
+if TYPE_CHECKING:
+    from kernel.supervisor import Supervisor
+
+log = get_logger()
+
+_EMPTY = b""
+HUNG = "missed heartbeats"
+_ready_decoder = codec.decoder([kp.Ready])
+_kernel_ops = codec.decoder([kp.Status, kp.Subscribe, kp.Kill, kp.Shutdown])
+
+
+@dataclass(slots=True, eq=False)
+class Pending:
+    """A request the kernel has routed (or queued) and not yet seen answered."""
+
+    rid: int
+    origin: Channel
+    origin_id: bytes
+    origin_msg_id: int
+    header: Header
+    payload: list[Any]  # body frame and extra buffers, passed through as received
+    queued_at: float
+    instance: Instance | None = None
+
+
+class Kernel:
+    def __init__(self, config: KernelConfig, front: str, back: str, secret: str):
+        self.config = config
+        self.front_endpoint = front
+        self.back_endpoint = back
+        self._secret = secret.encode()
+        self.registry = Registry()
+        self.pending: dict[int, Pending] = {}
+        self.waiting: dict[str, deque[Pending]] = {}
+        self.topics: dict[str, dict[tuple[int, bytes], int]] = {}
+        self.counters = kp.KernelCounters()
+        self.started = time.monotonic()
+        self.supervisor: Supervisor | None = None
+        self._rids = itertools.count(1)
+        self._front: Channel | None = None
+        self._back: Channel | None = None
+        self._channels: list[Channel] = []
+        self.shutdown_requested = anyio.Event()
+        self.shutdown_reason = ""
+
+    # -- lifecycle -----------------------------------------------------------
+
+    async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        wake = asyncio.Event()
+        front = Channel(bind_router(ctx, self.front_endpoint, self.config.limits), wake)
+        back = Channel(bind_router(ctx, self.back_endpoint, self.config.limits), wake)
+        self._front, self._back, self._channels = front, back, [front, back]
+        log.info("kernel.listening", front=self.front_endpoint, back=self.back_endpoint)
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._ticker)
+                task_status.started()
+                await self._pump(front, back, wake)
+        finally:
+            front.close()
+            back.close()
+            ctx.term()
+            remove_ipc_path(self.front_endpoint)
+            remove_ipc_path(self.back_endpoint)
+
+    async def _pump(self, front: Channel, back: Channel, wake: asyncio.Event) -> None:
+        """Serve both sockets from one task, draining each in batches."""
+        on_front, on_back = self._on_front, self._on_back
+        while True:
+            moved = False
+            for frames in front.drain():
+                moved = True
+                on_front(frames)
+            for frames in back.drain():
+                moved = True
+                on_back(frames)
+            if moved:
+                continue
+            wake.clear()
+            if front.pending_input() or back.pending_input():
+                continue
+            await wake.wait()
+
+    async def _ticker(self) -> None:
+        """Heartbeats out, dead instances detected, expired waiters answered."""
+        tick = HEARTBEAT_INTERVAL_S / 4
+        while True:
+            await anyio.sleep(tick)
+            now = time.monotonic()
+            for inst in list(self.registry.by_identity.values()):
+                if now - inst.last_seen > HEARTBEAT_EXPIRY_S:
+                    self.instance_down(inst, HUNG)
+                elif now - inst.last_ping >= HEARTBEAT_INTERVAL_S:
+                    inst.last_ping = now
+                    self._send_control(self._back_ch(), inst.identity, Kind.HEARTBEAT)
+            self._expire_waiting(now)
+
+    def request_shutdown(self, reason: str) -> None:
+        self.shutdown_reason = self.shutdown_reason or reason
+        self.shutdown_requested.set()
+
+    def _back_ch(self) -> Channel:
+        assert self._back is not None
+        return self._back
+
+    # -- frames in -----------------------------------------------------------
+
+    def _on_front(self, frames: list[Any]) -> None:
+        front = self._front
+        assert front is not None
+        try:
+            ident, payload = split_route(frames)
+            if not payload:
+                raise BadRequest("missing header frame")
+            header = decode_header(payload[0])
+        except BadRequest as exc:
+            self._reject(front, frames, exc)
+            return
+        kind = header.kind
+        if kind == Kind.REQUEST:
+            self._route(front, ident, header, payload)
+        elif kind == Kind.HEARTBEAT:
+            self._send_control(front, ident, Kind.HEARTBEAT)
+        elif kind == Kind.DISCONNECT:
+            self._forget_subscriber(front, ident)
+        elif kind == Kind.READY:
+            self._reject(front, frames, Unauthorized("clients cannot register as services"), header)
+        else:
+            self._reject(front, frames, BadRequest(f"a client may not send {Kind(kind).name}"), header)
+
+    def _on_back(self, frames: list[Any]) -> None:
+        back = self._back_ch()
+        try:
+            ident, payload = split_route(frames)
+            if not payload:
+                raise BadRequest("missing header frame")
+            header = decode_header(payload[0])
+        except BadRequest as exc:
+            self._reject(back, frames, exc)
+            return
+        inst = self.registry.by_identity.get(ident)
+        kind = header.kind
+        if kind == Kind.READY:
+            self._register(ident, header, payload)
+            return
+        if inst is None:
+            self._reject(back, frames, Unauthorized("not registered: send READY with the boot secret first"), header)
+            # A stale instance the kernel already declared dead must stop, not linger.
+            self._send_control(back, ident, Kind.DISCONNECT)
+            return
+        inst.last_seen = time.monotonic()
+        if kind == Kind.REPLY or kind == Kind.ERROR:
+            self._answer(inst, header, payload, final=True)
+        elif kind == Kind.EVENT:
+            if header.msg_id:
+                self._answer(inst, header, payload, final=False)
+            else:
+                self._publish_frames(header.dst, inst.name, payload, header.op)
+        elif kind == Kind.REQUEST:
+            self._route(back, ident, header, payload)
+        elif kind == Kind.HEARTBEAT:
+            pass
+        elif kind == Kind.DISCONNECT:
+            self._forget_subscriber(back, ident)
+            self.instance_down(inst, "disconnected")
+
+    def _reject(self, ch: Channel, frames: Sequence[Any], exc: LlmosError, header: Header | None = None) -> None:
+        """Answer a malformed or forbidden frame where a return identity exists."""
+        self.counters.rejected += 1
+        log.warning("kernel.rejected", code=exc.code, error=exc.message,
+                    socket="front" if ch is self._front else "back")
+        if not frames or len(frames[0]) == 0:
+            return
+        msg_id = header.msg_id if header is not None else 0
+        self._send_error(ch, bytes(frames[0]), msg_id, exc.to_wire())
+
+    # -- routing -------------------------------------------------------------
+
+    def _route(self, origin: Channel, ident: bytes, header: Header, payload: list[Any]) -> None:
+        dst = header.dst
+        if dst == kp.KERNEL:
+            self._kernel_op(origin, ident, header, payload)
+            return
+        if len(payload) < 2:
+            self._send_error(origin, ident, header.msg_id, BadRequest("request without a body frame").to_wire())
+            return
+        if header.deadline_ns and header.deadline_ns <= time.time_ns():
+            self._send_error(origin, ident, header.msg_id,
+                             DeadlineExceeded(f"deadline passed before routing to {dst!r}").to_wire())
+            return
+        p = Pending(next(self._rids), origin, ident, header.msg_id, header, payload, time.monotonic())
+        self._dispatch(p)
+
+    def _dispatch(self, p: Pending) -> None:
+        dst = p.header.dst
+        inst = self.registry.pick(dst)
+        if inst is None:
+            self._enqueue(p)
+            return
+        header = msgspec.structs.replace(p.header, msg_id=p.rid, token=_EMPTY)
+        if not self._back_ch().send([inst.identity, _EMPTY, encode_header(header), *p.payload[1:]]):
+            # The instance vanished between its last heartbeat and now.
+            self.instance_down(inst, "unreachable")
+            self._enqueue(p)
+            return
+        p.instance = inst
+        inst.outstanding.add(p.rid)
+        self.pending[p.rid] = p
+        self.counters.routed += 1
+
+    def _enqueue(self, p: Pending) -> None:
+        dst = p.header.dst
+        if self.registry.service_of(dst) is None:
+            self._fail(p, NotFound(f"no service named {dst!r}"))
+            return
+        q = self.waiting.setdefault(dst, deque())
+        if len(q) >= self.config.wait_queue_limit:
+            self._fail(p, Overloaded(f"{dst!r} is down and its wait queue is full",
+                                     detail={"retry_after_s": 1.0}))
+            return
+        self.counters.queued += 1
+        q.append(p)
+
+    def _flush_waiting(self, inst: Instance) -> None:
+        for key in (inst.service, inst.name):
+            q = self.waiting.pop(key, None)
+            while q:
+                self._dispatch(q.popleft())
+
+    def _expire_waiting(self, now: float) -> None:
+        wall = time.time_ns()
+        for dst, q in list(self.waiting.items()):
+            keep: deque[Pending] = deque()
+            for p in q:
+                if p.header.deadline_ns and p.header.deadline_ns <= wall:
+                    self._fail(p, DeadlineExceeded(f"{dst!r} did not come back before the deadline"))
+                elif now - p.queued_at > self.config.wait_timeout_s:
+                    self._fail(p, Unavailable(f"{dst!r} has no live instance "
+                                              f"(waited {self.config.wait_timeout_s:g}s)"))
+                else:
+                    keep.append(p)
+            if keep:
+                self.waiting[dst] = keep
+            else:
+                del self.waiting[dst]
+
+    def _answer(self, inst: Instance, header: Header, payload: list[Any], *, final: bool) -> None:
+        p = self.pending.get(header.msg_id)
+        if p is None or p.instance is not inst:
+            # Late answer to a request that was re-sent elsewhere or already failed.
+            self.counters.dropped += 1
+            return
+        if final:
+            del self.pending[p.rid]
+            inst.outstanding.discard(p.rid)
+            self.counters.replies += 1
+        out = msgspec.structs.replace(header, msg_id=p.origin_msg_id)
+        if not p.origin.send([p.origin_id, _EMPTY, encode_header(out), *payload[1:]]):
+            self.counters.dropped += 1
+
+    def _fail(self, p: Pending, exc: LlmosError) -> None:
+        self._send_error(p.origin, p.origin_id, p.origin_msg_id, exc.to_wire())
+
+    def _send_error(self, ch: Channel, ident: bytes, msg_id: int, err: Error) -> None:
+        header = Header(PROTOCOL_VERSION, Kind.ERROR, msg_id, src=kp.KERNEL, op="Error")
+        if not ch.send([ident, _EMPTY, encode_header(header), codec.encode(err)]):
+            self.counters.dropped += 1
+
+    def _send_control(self, ch: Channel, ident: bytes, kind: Kind) -> None:
+        ch.send([ident, _EMPTY, encode_header(Header(PROTOCOL_VERSION, kind, src=kp.KERNEL))])
+
+    def _send_msg(self, ch: Channel, ident: bytes, msg_id: int, kind: Kind, body: Message) -> bool:
+        header = Header(PROTOCOL_VERSION, kind, msg_id, src=kp.KERNEL, op=type(body).__name__)
+        return ch.send([ident, _EMPTY, encode_header(header), codec.encode(body)])
+
+    # -- registration and death -------------------------------------------------
+
+    def _register(self, ident: bytes, header: Header, payload: list[Any]) -> None:
+        back = self._back_ch()
+        try:
+            if len(payload) < 2:
+                raise BadRequest("READY without a body")
+            ready: kp.Ready = codec.decode_body(_ready_decoder, payload[1], "READY body")
+        except BadRequest as exc:
+            self._reject(back, [ident], exc, header)
+            return
+        if not hmac.compare_digest(ready.secret.encode(), self._secret):
+            self._reject(back, [ident], Unauthorized("wrong boot secret"), header)
+            return
+        for old in (self.registry.by_identity.get(ident), self.registry.by_name.get(ready.instance)):
+            if old is not None:
+                self.instance_down(old, "replaced by a new registration")
+        inst = Instance(ready.service, ready.instance, ident, ready.pid, frozenset(ready.ops),
+                        frozenset(ready.idempotent_ops), dict(ready.meta))
+        self.registry.add(inst)
+        self._send_msg(back, ident, header.msg_id, Kind.REPLY, kp.Registered(inst.name))
+        log.info("kernel.registered", service=inst.service, instance=inst.name, pid=inst.pid)
+        if self.supervisor is not None:
+            self.supervisor.on_ready(inst.name, inst.pid)
+        self.publish(kp.SERVICES_TOPIC, kp.ServiceUp(inst.service, inst.name, inst.pid, inst.meta))
+        self._flush_waiting(inst)
+
+    def instance_down(self, inst: Instance | str, reason: str) -> None:
+        """Forget a dead instance; re-send or fail what it held; tell subscribers."""
+        if isinstance(inst, str):
+            found = self.registry.by_name.get(inst)
+            if found is None:
+                return
+            inst = found
+        if self.registry.by_identity.get(inst.identity) is not inst:
+            return
+        self.registry.remove(inst)
+        log.warning("kernel.instance_down", service=inst.service, instance=inst.name, reason=reason)
+        for rid in sorted(inst.outstanding):
+            p = self.pending.pop(rid, None)
+            if p is None:
+                continue
+            p.instance = None
+            op = p.header.op
+            if op in inst.idempotent_ops and p.header.attempt + 1 < self.config.max_attempts:
+                p.header = msgspec.structs.replace(p.header, attempt=p.header.attempt + 1)
+                self.counters.resent += 1
+                self._dispatch(p)
+            else:
+                self._fail(p, Unavailable(f"{inst.name} died while handling {op} ({reason})"))
+        inst.outstanding.clear()
+        self.publish(kp.SERVICES_TOPIC, kp.ServiceDown(inst.service, inst.name, reason))
+        if reason == HUNG and self.supervisor is not None:
+            # A hung process is killed so the supervisor can restart it (MINIX 3's RS).
+            self.supervisor.kill_quietly(inst.name, inst.pid)
+
+    # -- events ----------------------------------------------------------------
+
+    def publish(self, topic: str, body: Message) -> None:
+        self._publish_frames(topic, kp.KERNEL, [None, codec.encode(body)], type(body).__name__)
+
+    def _publish_frames(self, topic: str, src: str, payload: list[Any], op: str) -> None:
+        subs = self.topics.get(topic)
+        if not subs:
+            return
+        gone = []
+        for (ch_idx, ident), msg_id in subs.items():
+            ch = self._channels[ch_idx]
+            header = Header(PROTOCOL_VERSION, Kind.EVENT, msg_id, src=src, dst=topic, op=op)
+            if not ch.send([ident, _EMPTY, encode_header(header), *payload[1:]]):
+                gone.append((ch_idx, ident))
+        for key in gone:
+            del subs[key]
+
+    def _forget_subscriber(self, ch: Channel, ident: bytes) -> None:
+        key = (self._channels.index(ch), ident)
+        for subs in self.topics.values():
+            subs.pop(key, None)
+
+    # -- the kernel's own ops ------------------------------------------------------
+
+    def _kernel_op(self, ch: Channel, ident: bytes, header: Header, payload: list[Any]) -> None:
+        try:
+            if len(payload) < 2:
+                raise BadRequest("kernel request without a body")
+            msg = codec.decode_body(_kernel_ops, payload[1], f"kernel op {header.op!r}")
+            reply = self._handle_kernel_op(ch, ident, header, msg)
+        except LlmosError as exc:
+            self._send_error(ch, ident, header.msg_id, exc.to_wire())
+            return
+        if reply is not None:
+            self._send_msg(ch, ident, header.msg_id, Kind.REPLY, reply)
+
+    def _handle_kernel_op(self, ch: Channel, ident: bytes, header: Header, msg: Any) -> Message | None:
+        match msg:
+            case kp.Status():
+                return self.status()
+            case kp.Subscribe(topic=topic):
+                self.topics.setdefault(topic, {})[(self._channels.index(ch), ident)] = header.msg_id
+                self._send_msg(ch, ident, header.msg_id, Kind.EVENT, kp.Subscribed(topic))
+                return None
+            case kp.Kill(target=target, signal=sig):
+                if self.supervisor is None:
+                    raise Unavailable("this kernel runs without a supervisor")
+                return kp.Killed(self.supervisor.kill(target, sig))
+            case kp.Shutdown(reason=reason):
+                self.request_shutdown(reason)
+                return kp.ShuttingDown()
+        raise BadRequest(f"unknown kernel op {header.op!r}")
+
+    def status(self) -> kp.StatusReply:
+        if self.supervisor is not None:
+            infos = self.supervisor.describe()
+        else:
+            infos = []
+        supervised = {i.instance for i in infos}
+        now = time.monotonic()
+        for inst in self.registry.by_identity.values():
+            if inst.name not in supervised:
+                infos.append(kp.InstanceInfo(inst.service, inst.name, inst.pid, "ready",
+                                             uptime_s=now - inst.registered_at))
+        for info in infos:
+            inst = self.registry.by_name.get(info.instance)
+            info.outstanding = len(inst.outstanding) if inst else 0
+        return kp.StatusReply(os.getpid(), now - self.started, infos, self.counters)

@@ -1,0 +1,243 @@
+"""The supervisor: starts children in order, restarts them by policy, escalates.
+
+Erlang/OTP semantics: restart types permanent / transient / temporary,
+strategies one_for_one / rest_for_one, restart intensity per child (more than
+`intensity` restarts within `period_s` escalates: every child is stopped in
+reverse start order and the kernel exits non-zero with the reason). Restarts
+back off exponentially up to a cap (MINIX 3's reincarnation server).
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import anyio
+
+from ipc.errors import BadRequest, NotFound
+from ipc.protocol import kernel as kp
+from kernel.config import ChildSpec, Restart, Strategy, SupervisorConfig
+from kernel.launcher import ChildProcess, Launcher
+from sdk.logs import get_logger
+
+log = get_logger()
+
+
+class Escalation(Exception):
+    """A child exceeded its restart intensity; the whole system must stop."""
+
+
+@dataclass(eq=False)
+class Child:
+    spec: ChildSpec
+    instance: str
+    index: int  # position in start order
+    process: ChildProcess | None = None
+    state: str = "stopped"
+    restarts: int = 0
+    started_at: float = 0.0
+    last_exit: str = ""
+    restart_times: deque[float] = field(default_factory=deque)
+    # Set when a sibling's death (rest_for_one) or an operator stop, not a
+    # fault of this child, ends the current process.
+    sibling_restart: bool = False
+    stopping: bool = False
+
+
+def describe_exit(rc: int) -> str:
+    if rc < 0:
+        try:
+            return f"killed by {signal.Signals(-rc).name}"
+        except ValueError:
+            return f"killed by signal {-rc}"
+    return f"exit {rc}"
+
+
+class Supervisor:
+    def __init__(self, config: SupervisorConfig, children: list[ChildSpec], launcher: Launcher,
+                 env: dict[str, str], on_exit: Callable[[str, str], None],
+                 on_escalate: Callable[[str], None]):
+        self.config = config
+        self.launcher = launcher
+        self.env = env
+        self.on_exit = on_exit  # (instance, reason): the kernel forgets it at once
+        self.on_escalate = on_escalate
+        self.children: list[Child] = []
+        for spec in children:
+            for i in range(spec.instances):
+                name = spec.name if spec.instances == 1 else f"{spec.name}-{i}"
+                self.children.append(Child(spec, name, len(self.children)))
+        self.escalation: str | None = None
+        self._changed = anyio.Event()
+
+    @property
+    def service_names(self) -> set[str]:
+        return {c.spec.name for c in self.children}
+
+    def _bump(self) -> None:
+        """Wake everyone waiting for a child's state to change."""
+        ev, self._changed = self._changed, anyio.Event()
+        ev.set()
+
+    async def _until(self, cond: Callable[[], bool]) -> None:
+        while not cond():
+            await self._changed.wait()
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Start every child in order, each READY before the next starts, then
+        keep them alive until cancelled. Reports `started` once all are up."""
+        async with anyio.create_task_group() as tg:
+            for child in self.children:
+                tg.start_soon(self._keep_alive, child)
+                await self._until(lambda c=child: c.state == "ready" or self.escalation is not None)
+                if self.escalation:
+                    break
+            task_status.started()
+
+    def on_ready(self, instance: str, pid: int) -> None:
+        for c in self.children:
+            if c.instance == instance and c.process is not None and c.process.pid == pid:
+                c.state = "ready"
+                self._bump()
+
+    async def _keep_alive(self, child: Child) -> None:
+        spec = child.spec
+        while True:
+            if self.config.strategy == Strategy.REST_FOR_ONE:
+                earlier = self.children[:child.index]
+                await self._until(lambda: all(e.state == "ready" for e in earlier) or child.stopping)
+            if child.stopping:
+                return
+            child.state = "starting"
+            self._bump()
+            env = {**self.env, "LLMOS_SERVICE": spec.name, "LLMOS_INSTANCE": child.instance}
+            try:
+                child.process = await self.launcher.spawn(spec, child.instance, env)
+            except OSError as exc:
+                reason = f"spawn failed: {exc}"
+            else:
+                child.started_at = time.monotonic()
+                log.info("supervisor.started", instance=child.instance, pid=child.process.pid)
+                reason = await self._wait_exit(child, child.process)
+            child.last_exit = reason
+            self.on_exit(child.instance, reason)
+            if child.stopping:
+                child.state = "stopped"
+                self._bump()
+                return
+            if child.sibling_restart:
+                child.sibling_restart = False
+                continue
+            log.warning("supervisor.exited", instance=child.instance, reason=reason)
+            if spec.restart == Restart.TEMPORARY or (spec.restart == Restart.TRANSIENT and reason == "exit 0"):
+                child.state = "stopped"
+                self._bump()
+                return
+            if self.config.strategy == Strategy.REST_FOR_ONE:
+                self._restart_later_siblings(child)
+            now = time.monotonic()
+            child.restart_times.append(now)
+            while child.restart_times and now - child.restart_times[0] > spec.period_s:
+                child.restart_times.popleft()
+            if len(child.restart_times) > spec.intensity:
+                child.state = "dead"
+                self.escalate(f"{child.instance} restarted more than {spec.intensity} times in "
+                              f"{spec.period_s:g}s (last: {reason})")
+                return
+            child.restarts += 1
+            child.state = "backoff"
+            self._bump()
+            await anyio.sleep(min(self.config.backoff_initial_s * 2 ** (len(child.restart_times) - 1),
+                                  self.config.backoff_max_s))
+
+    async def _wait_exit(self, child: Child, proc: ChildProcess) -> str:
+        """Wait for the process to exit; kill it if it is not READY in time."""
+        timed_out = False
+        async with anyio.create_task_group() as tg:
+            async def watchdog() -> None:
+                nonlocal timed_out
+                with anyio.move_on_after(child.spec.startup_timeout_s):
+                    await self._until(lambda: child.state != "starting")
+                    return
+                timed_out = True
+                log.error("supervisor.startup_timeout", instance=child.instance)
+                _signal(proc, signal.SIGKILL)
+            tg.start_soon(watchdog)
+            rc = await proc.wait()
+            tg.cancel_scope.cancel()
+        if timed_out:
+            return f"not ready within {child.spec.startup_timeout_s:g}s"
+        return describe_exit(rc)
+
+    def _restart_later_siblings(self, child: Child) -> None:
+        for sib in self.children[child.index + 1:]:
+            if sib.process is not None and sib.state in ("starting", "ready"):
+                sib.sibling_restart = True
+                _signal(sib.process, signal.SIGTERM)
+
+    def escalate(self, reason: str) -> None:
+        log.error("supervisor.escalating", reason=reason)
+        self.escalation = self.escalation or reason
+        self._bump()
+        self.on_escalate(reason)
+
+    def kill(self, target: str, sig_name: str = "SIGKILL") -> list[str]:
+        try:
+            sig = signal.Signals[sig_name]
+        except KeyError:
+            raise BadRequest(f"unknown signal {sig_name!r}") from None
+        hits = [c for c in self.children if target in (c.instance, c.spec.name)]
+        if not hits:
+            raise NotFound(f"no supervised service or instance named {target!r}")
+        killed = []
+        for c in hits:
+            if c.process is not None and c.state in ("starting", "ready"):
+                _signal(c.process, sig)
+                killed.append(c.instance)
+        return killed
+
+    def kill_quietly(self, instance: str, pid: int) -> None:
+        """SIGKILL one instance if it is still the process with `pid`."""
+        for c in self.children:
+            if c.instance == instance and c.process is not None and c.process.pid == pid:
+                _signal(c.process, signal.SIGKILL)
+
+    async def stop_all(self) -> None:
+        """Stop children in reverse start order: SIGTERM, then SIGKILL after the timeout."""
+        for child in self.children:
+            child.stopping = True
+        self._bump()
+        for child in reversed(self.children):
+            proc = child.process
+            if proc is None or child.state in ("stopped", "dead"):
+                continue
+            _signal(proc, signal.SIGTERM)
+            with anyio.move_on_after(child.spec.shutdown_timeout_s) as scope:
+                await proc.wait()
+            if scope.cancelled_caught:
+                log.warning("supervisor.kill_after_timeout", instance=child.instance)
+                _signal(proc, signal.SIGKILL)
+                with anyio.CancelScope(shield=True):
+                    await proc.wait()
+            child.state = "stopped"
+        self._bump()
+
+    def describe(self) -> list[kp.InstanceInfo]:
+        now = time.monotonic()
+        out = []
+        for c in self.children:
+            alive = c.state in ("starting", "ready")
+            out.append(kp.InstanceInfo(
+                c.spec.name, c.instance, c.process.pid if c.process and alive else 0, c.state,
+                restarts=c.restarts, uptime_s=now - c.started_at if alive else 0.0, last_exit=c.last_exit))
+        return out
+
+
+def _signal(proc: ChildProcess, sig: int) -> None:
+    try:
+        proc.send_signal(sig)
+    except ProcessLookupError:
+        pass

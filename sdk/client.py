@@ -1,0 +1,147 @@
+"""The client SDK: `AsyncClient` and its sync twin `Client`.
+
+    async with await AsyncClient.connect() as client:
+        reply = await client.call("echo", Echo(b"hi"))
+
+Errors surface as exceptions from the `ipc.errors.LlmosError` tree, carrying
+the wire code.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any, AsyncIterator, Iterator
+
+from anyio.from_thread import BlockingPortal, start_blocking_portal
+
+from ipc.errors import Unavailable
+from ipc.home import front_endpoint, llmos_home
+from ipc.protocol import kernel as kp
+from ipc.protocol.base import Message
+from sdk.connection import Connection
+
+
+class AsyncClient:
+    def __init__(self, conn: Connection):
+        self._conn = conn
+
+    @classmethod
+    async def connect(cls, endpoint: str | None = None, *, home: str | os.PathLike[str] | None = None,
+                      check: bool = True, timeout: float = 5.0) -> "AsyncClient":
+        """Connect to the kernel (default: the one under `LLMOS_HOME`). With
+        `check`, wait for the kernel to answer, so a missing kernel is an
+        immediate `Unavailable` rather than a hang on the first call."""
+        h = llmos_home(home)
+        ep = endpoint or front_endpoint(h)
+        if ep.startswith("ipc://") and not Path(ep[6:]).exists():
+            raise Unavailable(f"no llmos kernel is running at {ep} (start one with `llmos up`)")
+        client = cls(Connection(ep, src=f"client:{os.getpid()}"))
+        if check:
+            try:
+                await client.status(timeout=timeout)
+            except BaseException:
+                await client.aclose()
+                raise
+        return client
+
+    @property
+    def connection(self) -> Connection:
+        return self._conn
+
+    async def call(self, service: str, msg: Message, *, timeout: float | None = None,
+                   trace_id: str = "") -> Any:
+        return await self._conn.call(service, msg, timeout=timeout, trace_id=trace_id)
+
+    def stream(self, service: str, msg: Message, *, timeout: float | None = None) -> AsyncIterator[Any]:
+        return self._conn.stream(service, msg, timeout=timeout)
+
+    async def status(self, *, timeout: float | None = 10.0) -> kp.StatusReply:
+        reply: kp.StatusReply = await self.call(kp.KERNEL, kp.Status(), timeout=timeout)
+        return reply
+
+    async def services(self) -> list[kp.InstanceInfo]:
+        return (await self.status()).instances
+
+    async def kill(self, target: str, signal: str = "SIGKILL") -> list[str]:
+        reply: kp.Killed = await self.call(kp.KERNEL, kp.Kill(target, signal), timeout=10.0)
+        return reply.instances
+
+    async def shutdown(self, reason: str = "requested") -> None:
+        await self.call(kp.KERNEL, kp.Shutdown(reason), timeout=10.0)
+
+    def subscribe(self, topic: str) -> AsyncIterator[Any]:
+        """Events published on `topic` (the first is `Subscribed`), until closed."""
+        return self._conn.stream(kp.KERNEL, kp.Subscribe(topic))
+
+    async def aclose(self) -> None:
+        self._conn.close()
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+class Client:
+    """The synchronous twin: an event loop in a helper thread runs an `AsyncClient`."""
+
+    def __init__(self, portal: BlockingPortal, aclient: AsyncClient, stack: ExitStack):
+        self._portal = portal
+        self._aclient = aclient
+        self._stack = stack
+
+    @classmethod
+    def connect(cls, endpoint: str | None = None, *, home: str | os.PathLike[str] | None = None,
+                timeout: float = 5.0) -> "Client":
+        stack = ExitStack()
+        portal = stack.enter_context(start_blocking_portal("asyncio", {"use_uvloop": True}))
+        try:
+            aclient = portal.call(lambda: AsyncClient.connect(endpoint, home=home, timeout=timeout))
+        except BaseException:
+            stack.close()
+            raise
+        return cls(portal, aclient, stack)
+
+    def call(self, service: str, msg: Message, *, timeout: float | None = None) -> Any:
+        return self._portal.call(lambda: self._aclient.call(service, msg, timeout=timeout))
+
+    def stream(self, service: str, msg: Message, *, timeout: float | None = None) -> Iterator[Any]:
+        agen = self._aclient.stream(service, msg, timeout=timeout)
+        while True:
+            try:
+                yield self._portal.call(agen.__anext__)
+            except StopAsyncIteration:
+                return
+
+    def status(self) -> kp.StatusReply:
+        return self._portal.call(self._aclient.status)
+
+    def services(self) -> list[kp.InstanceInfo]:
+        return self._portal.call(self._aclient.services)
+
+    def kill(self, target: str, signal: str = "SIGKILL") -> list[str]:
+        return self._portal.call(lambda: self._aclient.kill(target, signal))
+
+    def shutdown(self, reason: str = "requested") -> None:
+        self._portal.call(lambda: self._aclient.shutdown(reason))
+
+    def close(self) -> None:
+        if self._stack is None:
+            return
+        try:
+            self._portal.call(self._aclient.aclose)
+        finally:
+            stack, self._stack = self._stack, None  # type: ignore[assignment]
+            stack.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+__all__ = ["AsyncClient", "Client"]

@@ -1,0 +1,181 @@
+"""One DEALER connection to the kernel, shared by clients and services.
+
+No background task is needed: the socket's reader callback drains it on the
+event loop and hands each answer to the call waiting for its msg id. A waiting
+call also watches the kernel's liveness (it pings after a quiet interval and
+gives up with `Unavailable` after HEARTBEAT_EXPIRY_S of silence).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from typing import Any, AsyncIterator, Callable
+
+import anyio
+import msgspec
+import zmq
+
+from ipc import codec
+from ipc.envelope import PROTOCOL_VERSION, Header, Kind, decode_header, encode_header
+from ipc.errors import BadRequest, DeadlineExceeded, Error, Internal, LlmosError, Unavailable
+from ipc.heartbeat import HEARTBEAT_EXPIRY_S, HEARTBEAT_INTERVAL_S
+from ipc.protocol.base import Message, op_of
+from ipc.sockets import Channel, connect_dealer
+from sdk.logs import get_logger
+
+log = get_logger()
+
+Answer = tuple[Header, list[Any]]
+RequestHandler = Callable[[Header, list[Any]], None]
+
+
+class Connection:
+    def __init__(self, endpoint: str, *, identity: bytes | None = None, src: str = ""):
+        self.endpoint = endpoint
+        self.src = src
+        self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self._ch = Channel(connect_dealer(self._ctx, endpoint, identity), on_readable=self._on_readable)
+        self._ids = itertools.count(1)
+        self._calls: dict[int, asyncio.Queue[Answer]] = {}
+        self.last_heard = time.monotonic()
+        self.on_request: RequestHandler | None = None
+        self.on_disconnect: Callable[[], None] | None = None
+        self.token: bytes = b""
+        self.closed = False
+        self._any = codec.AnyDecoder()
+
+    # -- frames out ---------------------------------------------------------------
+
+    def send(self, header: Header, body: Message | Error | bytes | None = None, buffers: tuple[Any, ...] = ()) -> bool:
+        frames: list[Any] = [b"", encode_header(header)]
+        if body is not None:
+            frames.append(body if isinstance(body, bytes) else codec.encode(body))
+        frames.extend(buffers)
+        return self._ch.send(frames)
+
+    def send_control(self, kind: Kind) -> None:
+        self.send(Header(PROTOCOL_VERSION, kind, src=self.src))
+
+    def next_id(self) -> int:
+        return next(self._ids)
+
+    # -- frames in -----------------------------------------------------------------
+
+    def _on_readable(self) -> None:
+        if self.closed:
+            return
+        for frames in self._ch.drain():
+            self._dispatch(frames)
+
+    def _dispatch(self, frames: list[Any]) -> None:
+        if len(frames) < 2 or len(frames[0]) != 0:
+            log.warning("conn.malformed_frames", parts=len(frames))
+            return
+        try:
+            header = decode_header(frames[1])
+        except BadRequest as exc:
+            log.warning("conn.malformed_header", error=exc.message)
+            return
+        self.last_heard = time.monotonic()
+        kind = header.kind
+        if kind == Kind.REPLY or kind == Kind.ERROR or kind == Kind.EVENT:
+            q = self._calls.get(header.msg_id)
+            if q is not None:
+                q.put_nowait((header, frames[2:]))
+            elif kind == Kind.ERROR:
+                log.warning("conn.unsolicited_error", body=_describe_error(frames[2:]))
+        elif kind == Kind.REQUEST:
+            if self.on_request is not None:
+                self.on_request(header, frames[2:])
+        elif kind == Kind.DISCONNECT:
+            if self.on_disconnect is not None:
+                self.on_disconnect()
+
+    # -- calls ----------------------------------------------------------------------
+
+    def _request_header(self, dst: str, msg: Message, deadline_ns: int, msg_id: int, trace_id: str,
+                        kind: Kind) -> Header:
+        return Header(PROTOCOL_VERSION, kind, msg_id, src=self.src, dst=dst, op=op_of(msg),
+                      token=self.token, deadline_ns=deadline_ns, trace_id=trace_id)
+
+    async def call(self, dst: str, msg: Message, *, timeout: float | None = None, trace_id: str = "",
+                   buffers: tuple[Any, ...] = (), kind: Kind = Kind.REQUEST) -> Any:
+        """Send a request and return its decoded reply; an ERROR raises its exception.
+        (`kind=Kind.READY` is the one other exchange: a service registering.)"""
+        async for header, payload in self._exchange(dst, msg, timeout, trace_id, buffers, kind):
+            if header.kind != Kind.EVENT:
+                return self._decode(header, payload)
+        raise Internal("stream ended without a reply")  # pragma: no cover - _exchange always ends on one
+
+    async def stream(self, dst: str, msg: Message, *, timeout: float | None = None,
+                     trace_id: str = "") -> AsyncIterator[Any]:
+        """Yield every EVENT body, then the final REPLY body; an ERROR raises."""
+        async for header, payload in self._exchange(dst, msg, timeout, trace_id, (), Kind.REQUEST):
+            yield self._decode(header, payload)
+
+    async def _exchange(self, dst: str, msg: Message, timeout: float | None, trace_id: str,
+                        buffers: tuple[Any, ...], kind: Kind) -> AsyncIterator[Answer]:
+        if self.closed:
+            raise Unavailable("connection is closed")
+        msg_id = self.next_id()
+        deadline_ns = time.time_ns() + int(timeout * 1e9) if timeout else 0
+        q: asyncio.Queue[Answer] = asyncio.Queue()
+        self._calls[msg_id] = q
+        try:
+            if not self.send(self._request_header(dst, msg, deadline_ns, msg_id, trace_id, kind), msg, buffers):
+                raise Unavailable(f"cannot send to the kernel at {self.endpoint}")
+            end = time.monotonic() + timeout if timeout else None
+            while True:
+                header, payload = await self._next(q, end, dst, msg)
+                yield header, payload
+                if header.kind != Kind.EVENT:
+                    return
+        finally:
+            self._calls.pop(msg_id, None)
+
+    async def _next(self, q: asyncio.Queue[Answer], end: float | None, dst: str, msg: Message) -> Answer:
+        since = time.monotonic()
+        while True:
+            wait = HEARTBEAT_INTERVAL_S
+            if end is not None:
+                wait = min(wait, end - time.monotonic())
+                if wait <= 0:
+                    raise DeadlineExceeded(f"{op_of(msg)} to {dst!r} timed out")
+            with anyio.move_on_after(wait):
+                return await q.get()
+            if self.closed:
+                raise Unavailable("connection closed while waiting")
+            if time.monotonic() - max(self.last_heard, since) > HEARTBEAT_EXPIRY_S:
+                raise Unavailable(f"the kernel at {self.endpoint} stopped answering")
+            self.send_control(Kind.HEARTBEAT)
+
+    def _decode(self, header: Header, payload: list[Any]) -> Any:
+        if not payload:
+            raise Internal(f"{header.op or 'answer'} arrived without a body")
+        if header.kind == Kind.ERROR:
+            err = codec.decode_body(codec.error_decoder, payload[0], "error body")
+            raise err.exception()
+        return self._any.decode(payload[0], f"{header.op} body")
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self.send_control(Kind.DISCONNECT)
+        finally:
+            self._ch.close()
+            self._ctx.term()
+
+
+def _describe_error(payload: list[Any]) -> str:
+    try:
+        err = msgspec.msgpack.decode(payload[0], type=Error)
+        return f"{err.code}: {err.message}"
+    except (msgspec.DecodeError, IndexError):
+        return "undecodable"
+
+
+__all__ = ["Connection", "LlmosError"]

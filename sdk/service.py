@@ -1,0 +1,275 @@
+"""The `Service` base class every server and driver is built on.
+
+    class EchoService(Service):
+        name = "echo"
+
+        @handler(idempotent=True)
+        async def echo(self, msg: Echo, ctx: Context) -> EchoReply:
+            return EchoReply(msg.payload, ctx.instance)
+
+`Service.main()` runs it as a supervised child: connect to the kernel's back
+socket, `on_start`, READY (with the boot secret), heartbeats, one task per
+request, and a clean shutdown on SIGTERM, DISCONNECT or a silent kernel.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+import typing
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Awaitable, Callable, ClassVar
+
+import anyio
+from anyio.abc import TaskGroup
+
+from ipc import codec
+from ipc.envelope import PROTOCOL_VERSION, Header, Kind
+from ipc.errors import BadRequest, DeadlineExceeded, Internal, LlmosError, Unavailable
+from ipc.heartbeat import HEARTBEAT_EXPIRY_S, HEARTBEAT_INTERVAL_S
+from ipc.home import back_endpoint, llmos_home
+from ipc.protocol import kernel as kp
+from ipc.protocol.base import Message, op_of
+from sdk.connection import Connection
+from sdk.logs import configure, get_logger
+
+log = get_logger()
+
+HandlerFn = Callable[[Any, Any, "Context"], Awaitable[Message | None]]
+
+
+@dataclass(frozen=True, slots=True)
+class HandlerSpec:
+    fn: HandlerFn
+    msg_type: type[Message]
+    idempotent: bool
+
+
+def handler(fn: Callable[..., Any] | None = None, *, idempotent: bool = False) -> Any:
+    """Mark a method as the handler of the message type its first argument is
+    annotated with. `idempotent` lets the kernel re-send the request to a new
+    instance if this one dies while handling it."""
+
+    def mark(f: Callable[..., Any]) -> Callable[..., Any]:
+        f.__llmos_handler__ = idempotent  # type: ignore[attr-defined]
+        return f
+
+    return mark(fn) if fn is not None else mark
+
+
+class Context:
+    """What a handler knows about the request it serves."""
+
+    __slots__ = ("header", "buffers", "_service")
+
+    def __init__(self, header: Header, service: "Service", buffers: list[Any]):
+        self.header = header
+        self.buffers = buffers  # extra frames after the body (bulk data, zero-copy)
+        self._service = service
+
+    @property
+    def principal(self) -> str:
+        return self.header.principal
+
+    @property
+    def trace_id(self) -> str:
+        return self.header.trace_id
+
+    @property
+    def attempt(self) -> int:
+        return self.header.attempt
+
+    @property
+    def instance(self) -> str:
+        return self._service.instance
+
+    def emit(self, event: Message, buffers: tuple[Any, ...] = ()) -> None:
+        """Stream an event to the requester before the final reply."""
+        self._service._send_answer(self.header, Kind.EVENT, event, buffers)
+
+
+class Service:
+    name: ClassVar[str] = ""
+    handlers: ClassVar[dict[str, HandlerSpec]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        found: dict[str, HandlerSpec] = {}
+        for klass in reversed(cls.__mro__):
+            for attr, fn in vars(klass).items():
+                idem = getattr(fn, "__llmos_handler__", None)
+                if idem is None:
+                    continue
+                hints = typing.get_type_hints(fn)
+                params = [p for p in hints if p != "return"]
+                if not params or not (isinstance(hints[params[0]], type) and issubclass(hints[params[0]], Message)):
+                    raise TypeError(f"{cls.__name__}.{attr}: annotate the first argument with a Message type")
+                msg_type = hints[params[0]]
+                found[op_of(msg_type)] = HandlerSpec(fn, msg_type, bool(idem))
+        cls.handlers = found
+
+    def __init__(self, instance: str | None = None, *, home: str | None = None, back: str | None = None,
+                 secret: str | None = None):
+        self.home = llmos_home(home)
+        self.instance = instance or os.environ.get("LLMOS_INSTANCE") or self.name
+        self.back = back or back_endpoint(self.home)
+        self._secret = secret if secret is not None else os.environ.get("LLMOS_BOOT_SECRET", "")
+        self._decoder = codec.decoder([h.msg_type for h in self.handlers.values()]) if self.handlers else None
+        self._conn: Connection | None = None
+        self._tg: TaskGroup | None = None
+        self._stop = anyio.Event()
+        self.stop_reason = ""
+        self._parent = os.getppid()
+
+    # -- hooks for subclasses ----------------------------------------------------------
+
+    async def on_start(self) -> None:
+        """Before READY: load what the service needs. Failing here exits non-zero."""
+
+    async def on_stop(self) -> None:
+        """After the last request is answered or cancelled, before disconnecting."""
+
+    def ready_meta(self) -> dict[str, str | int | float | bool]:
+        """Facts other services need at registration (sent in READY)."""
+        return {}
+
+    async def background(self, tg: TaskGroup) -> None:
+        """Start long-running tasks of the service in `tg` (owned by the service)."""
+
+    # -- calls to others -----------------------------------------------------------------
+
+    @property
+    def conn(self) -> Connection:
+        if self._conn is None:
+            raise Unavailable(f"{self.instance} is not connected")
+        return self._conn
+
+    async def call(self, service: str, msg: Message, *, timeout: float | None = None,
+                   buffers: tuple[Any, ...] = ()) -> Any:
+        return await self.conn.call(service, msg, timeout=timeout, buffers=buffers)
+
+    def stream(self, service: str, msg: Message, *, timeout: float | None = None) -> AsyncIterator[Any]:
+        return self.conn.stream(service, msg, timeout=timeout)
+
+    def publish(self, topic: str, event: Message) -> None:
+        self.conn.send(Header(PROTOCOL_VERSION, Kind.EVENT, 0, src=self.instance, dst=topic, op=op_of(event)), event)
+
+    def subscribe(self, topic: str) -> AsyncIterator[Any]:
+        """Events on `topic`; the first one is `Subscribed` (the subscription is live)."""
+        return self.conn.stream(kp.KERNEL, kp.Subscribe(topic))
+
+    def stop(self, reason: str) -> None:
+        self.stop_reason = self.stop_reason or reason
+        self._stop.set()
+
+    # -- running -------------------------------------------------------------------------
+
+    @classmethod
+    def main(cls) -> None:
+        """Entry point for `python -m services.NAME`."""
+        svc = cls()
+        configure(svc.instance, svc.home)
+        try:
+            anyio.run(svc.run, backend="asyncio", backend_options={"use_uvloop": True})
+        except LlmosError as exc:
+            log.error("service.failed", error=str(exc))
+            sys.exit(1)
+        sys.exit(0)
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        conn = Connection(self.back, identity=self.instance.encode(), src=self.instance)
+        self._conn = conn
+        conn.on_request = self._on_request
+        conn.on_disconnect = lambda: self.stop("kernel said DISCONNECT")
+        try:
+            await self.on_start()
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                tg.start_soon(self._signals)
+                await self._register()
+                tg.start_soon(self._heartbeat)
+                await self.background(tg)
+                task_status.started()
+                log.info("service.ready", instance=self.instance)
+                await self._stop.wait()
+                log.info("service.stopping", reason=self.stop_reason)
+                tg.cancel_scope.cancel()
+            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                await self.on_stop()
+        finally:
+            self._conn = None
+            conn.close()
+
+    async def _register(self) -> None:
+        ready = kp.Ready(self.name, self.instance, os.getpid(), self._secret,
+                         ops=list(self.handlers), idempotent_ops=[op for op, h in self.handlers.items() if h.idempotent],
+                         meta=self.ready_meta())
+        try:
+            await self.conn.call(kp.KERNEL, ready, timeout=HEARTBEAT_EXPIRY_S * 3, kind=Kind.READY)
+        except DeadlineExceeded:
+            raise Unavailable(f"the kernel at {self.back} did not answer READY") from None
+
+    async def _heartbeat(self) -> None:
+        conn = self.conn
+        while True:
+            await anyio.sleep(HEARTBEAT_INTERVAL_S)
+            conn.send_control(Kind.HEARTBEAT)
+            silent = time.monotonic() - conn.last_heard
+            if silent > HEARTBEAT_EXPIRY_S or os.getppid() != self._parent:
+                # The kernel is gone: an orphan must not linger.
+                self.stop(f"kernel silent for {silent:.1f}s")
+                return
+
+    async def _signals(self) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
+            async for sig in sigs:
+                self.stop(f"signal {signal.Signals(sig).name}")
+
+    # -- serving requests -------------------------------------------------------------------
+
+    def _on_request(self, header: Header, payload: list[Any]) -> None:
+        spec = self.handlers.get(header.op)
+        try:
+            if spec is None or self._decoder is None:
+                raise BadRequest(f"{self.name} has no op {header.op!r}")
+            if not payload:
+                raise BadRequest(f"{header.op} without a body")
+            msg = codec.decode_body(self._decoder, payload[0], f"{header.op} body")
+            if type(msg) is not spec.msg_type:
+                raise BadRequest(f"header op {header.op!r} does not match body type {op_of(msg)!r}")
+        except LlmosError as exc:
+            self._send_answer(header, Kind.ERROR, exc.to_wire())
+            return
+        if self._tg is None:
+            self._send_answer(header, Kind.ERROR, Unavailable(f"{self.instance} is starting").to_wire())
+            return
+        self._tg.start_soon(self._serve, spec, msg, header, payload[1:])
+
+    async def _serve(self, spec: HandlerSpec, msg: Message, header: Header, buffers: list[Any]) -> None:
+        ctx = Context(header, self, buffers)
+        try:
+            timeout = (header.deadline_ns - time.time_ns()) / 1e9 if header.deadline_ns else None
+            with anyio.fail_after(timeout):
+                reply = await spec.fn(self, msg, ctx)
+        except TimeoutError:
+            self._send_answer(header, Kind.ERROR, DeadlineExceeded(f"{header.op} ran past its deadline").to_wire())
+            return
+        except LlmosError as exc:
+            self._send_answer(header, Kind.ERROR, exc.to_wire())
+            return
+        except Exception as exc:  # a handler bug must not take the service down
+            log.exception("service.handler_failed", op=header.op)
+            self._send_answer(header, Kind.ERROR, Internal(f"{header.op} failed: {type(exc).__name__}: {exc}").to_wire())
+            return
+        self._send_answer(header, Kind.REPLY, reply)
+
+    def _send_answer(self, req: Header, kind: Kind, body: Any, buffers: tuple[Any, ...] = ()) -> None:
+        conn = self._conn
+        if conn is None:
+            return
+        op = "Error" if kind == Kind.ERROR else (op_of(body) if body is not None else "")
+        conn.send(Header(PROTOCOL_VERSION, kind, req.msg_id, src=self.instance, dst=req.src, op=op,
+                         trace_id=req.trace_id, attempt=req.attempt), body, buffers)
+

@@ -1,0 +1,144 @@
+"""Boot a real llmos for tests: a kernel process with the given children.
+
+    async with running_llmos(tmp_path, children=[ChildSpec("echo", "services.echo")]) as sys:
+        reply = await sys.client.call("echo", Echo(b"hi"))
+
+On exit it asks the kernel to shut down and checks that the kernel exited and
+removed its sockets; `sys.kernel` is the kernel's `subprocess.Popen`.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable
+
+import anyio
+import msgspec
+
+from ipc.errors import LlmosError
+from ipc.home import front_endpoint, run_dir
+from ipc.protocol import kernel as kp
+from kernel.config import ChildSpec, Config, KernelConfig, SupervisorConfig
+from sdk.client import AsyncClient
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class RunningLlmos:
+    home: Path
+    kernel: subprocess.Popen[bytes]
+    client: AsyncClient
+    config_path: Path
+
+    async def status(self) -> kp.StatusReply:
+        return await self.client.status()
+
+    async def wait_for(self, pred: Callable[[kp.StatusReply], bool], timeout: float = 30.0,
+                       what: str = "condition") -> kp.StatusReply:
+        """Poll status until `pred` holds (a deadline, not a sleep-paced assertion)."""
+        end = time.monotonic() + timeout
+        while True:
+            st = await self.client.status()
+            if pred(st):
+                return st
+            if time.monotonic() > end:
+                raise TimeoutError(f"waited {timeout:g}s for {what}; last status: {st}")
+            await anyio.sleep(0.05)
+
+    def instance(self, st: kp.StatusReply, name: str) -> kp.InstanceInfo:
+        for i in st.instances:
+            if i.instance == name:
+                return i
+        raise KeyError(name)
+
+
+def write_config(path: Path, config: Config) -> Path:
+    raw = msgspec.to_builtins(config)
+    path.write_text(_to_toml(raw))
+    return path
+
+
+def _to_toml(raw: dict[str, Any]) -> str:
+    def val(v: object) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(v, list):
+            return "[" + ", ".join(val(x) for x in v) + "]"
+        if isinstance(v, dict):
+            return "{" + ", ".join(f"{k} = {val(x)}" for k, x in v.items()) + "}"
+        raise TypeError(type(v))
+
+    lines: list[str] = []
+    for section in ("kernel", "supervisor"):
+        lines.append(f"[{section}]")
+        for k, v in raw.get(section, {}).items():
+            lines.append(f"{k} = {val(v)}")
+    for child in raw.get("children", []):
+        lines.append("[[children]]")
+        for k, v in child.items():
+            lines.append(f"{k} = {val(v)}")
+    return "\n".join(lines) + "\n"
+
+
+@asynccontextmanager
+async def running_llmos(home: Path, children: list[ChildSpec] | None = None,
+                        supervisor: SupervisorConfig | None = None, kernel: KernelConfig | None = None,
+                        ready_timeout: float = 60.0, expect_exit: bool = False) -> AsyncIterator[RunningLlmos]:
+    home.mkdir(parents=True, exist_ok=True)
+    config = Config(kernel=kernel or KernelConfig(), supervisor=supervisor or SupervisorConfig(),
+                    children=children if children is not None else [ChildSpec("echo", "services.echo")])
+    cfg = write_config(home / "llmos.toml", config)
+    log = open(home / "kernel.stderr", "ab")  # noqa: SIM115 - closed below
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    env.pop("LLMOS_FRONT", None)
+    env.pop("LLMOS_BACK", None)
+    proc = subprocess.Popen([sys.executable, "-m", "kernel", "--home", str(home), "--config", str(cfg)],
+                            cwd=REPO_ROOT, env=env, stdout=log, stderr=log)
+    client: AsyncClient | None = None
+    try:
+        sock = Path(front_endpoint(home)[len("ipc://"):])
+        end = time.monotonic() + ready_timeout
+        while not sock.exists():
+            if proc.poll() is not None:
+                raise RuntimeError(f"kernel exited with {proc.returncode}; see {home / 'kernel.stderr'}")
+            if time.monotonic() > end:
+                raise TimeoutError("kernel did not bind its socket")
+            await anyio.sleep(0.02)
+        client = await AsyncClient.connect(home=home)
+        running = RunningLlmos(home, proc, client, cfg)
+        if not expect_exit:
+            await running.wait_for(lambda st: all(i.state == "ready" for i in st.instances), ready_timeout,
+                                   "every child READY")
+        yield running
+    finally:
+        if client is not None:
+            if proc.poll() is None:
+                try:
+                    await client.shutdown("test finished")
+                except LlmosError:
+                    pass
+            await client.aclose()
+        try:
+            await anyio.to_thread.run_sync(proc.wait, 30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise
+        finally:
+            log.close()
+
+
+def leftover_sockets(home: Path) -> list[str]:
+    rd = run_dir(home)
+    return sorted(p.name for p in rd.glob("*.sock")) if rd.exists() else []

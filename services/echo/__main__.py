@@ -1,0 +1,3 @@
+from services.echo.service import EchoService
+
+EchoService.main()

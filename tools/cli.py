@@ -1,0 +1,127 @@
+"""`llmos`: the command line.
+
+    llmos up [--home DIR] [--config FILE]     boot in the foreground
+    llmos down                                 stop a running llmos
+    llmos ps [--json]                          services and their state
+    llmos kill SERVICE [--signal SIGKILL]      kill a service (the supervisor restarts it)
+    llmos demo                                 boot, show it serving, survive a kill, stop
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, Callable
+
+import msgspec
+
+from ipc.errors import LlmosError
+from ipc.home import llmos_home
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from sdk.client import Client
+
+    return Client.connect(home=args.home)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from kernel.__main__ import boot
+    from kernel.config import load_config
+    from sdk.logs import configure
+
+    home = llmos_home(args.home)
+    configure("kernel", home, stderr=not args.quiet)
+    config = load_config(args.config)
+    print(f"llmos: up; home {home}; stop with Ctrl-C or `llmos down`", file=sys.stderr)
+    return boot(config, home)
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        c.shutdown("llmos down")
+    print("llmos: shutting down")
+    return 0
+
+
+def _fmt_uptime(s: float) -> str:
+    if s <= 0:
+        return "-"
+    if s < 120:
+        return f"{s:.0f}s"
+    if s < 7200:
+        return f"{s / 60:.0f}m"
+    return f"{s / 3600:.1f}h"
+
+
+def cmd_ps(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        st = c.status()
+    if args.json:
+        print(msgspec.json.encode({
+            "kernel": {"pid": st.pid, "uptime_s": st.uptime_s},
+            "instances": [msgspec.structs.asdict(i) for i in st.instances],
+            "counters": msgspec.structs.asdict(st.counters),
+        }).decode())
+        return 0
+    rows = [("SERVICE", "INSTANCE", "PID", "STATE", "RESTARTS", "UPTIME", "LAST EXIT")]
+    rows.append(("kernel", "kernel", str(st.pid), "ready", "0", _fmt_uptime(st.uptime_s), ""))
+    for i in st.instances:
+        rows.append((i.service, i.instance, str(i.pid or "-"), i.state, str(i.restarts),
+                     _fmt_uptime(i.uptime_s), i.last_exit))
+    widths = [max(len(r[k]) for r in rows) for k in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
+    return 0
+
+
+def cmd_kill(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        killed = c.kill(args.service, args.signal)
+    print(f"llmos: sent {args.signal} to {', '.join(killed) if killed else 'nothing (not running)'}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from tools.demo import run_demo
+
+    return run_demo(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="llmos", description="An operating system for language models.")
+    ap.add_argument("--home", help="LLMOS_HOME (default ~/.llmos)")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    up = sub.add_parser("up", help="boot llmos in the foreground")
+    up.add_argument("--config", help="TOML config file")
+    up.add_argument("--quiet", action="store_true", help="log only to LLMOS_HOME/logs")
+    up.set_defaults(fn=cmd_up)
+
+    sub.add_parser("down", help="stop a running llmos").set_defaults(fn=cmd_down)
+
+    ps = sub.add_parser("ps", help="list services")
+    ps.add_argument("--json", action="store_true")
+    ps.set_defaults(fn=cmd_ps)
+
+    kill = sub.add_parser("kill", help="kill a service (it is restarted)")
+    kill.add_argument("service")
+    kill.add_argument("--signal", default="SIGKILL")
+    kill.set_defaults(fn=cmd_kill)
+
+    demo = sub.add_parser("demo", help="boot llmos, show it serving and recovering, stop")
+    demo.set_defaults(fn=cmd_demo)
+
+    args = ap.parse_args(argv)
+    fn: Callable[[argparse.Namespace], int] = args.fn
+    try:
+        return fn(args)
+    except LlmosError as exc:
+        print(f"llmos: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
