@@ -1,0 +1,273 @@
+"""The memory server's protocol: the KV cache as virtual memory.
+
+A *pool* is one driver instance's KV cache (keyed by the driver's instance
+id): `num_blocks` device blocks of `block_size` token slots, plus
+`swap_slots` blocks in the driver's host tier. A sequence's *block table*
+maps its logical blocks (slot i lives in logical block i // block_size) to
+physical ones. The memory server owns every table; the driver only does the
+copies it is told to and reads the tables the scheduler sends it.
+
+Every call is batched (one per scheduler step). A failure that concerns one
+sequence comes back as a value in the reply and leaves that sequence as it
+was; only a request that is wrong as a whole raises.
+
+Copies (copy-on-write, swap out, swap in) must be done by the pool's driver
+before the forward pass that follows, in the order the replies were issued:
+every destination block was free when it was named, so issue order is safe.
+
+Slots never run ahead of the tokens: after a Reserve a sequence has
+``min(slots before + num_new, tokens known)`` slots, where for a sequence's
+first allocation "slots before" is `num_cached`. The KV of those slots is
+assumed written once the step runs; its full blocks become shareable (prefix
+cache) at the sequence's next Reserve, SwapOut, Fork or Release.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+
+from ipc.errors import Error
+from ipc.protocol.base import Message
+
+NonNegative = Annotated[int, msgspec.Meta(ge=0)]
+Positive = Annotated[int, msgspec.Meta(gt=0)]
+NO_LIMIT = -1
+
+
+class Item(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    """An entry in a batched request or reply (untagged: its place says what it is)."""
+
+
+class SeqFailure(Item):
+    seq_id: str
+    error: Error
+
+
+# --- pools -----------------------------------------------------------------
+
+
+class RegisterPool(Message):
+    """A driver instance's KV cache came up. Registering an id that exists
+    means that driver restarted: the old pool and its sequences are dropped."""
+
+    pool: str
+    num_blocks: Positive
+    block_size: Positive
+    swap_slots: NonNegative = 0
+
+
+class DropPool(Message):
+    """The driver instance died: its blocks (device and swap) are gone."""
+
+    pool: str
+
+
+class PoolReply(Message):
+    pool: str
+    # Sequences that lost their KV with the pool; they must be recomputed.
+    lost: list[str] = []
+
+
+# --- the per-step call -----------------------------------------------------
+
+
+class SeqReserve(Item):
+    seq_id: str
+    # How many tokens the sequence had before `tokens`: 0 registers a new
+    # sequence; otherwise it must match, so a desynchronised caller gets an
+    # error rather than a corrupted prefix cache.
+    start: NonNegative
+    # Token ids learned since the last Reserve (a new sequence: its prompt).
+    tokens: list[int]
+    # Slots to reserve for the tokens whose KV this step computes, counted
+    # after any prefix-cache hit.
+    num_new: NonNegative
+    # New sequences only; ignored (pool: checked) afterwards.
+    tenant: str = ""
+    pool: str = ""
+    cache_salt: str = ""
+
+
+class Reserve(Message):
+    seqs: list[SeqReserve]
+
+
+class SeqBlocks(Item):
+    """One sequence's block-table delta: the table becomes
+    ``table[:table_start] + blocks``."""
+
+    seq_id: str
+    table_start: int = 0
+    blocks: list[int] = []
+    # Prompt tokens found in the prefix cache (first allocation only).
+    num_cached: int = 0
+    # Copy-on-write: copy block cow_src into cow_dst (it replaced cow_src).
+    cow_src: int = -1
+    cow_dst: int = -1
+    error: Error | None = None
+
+
+class ReserveReply(Message):
+    seqs: list[SeqBlocks]  # one per requested sequence, in request order
+
+
+class Release(Message):
+    """The sequences finished or were preempted for recompute. Their full
+    blocks stay in the prefix cache until evicted."""
+
+    seq_ids: list[str]
+
+
+class ReleaseReply(Message):
+    num_freed: int = 0  # device blocks no sequence holds any more
+    failures: list[SeqFailure] = []
+
+
+class ForkItem(Item):
+    parent: str
+    child: str
+
+
+class Fork(Message):
+    """Children share their parent's blocks; the first write into a shared
+    partial block copies it (see `SeqBlocks.cow_src`)."""
+
+    pairs: list[ForkItem]
+
+
+class ForkReply(Message):
+    failures: list[SeqFailure] = []
+
+
+# --- swap tier -------------------------------------------------------------
+
+
+class SwapOut(Message):
+    """Move sequences' blocks to their pool's swap tier. Sequences that share
+    blocks (forks) and go out together keep sharing them."""
+
+    seq_ids: list[str]
+
+
+class SwapIn(Message):
+    seq_ids: list[str]
+
+
+class SeqSwap(Item):
+    seq_id: str
+    # The sequence's whole table afterwards: swap slots after SwapOut,
+    # device blocks after SwapIn.
+    blocks: list[int] = []
+    # Pairs to copy (device_blocks[i] <-> swap_slots[i]); device to host for
+    # SwapOut, host to device for SwapIn. Blocks still in the prefix cache
+    # come back without a copy.
+    device_blocks: list[int] = []
+    swap_slots: list[int] = []
+    error: Error | None = None
+
+
+class SwapOutReply(Message):
+    seqs: list[SeqSwap]
+
+
+class SwapInReply(Message):
+    seqs: list[SeqSwap]
+
+
+# --- recovery --------------------------------------------------------------
+
+
+class SeqState(Item):
+    seq_id: str
+    tenant: str
+    pool: str
+    tokens: list[int]
+    cache_salt: str = ""
+    # KV already on the driver, when the driver outlived the memory server:
+    # the sequence's block table and how many slots of it hold computed KV.
+    # Empty: the sequence holds nothing and is recomputed from its tokens.
+    blocks: list[int] = []
+    num_computed: NonNegative = 0
+
+
+class Reregister(Message):
+    """Tell a (restarted) memory server which sequences are live. Each listed
+    sequence replaces any of the same id. With `replace`, every other
+    sequence is released (a restarted scheduler starts from a clean slate)."""
+
+    seqs: list[SeqState]
+    replace: bool = False
+
+
+class ReregisterReply(Message):
+    released: list[str] = []
+    failures: list[SeqFailure] = []
+
+
+# --- policy and metrics ----------------------------------------------------
+
+
+class SetBlockQuota(Message):
+    """Cap the device blocks a tenant may hold, over all pools (NO_LIMIT: none).
+    Lowering it below current use refuses new blocks; it takes none away."""
+
+    tenant: str
+    max_blocks: int = NO_LIMIT
+
+
+class TenantBlocks(Message):
+    tenant: str
+    blocks: int  # device blocks held
+    swapped: int = 0  # swap slots held
+    limit: int = NO_LIMIT
+
+
+class EvictCached(Message):
+    """Drop cached blocks no sequence holds, least recently used first."""
+
+    pool: str = ""  # "" = every pool
+    max_blocks: int = NO_LIMIT
+
+
+class EvictReply(Message):
+    num_evicted: int
+
+
+class MemoryStats(Message):
+    pool: str = ""  # "" = every pool
+
+
+class PoolStats(Item):
+    pool: str
+    num_blocks: int
+    block_size: int
+    swap_slots: int
+    used: int  # held by at least one sequence
+    free: int  # holding nothing reusable
+    cached: int  # held by no sequence but still in the prefix cache
+    swap_used: int
+    num_seqs: int  # sequences on the device
+    num_swapped_seqs: int
+    utilisation: float  # used / num_blocks
+    waste_slots: int  # slots in used blocks holding no token
+    waste_pct: float  # waste_slots / slots in used blocks, in %
+    prompt_tokens: int  # prompt tokens looked up in the prefix cache
+    hit_tokens: int
+    hit_rate: float  # hit_tokens / prompt_tokens
+    evictions: int
+    swapped_out: int  # blocks copied device -> host
+    swapped_in: int  # blocks copied host -> device
+    cow_copies: int
+
+
+class MemoryStatsReply(Message):
+    pools: list[PoolStats]
+    tenants: list[TenantBlocks]
+
+
+MemoryRequest = (RegisterPool | DropPool | Reserve | Release | Fork | SwapOut | SwapIn
+                 | Reregister | SetBlockQuota | EvictCached | MemoryStats)
+MemoryReply = (PoolReply | ReserveReply | ReleaseReply | ForkReply | SwapOutReply | SwapInReply
+               | ReregisterReply | TenantBlocks | EvictReply | MemoryStatsReply)

@@ -1,0 +1,127 @@
+"""Block allocation for one sequence: reserve, release, fork.
+
+Each operation checks everything it needs before it changes anything, so a
+failure (raised as an `ipc.errors` exception) leaves the sequence and its
+pool exactly as they were.
+"""
+
+from __future__ import annotations
+
+from array import array
+
+from ipc.errors import BadRequest, Overloaded
+from ipc.protocol.memory import SeqBlocks
+from services.memory._hashing import block_key
+from services.memory._pool import BlockPool
+from services.memory._sequence import Sequence
+from services.memory._tenants import TenantLedger
+
+
+def reserve(seq: Sequence, new_tokens: array, num_new: int, ledger: TenantLedger) -> SeqBlocks:
+    """Append `new_tokens` and reserve slots for the next `num_new` tokens
+    whose KV the step computes; on the first allocation serve what the
+    prefix cache holds first."""
+    if seq.swapped:
+        raise BadRequest(f"sequence {seq.seq_id!r} is swapped out; swap it in first")
+    pool = seq.pool
+    bs = pool.block_size
+    known = len(seq.tokens) + len(new_tokens)
+    first = seq.num_slots == 0 and not seq.blocks
+    hits: list[int] = []
+    hit_keys: list[bytes] = []
+    if first:
+        tokens = seq.tokens + new_tokens if seq.tokens else new_tokens
+        _lookup(seq, pool, tokens, known, hits, hit_keys)
+        base = len(hits) * bs
+    else:
+        base = seq.num_slots
+    target = max(base, min(base + num_new, known))
+    num_blocks = len(hits) if first else len(seq.blocks)
+    grow = -(-target // bs) - num_blocks
+    cow = (not first and base % bs != 0 and target > base
+           and pool.ref[seq.blocks[-1]] > 1)
+    # Hits on blocks nobody holds come out of the same free queue.
+    idle_hits = sum(1 for b in hits if pool.ref[b] == 0)
+    needed = grow + cow + idle_hits
+    if needed > pool.num_available:
+        raise Overloaded(
+            f"pool {pool.pool_id!r} is out of KV blocks: sequence {seq.seq_id!r} needs "
+            f"{needed}, {pool.num_available} available",
+            detail={"pool": pool.pool_id, "needed": needed, "available": pool.num_available})
+    ledger.check(seq.tenant, needed)
+
+    if new_tokens:
+        seq.tokens.extend(new_tokens)
+    blocks = seq.blocks
+    table_start = len(blocks)
+    if first:
+        for b in hits:
+            pool.take(b, seq.tenant)
+        seq.blocks.extend(hits)
+        seq.keys.extend(hit_keys)
+        if target:
+            pool.prompt_tokens += known
+            pool.hit_tokens += base
+    else:
+        seq.commit()
+    cow_src = cow_dst = -1
+    if cow:
+        cow_src = blocks[-1]
+        cow_dst = pool.allocate(seq.tenant)
+        pool.free(cow_src)
+        blocks[-1] = cow_dst
+        table_start -= 1
+        pool.cow_copies += 1
+    for _ in range(grow):
+        blocks.append(pool.allocate(seq.tenant))
+    for i in range(base // bs, len(blocks)):
+        pool.set_fill(blocks[i], min(bs, target - i * bs))
+    seq.num_slots = target
+    return SeqBlocks(seq.seq_id, table_start, blocks[table_start:], base if first else 0,
+                     cow_src, cow_dst)
+
+
+def _lookup(seq: Sequence, pool: BlockPool, tokens: array, known: int,
+            hits: list[int], keys: list[bytes]) -> None:
+    # The last prompt token is never served from the cache: its logits are
+    # needed to sample, so at least that token is computed.
+    bs = pool.block_size
+    parent = seq.root
+    for i in range((known - 1) // bs):
+        parent = block_key(parent, tokens[i * bs:(i + 1) * bs])
+        block = pool.lookup(parent, seq.tenant)
+        if block < 0:
+            return
+        hits.append(block)
+        keys.append(parent)
+
+
+def release(seq: Sequence) -> int:
+    """Drop the sequence's blocks; returns how many are no longer used.
+    Full blocks stay in the prefix cache."""
+    pool = seq.pool
+    if seq.swapped:
+        for slot in seq.blocks:
+            pool.swap.free(slot)
+        seq.blocks = []
+        return 0
+    seq.commit()
+    freed = 0
+    # Last blocks first: the tail of the free queue is evicted last, and a
+    # prompt's first blocks are the ones most worth keeping.
+    for b in reversed(seq.blocks):
+        freed += pool.free(b)
+    seq.blocks = []
+    return freed
+
+
+def fork(parent: Sequence, child_id: str) -> Sequence:
+    """A child sharing all of `parent`'s blocks (copied on write)."""
+    if parent.swapped:
+        raise BadRequest(f"sequence {parent.seq_id!r} is swapped out; swap it in before forking")
+    parent.commit()
+    pool = parent.pool
+    for b in parent.blocks:
+        pool.take(b, parent.tenant)
+    return Sequence(child_id, parent.tenant, pool, parent.root, array("q", parent.tokens),
+                    parent.num_slots, list(parent.blocks), list(parent.keys))
