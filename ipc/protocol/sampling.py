@@ -1,0 +1,62 @@
+"""Per-request sampling parameters, shared by the gateway, scheduler and
+drivers.
+
+Randomness is keyed by (seed, position): the token a sequence samples at a
+position does not depend on its batch-mates or on a driver restart. A request
+without a seed gets a per-driver random one, so set a seed when replays must
+match. Parallel samples of one prompt need distinct seeds.
+"""
+
+from __future__ import annotations
+
+import math
+
+from ipc.errors import BadRequest
+from ipc.protocol.base import Message
+
+MAX_LOGPROBS = 20
+MAX_SEED = 2**63 - 1
+
+
+class SamplingParams(Message, frozen=True):
+    """How to pick each next token.
+
+    temperature 0 means greedy. top_k 0 and top_p 1 switch those filters off;
+    min_p drops tokens whose probability is below min_p times the most likely
+    one's. repetition_penalty > 1 discourages every token already in the
+    sequence (prompt and generated), as in the CTRL paper. logprobs N > 0
+    returns the chosen token's log-probability and the N most likely tokens'.
+    """
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    logprobs: int = 0
+
+    def validate(self) -> None:
+        """Raise `BadRequest` naming the first field out of range."""
+        _check(math.isfinite(self.temperature) and 0.0 <= self.temperature <= 100.0,
+               "temperature", f"must be in [0, 100], got {self.temperature}")
+        _check(self.top_k >= 0, "top_k", f"must be >= 0 (0 = off), got {self.top_k}")
+        _check(math.isfinite(self.top_p) and 0.0 < self.top_p <= 1.0,
+               "top_p", f"must be in (0, 1], got {self.top_p}")
+        _check(math.isfinite(self.min_p) and 0.0 <= self.min_p <= 1.0,
+               "min_p", f"must be in [0, 1], got {self.min_p}")
+        _check(math.isfinite(self.repetition_penalty) and 0.0 < self.repetition_penalty <= 100.0,
+               "repetition_penalty", f"must be in (0, 100], got {self.repetition_penalty}")
+        _check(self.seed is None or 0 <= self.seed <= MAX_SEED,
+               "seed", f"must be in [0, 2**63), got {self.seed}")
+        _check(0 <= self.logprobs <= MAX_LOGPROBS,
+               "logprobs", f"must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def _check(ok: bool, field: str, why: str) -> None:
+    if not ok:
+        raise BadRequest(f"sampling parameter {field} {why}", detail={"field": field})
