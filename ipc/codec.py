@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 from typing import Any, Iterable, Union
 
 import msgspec
@@ -27,11 +28,11 @@ def decoder(types: Iterable[type[Message] | type[Error]]) -> msgspec.msgpack.Dec
 
 
 def decode_body(dec: msgspec.msgpack.Decoder[Any], frame: FrameLike, what: str = "body") -> Any:
-    """Decode a body; raises `BadRequest` naming what was wrong."""
+    """Decode a body; raises `BadRequest` naming what was wrong (and which field)."""
     try:
         return dec.decode(frame)
     except msgspec.ValidationError as exc:
-        raise BadRequest(f"invalid {what}: {exc}") from None
+        raise BadRequest(f"invalid {what}: {_name_field(str(exc), frame)}") from None
     except msgspec.DecodeError as exc:
         raise BadRequest(f"undecodable {what}: {exc}") from None
 
@@ -53,3 +54,24 @@ class AnyDecoder:
             self._version = registry_version()
             self._dec = decoder(message_types())
         return decode_body(self._dec, frame, what)
+
+
+_ARRAY_PATH = re.compile(r"`\$\[(\d+)\]")
+
+
+def _name_field(message: str, frame: FrameLike) -> str:
+    """Array-like structs report paths as ``$[i]``; name the field instead (error path only)."""
+    from ipc.protocol.base import Message
+
+    m = _ARRAY_PATH.search(message)
+    if not m:
+        return message
+    try:
+        raw = msgspec.msgpack.decode(frame)
+        cls = Message._registry.get(raw[0]) if isinstance(raw, list) and raw else None
+    except (msgspec.DecodeError, TypeError):
+        cls = None
+    idx = int(m.group(1)) - 1  # element 0 is the tag
+    if cls is None or not 0 <= idx < len(cls.__struct_fields__):
+        return message
+    return f"{message} (field `{cls.__name__}.{cls.__struct_fields__[idx]}`)"

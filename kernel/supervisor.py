@@ -72,6 +72,7 @@ class Supervisor:
                 self.children.append(Child(spec, name, len(self.children)))
         self.escalation: str | None = None
         self._changed = anyio.Event()
+        self.sleep = anyio.sleep  # the backoff clock (tests observe it)
 
     @property
     def service_names(self) -> set[str]:
@@ -150,7 +151,7 @@ class Supervisor:
             child.restarts += 1
             child.state = "backoff"
             self._bump()
-            await anyio.sleep(min(self.config.backoff_initial_s * 2 ** (len(child.restart_times) - 1),
+            await self.sleep(min(self.config.backoff_initial_s * 2 ** (len(child.restart_times) - 1),
                                   self.config.backoff_max_s))
 
     async def _wait_exit(self, child: Child, proc: ChildProcess) -> str:

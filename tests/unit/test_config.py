@@ -1,0 +1,57 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ipc.errors import BadRequest
+from kernel.config import ChildSpec, Config, Restart, Strategy, load_config
+from sdk.testing import write_config
+
+
+def test_defaults_need_no_file() -> None:
+    cfg = load_config(None)
+    assert cfg.kernel.max_attempts >= 1
+    assert [c.name for c in cfg.children] == ["echo"]
+
+
+def test_toml_file_is_decoded_into_typed_structs(tmp_path: Path) -> None:
+    p = tmp_path / "llmos.toml"
+    p.write_text("""
+[supervisor]
+strategy = "rest_for_one"
+
+[[children]]
+name = "echo"
+module = "services.echo"
+restart = "transient"
+instances = 2
+intensity = 3
+""")
+    cfg = load_config(p)
+    assert cfg.supervisor.strategy is Strategy.REST_FOR_ONE
+    assert cfg.children[0].restart is Restart.TRANSIENT and cfg.children[0].instances == 2
+
+
+def test_config_written_by_the_test_helper_round_trips(tmp_path: Path) -> None:
+    cfg = Config(children=[ChildSpec("echo", "services.echo", args=["--x"], env={"A": "b"})])
+    assert load_config(write_config(tmp_path / "c.toml", cfg)) == cfg
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("[[children]]\nname = 'x'\nmodule = 'm'\nrestart = 'sometimes'\n", "restart"),
+    ("[kernel]\nmax_attemps = 3\n", "max_attemps"),
+    ("[[children]]\nname='a'\nmodule='m'\n[[children]]\nname='a'\nmodule='m'\n", "duplicate"),
+    ("not = [valid", "not valid TOML"),
+])
+def test_bad_config_names_the_file_and_the_field(tmp_path: Path, text: str, fragment: str) -> None:
+    p = tmp_path / "bad.toml"
+    p.write_text(text)
+    with pytest.raises(BadRequest, match=fragment) as ei:
+        load_config(p)
+    assert "bad.toml" in str(ei.value) or "duplicate" in fragment
+
+
+def test_missing_config_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(BadRequest, match="nope.toml"):
+        load_config(tmp_path / "nope.toml")
