@@ -1,0 +1,213 @@
+"""Model runner throughput against transformers and a matmul-only bound.
+
+    python -m tools.bench.driver [--quick] [--json PATH] [--threads N]
+
+On the demo model (fp32, seeded random weights): decode tokens/s of
+`ModelRunner.execute` at batch 1, 8, 32, 64 and 128 with 256 tokens of
+context per sequence (greedy, block tables drawn from a shuffled pool), and
+prefill tokens/s (prompts fed in 512-token steps); beside it transformers'
+`generate` (static batch, LlamaForCausalLM with the same config and weights)
+at batch 1, 8 and 32, and a bound: the runner's own weight matrices
+multiplied as in a decode step at batch 64, with no attention, norms or
+sampling. Every figure is the best of `reps` timed repetitions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from drivers.model.runner import ModelRunner
+from drivers.model.step import SeqStep
+from ipc.protocol.sampling import SamplingParams
+
+CONTEXT = 256
+PREFILL_BUDGET = 512
+GREEDY = SamplingParams(temperature=0.0)
+
+
+@dataclass(frozen=True)
+class Plan:
+    batches: tuple[int, ...]
+    hf_batches: tuple[int, ...]
+    decode_steps: int
+    reps: int
+
+
+FULL = Plan((1, 8, 32, 64, 128), (1, 8, 32), decode_steps=32, reps=3)
+QUICK = Plan((1, 8, 32, 64, 128), (1, 8, 32), decode_steps=6, reps=1)
+
+
+def best_of(reps: int, run: Callable[[], float]) -> float:
+    return min(run() for _ in range(reps))
+
+
+class RunnerBench:
+    def __init__(self, runner: ModelRunner, seed: int = 0):
+        self.runner = runner
+        self.rng = random.Random(seed)
+        self.prefill_tokens = 0
+        self.prefill_s = 0.0
+
+    def decode_tps(self, batch: int, steps: int, reps: int) -> float:
+        """Prefill `batch` prompts of CONTEXT tokens, then time `steps`
+        decode steps of the whole batch."""
+        r = self.runner
+        bs = r.info.block_size
+        per_seq = -(-(CONTEXT + steps * reps) // bs)
+        free = list(range(r.info.num_blocks))
+        self.rng.shuffle(free)
+        tables = [free[i * per_seq:(i + 1) * per_seq] for i in range(batch)]
+        prompts = [[self.rng.randrange(258) for _ in range(CONTEXT)] for _ in range(batch)]
+        last = self._prefill(prompts, tables)
+        pos = CONTEXT
+
+        def run() -> float:
+            nonlocal pos, last
+            began = time.perf_counter()
+            for _ in range(steps):
+                out = r.execute([SeqStep(i, [last[i]], pos, tables[i], params=GREEDY)
+                                 for i in range(batch)])
+                last = [res.token if res.token is not None else 0 for res in out]
+                pos += 1
+            return time.perf_counter() - began
+
+        return batch * steps / best_of(reps, run)
+
+    def _prefill(self, prompts: list[list[int]], tables: list[list[int]]) -> list[int]:
+        """Feed prompts in steps of up to PREFILL_BUDGET tokens (chunked like
+        a scheduler); returns each sequence's first sampled token."""
+        first: dict[int, int] = {}
+        queue = [(i, 0) for i in range(len(prompts))]
+        while queue:
+            step, budget, rest = [], PREFILL_BUDGET, []
+            for i, done in queue:
+                take = min(budget, len(prompts[i]) - done)
+                if take <= 0:
+                    rest.append((i, done))
+                    continue
+                budget -= take
+                final = done + take == len(prompts[i])
+                step.append(SeqStep(i, prompts[i][done:done + take], done, tables[i],
+                                    sample=final, params=GREEDY))
+                if not final:
+                    rest.append((i, done + take))
+            began = time.perf_counter()
+            for res in self.runner.execute(step):
+                if res.token is not None:
+                    first[res.seq_id] = res.token
+            self.prefill_s += time.perf_counter() - began
+            self.prefill_tokens += sum(len(s.token_ids) for s in step)
+            queue = rest
+        return [first[i] for i in range(len(prompts))]
+
+    def bound_tps(self, batch: int, steps: int, reps: int) -> float:
+        """The decode step's matmuls alone, with the runner's own weights."""
+        w = self.runner.model.weights
+        c = self.runner.config
+        x = torch.randn(batch, c.hidden_size)
+        attn = torch.randn(batch, c.q_size)
+        qkv = torch.empty(batch, w.layers[0].qkv.shape[1])
+        gate_up = torch.empty(batch, w.layers[0].gate_up.shape[1])
+        act = torch.randn(batch, c.intermediate_size)
+
+        def run() -> float:
+            began = time.perf_counter()
+            with torch.inference_mode():
+                for _ in range(steps):
+                    for layer in w.layers:
+                        torch.mm(x, layer.qkv, out=qkv)
+                        x.addmm_(attn, layer.o)
+                        torch.mm(x, layer.gate_up, out=gate_up)
+                        x.addmm_(act, layer.down)
+                    _ = x @ w.lm_head
+            return time.perf_counter() - began
+
+        return batch * steps / best_of(reps, run)
+
+
+def hf_tps(model_dir: Path, batches: tuple[int, ...], steps: int, reps: int) -> dict[int, float]:
+    """transformers generate, greedy, static batch: decode time is the time
+    for `steps + 1` new tokens minus the time for 1 (the prefill)."""
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    gen = torch.Generator().manual_seed(1)
+    out: dict[int, float] = {}
+    for b in batches:
+        ids = torch.randint(0, 258, (b, CONTEXT), generator=gen)
+        mask = torch.ones_like(ids)
+
+        def timed(new: int) -> float:
+            began = time.perf_counter()
+            with torch.inference_mode():
+                model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new,
+                               min_new_tokens=new, do_sample=False, pad_token_id=0)
+            return time.perf_counter() - began
+
+        prefill = best_of(reps, lambda: timed(1))
+        total = best_of(reps, lambda: timed(steps + 1))
+        out[b] = b * steps / max(total - prefill, 1e-9)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tools.bench.driver", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="less work, same figures (~1 min)")
+    ap.add_argument("--json", type=Path, help="write the figures here as one JSON object")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    ap.add_argument("--home", default=None, help="LLMOS_HOME holding the demo model")
+    args = ap.parse_args(argv)
+    plan = QUICK if args.quick else FULL
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    blocks_needed = max(plan.batches) * -(-(CONTEXT + plan.decode_steps * plan.reps) // 16)
+    runner = ModelRunner.load("demo", kv_cache_bytes=(blocks_needed + 16) * 262144, home=args.home)
+    bench = RunnerBench(runner)
+    figures: dict[str, float] = {}
+    for b in plan.batches:
+        figures[f"decode_tps_b{b}"] = bench.decode_tps(b, plan.decode_steps, plan.reps)
+        print(f"  runner decode b{b}: {figures[f'decode_tps_b{b}']:.0f} tok/s", file=sys.stderr)
+    figures["prefill_tps"] = bench.prefill_tokens / bench.prefill_s
+    figures["bound_tps_b64"] = bench.bound_tps(64, plan.decode_steps, plan.reps)
+    for b, tps in hf_tps(Path(runner.info.path), plan.hf_batches, plan.decode_steps, plan.reps).items():
+        figures[f"hf_tps_b{b}"] = tps
+        print(f"  transformers b{b}: {tps:.0f} tok/s", file=sys.stderr)
+    figures["ratio_vs_hf_b32"] = figures["decode_tps_b32"] / figures["hf_tps_b32"]
+    figures["fraction_of_bound_b64"] = figures["decode_tps_b64"] / figures["bound_tps_b64"]
+
+    print(f"\ndriver model bench ({'quick' if args.quick else 'full'}; demo model "
+          f"{runner.info.num_params / 1e6:.1f}M params fp32, context {CONTEXT}, "
+          f"{plan.decode_steps} decode steps, best of {plan.reps}, "
+          f"{torch.get_num_threads()} threads)")
+    print(f"{'batch':>6} {'runner tok/s':>13} {'transformers':>13} {'ratio':>6}")
+    for b in plan.batches:
+        hf = figures.get(f"hf_tps_b{b}")
+        ours = figures[f"decode_tps_b{b}"]
+        print(f"{b:>6} {ours:>13.0f} {hf if hf is None else round(hf):>13} "
+              f"{'' if hf is None else f'{ours / hf:.2f}':>6}")
+    print(f"matmul-only bound b64: {figures['bound_tps_b64']:.0f} tok/s; runner reaches "
+          f"{figures['fraction_of_bound_b64']:.0%} of it")
+    print(f"prefill: {figures['prefill_tps']:.0f} tok/s")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({
+            "bench": "driver", "quick": args.quick, "threads": torch.get_num_threads(),
+            "context": CONTEXT, "decode_steps": plan.decode_steps, "reps": plan.reps,
+            "figures": {k: round(v, 3) for k, v in figures.items()}}, indent=2))
+    runner.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
