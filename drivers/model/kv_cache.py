@@ -87,6 +87,8 @@ class KVCache:
         if raw.size != n * self.block_nbytes:
             raise InvalidStep(f"swap_in: {raw.size} bytes for {n} blocks, expected "
                               f"{n * self.block_nbytes} ({self.block_nbytes} per block)")
+        if not raw.flags.writeable:
+            raw = raw.copy()    # torch refuses to wrap read-only memory
         rows = torch.from_numpy(np.ascontiguousarray(raw).reshape(n, self.block_nbytes))
         rows = rows.view(self.k.dtype).to(self.k.device)
         half = rows.shape[1] // 2
