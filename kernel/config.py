@@ -30,6 +30,9 @@ class ChildSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     name: str
     module: str
     args: list[str] = []
+    # The service name its instances register under ("" = `name`); several
+    # specs may share one, e.g. cpu and cuda drivers both serve "driver".
+    service: str = ""
     restart: Restart = Restart.PERMANENT
     instances: int = 1
     # Per-child restart intensity: more than `intensity` restarts within
@@ -39,6 +42,11 @@ class ChildSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     shutdown_timeout_s: float = 5.0
     startup_timeout_s: float = 120.0
     env: dict[str, str] = {}
+
+
+    @property
+    def service_name(self) -> str:
+        return self.service or self.name
 
 
 class SupervisorConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

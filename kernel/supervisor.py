@@ -76,7 +76,7 @@ class Supervisor:
 
     @property
     def service_names(self) -> set[str]:
-        return {c.spec.name for c in self.children}
+        return {c.spec.service_name for c in self.children}
 
     def _bump(self) -> None:
         """Wake everyone waiting for a child's state to change."""
@@ -190,7 +190,7 @@ class Supervisor:
             sig = signal.Signals[sig_name]
         except KeyError:
             raise BadRequest(f"unknown signal {sig_name!r}") from None
-        hits = [c for c in self.children if target in (c.instance, c.spec.name)]
+        hits = [c for c in self.children if target in (c.instance, c.spec.name, c.spec.service_name)]
         if not hits:
             raise NotFound(f"no supervised service or instance named {target!r}")
         killed = []
@@ -232,7 +232,7 @@ class Supervisor:
         for c in self.children:
             alive = c.state in ("starting", "ready")
             out.append(kp.InstanceInfo(
-                c.spec.name, c.instance, c.process.pid if c.process and alive else 0, c.state,
+                c.spec.service_name, c.instance, c.process.pid if c.process and alive else 0, c.state,
                 restarts=c.restarts, uptime_s=now - c.started_at if alive else 0.0, last_exit=c.last_exit))
         return out
 

@@ -14,7 +14,8 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     d = Path(tempfile.mkdtemp(prefix="llmos-", dir="/tmp"))
     yield d
-    subprocess.run(["rm", "-rf", str(d)], check=False)
+    if not os.environ.get("LLMOS_KEEP_TEST_HOME"):
+        subprocess.run(["rm", "-rf", str(d)], check=False)
 
 
 def pid_alive(pid: int) -> bool:

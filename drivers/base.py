@@ -1,0 +1,150 @@
+"""`Driver`: the Service contract every device driver implements.
+
+A driver loads a model (`on_start`), reports its KV capacity in READY (the
+memory server builds a block pool from it), and serves `Execute` steps. Torch
+work runs in a worker thread so heartbeats keep flowing during a long step;
+steps run one at a time, in arrival order.
+
+A new device is one subclass that says how to load (`device`, `default_dtype`)
+and registers under the ``llmos.drivers`` entry-point group (docs/drivers.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any, ClassVar
+
+import anyio
+
+from drivers.model.runner import ModelRunner
+from drivers.model.step import SeqStep
+from ipc.errors import BadRequest
+from ipc.protocol import driver as dp
+from sdk.service import Context, Service, handler
+
+
+def driver_args(argv: list[str]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="driver")
+    ap.add_argument("--model", default="demo", help="'demo' or a local Hugging Face directory")
+    ap.add_argument("--kv-cache-mb", type=float, default=256.0, help="device memory for KV blocks")
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--dtype", default=None)
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
+    ap.add_argument("--max-model-len", type=int, default=None)
+    ap.add_argument("--host-slots", type=int, default=0, help="blocks in the host swap tier")
+    ap.add_argument("--device-index", type=int, default=0)
+    return ap.parse_args(argv)
+
+
+class Driver(Service):
+    name = "driver"
+    device: ClassVar[str] = "cpu"
+
+    def __init__(self, argv: list[str] | None = None, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.args = driver_args(sys.argv[1:] if argv is None else argv)
+        self.runner: ModelRunner | None = None
+        self._step_lock = anyio.Lock()
+        self._busy = False
+        self._steps = 0
+        self._tokens = 0
+        self._last_step_s = 0.0
+
+    def device_name(self) -> str:
+        return self.device
+
+    def load_runner(self) -> ModelRunner:
+        """Runs in a worker thread. Subclasses adjust dtype, threads, device."""
+        a = self.args
+        host_path = None
+        if a.host_slots:
+            host_path = self.home / "swap" / f"{self.instance}.swap" if self.device == "cpu" else None
+            if host_path is not None:
+                host_path.parent.mkdir(parents=True, exist_ok=True)
+        return ModelRunner.load(
+            a.model, kv_cache_bytes=int(a.kv_cache_mb * 2**20), device=self.device_name(), dtype=a.dtype,
+            block_size=a.block_size, num_threads=a.threads, home=self.home, max_model_len=a.max_model_len,
+            host_tier_slots=a.host_slots, host_tier_path=host_path)
+
+    async def on_start(self) -> None:
+        self.runner = await anyio.to_thread.run_sync(self.load_runner)
+
+    async def on_stop(self) -> None:
+        if self.runner is not None:
+            self.runner.close()
+
+    def ready_meta(self) -> dict[str, str | int | float | bool]:
+        info = self._runner().info
+        return {"model": info.name, "device": info.device, "num_blocks": info.num_blocks,
+                "block_size": info.block_size, "host_slots": info.host_slots,
+                "max_model_len": info.max_model_len, "vocab_size": info.vocab_size}
+
+    def _runner(self) -> ModelRunner:
+        assert self.runner is not None, "on_start loads the runner before READY"
+        return self.runner
+
+    @handler
+    async def execute(self, msg: dp.Execute, ctx: Context) -> dp.Executed:
+        runner = self._runner()
+        n = runner.info.num_blocks
+        for src, dst in msg.copies:
+            if not (0 <= src < n and 0 <= dst < n):
+                raise BadRequest(f"copy ({src}, {dst}) names a block this driver does not own (it has {n})")
+        # Bad sampling parameters fail their own sequence only, like bad tokens.
+        errors: dict[int, str] = {}
+        steps: list[SeqStep] = []
+        for i, s in enumerate(msg.steps):
+            try:
+                s.params.validate()
+            except BadRequest as exc:
+                errors[i] = exc.message
+                continue
+            steps.append(SeqStep(s.seq_id, s.token_ids, s.start_pos, s.block_table, s.sample, s.params,
+                                 s.prior_token_ids))
+        async with self._step_lock:
+            self._busy = True
+            began = time.perf_counter()
+            try:
+                if msg.copies:
+                    await anyio.to_thread.run_sync(runner.copy_blocks, msg.copies)
+                results = iter(await anyio.to_thread.run_sync(runner.execute, steps) if steps else [])
+            finally:
+                self._busy = False
+                self._last_step_s = time.perf_counter() - began
+        self._steps += 1
+        self._tokens += sum(len(s.token_ids) for s in steps)
+        outputs = []
+        for i, s in enumerate(msg.steps):
+            if i in errors:
+                outputs.append(dp.SeqOutput(s.seq_id, error=errors[i]))
+                continue
+            r = next(results)
+            outputs.append(dp.SeqOutput(r.seq_id, -1 if r.token is None else r.token, r.logprob or 0.0,
+                                        list(r.top_logprobs), r.error or ""))
+        return dp.Executed(outputs, self._last_step_s)
+
+    @handler
+    async def swap_out(self, msg: dp.SwapOut, ctx: Context) -> dp.Swapped:
+        async with self._step_lock:
+            await anyio.to_thread.run_sync(self._runner().swap_out_to_host, msg.block_ids, msg.slots)
+        return dp.Swapped(len(msg.block_ids))
+
+    @handler
+    async def swap_in(self, msg: dp.SwapIn, ctx: Context) -> dp.Swapped:
+        async with self._step_lock:
+            await anyio.to_thread.run_sync(self._runner().swap_in_from_host, msg.slots, msg.block_ids)
+        return dp.Swapped(len(msg.block_ids))
+
+    @handler(idempotent=True)
+    async def describe(self, msg: dp.DescribeModel, ctx: Context) -> dp.ModelDescription:
+        i = self._runner().info
+        return dp.ModelDescription(i.name, i.architecture, i.path, i.vocab_size, i.sampleable_vocab,
+                                   i.max_model_len, i.num_blocks, i.block_size, list(i.eos_token_ids),
+                                   i.bos_token_id, i.dtype, i.device, i.num_params, i.host_slots)
+
+    @handler(idempotent=True)
+    async def health(self, msg: dp.DriverHealth, ctx: Context) -> dp.DriverHealthReply:
+        # Never waits for the step lock: it answers while a step is running.
+        return dp.DriverHealthReply(True, self._busy, self._steps, self._tokens, self._last_step_s)

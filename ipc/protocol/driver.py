@@ -1,0 +1,96 @@
+"""Messages to a device driver (service ``"driver"``, instances like ``cpu-0``).
+
+A driver holds the model and the physical KV blocks; the memory server decides
+which blocks a sequence owns and the scheduler sends one `Execute` per step.
+"""
+
+from __future__ import annotations
+
+from ipc.protocol.base import Message
+from ipc.protocol.sampling import SamplingParams
+
+DRIVER = "driver"
+
+
+class StepSeq(Message, frozen=True):
+    """One sequence's share of a step (see drivers.model.step.SeqStep)."""
+
+    seq_id: int
+    token_ids: list[int]
+    start_pos: int
+    block_table: list[int]
+    sample: bool = True
+    params: SamplingParams = SamplingParams()
+    prior_token_ids: list[int] = []
+
+
+class Execute(Message, frozen=True):
+    """Run one batched step. `copies` are (src, dst) block copies the memory
+    server asked for (copy-on-write), done before the forward pass."""
+
+    steps: list[StepSeq]
+    copies: list[tuple[int, int]] = []
+
+
+class SeqOutput(Message, frozen=True):
+    seq_id: int
+    token: int = -1  # -1: no token (a non-final prefill chunk, or an error)
+    logprob: float = 0.0
+    top_logprobs: list[tuple[int, float]] = []
+    error: str = ""
+
+
+class Executed(Message, frozen=True):
+    outputs: list[SeqOutput]
+    step_s: float = 0.0
+
+
+class SwapOut(Message, frozen=True):
+    """Copy device blocks into host-tier slots (block_ids[i] → slots[i])."""
+
+    block_ids: list[int]
+    slots: list[int]
+
+
+class SwapIn(Message, frozen=True):
+    """Copy host-tier slots back into device blocks (slots[i] → block_ids[i])."""
+
+    slots: list[int]
+    block_ids: list[int]
+
+
+class Swapped(Message, frozen=True):
+    blocks: int
+
+
+class DescribeModel(Message, frozen=True):
+    pass
+
+
+class ModelDescription(Message, frozen=True):
+    name: str
+    architecture: str
+    path: str
+    vocab_size: int
+    sampleable_vocab: int
+    max_model_len: int
+    num_blocks: int
+    block_size: int
+    eos_token_ids: list[int]
+    bos_token_id: int | None
+    dtype: str
+    device: str
+    num_params: int
+    host_slots: int
+
+
+class DriverHealth(Message, frozen=True):
+    pass
+
+
+class DriverHealthReply(Message, frozen=True):
+    ok: bool
+    busy: bool
+    steps: int
+    tokens: int
+    last_step_s: float
