@@ -13,12 +13,12 @@ from drivers.model.runner import ModelRunner
 from drivers.model.sampling import Sample, Sampler, SampleRow
 from drivers.model.step import SeqStep
 
-TOKENIZER_VOCAB = 280     # byte-level BPE: 256 bytes + 2 specials + merges
+TOKENIZER_VOCAB = 280     # byte-level BPE: 256 bytes + 22 merges, then <s> </s>
 MODEL_VOCAB = 300         # the model's embedding is padded past the tokenizer
 
 TINY: dict[str, Any] = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                             num_attention_heads=4, num_key_value_heads=2, vocab_size=MODEL_VOCAB,
-                            max_position_embeddings=256, bos_token_id=256, eos_token_id=257,
+                            max_position_embeddings=256, bos_token_id=278, eos_token_id=279,
                             rms_norm_eps=1e-5)
 
 _TRAINING_TEXT = ["hello world, the quick brown fox jumps over the lazy dog. " * 4,
@@ -26,16 +26,18 @@ _TRAINING_TEXT = ["hello world, the quick brown fox jumps over the lazy dog. " *
 
 
 def write_tokenizer(directory: Path) -> Path:
-    """A byte-level BPE tokenizer.json (ids 0-255 bytes, 256 <s>, 257 </s>)."""
+    """A byte-level BPE tokenizer.json: 278 learned ids, then <s> (278) and
+    </s> (279)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=TOKENIZER_VOCAB, special_tokens=["<s>", "</s>"],
+    trainer = trainers.BpeTrainer(vocab_size=TOKENIZER_VOCAB - 2,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
     tok.train_from_iterator(_TRAINING_TEXT, trainer)
+    tok.add_special_tokens(["<s>", "</s>"])
     path = directory / "tokenizer.json"
     tok.save(str(path))
     return path

@@ -211,7 +211,7 @@ def test_info_health_and_worker_thread(ckpt: Path) -> None:
     assert info.num_blocks == (1 << 20) // info.block_nbytes
     # 2 layers x (K + V) x 2 kv heads x 16 dims x 4 slots x 4 bytes
     assert info.block_nbytes == 2 * 2 * 2 * 16 * BS * 4
-    assert (info.vocab_size, info.sampleable_vocab, info.eos_token_ids) == (300, 280, (257,))
+    assert (info.vocab_size, info.sampleable_vocab, info.eos_token_ids) == (300, 280, (279,))
     with ThreadPoolExecutor(1) as pool:
         res = pool.submit(runner.execute, [SeqStep(1, [1, 2, 3], 0, [0], sample=False)]).result()
     assert res == [SeqResult(1)]
