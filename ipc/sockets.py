@@ -93,7 +93,7 @@ class Channel:
         self._wake = wake or asyncio.Event()
         self._on_readable = on_readable
         self._loop = asyncio.get_running_loop()
-        self._fd = sock.getsockopt(zmq.FD)
+        self._fd: int = int(sock.getsockopt(zmq.FD))
         self._loop.add_reader(self._fd, on_readable or self._wake.set)
         self._closed = False
 
@@ -102,7 +102,7 @@ class Channel:
         return self._wake
 
     def pending_input(self) -> bool:
-        return bool(self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN)
+        return bool(int(self.sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN)
 
     def drain(self, limit: int = DRAIN_BATCH) -> list[list[zmq.Frame]]:
         """Everything readable now, up to `limit` messages, without blocking."""

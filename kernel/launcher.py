@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 from abc import ABC, abstractmethod
-from typing import Protocol
+from typing import Protocol, cast
 
 import anyio
 
@@ -41,7 +41,7 @@ class LocalLauncher(Launcher):
 
     async def spawn(self, spec: ChildSpec, instance: str, env: dict[str, str]) -> ChildProcess:
         full_env = {**os.environ, **spec.env, **env}
-        return await anyio.open_process(
+        proc = await anyio.open_process(
             [self.python, "-m", spec.module, *spec.args],
             env=full_env,
             stdin=subprocess.DEVNULL,
@@ -49,3 +49,4 @@ class LocalLauncher(Launcher):
             stderr=None,
             start_new_session=True,  # a ^C to the kernel's terminal reaches the kernel only
         )
+        return cast(ChildProcess, proc)

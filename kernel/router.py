@@ -336,13 +336,12 @@ class Kernel:
         self.publish(kp.SERVICES_TOPIC, kp.ServiceUp(inst.service, inst.name, inst.pid, inst.meta))
         self._flush_waiting(inst)
 
-    def instance_down(self, inst: Instance | str, reason: str) -> None:
+    def instance_down(self, which: Instance | str, reason: str) -> None:
         """Forget a dead instance; re-send or fail what it held; tell subscribers."""
-        if isinstance(inst, str):
-            found = self.registry.by_name.get(inst)
-            if found is None:
-                return
-            inst = found
+        found = self.registry.by_name.get(which) if isinstance(which, str) else which
+        if found is None:
+            return
+        inst = found
         if self.registry.by_identity.get(inst.identity) is not inst:
             return
         self.registry.remove(inst)
@@ -431,6 +430,6 @@ class Kernel:
                 infos.append(kp.InstanceInfo(inst.service, inst.name, inst.pid, "ready",
                                              uptime_s=now - inst.registered_at))
         for info in infos:
-            inst = self.registry.by_name.get(info.instance)
-            info.outstanding = len(inst.outstanding) if inst else 0
+            live = self.registry.by_name.get(info.instance)
+            info.outstanding = len(live.outstanding) if live else 0
         return kp.StatusReply(os.getpid(), now - self.started, infos, self.counters)

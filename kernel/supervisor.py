@@ -13,6 +13,7 @@ import signal
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable
 
 import anyio
@@ -93,10 +94,13 @@ class Supervisor:
         async with anyio.create_task_group() as tg:
             for child in self.children:
                 tg.start_soon(self._keep_alive, child)
-                await self._until(lambda c=child: c.state == "ready" or self.escalation is not None)
+                await self._until(partial(self._ready_or_escalated, child))
                 if self.escalation:
                     break
             task_status.started()
+
+    def _ready_or_escalated(self, child: Child) -> bool:
+        return child.state == "ready" or self.escalation is not None
 
     def on_ready(self, instance: str, pid: int) -> None:
         for c in self.children:

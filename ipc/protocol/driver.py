@@ -12,7 +12,7 @@ from ipc.protocol.sampling import SamplingParams
 DRIVER = "driver"
 
 
-class StepSeq(Message, frozen=True):
+class StepSeq(Message):
     """One sequence's share of a step (see drivers.model.step.SeqStep)."""
 
     seq_id: int
@@ -24,7 +24,7 @@ class StepSeq(Message, frozen=True):
     prior_token_ids: list[int] = []
 
 
-class Execute(Message, frozen=True):
+class Execute(Message):
     """Run one batched step. `copies` are (src, dst) block copies the memory
     server asked for (copy-on-write), done before the forward pass."""
 
@@ -32,7 +32,7 @@ class Execute(Message, frozen=True):
     copies: list[tuple[int, int]] = []
 
 
-class SeqOutput(Message, frozen=True):
+class SeqOutput(Message):
     seq_id: int
     token: int = -1  # -1: no token (a non-final prefill chunk, or an error)
     logprob: float = 0.0
@@ -40,34 +40,34 @@ class SeqOutput(Message, frozen=True):
     error: str = ""
 
 
-class Executed(Message, frozen=True):
+class Executed(Message):
     outputs: list[SeqOutput]
     step_s: float = 0.0
 
 
-class SwapOut(Message, frozen=True):
+class SwapOut(Message):
     """Copy device blocks into host-tier slots (block_ids[i] → slots[i])."""
 
     block_ids: list[int]
     slots: list[int]
 
 
-class SwapIn(Message, frozen=True):
+class SwapIn(Message):
     """Copy host-tier slots back into device blocks (slots[i] → block_ids[i])."""
 
     slots: list[int]
     block_ids: list[int]
 
 
-class Swapped(Message, frozen=True):
+class Swapped(Message):
     blocks: int
 
 
-class DescribeModel(Message, frozen=True):
+class DescribeModel(Message):
     pass
 
 
-class ModelDescription(Message, frozen=True):
+class ModelDescription(Message):
     name: str
     architecture: str
     path: str
@@ -84,11 +84,11 @@ class ModelDescription(Message, frozen=True):
     host_slots: int
 
 
-class DriverHealth(Message, frozen=True):
+class DriverHealth(Message):
     pass
 
 
-class DriverHealthReply(Message, frozen=True):
+class DriverHealthReply(Message):
     ok: bool
     busy: bool
     steps: int
