@@ -126,13 +126,13 @@ class Driver(Service):
         return dp.Executed(outputs, self._last_step_s)
 
     @handler
-    async def swap_out(self, msg: dp.SwapOut, ctx: Context) -> dp.Swapped:
+    async def swap_out(self, msg: dp.SwapBlocksOut, ctx: Context) -> dp.Swapped:
         async with self._step_lock:
             await anyio.to_thread.run_sync(self._runner().swap_out_to_host, msg.block_ids, msg.slots)
         return dp.Swapped(len(msg.block_ids))
 
     @handler
-    async def swap_in(self, msg: dp.SwapIn, ctx: Context) -> dp.Swapped:
+    async def swap_in(self, msg: dp.SwapBlocksIn, ctx: Context) -> dp.Swapped:
         async with self._step_lock:
             await anyio.to_thread.run_sync(self._runner().swap_in_from_host, msg.slots, msg.block_ids)
         return dp.Swapped(len(msg.block_ids))

@@ -45,14 +45,14 @@ class Executed(Message):
     step_s: float = 0.0
 
 
-class SwapOut(Message):
+class SwapBlocksOut(Message):
     """Copy device blocks into host-tier slots (block_ids[i] → slots[i])."""
 
     block_ids: list[int]
     slots: list[int]
 
 
-class SwapIn(Message):
+class SwapBlocksIn(Message):
     """Copy host-tier slots back into device blocks (slots[i] → block_ids[i])."""
 
     slots: list[int]
