@@ -431,5 +431,7 @@ class Kernel:
                                              uptime_s=now - inst.registered_at))
         for info in infos:
             live = self.registry.by_name.get(info.instance)
-            info.outstanding = len(live.outstanding) if live else 0
+            if live is not None:
+                info.outstanding = len(live.outstanding)
+                info.meta = live.meta
         return kp.StatusReply(os.getpid(), now - self.started, infos, self.counters)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, Callable, ClassVar
 
 import anyio
+import structlog
 from anyio.abc import TaskGroup
 
 from ipc import codec
@@ -249,6 +250,8 @@ class Service:
 
     async def _serve(self, spec: HandlerSpec, msg: Message, header: Header, buffers: list[Any]) -> None:
         ctx = Context(header, self, buffers)
+        if header.trace_id:
+            structlog.contextvars.bind_contextvars(trace_id=header.trace_id)  # this task's context only
         try:
             timeout = (header.deadline_ns - time.time_ns()) / 1e9 if header.deadline_ns else None
             with anyio.fail_after(timeout):

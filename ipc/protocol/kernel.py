@@ -70,6 +70,7 @@ class InstanceInfo(Message):
     uptime_s: float = 0.0
     last_exit: str = ""
     outstanding: int = 0
+    meta: dict[str, str | int | float | bool] = {}
 
 
 class KernelCounters(Message):
