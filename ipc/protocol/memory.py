@@ -271,3 +271,33 @@ MemoryRequest = (RegisterPool | DropPool | Reserve | Release | Fork | SwapOut | 
                  | Reregister | SetBlockQuota | EvictCached | MemoryStats)
 MemoryReply = (PoolReply | ReserveReply | ReleaseReply | ForkReply | SwapOutReply | SwapInReply
                | ReregisterReply | TenantBlocks | EvictReply | MemoryStatsReply)
+
+
+# --- events (topic MEMORY_TOPIC) and service queries -----------------------
+
+MEMORY_TOPIC = "memory.events"
+
+
+class MemoryRestarted(Message):
+    """Published once at start: the memory server holds no sequence, so every
+    live one must be re-registered (`Reregister`) or recomputed."""
+
+    pid: int
+    pools: list[str] = []
+
+
+class PoolLost(Message):
+    """A driver's pool is gone (the driver died or restarted): `seq_ids` lost
+    their KV and must be recomputed."""
+
+    pool: str
+    seq_ids: list[str]
+    reason: str = ""
+
+
+class ListPools(Message):
+    pass
+
+
+class PoolList(Message):
+    pools: list[str]

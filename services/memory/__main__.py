@@ -1,0 +1,3 @@
+from services.memory.service import MemoryService
+
+MemoryService.main()
