@@ -141,17 +141,24 @@ class Kernel:
 
     # -- frames in -----------------------------------------------------------
 
-    def _on_front(self, frames: list[Any]) -> None:
-        front = self._front
-        assert front is not None
+    def _parse(self, ch: Channel, frames: list[Any]) -> tuple[bytes, list[Any], Header] | None:
+        """(identity, payload, header), or None after rejecting a malformed message."""
         try:
             ident, payload = split_route(frames)
             if not payload:
                 raise BadRequest("missing header frame")
-            header = decode_header(payload[0])
+            return ident, payload, decode_header(payload[0])
         except BadRequest as exc:
-            self._reject(front, frames, exc)
+            self._reject(ch, frames, exc)
+            return None
+
+    def _on_front(self, frames: list[Any]) -> None:
+        front = self._front
+        assert front is not None
+        parsed = self._parse(front, frames)
+        if parsed is None:
             return
+        ident, payload, header = parsed
         kind = header.kind
         if kind == Kind.REQUEST:
             self._route(front, ident, header, payload)
@@ -166,14 +173,10 @@ class Kernel:
 
     def _on_back(self, frames: list[Any]) -> None:
         back = self._back_ch()
-        try:
-            ident, payload = split_route(frames)
-            if not payload:
-                raise BadRequest("missing header frame")
-            header = decode_header(payload[0])
-        except BadRequest as exc:
-            self._reject(back, frames, exc)
+        parsed = self._parse(back, frames)
+        if parsed is None:
             return
+        ident, payload, header = parsed
         inst = self.registry.by_identity.get(ident)
         kind = header.kind
         if kind == Kind.READY:
