@@ -151,6 +151,6 @@ def build_batch(steps: Sequence[SeqStep], attention: PagedAttention,
 
     batch = ForwardBatch(
         tokens=tensor(tokens), positions=tensor(positions),
-        slot_blocks=tensor(slot_blocks), slot_offsets=tensor(slot_offsets),
+        kv_slots=attention.cache.slots(tensor(slot_blocks), tensor(slot_offsets)),
         attention=plan, logit_rows=tensor([last_row[i] for i in sampled]))
     return batch, sampled

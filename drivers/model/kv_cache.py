@@ -47,12 +47,24 @@ class KVCache:
         self.k = torch.zeros(layers, num_blocks + 1, heads, dim, block_size, dtype=dtype, device=device)
         self.v = torch.zeros(layers, num_blocks + 1, heads, block_size, dim, dtype=dtype, device=device)
 
-    def write(self, layer: int, blocks: torch.Tensor, offsets: torch.Tensor,
+    def slots(self, blocks: torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where the new tokens' keys and values go, computed once per step:
+        element indices into a layer's flat K ([tokens * kv_heads * head_dim])
+        and row indices into its V rows ([tokens * kv_heads])."""
+        heads, dim, bs = self.k.shape[2], self.k.shape[3], self.block_size
+        h = torch.arange(heads, device=blocks.device)
+        d = torch.arange(dim, device=blocks.device)
+        base = blocks[:, None] * heads + h                           # [tokens, heads]
+        k_idx = ((base[:, :, None] * dim + d) * bs + offsets[:, None, None]).reshape(-1)
+        v_idx = (base * bs + offsets[:, None]).reshape(-1)
+        return k_idx, v_idx
+
+    def write(self, layer: int, slots: tuple[torch.Tensor, torch.Tensor],
               k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store new keys and values [tokens, kv_heads, head_dim] at their
-        slots (block id, offset in block)."""
-        self.k[layer][blocks, :, :, offsets] = k
-        self.v[layer][blocks, :, offsets, :] = v
+        """Store new keys and values [tokens, kv_heads, head_dim] at `slots`."""
+        k_idx, v_idx = slots
+        self.k[layer].view(-1).index_copy_(0, k_idx, k.reshape(-1))
+        self.v[layer].view(-1, v.shape[-1]).index_copy_(0, v_idx, v.reshape(-1, v.shape[-1]))
 
     def copy_blocks(self, pairs: Sequence[tuple[int, int]]) -> None:
         """Copy whole blocks src -> dst (copy-on-write). All sources are read

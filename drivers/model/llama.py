@@ -60,8 +60,7 @@ class ForwardBatch:
 
     tokens: torch.Tensor             # [n] token ids
     positions: torch.Tensor          # [n]
-    slot_blocks: torch.Tensor        # [n] block id each new key/value goes to
-    slot_offsets: torch.Tensor       # [n] offset inside that block
+    kv_slots: tuple[torch.Tensor, torch.Tensor]   # KVCache.slots of the new tokens
     attention: AttentionPlan
     logit_rows: torch.Tensor         # [s] rows whose next-token logits are wanted
 
@@ -114,12 +113,11 @@ class LlamaModel:
         for i, layer in enumerate(w.layers):
             _rms_norm(x, layer.input_norm, eps, out=h)
             _linear(h, layer.qkv, layer.qkv_bias, out=qkv)
-            q = qkv[:, :q_size].view(n, heads, dim)
+            # q and k are adjacent columns: rotate both heads at once.
+            Rope.apply_(qkv[:, :q_size + kv_size].view(n, heads + kv_heads, dim), cos, sin)
             k = qkv[:, q_size:q_size + kv_size].view(n, kv_heads, dim)
             v = qkv[:, q_size + kv_size:].view(n, kv_heads, dim)
-            Rope.apply_(q, cos, sin)
-            Rope.apply_(k, cos, sin)
-            self.cache.write(i, batch.slot_blocks, batch.slot_offsets, k, v)
+            self.cache.write(i, batch.kv_slots, k, v)
             self.attention.forward(i, batch.attention, qkv[:, :q_size], attn)
             _linear_acc(x, attn, layer.o, layer.o_bias)
 
