@@ -30,8 +30,9 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def driver_spec(ckpt: Path) -> ChildSpec:
-    return ChildSpec("cpu", "drivers.cpu", service="driver",
-                     args=["--model", str(ckpt), "--kv-cache-mb", "2", "--threads", "1"])
+    # through the entry point, as a third-party driver would be started
+    return ChildSpec("cpu", "drivers", service="driver",
+                     args=["cpu", "--model", str(ckpt), "--kv-cache-mb", "2", "--threads", "1"])
 
 
 def local_greedy(ckpt: Path, prompt: list[int], n: int) -> list[int]:

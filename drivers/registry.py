@@ -1,0 +1,34 @@
+"""Find a driver class by name through the ``llmos.drivers`` entry-point group.
+
+llmos's own `cpu` and `cuda` are registered in its pyproject.toml; a
+third-party package adds its own device the same way (docs/drivers.md).
+Importing this module does not import torch; loading a driver class does.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import entry_points
+from typing import TYPE_CHECKING
+
+from ipc.errors import NotFound
+
+if TYPE_CHECKING:
+    from drivers.base import Driver
+
+GROUP = "llmos.drivers"
+
+
+def available() -> list[str]:
+    return sorted(ep.name for ep in entry_points(group=GROUP))
+
+
+def driver_class(name: str) -> "type[Driver]":
+    for ep in entry_points(group=GROUP):
+        if ep.name == name:
+            cls = ep.load()
+            from drivers.base import Driver
+
+            if not (isinstance(cls, type) and issubclass(cls, Driver)):
+                raise NotFound(f"entry point {GROUP}:{name} is {ep.value}, which is not a Driver subclass")
+            return cls
+    raise NotFound(f"no driver named {name!r} (installed: {', '.join(available()) or 'none'})")
