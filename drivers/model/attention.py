@@ -113,16 +113,28 @@ class PagedAttention:
         pad = (~valid).view(n, 1, 1, span)
         if self.kernel == "gather":
             return DecodeGroup(start, start + n, width, blocks, pad, None, None, None, None)
-        h = torch.arange(heads, device=self.device)
-        d = torch.arange(dim, device=self.device)
-        k_rows = ((blocks[:, None, None, :, None] * heads + h[None, :, None, None, None]) * dim
-                  + d).expand(n, heads, group, width, dim).reshape(-1)
-        k_offsets = torch.arange(0, k_rows.numel(), dim, device=self.device)
-        slot_blocks = torch.where(valid, blocks.repeat_interleave(bs, dim=1), zero)
-        s = torch.arange(span, device=self.device) % bs
-        v_rows = ((slot_blocks[:, None, :] * heads + h[None, :, None]) * bs + s).view(
-            n, heads, 1, span).expand(n, heads, group, span).reshape(-1)
-        v_offsets = torch.arange(0, v_rows.numel(), span, device=self.device)
+        # Row indices for embedding_bag, in int32 where they fit: half the
+        # bytes to build and to read in every layer.
+        rows_max = (self.cache.zero_block + 1) * heads * max(dim, bs)
+        itype = torch.int32 if rows_max < 2**31 else torch.long
+        h = torch.arange(heads, device=self.device, dtype=itype)
+        base = (blocks.to(itype) * heads)[:, None, :] + h[None, :, None]    # [n, heads, width]
+        # Keys: bag (seq, head, group, block) sums the head_dim rows of the
+        # block's transposed keys.
+        k_rows = torch.empty(n, heads, group, width, dim, dtype=itype, device=self.device)
+        torch.add((base * dim)[:, :, None, :, None].expand(n, heads, group, width, 1),
+                  torch.arange(dim, device=self.device, dtype=itype), out=k_rows)
+        k_rows = k_rows.view(-1)
+        k_offsets = torch.arange(0, k_rows.numel(), dim, device=self.device, dtype=itype)
+        # Values: bag (seq, head, group) sums one row per position; positions
+        # past the context read the zero block.
+        slot_base = torch.where(valid[:, None, :], (base * bs).repeat_interleave(bs, dim=2),
+                                (zero * heads + h[None, :, None]) * bs)
+        s = (torch.arange(span, device=self.device, dtype=itype) % bs)
+        v_rows = torch.empty(n, heads, group, span, dtype=itype, device=self.device)
+        torch.add(slot_base[:, :, None, :].expand(n, heads, group, span), s, out=v_rows)
+        v_rows = v_rows.view(-1)
+        v_offsets = torch.arange(0, v_rows.numel(), span, device=self.device, dtype=itype)
         return DecodeGroup(start, start + n, width, blocks, pad, k_rows, k_offsets, v_rows, v_offsets)
 
     def prefill_seq(self, start: int, first_pos: int, length: int, table: list[int]) -> PrefillSeq:
