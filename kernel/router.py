@@ -69,6 +69,8 @@ class Kernel:
         self.pending: dict[int, Pending] = {}
         self.waiting: dict[str, deque[Pending]] = {}
         self.topics: dict[str, dict[tuple[int, bytes], int]] = {}
+        # front identity → when it was last heard (clients with work in flight ping)
+        self.clients_seen: dict[bytes, float] = {}
         self.counters = kp.KernelCounters()
         self.started = time.monotonic()
         self.supervisor: Supervisor | None = None
@@ -143,6 +145,42 @@ class Kernel:
                     inst.last_ping = now
                     self._send_control(self._back_ch(), inst.identity, Kind.HEARTBEAT)
             self._expire_waiting(now)
+            self._expire_clients(now)
+
+    def _expire_clients(self, now: float) -> None:
+        """A client silent past the heartbeat expiry while it has requests in
+        flight is gone (killed, or its host is): cancel what it asked for."""
+        front = self._front
+        if front is None:
+            return
+        silent = {ident for ident, seen in self.clients_seen.items() if now - seen > HEARTBEAT_EXPIRY_S}
+        if not silent:
+            return
+        for ident in silent:
+            del self.clients_seen[ident]
+            self._forget_subscriber(front, ident)
+            self._client_gone(front, ident, "client stopped answering")
+
+    def _client_gone(self, ch: Channel, ident: bytes, reason: str) -> None:
+        """Cancel the requester's outstanding requests: each serving instance
+        gets DISCONNECT with the request's routing id, which cancels its handler."""
+        self.clients_seen.pop(ident, None)
+        gone = [p for p in self.pending.values() if p.origin is ch and p.origin_id == ident]
+        for p in gone:
+            del self.pending[p.rid]
+            inst = p.instance
+            if inst is not None:
+                inst.outstanding.discard(p.rid)
+                self._send_control(self._back_ch(), inst.identity, Kind.DISCONNECT, p.rid)
+                self.counters.cancelled += 1
+        for dst, q in list(self.waiting.items()):
+            kept = deque(p for p in q if not (p.origin is ch and p.origin_id == ident))
+            if kept:
+                self.waiting[dst] = kept
+            else:
+                del self.waiting[dst]
+        if gone:
+            log.info("kernel.client_gone", reason=reason, cancelled=len(gone))
 
     def request_shutdown(self, reason: str) -> None:
         self.shutdown_reason = self.shutdown_reason or reason
@@ -172,6 +210,7 @@ class Kernel:
         if parsed is None:
             return
         ident, payload, header = parsed
+        self.clients_seen[ident] = time.monotonic()
         kind = header.kind
         if kind == Kind.REQUEST:
             self._route(front, ident, header, payload)
@@ -179,6 +218,7 @@ class Kernel:
             self._send_control(front, ident, Kind.HEARTBEAT)
         elif kind == Kind.DISCONNECT:
             self._forget_subscriber(front, ident)
+            self._client_gone(front, ident, "client disconnected")
         elif kind == Kind.READY:
             self._reject(front, frames, Unauthorized("clients cannot register as services"), header)
         else:
@@ -318,8 +358,8 @@ class Kernel:
         if not ch.send([ident, _EMPTY, encode_header(header), codec.encode(err)]):
             self.counters.dropped += 1
 
-    def _send_control(self, ch: Channel, ident: bytes, kind: Kind) -> None:
-        ch.send([ident, _EMPTY, encode_header(Header(PROTOCOL_VERSION, kind, src=kp.KERNEL))])
+    def _send_control(self, ch: Channel, ident: bytes, kind: Kind, msg_id: int = 0) -> None:
+        ch.send([ident, _EMPTY, encode_header(Header(PROTOCOL_VERSION, kind, msg_id, src=kp.KERNEL))])
 
     def _send_msg(self, ch: Channel, ident: bytes, msg_id: int, kind: Kind, body: Message) -> bool:
         header = Header(PROTOCOL_VERSION, kind, msg_id, src=kp.KERNEL, op=type(body).__name__)

@@ -42,6 +42,9 @@ class Connection:
         self.last_heard = time.monotonic()
         self.on_request: RequestHandler | None = None
         self.on_disconnect: Callable[[], None] | None = None
+        # DISCONNECT carrying a msg id: the requester of that request is gone.
+        self.on_cancel: Callable[[int], None] | None = None
+        self.last_sent = 0.0
         self.token: bytes = b""
         self.closed = False
         self._any = codec.AnyDecoder()
@@ -53,6 +56,7 @@ class Connection:
         if body is not None:
             frames.append(body if isinstance(body, bytes) else codec.encode(body))
         frames.extend(buffers)
+        self.last_sent = time.monotonic()
         return self._ch.send(frames)
 
     def send_control(self, kind: Kind) -> None:
@@ -90,7 +94,10 @@ class Connection:
             if self.on_request is not None:
                 self.on_request(header, frames[2:])
         elif kind == Kind.DISCONNECT:
-            if self.on_disconnect is not None:
+            if header.msg_id:
+                if self.on_cancel is not None:
+                    self.on_cancel(header.msg_id)
+            elif self.on_disconnect is not None:
                 self.on_disconnect()
 
     # -- calls ----------------------------------------------------------------------
@@ -137,6 +144,10 @@ class Connection:
 
     async def _next(self, q: asyncio.Queue[Answer], end: float | None, dst: str, msg: Message) -> Answer:
         since = time.monotonic()
+        if since - self.last_sent > HEARTBEAT_INTERVAL_S:
+            # The kernel cancels the requests of a client silent for too long,
+            # so a long stream that only receives still says it is alive.
+            self.send_control(Kind.HEARTBEAT)
         while True:
             wait = HEARTBEAT_INTERVAL_S
             if end is not None:

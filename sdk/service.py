@@ -123,6 +123,8 @@ class Service:
         self._stop = anyio.Event()
         self.stop_reason = ""
         self._parent = os.getppid()
+        # msg id → the cancel scope of the handler serving it
+        self._running: dict[int, anyio.CancelScope] = {}
 
     # -- hooks for subclasses ----------------------------------------------------------
 
@@ -184,6 +186,7 @@ class Service:
         self._conn = conn
         conn.on_request = self._on_request
         conn.on_disconnect = lambda: self.stop("kernel said DISCONNECT")
+        conn.on_cancel = self._cancel_request
         try:
             await self.on_start()
             async with anyio.create_task_group() as tg:
@@ -250,6 +253,22 @@ class Service:
 
     async def _serve(self, spec: HandlerSpec, msg: Message, header: Header, buffers: list[Any]) -> None:
         ctx = Context(header, self, buffers)
+        scope = anyio.CancelScope()
+        self._running[header.msg_id] = scope
+        try:
+            with scope:
+                await self._serve_in_scope(spec, msg, header, ctx)
+        finally:
+            self._running.pop(header.msg_id, None)
+        if scope.cancelled_caught:
+            log.info("service.request_cancelled", op=header.op, reason="requester gone")
+
+    def _cancel_request(self, msg_id: int) -> None:
+        scope = self._running.get(msg_id)
+        if scope is not None:
+            scope.cancel()
+
+    async def _serve_in_scope(self, spec: HandlerSpec, msg: Message, header: Header, ctx: Context) -> None:
         if header.trace_id:
             structlog.contextvars.bind_contextvars(trace_id=header.trace_id)  # this task's context only
         try:

@@ -80,6 +80,7 @@ class KernelCounters(Message):
     dropped: int = 0
     resent: int = 0
     queued: int = 0
+    cancelled: int = 0  # requests whose client went away
 
 
 class StatusReply(Message):

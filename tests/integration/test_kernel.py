@@ -147,3 +147,34 @@ async def test_unknown_service_is_not_found_and_deadlines_are_enforced(home: Pat
 async def test_connecting_without_a_kernel_is_a_clear_error(home: Path) -> None:
     with pytest.raises(Unavailable, match="no llmos kernel is running"):
         await AsyncClient.connect(home=home)
+
+
+async def test_requests_of_a_client_that_dies_are_cancelled_at_the_service(home: Path) -> None:
+    import subprocess
+    import sys
+
+    from sdk.testing import REPO_ROOT
+
+    async with running_llmos(home) as llmos:
+        code = ("import sys; from sdk.client import Client; from ipc.protocol.echo import Echo; "
+                f"c = Client.connect(home={str(home)!r}); c.call('echo', Echo(b'x', delay_s=60))")
+        victim = subprocess.Popen([sys.executable, "-c", code], cwd=REPO_ROOT)
+        try:
+            await llmos.wait_for(lambda st: llmos.instance(st, "echo").outstanding == 1, what="request in flight")
+            victim.kill()
+            victim.wait()
+            # silent past the heartbeat expiry: the kernel cancels its request at the service
+            st = await llmos.wait_for(lambda st: st.counters.cancelled == 1, what="cancellation")
+            assert llmos.instance(st, "echo").outstanding == 0
+        finally:
+            if victim.poll() is None:
+                victim.kill()
+        # a client that closes its connection cancels at once, and others are untouched
+        other = await AsyncClient.connect(home=home)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(other.call, "echo", Echo(b"abandoned", delay_s=60))
+            await llmos.wait_for(lambda st: llmos.instance(st, "echo").outstanding == 1, what="second in flight")
+            tg.cancel_scope.cancel()
+        await other.aclose()
+        st = await llmos.wait_for(lambda st: st.counters.cancelled == 2, what="second cancellation")
+        assert (await llmos.client.call("echo", Echo(b"alive"))).payload == b"alive"
