@@ -32,3 +32,22 @@ def pid_file(home: Path) -> Path:
 
 def logs_dir(home: Path) -> Path:
     return home / "logs"
+
+
+def security_dir(home: Path) -> Path:
+    """Key material and security state (0700; every file in it 0600)."""
+    return home / "security"
+
+
+def root_key_path(home: Path) -> Path:
+    """The HMAC root key capability tokens are minted and verified with."""
+    return security_dir(home) / "root.key"
+
+
+def revocations_path(home: Path) -> Path:
+    return security_dir(home) / "revoked.json"
+
+
+def admin_key_path(home: Path) -> Path:
+    """The first admin's API key, written once at first boot (0600)."""
+    return home / "admin.key"
