@@ -77,12 +77,15 @@ class _Workspace:
         if tokens <= self.capacity:
             return
         cap = max(tokens, 2 * self.capacity, 64)
-        c, kw = self.config, {"dtype": self.dtype, "device": self.device}
-        self.x = torch.empty(cap, c.hidden_size, **kw)
-        self.h = torch.empty(cap, c.hidden_size, **kw)
-        self.qkv = torch.empty(cap, c.q_size + 2 * c.kv_size, **kw)
-        self.attn = torch.empty(cap, c.q_size, **kw)
-        self.gate_up = torch.empty(cap, 2 * c.intermediate_size, **kw)
+        c = self.config
+
+        def buf(cols: int) -> torch.Tensor:
+            return torch.empty(cap, cols, dtype=self.dtype, device=self.device)
+
+        self.x, self.h = buf(c.hidden_size), buf(c.hidden_size)
+        self.qkv = buf(c.q_size + 2 * c.kv_size)
+        self.attn = buf(c.q_size)
+        self.gate_up = buf(2 * c.intermediate_size)
         self.capacity = cap
 
 
