@@ -98,6 +98,19 @@ class PagedAttention:
         self.num_heads = num_heads
         self.scale = 1.0 / math.sqrt(self.head_dim)
         self.device = cache.k.device
+        self._scratch: dict[str, torch.Tensor] = {}
+
+    def _buffer(self, name: str, *shape: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A reusable scratch tensor: decode temporaries scale with batch x
+        context (megabytes per layer), so they are allocated once and regrown
+        only when a step needs more."""
+        numel = math.prod(shape)
+        buf = self._scratch.get(name)
+        if buf is None or buf.numel() < numel:
+            buf = torch.empty(max(numel, 2 * (buf.numel() if buf is not None else 0)),
+                              dtype=dtype or self.cache.k.dtype, device=self.device)
+            self._scratch[name] = buf
+        return buf[:numel].view(shape)
 
     # -- planning (once per step, shared by every layer) --------------------
 
@@ -165,8 +178,9 @@ class PagedAttention:
         n, heads, group, dim = g.stop - g.start, self.kv_heads, self.group, self.head_dim
         bs = self.cache.block_size
         # One weight per (query head, block, head dim): the query component.
-        weights = torch.mul(q.view(n, heads, group, 1, dim).expand(n, heads, group, g.width, dim),
-                            self.scale)
+        weights = self._buffer("weights", n, heads, group, g.width, dim)
+        torch.mul(q.view(n, heads, group, 1, dim).expand(n, heads, group, g.width, dim),
+                  self.scale, out=weights)
         keys = self.cache.k[layer].view(-1, bs)
         scores = F.embedding_bag(g.k_rows, keys, g.k_offsets, mode="sum",
                                  per_sample_weights=weights.view(-1))
@@ -181,10 +195,16 @@ class PagedAttention:
         n, heads, group, dim = g.stop - g.start, self.kv_heads, self.group, self.head_dim
         bs, span = self.cache.block_size, g.width * self.cache.block_size
         flat = g.blocks.view(-1)
-        keys = self.cache.k[layer].index_select(0, flat).view(n, g.width, heads, dim, bs)
-        keys = keys.permute(0, 2, 3, 1, 4).reshape(n * heads, dim, span)
-        values = self.cache.v[layer].index_select(0, flat).view(n, g.width, heads, bs, dim)
-        values = values.transpose(1, 2).reshape(n, heads, span, dim)
+        gathered = self._buffer("gathered", n * g.width, heads, dim, bs)
+        torch.index_select(self.cache.k[layer], 0, flat, out=gathered)
+        keys = self._buffer("keys", n, heads, dim, g.width, bs)
+        keys.copy_(gathered.view(n, g.width, heads, dim, bs).permute(0, 2, 3, 1, 4))
+        keys = keys.view(n * heads, dim, span)
+        gathered = gathered.view(n * g.width, heads, bs, dim)
+        torch.index_select(self.cache.v[layer], 0, flat, out=gathered)
+        values = self._buffer("values", n, heads, g.width, bs, dim)
+        values.copy_(gathered.view(n, g.width, heads, bs, dim).transpose(1, 2))
+        values = values.view(n, heads, span, dim)
         # Stale slots past the context may hold anything (NaN from a failed
         # sequence); a zero probability times NaN is still NaN.
         values.masked_fill_(g.pad.view(n, 1, span, 1), 0.0)
