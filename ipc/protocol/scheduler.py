@@ -1,0 +1,184 @@
+"""The scheduler's protocol: text generation requests (service ``"scheduler"``).
+
+A `Submit` is a streaming request: while the request runs the scheduler
+emits at most one `TokenDelta` per step (EVENTs), and the final REPLY is
+`Finished`, which carries the last tokens and text too. Token offsets count
+generated tokens from 0, so a client can check that deltas are contiguous.
+
+Exactly-once across a scheduler restart: the client re-submits with the same
+`request_id` and `resume_from` = the number of generated tokens it holds
+(and, better, those ids in `resume_ids`, so the scheduler prefills them
+instead of regenerating them). The stream then continues at token
+`resume_from`; no token is repeated or missing. Text deltas are a pure
+function of the token ids, so the text continues where the client's ends.
+
+Deadlines: a request whose `deadline_ns` passes before its first token is
+answered `deadline_exceeded`; one that has started finishes with reason
+``deadline`` and the text so far.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated
+
+import msgspec
+
+from ipc.errors import BadRequest
+from ipc.protocol.base import Message
+from ipc.protocol.sampling import SamplingParams
+
+SCHEDULER = "scheduler"
+
+MAX_STOP_STRINGS = 16
+MAX_STOP_LEN = 256
+MAX_REQUEST_ID_LEN = 128
+
+NonNegative = Annotated[int, msgspec.Meta(ge=0)]
+
+
+class FinishReason(StrEnum):
+    STOP = "stop"  # an EOS / stop token id, or a stop string
+    LENGTH = "length"  # max_tokens, or the model's context length
+    CANCELLED = "cancelled"
+    DEADLINE = "deadline"
+    ERROR = "error"  # the step failed for this request (see Finished.error)
+
+
+class Usage(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True, gc=False):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    preemptions: int = 0
+    queue_s: float = 0.0  # arrival to first scheduled step
+    ttft_s: float = 0.0  # arrival to first token
+    total_s: float = 0.0
+
+
+class Submit(Message):
+    """Generate text. Give the prompt as `prompt` text or as `prompt_ids`."""
+
+    prompt: str = ""
+    prompt_ids: list[int] = []
+    params: SamplingParams = SamplingParams()
+    max_tokens: int = 256
+    stop: list[str] = []
+    stop_token_ids: list[int] = []
+    ignore_eos: bool = False
+    # Lower runs first (policy "priority"); ignored by the other policies.
+    priority: int = 0
+    deadline_ns: NonNegative = 0  # unix ns; 0 = none
+    # Requests of one session run one at a time, in arrival order.
+    session: str = ""
+    # Idempotency key, scoped to the principal: a Submit with the id of a
+    # live or recently finished request re-attaches to it.
+    request_id: str = ""
+    resume_from: NonNegative = 0
+    resume_ids: list[int] = []
+    add_special_tokens: bool = True
+    # The client's submission attempt; a re-submission (> 0) of an accepted
+    # request is not refused by admission control.
+    attempt: NonNegative = 0
+
+    def validate(self) -> None:
+        """Raise `BadRequest` naming the first field that is wrong."""
+        if bool(self.prompt) == bool(self.prompt_ids):
+            raise BadRequest("give exactly one of prompt (text) and prompt_ids", detail={"field": "prompt"})
+        self.params.validate()
+        if self.max_tokens < 1:
+            raise BadRequest(f"max_tokens must be >= 1, got {self.max_tokens}", detail={"field": "max_tokens"})
+        if any(t < 0 for t in self.prompt_ids):
+            raise BadRequest("prompt_ids must not be negative", detail={"field": "prompt_ids"})
+        if len(self.stop) > MAX_STOP_STRINGS or any(not s or len(s) > MAX_STOP_LEN for s in self.stop):
+            raise BadRequest(f"stop: at most {MAX_STOP_STRINGS} non-empty strings of at most "
+                             f"{MAX_STOP_LEN} characters", detail={"field": "stop"})
+        if len(self.request_id) > MAX_REQUEST_ID_LEN:
+            raise BadRequest(f"request_id longer than {MAX_REQUEST_ID_LEN} characters",
+                             detail={"field": "request_id"})
+        if self.resume_ids and len(self.resume_ids) != self.resume_from:
+            raise BadRequest(f"resume_ids holds {len(self.resume_ids)} ids but resume_from is "
+                             f"{self.resume_from}", detail={"field": "resume_ids"})
+        if self.resume_from and not self.request_id:
+            raise BadRequest("resume_from needs the request_id of the request to resume",
+                             detail={"field": "request_id"})
+        if self.resume_from > self.max_tokens:
+            raise BadRequest(f"resume_from {self.resume_from} exceeds max_tokens {self.max_tokens}",
+                             detail={"field": "resume_from"})
+
+
+class TokenDelta(Message):
+    """Generated tokens [offset, offset + len(token_ids)) and the text they
+    completed. Text may lag the ids (an incomplete UTF-8 character, or text
+    that may be the start of a stop string, is held back)."""
+
+    request_id: str
+    offset: int
+    token_ids: list[int]
+    text: str = ""
+    logprobs: list[float] = []
+
+
+class Finished(Message):
+    """The final answer to a Submit: the tokens and text not yet sent (from
+    `offset`), why it ended, and usage."""
+
+    request_id: str
+    finish_reason: FinishReason
+    offset: int
+    token_ids: list[int] = []
+    text: str = ""
+    logprobs: list[float] = []
+    usage: Usage = Usage()
+    error: str = ""
+
+
+class Cancel(Message):
+    request_id: str
+
+
+class CancelReply(Message):
+    request_id: str
+    # False: no such live request (unknown, or already finished).
+    found: bool
+
+
+class RequestStatus(Message):
+    request_id: str
+
+
+class RequestInfo(Message):
+    request_id: str
+    state: str  # waiting | running | finished
+    generated: int = 0
+    prompt_tokens: int = 0
+    queue_position: int = -1  # among waiting requests, 0 = next; -1 when not waiting
+    driver: str = ""
+    finish_reason: str = ""
+
+
+class SchedulerStats(Message):
+    pass
+
+
+class DriverLoad(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    instance: str
+    num_blocks: int
+    free_blocks: int
+    running: int
+
+
+class SchedulerStatsReply(Message):
+    policy: str
+    waiting: int
+    running: int
+    token_budget: int
+    max_num_seqs: int
+    steps: int
+    tokens_generated: int
+    preemptions: int
+    finished: int
+    drivers: list[DriverLoad] = []
+    last_step_s: float = 0.0
+
+
+SchedulerRequest = Submit | Cancel | RequestStatus | SchedulerStats

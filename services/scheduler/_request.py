@@ -1,0 +1,166 @@
+"""A generation request as its client sees it: the tokens and text produced
+so far, why it ended, and the client stream(s) attached to it.
+
+A request may be attached to a new stream (`Sink`) when its client
+re-submits it (same request id): the new stream resumes at the token count
+the client says it holds, and the old one is told it was superseded.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from enum import StrEnum
+
+import anyio
+
+from ipc.errors import Cancelled, LlmosError
+from ipc.protocol.base import Message
+from ipc.protocol.scheduler import Finished, FinishReason, Submit, TokenDelta, Usage
+from services.scheduler._seq import Seq
+from services.scheduler._text import TextStream
+
+Emit = Callable[[Message], None]
+
+
+class State(StrEnum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Sink:
+    """One client stream of a request: what it has been sent."""
+
+    def __init__(self, request: "Request", emit: Emit, resume_from: int):
+        self.request = request
+        self.emit = emit
+        self.sent = resume_from  # generated tokens the client holds
+        # Released text the client holds; known once the request has
+        # (re)produced `sent` tokens.
+        self.sent_text: int | None = None
+        self.superseded = False
+        self.changed = anyio.Event()
+
+    def flush(self) -> None:
+        """Send what the client lacks as one `TokenDelta` (nothing if it lacks nothing)."""
+        r = self.request
+        if self.superseded or len(r.generated) <= self.sent:
+            return
+        start = self._text_start()
+        if start is None:
+            return
+        ids = r.generated[self.sent:]
+        delta = TokenDelta(r.request_id, self.sent, ids, r.text.text[start:], r.logprobs[self.sent:])
+        self.sent = len(r.generated)
+        self.sent_text = len(r.text.text)
+        self.emit(delta)
+
+    def _text_start(self) -> int | None:
+        if self.sent_text is None:
+            r = self.request
+            if len(r.text_at) < self.sent:
+                return None
+            self.sent_text = r.text_at[self.sent - 1] if self.sent else 0
+        return self.sent_text
+
+    def final(self) -> Finished:
+        """The reply that ends this stream: everything not sent yet."""
+        r = self.request
+        assert r.finish_reason is not None
+        start = self._text_start()
+        offset = min(self.sent, len(r.generated))
+        text = r.text.text[start:] if start is not None else ""
+        return Finished(r.request_id, r.finish_reason, offset, r.generated[offset:], text,
+                        r.logprobs[offset:], r.usage(), r.error_message)
+
+    async def wait(self) -> Finished:
+        while True:
+            if self.superseded:
+                raise Cancelled("superseded: the request was re-submitted on another stream",
+                                detail={"request_id": self.request.request_id})
+            if self.request.done.is_set():
+                if self.request.error is not None:
+                    raise self.request.error
+                return self.final()
+            await self.changed.wait()
+            self.changed = anyio.Event()
+
+    def wake(self) -> None:
+        self.changed.set()
+
+
+class Request:
+    def __init__(self, key: tuple[str, str], submit: Submit, prompt_ids: list[int], seq: Seq,
+                 text: TextStream, stop_ids: frozenset[int], max_total: int):
+        self.key = key
+        self.request_id = key[1]
+        self.submit = submit
+        self.seq = seq
+        self.prompt_ids = prompt_ids
+        self.text = text
+        self.stop_ids = stop_ids
+        self.max_total = max_total  # prompt + generated tokens allowed
+        self.generated: list[int] = []
+        self.logprobs: list[float] = []
+        self.text_at: list[int] = []  # released text length after each generated token
+        self.state = State.WAITING
+        self.finish_reason: FinishReason | None = None
+        self.error: LlmosError | None = None  # answered as an error instead of `Finished`
+        self.error_message = ""
+        self.done = anyio.Event()
+        self.sink: Sink | None = None
+        self.arrived = time.monotonic()
+        self.first_scheduled = 0.0
+        self.first_token = 0.0
+        self.finished_at = 0.0
+        self.cached_tokens = 0
+        self.failures = 0
+
+    @property
+    def session(self) -> tuple[str, str] | None:
+        return (self.key[0], self.submit.session) if self.submit.session else None
+
+    def attach(self, emit: Emit, resume_from: int) -> Sink:
+        if self.sink is not None:
+            self.sink.superseded = True
+            self.sink.wake()
+        self.sink = Sink(self, emit, resume_from)
+        return self.sink
+
+    def add_token(self, token: int, logprob: float = 0.0) -> FinishReason | None:
+        """Record a generated id; return why the request must end now, if it must."""
+        if not self.first_token:
+            self.first_token = time.monotonic()
+        self.generated.append(token)
+        self.logprobs.append(logprob)
+        if token in self.stop_ids:
+            reason: FinishReason | None = FinishReason.STOP
+        else:
+            self.text.feed(token)
+            reason = FinishReason.STOP if self.text.stopped else None
+        if reason is None and len(self.prompt_ids) + len(self.generated) >= self.max_total:
+            reason = FinishReason.LENGTH
+        self.text_at.append(len(self.text.text))
+        return reason
+
+    def finish(self, reason: FinishReason, *, error: LlmosError | None = None, message: str = "") -> None:
+        if self.done.is_set():
+            return
+        if reason != FinishReason.STOP or not self.text.stopped:
+            self.text.finish()
+        self.finish_reason = reason
+        self.error = error
+        self.error_message = message
+        self.state = State.FINISHED
+        self.finished_at = time.monotonic()
+        self.done.set()
+        if self.sink is not None:
+            self.sink.wake()
+
+    def usage(self) -> Usage:
+        end = self.finished_at or time.monotonic()
+        return Usage(len(self.prompt_ids), len(self.generated), self.cached_tokens, self.seq.preemptions,
+                     max(0.0, self.first_scheduled - self.arrived) if self.first_scheduled else 0.0,
+                     max(0.0, self.first_token - self.arrived) if self.first_token else 0.0,
+                     end - self.arrived)

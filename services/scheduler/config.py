@@ -1,0 +1,100 @@
+"""The scheduler's policy, as data: a `[scheduler]` table of the llmos TOML
+config (or the same fields as command-line flags of `python -m services.scheduler`)."""
+
+from __future__ import annotations
+
+import tomllib
+from enum import StrEnum
+from pathlib import Path
+
+import msgspec
+
+from ipc.errors import BadRequest
+
+
+class PolicyName(StrEnum):
+    FCFS = "fcfs"
+    PRIORITY = "priority"
+    ROUND_ROBIN = "round_robin"
+    MLFQ = "mlfq"
+    FAIR = "fair"
+
+
+class PolicyConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    name: PolicyName = PolicyName.FCFS
+    # priority: a waiting request gains one priority level per `aging_s` seconds.
+    aging_s: float = 10.0
+    # round_robin: tokens a sequence computes before it yields to waiting ones
+    # (when the batch is full). mlfq: the top level's quantum; it doubles per level.
+    quantum: int = 64
+    mlfq_levels: int = 4
+    # mlfq: every `boost_s` seconds every sequence returns to the top level.
+    boost_s: float = 5.0
+    # fair: weight per tenant (principal); absent tenants weigh `default_weight`.
+    weights: dict[str, float] = {}
+    default_weight: float = 1.0
+
+
+class SchedulerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    policy: PolicyConfig = PolicyConfig()
+    # Tokens whose KV one step computes, over all sequences (chunked prefill).
+    token_budget: int = 512
+    max_num_seqs: int = 64
+    # A prefill chunk of one sequence is at most this many tokens per step.
+    prefill_chunk: int = 512
+    # Admission control: waiting requests and their prompt tokens.
+    max_waiting: int = 256
+    max_waiting_tokens: int = 262144
+    # Finished requests remembered for re-submissions (idempotency).
+    remember_finished: int = 4096
+    # A step whose driver does not answer in time counts as that driver lost.
+    step_timeout_s: float = 120.0
+
+    def validate(self) -> "SchedulerConfig":
+        checks = [
+            (self.token_budget >= 1, "token_budget must be >= 1"),
+            (self.max_num_seqs >= 1, "max_num_seqs must be >= 1"),
+            (self.prefill_chunk >= 1, "prefill_chunk must be >= 1"),
+            (self.max_waiting >= 1, "max_waiting must be >= 1"),
+            (self.max_waiting_tokens >= 1, "max_waiting_tokens must be >= 1"),
+            (self.policy.aging_s > 0, "policy.aging_s must be > 0"),
+            (self.policy.quantum >= 1, "policy.quantum must be >= 1"),
+            (self.policy.mlfq_levels >= 1, "policy.mlfq_levels must be >= 1"),
+            (self.policy.boost_s > 0, "policy.boost_s must be > 0"),
+            (self.policy.default_weight > 0 and all(w > 0 for w in self.policy.weights.values()),
+             "policy weights must be > 0"),
+        ]
+        for ok, why in checks:
+            if not ok:
+                raise BadRequest(f"scheduler config: {why}")
+        return self
+
+
+def load_scheduler_config(path: str | Path | None, **overrides: object) -> SchedulerConfig:
+    """The `[scheduler]` table of the TOML file at `path` (other tables are
+    ignored), with `overrides` (top-level fields, or ``policy``) applied."""
+    raw: dict[str, object] = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            loaded = tomllib.loads(p.read_text())
+        except FileNotFoundError:
+            raise BadRequest(f"config file not found: {p}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise BadRequest(f"config file {p} is not valid TOML: {exc}") from None
+        table = loaded.get("scheduler", {})
+        if not isinstance(table, dict):
+            raise BadRequest(f"config file {p}: [scheduler] must be a table")
+        raw = dict(table)
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if key == "policy":
+            policy = raw.get("policy", {})
+            raw["policy"] = {**(policy if isinstance(policy, dict) else {}), "name": value}
+        else:
+            raw[key] = value
+    try:
+        return msgspec.convert(raw, SchedulerConfig).validate()
+    except msgspec.ValidationError as exc:
+        raise BadRequest(f"scheduler config: {exc}") from None

@@ -1,0 +1,574 @@
+"""The engine loop: continuous batching over the memory server and drivers.
+
+Each step, top to bottom:
+  1. apply what happened since the last step: lost drivers (their sequences
+     go back to the waiting line for recompute), a restarted memory server
+     (live sequences are re-registered with the blocks their driver still
+     holds), cancels, deadlines;
+  2. plan (planner.py): who runs, how many tokens, whom to preempt;
+  3. one `Release` (finished and preempted sequences), one batched `Reserve`;
+  4. one `Execute` per driver, concurrently;
+  5. new tokens to their requests, at most one `TokenDelta` per client.
+
+The engine talks to the world through a `Backend` (the service's is IPC;
+tests use an in-process one), so all of this runs without sockets.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import OrderedDict, deque
+from collections.abc import Awaitable, Mapping
+from dataclasses import dataclass
+from typing import Protocol, TypeVar
+
+import anyio
+
+from drivers.model.tokenizer import Tokenizer
+from ipc.errors import BadRequest, DeadlineExceeded, ErrorCode, LlmosError, NotFound, Overloaded, Unavailable
+from ipc.protocol import driver as dp
+from ipc.protocol import memory as mp
+from ipc.protocol import scheduler as sp
+from sdk.logs import get_logger
+from services.scheduler._request import Emit, Request, Sink, State
+from services.scheduler._seq import Seq
+from services.scheduler._text import TextStream
+from services.scheduler.config import SchedulerConfig
+from services.scheduler.planner import BlockLedger, Limits, PoolShape, StepPlan, plan
+from services.scheduler.policies import make_policy
+
+log = get_logger()
+
+# A sequence whose steps keep failing (not for lack of blocks) is ended.
+MAX_FAILURES = 3
+
+T = TypeVar("T")
+
+
+class Backend(Protocol):
+    async def reserve(self, req: mp.Reserve) -> mp.ReserveReply: ...
+    async def release(self, req: mp.Release) -> mp.ReleaseReply: ...
+    async def reregister(self, req: mp.Reregister) -> mp.ReregisterReply: ...
+    async def execute(self, instance: str, req: dp.Execute) -> dp.Executed: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Model:
+    tokenizer: Tokenizer
+    eos_token_ids: frozenset[int]
+    max_model_len: int
+
+
+@dataclass
+class DriverState:
+    shape: PoolShape
+    epoch: int
+    scope: anyio.CancelScope | None = None  # the step in flight on it
+
+
+class Engine:
+    def __init__(self, config: SchedulerConfig, backend: Backend):
+        self.config = config
+        self.backend = backend
+        self.policy = make_policy(config.policy)
+        self.limits = Limits(config.token_budget, config.max_num_seqs, config.prefill_chunk)
+        self.model: Model | None = None
+        self.drivers: dict[str, DriverState] = {}
+        self.requests: dict[tuple[str, str], Request] = {}
+        self.finished: OrderedDict[tuple[str, str], Request] = OrderedDict()
+        self.waiting: list[Seq] = []
+        self.running: list[Seq] = []
+        self.sessions: dict[tuple[str, str], deque[Request]] = {}
+        self._seq_nos = iter(range(1, 2**62))
+        self._epochs = iter(range(1, 2**62))
+        self._to_release: list[str] = []
+        self._cancels: set[tuple[str, str]] = set()
+        self._lost_pools: set[str] = set()
+        self._lost_ids: set[str] = set()
+        self._memory_down = False
+        self._reregister = False
+        self._memory_scope: anyio.CancelScope | None = None
+        self._wake = anyio.Event()
+        # Counters for Stats and Overloaded's retry_after_s.
+        self.steps = 0
+        self.tokens_generated = 0
+        self.preemptions = 0
+        self.num_finished = 0
+        self.last_step_s = 0.0
+        self._tokens_per_s = 0.0
+
+    # -- the world changing (called by the service) --------------------------------
+
+    def set_model(self, model: Model) -> None:
+        self.model = model
+        self.wake()
+
+    def driver_up(self, instance: str, meta: Mapping[str, object]) -> None:
+        num_blocks, block_size = meta.get("num_blocks"), meta.get("block_size")
+        if not isinstance(num_blocks, int) or not isinstance(block_size, int):
+            return
+        if instance in self.drivers:
+            # A restart we did not see die: whatever it held is gone.
+            self._lost_pools.add(instance)
+        self.drivers[instance] = DriverState(PoolShape(num_blocks, block_size), next(self._epochs))
+        self.wake()
+
+    def driver_down(self, instance: str) -> None:
+        d = self.drivers.pop(instance, None)
+        if d is None:
+            return
+        self._lost_pools.add(instance)
+        if d.scope is not None:
+            d.scope.cancel()
+        self.wake()
+
+    def seqs_lost(self, mem_ids: list[str]) -> None:
+        """The memory server dropped these sequences with their pool."""
+        self._lost_ids.update(mem_ids)
+        self.wake()
+
+    def memory_down(self) -> None:
+        self._memory_down = True
+        if self._memory_scope is not None:
+            self._memory_scope.cancel()
+
+    @property
+    def memory_is_down(self) -> bool:
+        return self._memory_down
+
+    def memory_restarted(self) -> None:
+        self._memory_down = False
+        self._reregister = True
+        self.wake()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    # -- client requests ---------------------------------------------------------------
+
+    def submit(self, msg: sp.Submit, principal: str, emit: Emit) -> Sink:
+        """Admit (or re-attach) a request; the returned sink's `wait()` gives
+        its `Finished`. Raises BadRequest, Overloaded or Unavailable."""
+        msg.validate()
+        key = (principal, msg.request_id or uuid.uuid4().hex)
+        known = self.requests.get(key) or self.finished.get(key)
+        if known is not None:
+            if known.prompt_ids != self._prompt_ids(msg):
+                raise BadRequest(f"request id {key[1]!r} is in use by another prompt",
+                                 detail={"field": "request_id"})
+            sink = known.attach(emit, msg.resume_from)
+            if not known.done.is_set():
+                sink.flush()  # catch up now rather than at its next token
+            return sink
+        model = self.model
+        if model is None:
+            raise Unavailable("the scheduler has no model yet (no driver is up)")
+        prompt = self._prompt_ids(msg)
+        if len(prompt) + 1 > model.max_model_len:
+            raise BadRequest(f"the prompt has {len(prompt)} tokens; the model takes at most "
+                             f"{model.max_model_len - 1} before the first generated one",
+                             detail={"field": "prompt"})
+        if msg.attempt == 0:
+            self._admit(len(prompt))
+        stop_ids = frozenset(msg.stop_token_ids) | (frozenset() if msg.ignore_eos else model.eos_token_ids)
+        seq = Seq(next(self._seq_nos), list(prompt), len(prompt), tenant=principal or "default",
+                  priority=msg.priority, arrival=time.monotonic())
+        req = Request(key, msg, prompt, seq, TextStream(model.tokenizer, prompt, msg.stop),
+                      stop_ids, min(len(prompt) + msg.max_tokens, model.max_model_len))
+        seq.owner = req
+        sink = req.attach(emit, msg.resume_from)
+        for token in msg.resume_ids:
+            # The client holds these: replay them (text state included) and
+            # prefill them with the prompt instead of generating them again.
+            seq.tokens.append(token)
+            reason = req.add_token(token)
+            if reason is not None:
+                req.finish(reason)
+                self._remember(req)
+                return sink
+        self.requests[key] = req
+        session = req.session
+        if session is not None and session in self.sessions:
+            self.sessions[session].append(req)  # runs when the session's current request ends
+        else:
+            if session is not None:
+                self.sessions[session] = deque()
+            self._enqueue(seq)
+        return sink
+
+    def _prompt_ids(self, msg: sp.Submit) -> list[int]:
+        if msg.prompt_ids:
+            return list(msg.prompt_ids)
+        assert self.model is not None
+        return self.model.tokenizer.encode(msg.prompt, add_special_tokens=msg.add_special_tokens)
+
+    def _admit(self, prompt_tokens: int) -> None:
+        queued = [s for s in self.waiting] + [r.seq for q in self.sessions.values() for r in q]
+        tokens = sum(s.remaining for s in queued)
+        if len(queued) < self.config.max_waiting and tokens + prompt_tokens <= self.config.max_waiting_tokens:
+            return
+        rate = self._tokens_per_s or 1.0
+        retry = min(30.0, max(0.5, (tokens + prompt_tokens) / rate))
+        raise Overloaded(f"the scheduler's queue is full ({len(queued)} requests, {tokens} tokens waiting)",
+                         detail={"retry_after_s": round(retry, 2)})
+
+    def _enqueue(self, seq: Seq) -> None:
+        self.policy.on_arrival(seq, time.monotonic())
+        self.waiting.append(seq)
+        self.wake()
+
+    def cancel(self, principal: str, request_id: str) -> bool:
+        key = (principal, request_id)
+        if key not in self.requests:
+            return False
+        self._cancels.add(key)
+        self.wake()
+        return True
+
+    def request_info(self, principal: str, request_id: str) -> sp.RequestInfo:
+        key = (principal, request_id)
+        req = self.requests.get(key) or self.finished.get(key)
+        if req is None:
+            raise NotFound(f"no request {request_id!r} (unknown, or finished long ago)",
+                           detail={"request_id": request_id})
+        position = -1
+        if req.state == State.WAITING and req.seq in self.waiting:
+            now = time.monotonic()
+            order = sorted(self.waiting, key=lambda s: self.policy.key(s, now))
+            position = order.index(req.seq)
+        return sp.RequestInfo(request_id, req.state.value, len(req.generated), len(req.prompt_ids), position,
+                              req.seq.pool or "", req.finish_reason.value if req.finish_reason else "")
+
+    def stats(self) -> sp.SchedulerStatsReply:
+        ledger = BlockLedger({i: d.shape for i, d in self.drivers.items()}, self.running)
+        loads = [sp.DriverLoad(i, d.shape.num_blocks, ledger.free[i], sum(1 for s in self.running if s.pool == i))
+                 for i, d in sorted(self.drivers.items())]
+        return sp.SchedulerStatsReply(self.policy.name.value, len(self.waiting), len(self.running),
+                                      self.limits.token_budget, self.limits.max_num_seqs, self.steps,
+                                      self.tokens_generated, self.preemptions, self.num_finished, loads,
+                                      self.last_step_s)
+
+    # -- the loop ------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        while True:
+            if not self._has_work():
+                await self._wake.wait()
+                self._wake = anyio.Event()
+                continue
+            did = await self.step()
+            if not did:
+                # Nothing could run (no driver, memory down, blocks held by
+                # requests that cannot start): wait for the world to change,
+                # but re-check deadlines now and then.
+                with anyio.move_on_after(0.05):
+                    await self._wake.wait()
+                self._wake = anyio.Event()
+
+    def _has_work(self) -> bool:
+        return bool(self.waiting or self.running or self._cancels or self._to_release or self._lost_pools
+                    or self._lost_ids or self._reregister)
+
+    async def step(self) -> bool:
+        """One engine step; returns whether any sequence ran."""
+        await self._apply_changes()
+        if self._memory_down or self.model is None:
+            return False
+        began = time.monotonic()
+        pools = {i: d.shape for i, d in self.drivers.items()}
+        ledger = BlockLedger(pools, self.running)
+        p = plan(self.running, self.waiting, self.policy, ledger, self.limits, began)
+        for seq in p.preempted:
+            self._preempt(seq)
+        if self._to_release:
+            ids, self._to_release = self._to_release, []
+            if not await self._memory(self.backend.release(mp.Release(ids))):
+                return False
+        if not p.scheduled:
+            return False
+        work = await self._reserve(p)
+        if not work:
+            return False
+        produced = await self._execute(work)
+        self._deliver(produced)
+        self.steps += 1
+        self.last_step_s = time.monotonic() - began
+        n = sum(len(b) for _, b in produced)
+        if self.last_step_s > 0:
+            self._tokens_per_s = 0.8 * self._tokens_per_s + 0.2 * (p.num_tokens / self.last_step_s)
+        return n > 0 or bool(work)
+
+    async def _memory(self, call: Awaitable[T]) -> T | None:
+        """Await a memory call; None when it failed (the step is abandoned and
+        planned again; a dead memory server also pauses the loop until it is back)."""
+        with anyio.CancelScope() as scope:
+            self._memory_scope = scope
+            try:
+                return await call
+            except Unavailable as exc:
+                log.warning("scheduler.memory_unavailable", error=exc.message)
+                self._memory_down = True
+            except LlmosError as exc:
+                log.error("scheduler.memory_failed", error=str(exc))
+            finally:
+                self._memory_scope = None
+        return None
+
+    # -- 1. changes since the last step ---------------------------------------------------
+
+    async def _apply_changes(self) -> None:
+        if self._lost_pools or self._lost_ids:
+            lost, self._lost_pools = self._lost_pools, set()
+            lost_ids, self._lost_ids = self._lost_ids, set()
+            for seq in [*self.running, *self.waiting]:
+                if seq.pool in lost or (seq.mem_known and seq.mem_id in lost_ids):
+                    # The KV is gone (or no longer trusted). Releasing is
+                    # harmless when the memory server already dropped the pool.
+                    if seq.mem_known:
+                        self._to_release.append(seq.mem_id)
+                    seq.reset(keep_pool=seq.pool in self.drivers)
+                    self._to_waiting(seq)
+        if self._reregister and not self._memory_down:
+            self._reregister = False
+            await self._reregister_live()
+        for key in self._cancels:
+            req = self.requests.get(key)
+            if req is not None:
+                self._end(req, sp.FinishReason.CANCELLED)
+        self._cancels.clear()
+        wall = time.time_ns()
+        for req in list(self.requests.values()):
+            d = req.submit.deadline_ns
+            if d and d <= wall:
+                if req.generated[len(req.submit.resume_ids):] or req.submit.resume_from:
+                    self._end(req, sp.FinishReason.DEADLINE)
+                else:
+                    self._end(req, sp.FinishReason.DEADLINE,
+                              error=DeadlineExceeded(f"request {req.request_id!r} did not start before "
+                                                     "its deadline", detail={"request_id": req.request_id}))
+
+    async def _reregister_live(self) -> None:
+        """The memory server restarted empty: tell it which sequences live and
+        which blocks their drivers still hold, so no KV is recomputed."""
+        self._to_release.clear()  # it holds nothing of ours any more
+        states: list[mp.SeqState] = []
+        by_id: dict[str, Seq] = {}
+        for seq in self.running:
+            if seq.mem_known == 0 or seq.pool not in self.drivers:
+                continue
+            bs = self.drivers[seq.pool].shape.block_size
+            blocks = seq.block_table[:-(-seq.num_computed // bs)]
+            states.append(mp.SeqState(seq.mem_id, seq.tenant, seq.pool, seq.tokens[:seq.mem_known], "",
+                                      blocks, seq.num_computed))
+            by_id[seq.mem_id] = seq
+        for seq in self.waiting:
+            if seq.mem_known:
+                seq.reset(keep_pool=True)
+        reply = await self._memory(self.backend.reregister(mp.Reregister(states, replace=True)))
+        if not isinstance(reply, mp.ReregisterReply):
+            self._reregister = True
+            for seq in by_id.values():
+                seq.reset(keep_pool=True)
+                self._to_waiting(seq)
+            return
+        for f in reply.failures:
+            seq = by_id[f.seq_id]
+            log.warning("scheduler.reregister_failed", seq=f.seq_id, error=f.error.message)
+            seq.reset(keep_pool=True)
+            self._to_waiting(seq)
+        for seq in by_id.values():
+            bs = self.drivers[seq.pool or ""].shape.block_size
+            del seq.block_table[-(-seq.num_computed // bs):]
+        log.info("scheduler.reregistered", seqs=len(states), failed=len(reply.failures))
+
+    # -- 2./3. plan, release, reserve -----------------------------------------------------
+
+    def _preempt(self, seq: Seq) -> None:
+        self.preemptions += 1
+        if seq.mem_known:
+            self._to_release.append(seq.mem_id)
+        seq.reset(keep_pool=True)
+        self._to_waiting(seq)
+
+    def _to_waiting(self, seq: Seq) -> None:
+        if seq in self.running:
+            self.running.remove(seq)
+            self.waiting.append(seq)
+            req: Request = seq.owner
+            req.state = State.WAITING
+
+    async def _reserve(self, p: StepPlan) -> list[tuple[Seq, int, int, list[tuple[int, int]]]]:
+        """Reserve slots for the plan; returns (seq, start, end, copies) of the
+        sequences that got them."""
+        items = []
+        for seq, n in p.scheduled:
+            first = seq.mem_known == 0
+            items.append(mp.SeqReserve(seq.mem_id, seq.mem_known, seq.tokens[seq.mem_known:], n,
+                                       seq.tenant if first else "", (seq.pool or "") if first else ""))
+        reply = await self._memory(self.backend.reserve(mp.Reserve(items)))
+        if not isinstance(reply, mp.ReserveReply):
+            return []
+        work = []
+        for (seq, n), got in zip(p.scheduled, reply.seqs):
+            req: Request = seq.owner
+            if got.error is not None:
+                self._reserve_failed(seq, got.error)
+                continue
+            if seq.mem_known == 0:
+                seq.num_computed = got.num_cached
+                req.cached_tokens = max(req.cached_tokens, got.num_cached)
+            seq.mem_known = len(seq.tokens)
+            del seq.block_table[got.table_start:]
+            seq.block_table.extend(got.blocks)
+            copies = [(got.cow_src, got.cow_dst)] if got.cow_src >= 0 else []
+            start = seq.num_computed
+            work.append((seq, start, min(start + n, len(seq.tokens)), copies))
+            if seq in self.waiting:
+                self.waiting.remove(seq)
+                self.running.append(seq)
+                req.state = State.RUNNING
+                req.first_scheduled = req.first_scheduled or time.monotonic()
+        return work
+
+    def _reserve_failed(self, seq: Seq, error: object) -> None:
+        code = getattr(error, "code", "")
+        message = getattr(error, "message", "")
+        if code == ErrorCode.OVERLOADED:
+            return  # out of blocks (or over quota): it waits for a later step
+        if code == ErrorCode.NOT_FOUND and seq.mem_known == 0:
+            return  # the memory server does not know the pool yet
+        # The memory server lost or disagrees about the sequence: start over.
+        log.warning("scheduler.reserve_failed", seq=seq.mem_id, code=str(code), error=message)
+        self._fail_once(seq, f"the memory server refused the sequence: {message}")
+
+    def _fail_once(self, seq: Seq, why: str) -> None:
+        req: Request = seq.owner
+        req.failures += 1
+        if req.failures >= MAX_FAILURES:
+            self._end(req, sp.FinishReason.ERROR, message=why)
+            return
+        if seq.mem_known:
+            self._to_release.append(seq.mem_id)
+        seq.reset(keep_pool=True)
+        self._to_waiting(seq)
+
+    # -- 4. execute ---------------------------------------------------------------------
+
+    async def _execute(self, work: list[tuple[Seq, int, int, list[tuple[int, int]]]]
+                       ) -> list[tuple[Seq, list[tuple[int, float]]]]:
+        by_pool: dict[str, list[tuple[Seq, int, int, list[tuple[int, int]]]]] = {}
+        for w in work:
+            by_pool.setdefault(w[0].pool or "", []).append(w)
+        produced: list[tuple[Seq, list[tuple[int, float]]]] = []
+        async with anyio.create_task_group() as tg:
+            for pool, items in by_pool.items():
+                tg.start_soon(self._execute_on, pool, items, produced)
+        return produced
+
+    async def _execute_on(self, pool: str, items: list[tuple[Seq, int, int, list[tuple[int, int]]]],
+                          produced: list[tuple[Seq, list[tuple[int, float]]]]) -> None:
+        d = self.drivers.get(pool)
+        if d is None:
+            return  # died since the plan; _apply_changes re-queues them
+        steps, copies = [], []
+        for seq, a, b, cow in items:
+            req: Request = seq.owner
+            params = req.submit.params
+            prior = seq.tokens[:a] if params.repetition_penalty != 1.0 else []
+            steps.append(dp.StepSeq(seq.seq_no, seq.tokens[a:b], a, list(seq.block_table),
+                                    b == len(seq.tokens), params, prior))
+            copies.extend(cow)
+        epoch = d.epoch
+        reply: dp.Executed | None = None
+        with anyio.CancelScope() as scope:
+            d.scope = scope
+            try:
+                reply = await self.backend.execute(pool, dp.Execute(steps, copies))
+            except (Unavailable, DeadlineExceeded) as exc:
+                log.warning("scheduler.driver_lost", driver=pool, error=str(exc), seqs=len(items))
+            except LlmosError as exc:
+                # A live driver refused the whole step: count it against the
+                # sequences, so a poisonous one cannot loop forever.
+                log.error("scheduler.step_refused", driver=pool, error=str(exc))
+                for seq, *_ in items:
+                    self._fail_once(seq, f"driver {pool} refused the step: {exc}")
+                return
+            finally:
+                d.scope = None
+        # The reply is only good if the driver that ran it is the one whose KV
+        # the block tables describe: a restarted driver would answer from empty
+        # blocks. Its ServiceDown/ServiceUp reach us before its reply (one
+        # connection, in order), and bump the epoch.
+        if reply is None or epoch != d.epoch or self.drivers.get(pool) is not d:
+            self._lost_pools.add(pool)
+            return
+        outputs = {o.seq_id: o for o in reply.outputs}
+        for seq, a, b, _ in items:
+            out = outputs.get(seq.seq_no)
+            req = seq.owner
+            if out is None or out.error:
+                why = out.error if out is not None else "the driver returned no output"
+                self._end(req, sp.FinishReason.ERROR, message=f"driver {pool}: {why}")
+                continue
+            seq.num_computed = b
+            if b == len(seq.tokens) and out.token >= 0:
+                produced.append((seq, [(out.token, out.logprob)]))
+
+    # -- 5. deliver ---------------------------------------------------------------------
+
+    def _deliver(self, produced: list[tuple[Seq, list[tuple[int, float]]]]) -> None:
+        for seq, tokens in produced:
+            req: Request = seq.owner
+            if req.done.is_set():
+                continue
+            reason = None
+            for token, logprob in tokens:
+                seq.tokens.append(token)
+                self.tokens_generated += 1
+                reason = req.add_token(token, logprob)
+                if reason is not None:
+                    break
+            if reason is not None:
+                self._end(req, reason)
+            elif req.sink is not None:
+                req.sink.flush()
+
+    def _end(self, req: Request, reason: sp.FinishReason, *, error: LlmosError | None = None,
+             message: str = "") -> None:
+        """Finish a request for good: free its blocks, answer its client,
+        start the next request of its session."""
+        if req.done.is_set():
+            return
+        seq = req.seq
+        session = req.session
+        queue = self.sessions.get(session) if session is not None else None
+        if queue is not None and req in queue:
+            queue.remove(req)  # ended while queued behind its session: it never arrived
+        else:
+            if seq.mem_known:
+                self._to_release.append(seq.mem_id)
+            for line in (self.running, self.waiting):
+                if seq in line:
+                    line.remove(seq)
+            self.policy.on_finished(seq)
+            if queue is not None:
+                if queue:
+                    self._enqueue(queue.popleft().seq)
+                else:
+                    del self.sessions[session]  # type: ignore[arg-type]
+        req.finish(reason, error=error, message=message)
+        self.requests.pop(req.key, None)
+        self._remember(req)
+        self.num_finished += 1
+        if reason == sp.FinishReason.ERROR:
+            log.warning("scheduler.request_failed", request_id=req.request_id, error=message)
+
+    def _remember(self, req: Request) -> None:
+        self.finished[req.key] = req
+        self.finished.move_to_end(req.key)
+        while len(self.finished) > self.config.remember_finished:
+            self.finished.popitem(last=False)
+
+
+__all__ = ["Backend", "Engine", "Model"]

@@ -1,0 +1,187 @@
+"""The scheduler as a service: the engine loop behind the wire.
+
+It follows the drivers and the memory server through `kernel.services` and
+`memory.events`: a driver's ServiceUp makes a pool placeable, its ServiceDown
+re-queues that driver's sequences for recompute, and a restarted memory
+server gets the live sequences re-registered. At start it tells the memory
+server to release everything (a previous scheduler instance's sequences) and
+learns the model (tokenizer, EOS ids, context length) from a driver.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+import anyio
+from anyio.abc import TaskGroup
+
+from drivers.model.tokenizer import load_tokenizer
+from ipc.errors import LlmosError, Unavailable
+from ipc.protocol import driver as dp
+from ipc.protocol import kernel as kp
+from ipc.protocol import memory as mp
+from ipc.protocol import scheduler as sp
+from sdk.logs import get_logger
+from sdk.service import Context, Service, handler
+from services.scheduler.config import PolicyName, SchedulerConfig, load_scheduler_config
+from services.scheduler.engine import Engine, Model
+
+log = get_logger()
+
+MEMORY = "memory"
+# How long a Submit waits for the scheduler to know its model before `unavailable`.
+READY_WAIT_S = 30.0
+# After the memory server's ServiceUp, how long to wait for its MemoryRestarted
+# before re-registering anyway.
+MEMORY_GRACE_S = 5.0
+
+
+def scheduler_args(argv: list[str]) -> SchedulerConfig:
+    ap = argparse.ArgumentParser(prog="scheduler")
+    ap.add_argument("--config", help="TOML file; its [scheduler] table is read")
+    ap.add_argument("--policy", choices=[p.value for p in PolicyName])
+    ap.add_argument("--token-budget", type=int)
+    ap.add_argument("--max-seqs", type=int)
+    ap.add_argument("--prefill-chunk", type=int)
+    ap.add_argument("--max-waiting", type=int)
+    ap.add_argument("--max-waiting-tokens", type=int)
+    a = ap.parse_args(argv)
+    return load_scheduler_config(a.config, policy=a.policy, token_budget=a.token_budget,
+                                 max_num_seqs=a.max_seqs, prefill_chunk=a.prefill_chunk,
+                                 max_waiting=a.max_waiting, max_waiting_tokens=a.max_waiting_tokens)
+
+
+class IpcBackend:
+    """The engine's memory and driver calls, over the kernel."""
+
+    def __init__(self, service: Service, timeout_s: float):
+        self.service = service
+        self.timeout_s = timeout_s
+
+    async def reserve(self, req: mp.Reserve) -> mp.ReserveReply:
+        reply: mp.ReserveReply = await self.service.call(MEMORY, req, timeout=self.timeout_s)
+        return reply
+
+    async def release(self, req: mp.Release) -> mp.ReleaseReply:
+        reply: mp.ReleaseReply = await self.service.call(MEMORY, req, timeout=self.timeout_s)
+        return reply
+
+    async def reregister(self, req: mp.Reregister) -> mp.ReregisterReply:
+        reply: mp.ReregisterReply = await self.service.call(MEMORY, req, timeout=self.timeout_s)
+        return reply
+
+    async def execute(self, instance: str, req: dp.Execute) -> dp.Executed:
+        # Addressed to the instance: the block tables describe its KV only.
+        reply: dp.Executed = await self.service.call(instance, req, timeout=self.timeout_s)
+        return reply
+
+
+class SchedulerService(Service):
+    name = sp.SCHEDULER
+
+    def __init__(self, argv: list[str] | None = None, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.config = scheduler_args(sys.argv[1:] if argv is None else argv)
+        self.engine = Engine(self.config, IpcBackend(self, self.config.step_timeout_s))
+        self._ready = anyio.Event()
+        self._model_wanted = anyio.Event()
+
+    async def background(self, tg: TaskGroup) -> None:
+        services = self.subscribe(kp.SERVICES_TOPIC)
+        await services.__anext__()  # Subscribed: no ServiceUp/Down is missed from here on
+        memory = self.subscribe(mp.MEMORY_TOPIC)
+        await memory.__anext__()
+        tg.start_soon(self._follow_services, services, tg)
+        tg.start_soon(self._follow_memory, memory)
+        st: kp.StatusReply = await self.call(kp.KERNEL, kp.Status())
+        for info in st.instances:
+            if info.service == dp.DRIVER and info.state == "ready":
+                self.engine.driver_up(info.instance, info.meta)
+        tg.start_soon(self._boot)
+
+    async def _boot(self) -> None:
+        # A clean slate: sequences of a previous scheduler instance are released
+        # (their clients re-submit). Retried while the memory server is not up.
+        while True:
+            try:
+                await self.call(MEMORY, mp.Reregister([], replace=True), timeout=30)
+                break
+            except LlmosError as exc:
+                log.warning("scheduler.memory_not_ready", error=str(exc))
+                await anyio.sleep(0.5)
+        await self._learn_model()
+        self._ready.set()
+        log.info("scheduler.ready", drivers=sorted(self.engine.drivers), policy=self.config.policy.name.value)
+        await self.engine.run()
+
+    async def _learn_model(self) -> None:
+        while True:
+            for instance in sorted(self.engine.drivers):
+                try:
+                    desc: dp.ModelDescription = await self.call(instance, dp.DescribeModel(), timeout=30)
+                    tok = await anyio.to_thread.run_sync(
+                        lambda: load_tokenizer(desc.path, eos_token_ids=desc.eos_token_ids,
+                                               bos_token_id=desc.bos_token_id))
+                except LlmosError as exc:
+                    log.warning("scheduler.describe_failed", driver=instance, error=str(exc))
+                    continue
+                self.engine.set_model(Model(tok, frozenset(desc.eos_token_ids), desc.max_model_len))
+                log.info("scheduler.model", name=desc.name, max_model_len=desc.max_model_len)
+                return
+            with anyio.move_on_after(1.0):
+                await self._model_wanted.wait()  # a driver came up
+            self._model_wanted = anyio.Event()
+
+    async def _follow_services(self, events: Any, tg: TaskGroup) -> None:
+        async for ev in events:
+            if isinstance(ev, kp.ServiceUp) and ev.service == dp.DRIVER:
+                self.engine.driver_up(ev.instance, ev.meta)
+                self._model_wanted.set()
+            elif isinstance(ev, kp.ServiceDown) and ev.service == dp.DRIVER:
+                self.engine.driver_down(ev.instance)
+            elif isinstance(ev, kp.ServiceDown) and ev.service == MEMORY:
+                self.engine.memory_down()
+            elif isinstance(ev, kp.ServiceUp) and ev.service == MEMORY:
+                tg.start_soon(self._memory_grace)
+
+    async def _memory_grace(self) -> None:
+        await anyio.sleep(MEMORY_GRACE_S)
+        if self.engine.memory_is_down:
+            log.warning("scheduler.memory_restart_unannounced")
+            self.engine.memory_restarted()
+
+    async def _follow_memory(self, events: Any) -> None:
+        async for ev in events:
+            if isinstance(ev, mp.MemoryRestarted):
+                self.engine.memory_restarted()
+            elif isinstance(ev, mp.PoolLost):
+                self.engine.seqs_lost(ev.seq_ids)
+
+    async def _until_ready(self) -> None:
+        with anyio.move_on_after(READY_WAIT_S):
+            await self._ready.wait()
+        if not self._ready.is_set():
+            raise Unavailable("the scheduler is not ready: no driver or memory server is up")
+
+    @handler
+    async def submit(self, msg: sp.Submit, ctx: Context) -> sp.Finished:
+        await self._until_ready()
+        sink = self.engine.submit(msg, ctx.principal, ctx.emit)
+        return await sink.wait()
+
+    @handler(idempotent=True)
+    async def cancel(self, msg: sp.Cancel, ctx: Context) -> sp.CancelReply:
+        return sp.CancelReply(msg.request_id, self.engine.cancel(ctx.principal, msg.request_id))
+
+    @handler(idempotent=True)
+    async def status(self, msg: sp.RequestStatus, ctx: Context) -> sp.RequestInfo:
+        return self.engine.request_info(ctx.principal, msg.request_id)
+
+    @handler(idempotent=True)
+    async def stats(self, msg: sp.SchedulerStats, ctx: Context) -> sp.SchedulerStatsReply:
+        return self.engine.stats()
+
+
+__all__ = ["SchedulerService"]

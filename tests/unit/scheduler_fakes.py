@@ -1,0 +1,127 @@
+"""In-memory stand-ins for the scheduler's tests: a driver that keeps real
+paged "KV" (the token at each slot) and a backend that calls the real
+`MemoryManager` in-process.
+
+The fake driver reads each sequence's history back from the blocks its
+block table names and derives the next token from it, so a wrong block
+table, a lost or stale block, or a bad recompute changes the output: tests
+compare against `reference()` (the same function over the true history).
+"""
+
+from __future__ import annotations
+
+import anyio
+
+from ipc.errors import Unavailable
+from ipc.protocol import driver as dp
+from ipc.protocol import memory as mp
+from services.memory import MemoryManager
+
+LETTERS = list(range(ord("a"), ord("z") + 1))
+
+
+def next_token(history: list[int]) -> int:
+    h = 1469598103934665603
+    for t in history:
+        h = ((h ^ t) * 1099511628211) & (2**64 - 1)
+    return LETTERS[h % len(LETTERS)]
+
+
+def reference(prompt: list[int], n: int) -> list[int]:
+    out: list[int] = []
+    for _ in range(n):
+        out.append(next_token(prompt + out))
+    return out
+
+
+class FakeDriver:
+    def __init__(self, num_blocks: int, block_size: int = 4):
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.kv: dict[int, list[int | None]] = {}
+        self.alive = True
+        self.steps = 0
+        self.batch_sizes: list[int] = []
+        self.tokens_per_step: list[int] = []
+
+    @property
+    def meta(self) -> dict[str, str | int | float | bool]:
+        return {"num_blocks": self.num_blocks, "block_size": self.block_size, "host_slots": 0}
+
+    def restart(self) -> None:
+        self.kv.clear()
+        self.alive = True
+
+    def execute(self, req: dp.Execute) -> dp.Executed:
+        bs = self.block_size
+        for src, dst in req.copies:
+            self.kv[dst] = list(self.kv.get(src, [None] * bs))
+        outputs = []
+        for s in req.steps:
+            end = s.start_pos + len(s.token_ids)
+            if len(s.block_table) * bs < end or any(not 0 <= b < self.num_blocks for b in s.block_table):
+                outputs.append(dp.SeqOutput(s.seq_id, error="block table too short or out of range"))
+                continue
+            history: list[int] = []
+            missing = -1
+            for p in range(s.start_pos):
+                t = self.kv.get(s.block_table[p // bs], [None] * bs)[p % bs]
+                if t is None:
+                    missing = p
+                    break
+                history.append(t)
+            if missing >= 0:
+                outputs.append(dp.SeqOutput(s.seq_id, error=f"no KV at position {missing}"))
+                continue
+            for i, t in enumerate(s.token_ids):
+                p = s.start_pos + i
+                self.kv.setdefault(s.block_table[p // bs], [None] * bs)[p % bs] = t
+            token = next_token(history + list(s.token_ids)) if s.sample else -1
+            outputs.append(dp.SeqOutput(s.seq_id, token))
+        self.steps += 1
+        self.batch_sizes.append(len(req.steps))
+        self.tokens_per_step.append(sum(len(s.token_ids) for s in req.steps))
+        return dp.Executed(outputs)
+
+
+class InProcessBackend:
+    def __init__(self, drivers: dict[str, FakeDriver]):
+        self.drivers = drivers
+        self.memory = MemoryManager()
+        self.memory_alive = True
+        self.reserves = 0
+        for name, d in drivers.items():
+            self.memory.register_pool(mp.RegisterPool(name, d.num_blocks, d.block_size))
+
+    def restart_memory(self) -> None:
+        self.memory = MemoryManager()
+        for name, d in self.drivers.items():
+            if d.alive:
+                self.memory.register_pool(mp.RegisterPool(name, d.num_blocks, d.block_size))
+
+    def _check_memory(self) -> None:
+        if not self.memory_alive:
+            raise Unavailable("memory died while handling the call")
+
+    async def reserve(self, req: mp.Reserve) -> mp.ReserveReply:
+        await anyio.sleep(0)
+        self._check_memory()
+        self.reserves += 1
+        return self.memory.reserve(req)
+
+    async def release(self, req: mp.Release) -> mp.ReleaseReply:
+        await anyio.sleep(0)
+        self._check_memory()
+        return self.memory.release(req)
+
+    async def reregister(self, req: mp.Reregister) -> mp.ReregisterReply:
+        await anyio.sleep(0)
+        self._check_memory()
+        return self.memory.reregister(req)
+
+    async def execute(self, instance: str, req: dp.Execute) -> dp.Executed:
+        await anyio.sleep(0)
+        d = self.drivers[instance]
+        if not d.alive:
+            raise Unavailable(f"{instance} died while handling Execute")
+        return d.execute(req)

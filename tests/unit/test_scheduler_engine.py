@@ -1,0 +1,283 @@
+"""The engine loop with the real MemoryManager and fake paged drivers, no sockets."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import pytest
+
+from drivers.model.tokenizer import ByteTokenizer
+from ipc.errors import BadRequest, DeadlineExceeded, Overloaded
+from ipc.protocol import memory as mp
+from ipc.protocol.base import Message
+from ipc.protocol.sampling import SamplingParams
+from ipc.protocol.scheduler import Finished, FinishReason, Submit, TokenDelta
+from services.scheduler.config import SchedulerConfig
+from services.scheduler.engine import Engine, Model
+from tests.unit.scheduler_fakes import FakeDriver, InProcessBackend, reference
+
+GREEDY = SamplingParams(temperature=0.0)
+TOK = ByteTokenizer()
+
+
+@asynccontextmanager
+async def running(config: SchedulerConfig | None = None,
+                  drivers: dict[str, FakeDriver] | None = None) -> AsyncIterator[tuple[Engine, InProcessBackend]]:
+    drivers = drivers if drivers is not None else {"cpu": FakeDriver(64)}
+    backend = InProcessBackend(drivers)
+    engine = Engine(config or SchedulerConfig(), backend)
+    for name, d in drivers.items():
+        engine.driver_up(name, d.meta)
+    engine.set_model(Model(TOK, frozenset(TOK.eos_token_ids), 256))
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(engine.run)
+        try:
+            yield engine, backend
+        finally:
+            tg.cancel_scope.cancel()
+
+
+class Stream:
+    def __init__(self, engine: Engine, **kw: Any):
+        self.events: list[Message] = []
+        kw.setdefault("params", GREEDY)
+        self.submit = Submit(**kw)
+        self.sink = engine.submit(self.submit, kw.pop("principal", ""), self.events.append)
+
+    async def result(self) -> Finished:
+        with anyio.fail_after(10):
+            return await self.sink.wait()
+
+    def tokens(self, final: Finished) -> list[int]:
+        """All generated ids, checking the offsets are contiguous."""
+        out: list[int] = list(self.submit.resume_ids)
+        for ev in [*self.events, final]:
+            assert isinstance(ev, (TokenDelta, Finished))
+            assert ev.offset == len(out), f"gap or repeat at {ev.offset} (have {len(out)})"
+            out.extend(ev.token_ids)
+        return out
+
+    def text(self, final: Finished) -> str:
+        return "".join(ev.text for ev in [*self.events, final])  # type: ignore[attr-defined]
+
+
+def expected(prompt: str, n: int) -> list[int]:
+    return reference(TOK.encode(prompt), n)
+
+
+async def wait_blocks_free(backend: InProcessBackend) -> None:
+    with anyio.fail_after(10):
+        while any(p.used for p in backend.memory.stats(mp.MemoryStats()).pools):
+            await anyio.sleep(0)
+
+
+async def test_greedy_generation_streams_contiguous_deltas_equal_to_the_reference() -> None:
+    async with running() as (engine, backend):
+        s = Stream(engine, prompt="hello there", max_tokens=20)
+        final = await s.result()
+        await wait_blocks_free(backend)
+    assert final.finish_reason == FinishReason.LENGTH
+    assert s.tokens(final) == expected("hello there", 20)
+    assert s.text(final) == TOK.decode(expected("hello there", 20))
+    assert len(s.events) == 19  # one delta per step; the 20th token rides on Finished
+    assert final.usage.prompt_tokens == len(TOK.encode("hello there")) and final.usage.completion_tokens == 20
+
+
+async def test_many_requests_with_few_blocks_preempt_and_still_match_the_reference() -> None:
+    # 12 blocks of 4 slots: a handful of 30-token sequences cannot all fit.
+    config = SchedulerConfig(token_budget=16, max_num_seqs=8, prefill_chunk=8)
+    async with running(config, {"cpu": FakeDriver(12)}) as (engine, backend):
+        prompts = [f"prompt number {i}" for i in range(6)]
+        streams = [Stream(engine, prompt=p, max_tokens=14, request_id=f"r{i}") for i, p in enumerate(prompts)]
+        finals = [await s.result() for s in streams]
+        assert engine.preemptions > 0
+        driver = backend.drivers["cpu"]
+        assert max(driver.tokens_per_step) <= 16 and max(driver.batch_sizes) <= 8
+    for p, s, f in zip(prompts, streams, finals):
+        assert s.tokens(f) == expected(p, 14)
+    assert any(f.usage.preemptions for f in finals)
+
+
+async def test_long_prompts_are_prefilled_in_chunks_within_the_budget() -> None:
+    config = SchedulerConfig(token_budget=8, prefill_chunk=8)
+    async with running(config) as (engine, backend):
+        prompt = "a long prompt that needs several prefill chunks"
+        s = Stream(engine, prompt=prompt, max_tokens=3)
+        final = await s.result()
+        sizes = backend.drivers["cpu"].tokens_per_step
+    assert s.tokens(final) == expected(prompt, 3)
+    assert max(sizes) <= 8 and sizes[0] == 8 and len(sizes) >= len(TOK.encode(prompt)) // 8 + 2
+
+
+async def test_stop_strings_cut_the_text_and_are_held_back_while_they_may_match() -> None:
+    full = TOK.decode(expected("stop test", 30))
+    stop = full[10:13]
+    cut = full.index(stop)
+    async with running() as (engine, _):
+        s = Stream(engine, prompt="stop test", max_tokens=30, stop=[stop])
+        final = await s.result()
+    assert final.finish_reason == FinishReason.STOP
+    assert s.text(final) == full[:cut]
+    # no delta ever showed text past the cut
+    assert all(stop not in ev.text for ev in s.events)  # type: ignore[attr-defined]
+
+
+async def test_eos_and_stop_token_ids_end_the_request() -> None:
+    ids = expected("eos", 10)
+    async with running() as (engine, _):
+        s = Stream(engine, prompt="eos", max_tokens=10, stop_token_ids=[ids[4]])
+        final = await s.result()
+    assert final.finish_reason == FinishReason.STOP
+    got = s.tokens(final)
+    assert got == ids[:ids.index(ids[4]) + 1]
+
+
+async def test_cancel_ends_the_request_and_frees_its_blocks() -> None:
+    async with running() as (engine, backend):
+        s = Stream(engine, prompt="cancel me", max_tokens=200, request_id="c1")
+        with anyio.fail_after(10):
+            while not s.events:
+                await anyio.sleep(0)
+        assert engine.cancel("", "c1")
+        final = await s.result()
+        assert final.finish_reason == FinishReason.CANCELLED
+        assert s.tokens(final) == expected("cancel me", len(s.tokens(final)))
+        await wait_blocks_free(backend)
+        assert not engine.cancel("", "c1")  # finished: nothing to cancel
+
+
+async def test_deadline_before_the_first_token_is_an_error_and_after_it_a_finish_reason() -> None:
+    import time
+
+    import msgspec
+
+    async with running() as (engine, _):
+        past = Stream(engine, prompt="late", max_tokens=5, deadline_ns=time.time_ns() - 1)
+        with pytest.raises(DeadlineExceeded):
+            await past.result()
+        soon = Stream(engine, prompt="soon", max_tokens=200, deadline_ns=time.time_ns() + 10**12)
+        with anyio.fail_after(10):
+            while not soon.events:
+                await anyio.sleep(0)
+        # The deadline passes once it has started (set, not waited for: no timing in tests).
+        req = soon.sink.request
+        req.submit = msgspec.structs.replace(req.submit, deadline_ns=time.time_ns())
+        final = await soon.result()
+    assert final.finish_reason == FinishReason.DEADLINE
+    got = soon.tokens(final)
+    assert 0 < len(got) < 200 and got == expected("soon", len(got))
+
+
+async def test_a_full_queue_is_overloaded_with_retry_after_but_resubmissions_are_admitted() -> None:
+    config = SchedulerConfig(max_waiting=2)
+    backend = InProcessBackend({"cpu": FakeDriver(64)})
+    engine = Engine(config, backend)  # not running: nothing leaves the queue
+    engine.driver_up("cpu", backend.drivers["cpu"].meta)
+    engine.set_model(Model(TOK, frozenset(TOK.eos_token_ids), 256))
+    for i in range(2):
+        engine.submit(Submit(prompt=f"q{i}"), "", lambda m: None)
+    with pytest.raises(Overloaded) as info:
+        engine.submit(Submit(prompt="one too many"), "", lambda m: None)
+    assert info.value.detail["retry_after_s"] > 0
+    engine.submit(Submit(prompt="resubmitted", request_id="x", attempt=1), "", lambda m: None)
+    assert len(engine.waiting) == 3
+
+
+async def test_bad_submissions_name_the_field() -> None:
+    async with running() as (engine, _):
+        for kw, field in [({"prompt": ""}, "prompt"), ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
+                          ({"prompt": "x", "stop": [""]}, "stop"),
+                          ({"prompt": "x", "params": SamplingParams(top_p=0)}, "top_p"),
+                          ({"prompt": "x", "request_id": "r", "resume_from": 2, "resume_ids": [1]}, "resume_ids"),
+                          ({"prompt": "x" * 300}, "prompt")]:
+            with pytest.raises(BadRequest, match=field):
+                engine.submit(Submit(**kw), "", lambda m: None)
+
+
+async def test_resubmission_with_resume_ids_continues_without_repeating_a_token() -> None:
+    ids = expected("resume", 16)
+    async with running() as (engine, _):
+        s = Stream(engine, prompt="resume", max_tokens=16, request_id="r", resume_from=6, resume_ids=ids[:6])
+        final = await s.result()
+    assert s.events and s.events[0].offset == 6  # type: ignore[attr-defined]
+    assert s.tokens(final) == ids
+    assert TOK.decode(ids[:6]) + s.text(final) == TOK.decode(ids)
+
+
+async def test_resubmission_by_count_regenerates_silently_up_to_resume_from() -> None:
+    ids = expected("by count", 12)
+    async with running() as (engine, _):
+        s = Stream(engine, prompt="by count", max_tokens=12, request_id="r2", resume_from=5)
+        final = await s.result()
+    got = list(ids[:5])
+    for ev in [*s.events, final]:
+        assert ev.offset == len(got)  # type: ignore[attr-defined]
+        got.extend(ev.token_ids)  # type: ignore[attr-defined]
+    assert got == ids
+
+
+async def test_a_finished_request_resubmitted_gets_its_tail_again() -> None:
+    async with running() as (engine, _):
+        s = Stream(engine, prompt="once", max_tokens=8, request_id="once")
+        first = await s.result()
+        again = Stream(engine, prompt="once", max_tokens=8, request_id="once", resume_from=5, attempt=1)
+        final = await again.result()
+    assert final.offset == 5 and final.token_ids == s.tokens(first)[5:]
+    assert engine.num_finished == 1  # it ran once
+
+
+async def test_driver_death_requeues_its_sequences_for_recompute_on_another_driver() -> None:
+    drivers = {"a": FakeDriver(64), "b": FakeDriver(64)}
+    async with running(SchedulerConfig(), drivers) as (engine, backend):
+        streams = [Stream(engine, prompt=f"seq {i}", max_tokens=30) for i in range(4)]
+        with anyio.fail_after(10):
+            while sum(len(s.events) for s in streams) < 20:
+                await anyio.sleep(0)
+        placed = {s.sink.request.seq.pool for s in streams}
+        assert placed == {"a", "b"}  # spread by free blocks
+        drivers["a"].alive = False
+        backend.memory.drop_pool(mp.DropPool("a"))
+        engine.driver_down("a")
+        finals = [await s.result() for s in streams]
+    for i, (s, f) in enumerate(zip(streams, finals)):
+        assert s.tokens(f) == expected(f"seq {i}", 30)
+        assert s.sink.request.seq.pool == "b"
+
+
+async def test_memory_restart_reregisters_live_sequences_without_recompute() -> None:
+    async with running() as (engine, backend):
+        streams = [Stream(engine, prompt=f"mem {i}", max_tokens=40) for i in range(3)]
+        with anyio.fail_after(10):
+            while sum(len(s.events) for s in streams) < 15:
+                await anyio.sleep(0)
+        engine.memory_down()
+        backend.restart_memory()
+        engine.memory_restarted()
+        finals = [await s.result() for s in streams]
+        computed = sum(backend.drivers["cpu"].tokens_per_step)
+    for i, (s, f) in enumerate(zip(streams, finals)):
+        assert s.tokens(f) == expected(f"mem {i}", 40)
+    # every position's KV computed exactly once: the driver's blocks were adopted, not recomputed
+    assert computed == sum(len(TOK.encode(f"mem {i}")) + 40 - 1 for i in range(3))
+
+
+async def test_session_requests_run_one_at_a_time_in_arrival_order() -> None:
+    order: list[str] = []
+    async with running() as (engine, _):
+        streams = []
+        for i in range(3):
+            s = Stream(engine, prompt=f"turn {i}", max_tokens=5, session="chat", request_id=f"t{i}")
+            streams.append(s)
+        with anyio.fail_after(10):
+            for s in streams:
+                await s.result()
+                order.append(s.submit.request_id)
+                # the others of the session have not started while it ran
+        finals = [await s.result() for s in streams]
+    starts = [s.sink.request.first_scheduled for s in streams]
+    ends = [s.sink.request.finished_at for s in streams]
+    assert starts[1] >= ends[0] and starts[2] >= ends[1]
+    assert all(f.finish_reason == FinishReason.LENGTH for f in finals)
