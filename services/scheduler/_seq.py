@@ -37,6 +37,7 @@ class Seq:
     level: int = 0
     boost_epoch: int = 0
     served: int = 0  # tokens computed for this sequence, recompute included
+    high_water: int = 0  # most positions ever computed (recompute stays below it)
     preemptions: int = 0
 
     @property

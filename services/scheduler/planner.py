@@ -99,10 +99,10 @@ def plan(running: Iterable[Seq], waiting: Iterable[Seq], policy: Policy, ledger:
     for w in wait:
         if not run or not _batch_full(run, w, ledger, limits):
             break
-        worst = run[-1]
-        if not policy.yields_to(worst, w, now):
+        victim = policy.victim([r for r in run if policy.yields_to(r, w, now)], now)
+        if victim is None:
             break
-        preempt(worst)
+        preempt(victim)
     displaced = len(out.preempted)
 
     budget = limits.token_budget

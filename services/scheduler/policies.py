@@ -35,6 +35,7 @@ class Policy(ABC):
     def charge(self, seq: Seq, tokens: int, now: float) -> None:
         """`seq` is given `tokens` tokens of this step."""
         seq.served += tokens
+        seq.high_water = max(seq.high_water, seq.num_computed + tokens)
 
     def on_arrival(self, seq: Seq, now: float) -> None:
         """A new sequence enters the waiting queue."""
@@ -92,8 +93,8 @@ class RoundRobin(Policy):
         return running.quantum_used >= self.quantum
 
     def charge(self, seq: Seq, tokens: int, now: float) -> None:
+        seq.quantum_used += new_work(seq, tokens)
         super().charge(seq, tokens, now)
-        seq.quantum_used += tokens
 
     def on_preempted(self, seq: Seq, now: float) -> None:
         if seq.quantum_used >= self.quantum:
@@ -132,9 +133,9 @@ class Mlfq(Policy):
         return self.level(waiting, now) < self.level(running, now)
 
     def charge(self, seq: Seq, tokens: int, now: float) -> None:
-        super().charge(seq, tokens, now)
         level = self.level(seq, now)
-        seq.quantum_used += tokens
+        seq.quantum_used += new_work(seq, tokens)
+        super().charge(seq, tokens, now)
         if seq.quantum_used >= self.quantum << level and level < self.levels - 1:
             seq.level = level + 1
             seq.quantum_used = 0
@@ -204,3 +205,10 @@ def make_policy(config: PolicyConfig) -> Policy:
         case PolicyName.FAIR:
             return Fair(dict(config.weights), config.default_weight, config.quantum)
     raise ValueError(f"unknown policy {config.name!r}")  # pragma: no cover - PolicyName is closed
+
+
+def new_work(seq: Seq, tokens: int) -> int:
+    """Of `tokens` about to be computed, those never computed before: a
+    quantum counts progress, not the recompute a preemption forced on it.
+    (Call before `Policy.charge` moves the high-water mark.)"""
+    return max(0, seq.num_computed + tokens - seq.high_water)
