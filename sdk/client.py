@@ -12,15 +12,18 @@ from __future__ import annotations
 import os
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterator
+from typing import Any, AsyncIterator, Iterator, Sequence
 
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from ipc.errors import Unavailable
 from ipc.home import front_endpoint, llmos_home
 from ipc.protocol import kernel as kp
+from ipc.protocol import scheduler as sp
 from ipc.protocol.base import Message
+from sdk import generate as gen
 from sdk.connection import Connection
+from sdk.generate import Chunk, Completion
 
 
 class AsyncClient:
@@ -75,6 +78,35 @@ class AsyncClient:
         """Events published on `topic` (the first is `Subscribed`), until closed."""
         return self._conn.stream(kp.KERNEL, kp.Subscribe(topic))
 
+    # -- text generation (the scheduler) --------------------------------------------
+
+    async def generate(self, prompt: str | Sequence[int], **options: Any) -> Completion:
+        """Generate a completion (options: see `sdk.generate.build_submit`:
+        max_tokens, temperature, top_p, top_k, seed, params, stop,
+        stop_token_ids, priority, timeout, session, request_id, ignore_eos).
+        Survives a scheduler restart without a repeated or missing token."""
+        return await gen.generate(self._conn, gen.build_submit(prompt, **options))
+
+    def stream_generate(self, prompt: str | Sequence[int], **options: Any) -> AsyncIterator[Chunk]:
+        """Like `generate`, as chunks while they are produced; the last one
+        carries finish_reason and usage."""
+        return gen.stream_generate(self._conn, gen.build_submit(prompt, **options))
+
+    generate_stream = stream_generate
+
+    async def cancel(self, request_id: str) -> bool:
+        """Cancel a generation; False when it is not running (unknown or finished)."""
+        reply: sp.CancelReply = await self.call(sp.SCHEDULER, sp.Cancel(request_id), timeout=10.0)
+        return reply.found
+
+    async def request_status(self, request_id: str) -> sp.RequestInfo:
+        reply: sp.RequestInfo = await self.call(sp.SCHEDULER, sp.RequestStatus(request_id), timeout=10.0)
+        return reply
+
+    async def scheduler_stats(self) -> sp.SchedulerStatsReply:
+        reply: sp.SchedulerStatsReply = await self.call(sp.SCHEDULER, sp.SchedulerStats(), timeout=10.0)
+        return reply
+
     async def aclose(self) -> None:
         self._conn.close()
 
@@ -119,6 +151,28 @@ class Client:
     def status(self) -> kp.StatusReply:
         return self._portal.call(self._aclient.status)
 
+    def generate(self, prompt: str | Sequence[int], **options: Any) -> Completion:
+        return self._portal.call(lambda: self._aclient.generate(prompt, **options))
+
+    def stream_generate(self, prompt: str | Sequence[int], **options: Any) -> Iterator[Chunk]:
+        agen = self._aclient.stream_generate(prompt, **options)
+        while True:
+            try:
+                yield self._portal.call(agen.__anext__)
+            except StopAsyncIteration:
+                return
+
+    generate_stream = stream_generate
+
+    def cancel(self, request_id: str) -> bool:
+        return self._portal.call(lambda: self._aclient.cancel(request_id))
+
+    def request_status(self, request_id: str) -> sp.RequestInfo:
+        return self._portal.call(lambda: self._aclient.request_status(request_id))
+
+    def scheduler_stats(self) -> sp.SchedulerStatsReply:
+        return self._portal.call(self._aclient.scheduler_stats)
+
     def services(self) -> list[kp.InstanceInfo]:
         return self._portal.call(self._aclient.services)
 
@@ -144,4 +198,4 @@ class Client:
         self.close()
 
 
-__all__ = ["AsyncClient", "Client"]
+__all__ = ["AsyncClient", "Chunk", "Client", "Completion"]

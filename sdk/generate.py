@@ -1,0 +1,110 @@
+"""Text generation through the scheduler, exactly once across a scheduler restart.
+
+`stream_generate` submits a request with a client-chosen request id. If the
+scheduler dies mid-stream (the kernel answers `unavailable`), it re-submits
+the same request with the token ids it already holds (`resume_from` /
+`resume_ids`); the new scheduler prefills them and the stream continues at
+the next token. Offsets are checked, so a repeated or missing token would be
+an error, never silent.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+from ipc.errors import Internal, Unavailable
+from ipc.protocol.sampling import SamplingParams
+from ipc.protocol.scheduler import SCHEDULER, Finished, FinishReason, Submit, TokenDelta, Usage
+from sdk.connection import Connection
+
+# Re-submissions after the scheduler died, per request.
+MAX_RESUBMITS = 5
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """A piece of a streamed generation: tokens [offset, offset + len(token_ids))
+    and the text they completed. The last chunk has `finish_reason` and `usage`."""
+
+    request_id: str
+    offset: int
+    token_ids: list[int]
+    text: str
+    finish_reason: FinishReason | None = None
+    usage: Usage | None = None
+    error: str = ""
+
+
+@dataclass(slots=True)
+class Completion:
+    request_id: str
+    text: str
+    token_ids: list[int]
+    finish_reason: FinishReason
+    usage: Usage
+    error: str = ""
+    chunks: int = field(default=0, repr=False)  # streamed pieces it arrived in
+
+
+def build_submit(prompt: str | Sequence[int], *, max_tokens: int = 256, temperature: float = 1.0,
+                 top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
+                 params: SamplingParams | None = None, stop: Sequence[str] = (),
+                 stop_token_ids: Sequence[int] = (), priority: int = 0, timeout: float | None = None,
+                 session: str = "", request_id: str | None = None, ignore_eos: bool = False) -> Submit:
+    if params is None:
+        params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+    text, ids = (prompt, []) if isinstance(prompt, str) else ("", list(prompt))
+    return Submit(text, ids, params, max_tokens, list(stop), list(stop_token_ids), ignore_eos, priority,
+                  time.time_ns() + int(timeout * 1e9) if timeout else 0, session,
+                  request_id or uuid.uuid4().hex)
+
+
+async def stream_generate(conn: Connection, submit: Submit, *,
+                          max_resubmits: int = MAX_RESUBMITS) -> AsyncIterator[Chunk]:
+    held: list[int] = []
+    attempt = 0
+    while True:
+        msg = Submit(submit.prompt, submit.prompt_ids, submit.params, submit.max_tokens, submit.stop,
+                     submit.stop_token_ids, submit.ignore_eos, submit.priority, submit.deadline_ns,
+                     submit.session, submit.request_id, len(held), list(held),
+                     submit.add_special_tokens, attempt)
+        try:
+            async for ev in conn.stream(SCHEDULER, msg):
+                if not isinstance(ev, (TokenDelta, Finished)):
+                    raise Internal(f"the scheduler answered {type(ev).__name__} to Submit")
+                if ev.offset != len(held):
+                    raise Internal(f"request {submit.request_id}: tokens from {ev.offset} arrived while "
+                                   f"{len(held)} are held (a gap or a repeat)")
+                held.extend(ev.token_ids)
+                if isinstance(ev, Finished):
+                    yield Chunk(ev.request_id, ev.offset, list(ev.token_ids), ev.text, ev.finish_reason,
+                                ev.usage, ev.error)
+                    return
+                yield Chunk(ev.request_id, ev.offset, list(ev.token_ids), ev.text)
+        except Unavailable:
+            # The scheduler died (or restarted) mid-request: resume it.
+            attempt += 1
+            if attempt > max_resubmits:
+                raise
+            continue
+        raise Internal("the scheduler's stream ended without Finished")
+
+
+async def generate(conn: Connection, submit: Submit, *, max_resubmits: int = MAX_RESUBMITS) -> Completion:
+    text: list[str] = []
+    ids: list[int] = []
+    chunks = 0
+    async for c in stream_generate(conn, submit, max_resubmits=max_resubmits):
+        chunks += 1
+        text.append(c.text)
+        ids.extend(c.token_ids)
+        if c.finish_reason is not None:
+            return Completion(c.request_id, "".join(text), ids, c.finish_reason, c.usage or Usage(), c.error,
+                              chunks=chunks)
+    raise Internal("the generation stream ended without a finish reason")  # pragma: no cover
+
+
+__all__ = ["Chunk", "Completion", "build_submit", "generate", "stream_generate"]
