@@ -38,25 +38,27 @@ class SamplingParams(Message, frozen=True):
 
     def validate(self) -> None:
         """Raise `BadRequest` naming the first field out of range."""
-        _check(math.isfinite(self.temperature) and 0.0 <= self.temperature <= 100.0,
-               "temperature", f"must be in [0, 100], got {self.temperature}")
-        _check(self.top_k >= 0, "top_k", f"must be >= 0 (0 = off), got {self.top_k}")
-        _check(math.isfinite(self.top_p) and 0.0 < self.top_p <= 1.0,
-               "top_p", f"must be in (0, 1], got {self.top_p}")
-        _check(math.isfinite(self.min_p) and 0.0 <= self.min_p <= 1.0,
-               "min_p", f"must be in [0, 1], got {self.min_p}")
-        _check(math.isfinite(self.repetition_penalty) and 0.0 < self.repetition_penalty <= 100.0,
-               "repetition_penalty", f"must be in (0, 100], got {self.repetition_penalty}")
-        _check(self.seed is None or 0 <= self.seed <= MAX_SEED,
-               "seed", f"must be in [0, 2**63), got {self.seed}")
-        _check(0 <= self.logprobs <= MAX_LOGPROBS,
-               "logprobs", f"must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        # Checked on every step of every sequence: messages are only
+        # formatted on failure.
+        if not (math.isfinite(self.temperature) and 0.0 <= self.temperature <= 100.0):
+            _fail("temperature", f"must be in [0, 100], got {self.temperature}")
+        if self.top_k < 0:
+            _fail("top_k", f"must be >= 0 (0 = off), got {self.top_k}")
+        if not (math.isfinite(self.top_p) and 0.0 < self.top_p <= 1.0):
+            _fail("top_p", f"must be in (0, 1], got {self.top_p}")
+        if not (math.isfinite(self.min_p) and 0.0 <= self.min_p <= 1.0):
+            _fail("min_p", f"must be in [0, 1], got {self.min_p}")
+        if not (math.isfinite(self.repetition_penalty) and 0.0 < self.repetition_penalty <= 100.0):
+            _fail("repetition_penalty", f"must be in (0, 100], got {self.repetition_penalty}")
+        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
+            _fail("seed", f"must be in [0, 2**63), got {self.seed}")
+        if not 0 <= self.logprobs <= MAX_LOGPROBS:
+            _fail("logprobs", f"must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
 
-def _check(ok: bool, field: str, why: str) -> None:
-    if not ok:
-        raise BadRequest(f"sampling parameter {field} {why}", detail={"field": field})
+def _fail(field: str, why: str) -> None:
+    raise BadRequest(f"sampling parameter {field} {why}", detail={"field": field})
