@@ -108,3 +108,36 @@ class Shutdown(Message):
 
 class ShuttingDown(Message):
     pass
+
+
+DENIALS_TOPIC = "kernel.denials"
+
+
+class SetRevocations(Message):
+    """The security server pushing its whole revocation list (it also persists
+    it; the kernel reloads that file at boot). Accepted only from a registered
+    `security` instance on the back socket."""
+
+    tokens: list[str] = []  # token ids (hex)
+    keys: list[str] = []  # API key ids
+    principals: list[str] = []
+
+
+class RevocationsSet(Message):
+    count: int
+
+
+class AccessDenied(Message):
+    """Published on `kernel.denials` for every client request the kernel
+    refuses (`unauthorized` or `forbidden`), for the audit log. Held in a
+    bounded backlog while nobody subscribes; `dropped` counts what the backlog
+    lost before this event."""
+
+    code: str
+    reason: str
+    dst: str
+    op: str
+    principal: str = ""  # from the token when it verified (forbidden), else ""
+    token_id: str = ""
+    at: float = 0.0  # unix seconds
+    dropped: int = 0
