@@ -4,6 +4,7 @@
     llmos down                                 stop a running llmos
     llmos ps [--json]                          services and their state
     llmos kill SERVICE [--signal SIGKILL]      kill a service (the supervisor restarts it)
+    llmos generate "PROMPT" [--stream] [--json] generate text through the scheduler
     llmos demo                                 boot, show it serving, survive a kill, stop
 """
 
@@ -82,6 +83,42 @@ def cmd_kill(args: argparse.Namespace) -> int:
     return 0
 
 
+def _usage_json(usage: Any) -> dict[str, Any]:
+    return msgspec.structs.asdict(usage) if usage is not None else {}
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    opts: dict[str, Any] = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                                seed=args.seed, priority=args.priority, stop=args.stop or ())
+    with _client(args) as c:
+        if args.stream:
+            for chunk in c.stream_generate(args.prompt, **opts):
+                if args.json:
+                    print(msgspec.json.encode({
+                        "request_id": chunk.request_id, "offset": chunk.offset, "token_ids": chunk.token_ids,
+                        "text": chunk.text, "finish_reason": chunk.finish_reason,
+                        "usage": _usage_json(chunk.usage) if chunk.usage else None}).decode(), flush=True)
+                else:
+                    sys.stdout.write(chunk.text)
+                    sys.stdout.flush()
+                if chunk.finish_reason is not None and not args.json:
+                    print()
+                    if chunk.error:
+                        print(f"llmos: {chunk.error}", file=sys.stderr)
+                    return 0 if chunk.finish_reason != "error" else 1
+            return 0
+        comp = c.generate(args.prompt, **opts)
+    if args.json:
+        print(msgspec.json.encode({"request_id": comp.request_id, "text": comp.text, "token_ids": comp.token_ids,
+                                   "finish_reason": comp.finish_reason, "usage": _usage_json(comp.usage),
+                                   "error": comp.error}).decode())
+    else:
+        print(comp.text)
+        if comp.error:
+            print(f"llmos: {comp.error}", file=sys.stderr)
+    return 0 if comp.finish_reason != "error" else 1
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from tools.demo import run_demo
 
@@ -108,6 +145,18 @@ def main(argv: list[str] | None = None) -> int:
     kill.add_argument("service")
     kill.add_argument("--signal", default="SIGKILL")
     kill.set_defaults(fn=cmd_kill)
+
+    g = sub.add_parser("generate", help="generate text (needs the scheduler)")
+    g.add_argument("prompt")
+    g.add_argument("--max-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--priority", type=int, default=0, help="lower runs first (policy 'priority')")
+    g.add_argument("--stop", action="append", help="a stop string (repeatable)")
+    g.add_argument("--stream", action="store_true", help="print tokens as they come")
+    g.add_argument("--json", action="store_true", help="one JSON object (per chunk with --stream)")
+    g.set_defaults(fn=cmd_generate)
 
     demo = sub.add_parser("demo", help="boot llmos, show it serving and recovering, stop")
     demo.set_defaults(fn=cmd_demo)
