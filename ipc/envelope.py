@@ -45,6 +45,9 @@ class Header(msgspec.Struct, array_like=True, gc=False):
     deadline_ns: int = 0
     trace_id: str = ""
     attempt: int = 0
+    # Caveats of the verified token that depend on the body (max_tokens,
+    # session), stamped by the kernel: `ipc.capability.Restrictions.decode`.
+    restrictions: bytes = b""
 
 
 _encode_header = msgspec.msgpack.Encoder().encode

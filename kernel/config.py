@@ -63,10 +63,14 @@ class KernelConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     wait_timeout_s: float = 30.0
     max_attempts: int = 3
     limits: SocketLimits = SocketLimits()
+    # Capability check on every client request (kernel/guard.py). On by default:
+    # a fresh `llmos up` serves no unauthenticated request but Login.
+    auth: bool = True
 
 
 def default_children() -> list[ChildSpec]:
-    return [ChildSpec(name="echo", module="services.echo")]
+    # security first: it writes admin.key and must be up before anyone logs in.
+    return [ChildSpec(name="security", module="services.security"), ChildSpec(name="echo", module="services.echo")]
 
 
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

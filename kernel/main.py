@@ -6,12 +6,15 @@ from __future__ import annotations
 import os
 import secrets
 import signal
+import sys
 from pathlib import Path
 
 import anyio
 
+from ipc.errors import LlmosError
 from ipc.home import back_endpoint, front_endpoint, pid_file, run_dir
 from kernel.config import Config
+from kernel.guard import Guard
 from kernel.launcher import Launcher, LocalLauncher
 from kernel.router import Kernel
 from kernel.supervisor import Supervisor
@@ -30,6 +33,13 @@ async def run_kernel(config: Config, home: Path, launcher: Launcher | None = Non
     back = config.kernel.back or back_endpoint(home)
     secret = secrets.token_hex(32)
     kernel = Kernel(config.kernel, front, back, secret)
+    if config.kernel.auth:
+        try:
+            kernel.guard = await anyio.to_thread.run_sync(Guard.load, home, kernel.registry.service_of_instance)
+        except (OSError, ValueError, LlmosError) as exc:
+            log.error("kernel.auth_failed", error=str(exc))
+            print(f"llmos: cannot enable auth: {exc}", file=sys.stderr)
+            return 2
     supervisor = Supervisor(
         config.supervisor, config.children, launcher or LocalLauncher(),
         env={"LLMOS_HOME": str(home), "LLMOS_BACK": back, "LLMOS_FRONT": front, "LLMOS_BOOT_SECRET": secret},

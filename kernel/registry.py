@@ -70,3 +70,12 @@ class Registry:
         if idx.isdigit() and base in self.known:
             return dst
         return None
+
+    def service_of_instance(self, dst: str) -> str:
+        """The service a destination names (itself when it is a service name):
+        rights name services, while a client may address one instance."""
+        inst = self.by_name.get(dst)
+        if inst is not None:
+            return inst.service
+        base, _, idx = dst.rpartition("-")
+        return base if idx.isdigit() and base in self.known else dst

@@ -24,12 +24,15 @@ from anyio.abc import TaskStatus
 
 from ipc import codec
 from ipc.envelope import PROTOCOL_VERSION, Header, Kind, decode_header, encode_header, split_route
-from ipc.errors import BadRequest, DeadlineExceeded, Error, LlmosError, NotFound, Overloaded, Unauthorized, Unavailable
+from ipc.capability import RevocationList
+from ipc.errors import (BadRequest, DeadlineExceeded, Error, Forbidden, LlmosError, NotFound, Overloaded, Unauthorized,
+                        Unavailable)
 from ipc.heartbeat import HEARTBEAT_EXPIRY_S, HEARTBEAT_INTERVAL_S
 from ipc.protocol import kernel as kp
 from ipc.protocol.base import Message
 from ipc.sockets import Channel, bind_router, remove_ipc_path
 from kernel.config import KernelConfig
+from kernel.guard import Guard
 from kernel.registry import Instance, Registry
 from sdk.logs import get_logger
 
@@ -42,7 +45,7 @@ _EMPTY = b""
 _PUMP_ROUNDS = 16
 HUNG = "missed heartbeats"
 _ready_decoder = codec.decoder([kp.Ready])
-_kernel_ops = codec.decoder([kp.Status, kp.Subscribe, kp.Kill, kp.Shutdown])
+_kernel_ops = codec.decoder([kp.Status, kp.Subscribe, kp.Kill, kp.Shutdown, kp.SetRevocations])
 
 
 @dataclass(slots=True, eq=False)
@@ -60,12 +63,13 @@ class Pending:
 
 
 class Kernel:
-    def __init__(self, config: KernelConfig, front: str, back: str, secret: str):
+    def __init__(self, config: KernelConfig, front: str, back: str, secret: str, guard: Guard | None = None):
         self.config = config
         self.front_endpoint = front
         self.back_endpoint = back
         self._secret = secret.encode()
         self.registry = Registry()
+        self.guard = guard  # None: no capability check (auth off)
         self.pending: dict[int, Pending] = {}
         self.waiting: dict[str, deque[Pending]] = {}
         self.topics: dict[str, dict[tuple[int, bytes], int]] = {}
@@ -220,7 +224,11 @@ class Kernel:
             self._forget_subscriber(front, ident)
             self._client_gone(front, ident, "client disconnected")
         elif kind == Kind.READY:
-            self._reject(front, frames, Unauthorized("clients cannot register as services"), header)
+            exc = Unauthorized("clients cannot register as services")
+            self._reject(front, frames, exc, header)
+            if self.guard is not None:
+                self.guard.note(header, exc)
+                self._publish_denials()
         else:
             self._reject(front, frames, BadRequest(f"a client may not send {Kind(kind).name}"), header)
 
@@ -269,6 +277,17 @@ class Kernel:
     # -- routing -------------------------------------------------------------
 
     def _route(self, origin: Channel, ident: bytes, header: Header, payload: list[Any]) -> None:
+        if origin is self._front:
+            # Services trust only the principal stamped here, never a client's.
+            if self.guard is not None:
+                try:
+                    header = self.guard.admit(header)
+                except LlmosError as exc:
+                    self._send_error(origin, ident, header.msg_id, exc.to_wire())
+                    self._publish_denials()
+                    return
+            elif header.principal or header.restrictions:
+                header = msgspec.structs.replace(header, principal="", restrictions=_EMPTY)
         dst = header.dst
         if dst == kp.KERNEL:
             self._kernel_op(origin, ident, header, payload)
@@ -438,6 +457,13 @@ class Kernel:
         for key in gone:
             del subs[key]
 
+    def _publish_denials(self) -> None:
+        """Refusals go to the audit (the security server subscribes); kept in the
+        guard's bounded backlog while nobody listens."""
+        if self.guard is not None and self.topics.get(kp.DENIALS_TOPIC):
+            for ev in self.guard.take_denials():
+                self.publish(kp.DENIALS_TOPIC, ev)
+
     def _forget_subscriber(self, ch: Channel, ident: bytes) -> None:
         key = (self._channels.index(ch), ident)
         for subs in self.topics.values():
@@ -464,7 +490,17 @@ class Kernel:
             case kp.Subscribe(topic=topic):
                 self.topics.setdefault(topic, {})[(self._channels.index(ch), ident)] = header.msg_id
                 self._send_msg(ch, ident, header.msg_id, Kind.EVENT, kp.Subscribed(topic))
+                if topic == kp.DENIALS_TOPIC:
+                    self._publish_denials()
                 return None
+            case kp.SetRevocations(tokens=tokens, keys=keys, principals=principals):
+                inst = self.registry.by_identity.get(ident) if ch is self._back else None
+                if inst is None or inst.service != "security":
+                    raise Forbidden("only the security service may set the revocation list")
+                if self.guard is not None:
+                    self.guard.set_revocations(RevocationList(frozenset(tokens), frozenset(keys),
+                                                              frozenset(principals)))
+                return kp.RevocationsSet(len(tokens) + len(keys) + len(principals))
             case kp.Kill(target=target, signal=sig):
                 if self.supervisor is None:
                     raise Unavailable("this kernel runs without a supervisor")

@@ -5,6 +5,11 @@
 
 Errors surface as exceptions from the `ipc.errors.LlmosError` tree, carrying
 the wire code.
+
+Authentication (when the kernel runs with `auth`): pass `api_key=` and the
+client logs in, attaches the capability token to every request and renews it
+before it expires (`sdk.auth`). Without one it uses `$LLMOS_HOME/admin.key`
+if this process can read it (the local operator), else sends no token.
 """
 
 from __future__ import annotations
@@ -16,11 +21,12 @@ from typing import Any, AsyncIterator, Iterator, Sequence
 
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
-from ipc.errors import Unavailable
+from ipc.errors import NotFound, Unavailable
 from ipc.home import front_endpoint, llmos_home
 from ipc.protocol import kernel as kp
 from ipc.protocol import scheduler as sp
 from ipc.protocol.base import Message
+from sdk.auth import TokenKeeper, read_admin_key
 from sdk import generate as gen
 from sdk.connection import Connection
 from sdk.generate import Chunk, Completion
@@ -29,25 +35,49 @@ from sdk.generate import Chunk, Completion
 class AsyncClient:
     def __init__(self, conn: Connection):
         self._conn = conn
+        self._keeper: TokenKeeper | None = None
 
     @classmethod
     async def connect(cls, endpoint: str | None = None, *, home: str | os.PathLike[str] | None = None,
-                      check: bool = True, timeout: float = 5.0) -> "AsyncClient":
+                      check: bool = True, timeout: float = 5.0, api_key: str | None = None,
+                      token_ttl_s: int = 0) -> "AsyncClient":
         """Connect to the kernel (default: the one under `LLMOS_HOME`). With
         `check`, wait for the kernel to answer, so a missing kernel is an
-        immediate `Unavailable` rather than a hang on the first call."""
+        immediate `Unavailable` rather than a hang on the first call. With an
+        API key (or a readable admin.key), log in first (that answer is the check)."""
         h = llmos_home(home)
         ep = endpoint or front_endpoint(h)
         if ep.startswith("ipc://") and not Path(ep[6:]).exists():
             raise Unavailable(f"no llmos kernel is running at {ep} (start one with `llmos up`)")
         client = cls(Connection(ep, src=f"client:{os.getpid()}"))
-        if check:
-            try:
+        key = api_key if api_key is not None else read_admin_key(h)
+        try:
+            if key:
+                try:
+                    await client.login(key, ttl_s=token_ttl_s, timeout=timeout)
+                except NotFound:
+                    if api_key is not None:
+                        raise
+                    # A leftover admin.key, and this kernel runs no security service (auth off).
+                    key = None
+            if check and not key:
                 await client.status(timeout=timeout)
-            except BaseException:
-                await client.aclose()
-                raise
+        except BaseException:
+            await client.aclose()
+            raise
         return client
+
+    async def login(self, api_key: str, *, ttl_s: int = 0, timeout: float | None = 10.0) -> Any:
+        """Exchange `api_key` for a capability token used from now on (and renewed)."""
+        keeper = TokenKeeper(self._conn, api_key, ttl_s)
+        granted = await keeper.login(timeout)
+        self._keeper = keeper
+        return granted
+
+    def use_token(self, token: bytes) -> None:
+        """Send `token` (e.g. an attenuated one) with every request; no renewal."""
+        self._keeper = None
+        self._conn.token = token
 
     @property
     def connection(self) -> Connection:
@@ -55,10 +85,15 @@ class AsyncClient:
 
     async def call(self, service: str, msg: Message, *, timeout: float | None = None,
                    trace_id: str = "") -> Any:
+        if self._keeper is not None:
+            await self._keeper.ensure_fresh()
         return await self._conn.call(service, msg, timeout=timeout, trace_id=trace_id)
 
-    def stream(self, service: str, msg: Message, *, timeout: float | None = None) -> AsyncIterator[Any]:
-        return self._conn.stream(service, msg, timeout=timeout)
+    async def stream(self, service: str, msg: Message, *, timeout: float | None = None) -> AsyncIterator[Any]:
+        if self._keeper is not None:
+            await self._keeper.ensure_fresh()
+        async for m in self._conn.stream(service, msg, timeout=timeout):
+            yield m
 
     async def status(self, *, timeout: float | None = 10.0) -> kp.StatusReply:
         reply: kp.StatusReply = await self.call(kp.KERNEL, kp.Status(), timeout=timeout)
@@ -127,11 +162,12 @@ class Client:
 
     @classmethod
     def connect(cls, endpoint: str | None = None, *, home: str | os.PathLike[str] | None = None,
-                timeout: float = 5.0) -> "Client":
+                timeout: float = 5.0, api_key: str | None = None) -> "Client":
         stack = ExitStack()
         portal = stack.enter_context(start_blocking_portal("asyncio", {"use_uvloop": True}))
         try:
-            aclient = portal.call(lambda: AsyncClient.connect(endpoint, home=home, timeout=timeout))
+            aclient = portal.call(lambda: AsyncClient.connect(endpoint, home=home, timeout=timeout,
+                                                              api_key=api_key))
         except BaseException:
             stack.close()
             raise

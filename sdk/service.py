@@ -27,6 +27,7 @@ import structlog
 from anyio.abc import TaskGroup
 
 from ipc import codec
+from ipc.capability import Restrictions
 from ipc.envelope import PROTOCOL_VERSION, Header, Kind
 from ipc.errors import BadRequest, DeadlineExceeded, Internal, LlmosError, Unavailable
 from ipc.heartbeat import HEARTBEAT_EXPIRY_S, HEARTBEAT_INTERVAL_S
@@ -72,7 +73,15 @@ class Context:
 
     @property
     def principal(self) -> str:
+        """Who asked: stamped by the kernel from the verified capability token
+        ("" when the kernel runs without auth). Never what a client claimed."""
         return self.header.principal
+
+    @property
+    def restrictions(self) -> Restrictions:
+        """The token's caveats that depend on the request body (max_tokens,
+        session): verified by the kernel, for this service to enforce."""
+        return Restrictions.decode(self.header.restrictions)
 
     @property
     def trace_id(self) -> str:

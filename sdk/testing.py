@@ -23,7 +23,7 @@ import anyio
 import msgspec
 
 from ipc.errors import LlmosError
-from ipc.home import front_endpoint, run_dir
+from ipc.home import admin_key_path, front_endpoint, run_dir
 from ipc.protocol import kernel as kp
 from kernel.config import ChildSpec, Config, KernelConfig, SupervisorConfig
 from sdk.client import AsyncClient
@@ -95,10 +95,18 @@ def _to_toml(raw: dict[str, Any]) -> str:
 @asynccontextmanager
 async def running_llmos(home: Path, children: list[ChildSpec] | None = None,
                         supervisor: SupervisorConfig | None = None, kernel: KernelConfig | None = None,
-                        ready_timeout: float = 60.0, expect_exit: bool = False) -> AsyncIterator[RunningLlmos]:
+                        ready_timeout: float = 60.0, expect_exit: bool = False,
+                        auth: bool = False) -> AsyncIterator[RunningLlmos]:
+    """`auth` turns the kernel's capability check on (off by default here, on in
+    `llmos up`); with it the default children are security and echo, and
+    `client` is the local admin (logged in with admin.key)."""
     home.mkdir(parents=True, exist_ok=True)
-    config = Config(kernel=kernel or KernelConfig(), supervisor=supervisor or SupervisorConfig(),
-                    children=children if children is not None else [ChildSpec("echo", "services.echo")])
+    if children is None:
+        children = [ChildSpec("echo", "services.echo")]
+        if auth:
+            children.insert(0, ChildSpec("security", "services.security"))
+    config = Config(kernel=msgspec.structs.replace(kernel or KernelConfig(), auth=auth),
+                    supervisor=supervisor or SupervisorConfig(), children=children)
     cfg = write_config(home / "llmos.toml", config)
     log = open(home / "kernel.stderr", "ab")  # noqa: SIM115 - closed below
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
@@ -110,7 +118,8 @@ async def running_llmos(home: Path, children: list[ChildSpec] | None = None,
     try:
         sock = Path(front_endpoint(home)[len("ipc://"):])
         end = time.monotonic() + ready_timeout
-        while not sock.exists():
+        # With auth, the security server writes admin.key on first boot: the client logs in with it.
+        while not sock.exists() or (auth and not admin_key_path(home).exists()):
             if proc.poll() is not None:
                 raise RuntimeError(f"kernel exited with {proc.returncode}; see {home / 'kernel.stderr'}")
             if time.monotonic() > end:

@@ -43,7 +43,9 @@ def test_up_ps_kill_down(home: Path) -> None:
                           env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        snap = wait_ps(home, lambda s: any(i["state"] == "ready" for i in s["instances"]), "echo ready")
+        # The default config runs with auth on: `ps` works once the security server has
+        # written admin.key (the local operator's key), which the CLI then uses.
+        snap = wait_ps(home, lambda s: all(i["state"] == "ready" for i in s["instances"]), "all ready")
         echo = next(i for i in snap["instances"] if i["service"] == "echo")
         assert snap["kernel"]["pid"] == up.pid and echo["restarts"] == 0 and echo["pid"] > 0
 

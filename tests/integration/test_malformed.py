@@ -22,7 +22,8 @@ from ipc.home import back_endpoint, front_endpoint
 from ipc.protocol.echo import Echo, EchoReply
 from ipc.protocol.kernel import Ready
 from sdk.client import Client
-from sdk.testing import REPO_ROOT
+from kernel.config import ChildSpec, Config, KernelConfig
+from sdk.testing import REPO_ROOT, write_config
 
 ANSWER_CODES = {ErrorCode.BAD_REQUEST, ErrorCode.UNAUTHORIZED, ErrorCode.NOT_FOUND}
 
@@ -33,8 +34,12 @@ def kernel_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
     home = Path(tempfile.mkdtemp(prefix="llmos-fuzz-", dir="/tmp"))
     log = open(home / "kernel.stderr", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "kernel", "--home", str(home)], cwd=REPO_ROOT,
-                            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, stdout=log, stderr=log)
+    # The routing layer under fuzz, without the capability check (tests/integration/
+    # test_security.py sends hostile tokens to a kernel with it).
+    cfg = write_config(home / "llmos.toml", Config(kernel=KernelConfig(auth=False),
+                                                   children=[ChildSpec("echo", "services.echo")]))
+    proc = subprocess.Popen([sys.executable, "-m", "kernel", "--home", str(home), "--config", str(cfg)],
+                            cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, stdout=log, stderr=log)
     end = time.monotonic() + 30
     with Client.connect(home=home) if _wait_socket(home, end) else _fail() as c:
         while not any(i.state == "ready" for i in c.status().instances):

@@ -12,7 +12,9 @@ from sdk.testing import write_config
 def test_defaults_need_no_file() -> None:
     cfg = load_config(None)
     assert cfg.kernel.max_attempts >= 1
-    assert [c.name for c in cfg.children] == ["echo"]
+    # secure by default: the security server first (it writes admin.key), auth on
+    assert [c.name for c in cfg.children] == ["security", "echo"]
+    assert cfg.kernel.auth
 
 
 def test_toml_file_is_decoded_into_typed_structs(tmp_path: Path) -> None:

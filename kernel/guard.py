@@ -1,0 +1,113 @@
+"""The capability check on every client request (DESIGN §4).
+
+Local and cheap: the HMAC chain is checked once per distinct token (verified
+tokens are cached by their bytes); each request then costs a dict lookup, an
+expiry compare, three set lookups for revocation and a memoised rights check.
+The kernel never asks the security server anything, so verification goes on
+while that server restarts.
+
+Refusals are queued as `AccessDenied` events for the audit log (bounded: a
+flood of bad tokens costs memory for `BACKLOG` events, not more).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from pathlib import Path
+from typing import Callable, NoReturn
+
+import msgspec
+
+from ipc.capability import PUBLIC_OPS, Capability, RevocationList, verify
+from ipc.envelope import Header
+from ipc.errors import BadRequest, Forbidden, LlmosError, Unauthorized
+from ipc.home import revocations_path, root_key_path
+from ipc.keyfile import load_or_create_key
+from ipc.protocol import kernel as kp
+
+CACHE_SIZE = 8192
+BACKLOG = 1024
+
+
+class Guard:
+    def __init__(self, root_key: bytes, revoked: RevocationList, service_of: Callable[[str], str]):
+        self._root = root_key
+        self.revoked = revoked
+        self._service_of = service_of
+        self._cache: dict[bytes, Capability] = {}
+        self.denials: deque[kp.AccessDenied] = deque()
+        self.dropped = 0
+
+    @classmethod
+    def load(cls, home: Path, service_of: Callable[[str], str]) -> "Guard":
+        """At boot: the root key (created on first boot) and the persisted
+        revocation list. A damaged list stops the boot: starting without it
+        would honour revoked tokens."""
+        root = load_or_create_key(root_key_path(home))
+        path = revocations_path(home)
+        revoked = RevocationList()
+        if path.exists():
+            try:
+                revoked = msgspec.json.decode(path.read_bytes(), type=RevocationList)
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                raise BadRequest(f"revocation list {path} is damaged: {exc}") from None
+        return cls(root, revoked, service_of)
+
+    def admit(self, header: Header) -> Header:
+        """The header to route, with the verified principal (and the token's
+        body-dependent restrictions) stamped; raises `Unauthorized` or
+        `Forbidden`, after queueing an `AccessDenied`."""
+        service = self._service_of(header.dst)
+        raw = header.token
+        if not raw:
+            if (service, header.op) in PUBLIC_OPS:
+                return msgspec.structs.replace(header, principal="", restrictions=b"")
+            self._deny(header, Unauthorized(f"{header.op} to {header.dst!r} needs a capability token; "
+                                            f"log in with an API key first"))
+        now = time.time()
+        c = self._cache.get(raw)
+        if c is None:
+            try:
+                c = verify(self._root, raw, now)
+            except LlmosError as exc:
+                self._deny(header, exc)
+            if len(self._cache) >= CACHE_SIZE:
+                del self._cache[next(iter(self._cache))]
+            self._cache[raw] = c
+        elif c.expires_at <= now:
+            del self._cache[raw]
+            self._deny(header, Unauthorized("capability token expired; log in again"), c)
+        why = self.revoked.reason(c)
+        if why is not None:
+            self._deny(header, Unauthorized(why), c)
+        if not c.covers(service, header.op) and (service, header.op) not in PUBLIC_OPS:
+            self._deny(header, Forbidden(f"principal {c.principal!r} holds no right covering {header.op} on "
+                                         f"{header.dst!r} (rights: {', '.join(sorted(c.rights)) or 'none'})"), c)
+        return msgspec.structs.replace(header, principal=c.principal, restrictions=c.restrictions_raw)
+
+    def set_revocations(self, revoked: RevocationList) -> None:
+        self.revoked = revoked
+
+    def note(self, header: Header, exc: LlmosError) -> None:
+        """Queue an `AccessDenied` for a refusal decided elsewhere in the kernel."""
+        self._queue(header, exc, None)
+
+    def _deny(self, header: Header, exc: LlmosError, c: Capability | None = None) -> NoReturn:
+        self._queue(header, exc, c)
+        raise exc
+
+    def _queue(self, header: Header, exc: LlmosError, c: Capability | None) -> None:
+        if len(self.denials) >= BACKLOG:
+            self.denials.popleft()
+            self.dropped += 1
+        self.denials.append(kp.AccessDenied(str(exc.code), exc.message, header.dst, header.op,
+                                            c.principal if c else "", c.token_id if c else "", time.time()))
+
+    def take_denials(self) -> list[kp.AccessDenied]:
+        """The queued refusals, oldest first (the first carries the count dropped)."""
+        out = list(self.denials)
+        self.denials.clear()
+        if out and self.dropped:
+            out[0].dropped, self.dropped = self.dropped, 0
+        return out

@@ -1,0 +1,70 @@
+"""Client credentials: exchange an API key for a capability token and keep it fresh.
+
+The token rides in every request header (`Connection.token`); the kernel
+checks it locally. Refresh is lazy — checked before each call, no background
+task — and happens once 80% of the token's lifetime has passed. If the
+security server is down at that moment the old token is kept (it is still
+valid) and the refresh is retried a few seconds later; only an expired token
+with no way to renew it is an error.
+
+Local operator convenience: a client given no API key uses
+``$LLMOS_HOME/admin.key`` when it can read it (mode 0600: only the owner of
+the llmos home can), the way a unix socket trusts its owner.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import anyio
+
+from ipc.errors import DeadlineExceeded, Unavailable
+from ipc.home import admin_key_path
+from ipc.protocol import security as sp
+from sdk.connection import Connection
+
+REFRESH_FRACTION = 0.8
+RETRY_S = 5.0
+
+
+def read_admin_key(home: Path) -> str | None:
+    """The local admin's API key, if this process may read it."""
+    try:
+        return admin_key_path(home).read_text().strip() or None
+    except (FileNotFoundError, PermissionError, IsADirectoryError):
+        return None
+
+
+class TokenKeeper:
+    def __init__(self, conn: Connection, api_key: str, ttl_s: int = 0):
+        self._conn = conn
+        self._api_key = api_key
+        self._ttl_s = ttl_s
+        self._lock = anyio.Lock()
+        self.granted: sp.Granted | None = None
+        self._refresh_at = 0.0
+
+    async def login(self, timeout: float | None = 10.0) -> sp.Granted:
+        g: sp.Granted = await self._conn.call(sp.SECURITY, sp.Login(self._api_key, self._ttl_s), timeout=timeout)
+        self.granted = g
+        self._conn.token = g.token
+        self._refresh_at = g.issued_at + REFRESH_FRACTION * (g.expires_at - g.issued_at)
+        return g
+
+    async def ensure_fresh(self) -> None:
+        """Log in again when the token is due for renewal (cheap when it is not)."""
+        if time.time() < self._refresh_at:
+            return
+        async with self._lock:
+            now = time.time()
+            if now < self._refresh_at:
+                return
+            g = self.granted
+            try:
+                await self.login(timeout=max(1.0, min(RETRY_S, (g.expires_at - now) if g else RETRY_S)))
+            except (Unavailable, DeadlineExceeded):
+                if g is None or time.time() >= g.expires_at - 1:
+                    raise
+                # The security server is restarting; the current token still works.
+                self._refresh_at = time.time() + min(RETRY_S, (g.expires_at - time.time()) / 2)
