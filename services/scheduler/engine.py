@@ -283,7 +283,9 @@ class Engine:
             self._preempt(seq)
         if self._to_release:
             ids, self._to_release = self._to_release, []
-            if not await self._memory(self.backend.release(mp.Release(ids))):
+            if await self._memory(self.backend.release(mp.Release(ids))) is None:
+                if not self._memory_down:
+                    self._to_release.extend(ids)  # still held there: try again next step
                 return False
         if not p.scheduled:
             return False
@@ -294,10 +296,9 @@ class Engine:
         self._deliver(produced)
         self.steps += 1
         self.last_step_s = time.monotonic() - began
-        n = sum(len(b) for _, b in produced)
         if self.last_step_s > 0:
             self._tokens_per_s = 0.8 * self._tokens_per_s + 0.2 * (p.num_tokens / self.last_step_s)
-        return n > 0 or bool(work)
+        return True
 
     async def _memory(self, call: Awaitable[T]) -> T | None:
         """Await a memory call; None when it failed (the step is abandoned and
