@@ -217,6 +217,10 @@ def test_info_health_and_worker_thread(ckpt: Path) -> None:
     assert res == [SeqResult(1)]
     health = runner.health()
     assert health.ok and health.steps == 1 and health.tokens == 3
+    # Health answers while a step holds the runner (here: a held lock).
+    with runner._lock:
+        with ThreadPoolExecutor(1) as pool:
+            assert pool.submit(runner.health).result(timeout=30).ok
 
 
 def test_kv_cache_smaller_than_a_block_is_refused(ckpt: Path) -> None:
