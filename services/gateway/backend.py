@@ -1,0 +1,112 @@
+"""The gateway's other side: a kernel client per API key.
+
+Each API key gets its own connection holding that principal's capability
+token (renewed before expiry), so the kernel checks every request as the
+user's, never as the gateway's. Without a key the connection carries no
+token, and a kernel with auth on answers `unauthorized` (HTTP 401).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ipc.errors import LlmosError
+from ipc.home import admin_key_path
+from ipc.protocol import kernel as kp
+from ipc.protocol import memory as mp
+from ipc.protocol import scheduler as sp
+from ipc.protocol.driver import DRIVER, DescribeModel, ModelDescription
+from sdk.auth import TokenKeeper
+from sdk.connection import Connection
+from sdk.generate import Chunk, stream_generate
+
+MAX_CONNECTIONS = 256
+
+
+@dataclass
+class _Principal:
+    conn: Connection
+    keeper: TokenKeeper | None
+
+
+@dataclass
+class Stats:
+    status: kp.StatusReply
+    scheduler: sp.SchedulerStatsReply | None
+    memory: mp.MemoryStatsReply | None
+
+
+class KernelBackend:
+    def __init__(self, endpoint: str, home: Path):
+        self.endpoint = endpoint
+        self.home = home
+        self._conns: OrderedDict[str, _Principal] = OrderedDict()
+        self._model: ModelDescription | None = None
+
+    async def _principal(self, api_key: str | None) -> _Principal:
+        slot = hashlib.sha256(api_key.encode()).hexdigest() if api_key else ""
+        p = self._conns.get(slot)
+        if p is None:
+            conn = Connection(self.endpoint, src="gateway")
+            keeper = TokenKeeper(conn, api_key) if api_key else None
+            p = _Principal(conn, keeper)
+            if keeper is not None:
+                try:
+                    await keeper.login()
+                except LlmosError:
+                    conn.close()
+                    raise
+            self._conns[slot] = p
+            while len(self._conns) > MAX_CONNECTIONS:
+                _, old = self._conns.popitem(last=False)
+                old.conn.close()
+        else:
+            self._conns.move_to_end(slot)
+        if p.keeper is not None:
+            await p.keeper.ensure_fresh()
+        return p
+
+    async def _operator(self) -> _Principal:
+        """The local operator (admin key in LLMOS_HOME) for /metrics and /health."""
+        try:
+            key = admin_key_path(self.home).read_text().strip() or None
+        except OSError:
+            key = None
+        return await self._principal(key)
+
+    async def stream(self, api_key: str | None, submit: sp.Submit) -> AsyncIterator[Chunk]:
+        p = await self._principal(api_key)
+        async for chunk in stream_generate(p.conn, submit):
+            yield chunk
+
+    async def cancel(self, api_key: str | None, request_id: str) -> None:
+        p = await self._principal(api_key)
+        await p.conn.call(sp.SCHEDULER, sp.Cancel(request_id), timeout=5.0)
+
+    async def model(self, api_key: str | None) -> ModelDescription:
+        if self._model is None:
+            p = await self._principal(api_key)
+            self._model = await p.conn.call(DRIVER, DescribeModel(), timeout=30.0)
+        return self._model
+
+    async def stats(self) -> Stats:
+        p = await self._operator()
+        status = await p.conn.call(kp.KERNEL, kp.Status(), timeout=5.0)
+        return Stats(status, await self._maybe(p, sp.SCHEDULER, sp.SchedulerStats()),
+                     await self._maybe(p, "memory", mp.MemoryStats()))
+
+    async def _maybe(self, p: _Principal, service: str, msg: Any) -> Any:
+        try:
+            return await p.conn.call(service, msg, timeout=2.0)
+        except LlmosError:
+            return None  # a service that is restarting is simply absent from this scrape
+
+    def close(self) -> None:
+        for p in self._conns.values():
+            p.conn.close()
+        self._conns.clear()

@@ -1,0 +1,163 @@
+"""OpenAI-compatible request and response bodies, validated with msgspec.
+
+Unknown fields are accepted and ignored (clients send many); known fields are
+type-checked, and a wrong one is a 400 naming it. llmos extras: `priority`,
+`session_id`, `request_id`.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import msgspec
+
+from ipc.errors import BadRequest, ErrorCode, LlmosError
+from ipc.protocol.sampling import SamplingParams
+from ipc.protocol.scheduler import Submit
+
+
+class StreamOptions(msgspec.Struct):
+    include_usage: bool = False
+
+
+class _Common(msgspec.Struct, kw_only=True):
+    model: str = ""
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    user: str = ""
+    priority: int = 0
+    session_id: str = ""
+    request_id: str = ""
+
+
+class CompletionRequest(_Common, kw_only=True):
+    # text, token ids, or a one-element list of text (msgspec unions allow one array type)
+    prompt: str | list[int | str]
+    logprobs: int | None = None
+    echo: bool = False
+
+
+class ChatMessage(msgspec.Struct):
+    role: str
+    content: str | list[dict[str, Any]] = ""
+
+
+class ChatRequest(_Common, kw_only=True):
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+
+_completion = msgspec.json.Decoder(CompletionRequest)
+_chat = msgspec.json.Decoder(ChatRequest)
+encode = msgspec.json.Encoder().encode
+
+
+def decode_completion(body: bytes) -> CompletionRequest:
+    return _decode(_completion, body)
+
+
+def decode_chat(body: bytes) -> ChatRequest:
+    req = _decode(_chat, body)
+    if not req.messages:
+        raise BadRequest("messages must not be empty", detail={"field": "messages"})
+    for i, m in enumerate(req.messages):
+        if m.role not in ("system", "user", "assistant", "tool", "developer"):
+            raise BadRequest(f"messages[{i}].role {m.role!r} is not one of system, user, assistant",
+                             detail={"field": f"messages[{i}].role"})
+    return req
+
+
+def _decode(dec: msgspec.json.Decoder[Any], body: bytes) -> Any:
+    try:
+        return dec.decode(body)
+    except msgspec.ValidationError as exc:
+        raise BadRequest(f"invalid request body: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise BadRequest(f"request body is not JSON: {exc}") from None
+
+
+def to_submit(req: _Common, *, prompt: str | list[int], logprobs: int, default_max_tokens: int) -> Submit:
+    if req.n != 1:
+        raise BadRequest("n > 1 is not supported yet; send n requests", detail={"field": "n"})
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    max_tokens = req.max_tokens if req.max_tokens is not None else default_max_tokens
+    params = SamplingParams(temperature=req.temperature, top_k=req.top_k, top_p=req.top_p, min_p=req.min_p,
+                            repetition_penalty=req.repetition_penalty, seed=req.seed, logprobs=logprobs)
+    text, ids = (prompt, []) if isinstance(prompt, str) else ("", prompt)
+    submit = Submit(text, ids, params, max_tokens, stop, priority=req.priority, session=req.session_id,
+                    request_id=req.request_id)
+    submit.validate()
+    return submit
+
+
+# -- errors -------------------------------------------------------------------
+
+STATUS = {
+    ErrorCode.BAD_REQUEST: 400, ErrorCode.UNAUTHORIZED: 401, ErrorCode.FORBIDDEN: 403,
+    ErrorCode.NOT_FOUND: 404, ErrorCode.OVERLOADED: 429, ErrorCode.UNAVAILABLE: 503,
+    ErrorCode.DEADLINE_EXCEEDED: 504, ErrorCode.CANCELLED: 499, ErrorCode.INTERNAL: 500,
+}
+_TYPE = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+         404: "not_found_error", 429: "rate_limit_error", 503: "service_unavailable", 504: "timeout",
+         499: "cancelled", 500: "server_error"}
+
+
+def error_body(exc: LlmosError) -> tuple[int, bytes, dict[str, str]]:
+    """(HTTP status, OpenAI error JSON, extra headers) for an llmos error."""
+    status = STATUS.get(exc.code, 500)
+    param = exc.detail.get("field")
+    body = encode({"error": {"message": exc.message, "type": _TYPE[status], "param": param, "code": str(exc.code)}})
+    headers = {}
+    retry = exc.detail.get("retry_after_s")
+    if status == 429:
+        headers["Retry-After"] = str(max(1, round(float(retry)))) if retry is not None else "1"
+    return status, body, headers
+
+
+# -- responses ------------------------------------------------------------------
+
+
+def usage_json(u: Any) -> dict[str, int]:
+    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+            "total_tokens": u.prompt_tokens + u.completion_tokens}
+
+
+def completion_json(rid: str, model: str, text: str, finish: str, usage: Any) -> dict[str, Any]:
+    return {"id": f"cmpl-{rid}", "object": "text_completion", "created": int(time.time()), "model": model,
+            "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}],
+            "usage": usage_json(usage)}
+
+
+def completion_chunk(rid: str, model: str, created: int, text: str, finish: str | None) -> dict[str, Any]:
+    return {"id": f"cmpl-{rid}", "object": "text_completion", "created": created, "model": model,
+            "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}]}
+
+
+def chat_json(rid: str, model: str, text: str, finish: str, usage: Any) -> dict[str, Any]:
+    return {"id": f"chatcmpl-{rid}", "object": "chat.completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                         "finish_reason": finish}],
+            "usage": usage_json(usage)}
+
+
+def chat_chunk(rid: str, model: str, created: int, delta: dict[str, str], finish: str | None) -> dict[str, Any]:
+    return {"id": f"chatcmpl-{rid}", "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+
+
+def usage_chunk(obj: str, rid: str, model: str, created: int, usage: Any) -> dict[str, Any]:
+    prefix = "chatcmpl" if obj.startswith("chat") else "cmpl"
+    return {"id": f"{prefix}-{rid}", "object": obj, "created": created, "model": model, "choices": [],
+            "usage": usage_json(usage)}

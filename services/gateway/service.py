@@ -1,0 +1,76 @@
+"""`python -m services.gateway [--listen HOST:PORT]`: the HTTP gateway as a
+supervised service. It registers with the kernel like any service (so it is
+restarted when it dies) and reaches the other services as a client, with each
+caller's own capability token."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import uvicorn
+from anyio.abc import TaskGroup
+
+from ipc.errors import BadRequest
+from ipc.home import front_endpoint
+from sdk.logs import get_logger
+from sdk.service import Service
+from services.gateway.app import create_app
+from services.gateway.backend import KernelBackend
+
+log = get_logger()
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    host, _, port = listen.rpartition(":")
+    try:
+        return host or "127.0.0.1", int(port)
+    except ValueError:
+        raise BadRequest(f"--listen wants HOST:PORT or :PORT, got {listen!r}") from None
+
+
+class _Server(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        # Signals belong to the Service (it stops the whole process cleanly).
+        yield
+
+
+class GatewayService(Service):
+    name = "gateway"
+
+    def __init__(self, argv: list[str] | None = None, **kwargs: Any):
+        super().__init__(**kwargs)
+        ap = argparse.ArgumentParser(prog="gateway")
+        ap.add_argument("--listen", default="127.0.0.1:8000")
+        ap.add_argument("--max-tokens", type=int, default=256, help="default max_tokens")
+        args = ap.parse_args(sys.argv[1:] if argv is None else argv)
+        self.host, self.port = parse_listen(args.listen)
+        self.backend = KernelBackend(front_endpoint(self.home), self.home)
+        self.app = create_app(self.backend, default_max_tokens=args.max_tokens)
+        self.server: _Server | None = None
+
+    def ready_meta(self) -> dict[str, str | int | float | bool]:
+        return {"http": f"http://{self.host}:{self.port}"}
+
+    async def on_start(self) -> None:
+        config = uvicorn.Config(self.app, host=self.host, port=self.port, lifespan="off", log_level="warning",
+                                access_log=False, loop="none")
+        self.server = _Server(config)
+        await self.server.startup()  # bind now: a busy port fails the start, visibly
+        if self.server.should_exit:
+            raise BadRequest(f"cannot listen on {self.host}:{self.port}")
+        log.info("gateway.listening", url=f"http://{self.host}:{self.port}")
+
+    async def background(self, tg: TaskGroup) -> None:
+        assert self.server is not None
+        tg.start_soon(self.server.main_loop)
+
+    async def on_stop(self) -> None:
+        if self.server is not None:
+            self.server.should_exit = True
+            await self.server.shutdown()
+        self.backend.close()

@@ -1,0 +1,203 @@
+"""The OpenAI-compatible HTTP layer against an in-memory backend (no sockets)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from ipc.errors import LlmosError, Overloaded, Unauthorized, Unavailable
+from ipc.protocol import kernel as kp
+from ipc.protocol.driver import ModelDescription
+from ipc.protocol.scheduler import FinishReason, Submit, Usage
+from sdk.generate import Chunk
+from services.gateway.app import create_app
+from services.gateway.backend import Stats
+
+USAGE = Usage(prompt_tokens=3, completion_tokens=4, ttft_s=0.01, total_s=0.05)
+
+
+class FakeBackend:
+    def __init__(self, model_dir: str = "") -> None:
+        self.submits: list[tuple[str | None, Submit]] = []
+        self.cancelled: list[str] = []
+        self.fail_with: LlmosError | None = None
+        self.pieces = ["Hel", "lo", " wor", "ld"]
+        self.model_dir = model_dir
+
+    async def stream(self, api_key: str | None, submit: Submit) -> AsyncIterator[Chunk]:
+        self.submits.append((api_key, submit))
+        if self.fail_with is not None:
+            raise self.fail_with
+        for i, p in enumerate(self.pieces):
+            last = i == len(self.pieces) - 1
+            yield Chunk("r1", i, [i], p, FinishReason.LENGTH if last else None, USAGE if last else None)
+
+    async def cancel(self, api_key: str | None, request_id: str) -> None:
+        self.cancelled.append(request_id)
+
+    async def model(self, api_key: str | None) -> ModelDescription:
+        return ModelDescription("tiny", "LlamaForCausalLM", self.model_dir, 300, 280, 256, 64, 16, [257], 256,
+                                "float32", "cpu", 1000, 0)
+
+    async def stats(self) -> Stats:
+        st = kp.StatusReply(1, 2.0, [kp.InstanceInfo("echo", "echo", 5, "ready", restarts=2)],
+                            kp.KernelCounters(routed=7))
+        return Stats(st, None, None)
+
+
+def client(backend: FakeBackend) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(backend)), base_url="http://t")
+
+
+async def test_completion_in_openai_shape() -> None:
+    b = FakeBackend()
+    async with client(b) as c:
+        r = await c.post("/v1/completions", json={"model": "tiny", "prompt": "Hi", "max_tokens": 4,
+                                                  "temperature": 0, "priority": 3, "session_id": "s1"})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["object"] == "text_completion" and body["model"] == "tiny"
+    assert body["choices"][0]["text"] == "Hello world" and body["choices"][0]["finish_reason"] == "length"
+    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
+    key, submit = b.submits[0]
+    assert key is None and submit.prompt == "Hi" and submit.max_tokens == 4
+    assert submit.params.temperature == 0 and submit.priority == 3 and submit.session == "s1"
+
+
+async def test_streamed_completion_is_openai_sse_and_concatenates() -> None:
+    b = FakeBackend()
+    async with client(b) as c:
+        r = await c.post("/v1/completions", json={"prompt": [1, 2, 3], "stream": True},
+                         headers={"Authorization": "Bearer k-123"})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = [line[len("data: "):] for line in r.text.split("\n\n") if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    texts = [ch["choices"][0]["text"] for ch in chunks if ch["choices"]]
+    assert "".join(texts) == "Hello world"
+    assert all(ch["object"] == "text_completion" and ch["id"] == "cmpl-r1" for ch in chunks)
+    finishes = [ch["choices"][0]["finish_reason"] for ch in chunks if ch["choices"]]
+    assert finishes[-1] == "length" and set(finishes[:-1]) == {None}
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["total_tokens"] == 7
+    assert b.submits[0][0] == "k-123" and b.submits[0][1].prompt_ids == [1, 2, 3]
+    assert b.cancelled == []  # it finished: nothing to cancel
+
+
+async def test_chat_uses_the_checkpoints_template(tmp_path: Path) -> None:
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<s>",
+        "chat_template": "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|>{% endif %}"}))
+    b = FakeBackend(str(tmp_path))
+    async with client(b) as c:
+        r = await c.post("/v1/chat/completions", json={"messages": [
+            {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}], "stream": True})
+    chunks = [json.loads(line[6:]) for line in r.text.split("\n\n") if line.startswith("data: {")]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert "".join(ch["choices"][0]["delta"].get("content", "") for ch in chunks if ch["choices"]) == "Hello world"
+    assert all(ch["object"] == "chat.completion.chunk" for ch in chunks)
+    submit = b.submits[0][1]
+    assert submit.prompt == "<s><|system|>Be brief.<|user|>Hi<|assistant|>" and not submit.add_special_tokens
+
+
+async def test_chat_without_a_template_gets_a_plain_transcript() -> None:
+    b = FakeBackend()
+    async with client(b) as c:
+        r = await c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}]})
+    assert r.json()["choices"][0]["message"] == {"role": "assistant", "content": "Hello world"}
+    assert b.submits[0][1].prompt == "user: Hi\nassistant:"
+
+
+@pytest.mark.parametrize("body, status, fragment", [
+    ({"prompt": "x", "max_tokens": "many"}, 400, "max_tokens"),
+    ({"prompt": "x", "temperature": -1}, 400, "temperature"),
+    ({"prompt": "x", "n": 2}, 400, "n > 1"),
+    ({"max_tokens": 3}, 400, "prompt"),
+    ({"prompt": ["a", "b"]}, 400, "batches"),
+])
+async def test_bad_bodies_are_400_naming_the_field(body: dict, status: int, fragment: str) -> None:  # type: ignore[type-arg]
+    async with client(FakeBackend()) as c:
+        r = await c.post("/v1/completions", json=body)
+    assert r.status_code == status
+    err = r.json()["error"]
+    assert fragment in err["message"] and err["type"] == "invalid_request_error"
+
+
+async def test_not_json_and_bad_roles() -> None:
+    async with client(FakeBackend()) as c:
+        r = await c.post("/v1/completions", content=b"{nope")
+        assert r.status_code == 400 and "not JSON" in r.json()["error"]["message"]
+        r = await c.post("/v1/chat/completions", json={"messages": [{"role": "wizard", "content": "x"}]})
+        assert r.status_code == 400 and "messages[0].role" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("exc, status, retry", [
+    (Overloaded("queue full", detail={"retry_after_s": 2.4}), 429, "2"),
+    (Unauthorized("bad key"), 401, None),
+    (Unavailable("scheduler down"), 503, None),
+])
+async def test_backend_errors_map_to_http_statuses(exc: LlmosError, status: int, retry: str | None) -> None:
+    b = FakeBackend()
+    b.fail_with = exc
+    async with client(b) as c:
+        r = await c.post("/v1/completions", json={"prompt": "x", "stream": True})
+    assert r.status_code == status and r.json()["error"]["code"] == str(exc.code)
+    assert r.headers.get("retry-after") == retry
+
+
+async def test_malformed_authorization_is_401() -> None:
+    async with client(FakeBackend()) as c:
+        r = await c.post("/v1/completions", json={"prompt": "x"}, headers={"Authorization": "Basic abc"})
+    assert r.status_code == 401 and "Bearer" in r.json()["error"]["message"]
+
+
+async def test_models_health_and_metrics() -> None:
+    b = FakeBackend()
+    async with client(b) as c:
+        models = (await c.get("/v1/models")).json()
+        assert models["data"][0]["id"] == "tiny" and models["object"] == "list"
+        health = (await c.get("/health")).json()
+        assert health["status"] == "ok" and health["services"] == {"echo": "ready"}
+        await c.post("/v1/completions", json={"prompt": "x"})
+        text = (await c.get("/metrics")).text
+    assert 'llmos_service_restarts_total{instance="echo",service="echo"} 2.0' in text
+    assert "llmos_kernel_messages_routed_total 7.0" in text
+    assert "llmos_generation_tokens_total 4.0" in text
+    assert 'llmos_http_requests_total{endpoint="completions",status="200"} 1.0' in text
+
+
+async def test_a_client_that_disconnects_mid_stream_cancels_its_request() -> None:
+    """Over a real socket (uvicorn): closing the SSE stream cancels the generation."""
+    import anyio
+    import uvicorn
+
+    class SlowBackend(FakeBackend):
+        async def stream(self, api_key: str | None, submit: Submit) -> AsyncIterator[Chunk]:
+            self.submits.append((api_key, submit))
+            for i in range(10_000):
+                yield Chunk("slow-1", i, [i], f"t{i} ")
+                await anyio.sleep(0.01)
+
+    b = SlowBackend()
+    config = uvicorn.Config(create_app(b), host="127.0.0.1", port=0, lifespan="off", log_level="warning")
+    server = uvicorn.Server(config)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(server.serve)
+        with anyio.fail_after(10):
+            while not server.started:
+                await anyio.sleep(0.01)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as c:
+            async with c.stream("POST", "/v1/completions", json={"prompt": "x", "stream": True}) as r:
+                async for line in r.aiter_lines():
+                    if line.startswith("data: "):
+                        break
+        with anyio.fail_after(10):
+            while not b.cancelled:
+                await anyio.sleep(0.01)
+        server.should_exit = True
+    assert b.cancelled == ["slow-1"]
