@@ -12,11 +12,9 @@ import hashlib
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 from ipc.errors import LlmosError
-from ipc.home import admin_key_path
 from ipc.protocol import kernel as kp
 from ipc.protocol import memory as mp
 from ipc.protocol import scheduler as sp
@@ -42,9 +40,12 @@ class Stats:
 
 
 class KernelBackend:
-    def __init__(self, endpoint: str, home: Path):
+    """`system` is the gateway's own (service) connection: model facts and
+    stats are asked as the gateway; generation always as the caller."""
+
+    def __init__(self, endpoint: str, system: Callable[[str, Any], Awaitable[Any]]):
         self.endpoint = endpoint
-        self.home = home
+        self._system = system
         self._conns: OrderedDict[str, _Principal] = OrderedDict()
         self._model: ModelDescription | None = None
 
@@ -71,14 +72,6 @@ class KernelBackend:
             await p.keeper.ensure_fresh()
         return p
 
-    async def _operator(self) -> _Principal:
-        """The local operator (admin key in LLMOS_HOME) for /metrics and /health."""
-        try:
-            key = admin_key_path(self.home).read_text().strip() or None
-        except OSError:
-            key = None
-        return await self._principal(key)
-
     async def stream(self, api_key: str | None, submit: sp.Submit) -> AsyncIterator[Chunk]:
         p = await self._principal(api_key)
         async for chunk in stream_generate(p.conn, submit):
@@ -89,20 +82,20 @@ class KernelBackend:
         await p.conn.call(sp.SCHEDULER, sp.Cancel(request_id), timeout=5.0)
 
     async def model(self, api_key: str | None) -> ModelDescription:
+        if api_key is not None:
+            await self._principal(api_key)  # an unknown key is refused before anything else
         if self._model is None:
-            p = await self._principal(api_key)
-            self._model = await p.conn.call(DRIVER, DescribeModel(), timeout=30.0)
+            self._model = await self._system(DRIVER, DescribeModel())
         return self._model
 
     async def stats(self) -> Stats:
-        p = await self._operator()
-        status = await p.conn.call(kp.KERNEL, kp.Status(), timeout=5.0)
-        return Stats(status, await self._maybe(p, sp.SCHEDULER, sp.SchedulerStats()),
-                     await self._maybe(p, "memory", mp.MemoryStats()))
+        status = await self._system(kp.KERNEL, kp.Status())
+        return Stats(status, await self._maybe(sp.SCHEDULER, sp.SchedulerStats()),
+                     await self._maybe("memory", mp.MemoryStats()))
 
-    async def _maybe(self, p: _Principal, service: str, msg: Any) -> Any:
+    async def _maybe(self, service: str, msg: Any) -> Any:
         try:
-            return await p.conn.call(service, msg, timeout=2.0)
+            return await self._system(service, msg)
         except LlmosError:
             return None  # a service that is restarting is simply absent from this scrape
 

@@ -49,9 +49,12 @@ class GatewayService(Service):
         ap.add_argument("--max-tokens", type=int, default=256, help="default max_tokens")
         args = ap.parse_args(sys.argv[1:] if argv is None else argv)
         self.host, self.port = parse_listen(args.listen)
-        self.backend = KernelBackend(front_endpoint(self.home), self.home)
+        self.backend = KernelBackend(front_endpoint(self.home), self._system_call)
         self.app = create_app(self.backend, default_max_tokens=args.max_tokens)
         self.server: _Server | None = None
+
+    async def _system_call(self, service: str, msg: Any) -> Any:
+        return await self.call(service, msg, timeout=10.0)
 
     def ready_meta(self) -> dict[str, str | int | float | bool]:
         return {"http": f"http://{self.host}:{self.port}"}
@@ -59,8 +62,12 @@ class GatewayService(Service):
     async def on_start(self) -> None:
         config = uvicorn.Config(self.app, host=self.host, port=self.port, lifespan="off", log_level="warning",
                                 access_log=False, loop="none")
+        config.load()
         self.server = _Server(config)
-        await self.server.startup()  # bind now: a busy port fails the start, visibly
+        # uvicorn's serve() split in two: bind before READY (a busy port fails
+        # the start, visibly), serve from the service's task group after it.
+        self.server.lifespan = config.lifespan_class(config)
+        await self.server.startup()
         if self.server.should_exit:
             raise BadRequest(f"cannot listen on {self.host}:{self.port}")
         log.info("gateway.listening", url=f"http://{self.host}:{self.port}")
@@ -70,7 +77,7 @@ class GatewayService(Service):
         tg.start_soon(self.server.main_loop)
 
     async def on_stop(self) -> None:
-        if self.server is not None:
+        if self.server is not None and self.server.started:
             self.server.should_exit = True
             await self.server.shutdown()
         self.backend.close()
