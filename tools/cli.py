@@ -6,6 +6,10 @@
     llmos kill SERVICE [--signal SIGKILL]      kill a service (the supervisor restarts it)
     llmos generate "PROMPT" [--stream] [--json] generate text through the scheduler
     llmos demo                                 boot, show it serving, survive a kill, stop
+    llmos keys create|list|revoke|quota        API keys and tenants (tools/security_cli.py)
+    llmos audit verify|tail                    the hash-chained audit log
+
+With auth on (the default), commands use $LLMOS_HOME/admin.key when this user can read it.
 """
 
 from __future__ import annotations
@@ -160,6 +164,10 @@ def main(argv: list[str] | None = None) -> int:
 
     demo = sub.add_parser("demo", help="boot llmos, show it serving and recovering, stop")
     demo.set_defaults(fn=cmd_demo)
+
+    from tools.security_cli import add_commands
+
+    add_commands(sub)
 
     args = ap.parse_args(argv)
     fn: Callable[[argparse.Namespace], int] = args.fn

@@ -36,3 +36,14 @@ class Counted(Message):
 
 class CountDone(Message):
     n: int
+
+
+class WhoAmI(Message):
+    """Answered with what the service was told about the caller (tests of the
+    kernel's principal stamping)."""
+
+
+class Identity(Message):
+    principal: str
+    max_tokens: int = 0
+    session: str = ""

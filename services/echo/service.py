@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import anyio
 
-from ipc.protocol.echo import Count, CountDone, Counted, Echo, EchoOnce, EchoReply
+from ipc.protocol.echo import Count, CountDone, Counted, Echo, EchoOnce, EchoReply, Identity, WhoAmI
 from sdk.service import Context, Service, handler
 
 
@@ -28,3 +28,8 @@ class EchoService(Service):
         for i in range(msg.n):
             ctx.emit(Counted(i))
         return CountDone(msg.n)
+
+    @handler(idempotent=True)
+    async def whoami(self, msg: WhoAmI, ctx: Context) -> Identity:
+        r = ctx.restrictions
+        return Identity(ctx.principal, r.max_tokens, r.session)

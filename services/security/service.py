@@ -134,7 +134,8 @@ class SecurityService(Service):
                     detail["token_id"] = ev.token_id
                 if ev.dropped:
                     detail["dropped_before"] = ev.dropped
-                self.audit.append(ev.principal, "access", f"{ev.dst}:{ev.op}", ev.code, detail)
+                # no dst: a frame for the kernel itself (READY, a control frame)
+                self.audit.append(ev.principal, "access", f"{ev.dst or kp.KERNEL}:{ev.op}", ev.code, detail)
 
     async def _prune_periodically(self) -> None:
         while True:
