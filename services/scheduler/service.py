@@ -169,7 +169,15 @@ class SchedulerService(Service):
     async def submit(self, msg: sp.Submit, ctx: Context) -> sp.Finished:
         await self._until_ready()
         sink = self.engine.submit(msg, ctx.principal, ctx.emit)
-        return await sink.wait()
+        try:
+            return await sink.wait()
+        except anyio.get_cancelled_exc_class():
+            # The kernel cancelled this handler: the requester is gone (or we
+            # are stopping). Unless a re-submission took the stream over,
+            # nobody will read the tokens: stop generating and free the blocks.
+            if not sink.superseded:
+                self.engine.cancel(ctx.principal, sink.request.request_id)
+            raise
 
     @handler(idempotent=True)
     async def cancel(self, msg: sp.Cancel, ctx: Context) -> sp.CancelReply:
