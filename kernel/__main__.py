@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from ipc.errors import LlmosError
 from ipc.home import llmos_home
-from kernel.config import load_config
+from kernel.config import Config, load_config
 from sdk.logs import configure
 
 
@@ -23,15 +24,16 @@ def main(argv: list[str] | None = None) -> int:
     except LlmosError as exc:
         print(f"llmos: {exc.message}", file=sys.stderr)
         return 2
-    return boot(config, home)
+    return boot(config, home, Path(args.config) if args.config else None)
 
 
-def boot(config, home) -> int:  # type: ignore[no-untyped-def]
+def boot(config: Config, home: Path, config_path: Path | None = None) -> int:
     import anyio
 
     from kernel.main import run_kernel
 
-    rc = anyio.run(run_kernel, config, home, backend="asyncio", backend_options={"use_uvloop": True})
+    rc = anyio.run(run_kernel, config, home, None, config_path, backend="asyncio",
+                   backend_options={"use_uvloop": True})
     return int(rc)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import tomllib
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
@@ -68,15 +69,34 @@ class KernelConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     auth: bool = True
 
 
-def default_children() -> list[ChildSpec]:
-    # security first: it writes admin.key and must be up before anyone logs in.
-    return [ChildSpec(name="security", module="services.security"), ChildSpec(name="echo", module="services.echo")]
+def default_children(model: str = "demo", drivers: dict[str, int] | None = None, http: str = "",
+                     kv_cache_mb: int = 256) -> list[ChildSpec]:
+    """What `llmos up` runs, in start order: security first (it writes
+    admin.key and must be up before anyone logs in), the memory server
+    before the drivers whose pools it tracks, the scheduler after both, the
+    gateway last."""
+    children = [ChildSpec(name="security", module="services.security"),
+                ChildSpec(name="echo", module="services.echo"),
+                ChildSpec(name="memory", module="services.memory")]
+    for name, n in (drivers or {"cpu": 1}).items():
+        children.append(ChildSpec(name=name, module="drivers", service="driver", instances=n,
+                                  args=[name, "--model", model, "--kv-cache-mb", str(kv_cache_mb)]))
+    children.append(ChildSpec(name="scheduler", module="services.scheduler"))
+    if http:
+        children.append(ChildSpec(name="gateway", module="services.gateway", args=["--listen", http]))
+    return children
 
 
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     kernel: KernelConfig = KernelConfig()
     supervisor: SupervisorConfig = SupervisorConfig()
     children: list[ChildSpec] = msgspec.field(default_factory=default_children)
+    # Tables the services read themselves (from $LLMOS_CONFIG, the file the
+    # kernel was started with); the kernel only carries them.
+    scheduler: dict[str, Any] = {}
+    memory: dict[str, Any] = {}
+    gateway: dict[str, Any] = {}
+    security: dict[str, Any] = {}
 
     def validate(self) -> "Config":
         names = [c.name for c in self.children]

@@ -23,7 +23,8 @@ from sdk.logs import get_logger
 log = get_logger()
 
 
-async def run_kernel(config: Config, home: Path, launcher: Launcher | None = None) -> int:
+async def run_kernel(config: Config, home: Path, launcher: Launcher | None = None,
+                     config_path: Path | None = None) -> int:
     """Run until shutdown. Returns the process exit status: 0 after a requested
     shutdown, 1 after an escalation (the reason is logged and printed)."""
     rd = run_dir(home)
@@ -42,7 +43,8 @@ async def run_kernel(config: Config, home: Path, launcher: Launcher | None = Non
             return 2
     supervisor = Supervisor(
         config.supervisor, config.children, launcher or LocalLauncher(),
-        env={"LLMOS_HOME": str(home), "LLMOS_BACK": back, "LLMOS_FRONT": front, "LLMOS_BOOT_SECRET": secret},
+        env={"LLMOS_HOME": str(home), "LLMOS_BACK": back, "LLMOS_FRONT": front, "LLMOS_BOOT_SECRET": secret,
+             **({"LLMOS_CONFIG": str(config_path.resolve())} if config_path else {})},
         on_exit=kernel.instance_down, on_escalate=lambda reason: kernel.request_shutdown(f"escalation: {reason}"))
     kernel.supervisor = supervisor
     kernel.registry.known.update(supervisor.service_names)

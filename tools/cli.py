@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 import msgspec
 
-from ipc.errors import LlmosError
+from ipc.errors import BadRequest, LlmosError
 from ipc.home import llmos_home
 
 
@@ -32,14 +33,32 @@ def _client(args: argparse.Namespace) -> Any:
 
 def cmd_up(args: argparse.Namespace) -> int:
     from kernel.__main__ import boot
-    from kernel.config import load_config
+    from kernel.config import default_children, load_config
     from sdk.logs import configure
 
     home = llmos_home(args.home)
     configure("kernel", home, stderr=not args.quiet)
     config = load_config(args.config)
+    if args.config is None or args.model or args.drivers or args.http:
+        # flags describe the children; a config file's other sections still apply
+        children = default_children(args.model or "demo", parse_drivers(args.drivers or "cpu=1"), args.http or "")
+        config = msgspec.structs.replace(config, children=children)
     print(f"llmos: up; home {home}; stop with Ctrl-C or `llmos down`", file=sys.stderr)
-    return boot(config, home)
+    return boot(config, home, Path(args.config) if args.config else None)
+
+
+def parse_drivers(spec: str) -> dict[str, int]:
+    """"cpu=1,cuda=2" → {"cpu": 1, "cuda": 2}."""
+    out: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, _, n = part.partition("=")
+        try:
+            out[name] = int(n or "1")
+        except ValueError:
+            raise BadRequest(f"--drivers wants NAME=COUNT[,NAME=COUNT], got {spec!r}") from None
+        if out[name] < 1:
+            raise BadRequest(f"--drivers: {name} needs a count >= 1")
+    return out
 
 
 def cmd_down(args: argparse.Namespace) -> int:
@@ -136,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
 
     up = sub.add_parser("up", help="boot llmos in the foreground")
     up.add_argument("--config", help="TOML config file")
+    up.add_argument("--model", help="'demo' (default) or a local Hugging Face directory")
+    up.add_argument("--drivers", help="drivers to start, e.g. cpu=1 or cuda=1 (default cpu=1)")
+    up.add_argument("--http", help="serve the OpenAI-compatible HTTP API on HOST:PORT, e.g. :8000")
     up.add_argument("--quiet", action="store_true", help="log only to LLMOS_HOME/logs")
     up.set_defaults(fn=cmd_up)
 

@@ -11,6 +11,7 @@ learns the model (tokenizer, EOS ids, context length) from a driver.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
 
@@ -40,7 +41,8 @@ MEMORY_GRACE_S = 5.0
 
 def scheduler_args(argv: list[str]) -> SchedulerConfig:
     ap = argparse.ArgumentParser(prog="scheduler")
-    ap.add_argument("--config", help="TOML file; its [scheduler] table is read")
+    ap.add_argument("--config", default=os.environ.get("LLMOS_CONFIG"),
+                    help="TOML file; its [scheduler] table is read (default: the kernel's, $LLMOS_CONFIG)")
     ap.add_argument("--policy", choices=[p.value for p in PolicyName])
     ap.add_argument("--token-budget", type=int)
     ap.add_argument("--max-seqs", type=int)

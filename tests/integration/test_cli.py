@@ -9,7 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-from sdk.testing import REPO_ROOT, leftover_sockets
+from kernel.config import ChildSpec, Config
+from sdk.testing import REPO_ROOT, leftover_sockets, write_config
 
 LLMOS = [sys.executable, "-m", "tools.cli"]
 
@@ -39,7 +40,10 @@ def wait_ps(home: Path, pred, what: str) -> dict:  # type: ignore[no-untyped-def
 
 
 def test_up_ps_kill_down(home: Path) -> None:
-    up = subprocess.Popen([*LLMOS, "--home", str(home), "up", "--quiet"], cwd=REPO_ROOT,
+    # security and echo only: the default set would boot the demo model too
+    cfg = write_config(home / "llmos.toml", Config(children=[ChildSpec("security", "services.security"),
+                                                             ChildSpec("echo", "services.echo")]))
+    up = subprocess.Popen([*LLMOS, "--home", str(home), "up", "--quiet", "--config", str(cfg)], cwd=REPO_ROOT,
                           env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

@@ -13,8 +13,22 @@ def test_defaults_need_no_file() -> None:
     cfg = load_config(None)
     assert cfg.kernel.max_attempts >= 1
     # secure by default: the security server first (it writes admin.key), auth on
-    assert [c.name for c in cfg.children] == ["security", "echo"]
+    assert [c.name for c in cfg.children] == ["security", "echo", "memory", "cpu", "scheduler"]
     assert cfg.kernel.auth
+    cpu = cfg.children[3]
+    assert cpu.service == "driver" and cpu.args[:3] == ["cpu", "--model", "demo"]
+
+
+def test_llmos_up_flags_choose_the_children() -> None:
+    from kernel.config import default_children
+    from tools.cli import parse_drivers
+
+    kids = default_children("/models/x", parse_drivers("cpu=2,cuda=1"), ":8000")
+    assert [(c.name, c.instances) for c in kids] == [
+        ("security", 1), ("echo", 1), ("memory", 1), ("cpu", 2), ("cuda", 1), ("scheduler", 1), ("gateway", 1)]
+    assert kids[-1].args == ["--listen", ":8000"] and kids[3].args[2] == "/models/x"
+    with pytest.raises(BadRequest, match="--drivers"):
+        parse_drivers("cpu=two")
 
 
 def test_toml_file_is_decoded_into_typed_structs(tmp_path: Path) -> None:
