@@ -47,8 +47,10 @@ class SeqResult:
         failed). logprob: its log-probability under the model's raw
         distribution (None when no token). top_logprobs: the
         params.logprobs most likely (token, logprob) pairs, most likely first.
-    error: why this sequence failed (its KV cache was not written); the other
-        sequences of the step are unaffected.
+    error: why this sequence failed; the other sequences of the step are
+        unaffected. A step rejected as invalid wrote nothing to the KV cache;
+        one whose logits came out non-finite did write its slots, and the
+        sequence should be dropped.
     """
 
     seq_id: int
