@@ -118,6 +118,9 @@ class Release(Message):
     blocks stay in the prefix cache until evicted."""
 
     seq_ids: list[str]
+    # False when their last reserved step never ran: the blocks it filled
+    # hold no KV and must not be offered to the prefix cache.
+    computed: bool = True
 
 
 class ReleaseReply(Message):

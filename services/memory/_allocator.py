@@ -96,16 +96,18 @@ def _lookup(seq: Sequence, pool: BlockPool, tokens: array, known: int,
         keys.append(parent)
 
 
-def release(seq: Sequence) -> int:
+def release(seq: Sequence, computed: bool = True) -> int:
     """Drop the sequence's blocks; returns how many are no longer used.
-    Full blocks stay in the prefix cache."""
+    Full blocks stay in the prefix cache (with `computed`, also those the
+    last step filled)."""
     pool = seq.pool
     if seq.swapped:
         for slot in seq.blocks:
             pool.swap.free(slot)
         seq.blocks = []
         return 0
-    seq.commit()
+    if computed:
+        seq.commit()
     freed = 0
     # Last blocks first: the tail of the free queue is evicted last, and a
     # prompt's first blocks are the ones most worth keeping.

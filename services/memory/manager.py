@@ -128,7 +128,7 @@ class MemoryManager:
             if seq is None:
                 failures.append(SeqFailure(sid, _unknown(sid).to_wire()))
             else:
-                freed += _allocator.release(seq)
+                freed += _allocator.release(seq, req.computed)
         return ReleaseReply(freed, failures)
 
     def fork(self, req: Fork) -> ForkReply:
