@@ -1,13 +1,10 @@
-"""`llmos demo`: boot llmos on the built-in demo model, show it serving and
-surviving a crash, shut down.
+"""`llmos demo`: the first run. Boot llmos on the built-in demo model, show
+where everything is, serve a mixed streaming workload from two tenants at
+several priorities, SIGKILL the CPU driver in the middle, and show that every
+request still finished exactly once — then shut down cleanly.
 
-Until the scheduler service lands, the demo drives the CPU driver's `Execute`
-steps itself (one sequence, greedy), the way the scheduler will: block table,
-prefill, then one decode step per token. Midway it SIGKILLs the driver; the
-supervisor restarts it, and the demo recomputes the sequence's KV (prompt +
-tokens so far) on the new process and continues. Greedy decoding is
-deterministic, so the recovered text must equal an uninterrupted run — the
-demo checks that and says so.
+The demo model has random weights (no download, ever): its text is noise;
+what the demo shows is the operating system around it.
 """
 
 from __future__ import annotations
@@ -15,123 +12,174 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import socket
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import anyio
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
-from drivers.model.catalog import open_tokenizer
 from ipc.errors import LlmosError
-from ipc.home import llmos_home
-from ipc.protocol import driver as dp
-from ipc.protocol.echo import Echo
-from ipc.protocol.sampling import SamplingParams
-from kernel.config import ChildSpec
+from ipc.home import admin_key_path, front_endpoint, llmos_home
+from ipc.protocol import security as sec
+from kernel.config import default_children
+from sdk.client import AsyncClient
 from sdk.testing import RunningLlmos, running_llmos
+from tools.bench.common import percentile
 
-PROMPT = "Hello, llmos! Tell me about operating systems."
-TOKENS = 48
-KILL_AT = 20
-GREEDY = SamplingParams(temperature=0.0)
-
-
-def say(msg: str = "") -> None:
-    print(msg, flush=True)
+PROMPTS = ["Once upon a time", "The kernel routes messages", "Paged attention stores keys",
+           "A supervisor restarts", "Tokens per second", "Hello, llmos!"]
+REQUESTS = 24
+MAX_TOKENS = 40
 
 
-async def generate(llmos: RunningLlmos, prompt: list[int], n: int, kill_at: int | None,
-                   on_token: Callable[[int], None]) -> tuple[list[int], float]:
-    out: list[int] = []
-    block_size = 16
-    table = list(range((len(prompt) + n) // block_size + 1))
-    began = time.perf_counter()
-    recompute = True
-    while len(out) < n:
-        if recompute:
-            # Prefill: the prompt and everything generated so far (after a crash, this
-            # rebuilds the KV cache the dead driver held).
-            ids, start = prompt + out, 0
-            recompute = False
-        else:
-            ids, start = [out[-1]], len(prompt) + len(out) - 1
-        if kill_at is not None and len(out) == kill_at:
-            kill_at = None
-            pid = next(i.pid for i in (await llmos.status()).instances if i.service == "driver")
-            say(f"\n\n  ✗ SIGKILL driver (pid {pid}) after {len(out)} tokens")
-            os.kill(pid, signal.SIGKILL)
-            st = await llmos.wait_for(lambda s: any(i.service == "driver" and i.state == "ready" and i.pid != pid
-                                                    for i in s.instances), 120, "driver back")
-            new = next(i for i in st.instances if i.service == "driver")
-            say(f"  ✓ supervisor restarted it (pid {new.pid}, restarts {new.restarts}); "
-                f"recomputing {len(prompt) + len(out)} tokens of KV and continuing\n")
-            recompute = True
-            continue
-        reply = await llmos.client.call("driver", dp.Execute([dp.StepSeq(1, ids, start, table, params=GREEDY)]),
-                                        timeout=120)
-        o = reply.outputs[0]
-        if o.error:
-            raise LlmosError(o.error)
-        out.append(o.token)
-        on_token(o.token)
-    return out, time.perf_counter() - began
+@dataclass
+class Outcome:
+    tenant: str
+    priority: int
+    greedy: bool
+    prompt: str
+    token_ids: list[int] = field(default_factory=list)
+    finished: int = 0  # how many final chunks arrived (exactly one, or the contract broke)
+    reason: str = ""
+    error: str = ""
+    ttft_s: float = 0.0
+    faulted: bool = False  # the driver died while it was running
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def _one(client: AsyncClient, o: Outcome, i: int, progress: Progress, task: object,
+               kill_window: list[bool]) -> None:
+    began = time.monotonic()
+    try:
+        async for chunk in client.stream_generate(o.prompt, max_tokens=MAX_TOKENS, priority=o.priority,
+                                                  temperature=0.0 if o.greedy else 0.8, seed=i,
+                                                  ignore_eos=True, timeout=300):
+            if not o.token_ids and chunk.token_ids:
+                o.ttft_s = time.monotonic() - began
+            o.token_ids.extend(chunk.token_ids)
+            progress.advance(task, len(chunk.token_ids))  # type: ignore[arg-type]
+            if kill_window[0]:
+                o.faulted = True
+            if chunk.finish_reason is not None:
+                o.finished += 1
+                o.reason = str(chunk.finish_reason)
+    except LlmosError as exc:
+        o.error = str(exc)
+
+
+async def _kill_driver_midway(llmos: RunningLlmos, progress: Progress, task: object, total: int,
+                              console: Console, kill_window: list[bool], report: dict[str, float]) -> None:
+    while progress.tasks[0].completed < total * 0.4:
+        await anyio.sleep(0.05)
+    st = await llmos.status()
+    cpu = next(i for i in st.instances if i.service == "driver")
+    console.print(f"  [bold red]✗ SIGKILL[/] driver {cpu.instance} (pid {cpu.pid}) with requests in flight")
+    kill_window[0] = True
+    killed_at = time.monotonic()
+    os.kill(cpu.pid, signal.SIGKILL)
+    st = await llmos.wait_for(lambda s: any(i.service == "driver" and i.state == "ready" and i.pid != cpu.pid
+                                            for i in s.instances), 300, "driver back")
+    report["driver_ready_s"] = time.monotonic() - killed_at
+    new = next(i for i in st.instances if i.service == "driver")
+    console.print(f"  [bold green]✓[/] supervisor restarted it as pid {new.pid} in "
+                  f"{report['driver_ready_s']:.1f}s; its sequences are recomputed, not lost")
+    kill_window[0] = False
 
 
 async def demo(home: Path) -> int:
-    spec = [ChildSpec("echo", "services.echo"),
-            ChildSpec("cpu", "drivers.cpu", service="driver",
-                      args=["--model", "demo", "--kv-cache-mb", "64", "--threads", str(os.cpu_count() or 1)])]
-    say(f"llmos demo — LLMOS_HOME {home}")
-    say("  booting the kernel, echo and the CPU driver (the demo model is generated on first use)…")
-    async with running_llmos(home, spec, ready_timeout=600) as llmos:
+    console = Console()
+    port = _free_port()
+    console.print(f"[bold]llmos demo[/] — LLMOS_HOME {home}")
+    console.print("  booting: security, echo, memory, cpu driver (demo model; generated on first use), "
+                  "scheduler, HTTP gateway…")
+    children = default_children("demo", {"cpu": 1}, f"127.0.0.1:{port}", kv_cache_mb=64)
+    async with running_llmos(home, children, auth=True, ready_timeout=900) as llmos:
         st = await llmos.status()
-        say(f"  kernel pid {st.pid}; clients connect to {llmos.client.connection.endpoint}\n")
-        say(f"  {'SERVICE':8} {'INSTANCE':9} {'PID':>7}  STATE")
+        console.print(f"  kernel pid {st.pid}; SDK endpoint {front_endpoint(home)}")
+        console.print(f"  OpenAI-compatible HTTP: http://127.0.0.1:{port}/v1  (metrics: /metrics)")
+        console.print(f"  admin API key: {admin_key_path(home)} (mode 0600)\n")
+        ps = Table("service", "instance", "pid", "state", box=None, pad_edge=False)
         for i in st.instances:
-            say(f"  {i.service:8} {i.instance:9} {i.pid:>7}  {i.state}")
+            ps.add_row(i.service, i.instance, str(i.pid), i.state)
+        console.print(ps)
 
-        t = time.perf_counter()
-        for _ in range(200):
-            await llmos.client.call("echo", Echo(b"ping"))
-        say(f"\n  echo: 200 round trips through the kernel, {(time.perf_counter() - t) / 200 * 1e6:.0f} µs each")
+        admin = llmos.client
+        keys = {t: (await admin.call(sec.SECURITY, sec.CreateKey(t, ["generate"], note="demo"))).api_key
+                for t in ("alice", "bob")}
+        clients = {t: await AsyncClient.connect(home=home, api_key=k) for t, k in keys.items()}
+        console.print(f"\n  two tenants with their own API keys: {', '.join(clients)}; "
+                      f"{REQUESTS} streaming requests at priorities 0–2, half greedy\n")
+        outcomes = [Outcome("alice" if i % 2 else "bob", i % 3, i % 2 == 0, PROMPTS[i % len(PROMPTS)])
+                    for i in range(REQUESTS)]
+        total = REQUESTS * MAX_TOKENS
+        report: dict[str, float] = {}
+        kill_window = [False]
+        began = time.monotonic()
+        with Progress(TextColumn("  tokens"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=console) as progress:
+            task = progress.add_task("tokens", total=total)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_kill_driver_midway, llmos, progress, task, total, console, kill_window, report)
+                async with anyio.create_task_group() as work:
+                    for i, o in enumerate(outcomes):
+                        work.start_soon(_one, clients[o.tenant], o, i, progress, task, kill_window)
+                tg.cancel_scope.cancel()
+        elapsed = time.monotonic() - began
 
-        desc = await llmos.client.call("driver", dp.DescribeModel())
-        say(f"  model: {desc.name} ({desc.architecture}, {desc.num_params / 1e6:.0f}M params, {desc.dtype}), "
-            f"{desc.num_blocks} KV blocks of {desc.block_size} tokens")
-        tok = open_tokenizer("demo", home)
-        prompt = tok.encode(PROMPT)
-        say(f"\n  prompt: {PROMPT!r}  (the demo model has random weights: expect noise, not prose)\n  ")
-        det = tok.detokenizer(prompt)
+        # Greedy answers must not depend on the crash: rerun them without one.
+        greedy = [o for o in outcomes if o.greedy and not o.error]
+        matches: list[bool] = []
 
-        def show(t: int) -> None:
-            sys.stdout.write(det.feed(t))
-            sys.stdout.flush()
-
-        faulted, secs = await generate(llmos, prompt, TOKENS, KILL_AT, show)
-        say(det.flush())
-        say(f"\n  {TOKENS} tokens in {secs:.2f}s, including the crash and the recompute")
-        det = tok.detokenizer(prompt)
-        clean, secs = await generate(llmos, prompt, TOKENS, None, lambda t: None)
-        say(f"  reference run without a fault: {TOKENS / secs:.1f} tokens/s at batch 1")
-        same = faulted == clean
-        say(f"  recovered output {'equals' if same else 'DIFFERS FROM'} the fault-free run "
-            f"({sum(a == b for a, b in zip(faulted, clean))}/{TOKENS} tokens match)")
+        async def rerun(o: Outcome) -> None:
+            ref = await clients[o.tenant].generate(o.prompt, max_tokens=MAX_TOKENS, temperature=0.0,
+                                                   ignore_eos=True, timeout=300)
+            matches.append(ref.token_ids == o.token_ids)
+        with console.status("  rerunning the greedy requests without a fault…"):
+            async with anyio.create_task_group() as tg:
+                for o in greedy:
+                    tg.start_soon(rerun, o)
+        same = sum(matches)
         st = await llmos.status()
-        say(f"  kernel counters: routed {st.counters.routed}, resent {st.counters.resent}, "
-            f"rejected {st.counters.rejected}")
-        say("\n  shutting down (reverse start order)…")
-    say("  done: no process left behind.")
-    return 0 if same else 1
+        ok = [o for o in outcomes if o.finished == 1 and not o.error]
+        failed = [o for o in outcomes if o.error]
+        dup = [o for o in outcomes if o.finished > 1]
+        tokens = sum(len(o.token_ids) for o in outcomes)
+        ttfts = [o.ttft_s * 1000 for o in ok]
+        summary = Table(title="summary", box=None, pad_edge=False, show_header=False)
+        summary.add_row("requests finished exactly once", f"{len(ok)}/{REQUESTS}")
+        summary.add_row("failed / duplicated", f"{len(failed)} / {len(dup)}")
+        summary.add_row("tokens generated", f"{tokens} in {elapsed:.1f}s ({tokens / elapsed:.0f} tokens/s, "
+                                            "crash and recompute included)")
+        summary.add_row("TTFT p50 / p99", f"{percentile(ttfts, 50):.0f} ms / {percentile(ttfts, 99):.0f} ms")
+        summary.add_row("driver back after SIGKILL", f"{report.get('driver_ready_s', float('nan')):.1f}s")
+        summary.add_row("greedy requests equal to a fault-free rerun", f"{same}/{len(greedy)}")
+        summary.add_row("restarts", ", ".join(f"{i.instance}={i.restarts}" for i in st.instances))
+        console.print()
+        console.print(summary)
+        for o in failed:
+            console.print(f"  [red]failed[/] {o.tenant} p{o.priority}: {o.error}")
+        for c in clients.values():
+            await c.aclose()
+        console.print("\n  shutting down (reverse start order)…")
+    console.print("  done: every service stopped, no process or socket left behind.")
+    return 0 if len(ok) == REQUESTS and same == len(greedy) else 1
 
 
 def run_demo(args: argparse.Namespace) -> int:
     home = llmos_home(args.home)
-    from ipc.home import front_endpoint
-
     sock = Path(front_endpoint(home)[len("ipc://"):])
     if sock.exists():
         print(f"llmos: a kernel is already running under {home}; stop it with `llmos down` or use --home",
               file=sys.stderr)
         return 1
-    return anyio.run(demo, home, backend="asyncio", backend_options={"use_uvloop": True})
+    return int(anyio.run(demo, home, backend="asyncio", backend_options={"use_uvloop": True}))
