@@ -72,7 +72,7 @@ async def stream_generate(conn: Connection, submit: Submit, *,
                      submit.session, submit.request_id, len(held), list(held),
                      submit.add_special_tokens, attempt)
         try:
-            async for ev in conn.stream(SCHEDULER, msg):
+            async for ev in conn.stream(SCHEDULER, msg, trace_id=submit.request_id):
                 if not isinstance(ev, (TokenDelta, Finished)):
                     raise Internal(f"the scheduler answered {type(ev).__name__} to Submit")
                 if ev.offset != len(held):

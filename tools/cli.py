@@ -142,6 +142,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0 if comp.finish_reason != "error" else 1
 
 
+def cmd_top(args: argparse.Namespace) -> int:
+    from tools.top import run_top
+
+    return run_top(args.home, args.once)
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from tools.logs import format_record, select
+
+    recs = select(llmos_home(args.home), args.request, args.service)[-args.n:] if args.n else \
+        select(llmos_home(args.home), args.request, args.service)
+    for rec in recs:
+        print(msgspec.json.encode(rec).decode() if args.json else format_record(rec))
+    return 0 if recs or not args.request else 1
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from tools.demo import run_demo
 
@@ -183,6 +199,17 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--stream", action="store_true", help="print tokens as they come")
     g.add_argument("--json", action="store_true", help="one JSON object (per chunk with --stream)")
     g.set_defaults(fn=cmd_generate)
+
+    top = sub.add_parser("top", help="live view of services, queue, KV cache and tokens/s")
+    top.add_argument("--once", action="store_true", help="print one frame and exit")
+    top.set_defaults(fn=cmd_top)
+
+    logs = sub.add_parser("logs", help="log lines of every process, merged in time order")
+    logs.add_argument("--request", help="only lines about this request id / trace id")
+    logs.add_argument("--service", help="only this service or instance")
+    logs.add_argument("-n", type=int, default=0, help="only the last N lines")
+    logs.add_argument("--json", action="store_true")
+    logs.set_defaults(fn=cmd_logs)
 
     demo = sub.add_parser("demo", help="boot llmos, show it serving and recovering, stop")
     demo.set_defaults(fn=cmd_demo)

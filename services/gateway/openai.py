@@ -8,6 +8,7 @@ type-checked, and a wrong one is a 400 naming it. llmos extras: `priority`,
 from __future__ import annotations
 
 import time
+import uuid
 from typing import Any
 
 import msgspec
@@ -97,7 +98,7 @@ def to_submit(req: _Common, *, prompt: str | list[int], logprobs: int, default_m
                             repetition_penalty=req.repetition_penalty, seed=req.seed, logprobs=logprobs)
     text, ids = (prompt, []) if isinstance(prompt, str) else ("", prompt)
     submit = Submit(text, ids, params, max_tokens, stop, priority=req.priority, session=req.session_id,
-                    request_id=req.request_id)
+                    request_id=req.request_id or uuid.uuid4().hex)
     submit.validate()
     return submit
 

@@ -171,8 +171,14 @@ class SchedulerService(Service):
     async def submit(self, msg: sp.Submit, ctx: Context) -> sp.Finished:
         await self._until_ready()
         sink = self.engine.submit(msg, ctx.principal, ctx.emit)
+        rid = sink.request.request_id
+        log.info("scheduler.submitted", request_id=rid, principal=ctx.principal, attempt=msg.attempt,
+                 prompt_tokens=len(sink.request.prompt_ids), resume_from=msg.resume_from)
         try:
-            return await sink.wait()
+            done = await sink.wait()
+            log.info("scheduler.finished", request_id=rid, reason=str(done.finish_reason),
+                     tokens=done.offset + len(done.token_ids))
+            return done
         except anyio.get_cancelled_exc_class():
             # The kernel cancelled this handler: the requester is gone (or we
             # are stopping). Unless a re-submission took the stream over,

@@ -1,0 +1,112 @@
+"""`llmos top`: a live view of a running llmos, refreshed once a second —
+services (state, pid, restarts, CPU, RSS), the queue and running batch, KV
+usage and tokens/s. `--once` prints one frame and exits."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import anyio
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+
+from ipc.errors import LlmosError
+from ipc.protocol import memory as mp
+from ipc.protocol import scheduler as sp
+from sdk.client import AsyncClient
+
+_TICK = os.sysconf("SC_CLK_TCK")
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def proc_usage(pid: int) -> tuple[float, int] | None:
+    """(cpu seconds so far, RSS bytes) of a local process, from /proc."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        with open(f"/proc/{pid}/statm") as f:
+            rss_pages = int(f.read().split()[1])
+    except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / _TICK, rss_pages * _PAGE
+
+
+@dataclass
+class Sample:
+    at: float
+    cpu: dict[int, float]
+    tokens: int
+
+
+async def frame(client: AsyncClient, prev: Sample | None) -> tuple[Group, Sample]:
+    st = await client.status()
+    try:
+        sched: sp.SchedulerStatsReply | None = await client.call(sp.SCHEDULER, sp.SchedulerStats(), timeout=2)
+    except LlmosError:
+        sched = None
+    try:
+        mem: mp.MemoryStatsReply | None = await client.call("memory", mp.MemoryStats(), timeout=2)
+    except LlmosError:
+        mem = None
+    now = time.monotonic()
+    cpu: dict[int, float] = {}
+    services = Table("SERVICE", "INSTANCE", "PID", "STATE", "RESTARTS", "CPU%", "RSS MB", "LAST EXIT",
+                     title=f"llmos — kernel pid {st.pid}, up {st.uptime_s:.0f}s", title_justify="left")
+    for pid, name, svc, state, restarts, last in [(st.pid, "kernel", "kernel", "ready", 0, "")] + [
+            (i.pid, i.instance, i.service, i.state, i.restarts, i.last_exit) for i in st.instances]:
+        usage = proc_usage(pid) if pid else None
+        pct, rss = "-", "-"
+        if usage is not None:
+            cpu[pid] = usage[0]
+            if prev is not None and pid in prev.cpu and now > prev.at:
+                pct = f"{100 * (usage[0] - prev.cpu[pid]) / (now - prev.at):.0f}"
+            rss = f"{usage[1] / 2**20:.0f}"
+        services.add_row(svc, name, str(pid or "-"), state, str(restarts), pct, rss, last)
+    parts: list[Table] = [services]
+    tokens = sched.tokens_generated if sched else 0
+    if sched is not None:
+        rate = "-"
+        if prev is not None and now > prev.at:
+            rate = f"{(tokens - prev.tokens) / (now - prev.at):.0f}"
+        t = Table("POLICY", "WAITING", "RUNNING", "TOKEN BUDGET", "MAX SEQS", "PREEMPTIONS", "TOKENS/S",
+                  title="scheduler", title_justify="left")
+        t.add_row(sched.policy, str(sched.waiting), str(sched.running), str(sched.token_budget),
+                  str(sched.max_num_seqs), str(sched.preemptions), rate)
+        parts.append(t)
+    if mem is not None:
+        t = Table("POOL", "USED", "CACHED", "FREE", "UTIL%", "WASTE%", "HIT RATE", "SWAPPED",
+                  title="KV cache", title_justify="left")
+        for p in mem.pools:
+            t.add_row(p.pool, str(p.used), str(p.cached), str(p.free), f"{100 * p.utilisation:.0f}",
+                      f"{p.waste_pct:.1f}", f"{p.hit_rate:.2f}", str(p.swap_used))
+        parts.append(t)
+    c = st.counters
+    counters = Table("ROUTED", "REPLIES", "REJECTED", "DROPPED", "RESENT", "CANCELLED", title="kernel",
+                     title_justify="left")
+    counters.add_row(*(str(x) for x in (c.routed, c.replies, c.rejected, c.dropped, c.resent, c.cancelled)))
+    parts.append(counters)
+    return Group(*parts), Sample(now, cpu, tokens)
+
+
+async def top(home: str | None, once: bool) -> int:
+    console = Console()
+    async with await AsyncClient.connect(home=home) as client:
+        view, sample = await frame(client, None)
+        if once:
+            console.print(view)
+            return 0
+        with Live(view, console=console, refresh_per_second=2, screen=False) as live:
+            while True:
+                await anyio.sleep(1.0)
+                view, sample = await frame(client, sample)
+                live.update(view)
+
+
+def run_top(home: str | None, once: bool) -> int:
+    try:
+        return int(anyio.run(top, home, once, backend="asyncio", backend_options={"use_uvloop": True}))
+    except KeyboardInterrupt:
+        return 0
