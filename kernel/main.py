@@ -48,6 +48,7 @@ async def run_kernel(config: Config, home: Path, launcher: Launcher | None = Non
         on_exit=kernel.instance_down, on_escalate=lambda reason: kernel.request_shutdown(f"escalation: {reason}"))
     kernel.supervisor = supervisor
     kernel.registry.known.update(supervisor.service_names)
+    kernel.registry.instance_names.update(c.instance for c in supervisor.children)
     pf = pid_file(home)
     pf.write_text(str(os.getpid()))
     try:

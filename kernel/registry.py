@@ -29,12 +29,17 @@ class Registry:
         self.services: dict[str, list[Instance]] = {}
         # Names that may register later: requests for them wait instead of failing.
         self.known: set[str] = set()
+        # Instance names ever supervised or registered. A request addressed to
+        # one that is down fails at once: a restarted instance is a new
+        # incarnation (a driver's KV is gone), so it must not get old work.
+        self.instance_names: set[str] = set()
 
     def add(self, inst: Instance) -> None:
         self.by_identity[inst.identity] = inst
         self.by_name[inst.name] = inst
         self.services.setdefault(inst.service, []).append(inst)
         self.known.add(inst.service)
+        self.instance_names.add(inst.name)
 
     def remove(self, inst: Instance) -> None:
         if self.by_identity.get(inst.identity) is inst:
@@ -57,6 +62,10 @@ class Registry:
         if len(live) == 1:
             return live[0]
         return min(live, key=lambda i: len(i.outstanding))
+
+    def names_an_instance(self, dst: str) -> bool:
+        """True when `dst` addresses one instance rather than a service."""
+        return dst in self.instance_names and dst not in self.known
 
     def service_of(self, dst: str) -> str | None:
         """The service a destination belongs to, if it could ever be served."""

@@ -321,6 +321,10 @@ class Kernel:
 
     def _enqueue(self, p: Pending) -> None:
         dst = p.header.dst
+        if self.registry.names_an_instance(dst):
+            self._fail(p, Unavailable(f"instance {dst!r} is not running (address the service to wait "
+                                      f"for any instance)"))
+            return
         if self.registry.service_of(dst) is None:
             self._fail(p, NotFound(f"no service named {dst!r}"))
             return
@@ -427,7 +431,8 @@ class Kernel:
                 continue
             p.instance = None
             op = p.header.op
-            if op in inst.idempotent_ops and p.header.attempt + 1 < self.config.max_attempts:
+            if (op in inst.idempotent_ops and p.header.attempt + 1 < self.config.max_attempts
+                    and not self.registry.names_an_instance(p.header.dst)):
                 p.header = msgspec.structs.replace(p.header, attempt=p.header.attempt + 1)
                 self.counters.resent += 1
                 self._dispatch(p)

@@ -178,3 +178,15 @@ async def test_requests_of_a_client_that_dies_are_cancelled_at_the_service(home:
         await other.aclose()
         st = await llmos.wait_for(lambda st: st.counters.cancelled == 2, what="second cancellation")
         assert (await llmos.client.call("echo", Echo(b"alive"))).payload == b"alive"
+
+
+async def test_requests_to_a_dead_instance_fail_while_the_service_waits(home: Path) -> None:
+    sup = SupervisorConfig(backoff_initial_s=1.0, backoff_max_s=1.0)
+    async with running_llmos(home, [ChildSpec("echo", "services.echo", instances=2)], supervisor=sup) as llmos:
+        await llmos.client.kill("echo-0")
+        await llmos.wait_for(lambda st: llmos.instance(st, "echo-0").state == "backoff", what="echo-0 down")
+        # addressed to the instance: it is a new incarnation when it returns, so fail now
+        with pytest.raises(Unavailable, match="instance 'echo-0' is not running"):
+            await llmos.client.call("echo-0", Echo(b"x"), timeout=10)
+        # addressed to the service: served by the live instance
+        assert (await llmos.client.call("echo", Echo(b"y"), timeout=10)).instance == "echo-1"
