@@ -174,17 +174,12 @@ class Capability:
     restrictions: Restrictions
     attenuated: bool
     restrictions_raw: bytes = b""
-    _covers: dict[tuple[str, str], bool] = field(default_factory=dict)
+    # (dst, op) → allowed: the verifier's memo (the kernel asks per request)
+    allowed: dict[tuple[str, str], bool] = field(default_factory=dict)
 
     def covers(self, service: str, op: str) -> bool:
-        """Whether the rights cover (service, op); memoised (the kernel asks per request)."""
-        key = (service, op)
-        hit = self._covers.get(key)
-        if hit is None:
-            if len(self._covers) > 256:
-                self._covers.clear()
-            hit = self._covers[key] = rights_cover(self.rights, service, op)
-        return hit
+        """Whether the rights cover (service, op)."""
+        return rights_cover(self.rights, service, op)
 
 
 def _chain(root_key: bytes, token_id: bytes, caveats: Iterable[bytes]) -> bytes:

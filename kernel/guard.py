@@ -58,10 +58,9 @@ class Guard:
         """The header to route, with the verified principal (and the token's
         body-dependent restrictions) stamped; raises `Unauthorized` or
         `Forbidden`, after queueing an `AccessDenied`."""
-        service = self._service_of(header.dst)
         raw = header.token
         if not raw:
-            if (service, header.op) in PUBLIC_OPS:
+            if (self._service_of(header.dst), header.op) in PUBLIC_OPS:
                 return msgspec.structs.replace(header, principal="", restrictions=b"")
             self._deny(header, Unauthorized(f"{header.op} to {header.dst!r} needs a capability token; "
                                             f"log in with an API key first"))
@@ -81,7 +80,14 @@ class Guard:
         why = self.revoked.reason(c)
         if why is not None:
             self._deny(header, Unauthorized(why), c)
-        if not c.covers(service, header.op) and (service, header.op) not in PUBLIC_OPS:
+        # memoised per (dst, op) on the capability: the hot path skips service_of
+        allowed = c.allowed.get((header.dst, header.op))
+        if allowed is None:
+            service = self._service_of(header.dst)
+            allowed = c.covers(service, header.op) or (service, header.op) in PUBLIC_OPS
+            if len(c.allowed) < 256:
+                c.allowed[(header.dst, header.op)] = allowed
+        if not allowed:
             self._deny(header, Forbidden(f"principal {c.principal!r} holds no right covering {header.op} on "
                                          f"{header.dst!r} (rights: {', '.join(sorted(c.rights)) or 'none'})"), c)
         return msgspec.structs.replace(header, principal=c.principal, restrictions=c.restrictions_raw)

@@ -10,7 +10,9 @@ base (AsyncClient → kernel → services.echo) for context; it is not a figure.
 
 Figures: kernel_rps, direct_rps, throughput_ratio_vs_direct (64 in flight),
 hop_latency_p50_us / hop_latency_p99_us (round-trip latency the kernel adds,
-one in flight: kernel p50 − direct p50, and likewise p99).
+one in flight: kernel p50 − direct p50, and likewise p99), and
+auth_throughput_ratio: a second kernel with the capability check on (every
+request carries a token; kernel/guard.py) against the first, rounds interleaved.
 """
 
 from __future__ import annotations
@@ -27,7 +29,10 @@ from typing import Any
 import zmq
 
 from ipc import codec
+from ipc.capability import mint
 from ipc.envelope import PROTOCOL_VERSION, Header, Kind, decode_header, encode_header
+from ipc.home import root_key_path
+from ipc.keyfile import load_or_create_key
 from ipc.protocol import kernel as kp
 from ipc.protocol.echo import Echo
 from tools.bench.common import parser, percentile, print_table, write_result
@@ -54,15 +59,18 @@ def _direct_server(endpoint: str) -> None:
             pass
 
 
-def _kernel_proc(front: str, back: str, secret: str) -> None:
+def _kernel_proc(front: str, back: str, secret: str, auth_home: str = "") -> None:
     import anyio
 
     from kernel.config import KernelConfig
+    from kernel.guard import Guard
     from kernel.router import Kernel
     from sdk.logs import configure
 
     configure("kernel", None, stderr=False)
     kernel = Kernel(KernelConfig(), front, back, secret)
+    if auth_home:
+        kernel.guard = Guard.load(Path(auth_home), kernel.registry.service_of_instance)
     anyio.run(kernel.serve, backend="asyncio", backend_options={"use_uvloop": True})
 
 
@@ -99,7 +107,8 @@ def _bare_service(back: str, secret: str) -> None:
 class Probe:
     """The client: a blocking DEALER sending pre-encoded Echo requests."""
 
-    def __init__(self, endpoint: str, dst: str):
+    def __init__(self, endpoint: str, dst: str, token: bytes = b""):
+        self.token = token
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -110,7 +119,7 @@ class Probe:
 
     def _send(self) -> None:
         self._id += 1
-        h = encode_header(Header(PROTOCOL_VERSION, Kind.REQUEST, self._id, dst=self.dst, op="Echo"))
+        h = encode_header(Header(PROTOCOL_VERSION, Kind.REQUEST, self._id, dst=self.dst, op="Echo", token=self.token))
         self.sock.send_multipart([b"", h, self.body])
 
     def _recv(self) -> None:
@@ -211,18 +220,25 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="llmos-bench-", dir="/tmp"))
     front, back, direct = (f"ipc://{tmp}/front.sock", f"ipc://{tmp}/back.sock", f"ipc://{tmp}/direct.sock")
     secret = secrets.token_hex(16)
+    auth_home = tmp / "auth"
+    a_front, a_back = f"ipc://{tmp}/a-front.sock", f"ipc://{tmp}/a-back.sock"
+    token = mint(load_or_create_key(root_key_path(auth_home)), "bench", "bench", ["echo"], 3600)
     spawn = mp.get_context("spawn")
     procs = [spawn.Process(target=_direct_server, args=(direct,), daemon=True),
-             spawn.Process(target=_kernel_proc, args=(front, back, secret), daemon=True)]
+             spawn.Process(target=_kernel_proc, args=(front, back, secret), daemon=True),
+             spawn.Process(target=_kernel_proc, args=(a_front, a_back, secret, str(auth_home)), daemon=True)]
     for p in procs:
         p.start()
     time.sleep(0.5)
-    procs.append(spawn.Process(target=_bare_service, args=(back, secret), daemon=True))
+    procs += [spawn.Process(target=_bare_service, args=(back, secret), daemon=True),
+              spawn.Process(target=_bare_service, args=(a_back, secret), daemon=True)]
+    procs[-2].start()
     procs[-1].start()
     try:
-        d, k = Probe(direct, "echo"), Probe(front, "echo")
+        d, k, a = Probe(direct, "echo"), Probe(front, "echo"), Probe(a_front, "echo", token)
         d.wait_ready()
         k.wait_ready()
+        a.wait_ready()
         # Interleave the two paths round by round so machine noise hits both alike.
         d_lat: list[float] = []
         k_lat: list[float] = []
@@ -233,31 +249,44 @@ def main(argv: list[str] | None = None) -> int:
             k_lat += k.latency_us(n_lat)
             d_tp.append(d.throughput(n_tp))
             k_tp.append(k.throughput(n_tp))
+        # Auth on vs off: short rounds, alternating which goes first, best of each
+        # (the two kernels differ only in the guard, so noise is the enemy here).
+        a_tp: list[float] = []
+        ka_tp: list[float] = []
+        for i in range(8):
+            pair = [(a, a_tp), (k, ka_tp)]
+            for probe, out in (pair if i % 2 else pair[::-1]):
+                out.append(probe.throughput(n_tp // 4))
         d.close()
         k.close()
+        a.close()
         sdk_p50, sdk_rps = _sdk_row(front, back, secret, tmp, n_lat // 4, n_tp // 10)
     finally:
         for p in procs:
             p.kill()
             p.join()
-    direct_rps, kernel_rps = max(d_tp), max(k_tp)
+    direct_rps, kernel_rps, auth_rps = max(d_tp), max(k_tp), max(a_tp)
     figures = {
         "kernel_rps": round(kernel_rps),
         "direct_rps": round(direct_rps),
         "throughput_ratio_vs_direct": round(kernel_rps / direct_rps, 3),
         "hop_latency_p50_us": round(percentile(k_lat, 50) - percentile(d_lat, 50), 1),
         "hop_latency_p99_us": round(percentile(k_lat, 99) - percentile(d_lat, 99), 1),
+        "auth_throughput_ratio": round(auth_rps / max(ka_tp), 3),
     }
     rows = [("path", "rps (64 in flight)", "p50 µs (1 in flight)", "p99 µs")]
     rows.append(("direct DEALER↔ROUTER", f"{direct_rps:,.0f}", f"{percentile(d_lat, 50):.1f}",
                  f"{percentile(d_lat, 99):.1f}"))
     rows.append(("through the kernel", f"{kernel_rps:,.0f}", f"{percentile(k_lat, 50):.1f}",
                  f"{percentile(k_lat, 99):.1f}"))
+    rows.append(("through the kernel, auth on", f"{auth_rps:,.0f}", "", ""))
+    rows.append(("  (auth off, same rounds)", f"{max(ka_tp):,.0f}", "", ""))
     rows.append(("SDK + Service base (context)", f"{sdk_rps:,.0f}", f"{sdk_p50:.1f}", ""))
     print_table(f"routing: echo round trips ({'quick' if args.quick else 'full'}; best of {rounds} for rps)", rows)
     print(f"\n  throughput ratio vs direct: {figures['throughput_ratio_vs_direct']:.2f}  (target ≥ 0.6)")
     print(f"  round trip added by the kernel: p50 {figures['hop_latency_p50_us']:.1f} µs (target ≤ 100), "
           f"p99 {figures['hop_latency_p99_us']:.1f} µs")
+    print(f"  throughput with token verification vs without: {figures['auth_throughput_ratio']:.2f}  (target ≥ 0.9)")
     write_result(args.json, "routing", figures, {
         "quick": args.quick, "sdk_context": {"rps": round(sdk_rps), "p50_us": round(sdk_p50, 1)}})
     return 0
