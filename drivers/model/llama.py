@@ -82,7 +82,7 @@ class _Workspace:
         def buf(cols: int) -> torch.Tensor:
             return torch.empty(cap, cols, dtype=self.dtype, device=self.device)
 
-        self.x, self.h = buf(c.hidden_size), buf(c.hidden_size)
+        self.x = buf(c.hidden_size)
         self.qkv = buf(c.q_size + 2 * c.kv_size)
         self.attn = buf(c.q_size)
         self.gate_up = buf(2 * c.intermediate_size)
@@ -107,45 +107,41 @@ class LlamaModel:
         n = batch.tokens.numel()
         self._ws.ensure(n)
         ws = self._ws
-        x, h, qkv, attn, gate_up = ws.x[:n], ws.h[:n], ws.qkv[:n], ws.attn[:n], ws.gate_up[:n]
+        x, qkv, attn, gate_up = ws.x[:n], ws.qkv[:n], ws.attn[:n], ws.gate_up[:n]
         q_size, kv_size, inter, eps = c.q_size, c.kv_size, c.intermediate_size, c.rms_norm_eps
         heads, kv_heads, dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        cos, sin = self.rope.tables(batch.positions)
+        rotations = self.rope.tables(batch.positions)
 
         torch.index_select(w.embed, 0, batch.tokens, out=x)
         for i, layer in enumerate(w.layers):
-            _rms_norm(x, layer.input_norm, eps, out=h)
+            h = _rms_norm(x, layer.input_norm, eps)
             _linear(h, layer.qkv, layer.qkv_bias, out=qkv)
             # q and k are adjacent columns: rotate both heads at once.
-            Rope.apply_(qkv[:, :q_size + kv_size].view(n, heads + kv_heads, dim), cos, sin)
+            self.rope.apply_(qkv[:, :q_size + kv_size].view(n, heads + kv_heads, dim), rotations)
             k = qkv[:, q_size:q_size + kv_size].view(n, kv_heads, dim)
             v = qkv[:, q_size + kv_size:].view(n, kv_heads, dim)
             self.cache.write(i, batch.kv_slots, k, v)
             self.attention.forward(i, batch.attention, qkv[:, :q_size], attn)
             _linear_acc(x, attn, layer.o, layer.o_bias)
 
-            _rms_norm(x, layer.post_norm, eps, out=h)
+            h = _rms_norm(x, layer.post_norm, eps)
             _linear(h, layer.gate_up, layer.gate_up_bias, out=gate_up)
             gate, up = gate_up[:, :inter], gate_up[:, inter:]
             F.silu(gate, inplace=True)
             gate.mul_(up)
             _linear_acc(x, gate, layer.down, layer.down_bias)
 
-        last = x.index_select(0, batch.logit_rows)
-        _rms_norm(last, w.norm, eps, out=last)
+        last = _rms_norm(x.index_select(0, batch.logit_rows), w.norm, eps)
         return (last @ w.lm_head).float()
 
 
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, out: torch.Tensor) -> None:
-    # Statistics in float32 whatever the model dtype, as transformers does.
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if x.dtype == torch.float32:
-        var = x.pow(2).mean(-1, keepdim=True)
-        torch.mul(x, torch.rsqrt(var.add_(eps)), out=out)
-        out.mul_(weight)
-    else:
-        x32 = x.float()
-        var = x32.pow(2).mean(-1, keepdim=True)
-        torch.mul(weight, (x32 * torch.rsqrt(var.add_(eps))).to(x.dtype), out=out)
+        return F.rms_norm(x, weight.shape, weight, eps)       # one fused pass
+    # Statistics in float32 whatever the model dtype, as transformers does.
+    x32 = x.float()
+    var = x32.pow(2).mean(-1, keepdim=True)
+    return weight * (x32 * torch.rsqrt(var + eps)).to(x.dtype)
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *,

@@ -20,6 +20,7 @@ from safetensors import safe_open
 from drivers.model.config import ModelConfig, load_config
 from drivers.model.errors import CheckpointError
 from drivers.model.llama import LayerWeights, Weights
+from drivers.model.rope import interleave_heads
 from drivers.model.tokenizer import Tokenizer, load_tokenizer
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -106,12 +107,15 @@ def _read_weights(c: ModelConfig, r: _Reader) -> Weights:
     for i in range(c.num_hidden_layers):
         p = f"model.layers.{i}."
         a, m = p + "self_attn.", p + "mlp."
-        qkv = torch.cat([r.get(a + "q_proj.weight", (q, hidden)).T,
-                         r.get(a + "k_proj.weight", (kv, hidden)).T,
+        # q and k rows are reordered for the complex-multiply rotation (rope.py).
+        heads, kv_heads = c.num_attention_heads, c.num_key_value_heads
+        qkv = torch.cat([interleave_heads(r.get(a + "q_proj.weight", (q, hidden)), heads).T,
+                         interleave_heads(r.get(a + "k_proj.weight", (kv, hidden)), kv_heads).T,
                          r.get(a + "v_proj.weight", (kv, hidden)).T], dim=1).contiguous()
         qkv_bias = None
         if c.qkv_bias:
-            qkv_bias = torch.cat([r.get(a + "q_proj.bias", (q,)), r.get(a + "k_proj.bias", (kv,)),
+            qkv_bias = torch.cat([interleave_heads(r.get(a + "q_proj.bias", (q,)), heads),
+                                  interleave_heads(r.get(a + "k_proj.bias", (kv,)), kv_heads),
                                   r.get(a + "v_proj.bias", (kv,))])
         gate_up = torch.cat([r.get(m + "gate_proj.weight", (inter, hidden)).T,
                              r.get(m + "up_proj.weight", (inter, hidden)).T], dim=1).contiguous()
