@@ -25,39 +25,43 @@ def reserve(seq: Sequence, new_tokens: array, num_new: int, ledger: TenantLedger
         raise BadRequest(f"sequence {seq.seq_id!r} is swapped out; swap it in first")
     pool = seq.pool
     bs = pool.block_size
+    blocks = seq.blocks
     known = len(seq.tokens) + len(new_tokens)
-    first = seq.num_slots == 0 and not seq.blocks
-    hits: list[int] = []
-    hit_keys: list[bytes] = []
+    first = not blocks and seq.num_slots == 0
     if first:
         tokens = seq.tokens + new_tokens if seq.tokens else new_tokens
-        _lookup(seq, pool, tokens, known, hits, hit_keys)
-        base = len(hits) * bs
+        hits, hit_keys = _lookup(seq, pool, tokens, known)
+        held = len(hits)
+        base = held * bs
+        # Hits on blocks nobody holds come out of the same free queue.
+        needed = sum(1 for b in hits if pool.ref[b] == 0)
+        cow = False
     else:
         base = seq.num_slots
-    target = max(base, min(base + num_new, known))
-    num_blocks = len(hits) if first else len(seq.blocks)
-    grow = -(-target // bs) - num_blocks
-    cow = (not first and base % bs != 0 and target > base
-           and pool.ref[seq.blocks[-1]] > 1)
-    # Hits on blocks nobody holds come out of the same free queue.
-    idle_hits = sum(1 for b in hits if pool.ref[b] == 0)
-    needed = grow + cow + idle_hits
-    if needed > pool.num_available:
-        raise Overloaded(
-            f"pool {pool.pool_id!r} is out of KV blocks: sequence {seq.seq_id!r} needs "
-            f"{needed}, {pool.num_available} available",
-            detail={"pool": pool.pool_id, "needed": needed, "available": pool.num_available})
-    ledger.check(seq.tenant, needed)
+        held = len(blocks)
+        needed = 0
+    target = base + num_new
+    if target > known:
+        target = max(base, known)
+    grow = -(-target // bs) - held
+    if not first:
+        cow = target > base and base % bs != 0 and pool.ref[blocks[-1]] > 1
+    needed += grow + cow
+    if needed:
+        if needed > pool.num_available:
+            raise Overloaded(
+                f"pool {pool.pool_id!r} is out of KV blocks: sequence {seq.seq_id!r} needs "
+                f"{needed}, {pool.num_available} available",
+                detail={"pool": pool.pool_id, "needed": needed, "available": pool.num_available})
+        ledger.check(seq.tenant, needed)
 
     if new_tokens:
         seq.tokens.extend(new_tokens)
-    blocks = seq.blocks
     table_start = len(blocks)
     if first:
         for b in hits:
             pool.take(b, seq.tenant)
-        seq.blocks.extend(hits)
+        blocks.extend(hits)
         seq.keys.extend(hit_keys)
         if target:
             pool.prompt_tokens += known
@@ -74,15 +78,21 @@ def reserve(seq: Sequence, new_tokens: array, num_new: int, ledger: TenantLedger
         pool.cow_copies += 1
     for _ in range(grow):
         blocks.append(pool.allocate(seq.tenant))
-    for i in range(base // bs, len(blocks)):
-        pool.set_fill(blocks[i], min(bs, target - i * bs))
+    if target > base or cow:
+        for i in range(base // bs, len(blocks)):
+            pool.set_fill(blocks[i], min(bs, target - i * bs))
     seq.num_slots = target
     return SeqBlocks(seq.seq_id, table_start, blocks[table_start:], base if first else 0,
                      cow_src, cow_dst)
 
 
-def _lookup(seq: Sequence, pool: BlockPool, tokens: array, known: int,
-            hits: list[int], keys: list[bytes]) -> None:
+def _lookup(seq: Sequence, pool: BlockPool, tokens: array,
+            known: int) -> tuple[list[int], list[bytes]]:
+    """The leading blocks of `tokens` found in the prefix cache, and their keys."""
+    hits: list[int] = []
+    keys: list[bytes] = []
+    if not pool.cached:
+        return hits, keys
     # The last prompt token is never served from the cache: its logits are
     # needed to sample, so at least that token is computed.
     bs = pool.block_size
@@ -91,9 +101,10 @@ def _lookup(seq: Sequence, pool: BlockPool, tokens: array, known: int,
         parent = block_key(parent, tokens[i * bs:(i + 1) * bs])
         block = pool.lookup(parent, seq.tenant)
         if block < 0:
-            return
+            break
         hits.append(block)
         keys.append(parent)
+    return hits, keys
 
 
 def release(seq: Sequence, computed: bool = True) -> int:

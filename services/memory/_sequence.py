@@ -36,9 +36,11 @@ class Sequence:
         """Key the blocks that became full and computed since the last call
         and offer them to the prefix cache. Only for a resident sequence."""
         bs = self.pool.block_size
-        limit = min(self.num_slots, len(self.tokens)) // bs
         keys = self.keys
         done = len(keys)
+        if self.num_slots < (done + 1) * bs:
+            return  # the usual case: no block filled up since the last call
+        limit = min(self.num_slots, len(self.tokens)) // bs
         if done >= limit:
             return
         parent = keys[-1] if keys else self.root

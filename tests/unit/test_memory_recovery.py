@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgspec
 import pytest
 
@@ -158,7 +160,7 @@ def test_every_request_and_reply_survives_the_wire() -> None:
     enc = msgspec.msgpack.Encoder()
     req_dec = msgspec.msgpack.Decoder(MemoryRequest)
     rep_dec = msgspec.msgpack.Decoder(MemoryReply)
-    replies = []
+    replies: list[Any] = []
     for req in requests:
         wire_req = req_dec.decode(enc.encode(req))
         assert wire_req == req
