@@ -49,22 +49,23 @@ class KVCache:
 
     def slots(self, blocks: torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Where the new tokens' keys and values go, computed once per step:
-        element indices into a layer's flat K ([tokens * kv_heads * head_dim])
-        and row indices into its V rows ([tokens * kv_heads])."""
+        element indices into a layer's flat K ([tokens, kv_heads, head_dim])
+        and row indices into its V rows ([tokens, kv_heads])."""
         heads, dim, bs = self.k.shape[2], self.k.shape[3], self.block_size
         h = torch.arange(heads, device=blocks.device)
         d = torch.arange(dim, device=blocks.device)
         base = blocks[:, None] * heads + h                           # [tokens, heads]
-        k_idx = ((base[:, :, None] * dim + d) * bs + offsets[:, None, None]).reshape(-1)
-        v_idx = (base * bs + offsets[:, None]).reshape(-1)
+        k_idx = (base[:, :, None] * dim + d) * bs + offsets[:, None, None]
+        v_idx = base * bs + offsets[:, None]
         return k_idx, v_idx
 
     def write(self, layer: int, slots: tuple[torch.Tensor, torch.Tensor],
               k: torch.Tensor, v: torch.Tensor) -> None:
         """Store new keys and values [tokens, kv_heads, head_dim] at `slots`."""
         k_idx, v_idx = slots
-        self.k[layer].view(-1).index_copy_(0, k_idx, k.reshape(-1))
-        self.v[layer].view(-1, v.shape[-1]).index_copy_(0, v_idx, v.reshape(-1, v.shape[-1]))
+        # index_put_ reads the strided k/v views as they are (no copies).
+        self.k[layer].view(-1).index_put_((k_idx,), k)
+        self.v[layer].view(-1, v.shape[-1]).index_put_((v_idx,), v)
 
     def copy_blocks(self, pairs: Sequence[tuple[int, int]]) -> None:
         """Copy whole blocks src -> dst (copy-on-write). All sources are read
