@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 import msgspec
 import zmq
 
+from ipc.curve import CurveClient, CurveServer, apply_client, apply_server
 from ipc.envelope import FrameLike
 
 SEND_HWM = 100_000
@@ -55,11 +56,14 @@ def remove_ipc_path(endpoint: str) -> None:
 
 
 def bind_router(ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str,
-                limits: SocketLimits = SocketLimits()) -> zmq.Socket[bytes]:
+                limits: SocketLimits = SocketLimits(), curve: CurveServer | None = None) -> zmq.Socket[bytes]:
     """A ROUTER that never drops silently (ROUTER_MANDATORY) and lets a restarted
-    peer take over its old identity (ROUTER_HANDOVER)."""
+    peer take over its old identity (ROUTER_HANDOVER); a CURVE server on tcp://
+    when given keys (a ZAP handler must run on `ctx`: `ipc.curve.start_zap`)."""
     sock = ctx.socket(zmq.ROUTER)
     _apply_limits(sock, limits)
+    if curve is not None and endpoint.startswith("tcp://"):
+        apply_server(sock, curve)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
     sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
     prepare_ipc_path(endpoint)
@@ -70,9 +74,11 @@ def bind_router(ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str,
 
 
 def connect_dealer(ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str, identity: bytes | None = None,
-                   limits: SocketLimits = SocketLimits()) -> zmq.Socket[bytes]:
+                   limits: SocketLimits = SocketLimits(), curve: CurveClient | None = None) -> zmq.Socket[bytes]:
     sock = ctx.socket(zmq.DEALER)
     _apply_limits(sock, limits)
+    if curve is not None and endpoint.startswith("tcp://"):
+        apply_client(sock, curve)
     if identity:
         sock.setsockopt(zmq.IDENTITY, identity)
     sock.connect(endpoint)

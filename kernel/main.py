@@ -11,6 +11,7 @@ from pathlib import Path
 
 import anyio
 
+from ipc.curve import ensure_keys
 from ipc.errors import LlmosError
 from ipc.home import back_endpoint, front_endpoint, pid_file, run_dir
 from kernel.config import Config
@@ -41,6 +42,8 @@ async def run_kernel(config: Config, home: Path, launcher: Launcher | None = Non
             log.error("kernel.auth_failed", error=str(exc))
             print(f"llmos: cannot enable auth: {exc}", file=sys.stderr)
             return 2
+    if front.startswith("tcp://") or back.startswith("tcp://"):
+        kernel.curve = await anyio.to_thread.run_sync(ensure_keys, home)
     supervisor = Supervisor(
         config.supervisor, config.children, launcher or LocalLauncher(),
         env={"LLMOS_HOME": str(home), "LLMOS_BACK": back, "LLMOS_FRONT": front, "LLMOS_BOOT_SECRET": secret,

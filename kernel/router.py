@@ -25,6 +25,7 @@ from anyio.abc import TaskStatus
 from ipc import codec
 from ipc.envelope import PROTOCOL_VERSION, Header, Kind, decode_header, encode_header, split_route
 from ipc.capability import RevocationList
+from ipc.curve import CurveServer, start_zap
 from ipc.errors import (BadRequest, DeadlineExceeded, Error, Forbidden, LlmosError, NotFound, Overloaded, Unauthorized,
                         Unavailable)
 from ipc.heartbeat import HEARTBEAT_EXPIRY_S, HEARTBEAT_INTERVAL_S
@@ -70,6 +71,7 @@ class Kernel:
         self._secret = secret.encode()
         self.registry = Registry()
         self.guard = guard  # None: no capability check (auth off)
+        self.curve: CurveServer | None = None  # keys for tcp:// endpoints (CURVE + ZAP)
         self.pending: dict[int, Pending] = {}
         self.waiting: dict[str, deque[Pending]] = {}
         self.topics: dict[str, dict[tuple[int, bytes], int]] = {}
@@ -91,8 +93,9 @@ class Kernel:
     async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self._loop = asyncio.get_running_loop()
-        front = Channel(bind_router(ctx, self.front_endpoint, self.config.limits), on_readable=self._pump)
-        back = Channel(bind_router(ctx, self.back_endpoint, self.config.limits), on_readable=self._pump)
+        zap = start_zap(ctx, self.curve) if self.curve is not None else None
+        front = Channel(bind_router(ctx, self.front_endpoint, self.config.limits, self.curve), on_readable=self._pump)
+        back = Channel(bind_router(ctx, self.back_endpoint, self.config.limits, self.curve), on_readable=self._pump)
         self._front, self._back, self._channels = front, back, [front, back]
         log.info("kernel.listening", front=self.front_endpoint, back=self.back_endpoint)
         try:
@@ -105,6 +108,8 @@ class Kernel:
             self._front = self._back = None
             front.close()
             back.close()
+            if zap is not None:
+                zap.stop()
             ctx.term()
             remove_ipc_path(self.front_endpoint)
             remove_ipc_path(self.back_endpoint)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import anyio
 
+from ipc.curve import CurveClient, client_keys
 from ipc.errors import DeadlineExceeded, Unavailable
 from ipc.home import admin_key_path
 from ipc.protocol import security as sp
@@ -26,6 +27,17 @@ from sdk.connection import Connection
 
 REFRESH_FRACTION = 0.8
 RETRY_S = 5.0
+
+
+def tcp_keys(endpoint: str, home: Path) -> CurveClient | None:
+    """CURVE keys for a tcp:// endpoint (this host's, from `$LLMOS_HOME`); None for ipc://."""
+    if not endpoint.startswith("tcp://"):
+        return None
+    try:
+        return client_keys(home)
+    except (FileNotFoundError, OSError) as exc:
+        raise Unavailable(f"{endpoint} needs CURVE keys, and {home} has none usable ({exc}); "
+                          f"see ipc/curve.py") from None
 
 
 def read_admin_key(home: Path) -> str | None:

@@ -18,6 +18,7 @@ import msgspec
 import zmq
 
 from ipc import codec
+from ipc.curve import CurveClient
 from ipc.envelope import PROTOCOL_VERSION, Header, Kind, decode_header, encode_header
 from ipc.errors import BadRequest, DeadlineExceeded, Error, Internal, LlmosError, Unavailable
 from ipc.heartbeat import HEARTBEAT_EXPIRY_S, HEARTBEAT_INTERVAL_S
@@ -32,11 +33,12 @@ RequestHandler = Callable[[Header, list[Any]], None]
 
 
 class Connection:
-    def __init__(self, endpoint: str, *, identity: bytes | None = None, src: str = ""):
+    def __init__(self, endpoint: str, *, identity: bytes | None = None, src: str = "",
+                 curve: CurveClient | None = None):
         self.endpoint = endpoint
         self.src = src
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-        self._ch = Channel(connect_dealer(self._ctx, endpoint, identity), on_readable=self._on_readable)
+        self._ch = Channel(connect_dealer(self._ctx, endpoint, identity, curve=curve), on_readable=self._on_readable)
         self._ids = itertools.count(1)
         self._calls: dict[int, asyncio.Queue[Answer]] = {}
         self.last_heard = time.monotonic()

@@ -34,6 +34,7 @@ from ipc.heartbeat import HEARTBEAT_EXPIRY_S, HEARTBEAT_INTERVAL_S
 from ipc.home import back_endpoint, llmos_home
 from ipc.protocol import kernel as kp
 from ipc.protocol.base import Message, op_of
+from sdk.auth import tcp_keys
 from sdk.connection import Connection
 from sdk.logs import configure, get_logger
 
@@ -191,7 +192,8 @@ class Service:
         sys.exit(0)
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        conn = Connection(self.back, identity=self.instance.encode(), src=self.instance)
+        conn = Connection(self.back, identity=self.instance.encode(), src=self.instance,
+                          curve=tcp_keys(self.back, self.home))
         self._conn = conn
         conn.on_request = self._on_request
         conn.on_disconnect = lambda: self.stop("kernel said DISCONNECT")

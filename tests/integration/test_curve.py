@@ -1,0 +1,137 @@
+"""tcp:// with CURVE: a client holding an authorised key gets through; one
+without CURVE, with an unknown key or with the wrong server key cannot
+complete the handshake (seen through zmq's socket monitor, not a timeout)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import anyio
+import pytest
+import zmq
+import zmq.auth
+from zmq.utils.monitor import recv_monitor_message
+
+from ipc.curve import curve_dir
+from ipc.envelope import PROTOCOL_VERSION, Header, Kind, encode_header
+from ipc.errors import LlmosError
+from ipc.protocol.echo import Echo, EchoReply
+from kernel.config import ChildSpec, Config, KernelConfig
+from sdk.client import AsyncClient
+from sdk.testing import REPO_ROOT, write_config
+
+FAILED = {zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
+          zmq.EVENT_HANDSHAKE_FAILED_AUTH}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def handshake_events(endpoint: str, setup: object = None, limit_s: float = 20.0) -> set[int]:
+    """Connect a DEALER (configured by `setup`), send a request, and collect
+    monitor events until the handshake succeeds or fails."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    if callable(setup):
+        setup(sock)
+    mon = sock.get_monitor_socket()
+    seen: set[int] = set()
+    try:
+        sock.connect(endpoint)
+        sock.send_multipart([b"", encode_header(Header(PROTOCOL_VERSION, Kind.HEARTBEAT))])
+        end = time.monotonic() + limit_s
+        while not (seen & (FAILED | {zmq.EVENT_HANDSHAKE_SUCCEEDED})):
+            assert time.monotonic() < end, f"no handshake outcome; events {seen}"
+            if mon.poll(200):
+                seen.add(recv_monitor_message(mon)["event"])
+        answered = sock.poll(500)
+        if zmq.EVENT_HANDSHAKE_SUCCEEDED not in seen:
+            assert not answered, "a client that failed the handshake got an answer"
+        return seen
+    finally:
+        sock.disable_monitor()
+        mon.close()
+        sock.close()
+        ctx.term()
+
+
+@pytest.fixture
+def tcp_kernel(home: Path):  # type: ignore[no-untyped-def]
+    port = free_port()
+    endpoint = f"tcp://127.0.0.1:{port}"
+    cfg = write_config(home / "llmos.toml", Config(kernel=KernelConfig(front=endpoint, auth=False),
+                                                   children=[ChildSpec("echo", "services.echo")]))
+    log = open(home / "kernel.stderr", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen([sys.executable, "-m", "kernel", "--home", str(home), "--config", str(cfg)],
+                            cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, stdout=log, stderr=log)
+    try:
+        yield endpoint, proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+        proc.wait(30)
+        log.close()
+
+
+async def connect_when_up(endpoint: str, home: Path, proc: subprocess.Popen[bytes]) -> AsyncClient:
+    end = time.monotonic() + 60
+    while True:
+        assert proc.poll() is None, (home / "kernel.stderr").read_text()[-2000:]
+        if (curve_dir(home) / "local.key_secret").exists():
+            try:
+                c = await AsyncClient.connect(endpoint, home=home, timeout=2)
+                if any(i.state == "ready" for i in await c.services()):
+                    return c
+                await c.aclose()
+            except LlmosError:
+                pass
+        assert time.monotonic() < end, "the tcp:// kernel never served an authorised client"
+        await anyio.sleep(0.1)
+
+
+async def test_only_authorised_curve_clients_get_through(tcp_kernel, home: Path) -> None:  # type: ignore[no-untyped-def]
+    endpoint, proc = tcp_kernel
+    c = await connect_when_up(endpoint, home, proc)
+    try:
+        reply = await c.call("echo", Echo(b"over curve"), timeout=10)
+        assert isinstance(reply, EchoReply) and reply.payload == b"over curve"
+        d = curve_dir(home)
+        assert (d / "kernel.key_secret").stat().st_mode & 0o777 == 0o600 and d.stat().st_mode & 0o777 == 0o700
+        server_public, _ = zmq.auth.load_certificate(d / "kernel.key")
+
+        # no CURVE at all
+        assert handshake_events(endpoint) & FAILED
+        # a well-formed CURVE client whose key nobody authorised: ZAP refuses it
+        stranger_pub, stranger_sec = zmq.curve_keypair()
+
+        def stranger(sock: zmq.Socket[bytes]) -> None:
+            sock.curve_publickey, sock.curve_secretkey, sock.curve_serverkey = stranger_pub, stranger_sec, server_public
+        assert zmq.EVENT_HANDSHAKE_FAILED_AUTH in handshake_events(endpoint, stranger)
+        # the authorised key, but talking to the wrong server key
+        local_pub, local_sec = zmq.auth.load_certificate(d / "local.key_secret")
+        wrong_server, _ = zmq.curve_keypair()
+
+        def confused(sock: zmq.Socket[bytes]) -> None:
+            sock.curve_publickey, sock.curve_secretkey, sock.curve_serverkey = local_pub, local_sec, wrong_server
+        assert handshake_events(endpoint, confused) & FAILED
+        # and the authorised key itself does complete the handshake
+        assert local_sec is not None
+
+        def local(sock: zmq.Socket[bytes]) -> None:
+            sock.curve_publickey, sock.curve_secretkey, sock.curve_serverkey = local_pub, local_sec, server_public
+        assert zmq.EVENT_HANDSHAKE_SUCCEEDED in handshake_events(endpoint, local)
+        # the kernel kept serving through all of it
+        assert (await c.call("echo", Echo(b"still"), timeout=10)).payload == b"still"
+        await c.shutdown("test done")
+    finally:
+        await c.aclose()
+    assert await anyio.to_thread.run_sync(proc.wait, 30) == 0
