@@ -6,6 +6,7 @@
     llmos kill SERVICE [--signal SIGKILL]      kill a service (the supervisor restarts it)
     llmos generate "PROMPT" [--stream] [--json] generate text through the scheduler
     llmos demo                                 boot, show it serving, survive a kill, stop
+    llmos chaos [--duration S] [--out DIR]     faults under load, checked and reported (tools/chaos)
     llmos keys create|list|revoke|quota        API keys and tenants (tools/security_cli.py)
     llmos audit verify|tail                    the hash-chained audit log
 
@@ -213,6 +214,12 @@ def main(argv: list[str] | None = None) -> int:
 
     demo = sub.add_parser("demo", help="boot llmos, show it serving and recovering, stop")
     demo.set_defaults(fn=cmd_demo)
+
+    from tools.chaos import cli as chaos_cli
+
+    chaos = sub.add_parser("chaos", help="inject faults under load, check the recovery contract, report")
+    chaos_cli.add_arguments(chaos)
+    chaos.set_defaults(fn=chaos_cli.run)
 
     from tools.security_cli import add_commands
 

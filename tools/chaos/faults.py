@@ -1,0 +1,151 @@
+"""Fault injection on a seeded schedule: SIGKILL, and SIGSTOP/SIGCONT (a
+paused process, or one hung long enough that the kernel declares it dead).
+
+The schedule is a pure function of (seed, duration, targets). Firing it
+respects the system's own rules so the run measures recovery rather than
+escalation: a fault waits until its target is READY again, and one instance
+is never hit more often than its restart intensity allows.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import signal
+from collections.abc import AsyncIterator, Sequence
+
+import anyio
+from anyio.abc import TaskStatus
+
+from ipc.heartbeat import HEARTBEAT_EXPIRY_S
+from ipc.protocol import kernel as kp
+from sdk.client import AsyncClient
+from tools.chaos.history import Fault, FaultKind, History, ServiceEvent
+
+# Per instance: at most one fault per MIN_GAP_S, so at most 4 restarts in the
+# supervisor's default 10 s period (escalation needs more than 5).
+MIN_GAP_S = 3.0
+PAUSE_S = (0.3, 1.5)  # well inside the heartbeat expiry
+HANG_S = HEARTBEAT_EXPIRY_S * 2  # well past it: the kernel kills the process first
+KIND_WEIGHTS = {FaultKind.KILL: 0.6, FaultKind.PAUSE: 0.25, FaultKind.HANG: 0.15}
+READY_WAIT_S = 60.0  # a target not READY by then: the fault is skipped (and says so)
+
+
+def plan_faults(seed: int, duration_s: float, targets: dict[str, str], per_minute: float = 30.0,
+                warmup_s: float = 3.0, tail_s: float = 3.0) -> list[Fault]:
+    """`targets` maps instance → service. The first faults visit every
+    target once (in a seeded order), so a short run covers every service type."""
+    rng = random.Random(seed)
+    order = sorted(targets)
+    rng.shuffle(order)
+    kinds = list(KIND_WEIGHTS)
+    weights = [KIND_WEIGHTS[k] for k in kinds]
+    last: dict[str, float] = {}
+    faults: list[Fault] = []
+    interval = 60.0 / per_minute
+    # Evenly spaced with jitter (rather than Poisson) so a run's fault count is predictable.
+    for k in range(int((duration_s - warmup_s - tail_s) / interval) + 1):
+        t = warmup_s + (k + rng.uniform(0.1, 0.9)) * interval
+        if t > duration_s - tail_s:
+            break
+        free = [i for i in order if t - last.get(i, -math.inf) >= MIN_GAP_S]
+        if not free:
+            continue
+        unvisited = [i for i in free if i not in last]
+        inst = unvisited[0] if unvisited else rng.choice(free)
+        kind = rng.choices(kinds, weights)[0]
+        stop_s = {FaultKind.KILL: 0.0, FaultKind.PAUSE: rng.uniform(*PAUSE_S), FaultKind.HANG: HANG_S}[kind]
+        last[inst] = t + stop_s
+        faults.append(Fault(round(t, 3), inst, targets[inst], kind, round(stop_s, 3)))
+    return faults
+
+
+class Tracker:
+    """Which instances are READY (with which pid), fed by `kernel.services`
+    events; records them in the history and stamps faults with the moment a
+    replacement registered."""
+
+    def __init__(self, history: History, status: kp.StatusReply):
+        self.history = history
+        self.ready: dict[str, int] = {i.instance: i.pid for i in status.instances if i.state == "ready"}
+        self.seen_pids: set[int] = {i.pid for i in status.instances if i.pid}
+        self._changed = anyio.Event()
+
+    async def follow(self, client: AsyncClient, *, task_status: TaskStatus[None]) -> None:
+        events: AsyncIterator[object] = client.subscribe(kp.SERVICES_TOPIC)
+        async for ev in events:
+            if isinstance(ev, kp.Subscribed):
+                task_status.started()
+            elif isinstance(ev, kp.ServiceUp):
+                self._up(ev)
+            elif isinstance(ev, kp.ServiceDown):
+                self.history.services.append(ServiceEvent(self.history.now(), "down", ev.service, ev.instance,
+                                                          reason=ev.reason))
+                self.ready.pop(ev.instance, None)
+                self._notify()
+
+    def _up(self, ev: kp.ServiceUp) -> None:
+        now = self.history.now()
+        self.history.services.append(ServiceEvent(now, "up", ev.service, ev.instance, ev.pid))
+        self.ready[ev.instance] = ev.pid
+        self.seen_pids.add(ev.pid)
+        for f in reversed(self.history.faults):
+            if f.instance == ev.instance and f.t >= 0:
+                if f.ready_t < 0 and f.pid != ev.pid:
+                    f.ready_t, f.new_pid = now, ev.pid
+                break
+        self._notify()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    async def wait_ready(self, instance: str, timeout: float) -> int | None:
+        with anyio.move_on_after(timeout):
+            while instance not in self.ready:
+                await self._changed.wait()
+            return self.ready[instance]
+        return None
+
+
+async def inject(plan: Sequence[Fault], tracker: Tracker, history: History) -> None:
+    """Fire `plan` in order at its planned times (each recorded in the history)."""
+    async with anyio.create_task_group() as tg:
+        for f in plan:
+            history.faults.append(f)
+            delay = f.planned_s - history.now()
+            if delay > 0:
+                await anyio.sleep(delay)  # the schedule itself, not a wait for a condition
+            pid = await tracker.wait_ready(f.instance, READY_WAIT_S)
+            if pid is None:
+                f.note = "skipped: target not READY"
+                continue
+            f.pid, f.t = pid, history.now()
+            try:
+                os.kill(pid, signal.SIGKILL if f.kind == FaultKind.KILL else signal.SIGSTOP)
+            except ProcessLookupError:
+                f.t, f.note = -1.0, "skipped: the process was already gone"
+                continue
+            if f.kind != FaultKind.KILL:
+                tg.start_soon(_resume_later, f, history)
+
+
+async def _resume_later(f: Fault, history: History) -> None:
+    await anyio.sleep(f.stop_s)
+    f.cont_t = history.now()
+    try:
+        os.kill(f.pid, signal.SIGCONT)
+    except ProcessLookupError:
+        pass  # the kernel killed it as hung (a HANG, or a PAUSE the loaded machine made one)
+
+
+def settle(faults: Sequence[Fault]) -> None:
+    """A pause the kernel ended by killing the process was a hang in effect."""
+    for f in faults:
+        if f.kind == FaultKind.PAUSE and f.ready_t >= 0:
+            f.kind, f.note = FaultKind.HANG, "paused past the heartbeat expiry: killed by the kernel"
+
+
+def targets_of(status: kp.StatusReply, services: Sequence[str]) -> dict[str, str]:
+    return {i.instance: i.service for i in status.instances if i.service in services}

@@ -1,0 +1,171 @@
+"""One chaos run: boot llmos (or attach to a running one), take a fault-free
+greedy reference, drive the clients while faults are injected, check the
+history, write the report."""
+
+from __future__ import annotations
+
+import random
+import socket
+import time
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import msgspec
+
+from drivers.model.tokenizer import load_tokenizer
+from ipc.protocol import security as sec
+from ipc.protocol.driver import DRIVER, DescribeModel, ModelDescription
+from kernel.config import ChildSpec, default_children
+from sdk.client import AsyncClient
+from sdk.testing import running_llmos
+from services.scheduler._text import TextStream
+from tools.chaos import faults as fx
+from tools.chaos import workload as wl
+from tools.chaos.checker import Reference, Verdict, check
+from tools.chaos.history import History
+from tools.chaos.procs import Sampler, leaked
+from tools.chaos.report import write_report
+
+FAULT_SERVICES = ("security", "memory", "driver", "scheduler", "gateway")
+
+
+@dataclass
+class ChaosConfig:
+    duration_s: float = 60.0
+    seed: int = 0
+    model: str = "demo"
+    clients: int = 12
+    http_clients: int = 0  # -1: a quarter of `clients` (when there is a gateway)
+    tenants: tuple[str, ...] = ("alice", "bob", "carol")
+    faults_per_minute: float = 30.0
+    services: tuple[str, ...] = FAULT_SERVICES
+    kv_cache_mb: int = 64
+    drain_s: float = 180.0  # after `duration_s`, how long requests in flight may take to end
+    attach: bool = False
+    boot_timeout_s: float = 600.0
+    command: str = ""
+
+
+@dataclass
+class ChaosResult:
+    history: History
+    verdict: Verdict
+    report: dict[str, Any]
+    out: Path
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def chaos_children(model: str, kv_cache_mb: int, http: str) -> list[ChildSpec]:
+    """`llmos up`'s children, with the priority policy so priorities matter."""
+    return [msgspec.structs.replace(c, args=[*c.args, "--policy", "priority"]) if c.name == "scheduler" else c
+            for c in default_children(model, {"cpu": 1}, http, kv_cache_mb=kv_cache_mb)]
+
+
+async def run_chaos(home: Path, cfg: ChaosConfig, out: Path) -> ChaosResult:
+    out.mkdir(parents=True, exist_ok=True)
+    async with AsyncExitStack() as stack:
+        kernel_proc = None
+        if cfg.attach:
+            admin = await stack.enter_async_context(await AsyncClient.connect(home=home))
+        else:
+            http = f"127.0.0.1:{_free_port()}" if "gateway" in cfg.services else ""
+            llmos = await stack.enter_async_context(running_llmos(
+                home, chaos_children(cfg.model, cfg.kv_cache_mb, http), auth=True,
+                ready_timeout=cfg.boot_timeout_s))
+            admin, kernel_proc = llmos.client, llmos.kernel
+        status = await admin.status()
+        kernel_pid = status.pid
+        history = History()
+        tracker = fx.Tracker(history, status)
+        gateway = next((i for i in status.instances if i.service == "gateway"), None)
+        base_url = str(gateway.meta.get("http", "")) if gateway is not None else ""
+        n_http = 0 if not base_url else (cfg.http_clients if cfg.http_clients >= 0 else cfg.clients // 4)
+        run_tag = "" if not cfg.attach else f"chaos{cfg.seed}-"
+        keys = {t: (await admin.call(sec.SECURITY, sec.CreateKey(run_tag + t, ["generate"], note="chaos"))).api_key
+                for t in cfg.tenants}
+        clients = {t: await stack.enter_async_context(await AsyncClient.connect(home=home, api_key=k))
+                   for t, k in keys.items()}
+        desc: ModelDescription = await admin.call(DRIVER, DescribeModel(), timeout=60)
+        reference = await _reference(clients[cfg.tenants[0]])
+        text_of = _text_checker(desc)
+
+        plan = fx.plan_faults(cfg.seed, cfg.duration_s, fx.targets_of(status, cfg.services),
+                              cfg.faults_per_minute)
+        sampler = Sampler(lambda: {"kernel": kernel_pid, **tracker.ready})
+        stop = anyio.Event()
+        history.t0 = time.monotonic()
+        async with anyio.create_task_group() as tg:
+            await tg.start(tracker.follow, admin)
+            tg.start_soon(sampler.run)
+            with anyio.move_on_after(cfg.duration_s + cfg.drain_s):
+                async with anyio.create_task_group() as work:
+                    work.start_soon(fx.inject, plan, tracker, history)
+                    for i in range(cfg.clients):
+                        tenant = cfg.tenants[i % len(cfg.tenants)]
+                        rng = random.Random(f"{cfg.seed}/{i}")
+                        if i < n_http:
+                            work.start_soon(wl.http_client, f"h{i}", tenant, keys[tenant], base_url, rng, history,
+                                            stop)
+                        else:
+                            work.start_soon(wl.sdk_client, f"c{i}", tenant, clients[tenant], rng, history, stop)
+                    await anyio.sleep(cfg.duration_s)  # the run's length
+                    stop.set()
+            # Every target back before the end: the leak check sees a settled system.
+            for inst in fx.targets_of(status, cfg.services):
+                await tracker.wait_ready(inst, fx.READY_WAIT_S)
+            sampler.sample()
+            tg.cancel_scope.cancel()
+        fx.settle(history.faults)
+        final = await admin.status()
+        kernel_restarted = final.pid != kernel_pid
+        current = {i.pid for i in final.instances}
+        seen = tracker.seen_pids | {f.pid for f in history.faults if f.pid}
+        if cfg.attach:
+            leaked_pids = leaked(seen, keep=current)
+    if not cfg.attach:
+        assert kernel_proc is not None
+        kernel_restarted = kernel_restarted or kernel_proc.returncode != 0
+        leaked_pids = leaked(seen | current)  # after shutdown nothing may be left
+    verdict = check(history, reference, text_of, leaked_pids=leaked_pids, kernel_restarted=kernel_restarted)
+    report = write_report(out, history, verdict, cfg, plan_size=len(plan), peak_rss_mb=sampler.peak_rss_mb,
+                          model=desc.name)
+    return ChaosResult(history, verdict, report, out)
+
+
+async def _reference(client: AsyncClient) -> Reference:
+    """Greedy answers with no fault anywhere: SDK requests (ignore_eos, the
+    longest length; shorter ones are its prefix) and HTTP ones (EOS honoured)."""
+    sdk: dict[int, list[int]] = {}
+    http: dict[int, str] = {}
+
+    async def one(i: int) -> None:
+        a = await client.generate(wl.PROMPTS[i], max_tokens=max(wl.MAX_TOKENS), temperature=0.0, ignore_eos=True)
+        b = await client.generate(wl.PROMPTS[i], max_tokens=wl.HTTP_MAX_TOKENS, temperature=0.0)
+        sdk[i], http[i] = a.token_ids, b.text
+
+    async with anyio.create_task_group() as tg:
+        for i in range(len(wl.PROMPTS)):
+            tg.start_soon(one, i)
+    return Reference(sdk, http)
+
+
+def _text_checker(desc: ModelDescription) -> Any:
+    """The text a request's tokens must read as: the scheduler's own text
+    stream run over them in one go, independent of chunking and restarts."""
+    tok = load_tokenizer(desc.path, eos_token_ids=desc.eos_token_ids, bos_token_id=desc.bos_token_id)
+    prompts = [tok.encode(p) for p in wl.PROMPTS]
+
+    def text_of(prompt: int, ids: list[int]) -> str:
+        ts = TextStream(tok, prompts[prompt])
+        return "".join(ts.feed(t) for t in ids) + ts.finish()
+
+    return text_of
