@@ -45,6 +45,11 @@ def cmd_up(args: argparse.Namespace) -> int:
         children = default_children(args.model or "demo", parse_drivers(args.drivers or "cpu=1"), args.http or "")
         config = msgspec.structs.replace(config, children=children)
     print(f"llmos: up; home {home}; stop with Ctrl-C or `llmos down`", file=sys.stderr)
+    if config.kernel.auth:
+        from ipc.home import admin_key_path
+
+        print(f"llmos: auth on; the admin API key is in {admin_key_path(home)} (mode 0600, written at first boot)",
+              file=sys.stderr)
     return boot(config, home, Path(args.config) if args.config else None)
 
 
