@@ -19,8 +19,8 @@ def adopt(seq: Sequence, blocks: list[int], num_computed: int, ledger: TenantLed
     pool = seq.pool
     bs = pool.block_size
     sid = seq.seq_id
-    if num_computed > len(seq.tokens):
-        raise BadRequest(f"sequence {sid!r}: {num_computed} computed slots but only "
+    if not 0 <= num_computed <= len(seq.tokens):
+        raise BadRequest(f"sequence {sid!r}: {num_computed} computed slots for "
                          f"{len(seq.tokens)} tokens")
     if len(blocks) != -(-num_computed // bs):
         raise BadRequest(f"sequence {sid!r}: {len(blocks)} blocks cannot hold exactly "

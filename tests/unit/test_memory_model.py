@@ -32,6 +32,10 @@ TENANTS = ["a", "b"]
 BASES = [[1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2, 3], [1, 2, 3, 4, 4, 4, 4, 4], [0, 0, 0, 0, 0, 0]]
 TOKEN = st.integers(0, 3)
 SOME_TENANT = st.sampled_from(["a", "a", "a", "b"])
+# Indices into the live sequences (modulo their number): cheaper to draw than
+# `st.data()` draws that depend on the state.
+PICK = st.integers(0, 999)
+PICKS = st.lists(PICK, min_size=1, max_size=3)
 
 
 @dataclass
@@ -102,6 +106,10 @@ class MemoryMachine(RuleBasedStateMachine):
             self.dead.append(sid)
         del self.pools[pool]
 
+    @staticmethod
+    def pick(ids: list[str], picks: list[int]) -> list[str]:
+        return list(dict.fromkeys(ids[p % len(ids)] for p in picks))
+
     def new_id(self) -> str:
         self.next_id += 1
         return f"s{self.next_id}"
@@ -140,33 +148,28 @@ class MemoryMachine(RuleBasedStateMachine):
 
     # --- the per-step call ---------------------------------------------------
 
-    @rule(data=st.data())
-    def new_sequences(self, data: st.DataObject) -> None:
-        items = []
-        for _ in range(data.draw(st.integers(1, 3))):
-            base = data.draw(st.sampled_from(BASES))
-            cut = data.draw(st.integers(0, len(base)) | st.just(len(base)))
-            prompt = base[:cut] + data.draw(st.lists(TOKEN, max_size=5))
-            pool = data.draw(SOME_POOL)
-            items.append(SeqReserve(self.new_id(), 0, prompt, data.draw(st.integers(0, 8)),
-                                    tenant=data.draw(SOME_TENANT), pool=pool))
-        self.reserve(items)
+    @rule(new=st.lists(st.tuples(st.sampled_from(BASES), st.integers(0, 16),
+                                 st.lists(TOKEN, max_size=5), st.integers(0, 8), SOME_TENANT,
+                                 SOME_POOL), min_size=1, max_size=3))
+    def new_sequences(self, new: list[tuple[list[int], int, list[int], int, str, str]]) -> None:
+        self.reserve([SeqReserve(self.new_id(), 0, base[:cut] + tail, num_new, tenant=tenant,
+                                 pool=pool) for base, cut, tail, num_new, tenant, pool in new])
 
     @precondition(lambda self: self.seqs)
-    @rule(data=st.data())
-    def step(self, data: st.DataObject) -> None:
-        ids = data.draw(st.lists(st.sampled_from(sorted(self.seqs)), min_size=1, max_size=4,
-                                 unique=True))
-        if self.dead and data.draw(st.integers(0, 9)) == 0:
-            ids.append(data.draw(st.sampled_from(self.dead)))
+    @rule(picks=st.lists(st.tuples(PICK, st.lists(TOKEN, max_size=2), st.integers(0, 4),
+                                   st.integers(0, 19)), min_size=1, max_size=4),
+          stale=st.integers(0, 9), dead=PICK)
+    def step(self, picks: list[tuple[int, list[int], int, int]], stale: int, dead: int) -> None:
+        live = sorted(self.seqs)
         items = []
-        for sid in ids:
-            s = self.seqs.get(sid)
-            start = len(s.tokens) if s else data.draw(st.integers(1, 9))
-            if s and data.draw(st.integers(0, 19)) == 0:
-                start += 1  # a desynchronised caller
-            items.append(SeqReserve(sid, start, data.draw(st.lists(TOKEN, max_size=2)),
-                                    data.draw(st.integers(0, 4))))
+        for i, tokens, num_new, desync in picks:
+            sid = live[i % len(live)]
+            if sid not in (item.seq_id for item in items):
+                # One caller in twenty is desynchronised.
+                start = len(self.seqs[sid].tokens) + (desync == 0)
+                items.append(SeqReserve(sid, start, tokens, num_new))
+        if self.dead and stale == 0:
+            items.append(SeqReserve(self.dead[dead % len(self.dead)], 1 + stale, [1], 1))
         self.reserve(items)
 
     @precondition(lambda self: any(not s.swapped for s in self.seqs.values()))
@@ -265,10 +268,9 @@ class MemoryMachine(RuleBasedStateMachine):
             assert p.writer[b] == s.tenant, "a block crossed tenants"
 
     @precondition(lambda self: self.seqs or self.dead)
-    @rule(data=st.data())
-    def release(self, data: st.DataObject) -> None:
-        ids = data.draw(st.lists(st.sampled_from(sorted(self.seqs) + self.dead), min_size=1,
-                                 max_size=3, unique=True))
+    @rule(picks=PICKS)
+    def release(self, picks: list[int]) -> None:
+        ids = self.pick(sorted(self.seqs) + self.dead, picks)
         reply = self.m.release(Release(ids))
         assert sorted(f.seq_id for f in reply.failures) == sorted(i for i in ids
                                                                   if i not in self.seqs)
@@ -278,10 +280,10 @@ class MemoryMachine(RuleBasedStateMachine):
                 self.dead.append(sid)
 
     @precondition(lambda self: self.seqs)
-    @rule(data=st.data())
-    def fork(self, data: st.DataObject) -> None:
-        parent = data.draw(st.sampled_from(sorted(self.seqs)))
-        children = [self.new_id() for _ in range(data.draw(st.integers(1, 2)))]
+    @rule(pick=PICK, n=st.integers(1, 2))
+    def fork(self, pick: int, n: int) -> None:
+        parent = self.pick(sorted(self.seqs), [pick])[0]
+        children = [self.new_id() for _ in range(n)]
         reply = self.m.fork(Fork([ForkItem(parent, c) for c in children]))
         p = self.seqs[parent]
         if p.swapped:
@@ -294,10 +296,9 @@ class MemoryMachine(RuleBasedStateMachine):
     # --- swap tier -----------------------------------------------------------
 
     @precondition(lambda self: self.seqs)
-    @rule(data=st.data())
-    def swap_out(self, data: st.DataObject) -> None:
-        ids = data.draw(st.lists(st.sampled_from(sorted(self.seqs)), min_size=1, max_size=3,
-                                 unique=True))
+    @rule(picks=PICKS)
+    def swap_out(self, picks: list[int]) -> None:
+        ids = self.pick(sorted(self.seqs), picks)
         free = {p: pm.swap_slots - len(self.holders(p, swapped=True))
                 for p, pm in self.pools.items()}
         reply = self.m.swap_out(SwapOut(ids))
@@ -320,10 +321,9 @@ class MemoryMachine(RuleBasedStateMachine):
             s.swapped = True
 
     @precondition(lambda self: self.seqs)
-    @rule(data=st.data())
-    def swap_in(self, data: st.DataObject) -> None:
-        ids = data.draw(st.lists(st.sampled_from(sorted(self.seqs)), min_size=1, max_size=3,
-                                 unique=True))
+    @rule(picks=PICKS)
+    def swap_in(self, picks: list[int]) -> None:
+        ids = self.pick(sorted(self.seqs), picks)
         before = {t: self.held(t) for t in TENANTS}
         reply = self.m.swap_in(SwapIn(ids))
         for sid, r in zip(ids, reply.seqs):
@@ -367,8 +367,8 @@ class MemoryMachine(RuleBasedStateMachine):
         assert usage.limit == limit and usage.blocks == self.held(tenant)
         self.limits[tenant] = limit
 
-    @rule(data=st.data())
-    def restart(self, data: st.DataObject) -> None:
+    @rule(adopt=st.lists(st.booleans(), min_size=8, max_size=8))
+    def restart(self, adopt: list[bool]) -> None:
         """The memory server restarts empty; drivers kept their KV."""
         self.m = MemoryManager()
         self.limits.clear()
@@ -376,7 +376,7 @@ class MemoryMachine(RuleBasedStateMachine):
             self.m.register_pool(RegisterPool(pool, p.num_blocks, p.bs, p.swap_slots))
         states = []
         for sid, s in sorted(self.seqs.items()):
-            if s.swapped or not data.draw(st.booleans()):
+            if s.swapped or not adopt[len(states) % len(adopt)]:
                 s.table, s.num_slots, s.swapped = [], 0, False
             elif s.table:
                 event("restart: adopted")
@@ -440,6 +440,6 @@ class MemoryMachine(RuleBasedStateMachine):
 
 
 MemoryMachine.TestCase.settings = settings(
-    max_examples=400, stateful_step_count=40, deadline=None,
+    max_examples=500, stateful_step_count=40, deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 TestMemoryModel = MemoryMachine.TestCase
