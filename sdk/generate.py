@@ -20,7 +20,7 @@ from ipc.protocol.sampling import SamplingParams
 from ipc.protocol.scheduler import SCHEDULER, Finished, FinishReason, Submit, TokenDelta, Usage
 from sdk.connection import Connection
 
-# Re-submissions after the scheduler died, per request.
+# Re-submissions after the scheduler died, per request, in a row without a new token.
 MAX_RESUBMITS = 5
 
 
@@ -66,6 +66,10 @@ async def stream_generate(conn: Connection, submit: Submit, *,
                           max_resubmits: int = MAX_RESUBMITS) -> AsyncIterator[Chunk]:
     held: list[int] = []
     attempt = 0
+    # Re-submissions since the last token arrived: a long request survives any
+    # number of scheduler restarts as long as each one let it make progress.
+    stalled = 0
+    progress_at = 0
     while True:
         msg = Submit(submit.prompt, submit.prompt_ids, submit.params, submit.max_tokens, submit.stop,
                      submit.stop_token_ids, submit.ignore_eos, submit.priority, submit.deadline_ns,
@@ -87,7 +91,9 @@ async def stream_generate(conn: Connection, submit: Submit, *,
         except Unavailable:
             # The scheduler died (or restarted) mid-request: resume it.
             attempt += 1
-            if attempt > max_resubmits:
+            stalled = 1 if len(held) > progress_at else stalled + 1
+            progress_at = len(held)
+            if stalled > max_resubmits:
                 raise
             continue
         raise Internal("the scheduler's stream ended without Finished")

@@ -1,0 +1,52 @@
+"""The SDK's re-submission budget (sdk/generate.py) with an in-memory
+scheduler that dies on cue: it counts restarts without progress, so a long
+request survives many restarts that each let it move on, and still gives up
+on a scheduler that never answers."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from ipc.errors import Unavailable
+from ipc.protocol.scheduler import Finished, FinishReason, Submit, TokenDelta
+from sdk.generate import MAX_RESUBMITS, build_submit, generate
+
+
+class DyingScheduler:
+    """Each Submit gets `tokens_per_life` tokens (resuming at `resume_from`),
+    then the scheduler dies (`Unavailable`), until `total` tokens are out."""
+
+    def __init__(self, total: int, tokens_per_life: int):
+        self.total = total
+        self.per_life = tokens_per_life
+        self.submits: list[Submit] = []
+
+    async def stream(self, dst: str, msg: Submit, **_: Any) -> AsyncIterator[Any]:
+        self.submits.append(msg)
+        start = msg.resume_from
+        assert msg.resume_ids == list(range(start)), "the client re-submits exactly what it holds"
+        end = min(start + self.per_life, self.total)
+        for i in range(start, end):
+            if i == self.total - 1:
+                yield Finished(msg.request_id, FinishReason.LENGTH, i, [i])
+                return
+            yield TokenDelta(msg.request_id, i, [i])
+        raise Unavailable("scheduler died while handling Submit")
+
+
+async def test_many_restarts_with_progress_between_them_do_not_fail_the_request() -> None:
+    sched = DyingScheduler(total=40, tokens_per_life=3)
+    done = await generate(sched, build_submit("hi", max_tokens=40, request_id="r1"))  # type: ignore[arg-type]
+    assert done.token_ids == list(range(40)) and done.finish_reason == FinishReason.LENGTH
+    assert len(sched.submits) > MAX_RESUBMITS + 1
+    assert [m.attempt for m in sched.submits] == list(range(len(sched.submits)))
+
+
+async def test_a_scheduler_that_never_makes_progress_is_given_up_on() -> None:
+    sched = DyingScheduler(total=40, tokens_per_life=0)
+    with pytest.raises(Unavailable):
+        await generate(sched, build_submit("hi", max_tokens=40, request_id="r2"))  # type: ignore[arg-type]
+    assert len(sched.submits) == MAX_RESUBMITS + 1
