@@ -30,6 +30,7 @@ PAUSE_S = (0.3, 1.5)  # well inside the heartbeat expiry
 HANG_S = HEARTBEAT_EXPIRY_S * 2  # well past it: the kernel kills the process first
 KIND_WEIGHTS = {FaultKind.KILL: 0.6, FaultKind.PAUSE: 0.25, FaultKind.HANG: 0.15}
 READY_WAIT_S = 60.0  # a target not READY by then: the fault is skipped (and says so)
+MIN_UP_S = 1.0  # a target is hit again only after serving this long since its restart
 
 
 def plan_faults(seed: int, duration_s: float, targets: dict[str, str], per_minute: float = 30.0,
@@ -69,6 +70,7 @@ class Tracker:
     def __init__(self, history: History, status: kp.StatusReply):
         self.history = history
         self.ready: dict[str, int] = {i.instance: i.pid for i in status.instances if i.state == "ready"}
+        self.up_since: dict[str, float] = {i: history.now() - 3600 for i in self.ready}
         self.seen_pids: set[int] = {i.pid for i in status.instances if i.pid}
         self._changed = anyio.Event()
 
@@ -89,6 +91,7 @@ class Tracker:
         now = self.history.now()
         self.history.services.append(ServiceEvent(now, "up", ev.service, ev.instance, ev.pid))
         self.ready[ev.instance] = ev.pid
+        self.up_since[ev.instance] = now
         self.seen_pids.add(ev.pid)
         for f in reversed(self.history.faults):
             if f.instance == ev.instance and f.t >= 0:
@@ -108,36 +111,55 @@ class Tracker:
             return self.ready[instance]
         return None
 
+    async def wait_up(self, instance: str, min_up_s: float, timeout: float) -> int | None:
+        """The pid of `instance` once it has been READY for `min_up_s`, or None."""
+        with anyio.move_on_after(timeout):
+            while True:
+                pid = await self.wait_ready(instance, math.inf)
+                wait = self.up_since[instance] + min_up_s - self.history.now()
+                if wait <= 0:
+                    return pid
+                await anyio.sleep(wait)
+        return None
+
 
 async def inject(plan: Sequence[Fault], tracker: Tracker, history: History) -> None:
-    """Fire `plan` in order at its planned times (each recorded in the history)."""
+    """Fire `plan` at its planned times (each recorded in the history). Each
+    target has its own task, so one slow to recover delays no other; a
+    fault fires only once its target has been READY for `MIN_UP_S`, and is
+    skipped when that does not happen before the target's next planned fault."""
+    history.faults.extend(plan)
+    by_target: dict[str, list[Fault]] = {}
+    for f in plan:
+        by_target.setdefault(f.instance, []).append(f)
     async with anyio.create_task_group() as tg:
-        for f in plan:
-            history.faults.append(f)
-            delay = f.planned_s - history.now()
-            if delay > 0:
-                await anyio.sleep(delay)  # the schedule itself, not a wait for a condition
-            pid = await tracker.wait_ready(f.instance, READY_WAIT_S)
-            if pid is None:
-                f.note = "skipped: target not READY"
-                continue
-            f.pid, f.t = pid, history.now()
+        for faults in by_target.values():
+            tg.start_soon(_inject_target, faults, tracker, history)
+
+
+async def _inject_target(faults: list[Fault], tracker: Tracker, history: History) -> None:
+    for k, f in enumerate(faults):
+        delay = f.planned_s - history.now()
+        if delay > 0:
+            await anyio.sleep(delay)  # the schedule itself, not a wait for a condition
+        limit = faults[k + 1].planned_s - history.now() if k + 1 < len(faults) else READY_WAIT_S
+        pid = await tracker.wait_up(f.instance, MIN_UP_S, max(limit, 0.0))
+        if pid is None:
+            f.note = "skipped: its target was still recovering from the previous fault"
+            continue
+        f.pid, f.t = pid, history.now()
+        try:
+            os.kill(pid, signal.SIGKILL if f.kind == FaultKind.KILL else signal.SIGSTOP)
+        except ProcessLookupError:
+            f.t, f.note = -1.0, "skipped: the process was already gone"
+            continue
+        if f.kind != FaultKind.KILL:
+            await anyio.sleep(f.stop_s)
+            f.cont_t = history.now()
             try:
-                os.kill(pid, signal.SIGKILL if f.kind == FaultKind.KILL else signal.SIGSTOP)
+                os.kill(f.pid, signal.SIGCONT)
             except ProcessLookupError:
-                f.t, f.note = -1.0, "skipped: the process was already gone"
-                continue
-            if f.kind != FaultKind.KILL:
-                tg.start_soon(_resume_later, f, history)
-
-
-async def _resume_later(f: Fault, history: History) -> None:
-    await anyio.sleep(f.stop_s)
-    f.cont_t = history.now()
-    try:
-        os.kill(f.pid, signal.SIGCONT)
-    except ProcessLookupError:
-        pass  # the kernel killed it as hung (a HANG, or a PAUSE the loaded machine made one)
+                pass  # the kernel killed it as hung (a HANG, or a PAUSE the loaded machine made one)
 
 
 def settle(faults: Sequence[Fault]) -> None:
