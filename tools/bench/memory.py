@@ -19,8 +19,10 @@ token. Token ids are random, so prompts share nothing unless told to.
     256 running: slots allocated but holding no token, as a share of slots
     allocated, averaged over the steady state; paged = 16-token blocks from
     the memory server, contiguous = each sequence holding prompt + 512 (its
-    max_tokens) slots from admission. External fragmentation, which makes
-    contiguous allocation worse still, is not modelled.
+    max_tokens) slots from admission; waste_contiguous_model_len_pct holds
+    2048 (the model's context, as the systems the PagedAttention paper
+    measured did). External fragmentation, which makes contiguous
+    allocation worse still, is not modelled.
 (c) prefix_hit_rate: every prompt = one 512-token system prompt + 16-256 own
     tokens, outputs 16-128, 64 running, at most 4 admitted per step: prompt
     tokens served from the prefix cache / prompt tokens.
@@ -56,6 +58,7 @@ from tools.bench.common import parser, print_table, write_result
 MEMORY = "memory"
 
 BLOCK = 16
+MODEL_LEN = 2048
 VOCAB = 32000
 POOL = "bench"
 
@@ -136,14 +139,16 @@ def _manager_for(w: Workload) -> MemoryManager:
     return m
 
 
-def reserve_steps_per_s_inproc(steps: int, width: int = 256, seed: int = 1) -> tuple[float, float]:
+def reserve_steps_per_s_inproc(steps: int, width: int = 256, seed: int = 1,
+                               rounds: int = 1) -> tuple[float, float]:
     """(a) in process: steps/s counting the manager only, and counting the
-    manager plus msgpack on both sides of the wire."""
-    rates = []
+    manager plus msgpack on both sides of the wire; best of `rounds` runs of
+    the same steps."""
+    rates = {False: 0.0, True: 0.0}
     enc = msgspec.msgpack.Encoder()
     req_dec = msgspec.msgpack.Decoder(MemoryRequest)
     rep_dec = msgspec.msgpack.Decoder(MemoryReply)
-    for wire in (False, True):
+    for wire in [False, True] * rounds:
         w = _decode_workload(seed, width)
         m = _manager_for(w)
         busy = 0.0
@@ -163,8 +168,8 @@ def reserve_steps_per_s_inproc(steps: int, width: int = 256, seed: int = 1) -> t
             assert isinstance(reply, ReserveReply)
             w.apply(reply)
         assert not w.failures, "the bench pool ran out of blocks"
-        rates.append(steps / busy)
-    return rates[0], rates[1]
+        rates[wire] = max(rates[wire], steps / busy)
+    return rates[False], rates[True]
 
 
 async def reserve_steps_per_s_kernel(call: Callable[[Any], Awaitable[Any]], pool: str,
@@ -187,17 +192,17 @@ async def reserve_steps_per_s_kernel(call: Callable[[Any], Awaitable[Any]], pool
         w.apply(reply)
     if w.failures:
         raise RuntimeError(f"pool {pool!r} ran out of blocks; it needs {w.slots_needed()}")
-    for s in w.running:
-        await call(Release([s.seq_id]))
+    await call(Release(w.finished + [s.seq_id for s in w.running]))
     return steps / busy
 
 
-def waste(steps: int, warmup: int, seed: int = 2) -> tuple[float, float]:
-    """(b): KV waste in % for paged blocks and for contiguous max-length slabs."""
+def waste(steps: int, warmup: int, seed: int = 2) -> tuple[float, float, float]:
+    """(b): KV waste in % for paged blocks, for contiguous slabs of each
+    sequence's max length and for slabs of the model's context length."""
     max_tokens = 512
     w = Workload(random.Random(seed), 256, (16, 1024), (16, max_tokens))
     m = _manager_for(w)
-    paged_alloc = paged_waste = contig_alloc = contig_held = 0
+    paged_alloc = paged_waste = contig_alloc = contig_held = model_len_alloc = 0
     for i in range(warmup + steps):
         release, reserve = w.next_step()
         if release is not None:
@@ -211,7 +216,9 @@ def waste(steps: int, warmup: int, seed: int = 2) -> tuple[float, float]:
         for s in w.running:
             contig_alloc += s.prompt_len + max_tokens
             contig_held += s.slots
-    return 100 * paged_waste / paged_alloc, 100 * (1 - contig_held / contig_alloc)
+            model_len_alloc += MODEL_LEN
+    return (100 * paged_waste / paged_alloc, 100 * (1 - contig_held / contig_alloc),
+            100 * (1 - contig_held / model_len_alloc))
 
 
 def prefix_hit_rate(requests: int, seed: int = 3) -> tuple[float, float, int]:
@@ -284,11 +291,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.serve_pool:
         _StandInDriver.num_blocks = args.serve_pool
         _StandInDriver.main()
-    a_steps, w_steps, w_warm, c_reqs, k_steps = ((300, 250, 512, 400, 200) if args.quick
-                                                 else (2000, 1000, 768, 2000, 1000))
+    a_steps, rounds, w_steps, w_warm, c_reqs, k_steps = (
+        (300, 2, 250, 512, 400, 200) if args.quick else (1000, 3, 1000, 768, 2000, 1000))
     t0 = time.perf_counter()
-    inproc, codec = reserve_steps_per_s_inproc(a_steps)
-    paged, contiguous = waste(w_steps, w_warm)
+    inproc, codec = reserve_steps_per_s_inproc(a_steps, rounds=rounds)
+    paged, contiguous, model_len = waste(w_steps, w_warm)
     hit, ideal, c_steps = prefix_hit_rate(c_reqs)
     kernel: float | None = None
     why = "--no-kernel"
@@ -299,17 +306,20 @@ def main(argv: list[str] | None = None) -> int:
         "reserve_steps_per_s_codec": round(codec, 1),
         "waste_paged_pct": round(paged, 2),
         "waste_contiguous_pct": round(contiguous, 2),
+        "waste_contiguous_model_len_pct": round(model_len, 2),
         "prefix_hit_rate": round(hit, 4),
     }
     if kernel is not None:
         figures["reserve_steps_per_s_kernel"] = round(kernel, 1)
     rows: list[tuple[str, ...]] = [("figure", "value", "workload")]
-    rows.append(("(a) Reserve steps/s, in process", f"{inproc:,.0f}", f"256 seqs, {a_steps} steps"))
+    rows.append(("(a) Reserve steps/s, in process", f"{inproc:,.0f}",
+                 f"256 seqs, {a_steps} steps, best of {rounds}"))
     rows.append(("    + msgpack both ways", f"{codec:,.0f}", ""))
     rows.append(("    through the kernel", f"{kernel:,.0f}" if kernel else "not measured",
                  f"{k_steps} steps" if kernel else why))
     rows.append(("(b) KV waste, paged (16-slot blocks)", f"{paged:.2f} %", f"{w_steps} steps"))
     rows.append(("    KV waste, contiguous (prompt + 512)", f"{contiguous:.2f} %", ""))
+    rows.append(("    KV waste, contiguous (2048 each)", f"{model_len:.2f} %", ""))
     rows.append(("(c) prefix hit rate", f"{hit:.3f}", f"{c_reqs} requests, {c_steps} steps"))
     rows.append(("    at most (system prompt share)", f"{ideal:.3f}", ""))
     print_table(f"memory ({'quick' if args.quick else 'full'}, {time.perf_counter() - t0:.0f} s)", rows)
