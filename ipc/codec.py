@@ -33,7 +33,7 @@ def decode_body(dec: msgspec.msgpack.Decoder[Any], frame: FrameLike, what: str =
         return dec.decode(frame)
     except msgspec.ValidationError as exc:
         raise BadRequest(f"invalid {what}: {_name_field(str(exc), frame)}") from None
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # msgspec raises the latter for a bad str
         raise BadRequest(f"undecodable {what}: {exc}") from None
 
 

@@ -64,7 +64,7 @@ def decode_header(frame: FrameLike) -> Header:
         header = _decode_header(frame)
     except msgspec.ValidationError as exc:
         raise BadRequest(f"malformed header: {exc}") from None
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # msgspec raises the latter for a bad str
         raise BadRequest(f"undecodable header: {exc}") from None
     if header.version != PROTOCOL_VERSION:
         raise BadRequest(f"unsupported protocol version {header.version} (want {PROTOCOL_VERSION})")
