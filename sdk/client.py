@@ -30,12 +30,14 @@ from sdk.auth import TokenKeeper, read_admin_key, tcp_keys
 from sdk import generate as gen
 from sdk.connection import Connection
 from sdk.generate import Chunk, Completion
+from sdk.jobs import Jobs, SyncJobs
 
 
 class AsyncClient:
     def __init__(self, conn: Connection):
         self._conn = conn
         self._keeper: TokenKeeper | None = None
+        self.jobs = Jobs(self)  # timed and periodic generations (sdk.jobs)
 
     @classmethod
     async def connect(cls, endpoint: str | None = None, *, home: str | os.PathLike[str] | None = None,
@@ -159,6 +161,7 @@ class Client:
         self._portal = portal
         self._aclient = aclient
         self._stack = stack
+        self.jobs = SyncJobs(portal, aclient.jobs)
 
     @classmethod
     def connect(cls, endpoint: str | None = None, *, home: str | os.PathLike[str] | None = None,

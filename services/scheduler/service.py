@@ -19,7 +19,7 @@ import anyio
 from anyio.abc import TaskGroup
 
 from drivers.model.tokenizer import load_tokenizer
-from ipc.errors import LlmosError, Unavailable
+from ipc.errors import Forbidden, LlmosError, Unavailable
 from ipc.protocol import driver as dp
 from ipc.protocol import kernel as kp
 from ipc.protocol import memory as mp
@@ -28,6 +28,7 @@ from sdk.logs import get_logger
 from sdk.service import Context, Service, handler
 from services.scheduler.config import PolicyName, SchedulerConfig, load_scheduler_config
 from services.scheduler.engine import Engine, Model
+from services.scheduler.jobs import JobRunner, JobStore
 
 log = get_logger()
 
@@ -87,8 +88,12 @@ class SchedulerService(Service):
         super().__init__(**kwargs)
         self.config = scheduler_args(sys.argv[1:] if argv is None else argv)
         self.engine = Engine(self.config, IpcBackend(self, self.config.step_timeout_s))
+        self.jobs = JobRunner(self.engine, JobStore(self.home / "jobs"), max_jobs=self.config.max_jobs)
         self._ready = anyio.Event()
         self._model_wanted = anyio.Event()
+
+    async def on_start(self) -> None:
+        await self.jobs.load()
 
     async def background(self, tg: TaskGroup) -> None:
         services = self.subscribe(kp.SERVICES_TOPIC)
@@ -101,9 +106,9 @@ class SchedulerService(Service):
         for info in st.instances:
             if info.service == dp.DRIVER and info.state == "ready":
                 self.engine.driver_up(info.instance, info.meta)
-        tg.start_soon(self._boot)
+        tg.start_soon(self._boot, tg)
 
-    async def _boot(self) -> None:
+    async def _boot(self, tg: TaskGroup) -> None:
         # A clean slate: sequences of a previous scheduler instance are released
         # (their clients re-submit). Retried while the memory server is not up.
         while True:
@@ -116,6 +121,7 @@ class SchedulerService(Service):
         await self._learn_model()
         self._ready.set()
         log.info("scheduler.ready", drivers=sorted(self.engine.drivers), policy=self.config.policy.name.value)
+        tg.start_soon(self.jobs.run)
         await self.engine.run()
 
     async def _learn_model(self) -> None:
@@ -169,6 +175,7 @@ class SchedulerService(Service):
 
     @handler
     async def submit(self, msg: sp.Submit, ctx: Context) -> sp.Finished:
+        check_restrictions(msg, ctx)
         await self._until_ready()
         sink = self.engine.submit(msg, ctx.principal, ctx.emit)
         rid = sink.request.request_id
@@ -198,6 +205,33 @@ class SchedulerService(Service):
     @handler(idempotent=True)
     async def stats(self, msg: sp.SchedulerStats, ctx: Context) -> sp.SchedulerStatsReply:
         return self.engine.stats()
+
+    @handler(idempotent=True)  # with a job_id (the SDK always sends one) a repeat is harmless
+    async def submit_job(self, msg: sp.SubmitJob, ctx: Context) -> sp.JobInfo:
+        check_restrictions(msg.request, ctx)
+        return await self.jobs.submit(msg, ctx.principal)
+
+    @handler(idempotent=True)
+    async def list_jobs(self, msg: sp.ListJobs, ctx: Context) -> sp.JobList:
+        return self.jobs.list(ctx.principal)
+
+    @handler(idempotent=True)
+    async def get_job(self, msg: sp.GetJob, ctx: Context) -> sp.JobInfo:
+        return await self.jobs.get(ctx.principal, msg.job_id, msg.last)
+
+    @handler(idempotent=True)
+    async def cancel_job(self, msg: sp.CancelJob, ctx: Context) -> sp.JobInfo:
+        return await self.jobs.cancel(ctx.principal, msg.job_id)
+
+
+def check_restrictions(msg: sp.Submit, ctx: Context) -> None:
+    """The caller's token caveats that depend on the request (max_tokens, session)."""
+    r = ctx.restrictions
+    if r.max_tokens and msg.max_tokens > r.max_tokens:
+        raise Forbidden(f"this capability allows at most {r.max_tokens} tokens per request",
+                        detail={"field": "max_tokens"})
+    if r.session and msg.session != r.session:
+        raise Forbidden(f"this capability is confined to session {r.session!r}", detail={"field": "session"})
 
 
 __all__ = ["SchedulerService"]

@@ -1,0 +1,96 @@
+"""Timed and periodic generation jobs (`AsyncClient.jobs`, `Client.jobs`).
+
+    job = await client.jobs.submit("Summarise the news", every=3600, max_tokens=200)
+    info = await client.jobs.get(job.job_id, last=5)     # the latest 5 results
+    for run in info.results: print(run.run, run.text)
+
+The scheduler keeps jobs and their results under `$LLMOS_HOME/jobs`; they
+survive its restart. A submission carries a client-chosen job id, so it is
+re-sent safely when the scheduler dies while answering.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from anyio.from_thread import BlockingPortal
+
+from ipc.errors import Unavailable
+from ipc.protocol import scheduler as sp
+from sdk.generate import build_submit
+
+if TYPE_CHECKING:
+    from sdk.client import AsyncClient
+
+MAX_RESUBMITS = 5
+
+
+def _at_ns(at: datetime | float | None) -> int:
+    if at is None:
+        return 0
+    seconds = at.timestamp() if isinstance(at, datetime) else float(at)
+    return int(seconds * 1e9)
+
+
+class Jobs:
+    def __init__(self, client: "AsyncClient"):
+        self._client = client
+
+    async def submit(self, prompt: str | Sequence[int], *, at: datetime | float | None = None,
+                     every: float = 0.0, max_runs: int = 0, name: str = "", job_id: str | None = None,
+                     **options: Any) -> sp.JobInfo:
+        """Run a generation at `at` (a datetime or unix seconds; None: now)
+        and, with `every` (seconds), periodically, `max_runs` times (0: until
+        cancelled). `options` are `generate`'s (max_tokens, temperature, ...)."""
+        msg = sp.SubmitJob(build_submit(prompt, **options), _at_ns(at), every, max_runs, name,
+                           job_id or uuid.uuid4().hex)
+        for attempt in range(MAX_RESUBMITS + 1):
+            try:
+                reply: sp.JobInfo = await self._client.call(sp.SCHEDULER, msg, timeout=30.0)
+                return reply
+            except Unavailable:
+                if attempt == MAX_RESUBMITS:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def list(self) -> list[sp.JobInfo]:
+        reply: sp.JobList = await self._client.call(sp.SCHEDULER, sp.ListJobs(), timeout=10.0)
+        return reply.jobs
+
+    async def get(self, job_id: str, *, last: int = 0) -> sp.JobInfo:
+        """The job and its latest `last` results (0: every result kept), oldest first."""
+        reply: sp.JobInfo = await self._client.call(sp.SCHEDULER, sp.GetJob(job_id, last), timeout=10.0)
+        return reply
+
+    async def cancel(self, job_id: str) -> sp.JobInfo:
+        reply: sp.JobInfo = await self._client.call(sp.SCHEDULER, sp.CancelJob(job_id), timeout=10.0)
+        return reply
+
+
+class SyncJobs:
+    """`Jobs` for the sync `Client`."""
+
+    def __init__(self, portal: BlockingPortal, jobs: Jobs):
+        self._portal = portal
+        self._jobs = jobs
+
+    def _call(self, fn: Callable[[], Any]) -> Any:
+        return self._portal.call(fn)
+
+    def submit(self, prompt: str | Sequence[int], **kw: Any) -> sp.JobInfo:
+        return self._call(lambda: self._jobs.submit(prompt, **kw))  # type: ignore[no-any-return]
+
+    def list(self) -> list[sp.JobInfo]:
+        return self._call(self._jobs.list)  # type: ignore[no-any-return]
+
+    def get(self, job_id: str, *, last: int = 0) -> sp.JobInfo:
+        return self._call(lambda: self._jobs.get(job_id, last=last))  # type: ignore[no-any-return]
+
+    def cancel(self, job_id: str) -> sp.JobInfo:
+        return self._call(lambda: self._jobs.cancel(job_id))  # type: ignore[no-any-return]
+
+
+__all__ = ["Jobs", "SyncJobs"]

@@ -1,0 +1,347 @@
+"""Timed and periodic jobs: a generation run at a time and/or every interval,
+its results kept under ``$LLMOS_HOME/jobs``.
+
+On disk, per job: ``<job_id>/job.json`` (the spec and schedule, replaced
+atomically) and ``<job_id>/runs.jsonl`` (one `JobRun` per line, append-only).
+A run's number is its identity: job.json records that run N began before it
+is submitted to the engine, runs.jsonl that it ended. A run that began but
+did not end (the scheduler died) is run again under the same number by the
+next scheduler, so every run is recorded exactly once. A torn last line (a
+crash mid-append) is ignored, and that run is run again.
+
+Schedule: fixed rate from `at_ns`; the runs of one job never overlap; runs
+missed while no scheduler was up are not made up in a burst (the job runs
+once, then keeps its phase).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+import msgspec
+
+from ipc.errors import BadRequest, Forbidden, LlmosError, NotFound, Overloaded, Unavailable
+from ipc.protocol import scheduler as sp
+from ipc.protocol.base import Message
+from sdk.logs import get_logger
+from services.scheduler.engine import Engine
+
+log = get_logger()
+
+# Runs kept per job: runs.jsonl is compacted to the latest KEEP_RUNS once it
+# holds twice as many.
+KEEP_RUNS = 256
+# How long a run that could not start (no model yet, queue full) waits before trying again.
+RETRY_S = 1.0
+
+
+class JobRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """A job as persisted in job.json."""
+
+    job_id: str
+    principal: str
+    request: sp.Submit
+    at_ns: int
+    every_s: float = 0.0
+    max_runs: int = 0
+    name: str = ""
+    created_ns: int
+    next_run_ns: int  # when run `started + 1` is due
+    started: int = 0  # runs begun (the last may not have ended)
+    started_due_ns: int = 0  # when run `started` was due
+    cancelled: bool = False
+    error: str = ""  # why the job failed, if it did
+
+
+class JobStore:
+    """The files. Blocking: call it from a worker thread."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self._enc = msgspec.json.Encoder()
+        self._rec = msgspec.json.Decoder(JobRecord)
+        self._run = msgspec.json.Decoder(sp.JobRun)
+
+    def load_all(self) -> list[tuple[JobRecord, list[int]]]:
+        """Every readable job with the run numbers recorded for it."""
+        out: list[tuple[JobRecord, list[int]]] = []
+        if not self.root.is_dir():
+            return out
+        for d in sorted(self.root.iterdir()):
+            try:
+                rec = self._rec.decode((d / "job.json").read_bytes())
+            except (OSError, msgspec.DecodeError) as exc:
+                log.warning("jobs.unreadable", path=str(d), error=str(exc))
+                continue
+            self._cut_torn_tail(d / "runs.jsonl")
+            out.append((rec, [r.run for r in self.read_runs(rec.job_id)]))
+        return out
+
+    @staticmethod
+    def _cut_torn_tail(path: Path) -> None:
+        """Drop a last line without its newline (a crash mid-append), so the
+        next append starts a line of its own."""
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return
+        if data and not data.endswith(b"\n"):
+            with open(path, "r+b") as f:
+                f.truncate(data.rfind(b"\n") + 1)
+
+    def save(self, rec: JobRecord) -> None:
+        self.write_record(rec.job_id, self._enc.encode(rec))
+
+    def encode(self, rec: JobRecord) -> bytes:
+        return self._enc.encode(rec)
+
+    def write_record(self, job_id: str, data: bytes) -> None:
+        d = self.root / job_id
+        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp = d / "job.json.tmp"
+        tmp.write_bytes(data)
+        os.replace(tmp, d / "job.json")
+
+    def append_run(self, job_id: str, run: sp.JobRun) -> None:
+        path = self.root / job_id / "runs.jsonl"
+        with open(path, "ab") as f:
+            f.write(self._enc.encode(run) + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+        runs = self.read_runs(job_id)
+        if len(runs) > 2 * KEEP_RUNS:
+            tmp = path.with_suffix(".tmp")
+            tmp.write_bytes(b"".join(self._enc.encode(r) + b"\n" for r in runs[-KEEP_RUNS:]))
+            os.replace(tmp, path)
+
+    def read_runs(self, job_id: str, last: int = 0) -> list[sp.JobRun]:
+        try:
+            lines = (self.root / job_id / "runs.jsonl").read_bytes().splitlines()
+        except FileNotFoundError:
+            return []
+        runs = []
+        for line in lines:
+            try:
+                runs.append(self._run.decode(line))
+            except msgspec.DecodeError:
+                continue  # torn by a crash mid-append: that run is run again
+        return runs[-last:] if last else runs
+
+
+@dataclass
+class Job:
+    record: JobRecord
+    finished: int  # the highest run number recorded
+    running: int = 0  # the run in flight (0: none)
+    request_id: str = ""
+    retry_ns: int = 0  # a run that could not start waits until then
+
+    @property
+    def state(self) -> sp.JobState:
+        r = self.record
+        if r.error:
+            return sp.JobState.FAILED
+        if r.cancelled and not self.running:
+            return sp.JobState.CANCELLED
+        if self.running:
+            return sp.JobState.RUNNING
+        if self.exhausted:
+            return sp.JobState.DONE
+        return sp.JobState.SCHEDULED
+
+    @property
+    def exhausted(self) -> bool:
+        r = self.record
+        limit = 1 if not r.every_s else r.max_runs
+        return bool(limit) and self.finished >= limit
+
+    @property
+    def due_ns(self) -> int | None:
+        """When the next run may start (None: no run is due any more)."""
+        r = self.record
+        if self.running or r.cancelled or r.error or self.exhausted:
+            return None
+        if r.started > self.finished:
+            return self.retry_ns  # an unfinished run: again, at once
+        return max(r.next_run_ns, self.retry_ns)
+
+    def info(self, results: list[sp.JobRun] | None = None) -> sp.JobInfo:
+        r = self.record
+        due = self.due_ns
+        return sp.JobInfo(r.job_id, self.state, r.name, r.at_ns, r.every_s, r.max_runs, r.created_ns,
+                          due or 0, self.finished, r.error, results or [])
+
+
+class JobRunner:
+    """Keeps the jobs and runs them through the engine, one task per run in
+    the runner's task group."""
+
+    def __init__(self, engine: Engine, store: JobStore, *, max_jobs: int = 1024):
+        self.engine = engine
+        self.store = store
+        self.max_jobs = max_jobs
+        self.jobs: dict[str, Job] = {}
+        self._wake = anyio.Event()
+        # One save at a time: each writes the record as it is then, and the
+        # last write must be the latest state.
+        self._save_lock = anyio.Lock()
+
+    async def load(self) -> None:
+        for rec, runs in await anyio.to_thread.run_sync(self.store.load_all):
+            self.jobs[rec.job_id] = Job(rec, max(runs, default=0))
+        log.info("jobs.loaded", jobs=len(self.jobs), active=sum(1 for j in self.jobs.values() if j.due_ns is not None))
+
+    # -- requests ------------------------------------------------------------------------
+
+    async def submit(self, msg: sp.SubmitJob, principal: str) -> sp.JobInfo:
+        msg.validate()
+        job_id = msg.job_id or os.urandom(12).hex()
+        if "/" in job_id or job_id.startswith("."):
+            raise BadRequest("job_id must not contain '/' or start with '.'", detail={"field": "job_id"})
+        request = msgspec.structs.replace(msg.request, request_id="", attempt=0, deadline_ns=0)
+        known = self.jobs.get(job_id)
+        if known is not None:
+            if known.record.principal != principal or known.record.request != request:
+                raise BadRequest(f"job id {job_id!r} is in use by another job", detail={"field": "job_id"})
+            return known.info()  # a re-submission
+        if sum(1 for j in self.jobs.values() if j.record.principal == principal and j.due_ns is not None) \
+                >= self.max_jobs:
+            raise Overloaded(f"at most {self.max_jobs} active jobs per principal")
+        now = time.time_ns()
+        rec = JobRecord(job_id=job_id, principal=principal, request=request, at_ns=msg.at_ns or now,
+                        every_s=msg.every_s, max_runs=msg.max_runs, name=msg.name, created_ns=now,
+                        next_run_ns=msg.at_ns or now)
+        await self._save(rec)
+        job = self.jobs[job_id] = Job(rec, 0)
+        self.wake()
+        log.info("jobs.submitted", job_id=job_id, principal=principal, every_s=msg.every_s)
+        return job.info()
+
+    def list(self, principal: str) -> sp.JobList:
+        return sp.JobList([j.info() for j in self.jobs.values() if self._visible(j, principal)])
+
+    async def get(self, principal: str, job_id: str, last: int) -> sp.JobInfo:
+        job = self._job(principal, job_id)
+        results = await anyio.to_thread.run_sync(self.store.read_runs, job_id, last)
+        return job.info(results)
+
+    async def cancel(self, principal: str, job_id: str) -> sp.JobInfo:
+        job = self._job(principal, job_id)
+        if not job.record.cancelled and job.state not in (sp.JobState.DONE, sp.JobState.FAILED):
+            job.record.cancelled = True
+            await self._save(job.record)
+            if job.running:
+                self.engine.cancel(job.record.principal, job.request_id)
+            self.wake()
+        return job.info()
+
+    def _visible(self, job: Job, principal: str) -> bool:
+        return job.record.principal == principal
+
+    def _job(self, principal: str, job_id: str) -> Job:
+        job = self.jobs.get(job_id)
+        if job is None or not self._visible(job, principal):
+            raise NotFound(f"no job {job_id!r}", detail={"job_id": job_id})
+        return job
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def _save(self, rec: JobRecord) -> None:
+        data = self.store.encode(rec)  # the state as of now, not as of the write
+        async with self._save_lock:
+            await anyio.to_thread.run_sync(self.store.write_record, rec.job_id, data)
+
+    # -- the clock ------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Start every due run; sleep until the next is due or a job changes."""
+        async with anyio.create_task_group() as tg:
+            while True:
+                now = time.time_ns()
+                soonest = math.inf
+                for job in list(self.jobs.values()):
+                    due = job.due_ns
+                    if due is None:
+                        continue
+                    if due <= now:
+                        job.running = job.finished + 1
+                        tg.start_soon(self._run, job)
+                    else:
+                        soonest = min(soonest, due)
+                with anyio.move_on_after((soonest - now) / 1e9):
+                    await self._wake.wait()
+                self._wake = anyio.Event()
+
+    async def _run(self, job: Job) -> None:
+        rec, n = job.record, job.running
+        try:
+            if rec.started < n:
+                rec.started, rec.started_due_ns = n, rec.next_run_ns
+                rec.next_run_ns = _next_run(rec, time.time_ns())
+                await self._save(rec)
+            result = await self._generate(job, n, rec.started_due_ns)
+            if result is None:
+                return  # could not start: try again later
+            await anyio.to_thread.run_sync(self.store.append_run, rec.job_id, result)
+            job.finished = max(job.finished, n)
+            log.info("jobs.ran", job_id=rec.job_id, run=n, reason=result.finish_reason)
+        except OSError as exc:
+            # The disk refused: the run is not recorded, so it runs again.
+            log.error("jobs.store_failed", job_id=rec.job_id, error=str(exc))
+            job.retry_ns = time.time_ns() + int(RETRY_S * 1e9)
+        finally:
+            job.running = 0
+            job.request_id = ""
+            self.wake()
+
+    async def _generate(self, job: Job, n: int, due: int) -> sp.JobRun | None:
+        rec = job.record
+        request = msgspec.structs.replace(rec.request, request_id=f"job-{rec.job_id}-{n}")
+        ids: list[int] = []
+        text: list[str] = []
+
+        def collect(ev: Message) -> None:
+            if isinstance(ev, sp.TokenDelta):
+                ids.extend(ev.token_ids)
+                text.append(ev.text)
+
+        started = time.time_ns()
+        try:
+            sink = self.engine.submit(request, rec.principal, collect)
+        except (Overloaded, Unavailable) as exc:
+            job.retry_ns = time.time_ns() + int(RETRY_S * 1e9)
+            log.warning("jobs.deferred", job_id=rec.job_id, run=n, error=exc.message)
+            return None
+        except (BadRequest, Forbidden) as exc:
+            # The request will never run (e.g. the prompt no longer fits the model).
+            rec.error = exc.message
+            await self._save(rec)
+            return sp.JobRun(n, due, started, time.time_ns(), sp.FinishReason.ERROR.value, error=exc.message)
+        job.request_id = request.request_id
+        try:
+            done = await sink.wait()
+        except LlmosError as exc:  # e.g. its deadline passed before the first token
+            return sp.JobRun(n, due, started, time.time_ns(), sp.FinishReason.ERROR.value, error=exc.message)
+        return sp.JobRun(n, due, started, time.time_ns(), done.finish_reason.value, "".join(text) + done.text,
+                         ids + list(done.token_ids), done.usage, done.error)
+
+
+def _next_run(rec: JobRecord, now: int) -> int:
+    """The due time after the current one: the next point of the job's
+    period that lies in the future (one-shot jobs: unchanged)."""
+    if not rec.every_s:
+        return rec.next_run_ns
+    period = int(rec.every_s * 1e9)
+    nxt = rec.next_run_ns + period
+    if nxt <= now:
+        nxt += period * ((now - nxt) // period + 1)
+    return nxt
+
+
+__all__ = ["Job", "JobRecord", "JobRunner", "JobStore"]
