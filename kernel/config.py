@@ -5,13 +5,13 @@ Supervision policy is data here (Erlang/OTP child specs), not code.
 
 from __future__ import annotations
 
-import tomllib
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
+from ipc.configfile import read_toml
 from ipc.errors import BadRequest
 from ipc.sockets import SocketLimits
 
@@ -116,12 +116,7 @@ def load_config(path: str | Path | None) -> Config:
     if path is None:
         return Config().validate()
     p = Path(path)
-    try:
-        raw = tomllib.loads(p.read_text())
-    except FileNotFoundError:
-        raise BadRequest(f"config file not found: {p}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise BadRequest(f"config file {p} is not valid TOML: {exc}") from None
+    raw = read_toml(p)
     try:
         return msgspec.convert(raw, Config).validate()
     except msgspec.ValidationError as exc:

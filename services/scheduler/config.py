@@ -3,12 +3,12 @@ config (or the same fields as command-line flags of `python -m services.schedule
 
 from __future__ import annotations
 
-import tomllib
 from enum import StrEnum
 from pathlib import Path
 
 import msgspec
 
+from ipc.configfile import read_toml
 from ipc.errors import BadRequest
 
 
@@ -79,12 +79,7 @@ def load_scheduler_config(path: str | Path | None, **overrides: object) -> Sched
     raw: dict[str, object] = {}
     if path is not None:
         p = Path(path)
-        try:
-            loaded = tomllib.loads(p.read_text())
-        except FileNotFoundError:
-            raise BadRequest(f"config file not found: {p}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise BadRequest(f"config file {p} is not valid TOML: {exc}") from None
+        loaded = read_toml(p)
         table = loaded.get("scheduler", {})
         if not isinstance(table, dict):
             raise BadRequest(f"config file {p}: [scheduler] must be a table")
