@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from pathlib import Path
-from typing import Callable, NoReturn
+from typing import Callable
 
 import msgspec
 
@@ -57,29 +57,37 @@ class Guard:
     def admit(self, header: Header) -> Header:
         """The header to route, with the verified principal (and the token's
         body-dependent restrictions) stamped; raises `Unauthorized` or
-        `Forbidden`, after queueing an `AccessDenied`."""
-        raw = header.token
-        if not raw:
+        `Forbidden`, after queueing an `AccessDenied`. Login passes whatever
+        token it carries (an expired one is why a client logs in again)."""
+        try:
+            return self._check(header)
+        except _Denied as denied:
             if (self._service_of(header.dst), header.op) in PUBLIC_OPS:
                 return msgspec.structs.replace(header, principal="", restrictions=b"")
-            self._deny(header, Unauthorized(f"{header.op} to {header.dst!r} needs a capability token; "
-                                            f"log in with an API key first"))
+            self._queue(header, denied.error, denied.cap)
+            raise denied.error from None
+
+    def _check(self, header: Header) -> Header:
+        raw = header.token
+        if not raw:
+            raise _Denied(Unauthorized(f"{header.op} to {header.dst!r} needs a capability token; "
+                                       f"log in with an API key first"))
         now = time.time()
         c = self._cache.get(raw)
         if c is None:
             try:
                 c = verify(self._root, raw, now)
             except LlmosError as exc:
-                self._deny(header, exc)
+                raise _Denied(exc) from None
             if len(self._cache) >= CACHE_SIZE:
                 del self._cache[next(iter(self._cache))]
             self._cache[raw] = c
         elif c.expires_at <= now:
             del self._cache[raw]
-            self._deny(header, Unauthorized("capability token expired; log in again"), c)
+            raise _Denied(Unauthorized("capability token expired; log in again"), c)
         why = self.revoked.reason(c)
         if why is not None:
-            self._deny(header, Unauthorized(why), c)
+            raise _Denied(Unauthorized(why), c)
         # memoised per (dst, op) on the capability: the hot path skips service_of
         allowed = c.allowed.get((header.dst, header.op))
         if allowed is None:
@@ -88,8 +96,8 @@ class Guard:
             if len(c.allowed) < 256:
                 c.allowed[(header.dst, header.op)] = allowed
         if not allowed:
-            self._deny(header, Forbidden(f"principal {c.principal!r} holds no right covering {header.op} on "
-                                         f"{header.dst!r} (rights: {', '.join(sorted(c.rights)) or 'none'})"), c)
+            raise _Denied(Forbidden(f"principal {c.principal!r} holds no right covering {header.op} on "
+                                    f"{header.dst!r} (rights: {', '.join(sorted(c.rights)) or 'none'})"), c)
         return msgspec.structs.replace(header, principal=c.principal, restrictions=c.restrictions_raw)
 
     def set_revocations(self, revoked: RevocationList) -> None:
@@ -98,10 +106,6 @@ class Guard:
     def note(self, header: Header, exc: LlmosError) -> None:
         """Queue an `AccessDenied` for a refusal decided elsewhere in the kernel."""
         self._queue(header, exc, None)
-
-    def _deny(self, header: Header, exc: LlmosError, c: Capability | None = None) -> NoReturn:
-        self._queue(header, exc, c)
-        raise exc
 
     def _queue(self, header: Header, exc: LlmosError, c: Capability | None) -> None:
         if len(self.denials) >= BACKLOG:
@@ -117,3 +121,11 @@ class Guard:
         if out and self.dropped:
             out[0].dropped, self.dropped = self.dropped, 0
         return out
+
+
+class _Denied(Exception):
+    """A refusal on its way out of `_check`, with the capability when one verified."""
+
+    def __init__(self, error: LlmosError, cap: Capability | None = None):
+        self.error = error
+        self.cap = cap

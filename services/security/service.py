@@ -36,8 +36,9 @@ ADMIN = "admin"
 class SecurityService(Service):
     name = sp.SECURITY
 
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+    def __init__(self, instance: str | None = None, *, home: str | None = None, back: str | None = None,
+                 secret: str | None = None):
+        super().__init__(instance, home=home, back=back, secret=secret)
         self.dir = security_dir(self.home)
         self.store: Store | None = None
         self.audit = AuditLog(audit_path(self.home))

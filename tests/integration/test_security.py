@@ -279,6 +279,13 @@ async def test_tokens_are_refreshed_before_they_expire(home: Path) -> None:
                 assert time.monotonic() < end, "the calls did not get past the first token's expiry"
                 await anyio.sleep(0.05)
             assert cap.inspect(c.connection.token).token_id != first.token_id
+            # an idle client whose token has expired logs in again (its stale token does not block Login)
+            idle = cap.inspect(c.connection.token)
+            while time.time() <= idle.expires_at:
+                assert time.monotonic() < end + 10, "the token never expired"
+                await anyio.sleep(0.05)
+            assert (await c.call("echo", WhoAmI())) == Identity("frank")
+            assert cap.inspect(c.connection.token).token_id != idle.token_id
             # RefreshToken: same principal, new id; an attenuated token is not refreshable
             g: sp.Granted = await c.call(sp.SECURITY, sp.RefreshToken(c.connection.token, ttl_s=60))
             assert g.principal == "frank" and g.rights == ["echo"] and g.token_id != first.token_id

@@ -49,6 +49,12 @@ def test_login_is_the_only_op_without_a_token() -> None:
         with pytest.raises(Unauthorized, match="needs a capability token"):
             g.admit(req(dst, op))
     assert [d.op for d in g.take_denials()] == ["Echo", "Status", "RefreshToken"]
+    # a client logs in again *because* its token expired, was revoked or is junk
+    expired = cap.mint(ROOT, "alice", "k1", ["echo"], 10, now=time.time() - 100)
+    g.set_revocations(cap.RevocationList(principals=frozenset({"bob"})))
+    for t in (expired, tok(principal="bob"), b"junk"):
+        assert g.admit(req("security", "Login", t, principal="alice")).principal == ""
+    assert not g.take_denials()
 
 
 def test_forbidden_carries_the_principal_for_the_audit() -> None:
