@@ -311,3 +311,28 @@ async def test_quota_policy_is_stored_and_published(home: Path) -> None:
             await llmos.client.call(sp.SECURITY, sp.SetQuota("grace", sp.Quota(concurrent_requests=-2)))
         assert made.tenant == "grace"
         await events.aclose()
+
+
+async def test_hostile_tokens_are_all_unauthorized_and_the_kernel_keeps_serving(home: Path) -> None:
+    import random
+
+    rng = random.Random(6)
+    async with running_llmos(home, auth=True) as llmos:
+        good = llmos.client.connection.token
+        c = await AsyncClient.connect(home=home, api_key="", check=False)
+        try:
+            hostile = [rng.randbytes(rng.randrange(1, 300)) for _ in range(100)]
+            hostile += [good[:rng.randrange(len(good))] for _ in range(30)]
+            hostile += [good + rng.randbytes(rng.randrange(1, 20)) for _ in range(30)]
+            hostile += [append_caveat(good, rng.randbytes(rng.randrange(1, 40))) for _ in range(30)]  # unknown caveats
+            hostile += [b"\x00" * 5000]
+            for t in hostile:
+                c.use_token(t)
+                for dst, msg in (("echo", Echo(b"x")), (kp.KERNEL, kp.Status()), (sp.SECURITY, sp.ListKeys())):
+                    with pytest.raises(Unauthorized):
+                        await c.call(dst, msg, timeout=10)
+        finally:
+            await c.aclose()
+        assert (await llmos.client.call("echo", Echo(b"fine"))).payload == b"fine"
+        st = await llmos.status()
+        assert st.counters.rejected == 0  # no message failed inside the kernel (refusals are answers)
