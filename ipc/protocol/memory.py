@@ -84,7 +84,7 @@ class SeqReserve(Item):
     # Slots to reserve for the tokens whose KV this step computes, counted
     # after any prefix-cache hit.
     num_new: NonNegative
-    # New sequences only; ignored (pool: checked) afterwards.
+    # Needed for a new sequence; afterwards, when given, they must match.
     tenant: str = ""
     pool: str = ""
     cache_salt: str = ""
@@ -197,8 +197,9 @@ class SeqState(Item):
 
 class Reregister(Message):
     """Tell a (restarted) memory server which sequences are live. Each listed
-    sequence replaces any of the same id. With `replace`, every other
-    sequence is released (a restarted scheduler starts from a clean slate)."""
+    sequence replaces any of the same id; one that fails is left unknown
+    (recompute it). With `replace`, every other sequence is released (a
+    restarted scheduler starts from a clean slate)."""
 
     seqs: list[SeqState]
     replace: bool = False
