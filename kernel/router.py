@@ -13,7 +13,6 @@ import hmac
 import itertools
 import os
 import time
-from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -35,6 +34,7 @@ from ipc.sockets import Channel, bind_router, remove_ipc_path
 from kernel.config import KernelConfig
 from kernel.guard import Guard
 from kernel.registry import Instance, Registry
+from kernel.waiting import WaitQueues
 from sdk.logs import get_logger
 
 if TYPE_CHECKING:
@@ -62,6 +62,10 @@ class Pending:
     queued_at: float
     instance: Instance | None = None
 
+    @property
+    def deadline_ns(self) -> int:
+        return self.header.deadline_ns
+
 
 class Kernel:
     def __init__(self, config: KernelConfig, front: str, back: str, secret: str, guard: Guard | None = None):
@@ -73,7 +77,7 @@ class Kernel:
         self.guard = guard  # None: no capability check (auth off)
         self.curve: CurveServer | None = None  # keys for tcp:// endpoints (CURVE + ZAP)
         self.pending: dict[int, Pending] = {}
-        self.waiting: dict[str, deque[Pending]] = {}
+        self.waiting: WaitQueues[Pending] = WaitQueues(config.wait_queue_limit, config.wait_timeout_s)
         self.topics: dict[str, dict[tuple[int, bytes], int]] = {}
         # front identity → when it was last heard (clients with work in flight ping)
         self.clients_seen: dict[bytes, float] = {}
@@ -182,12 +186,7 @@ class Kernel:
                 inst.outstanding.discard(p.rid)
                 self._send_control(self._back_ch(), inst.identity, Kind.DISCONNECT, p.rid)
                 self.counters.cancelled += 1
-        for dst, q in list(self.waiting.items()):
-            kept = deque(p for p in q if not (p.origin is ch and p.origin_id == ident))
-            if kept:
-                self.waiting[dst] = kept
-            else:
-                del self.waiting[dst]
+        self.waiting.remove(lambda dst, p: p.origin is ch and p.origin_id == ident)
         if gone:
             log.info("kernel.client_gone", reason=reason, cancelled=len(gone))
 
@@ -333,36 +332,22 @@ class Kernel:
         if self.registry.service_of(dst) is None:
             self._fail(p, NotFound(f"no service named {dst!r}"))
             return
-        q = self.waiting.setdefault(dst, deque())
-        if len(q) >= self.config.wait_queue_limit:
+        if not self.waiting.add(dst, p):
             self._fail(p, Overloaded(f"{dst!r} is down and its wait queue is full",
                                      detail={"retry_after_s": 1.0}))
             return
         self.counters.queued += 1
-        q.append(p)
 
     def _flush_waiting(self, inst: Instance) -> None:
-        for key in (inst.service, inst.name):
-            q = self.waiting.pop(key, None)
-            while q:
-                self._dispatch(q.popleft())
+        for p in list(self.waiting.take((inst.service, inst.name))):
+            self._dispatch(p)
 
     def _expire_waiting(self, now: float) -> None:
-        wall = time.time_ns()
-        for dst, q in list(self.waiting.items()):
-            keep: deque[Pending] = deque()
-            for p in q:
-                if p.header.deadline_ns and p.header.deadline_ns <= wall:
-                    self._fail(p, DeadlineExceeded(f"{dst!r} did not come back before the deadline"))
-                elif now - p.queued_at > self.config.wait_timeout_s:
-                    self._fail(p, Unavailable(f"{dst!r} has no live instance "
-                                              f"(waited {self.config.wait_timeout_s:g}s)"))
-                else:
-                    keep.append(p)
-            if keep:
-                self.waiting[dst] = keep
+        for dst, p, deadline in self.waiting.expire(now, time.time_ns()):
+            if deadline:
+                self._fail(p, DeadlineExceeded(f"{dst!r} did not come back before the deadline"))
             else:
-                del self.waiting[dst]
+                self._fail(p, Unavailable(f"{dst!r} has no live instance (waited {self.waiting.timeout_s:g}s)"))
 
     def _answer(self, inst: Instance, header: Header, payload: list[Any], *, final: bool) -> None:
         p = self.pending.get(header.msg_id)
