@@ -42,7 +42,7 @@ class Plan:
     reps: int
 
 
-FULL = Plan((1, 8, 32, 64, 128), (1, 8, 32), decode_steps=32, reps=3)
+FULL = Plan((1, 8, 32, 64, 128), (1, 8, 32), decode_steps=32, reps=5)
 QUICK = Plan((1, 8, 32, 64, 128), (1, 8, 32), decode_steps=6, reps=1)
 
 
