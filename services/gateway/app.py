@@ -8,6 +8,7 @@ is tested in memory with a fake one.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
@@ -17,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from ipc.errors import BadRequest, LlmosError, Unauthorized
+from ipc.errors import BadRequest, LlmosError, NotFound, Unauthorized
 from ipc.protocol.driver import ModelDescription
 from ipc.protocol.scheduler import Submit
 from sdk.generate import Chunk
@@ -66,7 +67,7 @@ def create_app(backend: Backend, *, default_max_tokens: int = DEFAULT_MAX_TOKENS
             prompt = _prompt(req.prompt)
             submit = oa.to_submit(req, prompt=prompt, logprobs=req.logprobs or 0,
                                   default_max_tokens=default_max_tokens)
-            model = (await backend.model(key)).name
+            model = _check_model(req.model, await backend.model(key))
         except LlmosError as exc:
             metrics.requests.labels("completions", oa.STATUS.get(exc.code, 500)).inc()
             return _error(exc)
@@ -78,6 +79,7 @@ def create_app(backend: Backend, *, default_max_tokens: int = DEFAULT_MAX_TOKENS
             key = _api_key(request)
             req = oa.decode_chat(await request.body())
             desc = await backend.model(key)
+            _check_model(req.model, desc)
             fmt = chat_formatters.get(desc.path)
             if fmt is None:
                 fmt = chat_formatters[desc.path] = ChatFormatter.for_model(desc.path)
@@ -193,6 +195,14 @@ def create_app(backend: Backend, *, default_max_tokens: int = DEFAULT_MAX_TOKENS
         Route("/health", health, methods=["GET"]),
         Route("/metrics", prometheus, methods=["GET"]),
     ])
+
+
+def _check_model(asked: str, desc: ModelDescription) -> str:
+    """The served model's name; `asked` may be it, its directory's basename, or empty."""
+    if asked and asked not in (desc.name, Path(desc.name).name):
+        raise NotFound(f"model {asked!r} does not exist; this server runs {desc.name!r}",
+                       detail={"field": "model"})
+    return desc.name
 
 
 def _prompt(p: str | list[int | str]) -> str | list[int]:

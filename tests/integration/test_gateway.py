@@ -41,38 +41,56 @@ def children(ckpt: Path, port: int) -> list[ChildSpec]:
 
 
 async def test_openai_endpoints_over_the_whole_system(home: Path, checkpoint: Path) -> None:
+    import openai
+    from prometheus_client.parser import text_string_to_metric_families
+
     port = free_port()
     async with running_llmos(home, children(checkpoint, port), auth=True, ready_timeout=120) as llmos:
         admin = llmos.client
         key = (await admin.call(sec.SECURITY, sec.CreateKey("alice", ["generate"]))).api_key
         sdk_greedy = await admin.generate("Hello there", max_tokens=8, temperature=0.0)
-        auth = {"Authorization": f"Bearer {key}"}
+        base = f"http://127.0.0.1:{port}/v1"
+        oai = openai.AsyncOpenAI(base_url=base, api_key=key, max_retries=0, timeout=60)
+        model = str(checkpoint)
+
+        # completions, plain and streamed (usage in the last chunk)
+        done = await oai.completions.create(model=model, prompt="Hello there", max_tokens=8, temperature=0)
+        assert done.choices[0].text == sdk_greedy.text and done.usage.completion_tokens == 8
+        stream = await oai.completions.create(model=model, prompt="Hello there", max_tokens=8, temperature=0,
+                                              stream=True, stream_options={"include_usage": True})
+        pieces, usage = [], None
+        async for chunk in stream:
+            pieces += [c.text for c in chunk.choices]
+            usage = chunk.usage or usage
+        assert "".join(pieces) == sdk_greedy.text and usage is not None and usage.completion_tokens == 8
+
+        # chat, plain and streamed: the same text both ways
+        msgs = [{"role": "user", "content": "Say something"}]
+        chat = await oai.chat.completions.create(model=model, messages=msgs, max_tokens=6, temperature=0)
+        assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens == 6
+        stream = await oai.chat.completions.create(model=model, messages=msgs, max_tokens=6, temperature=0,
+                                                   stream=True)
+        streamed = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+        assert streamed == chat.choices[0].message.content
+
+        models = await oai.models.list()
+        assert [m.id for m in models.data] == [model]
+
+        # errors, as the openai package raises them
+        with pytest.raises(openai.AuthenticationError):
+            await openai.AsyncOpenAI(base_url=base, api_key="llmos.nope.nope", max_retries=0).completions.create(
+                model=model, prompt="x", max_tokens=2)
+        with pytest.raises(openai.BadRequestError, match="max_tokens"):
+            await oai.completions.create(model=model, prompt="x", max_tokens=0)
+        with pytest.raises(openai.NotFoundError, match="gpt-9"):
+            await oai.completions.create(model="gpt-9", prompt="x", max_tokens=2)
+
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
-            r = await http.post("/v1/completions", json={"prompt": "Hello there", "max_tokens": 8, "temperature": 0})
+            r = await http.post("/v1/completions", json={"prompt": "Hello there", "max_tokens": 8})
             assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
-            r = await http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 8},
-                                headers={"Authorization": "Bearer llmos.nope.nope"})
-            assert r.status_code == 401
-
-            r = await http.post("/v1/completions", headers=auth,
-                                json={"prompt": "Hello there", "max_tokens": 8, "temperature": 0})
-            assert r.status_code == 200, r.text
-            body = r.json()
-            assert body["choices"][0]["text"] == sdk_greedy.text
-            assert body["usage"]["completion_tokens"] == len(sdk_greedy.token_ids) == 8
-
-            async with http.stream("POST", "/v1/completions", headers=auth, json={
-                    "prompt": "Hello there", "max_tokens": 8, "temperature": 0, "stream": True}) as s:
-                lines = [line async for line in s.aiter_lines() if line.startswith("data: ")]
-            assert lines[-1] == "data: [DONE]"
-            chunks = [json.loads(line[6:]) for line in lines[:-1]]
-            assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == sdk_greedy.text
-            assert chunks[-1]["usage"]["completion_tokens"] == 8
-
-            models = (await http.get("/v1/models", headers=auth)).json()
-            assert models["data"][0]["id"] == str(checkpoint)
 
             # a client that hangs up mid-stream cancels its request
+            auth = {"Authorization": f"Bearer {key}"}
             async with http.stream("POST", "/v1/completions", headers=auth, json={
                     "prompt": "Tell me everything", "max_tokens": 200, "temperature": 0, "stream": True,
                     "request_id": "hangup-1"}) as s:
@@ -86,7 +104,13 @@ async def test_openai_endpoints_over_the_whole_system(home: Path, checkpoint: Pa
                         await anyio.sleep(0.05)
             assert info.finish_reason == "cancelled" and info.generated < 200
 
-            metrics = (await http.get("/metrics")).text
-            assert "llmos_scheduler_tokens_generated_total" in metrics
-            assert 'llmos_service_up{instance="scheduler",service="scheduler"} 1.0' in metrics
+            families = {f.name: f for f in text_string_to_metric_families((await http.get("/metrics")).text)}
+            for name in ("llmos_kernel_messages_routed", "llmos_service_restarts", "llmos_scheduler_requests_running",
+                         "llmos_scheduler_tokens_generated", "llmos_kv_blocks", "llmos_prefix_cache_hit_rate",
+                         "llmos_time_to_first_token_seconds", "llmos_generation_tokens"):
+                assert name in families, name
+            up = {s.labels["instance"]: s.value for s in families["llmos_service_up"].samples}
+            assert up["scheduler"] == 1.0 and up["cpu"] == 1.0
+            generated = [s.value for s in families["llmos_generation_tokens"].samples if s.name.endswith("_total")]
+            assert generated and generated[0] >= 8 + 8 + 6 + 6
             assert (await http.get("/health")).json()["status"] == "ok"

@@ -201,3 +201,12 @@ async def test_a_client_that_disconnects_mid_stream_cancels_its_request() -> Non
                 await anyio.sleep(0.01)
         server.should_exit = True
     assert b.cancelled == ["slow-1"]
+
+
+async def test_an_unknown_model_is_404() -> None:
+    async with client(FakeBackend()) as c:
+        r = await c.post("/v1/completions", json={"model": "gpt-9", "prompt": "x"})
+        assert r.status_code == 404 and "gpt-9" in r.json()["error"]["message"]
+        r = await c.post("/v1/chat/completions", json={"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]})
+        assert r.status_code == 404
+        assert (await c.post("/v1/completions", json={"model": "tiny", "prompt": "x"})).status_code == 200
