@@ -218,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     logs.set_defaults(fn=cmd_logs)
 
     demo = sub.add_parser("demo", help="boot llmos, show it serving and recovering, stop")
+    demo.add_argument("--requests", type=int, default=24, help="requests in the workload")
+    demo.add_argument("--max-tokens", type=int, default=40, help="tokens per request")
     demo.set_defaults(fn=cmd_demo)
 
     from tools.chaos import cli as chaos_cli

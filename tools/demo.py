@@ -57,11 +57,11 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def _one(client: AsyncClient, o: Outcome, i: int, progress: Progress, task: object,
+async def _one(client: AsyncClient, o: Outcome, i: int, max_tokens: int, progress: Progress, task: object,
                kill_window: list[bool]) -> None:
     began = time.monotonic()
     try:
-        async for chunk in client.stream_generate(o.prompt, max_tokens=MAX_TOKENS, priority=o.priority,
+        async for chunk in client.stream_generate(o.prompt, max_tokens=max_tokens, priority=o.priority,
                                                   temperature=0.0 if o.greedy else 0.8, seed=i,
                                                   ignore_eos=True, timeout=300):
             if not o.token_ids and chunk.token_ids:
@@ -96,7 +96,7 @@ async def _kill_driver_midway(llmos: RunningLlmos, progress: Progress, task: obj
     kill_window[0] = False
 
 
-async def demo(home: Path) -> int:
+async def demo(home: Path, requests: int = REQUESTS, max_tokens: int = MAX_TOKENS) -> int:
     console = Console()
     port = _free_port()
     console.print(f"[bold]llmos demo[/] — LLMOS_HOME {home}")
@@ -118,10 +118,10 @@ async def demo(home: Path) -> int:
                 for t in ("alice", "bob")}
         clients = {t: await AsyncClient.connect(home=home, api_key=k) for t, k in keys.items()}
         console.print(f"\n  two tenants with their own API keys: {', '.join(clients)}; "
-                      f"{REQUESTS} streaming requests at priorities 0–2, half greedy\n")
+                      f"{requests} streaming requests at priorities 0–2, half greedy\n")
         outcomes = [Outcome("alice" if i % 2 else "bob", i % 3, i % 2 == 0, PROMPTS[i % len(PROMPTS)])
-                    for i in range(REQUESTS)]
-        total = REQUESTS * MAX_TOKENS
+                    for i in range(requests)]
+        total = requests * max_tokens
         report: dict[str, float] = {}
         kill_window = [False]
         began = time.monotonic()
@@ -132,7 +132,7 @@ async def demo(home: Path) -> int:
                 tg.start_soon(_kill_driver_midway, llmos, progress, task, total, console, kill_window, report)
                 async with anyio.create_task_group() as work:
                     for i, o in enumerate(outcomes):
-                        work.start_soon(_one, clients[o.tenant], o, i, progress, task, kill_window)
+                        work.start_soon(_one, clients[o.tenant], o, i, max_tokens, progress, task, kill_window)
                 tg.cancel_scope.cancel()
         elapsed = time.monotonic() - began
 
@@ -141,7 +141,7 @@ async def demo(home: Path) -> int:
         matches: list[bool] = []
 
         async def rerun(o: Outcome) -> None:
-            ref = await clients[o.tenant].generate(o.prompt, max_tokens=MAX_TOKENS, temperature=0.0,
+            ref = await clients[o.tenant].generate(o.prompt, max_tokens=max_tokens, temperature=0.0,
                                                    ignore_eos=True, timeout=300)
             matches.append(ref.token_ids == o.token_ids)
         with console.status("  rerunning the greedy requests without a fault…"):
@@ -156,7 +156,7 @@ async def demo(home: Path) -> int:
         tokens = sum(len(o.token_ids) for o in outcomes)
         ttfts = [o.ttft_s * 1000 for o in ok]
         summary = Table(title="summary", box=None, pad_edge=False, show_header=False)
-        summary.add_row("requests finished exactly once", f"{len(ok)}/{REQUESTS}")
+        summary.add_row("requests finished exactly once", f"{len(ok)}/{requests}")
         summary.add_row("failed / duplicated", f"{len(failed)} / {len(dup)}")
         summary.add_row("tokens generated", f"{tokens} in {elapsed:.1f}s ({tokens / elapsed:.0f} tokens/s, "
                                             "crash and recompute included)")
@@ -172,7 +172,7 @@ async def demo(home: Path) -> int:
             await c.aclose()
         console.print("\n  shutting down (reverse start order)…")
     console.print("  done: every service stopped, no process or socket left behind.")
-    return 0 if len(ok) == REQUESTS and same == len(greedy) else 1
+    return 0 if len(ok) == requests and same == len(greedy) else 1
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -182,4 +182,5 @@ def run_demo(args: argparse.Namespace) -> int:
         print(f"llmos: a kernel is already running under {home}; stop it with `llmos down` or use --home",
               file=sys.stderr)
         return 1
-    return int(anyio.run(demo, home, backend="asyncio", backend_options={"use_uvloop": True}))
+    return int(anyio.run(demo, home, args.requests, args.max_tokens, backend="asyncio",
+                         backend_options={"use_uvloop": True}))

@@ -1,0 +1,55 @@
+"""The first-run experience: `llmos demo` end to end (short workload) and
+`llmos top` in a pseudo-terminal."""
+
+from __future__ import annotations
+
+import os
+import pty
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from sdk.testing import REPO_ROOT, leftover_sockets, running_llmos
+
+ENV = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "COLUMNS": "120"}
+
+
+def test_llmos_demo_runs_end_to_end(home: Path) -> None:
+    out = subprocess.run([sys.executable, "-m", "tools.cli", "--home", str(home), "demo", "--requests", "6",
+                          "--max-tokens", "12"], cwd=REPO_ROOT, env=ENV, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    text = out.stdout
+    assert "SIGKILL" in text and "supervisor restarted it" in text
+    assert "6/6" in text  # every request finished exactly once
+    assert "3/3" in text  # the greedy ones equal a fault-free rerun
+    assert "no process or socket left behind" in text
+    assert leftover_sockets(home) == []
+    assert (home / "models" / "demo" / "model.safetensors").exists()  # generated locally, cached
+
+
+async def test_llmos_top_refreshes_in_a_terminal(home: Path) -> None:
+    async with running_llmos(home):
+        pid, fd = pty.fork()
+        if pid == 0:  # the child: llmos top on a real terminal
+            os.chdir(REPO_ROOT)
+            os.execve(sys.executable, [sys.executable, "-m", "tools.cli", "--home", str(home), "top"], ENV)
+        screen = b""
+        try:
+            end = time.monotonic() + 60
+            # Two frames: the header line appears once per refresh.
+            while screen.count(b"ROUTED") < 2:
+                assert time.monotonic() < end, f"no second frame; screen so far: {screen[-2000:]!r}"
+                ready, _, _ = select.select([fd], [], [], 1.0)
+                if ready:
+                    try:
+                        screen += os.read(fd, 65536)
+                    except OSError:
+                        break
+        finally:
+            os.kill(pid, 2)  # ^C
+            os.waitpid(pid, 0)
+            os.close(fd)
+        assert b"echo" in screen and b"kernel" in screen and screen.count(b"ROUTED") >= 2
