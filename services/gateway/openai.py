@@ -39,6 +39,7 @@ class _Common(msgspec.Struct, kw_only=True):
     priority: int = 0
     session_id: str = ""
     request_id: str = ""
+    ignore_eos: bool = False  # as vLLM: generate max_tokens even past EOS
 
 
 class CompletionRequest(_Common, kw_only=True):
@@ -98,7 +99,7 @@ def to_submit(req: _Common, *, prompt: str | list[int], logprobs: int, default_m
                             repetition_penalty=req.repetition_penalty, seed=req.seed, logprobs=logprobs)
     text, ids = (prompt, []) if isinstance(prompt, str) else ("", prompt)
     submit = Submit(text, ids, params, max_tokens, stop, priority=req.priority, session=req.session_id,
-                    request_id=req.request_id or uuid.uuid4().hex)
+                    request_id=req.request_id or uuid.uuid4().hex, ignore_eos=req.ignore_eos)
     submit.validate()
     return submit
 
