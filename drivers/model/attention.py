@@ -14,9 +14,9 @@ context lengths, padded to the longest in the group. Two kernels:
 - "gather": blocks are gathered into a contiguous buffer and multiplied with
   grouped (GQA) batched matmuls. Works for every device and dtype.
 
-Prefill chunks are attended one sequence at a time (gather + grouped matmul,
-in query tiles so the score matrix stays small), with the causal mask offset
-by the chunk's start position.
+Prefill chunks are attended one sequence at a time (gather, then torch's
+fused scaled_dot_product_attention), with the causal mask offset by the
+chunk's start position.
 
 Query head h reads key/value head h // group (the repeat_kv convention of
 Llama checkpoints); the grouped matmuls never materialise repeated heads.
@@ -37,8 +37,6 @@ DecodeKernel = Literal["bag", "gather"]
 
 # Padding a decode group costs at most this fraction of its reads.
 _GROUP_SLACK = 0.75
-# Score elements per prefill query tile (bounds the temporary to ~64 MB).
-_TILE_ELEMENTS = 1 << 24
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,11 +58,11 @@ class PrefillSeq:
     stop: int
     first_pos: int          # position of row `start`
     blocks: torch.Tensor    # [ceil(context / block_size)] block ids
-    mask: torch.Tensor      # [stop - start, context] True where masked (future)
+    allowed: torch.Tensor   # [stop - start, context] True where a query sees a key
 
     @property
     def context(self) -> int:
-        return self.mask.shape[1]
+        return self.allowed.shape[1]
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,8 +154,8 @@ class PagedAttention:
         blocks = torch.tensor(table[:nb], dtype=torch.long, device=self.device)
         keys = torch.arange(context, device=self.device)
         queries = torch.arange(first_pos, context, device=self.device)
-        mask = keys[None, :] > queries[:, None]
-        return PrefillSeq(start, start + length, first_pos, blocks, mask)
+        allowed = keys[None, :] <= queries[:, None]
+        return PrefillSeq(start, start + length, first_pos, blocks, allowed)
 
     # -- execution (once per layer) -----------------------------------------
 
@@ -215,21 +213,15 @@ class PagedAttention:
         out.copy_(o.view(n, -1))
 
     def _prefill(self, layer: int, p: PrefillSeq, q: torch.Tensor, out: torch.Tensor) -> None:
-        heads, group, dim, bs = self.kv_heads, self.group, self.head_dim, self.cache.block_size
+        heads, dim, bs = self.kv_heads, self.head_dim, self.cache.block_size
         length, context, nb = p.stop - p.start, p.context, p.blocks.numel()
         keys = self.cache.k[layer].index_select(0, p.blocks)          # [nb, heads, dim, bs]
-        keys = keys.permute(1, 2, 0, 3).reshape(heads, dim, nb * bs)[:, :, :context]
+        keys = keys.permute(1, 0, 3, 2).reshape(heads, nb * bs, dim)[:, :context]
         values = self.cache.v[layer].index_select(0, p.blocks)        # [nb, heads, bs, dim]
         values = values.transpose(0, 1).reshape(heads, nb * bs, dim)[:, :context]
-        qh = torch.mul(q.view(length, heads, group, dim).permute(1, 2, 0, 3), self.scale)
-        o = out.view(length, heads, group, dim)
-        tile = max(1, _TILE_ELEMENTS // (self.num_heads * context))
-        for lo in range(0, length, tile):
-            hi = min(length, lo + tile)
-            rows = hi - lo
-            qt = qh[:, :, lo:hi].reshape(heads, group * rows, dim)
-            scores = torch.bmm(qt, keys).view(heads, group, rows, context)
-            scores.masked_fill_(p.mask[lo:hi], -math.inf)
-            probs = torch.softmax(scores, dim=-1)
-            ot = torch.bmm(probs.view(heads, group * rows, context), values)
-            o[lo:hi].copy_(ot.view(heads, group, rows, dim).permute(2, 0, 1, 3))
+        # torch's fused CPU/GPU attention: tiled (no [length, context] score
+        # matrix per head) and GQA-aware without repeating key/value heads.
+        o = F.scaled_dot_product_attention(
+            q.view(length, self.num_heads, dim).transpose(0, 1)[None], keys[None], values[None],
+            attn_mask=p.allowed, scale=self.scale, enable_gqa=True)
+        out.view(length, self.num_heads, dim).copy_(o[0].transpose(0, 1))
