@@ -31,6 +31,7 @@ from sdk import generate as gen
 from sdk.connection import Connection
 from sdk.generate import Chunk, Completion
 from sdk.jobs import Jobs, SyncJobs
+from sdk.sessions import Sessions, SyncSessions
 
 
 class AsyncClient:
@@ -38,6 +39,7 @@ class AsyncClient:
         self._conn = conn
         self._keeper: TokenKeeper | None = None
         self.jobs = Jobs(self)  # timed and periodic generations (sdk.jobs)
+        self.sessions = Sessions(self)  # suspend / resume / close a conversation (sdk.sessions)
 
     @classmethod
     async def connect(cls, endpoint: str | None = None, *, home: str | os.PathLike[str] | None = None,
@@ -162,6 +164,7 @@ class Client:
         self._aclient = aclient
         self._stack = stack
         self.jobs = SyncJobs(portal, aclient.jobs)
+        self.sessions = SyncSessions(portal, aclient.sessions)
 
     @classmethod
     def connect(cls, endpoint: str | None = None, *, home: str | os.PathLike[str] | None = None,

@@ -148,7 +148,7 @@ class RequestStatus(Message):
 
 class RequestInfo(Message):
     request_id: str
-    state: str  # waiting | running | finished
+    state: str  # waiting | running | suspended | finished
     generated: int = 0
     prompt_tokens: int = 0
     queue_position: int = -1  # among waiting requests, 0 = next; -1 when not waiting
@@ -179,6 +179,9 @@ class SchedulerStatsReply(Message):
     finished: int
     drivers: list[DriverLoad] = []
     last_step_s: float = 0.0
+    sessions: int = 0
+    suspended_sessions: int = 0
+    pinned_blocks: int = 0  # device blocks held for idle sessions
 
 
 # --- timed and periodic jobs --------------------------------------------------------
@@ -271,4 +274,46 @@ class CancelJob(Message):
     job_id: str
 
 
-SchedulerRequest = Submit | Cancel | RequestStatus | SchedulerStats | SubmitJob | ListJobs | GetJob | CancelJob
+# --- sessions -----------------------------------------------------------------------
+
+
+class SessionState(StrEnum):
+    IDLE = "idle"  # no request running; its KV may be pinned for the next one
+    ACTIVE = "active"  # a request of it is running or waiting in line
+    SUSPENDED = "suspended"  # switched out: its KV in the swap tier, its requests wait
+
+
+class SuspendSession(Message):
+    """Context switch out: the session's running request (or its pinned KV)
+    leaves the batch and its KV goes to the driver's swap tier; requests of
+    the session wait (queued, not refused) until `ResumeSession`."""
+
+    session: str
+
+
+class ResumeSession(Message):
+    session: str
+
+
+class CloseSession(Message):
+    """The conversation is over: release the KV pinned for it (its requests
+    are not affected)."""
+
+    session: str
+
+
+class GetSession(Message):
+    session: str
+
+
+class SessionInfo(Message):
+    session: str
+    state: SessionState
+    queued: int = 0  # requests waiting behind the active one
+    active_request: str = ""
+    kv_tokens: int = 0  # positions whose KV the session holds
+    kv_where: str = ""  # "device", "swap" or "" (none held)
+
+
+SchedulerRequest = (Submit | Cancel | RequestStatus | SchedulerStats | SubmitJob | ListJobs | GetJob | CancelJob
+                    | SuspendSession | ResumeSession | CloseSession | GetSession)

@@ -26,6 +26,7 @@ Emit = Callable[[Message], None]
 class State(StrEnum):
     WAITING = "waiting"
     RUNNING = "running"
+    SUSPENDED = "suspended"  # its session was switched out
     FINISHED = "finished"
 
 

@@ -80,6 +80,18 @@ class IpcBackend:
         reply: dp.Executed = await self.service.call(instance, req, timeout=self.timeout_s)
         return reply
 
+    async def swap_out(self, req: mp.SwapOut) -> mp.SwapOutReply:
+        reply: mp.SwapOutReply = await self.service.call(MEMORY, req, timeout=self.timeout_s)
+        return reply
+
+    async def swap_in(self, req: mp.SwapIn) -> mp.SwapInReply:
+        reply: mp.SwapInReply = await self.service.call(MEMORY, req, timeout=self.timeout_s)
+        return reply
+
+    async def swap_blocks(self, instance: str, req: dp.SwapBlocksOut | dp.SwapBlocksIn) -> dp.Swapped:
+        reply: dp.Swapped = await self.service.call(instance, req, timeout=self.timeout_s)
+        return reply
+
 
 class SchedulerService(Service):
     name = sp.SCHEDULER
@@ -206,6 +218,26 @@ class SchedulerService(Service):
     async def stats(self, msg: sp.SchedulerStats, ctx: Context) -> sp.SchedulerStatsReply:
         return self.engine.stats()
 
+    @handler(idempotent=True)
+    async def suspend_session(self, msg: sp.SuspendSession, ctx: Context) -> sp.SessionInfo:
+        check_session(msg.session, ctx)
+        return self.engine.suspend_session(ctx.principal, msg.session)
+
+    @handler(idempotent=True)
+    async def resume_session(self, msg: sp.ResumeSession, ctx: Context) -> sp.SessionInfo:
+        check_session(msg.session, ctx)
+        return self.engine.resume_session(ctx.principal, msg.session)
+
+    @handler(idempotent=True)
+    async def close_session(self, msg: sp.CloseSession, ctx: Context) -> sp.SessionInfo:
+        check_session(msg.session, ctx)
+        return self.engine.close_session(ctx.principal, msg.session)
+
+    @handler(idempotent=True)
+    async def get_session(self, msg: sp.GetSession, ctx: Context) -> sp.SessionInfo:
+        check_session(msg.session, ctx)
+        return self.engine.session_info(ctx.principal, msg.session)
+
     @handler(idempotent=True)  # with a job_id (the SDK always sends one) a repeat is harmless
     async def submit_job(self, msg: sp.SubmitJob, ctx: Context) -> sp.JobInfo:
         check_restrictions(msg.request, ctx)
@@ -230,8 +262,13 @@ def check_restrictions(msg: sp.Submit, ctx: Context) -> None:
     if r.max_tokens and msg.max_tokens > r.max_tokens:
         raise Forbidden(f"this capability allows at most {r.max_tokens} tokens per request",
                         detail={"field": "max_tokens"})
-    if r.session and msg.session != r.session:
-        raise Forbidden(f"this capability is confined to session {r.session!r}", detail={"field": "session"})
+    check_session(msg.session, ctx)
+
+
+def check_session(session: str, ctx: Context) -> None:
+    confined = ctx.restrictions.session
+    if confined and session != confined:
+        raise Forbidden(f"this capability is confined to session {confined!r}", detail={"field": "session"})
 
 
 __all__ = ["SchedulerService"]

@@ -35,10 +35,13 @@ def reference(prompt: list[int], n: int) -> list[int]:
 
 
 class FakeDriver:
-    def __init__(self, num_blocks: int, block_size: int = 4):
+    def __init__(self, num_blocks: int, block_size: int = 4, host_slots: int = 0):
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self.host_slots = host_slots
         self.kv: dict[int, list[int | None]] = {}
+        self.host: dict[int, list[int | None]] = {}  # the host swap tier
+        self.swapped_out = self.swapped_in = 0
         self.alive = True
         self.steps = 0
         self.batch_sizes: list[int] = []
@@ -46,11 +49,27 @@ class FakeDriver:
 
     @property
     def meta(self) -> dict[str, str | int | float | bool]:
-        return {"num_blocks": self.num_blocks, "block_size": self.block_size, "host_slots": 0}
+        return {"num_blocks": self.num_blocks, "block_size": self.block_size, "host_slots": self.host_slots}
 
     def restart(self) -> None:
         self.kv.clear()
+        self.host.clear()
         self.alive = True
+
+    def swap(self, req: dp.SwapBlocksOut | dp.SwapBlocksIn) -> dp.Swapped:
+        # Like a real driver, a swap out leaves the device copy as it was: the
+        # memory server may take a block back without a copy while it still
+        # caches its content, and a block reused meanwhile holds other KV.
+        empty = [None] * self.block_size
+        if isinstance(req, dp.SwapBlocksOut):
+            for b, slot in zip(req.block_ids, req.slots):
+                self.host[slot] = list(self.kv.get(b, empty))
+            self.swapped_out += len(req.block_ids)
+        else:
+            for slot, b in zip(req.slots, req.block_ids):
+                self.kv[b] = list(self.host.pop(slot, empty))
+            self.swapped_in += len(req.block_ids)
+        return dp.Swapped(len(req.slots))
 
     def execute(self, req: dp.Execute) -> dp.Executed:
         bs = self.block_size
@@ -91,13 +110,13 @@ class InProcessBackend:
         self.memory_alive = True
         self.reserves = 0
         for name, d in drivers.items():
-            self.memory.register_pool(mp.RegisterPool(name, d.num_blocks, d.block_size))
+            self.memory.register_pool(mp.RegisterPool(name, d.num_blocks, d.block_size, d.host_slots))
 
     def restart_memory(self) -> None:
         self.memory = MemoryManager()
         for name, d in self.drivers.items():
             if d.alive:
-                self.memory.register_pool(mp.RegisterPool(name, d.num_blocks, d.block_size))
+                self.memory.register_pool(mp.RegisterPool(name, d.num_blocks, d.block_size, d.host_slots))
 
     def _check_memory(self) -> None:
         if not self.memory_alive:
@@ -125,3 +144,20 @@ class InProcessBackend:
         if not d.alive:
             raise Unavailable(f"{instance} died while handling Execute")
         return d.execute(req)
+
+    async def swap_out(self, req: mp.SwapOut) -> mp.SwapOutReply:
+        await anyio.sleep(0)
+        self._check_memory()
+        return self.memory.swap_out(req)
+
+    async def swap_in(self, req: mp.SwapIn) -> mp.SwapInReply:
+        await anyio.sleep(0)
+        self._check_memory()
+        return self.memory.swap_in(req)
+
+    async def swap_blocks(self, instance: str, req: dp.SwapBlocksOut | dp.SwapBlocksIn) -> dp.Swapped:
+        await anyio.sleep(0)
+        d = self.drivers[instance]
+        if not d.alive:
+            raise Unavailable(f"{instance} died while swapping")
+        return d.swap(req)

@@ -112,6 +112,20 @@ class RunnerBackend:
         return dp.Executed(outputs, time.perf_counter() - began)
 
 
+    async def swap_out(self, req: mp.SwapOut) -> mp.SwapOutReply:
+        return self.memory.swap_out(req)
+
+    async def swap_in(self, req: mp.SwapIn) -> mp.SwapInReply:
+        return self.memory.swap_in(req)
+
+    async def swap_blocks(self, instance: str, req: dp.SwapBlocksOut | dp.SwapBlocksIn) -> dp.Swapped:
+        if isinstance(req, dp.SwapBlocksOut):
+            await anyio.to_thread.run_sync(self.runner.swap_out_to_host, req.block_ids, req.slots)
+            return dp.Swapped(len(req.block_ids))
+        await anyio.to_thread.run_sync(self.runner.swap_in_from_host, req.slots, req.block_ids)
+        return dp.Swapped(len(req.block_ids))
+
+
 class InProcTarget:
     def __init__(self, engine: Engine):
         self.engine = engine
