@@ -25,13 +25,14 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from ipc.errors import ErrorCode, LlmosError
+from ipc.errors import ErrorCode, LlmosError, NotFound
 from ipc.protocol import driver as dp
 from ipc.protocol import memory as mp
 from ipc.protocol import scheduler as sp
 from sdk.logs import get_logger
 from services.scheduler._request import Request, State
 from services.scheduler._seq import Seq
+from services.scheduler.planner import BlockLedger, StepPlan
 
 if TYPE_CHECKING:
     from services.scheduler.engine import Engine
@@ -73,6 +74,226 @@ def drop_kv(engine: "Engine", seq: Seq) -> None:
     seq.reset(keep_pool=True)
 
 
+def seq_blocks(seqs: list[Seq]) -> int:
+    return len({b for s in seqs for b in s.block_table})
+
+
+class SessionTable:
+    """The engine's sessions, keyed by (principal, name). An idle session
+    (nothing running, queued, pinned or suspended) is forgotten."""
+
+    def __init__(self, engine: "Engine"):
+        self.engine = engine
+        self.by_key: dict[tuple[str, str], Session] = {}
+        self._park: set[tuple[str, str]] = set()
+        self._unpark: set[tuple[str, str]] = set()
+
+    def __len__(self) -> int:
+        return len(self.by_key)
+
+    @property
+    def switching(self) -> bool:
+        """A suspend or resume waits for the next step."""
+        return bool(self._park or self._unpark)
+
+    def queued(self) -> list[Seq]:
+        return [r.seq for s in self.by_key.values() for r in s.queue]
+
+    def pinned(self) -> list[Seq]:
+        return [s.pinned for s in self.by_key.values() if s.pinned is not None]
+
+    def suspended(self) -> int:
+        return sum(1 for s in self.by_key.values() if s.suspended)
+
+    # -- requests -------------------------------------------------------------------
+
+    def arrive(self, req: Request) -> None:
+        assert req.session is not None
+        s = self.by_key.get(req.session)
+        if s is None:
+            s = self.by_key[req.session] = Session(req.session)
+        s.used = time.monotonic()
+        s.queue.append(req)  # runs when the current request ends (and the session is not suspended)
+        self.next(s)
+
+    def ended(self, req: Request, reason: sp.FinishReason, failed: bool) -> bool:
+        """`req` of a session ended; returns whether the engine still has to
+        take its sequence out of the lines (False: it was only queued here).
+        Its KV is released, or pinned for the session's next request."""
+        assert req.session is not None
+        s = self.by_key.get(req.session)
+        seq = req.seq
+        if s is None:  # not expected: every request of a session is in its table until it ends
+            if seq.mem_known:
+                self.engine._to_release.append(seq.mem_id)
+            return True
+        if req in s.queue:
+            s.queue.remove(req)  # ended while queued behind its session: it never arrived
+            self._forget_if_idle(s)
+            return False
+        if s.parked is seq:
+            s.parked, s.swapped = None, False  # releasing a swapped sequence frees its slots
+            if seq.mem_known:
+                self.engine._to_release.append(seq.mem_id)
+        elif (s.active is req and seq.mem_known and not failed
+              and reason in (sp.FinishReason.STOP, sp.FinishReason.LENGTH)):
+            self._pin(s, seq)
+        elif seq.mem_known:
+            self.engine._to_release.append(seq.mem_id)
+        if s.active is req:
+            s.active = None
+            s.used = time.monotonic()
+            self.next(s)
+        return True
+
+    def next(self, s: Session) -> None:
+        """Start the session's next request if it may run now; forget an idle session."""
+        if s.active is None and not s.suspended and s.parked is None and s.queue:
+            req = s.active = s.queue.popleft()
+            if s.pinned is not None and s.pinned.pool in self.engine.drivers:
+                req.seq.pool = s.pinned.pool  # where the conversation's KV is
+            self.engine._enqueue(req.seq)
+        self._forget_if_idle(s)
+
+    def _forget_if_idle(self, s: Session) -> None:
+        if s.idle:
+            self.by_key.pop(s.key, None)
+
+    # -- the client's calls ------------------------------------------------------------
+
+    def get(self, principal: str, name: str) -> Session:
+        s = self.by_key.get((principal, name))
+        if s is None:
+            raise NotFound(f"no session {name!r}: none of its requests is running or queued, and it holds no KV",
+                           detail={"session": name})
+        return s
+
+    def suspend(self, principal: str, name: str) -> sp.SessionInfo:
+        s = self.get(principal, name)
+        if not s.suspended:
+            s.suspended = True
+            self._unpark.discard(s.key)
+            self._park.add(s.key)
+            self.engine.wake()
+        return s.info()
+
+    def resume(self, principal: str, name: str) -> sp.SessionInfo:
+        s = self.get(principal, name)
+        if s.suspended:
+            s.suspended = False
+            self._park.discard(s.key)
+            self._unpark.add(s.key)
+            self.engine.wake()
+        return s.info()
+
+    def close(self, principal: str, name: str) -> sp.SessionInfo:
+        s = self.get(principal, name)
+        self._unpin(s)
+        return s.info()
+
+    # -- pins ----------------------------------------------------------------------------
+
+    def _unpin(self, s: Session) -> None:
+        if s.pinned is not None:
+            self.engine._to_release.append(s.pinned.mem_id)  # its full blocks stay in the prefix cache
+            s.pinned = None
+            self.engine.wake()
+        self._forget_if_idle(s)
+
+    def _pin(self, s: Session, seq: Seq) -> None:
+        """Hold `seq`'s KV for the session's next request, within the pin budget
+        of its pool (older pins there give way)."""
+        engine = self.engine
+        if s.pinned is not None:
+            engine._to_release.append(s.pinned.mem_id)
+            s.pinned = None
+        d = engine.drivers.get(seq.pool or "")
+        limit = int(engine.config.session_pin_fraction * d.shape.num_blocks) if d is not None else 0
+        need = len(set(seq.block_table))
+        if need > limit:
+            engine._to_release.append(seq.mem_id)
+            return
+        others = sorted((x for x in self.by_key.values() if x.pinned is not None and x.pinned.pool == seq.pool),
+                        key=lambda x: x.used)
+        held = seq_blocks([x.pinned for x in others if x.pinned is not None])
+        for x in others:
+            if held + need <= limit:
+                break
+            held -= len(set(x.pinned.block_table)) if x.pinned is not None else 0
+            self._unpin(x)
+        s.pinned = seq
+        s.used = time.monotonic()
+
+    def hand_over(self, p: StepPlan) -> None:
+        """A session's new request is about to get its first blocks: release the
+        pinned sequence now (this step's Release precedes its Reserve), so the
+        conversation's full blocks are prefix-cache hits for it."""
+        for seq, _ in p.scheduled:
+            req: Request = seq.owner
+            if seq.mem_known or req.session is None:
+                continue
+            s = self.by_key.get(req.session)
+            if s is not None and s.active is req and s.pinned is not None:
+                self.engine._to_release.append(s.pinned.mem_id)
+                s.pinned = None
+
+    def relieve_pressure(self, p: StepPlan, ledger: BlockLedger) -> None:
+        """Pins give way when they keep work from running: on a pool where the
+        plan preempted, or where the next waiting sequence found too few blocks."""
+        if not any(x.pinned is not None for x in self.by_key.values()):
+            return
+        engine = self.engine
+        pools = {v.pool for v in p.preempted}
+        scheduled = {id(seq) for seq, _ in p.scheduled}
+        now = time.monotonic()
+        head = min((w for w in engine.waiting if id(w) not in scheduled),
+                   key=lambda w: engine.policy.key(w, now), default=None)
+        if head is not None:
+            pool = head.pool if head.pool in ledger.shapes else ledger.placement()
+            if pool is not None and ledger.needed(head, min(head.remaining, engine.limits.prefill_chunk),
+                                                  pool) > ledger.free[pool]:
+                pools.add(pool)
+        for x in list(self.by_key.values()):
+            if x.pinned is not None and x.pinned.pool in pools:
+                self._unpin(x)
+
+    # -- the world changing -------------------------------------------------------------
+
+    def kv_lost(self, pools: set[str], mem_ids: set[str]) -> None:
+        """Drivers (their pools) or sequences lost their KV."""
+        for s in list(self.by_key.values()):
+            for kept in (s.pinned, s.parked):
+                if kept is None or not (kept.pool in pools or (kept.mem_known and kept.mem_id in mem_ids)):
+                    continue
+                if kept is s.pinned:
+                    self._unpin(s)
+                else:
+                    s.swapped = False
+                    drop_kv(self.engine, kept)
+
+    def memory_restarted(self) -> None:
+        """Pins and the swap tier's bookkeeping died with the memory server."""
+        for s in list(self.by_key.values()):
+            s.pinned = None
+            if s.parked is not None and s.parked.mem_known:
+                s.swapped = False
+                s.parked.reset(keep_pool=True)
+            self._forget_if_idle(s)
+
+    async def switch(self) -> None:
+        """Suspend and resume sessions as asked (a resume that finds no free
+        blocks is tried again next step)."""
+        for key in list(self._park):
+            self._park.discard(key)
+            s = self.by_key.get(key)
+            if s is not None and s.suspended and s.parked is None:
+                await park(self.engine, s)
+        for key in list(self._unpark):
+            s = self.by_key.get(key)
+            if s is None or s.suspended or await unpark(self, s):
+                self._unpark.discard(key)
+
+
 async def park(engine: "Engine", s: Session) -> None:
     """Take the session's sequence out of the batch and its KV to the swap tier."""
     seq: Seq | None = None
@@ -112,8 +333,9 @@ async def park(engine: "Engine", s: Session) -> None:
     log.info("scheduler.suspended", session=s.key[1], blocks=len(got.blocks), copied=len(got.device_blocks))
 
 
-async def unpark(engine: "Engine", s: Session) -> bool:
+async def unpark(table: SessionTable, s: Session) -> bool:
     """Bring a resumed session's sequence back; False: not now (no blocks), try later."""
+    engine = table.engine
     seq = s.parked
     if seq is not None and s.swapped:
         reply = await engine._memory(engine.backend.swap_in(mp.SwapIn([seq.mem_id])))
@@ -149,12 +371,8 @@ async def unpark(engine: "Engine", s: Session) -> bool:
         elif seq.mem_known:
             s.pinned = seq
     log.info("scheduler.resumed", session=s.key[1])
-    engine._next_in_session(s)
+    table.next(s)
     return True
 
 
-def seq_blocks(seqs: list[Seq]) -> int:
-    return len({b for s in seqs for b in s.block_table})
-
-
-__all__ = ["Session", "drop_kv", "park", "unpark"]
+__all__ = ["Session", "SessionTable"]

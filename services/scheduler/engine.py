@@ -33,7 +33,7 @@ from ipc.protocol import scheduler as sp
 from sdk.logs import get_logger
 from services.scheduler._request import Emit, Request, Sink, State
 from services.scheduler._seq import Seq
-from services.scheduler._sessions import Session, drop_kv, park, seq_blocks, unpark
+from services.scheduler._sessions import SessionTable, seq_blocks
 from services.scheduler._text import TextStream
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.planner import BlockLedger, Limits, PoolShape, StepPlan, plan
@@ -83,9 +83,7 @@ class Engine:
         self.finished: OrderedDict[tuple[str, str], Request] = OrderedDict()
         self.waiting: list[Seq] = []
         self.running: list[Seq] = []
-        self.sessions: dict[tuple[str, str], Session] = {}
-        self._park: set[tuple[str, str]] = set()
-        self._unpark: set[tuple[str, str]] = set()
+        self.sessions = SessionTable(self)
         self._seq_nos = iter(range(1, 2**62))
         self._epochs = iter(range(1, 2**62))
         self._to_release: list[str] = []
@@ -197,12 +195,7 @@ class Engine:
         if req.session is None:
             self._enqueue(seq)
             return sink
-        s = self.sessions.get(req.session)
-        if s is None:
-            s = self.sessions[req.session] = Session(req.session)
-        s.used = time.monotonic()
-        s.queue.append(req)  # runs when the session's current request ends (and it is not suspended)
-        self._next_in_session(s)
+        self.sessions.arrive(req)
         return sink
 
     def _prompt_ids(self, msg: sp.Submit) -> list[int]:
@@ -212,7 +205,7 @@ class Engine:
         return self.model.tokenizer.encode(msg.prompt, add_special_tokens=msg.add_special_tokens)
 
     def _admit(self, prompt_tokens: int) -> None:
-        queued = [s for s in self.waiting] + [r.seq for ses in self.sessions.values() for r in ses.queue]
+        queued = [*self.waiting, *self.sessions.queued()]
         tokens = sum(s.remaining for s in queued)
         if len(queued) < self.config.max_waiting and tokens + prompt_tokens <= self.config.max_waiting_tokens:
             return
@@ -249,126 +242,15 @@ class Engine:
                               req.seq.pool or "", req.finish_reason.value if req.finish_reason else "")
 
     def stats(self) -> sp.SchedulerStatsReply:
-        pinned = self._pinned()
+        pinned = self.sessions.pinned()
         ledger = BlockLedger({i: d.shape for i, d in self.drivers.items()}, [*self.running, *pinned])
         loads = [sp.DriverLoad(i, d.shape.num_blocks, ledger.free[i], sum(1 for s in self.running if s.pool == i))
                  for i, d in sorted(self.drivers.items())]
         return sp.SchedulerStatsReply(self.policy.name.value, len(self.waiting), len(self.running),
                                       self.limits.token_budget, self.limits.max_num_seqs, self.steps,
                                       self.tokens_generated, self.preemptions, self.num_finished, loads,
-                                      self.last_step_s, len(self.sessions),
-                                      sum(1 for x in self.sessions.values() if x.suspended), seq_blocks(pinned))
-
-    # -- sessions ------------------------------------------------------------------------
-
-    def suspend_session(self, principal: str, name: str) -> sp.SessionInfo:
-        s = self._session(principal, name)
-        if not s.suspended:
-            s.suspended = True
-            self._unpark.discard(s.key)
-            self._park.add(s.key)
-            self.wake()
-        return s.info()
-
-    def resume_session(self, principal: str, name: str) -> sp.SessionInfo:
-        s = self._session(principal, name)
-        if s.suspended:
-            s.suspended = False
-            self._park.discard(s.key)
-            self._unpark.add(s.key)
-            self.wake()
-        return s.info()
-
-    def close_session(self, principal: str, name: str) -> sp.SessionInfo:
-        s = self._session(principal, name)
-        self._unpin(s)
-        return s.info()
-
-    def session_info(self, principal: str, name: str) -> sp.SessionInfo:
-        return self._session(principal, name).info()
-
-    def _session(self, principal: str, name: str) -> Session:
-        s = self.sessions.get((principal, name))
-        if s is None:
-            raise NotFound(f"no session {name!r}: none of its requests is running or queued, and it holds no KV",
-                           detail={"session": name})
-        return s
-
-    def _next_in_session(self, s: Session) -> None:
-        """Start the session's next request if it may run now; forget an idle session."""
-        if s.active is None and not s.suspended and s.parked is None and s.queue:
-            req = s.active = s.queue.popleft()
-            if s.pinned is not None and s.pinned.pool in self.drivers:
-                req.seq.pool = s.pinned.pool  # where the conversation's KV is
-            self._enqueue(req.seq)
-        if s.idle:
-            self.sessions.pop(s.key, None)
-
-    def _pinned(self) -> list[Seq]:
-        return [x.pinned for x in self.sessions.values() if x.pinned is not None]
-
-    def _unpin(self, s: Session) -> None:
-        if s.pinned is not None:
-            self._to_release.append(s.pinned.mem_id)  # its full blocks stay in the prefix cache
-            s.pinned = None
-            self.wake()
-        if s.idle:
-            self.sessions.pop(s.key, None)
-
-    def _pin(self, s: Session, seq: Seq) -> None:
-        """Hold `seq`'s KV for the session's next request, within the pin budget
-        of its pool (older pins there give way)."""
-        if s.pinned is not None:
-            self._to_release.append(s.pinned.mem_id)
-            s.pinned = None
-        d = self.drivers.get(seq.pool or "")
-        limit = int(self.config.session_pin_fraction * d.shape.num_blocks) if d is not None else 0
-        need = len(set(seq.block_table))
-        if need > limit:
-            self._to_release.append(seq.mem_id)
-            return
-        others = sorted((x for x in self.sessions.values() if x.pinned is not None and x.pinned.pool == seq.pool),
-                        key=lambda x: x.used)
-        held = seq_blocks([x.pinned for x in others if x.pinned is not None])
-        for x in others:
-            if held + need <= limit:
-                break
-            held -= len(set(x.pinned.block_table)) if x.pinned is not None else 0
-            self._unpin(x)
-        s.pinned = seq
-        s.used = time.monotonic()
-
-    def _hand_over(self, p: StepPlan) -> None:
-        """A session's new request is about to get its first blocks: release the
-        pinned sequence now (this step's Release precedes its Reserve), so the
-        conversation's full blocks are prefix-cache hits for it."""
-        for seq, _ in p.scheduled:
-            req: Request = seq.owner
-            if seq.mem_known or req.session is None:
-                continue
-            s = self.sessions.get(req.session)
-            if s is not None and s.active is req and s.pinned is not None:
-                self._to_release.append(s.pinned.mem_id)
-                s.pinned = None
-
-    def _relieve_pressure(self, p: StepPlan, ledger: BlockLedger) -> None:
-        """Pins give way when they keep work from running: on a pool where the
-        plan preempted, or where the next waiting sequence found too few blocks."""
-        if not any(x.pinned is not None for x in self.sessions.values()):
-            return
-        pools = {v.pool for v in p.preempted}
-        scheduled = {id(seq) for seq, _ in p.scheduled}
-        now = time.monotonic()
-        head = min((w for w in self.waiting if id(w) not in scheduled),
-                   key=lambda w: self.policy.key(w, now), default=None)
-        if head is not None:
-            pool = head.pool if head.pool in ledger.shapes else ledger.placement()
-            if pool is not None and ledger.needed(head, min(head.remaining, self.limits.prefill_chunk),
-                                                  pool) > ledger.free[pool]:
-                pools.add(pool)
-        for x in list(self.sessions.values()):
-            if x.pinned is not None and x.pinned.pool in pools:
-                self._unpin(x)
+                                      self.last_step_s, len(self.sessions), self.sessions.suspended(),
+                                      seq_blocks(pinned))
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -389,7 +271,7 @@ class Engine:
 
     def _has_work(self) -> bool:
         return bool(self.waiting or self.running or self._cancels or self._to_release or self._lost_pools
-                    or self._lost_ids or self._reregister or self._park or self._unpark)
+                    or self._lost_ids or self._reregister or self.sessions.switching)
 
     async def step(self) -> bool:
         """One engine step; returns whether any sequence ran."""
@@ -398,12 +280,12 @@ class Engine:
             return False
         began = time.monotonic()
         pools = {i: d.shape for i, d in self.drivers.items()}
-        ledger = BlockLedger(pools, [*self.running, *self._pinned()])
+        ledger = BlockLedger(pools, [*self.running, *self.sessions.pinned()])
         p = plan(self.running, self.waiting, self.policy, ledger, self.limits, began)
         for seq in p.preempted:
             self._preempt(seq)
-        self._hand_over(p)
-        self._relieve_pressure(p, ledger)
+        self.sessions.hand_over(p)
+        self.sessions.relieve_pressure(p, ledger)
         if self._to_release:
             ids, self._to_release = self._to_release, []
             if await self._memory(self.backend.release(mp.Release(ids))) is None:
@@ -453,20 +335,12 @@ class Engine:
                         self._to_release.append(seq.mem_id)
                     seq.reset(keep_pool=seq.pool in self.drivers)
                     self._to_waiting(seq)
-            for s in list(self.sessions.values()):
-                for kept in (s.pinned, s.parked):
-                    if kept is None or not (kept.pool in lost or (kept.mem_known and kept.mem_id in lost_ids)):
-                        continue
-                    if kept is s.pinned:
-                        self._unpin(s)
-                    else:
-                        s.swapped = False
-                        drop_kv(self, kept)
+            self.sessions.kv_lost(lost, lost_ids)
         if self._reregister and not self._memory_down:
             self._reregister = False
             await self._reregister_live()
         if not self._memory_down:
-            await self._switch_sessions()
+            await self.sessions.switch()
         for key in self._cancels:
             req = self.requests.get(key)
             if req is not None:
@@ -482,19 +356,6 @@ class Engine:
                     self._end(req, sp.FinishReason.DEADLINE,
                               error=DeadlineExceeded(f"request {req.request_id!r} did not start before "
                                                      "its deadline", detail={"request_id": req.request_id}))
-
-    async def _switch_sessions(self) -> None:
-        """Suspend and resume sessions as asked (a resume that finds no free
-        blocks is tried again next step)."""
-        for key in list(self._park):
-            self._park.discard(key)
-            s = self.sessions.get(key)
-            if s is not None and s.suspended and s.parked is None:
-                await park(self, s)
-        for key in list(self._unpark):
-            s = self.sessions.get(key)
-            if s is None or s.suspended or await unpark(self, s):
-                self._unpark.discard(key)
 
     async def _reregister_live(self) -> None:
         """The memory server restarted empty: tell it which sequences live and
@@ -513,14 +374,7 @@ class Engine:
         for seq in self.waiting:
             if seq.mem_known:
                 seq.reset(keep_pool=True)
-        for s in list(self.sessions.values()):
-            # Pins and the swap tier's bookkeeping died with the memory server.
-            s.pinned = None
-            if s.parked is not None and s.parked.mem_known:
-                s.swapped = False
-                s.parked.reset(keep_pool=True)
-            if s.idle:
-                del self.sessions[s.key]
+        self.sessions.memory_restarted()
         reply = await self._memory(self.backend.reregister(mp.Reregister(states, replace=True)))
         if not isinstance(reply, mp.ReregisterReply):
             self._reregister = True
@@ -697,29 +551,18 @@ class Engine:
         if req.done.is_set():
             return
         seq = req.seq
-        s = self.sessions.get(req.session) if req.session is not None else None
-        if s is not None and req in s.queue:
-            s.queue.remove(req)  # ended while queued behind its session: it never arrived
-            if s.idle:
-                del self.sessions[s.key]
+        if req.session is None:
+            if seq.mem_known:
+                self._to_release.append(seq.mem_id)
+            in_line = True
         else:
+            # Releases the KV or pins it for the session's next request.
+            in_line = self.sessions.ended(req, reason, failed=error is not None)
+        if in_line:
             for line in (self.running, self.waiting):
                 if seq in line:
                     line.remove(seq)
             self.policy.on_finished(seq)
-            if s is not None and s.parked is seq:
-                s.parked, s.swapped = None, False  # releasing a swapped sequence frees its slots
-                if seq.mem_known:
-                    self._to_release.append(seq.mem_id)
-            elif (s is not None and s.active is req and seq.mem_known and error is None
-                  and reason in (sp.FinishReason.STOP, sp.FinishReason.LENGTH)):
-                self._pin(s, seq)
-            elif seq.mem_known:
-                self._to_release.append(seq.mem_id)
-            if s is not None and s.active is req:
-                s.active = None
-                s.used = time.monotonic()
-                self._next_in_session(s)
         req.finish(reason, error=error, message=message)
         self.requests.pop(req.key, None)
         self._remember(req)

@@ -221,22 +221,22 @@ class SchedulerService(Service):
     @handler(idempotent=True)
     async def suspend_session(self, msg: sp.SuspendSession, ctx: Context) -> sp.SessionInfo:
         check_session(msg.session, ctx)
-        return self.engine.suspend_session(ctx.principal, msg.session)
+        return self.engine.sessions.suspend(ctx.principal, msg.session)
 
     @handler(idempotent=True)
     async def resume_session(self, msg: sp.ResumeSession, ctx: Context) -> sp.SessionInfo:
         check_session(msg.session, ctx)
-        return self.engine.resume_session(ctx.principal, msg.session)
+        return self.engine.sessions.resume(ctx.principal, msg.session)
 
     @handler(idempotent=True)
     async def close_session(self, msg: sp.CloseSession, ctx: Context) -> sp.SessionInfo:
         check_session(msg.session, ctx)
-        return self.engine.close_session(ctx.principal, msg.session)
+        return self.engine.sessions.close(ctx.principal, msg.session)
 
     @handler(idempotent=True)
     async def get_session(self, msg: sp.GetSession, ctx: Context) -> sp.SessionInfo:
         check_session(msg.session, ctx)
-        return self.engine.session_info(ctx.principal, msg.session)
+        return self.engine.sessions.get(ctx.principal, msg.session).info()
 
     @handler(idempotent=True)  # with a job_id (the SDK always sends one) a repeat is harmless
     async def submit_job(self, msg: sp.SubmitJob, ctx: Context) -> sp.JobInfo:

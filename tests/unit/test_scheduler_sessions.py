@@ -59,9 +59,9 @@ async def test_suspend_swaps_a_running_request_out_and_resume_continues_it_exact
     async with running(None, {"cpu": driver}) as (engine, backend):
         s = Stream(engine, prompt="a long story", max_tokens=40, session="s", request_id="story")
         await until(lambda: len(s.events) >= 5, "some tokens")
-        info = engine.suspend_session("", "s")
+        info = engine.sessions.suspend("", "s")
         assert info.state == SessionState.SUSPENDED
-        await until(lambda: engine.session_info("", "s").kv_where == "swap", "swapped out")
+        await until(lambda: engine.sessions.get("", "s").info().kv_where == "swap", "swapped out")
         held = engine.request_info("", "story")
         assert held.state == "suspended" and driver.swapped_out > 0
         assert pool(backend).used == 0 and pool(backend).swap_used > 0
@@ -73,8 +73,8 @@ async def test_suspend_swaps_a_running_request_out_and_resume_continues_it_exact
         assert engine.request_info("", "story").generated == held.generated
         # A new request of the suspended session waits behind it.
         later = Stream(engine, prompt="next turn", max_tokens=5, session="s")
-        assert engine.session_info("", "s").queued == 1
-        engine.resume_session("", "s")
+        assert engine.sessions.get("", "s").info().queued == 1
+        engine.sessions.resume("", "s")
         final = await s.result()
         assert s.tokens(final) == expected("a long story", 40)
         assert final.usage.preemptions == 0 and driver.swapped_in > 0  # swapped back, not recomputed
@@ -85,11 +85,11 @@ async def test_without_a_swap_tier_suspend_drops_the_kv_and_resume_recomputes_it
     async with running(None, {"cpu": FakeDriver(64)}) as (engine, backend):
         s = Stream(engine, prompt="no swap here", max_tokens=30, session="s")
         await until(lambda: len(s.events) >= 3, "some tokens")
-        engine.suspend_session("", "s")
+        engine.sessions.suspend("", "s")
         await until(lambda: engine.request_info("", s.sink.request.request_id).state == "suspended", "suspended")
         await until(lambda: pool(backend).used == 0, "its blocks released")
-        assert engine.session_info("", "s").kv_where == ""
-        engine.resume_session("", "s")
+        assert engine.sessions.get("", "s").info().kv_where == ""
+        engine.sessions.resume("", "s")
         final = await s.result()
     assert s.tokens(final) == expected("no swap here", 30)
 
@@ -99,12 +99,12 @@ async def test_an_idle_sessions_pinned_kv_is_swapped_by_suspend_and_reused_after
     async with running(None, {"cpu": driver}) as (engine, backend):
         first = Stream(engine, prompt_ids=TOK.encode("remember this text"), max_tokens=10, session="idle")
         f1 = await first.result()
-        assert engine.session_info("", "idle").state == SessionState.IDLE
-        assert engine.session_info("", "idle").kv_where == "device"
-        engine.suspend_session("", "idle")
-        await until(lambda: engine.session_info("", "idle").kv_where == "swap", "swapped out")
-        engine.resume_session("", "idle")
-        await until(lambda: engine.session_info("", "idle").kv_where == "device", "swapped in")
+        assert engine.sessions.get("", "idle").info().state == SessionState.IDLE
+        assert engine.sessions.get("", "idle").info().kv_where == "device"
+        engine.sessions.suspend("", "idle")
+        await until(lambda: engine.sessions.get("", "idle").info().kv_where == "swap", "swapped out")
+        engine.sessions.resume("", "idle")
+        await until(lambda: engine.sessions.get("", "idle").info().kv_where == "device", "swapped in")
         backend.memory.evict_cached(mp.EvictCached())
         prompt2 = TOK.encode("remember this text") + first.tokens(f1) + TOK.encode("!")
         second = Stream(engine, prompt_ids=prompt2, max_tokens=6, session="idle")
@@ -124,7 +124,7 @@ async def test_pins_give_way_when_blocks_run_short() -> None:
         assert big.tokens(final) == reference(list(range(100, 140)), 8)
         assert engine.stats().pinned_blocks == 0 and final.usage.preemptions == 0
         with pytest.raises(NotFound):
-            engine.session_info("", "chat")  # nothing left to remember
+            engine.sessions.get("", "chat")  # nothing left to remember
 
 
 async def test_close_releases_the_pin_and_unknown_sessions_are_not_found() -> None:
@@ -132,9 +132,9 @@ async def test_close_releases_the_pin_and_unknown_sessions_are_not_found() -> No
         s = Stream(engine, prompt="bye", max_tokens=4, session="done")
         await s.result()
         assert pool(backend).used > 0
-        assert engine.close_session("", "done").kv_where == ""
+        assert engine.sessions.close("", "done").kv_where == ""
         await until(lambda: pool(backend).used == 0, "released")
-        for call in (engine.suspend_session, engine.resume_session, engine.session_info):
+        for call in (engine.sessions.suspend, engine.sessions.resume, engine.sessions.get):
             with pytest.raises(NotFound):
                 call("", "never")
 
@@ -143,10 +143,10 @@ async def test_a_cancelled_suspended_request_frees_its_swap_slots() -> None:
     async with running(None, {"cpu": FakeDriver(64, host_slots=64)}) as (engine, backend):
         s = Stream(engine, prompt="to be cancelled", max_tokens=60, session="x", request_id="gone")
         await until(lambda: len(s.events) >= 3, "some tokens")
-        engine.suspend_session("", "x")
-        await until(lambda: engine.session_info("", "x").kv_where == "swap", "swapped")
+        engine.sessions.suspend("", "x")
+        await until(lambda: engine.sessions.get("", "x").info().kv_where == "swap", "swapped")
         assert engine.cancel("", "gone")
         final = await s.result()
         assert final.finish_reason == FinishReason.CANCELLED
         await until(lambda: pool(backend).swap_used == 0 and pool(backend).used == 0, "slots freed")
-        assert engine.session_info("", "x").state == SessionState.SUSPENDED  # until resumed
+        assert engine.sessions.get("", "x").info().state == SessionState.SUSPENDED  # until resumed
