@@ -182,6 +182,11 @@ class SchedulerStatsReply(Message):
     sessions: int = 0
     suspended_sessions: int = 0
     pinned_blocks: int = 0  # device blocks held for idle sessions
+    # Auto-tuning (0 when off): the per-token latency target and the smoothed
+    # step time it is held against; token_budget / max_num_seqs above are
+    # the values chosen.
+    tpot_target_ms: float = 0.0
+    step_ms: float = 0.0
 
 
 # --- timed and periodic jobs --------------------------------------------------------

@@ -49,6 +49,10 @@ class SchedulerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     remember_finished: int = 4096
     # A step whose driver does not answer in time counts as that driver lost.
     step_timeout_s: float = 120.0
+    # Auto-tuning: with a per-token latency target (ms; 0 = off), the token
+    # budget and the batch cap are chosen online from measured step times,
+    # with `token_budget` and `max_num_seqs` as ceilings.
+    tpot_target_ms: float = 0.0
     # Sessions: the share of a pool's blocks idle sessions may keep pinned
     # for their next request (0: no pinning; the prefix cache alone).
     session_pin_fraction: float = 0.5
@@ -63,6 +67,7 @@ class SchedulerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
             (self.max_waiting >= 1, "max_waiting must be >= 1"),
             (self.max_waiting_tokens >= 1, "max_waiting_tokens must be >= 1"),
             (self.max_jobs >= 0, "max_jobs must be >= 0"),
+            (self.tpot_target_ms >= 0, "tpot_target_ms must be >= 0"),
             (0.0 <= self.session_pin_fraction <= 1.0, "session_pin_fraction must be within [0, 1]"),
             (self.policy.aging_s > 0, "policy.aging_s must be > 0"),
             (self.policy.quantum >= 1, "policy.quantum must be >= 1"),

@@ -35,6 +35,7 @@ from services.scheduler._request import Emit, Request, Sink, State
 from services.scheduler._seq import Seq
 from services.scheduler._sessions import SessionTable, seq_blocks
 from services.scheduler._text import TextStream
+from services.scheduler.autotune import AutoTuner
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.planner import BlockLedger, Limits, PoolShape, StepPlan, plan
 from services.scheduler.policies import make_policy
@@ -77,6 +78,9 @@ class Engine:
         self.backend = backend
         self.policy = make_policy(config.policy)
         self.limits = Limits(config.token_budget, config.max_num_seqs, config.prefill_chunk)
+        self.tuner = (AutoTuner(config.tpot_target_ms / 1e3, config.token_budget, config.max_num_seqs)
+                      if config.tpot_target_ms > 0 else None)
+        self.clock = time.monotonic  # step durations (tests substitute a model of the device)
         self.model: Model | None = None
         self.drivers: dict[str, DriverState] = {}
         self.requests: dict[tuple[str, str], Request] = {}
@@ -250,7 +254,8 @@ class Engine:
                                       self.limits.token_budget, self.limits.max_num_seqs, self.steps,
                                       self.tokens_generated, self.preemptions, self.num_finished, loads,
                                       self.last_step_s, len(self.sessions), self.sessions.suspended(),
-                                      seq_blocks(pinned))
+                                      seq_blocks(pinned), self.config.tpot_target_ms,
+                                      self.tuner.step_s * 1e3 if self.tuner is not None else 0.0)
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -294,15 +299,23 @@ class Engine:
                 return False
         if not p.scheduled:
             return False
+        t0 = self.clock()
         work = await self._reserve(p)
         if not work:
             return False
         produced = await self._execute(work)
         self._deliver(produced)
         self.steps += 1
-        self.last_step_s = time.monotonic() - began
+        self.last_step_s = self.clock() - t0
         if self.last_step_s > 0:
             self._tokens_per_s = 0.8 * self._tokens_per_s + 0.2 * (p.num_tokens / self.last_step_s)
+        if self.tuner is not None:
+            tuned = self.tuner.observe(sum(b - a for _, a, b, _ in work), self.last_step_s)
+            if tuned is not None and (tuned.token_budget, tuned.max_num_seqs) != (self.limits.token_budget,
+                                                                               self.limits.max_num_seqs):
+                self.limits = Limits(tuned.token_budget, tuned.max_num_seqs, self.config.prefill_chunk)
+                log.info("scheduler.autotuned", token_budget=tuned.token_budget,
+                         max_num_seqs=tuned.max_num_seqs, step_ms=round(self.tuner.step_s * 1e3, 1))
         return True
 
     async def _memory(self, call: Awaitable[T]) -> T | None:

@@ -50,10 +50,13 @@ def scheduler_args(argv: list[str]) -> SchedulerConfig:
     ap.add_argument("--prefill-chunk", type=int)
     ap.add_argument("--max-waiting", type=int)
     ap.add_argument("--max-waiting-tokens", type=int)
+    ap.add_argument("--tpot-target-ms", type=float,
+                    help="per-token latency target: auto-tune the token budget and batch cap (0: off)")
     a = ap.parse_args(argv)
     return load_scheduler_config(a.config, policy=a.policy, token_budget=a.token_budget,
                                  max_num_seqs=a.max_seqs, prefill_chunk=a.prefill_chunk,
-                                 max_waiting=a.max_waiting, max_waiting_tokens=a.max_waiting_tokens)
+                                 max_waiting=a.max_waiting, max_waiting_tokens=a.max_waiting_tokens,
+                                 tpot_target_ms=a.tpot_target_ms)
 
 
 class IpcBackend:
