@@ -101,8 +101,9 @@ class JobStore:
         return self._enc.encode(rec)
 
     def write_record(self, job_id: str, data: bytes) -> None:
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         d = self.root / job_id
-        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        d.mkdir(exist_ok=True, mode=0o700)
         tmp = d / "job.json.tmp"
         tmp.write_bytes(data)
         os.replace(tmp, d / "job.json")
