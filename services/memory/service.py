@@ -18,7 +18,9 @@ from anyio.abc import TaskGroup
 from ipc.protocol import kernel as kp
 from ipc.protocol import memory as mp
 from ipc.protocol.driver import DRIVER
+from ipc.protocol.security import QuotaPolicy
 from sdk.logs import get_logger
+from sdk.policy import follow_quotas
 from sdk.service import Context, Service, handler
 from services.memory.manager import MemoryManager
 
@@ -32,6 +34,7 @@ class MemoryService(Service):
         super().__init__(**kwargs)
         self.manager = MemoryManager()
         self._pool_pids: dict[str, int] = {}
+        self._limited: set[str] = set()  # tenants with a KV-block quota from the policy
 
     async def background(self, tg: TaskGroup) -> None:
         events = self.subscribe(kp.SERVICES_TOPIC)
@@ -42,6 +45,17 @@ class MemoryService(Service):
                 self._pool_up(info.instance, info.pid, info.meta)
         self.publish(mp.MEMORY_TOPIC, mp.MemoryRestarted(os.getpid(), sorted(self._pool_pids)))
         tg.start_soon(self._follow_drivers, events)
+        tg.start_soon(follow_quotas, self, self._apply_quotas)
+
+    def _apply_quotas(self, policy: QuotaPolicy) -> None:
+        """KV-block quotas from the security server's policy (0 = unlimited)."""
+        limits = {tenant: q.kv_blocks for tenant, q in policy.quotas.items() if q.kv_blocks > 0}
+        for tenant in self._limited - limits.keys():
+            self.manager.set_block_quota(mp.SetBlockQuota(tenant, mp.NO_LIMIT))
+        for tenant, blocks in limits.items():
+            self.manager.set_block_quota(mp.SetBlockQuota(tenant, blocks))
+        self._limited = set(limits)
+        log.info("memory.quotas", version=policy.version, limited=len(limits))
 
     async def _follow_drivers(self, events: Any) -> None:
         async for ev in events:

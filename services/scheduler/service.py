@@ -25,7 +25,9 @@ from ipc.protocol import kernel as kp
 from ipc.protocol import memory as mp
 from ipc.protocol import scheduler as sp
 from sdk.logs import get_logger
+from sdk.policy import follow_quotas
 from sdk.service import Context, Service, handler
+from services.scheduler.quotas import QuotaGate
 from services.scheduler.config import PolicyName, SchedulerConfig, load_scheduler_config
 from services.scheduler.engine import Engine, Model
 from services.scheduler.jobs import JobRunner, JobStore
@@ -103,6 +105,7 @@ class SchedulerService(Service):
         super().__init__(**kwargs)
         self.config = scheduler_args(sys.argv[1:] if argv is None else argv)
         self.engine = Engine(self.config, IpcBackend(self, self.config.step_timeout_s))
+        self.quotas = QuotaGate()
         self.jobs = JobRunner(self.engine, JobStore(self.home / "jobs"), max_jobs=self.config.max_jobs)
         self._ready = anyio.Event()
         self._model_wanted = anyio.Event()
@@ -122,6 +125,7 @@ class SchedulerService(Service):
             if info.service == dp.DRIVER and info.state == "ready":
                 self.engine.driver_up(info.instance, info.meta)
         tg.start_soon(self._boot, tg)
+        tg.start_soon(follow_quotas, self, self.quotas.apply)
 
     async def _boot(self, tg: TaskGroup) -> None:
         # A clean slate: sequences of a previous scheduler instance are released
@@ -194,6 +198,15 @@ class SchedulerService(Service):
         await self._until_ready()
         sink = self.engine.submit(msg, ctx.principal, ctx.emit)
         rid = sink.request.request_id
+        charged = msg.attempt == 0 and not sink.request.generated
+        if charged:
+            # Synchronously after submit, before the engine's next step: a
+            # refused request never runs.
+            try:
+                self.quotas.admit(ctx.principal, len(sink.request.prompt_ids) + msg.max_tokens)
+            except LlmosError:
+                self.engine.cancel(ctx.principal, rid)
+                raise
         log.info("scheduler.submitted", request_id=rid, principal=ctx.principal, attempt=msg.attempt,
                  prompt_tokens=len(sink.request.prompt_ids), resume_from=msg.resume_from)
         try:
@@ -208,6 +221,9 @@ class SchedulerService(Service):
             if not sink.superseded:
                 self.engine.cancel(ctx.principal, sink.request.request_id)
             raise
+        finally:
+            if charged:
+                self.quotas.done(ctx.principal)
 
     @handler(idempotent=True)
     async def cancel(self, msg: sp.Cancel, ctx: Context) -> sp.CancelReply:

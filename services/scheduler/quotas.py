@@ -1,0 +1,75 @@
+"""Per-principal quotas at admission: requests/min, tokens/min and concurrent
+requests, from the security server's published policy (0 = unlimited).
+
+Tokens are charged at admission as prompt + max_tokens — the most the request
+may spend — so a principal cannot start more work than its budget covers.
+Windows slide over the last 60 s. A refusal is `Overloaded` with
+`retry_after_s`: when the oldest charge in the window expires, or 1 s for the
+concurrency limit."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from ipc.errors import Overloaded
+from ipc.protocol.security import Quota, QuotaPolicy
+
+WINDOW_S = 60.0
+
+
+@dataclass
+class _Usage:
+    requests: deque[float] = field(default_factory=deque)
+    tokens: deque[tuple[float, int]] = field(default_factory=deque)
+    token_sum: int = 0
+    running: int = 0
+
+    def expire(self, now: float) -> None:
+        while self.requests and now - self.requests[0] >= WINDOW_S:
+            self.requests.popleft()
+        while self.tokens and now - self.tokens[0][0] >= WINDOW_S:
+            self.token_sum -= self.tokens.popleft()[1]
+
+
+class QuotaGate:
+    def __init__(self) -> None:
+        self._quotas: dict[str, Quota] = {}
+        self._usage: dict[str, _Usage] = {}
+        self.version = -1
+
+    def apply(self, policy: QuotaPolicy) -> None:
+        self._quotas = dict(policy.quotas)
+        self.version = policy.version
+
+    def admit(self, principal: str, tokens: int, now: float | None = None) -> None:
+        """Charge one request of up to `tokens` tokens, or raise Overloaded."""
+        q = self._quotas.get(principal)
+        if q is None:
+            return
+        now = time.monotonic() if now is None else now
+        u = self._usage.setdefault(principal, _Usage())
+        u.expire(now)
+        if q.concurrent_requests and u.running >= q.concurrent_requests:
+            raise Overloaded(f"{principal!r} already runs {u.running} requests (quota {q.concurrent_requests})",
+                             detail={"retry_after_s": 1.0, "quota": "concurrent_requests"})
+        if q.requests_per_min and len(u.requests) >= q.requests_per_min:
+            raise Overloaded(f"{principal!r} made {len(u.requests)} requests in the last minute "
+                             f"(quota {q.requests_per_min})",
+                             detail={"retry_after_s": round(WINDOW_S - (now - u.requests[0]), 2),
+                                     "quota": "requests_per_min"})
+        if q.tokens_per_min and u.token_sum + tokens > q.tokens_per_min:
+            wait = WINDOW_S - (now - u.tokens[0][0]) if u.tokens else WINDOW_S
+            raise Overloaded(f"{principal!r} would use {u.token_sum + tokens} tokens in a minute "
+                             f"(quota {q.tokens_per_min})",
+                             detail={"retry_after_s": round(wait, 2), "quota": "tokens_per_min"})
+        u.requests.append(now)
+        u.tokens.append((now, tokens))
+        u.token_sum += tokens
+        u.running += 1
+
+    def done(self, principal: str) -> None:
+        u = self._usage.get(principal)
+        if u is not None and u.running > 0:
+            u.running -= 1
