@@ -8,7 +8,9 @@ least important running sequence on it is preempted (possibly the one being
 planned). Then waiting sequences, in policy order, while budget, cap and
 blocks last; a new sequence is placed on the driver with the most free
 blocks and stays there. When the batch is full, a waiting sequence may first
-displace a running one if the policy says so (`Policy.yields_to`).
+displace a running one if the policy says so (`Policy.yields_to`), and the
+running ones the waiting head outranks may sit out the step in which it
+starts (`Policy.defers`: its first token is not slowed by their decodes).
 """
 
 from __future__ import annotations
@@ -104,6 +106,9 @@ def plan(running: Iterable[Seq], waiting: Iterable[Seq], policy: Policy, ledger:
             break
         preempt(victim)
     displaced = len(out.preempted)
+    deferred = _deferred(run, wait, policy, ledger, limits, now)
+    if deferred:
+        run = [r for r in run if r not in deferred]
 
     budget = limits.token_budget
     i = 0
@@ -149,6 +154,25 @@ def plan(running: Iterable[Seq], waiting: Iterable[Seq], policy: Policy, ledger:
         seq.preemptions += 1
         policy.on_preempted(seq, now)
     return out
+
+
+def _deferred(run: list[Seq], wait: list[Seq], policy: Policy, ledger: BlockLedger, limits: Limits,
+              now: float) -> list[Seq]:
+    """Running sequences that sit this step out for the waiting head
+    (`Policy.defers`) — only when the head will surely get its chunk: its
+    blocks fit beside one new block for each sequence that does run."""
+    if not wait or not run:
+        return []
+    head = wait[0]
+    deferred = [r for r in run if policy.defers(r, head, now)]
+    if not deferred:
+        return []
+    pool = head.pool if head.pool in ledger.shapes else ledger.placement()
+    if pool is None:
+        return []
+    staying = sum(1 for r in run if r.pool == pool and r not in deferred)
+    need = ledger.needed(head, min(head.remaining, limits.prefill_chunk, limits.token_budget), pool)
+    return deferred if need + staying <= ledger.free[pool] else []
 
 
 def _batch_full(run: list[Seq], head: Seq, ledger: BlockLedger, limits: Limits) -> bool:

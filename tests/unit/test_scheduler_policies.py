@@ -117,6 +117,34 @@ def test_priority_waiting_request_displaces_a_lower_priority_one_when_the_batch_
     assert p.preempted and all(v.priority == 9 for v in p.preempted) and same in [s for s, _ in p.scheduled]
 
 
+def test_priority_a_more_important_request_starts_in_a_step_the_lower_ones_sit_out() -> None:
+    sim = Sim(Priority(aging_s=1e9), Limits(100, 8, 100))
+    low = [sim.add(seq(priority=9)) for _ in range(3)]
+    sim.step()
+    high = sim.add(seq(6, priority=0))
+    p = sim.step()
+    # Its first token comes from a step of its own; the others keep their KV.
+    assert [s for s, _ in p.scheduled] == [high] and not p.preempted
+    assert all(x.num_computed == 4 and x in sim.running for x in low)
+    p = sim.step()
+    assert {s for s, _ in p.scheduled} == {high, *low}  # then they decode together
+    peer = sim.add(seq(priority=9))
+    p = sim.step()
+    assert {s for s, _ in p.scheduled} == {high, *low, peer}  # an equal never makes others wait
+
+
+def test_priority_no_one_sits_out_for_a_request_whose_blocks_would_not_fit() -> None:
+    # 4 blocks of 4: two low sequences hold one block each; the head needs 3
+    # blocks and the low ones one more each: it cannot start this step anyway.
+    sim = Sim(Priority(aging_s=1e9), Limits(100, 8, 100), pools={"p": 4})
+    low = [sim.add(seq(3, priority=9)) for _ in range(2)]
+    sim.step()
+    sim.add(seq(12, priority=0))
+    p = sim.step()
+    ran = {s for s, _ in p.scheduled}
+    assert all(x in ran for x in low if x not in p.preempted)  # preempted for blocks, or run: never idle
+
+
 def test_round_robin_yields_after_the_quantum_and_shares_the_batch() -> None:
     sim = Sim(RoundRobin(quantum=8), Limits(100, 2, 100))
     seqs = [sim.add(seq(2)) for _ in range(3)]
