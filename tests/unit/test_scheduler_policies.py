@@ -133,16 +133,16 @@ def test_priority_a_more_important_request_starts_in_a_step_the_lower_ones_sit_o
     assert {s for s, _ in p.scheduled} == {high, *low, peer}  # an equal never makes others wait
 
 
-def test_priority_no_one_sits_out_for_a_request_whose_blocks_would_not_fit() -> None:
-    # 4 blocks of 4: two low sequences hold one block each; the head needs 3
-    # blocks and the low ones one more each: it cannot start this step anyway.
+def test_priority_short_of_blocks_the_least_important_is_displaced_and_the_next_sits_out() -> None:
+    # 4 blocks of 4: two low sequences hold one block each; the head needs 3.
     sim = Sim(Priority(aging_s=1e9), Limits(100, 8, 100), pools={"p": 4})
-    low = [sim.add(seq(3, priority=9)) for _ in range(2)]
+    low = [sim.add(seq(3, priority=9, arrival=float(i))) for i in range(2)]
     sim.step()
-    sim.add(seq(12, priority=0))
+    high = sim.add(seq(12, priority=0))
     p = sim.step()
-    ran = {s for s, _ in p.scheduled}
-    assert all(x in ran for x in low if x not in p.preempted)  # preempted for blocks, or run: never idle
+    assert p.preempted == [low[1]]  # its block makes room (recompute later)
+    assert [s for s, _ in p.scheduled] == [high]
+    assert low[0] in sim.running and low[0].num_computed == 3 and low[0].block_table == [0]  # kept, idle
 
 
 def test_round_robin_yields_after_the_quantum_and_shares_the_batch() -> None:
