@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
 import time
@@ -187,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    load_before = os.getloadavg()[0]
     blocks_needed = max(plan.batches) * -(-(CONTEXT + plan.decode_steps) // 16)
     runner = ModelRunner.load("demo", kv_cache_bytes=(blocks_needed + 16) * 262144, home=args.home)
     bench = RunnerBench(runner, max(plan.batches), plan.decode_steps)
@@ -203,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     figures["ratio_vs_hf_b32"] = figures["decode_tps_b32"] / figures["hf_tps_b32"]
     figures["fraction_of_bound_b64"] = figures["decode_tps_b64"] / figures["bound_tps_b64"]
 
+    load_after = os.getloadavg()[0]
     print(f"\ndriver model bench ({'quick' if args.quick else 'full'}; demo model "
           f"{runner.info.num_params / 1e6:.1f}M params fp32, context {CONTEXT}, "
           f"{plan.decode_steps} decode steps, best of {plan.reps}, "
@@ -217,11 +220,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"matmul-only bound b64: {figures['bound_tps_b64']:.0f} tok/s; runner reaches "
           f"{figures['fraction_of_bound_b64']:.0%} of it")
     print(f"prefill: {figures['prefill_tps']:.0f} tok/s")
+    print(f"load average (1 min) before / after: {load_before:.2f} / {load_after:.2f} "
+          f"(other processes share these cores; figures move with it)")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
             "bench": "driver", "quick": args.quick, "threads": torch.get_num_threads(),
             "context": CONTEXT, "decode_steps": plan.decode_steps, "reps": plan.reps,
+            "loadavg_before": round(load_before, 2), "loadavg_after": round(load_after, 2),
             "figures": {k: round(v, 3) for k, v in figures.items()}}, indent=2))
     runner.close()
     return 0
