@@ -102,6 +102,7 @@ class Channel:
         self._fd: int = int(sock.getsockopt(zmq.FD))
         self._loop.add_reader(self._fd, on_readable or self._wake.set)
         self._closed = False
+        self._read_scheduled = False
 
     @property
     def wake(self) -> asyncio.Event:
@@ -140,11 +141,25 @@ class Channel:
             return False
         finally:
             if not self._closed and self.pending_input():
-                if self._on_readable is not None:
-                    self._loop.call_soon(self._on_readable)
-                else:
+                if self._on_readable is None:
                     self._wake.set()
+                elif not self._read_scheduled:
+                    # One deferred read at a time: a callback per send would
+                    # pile up thousands under a flood and starve the timers
+                    # (the kernel's heartbeats) behind them.
+                    self._read_scheduled = True
+                    self._loop.call_soon(self._scheduled_read)
         return True
+
+    def _scheduled_read(self) -> None:
+        self._read_scheduled = False
+        if not self._closed and self._on_readable is not None:
+            self._on_readable()
+            # A reader drains a bounded batch: while more is queued, come back
+            # (one callback per turn of the loop, so timers still run).
+            if not self._closed and not self._read_scheduled and self.pending_input():
+                self._read_scheduled = True
+                self._loop.call_soon(self._scheduled_read)
 
     def close(self) -> None:
         if self._closed:

@@ -44,6 +44,10 @@ log = get_logger()
 
 _EMPTY = b""
 _PUMP_ROUNDS = 16
+# A pump call also stops after this long, so the heartbeat timer gets a turn
+# every ~50 ms under any flood: 16 rounds of malformed frames (each logged and
+# answered, ~0.1-0.2 ms apiece) could hold the loop for seconds.
+_PUMP_SLICE_S = 0.05
 HUNG = "missed heartbeats"
 _ready_decoder = codec.decoder([kp.Ready])
 _kernel_ops = codec.decoder([kp.Status, kp.Subscribe, kp.Kill, kp.Shutdown, kp.SetRevocations])
@@ -125,6 +129,7 @@ class Kernel:
         front, back, loop = self._front, self._back, self._loop
         if front is None or back is None or loop is None:
             return
+        until = time.monotonic() + _PUMP_SLICE_S
         for _ in range(_PUMP_ROUNDS):
             from_front, from_back = front.drain(), back.drain()
             if not from_front and not from_back:
@@ -135,6 +140,8 @@ class Kernel:
                 self._guarded(self._on_front, front, frames)
             for frames in from_back:
                 self._guarded(self._on_back, back, frames)
+            if time.monotonic() > until:
+                break
         loop.call_soon(self._pump)
 
     def _guarded(self, fn: Callable[[list[Any]], None], ch: Channel, frames: list[Any]) -> None:
