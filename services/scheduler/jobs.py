@@ -21,6 +21,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import anyio
 import msgspec
@@ -38,6 +39,14 @@ log = get_logger()
 KEEP_RUNS = 256
 # How long a run that could not start (no model yet, queue full) waits before trying again.
 RETRY_S = 1.0
+
+
+class Gate(Protocol):
+    """Per-principal admission (the scheduler's quotas): a run is charged
+    like any request of its owner."""
+
+    def admit(self, principal: str, tokens: int) -> None: ...
+    def done(self, principal: str) -> None: ...
 
 
 class JobRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -141,6 +150,7 @@ class Job:
     running: int = 0  # the run in flight (0: none)
     request_id: str = ""
     retry_ns: int = 0  # a run that could not start waits until then
+    attempts: int = 0  # engine submissions of runs by this scheduler (each its own request id)
 
     @property
     def state(self) -> sp.JobState:
@@ -182,10 +192,11 @@ class JobRunner:
     """Keeps the jobs and runs them through the engine, one task per run in
     the runner's task group."""
 
-    def __init__(self, engine: Engine, store: JobStore, *, max_jobs: int = 1024):
+    def __init__(self, engine: Engine, store: JobStore, *, max_jobs: int = 1024, gate: Gate | None = None):
         self.engine = engine
         self.store = store
         self.max_jobs = max_jobs
+        self.gate = gate
         self.jobs: dict[str, Job] = {}
         self._wake = anyio.Event()
         # One save at a time: each writes the record as it is then, and the
@@ -303,7 +314,8 @@ class JobRunner:
 
     async def _generate(self, job: Job, n: int, due: int) -> sp.JobRun | None:
         rec = job.record
-        request = msgspec.structs.replace(rec.request, request_id=f"job-{rec.job_id}-{n}")
+        job.attempts += 1
+        request = msgspec.structs.replace(rec.request, request_id=f"job-{rec.job_id}-{n}.{job.attempts}")
         ids: list[int] = []
         text: list[str] = []
 
@@ -324,11 +336,23 @@ class JobRunner:
             rec.error = exc.message
             await self._save(rec)
             return sp.JobRun(n, due, started, time.time_ns(), sp.FinishReason.ERROR.value, error=exc.message)
+        if self.gate is not None:
+            try:
+                self.gate.admit(rec.principal, len(sink.request.prompt_ids) + request.max_tokens)
+            except Overloaded as exc:
+                # Over its owner's quota: not now (synchronously after submit, so it never ran).
+                self.engine.cancel(rec.principal, request.request_id)
+                job.retry_ns = time.time_ns() + int(max(RETRY_S, float(exc.detail.get("retry_after_s", 0))) * 1e9)
+                log.warning("jobs.deferred", job_id=rec.job_id, run=n, error=exc.message)
+                return None
         job.request_id = request.request_id
         try:
             done = await sink.wait()
         except LlmosError as exc:  # e.g. its deadline passed before the first token
             return sp.JobRun(n, due, started, time.time_ns(), sp.FinishReason.ERROR.value, error=exc.message)
+        finally:
+            if self.gate is not None:
+                self.gate.done(rec.principal)
         return sp.JobRun(n, due, started, time.time_ns(), done.finish_reason.value, "".join(text) + done.text,
                          ids + list(done.token_ids), done.usage, done.error)
 

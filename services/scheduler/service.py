@@ -106,7 +106,8 @@ class SchedulerService(Service):
         self.config = scheduler_args(sys.argv[1:] if argv is None else argv)
         self.engine = Engine(self.config, IpcBackend(self, self.config.step_timeout_s))
         self.quotas = QuotaGate()
-        self.jobs = JobRunner(self.engine, JobStore(self.home / "jobs"), max_jobs=self.config.max_jobs)
+        self.jobs = JobRunner(self.engine, JobStore(self.home / "jobs"), max_jobs=self.config.max_jobs,
+                              gate=self.quotas)
         self._ready = anyio.Event()
         self._model_wanted = anyio.Event()
 

@@ -12,7 +12,7 @@ import anyio
 import msgspec
 import pytest
 
-from ipc.errors import BadRequest
+from ipc.errors import BadRequest, Overloaded
 from ipc.protocol import scheduler as sp
 from ipc.protocol.sampling import SamplingParams
 from services.scheduler.engine import Engine
@@ -26,9 +26,29 @@ def job(prompt: str = "tick", max_tokens: int = 6, **kw: object) -> sp.SubmitJob
     return sp.SubmitJob(sp.Submit(prompt, params=GREEDY, max_tokens=max_tokens, ignore_eos=True), **kw)  # type: ignore[arg-type]
 
 
+class Gate:
+    """Quotas as the scheduler's `QuotaGate` applies them: refuses the first
+    `refuse` admissions."""
+
+    def __init__(self, refuse: int):
+        self.refuse = refuse
+        self.admitted: list[tuple[str, int]] = []
+        self.running = 0
+
+    def admit(self, principal: str, tokens: int) -> None:
+        if self.refuse:
+            self.refuse -= 1
+            raise Overloaded("over quota", detail={"retry_after_s": 0.01})
+        self.admitted.append((principal, tokens))
+        self.running += 1
+
+    def done(self, principal: str) -> None:
+        self.running -= 1
+
+
 @asynccontextmanager
-async def runner(engine: Engine, root: Path) -> AsyncIterator[JobRunner]:
-    r = JobRunner(engine, JobStore(root))
+async def runner(engine: Engine, root: Path, gate: Gate | None = None) -> AsyncIterator[JobRunner]:
+    r = JobRunner(engine, JobStore(root), gate=gate)
     await r.load()
     async with anyio.create_task_group() as tg:
         tg.start_soon(r.run)
@@ -116,6 +136,17 @@ async def test_submission_is_idempotent_by_job_id_and_checked(tmp_path: Path) ->
             await r.submit(job(every_s=0.001), "")
         with pytest.raises(BadRequest, match="job_id"):
             await r.submit(job(job_id="../escape"), "")
+
+
+async def test_a_run_over_its_owners_quota_waits_and_is_charged_like_a_request(tmp_path: Path) -> None:
+    gate = Gate(refuse=2)
+    async with running() as (engine, _), runner(engine, tmp_path, gate) as r:
+        await r.submit(job(job_id="q"), "tenant")
+        with anyio.fail_after(10):
+            while (info := await r.get("tenant", "q", 0)).runs < 1:
+                await anyio.sleep(0.01)
+    assert [x.run for x in info.results] == [1] and info.results[0].finish_reason == "length"
+    assert gate.admitted == [("tenant", len(b"tick") + 1 + 6)] and gate.running == 0  # prompt (with BOS) + max_tokens
 
 
 def test_missed_periods_are_skipped_not_made_up() -> None:
