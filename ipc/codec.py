@@ -69,7 +69,7 @@ def _name_field(message: str, frame: FrameLike) -> str:
     try:
         raw = msgspec.msgpack.decode(frame)
         cls = Message._registry.get(raw[0]) if isinstance(raw, list) and raw else None
-    except (msgspec.DecodeError, TypeError):
+    except (msgspec.DecodeError, UnicodeDecodeError, TypeError):
         cls = None
     idx = int(m.group(1)) - 1  # element 0 is the tag
     if cls is None or not 0 <= idx < len(cls.__struct_fields__):

@@ -27,3 +27,11 @@ def test_a_body_with_invalid_utf8_is_a_bad_request() -> None:
     dec = msgspec.msgpack.Decoder(Echo)
     with pytest.raises(BadRequest, match="undecodable body"):
         decode_body(dec, _bad_str())
+
+
+def test_invalid_utf8_past_a_validation_error_is_a_bad_request() -> None:
+    # The typed decode stops at the first wrong field; naming that field
+    # decodes the frame again, untyped, and meets the invalid string.
+    dec = msgspec.msgpack.Decoder(Echo)
+    with pytest.raises(BadRequest, match="invalid body"):
+        decode_body(dec, _bad_str([1]))
