@@ -13,9 +13,9 @@ from tools.chaos.checker import GATEWAY
 from tools.chaos.history import Fault, FaultKind, History, Op, OpKind, Via
 
 
-def quantiles(values: Sequence[float]) -> dict[str, float | int]:
+def quantiles(values: Sequence[float]) -> dict[str, float | int | None]:
     return {"n": len(values), "p50": _r(percentile(values, 50)), "p95": _r(percentile(values, 95)),
-            "p99": _r(percentile(values, 99)), "max": _r(max(values)) if values else None}  # type: ignore[dict-item]
+            "p99": _r(percentile(values, 99)), "max": _r(max(values)) if values else None}
 
 
 def _r(x: float) -> float | None:
