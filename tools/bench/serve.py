@@ -39,6 +39,7 @@ from pathlib import Path
 
 import anyio
 
+import drivers  # noqa: F401  (first: OpenMP waits passively in this process too, as in a driver)
 from ipc.home import llmos_home
 from services.scheduler.config import PolicyConfig, PolicyName, SchedulerConfig
 from tools.bench._serve_load import Req, Summary, Timing, drive, mixed_workload, random_ids, sequentially, summarize
