@@ -307,6 +307,9 @@ class JobRunner:
             # The disk refused: the run is not recorded, so it runs again.
             log.error("jobs.store_failed", job_id=rec.job_id, error=str(exc))
             job.retry_ns = time.time_ns() + int(RETRY_S * 1e9)
+        except Exception:  # a bug in one run must not stop the scheduler's other work
+            log.exception("jobs.run_failed", job_id=rec.job_id, run=n)
+            job.retry_ns = time.time_ns() + int(RETRY_S * 1e9)
         finally:
             job.running = 0
             job.request_id = ""
