@@ -6,6 +6,8 @@ descriptor left behind."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import socket
 import tempfile
 from collections.abc import Iterator
@@ -40,9 +42,14 @@ def system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[BlockingP
     children = [msgspec.structs.replace(c, args=[*c.args, "--max-seqs", "32", "--max-waiting", str(MAX_WAITING)])
                 if c.name == "scheduler" else c
                 for c in chaos_children(str(ckpt), 16, f"127.0.0.1:{port}")]
-    with start_blocking_portal("asyncio", {"use_uvloop": True}) as portal:
-        with portal.wrap_async_context_manager(running_llmos(home, children, auth=True, ready_timeout=300)) as llmos:
-            yield portal, llmos
+    try:
+        with start_blocking_portal("asyncio", {"use_uvloop": True}) as portal:
+            with portal.wrap_async_context_manager(running_llmos(home, children, auth=True,
+                                                                 ready_timeout=300)) as llmos:
+                yield portal, llmos
+    finally:
+        if not os.environ.get("LLMOS_KEEP_TEST_HOME"):
+            shutil.rmtree(home, ignore_errors=True)  # the fuzz's kernel log runs to megabytes
 
 
 @pytest.mark.timeout(600)
