@@ -21,9 +21,11 @@ the last token; TTFT is submission to first token seen by the client;
 per-token latency (TPOT) is a request's time after its first token over its
 remaining tokens. Then, on the os target:
 
-* priority: TTFT p99 of short high-priority probes, one at a time, on the
-  idle system and under a saturating low-priority load (more requests than
-  the batch holds, so some always wait);
+* priority: TTFT p99 of high-priority probes (prompt lengths as in the
+  workload, 4 output tokens), one at a time, on the idle system and under a
+  saturating low-priority load (more requests than the batch holds, so some
+  always wait; each loaded probe after a random pause of up to 0.5 s, so it
+  lands anywhere in the step in flight);
 * prefix caching: TTFT of a prompt that starts with a 512-token prefix
   already in the prefix cache (a shared system prompt) against one whose
   512-token prefix is new (a miss costs what no prefix cache costs).
@@ -77,7 +79,12 @@ async def run_inproc(home: Path, workload: list[Req], kv_mb: int) -> tuple[Summa
 
 
 async def priority_experiment(target: OsTarget, plan: Plan, rng: random.Random) -> dict[str, float]:
-    probes = [Req(i, random_ids(rng, 128), 4, priority=HIGH) for i in range(plan.probes)]
+    # Probes are requests like the workload's (its prompt lengths), one at a
+    # time, each after a random pause: under load a request arrives at any
+    # point of the step in flight, not just after one ended.
+    probes = [Req(i, random_ids(rng, rng.randint(*plan.prompt_len)), 4, priority=HIGH)
+              for i in range(plan.probes)]
+    pauses = [rng.uniform(0.0, 0.5) for _ in probes]
     idle = await sequentially(target, probes)
     load = [Req(i, random_ids(rng, rng.randint(16, 32)), 4096, priority=LOW)
             for i in range(CONFIG.max_num_seqs + plan.load_extra)]
@@ -92,7 +99,10 @@ async def priority_experiment(target: OsTarget, plan: Plan, rng: random.Random) 
                 if st.running >= CONFIG.max_num_seqs and st.waiting > 0:
                     break
                 await anyio.sleep(0.2)
-        loaded = await sequentially(target, probes)
+        loaded = []
+        for probe, pause in zip(probes, pauses):
+            await anyio.sleep(pause)
+            loaded.extend(await sequentially(target, [probe]))
         await target.cancel(target.request_ids[first:first + len(load)])
     idle_p99 = percentile([t.ttft * 1e3 for t in idle], 99)
     loaded_p99 = percentile([t.ttft * 1e3 for t in loaded], 99)
