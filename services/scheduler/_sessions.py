@@ -116,21 +116,25 @@ class SessionTable:
         s.queue.append(req)  # runs when the current request ends (and the session is not suspended)
         self.next(s)
 
-    def ended(self, req: Request, reason: sp.FinishReason, failed: bool) -> bool:
-        """`req` of a session ended; returns whether the engine still has to
-        take its sequence out of the lines (False: it was only queued here).
-        Its KV is released, or pinned for the session's next request."""
+    def queued_behind(self, req: Request) -> bool:
+        """Is `req` waiting behind its session's active request (not yet in line)?"""
+        s = self.by_key.get(req.session) if req.session is not None else None
+        return s is not None and req in s.queue
+
+    def ended(self, req: Request, reason: sp.FinishReason, failed: bool) -> None:
+        """`req` of a session ended (the engine took it out of its lines): its
+        KV is released, or pinned for the session's next request, which starts."""
         assert req.session is not None
         s = self.by_key.get(req.session)
         seq = req.seq
         if s is None:  # not expected: every request of a session is in its table until it ends
             if seq.mem_known:
                 self.engine._to_release.append(seq.mem_id)
-            return True
+            return
         if req in s.queue:
             s.queue.remove(req)  # ended while queued behind its session: it never arrived
             self._forget_if_idle(s)
-            return False
+            return
         if s.parked is seq:
             s.parked, s.swapped = None, False  # releasing a swapped sequence frees its slots
             if seq.mem_known:
@@ -144,7 +148,6 @@ class SessionTable:
             s.active = None
             s.used = time.monotonic()
             self.next(s)
-        return True
 
     def next(self, s: Session) -> None:
         """Start the session's next request if it may run now; forget an idle session."""

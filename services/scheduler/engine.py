@@ -284,6 +284,7 @@ class Engine:
         if self._memory_down or self.model is None:
             return False
         began = time.monotonic()
+        t0 = self.clock()
         pools = {i: d.shape for i, d in self.drivers.items()}
         ledger = BlockLedger(pools, [*self.running, *self.sessions.pinned()])
         p = plan(self.running, self.waiting, self.policy, ledger, self.limits, began)
@@ -299,7 +300,6 @@ class Engine:
                 return False
         if not p.scheduled:
             return False
-        t0 = self.clock()
         work = await self._reserve(p)
         if not work:
             return False
@@ -564,18 +564,17 @@ class Engine:
         if req.done.is_set():
             return
         seq = req.seq
-        if req.session is None:
-            if seq.mem_known:
-                self._to_release.append(seq.mem_id)
-            in_line = True
-        else:
-            # Releases the KV or pins it for the session's next request.
-            in_line = self.sessions.ended(req, reason, failed=error is not None)
-        if in_line:
+        if not self.sessions.queued_behind(req):  # else it never arrived
             for line in (self.running, self.waiting):
                 if seq in line:
                     line.remove(seq)
             self.policy.on_finished(seq)
+        if req.session is None:
+            if seq.mem_known:
+                self._to_release.append(seq.mem_id)
+        else:
+            # Releases the KV or pins it, and starts the session's next request.
+            self.sessions.ended(req, reason, failed=error is not None)
         req.finish(reason, error=error, message=message)
         self.requests.pop(req.key, None)
         self._remember(req)
