@@ -51,5 +51,8 @@ def test_tokens_per_minute_counts_the_most_a_request_may_spend() -> None:
 def test_a_new_policy_replaces_the_old() -> None:
     g = gate(concurrent_requests=1)
     g.admit("alice", 1, now=0)
+    with pytest.raises(Overloaded):
+        g.admit("alice", 1, now=0)
     g.apply(QuotaPolicy(2, {}))
-    g.admit("alice", 1, now=0)  # unlimited now
+    assert g.version == 2
+    g.admit("alice", 1, now=0)  # unlimited now: no Overloaded
