@@ -9,7 +9,10 @@ prefill tokens/s (prompts fed in 512-token steps); beside it transformers'
 `generate` (static batch, LlamaForCausalLM with the same config and weights)
 at batch 1, 8 and 32, and a bound: the runner's own weight matrices
 multiplied as in a decode step at batch 64, with no attention, norms or
-sampling. Every figure is the best of `reps` timed repetitions.
+sampling. Every figure is the best of `reps` timed repetitions, and the
+figures compared with each other (runner vs transformers at one batch size,
+runner vs bound at 64) are measured alternately, rep by rep, so that both
+bests come from the same stretch of machine load.
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ import os
 import random
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,10 +49,6 @@ FULL = Plan((1, 8, 32, 64, 128), (1, 8, 32), decode_steps=32, reps=5)
 QUICK = Plan((1, 8, 32, 64, 128), (1, 8, 32), decode_steps=6, reps=2)
 
 
-def best_of(reps: int, run: Callable[[], float]) -> float:
-    return min(run() for _ in range(reps))
-
-
 class RunnerBench:
     """Prefills the largest batch's prompts once; each decode measurement
     then replays steps at positions CONTEXT.. of the first `batch` sequences
@@ -71,19 +69,16 @@ class RunnerBench:
         self.prefill_s = 0.0
         self.first = self._prefill(prompts, self.tables)
 
-    def decode_tps(self, batch: int, reps: int) -> float:
+    def decode_s(self, batch: int) -> float:
+        """Seconds for `steps` decode steps of the first `batch` sequences."""
         r, tables = self.runner, self.tables
-
-        def run() -> float:
-            last = self.first[:batch]
-            began = time.perf_counter()
-            for k in range(self.steps):
-                out = r.execute([SeqStep(i, [last[i]], CONTEXT + k, tables[i], params=GREEDY)
-                                 for i in range(batch)])
-                last = [res.token if res.token is not None else 0 for res in out]
-            return time.perf_counter() - began
-
-        return batch * self.steps / best_of(reps, run)
+        last = self.first[:batch]
+        began = time.perf_counter()
+        for k in range(self.steps):
+            out = r.execute([SeqStep(i, [last[i]], CONTEXT + k, tables[i], params=GREEDY)
+                             for i in range(batch)])
+            last = [res.token if res.token is not None else 0 for res in out]
+        return time.perf_counter() - began
 
     def _prefill(self, prompts: list[list[int]], tables: list[list[int]]) -> list[int]:
         """Feed prompts in steps of up to PREFILL_BUDGET tokens (chunked like
@@ -112,8 +107,9 @@ class RunnerBench:
             queue = rest
         return [first[i] for i in range(len(prompts))]
 
-    def bound_tps(self, batch: int, reps: int) -> float:
-        """The decode step's matmuls alone, with the runner's own weights."""
+    def bound_s(self, batch: int) -> float:
+        """Seconds for the matmuls alone of `steps` decode steps, with the
+        runner's own weights."""
         w = self.runner.model.weights
         c = self.runner.config
         x = torch.randn(batch, c.hidden_size)
@@ -122,19 +118,16 @@ class RunnerBench:
         gate_up = torch.empty(batch, w.layers[0].gate_up.shape[1])
         act = torch.randn(batch, c.intermediate_size)
 
-        def run() -> float:
-            began = time.perf_counter()
-            with torch.inference_mode():
-                for _ in range(self.steps):
-                    for layer in w.layers:
-                        torch.mm(x, layer.qkv, out=qkv)
-                        x.addmm_(attn, layer.o)
-                        torch.mm(x, layer.gate_up, out=gate_up)
-                        x.addmm_(act, layer.down)
-                    _ = x @ w.lm_head
-            return time.perf_counter() - began
-
-        return batch * self.steps / best_of(reps, run)
+        began = time.perf_counter()
+        with torch.inference_mode():
+            for _ in range(self.steps):
+                for layer in w.layers:
+                    torch.mm(x, layer.qkv, out=qkv)
+                    x.addmm_(attn, layer.o)
+                    torch.mm(x, layer.gate_up, out=gate_up)
+                    x.addmm_(act, layer.down)
+                _ = x @ w.lm_head
+        return time.perf_counter() - began
 
 
 class _Clock:
@@ -152,28 +145,28 @@ class _Clock:
         self.puts.append(time.perf_counter())
 
 
-def hf_tps(model_dir: Path, batches: tuple[int, ...], steps: int, reps: int) -> dict[int, float]:
-    """transformers generate, greedy, static batch: tokens/s from the first
-    generated token to the last (the prefill excluded)."""
-    from transformers import LlamaForCausalLM
+class HFBench:
+    """transformers generate, greedy, static batch, on the same weights."""
 
-    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    gen = torch.Generator().manual_seed(1)
-    out: dict[int, float] = {}
-    for b in batches:
-        ids = torch.randint(0, 258, (b, CONTEXT), generator=gen)
-        mask = torch.ones_like(ids)
+    def __init__(self, model_dir: Path, steps: int):
+        from transformers import LlamaForCausalLM
 
-        def run() -> float:
-            clock = _Clock()
-            with torch.inference_mode():
-                model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=steps + 1,
-                               min_new_tokens=steps + 1, do_sample=False, pad_token_id=0,
-                               streamer=clock)
-            return clock.puts[-1] - clock.puts[1]
+        self.model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        self.steps = steps
+        self.gen = torch.Generator().manual_seed(1)
+        self.prompts: dict[int, torch.Tensor] = {}
 
-        out[b] = b * steps / best_of(reps, run)
-    return out
+    def decode_s(self, batch: int) -> float:
+        """Seconds from the first generated token to the last of `steps`
+        more (the prefill excluded)."""
+        ids = self.prompts.setdefault(
+            batch, torch.randint(0, 258, (batch, CONTEXT), generator=self.gen))
+        clock = _Clock()
+        with torch.inference_mode():
+            self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                max_new_tokens=self.steps + 1, min_new_tokens=self.steps + 1,
+                                do_sample=False, pad_token_id=0, streamer=clock)
+        return clock.puts[-1] - clock.puts[1]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -192,16 +185,25 @@ def main(argv: list[str] | None = None) -> int:
     blocks_needed = max(plan.batches) * -(-(CONTEXT + plan.decode_steps) // 16)
     runner = ModelRunner.load("demo", kv_cache_bytes=(blocks_needed + 16) * 262144, home=args.home)
     bench = RunnerBench(runner, max(plan.batches), plan.decode_steps)
-    figures: dict[str, float] = {}
+    hf = HFBench(Path(runner.info.path), plan.decode_steps)
+    figures: dict[str, float] = {"prefill_tps": bench.prefill_tokens / bench.prefill_s}
     for b in plan.batches:
-        figures[f"decode_tps_b{b}"] = bench.decode_tps(b, plan.reps)
-        print(f"  runner decode b{b}: {figures[f'decode_tps_b{b}']:.0f} tok/s", file=sys.stderr)
-        if b == 64:     # right after, so both see the same machine load
-            figures["bound_tps_b64"] = bench.bound_tps(64, plan.reps)
-    figures["prefill_tps"] = bench.prefill_tokens / bench.prefill_s
-    for b, tps in hf_tps(Path(runner.info.path), plan.hf_batches, plan.decode_steps, plan.reps).items():
-        figures[f"hf_tps_b{b}"] = tps
-        print(f"  transformers b{b}: {tps:.0f} tok/s", file=sys.stderr)
+        # Each comparison is measured rep by rep, alternating, so the best
+        # of each is taken over the same stretch of machine load.
+        runs: dict[str, list[float]] = {"decode": [], "hf": [], "bound": []}
+        for _ in range(plan.reps):
+            runs["decode"].append(bench.decode_s(b))
+            if b in plan.hf_batches:
+                runs["hf"].append(hf.decode_s(b))
+            if b == 64:
+                runs["bound"].append(bench.bound_s(b))
+        tps = {k: b * plan.decode_steps / min(v) for k, v in runs.items() if v}
+        figures[f"decode_tps_b{b}"] = tps["decode"]
+        if "hf" in tps:
+            figures[f"hf_tps_b{b}"] = tps["hf"]
+        if "bound" in tps:
+            figures[f"bound_tps_b{b}"] = tps["bound"]
+        print(f"  b{b}: " + ", ".join(f"{k} {v:.0f} tok/s" for k, v in tps.items()), file=sys.stderr)
     figures["ratio_vs_hf_b32"] = figures["decode_tps_b32"] / figures["hf_tps_b32"]
     figures["fraction_of_bound_b64"] = figures["decode_tps_b64"] / figures["bound_tps_b64"]
 
@@ -212,10 +214,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{torch.get_num_threads()} threads)")
     print(f"{'batch':>6} {'runner tok/s':>13} {'transformers':>13} {'ratio':>6}")
     for b in plan.batches:
-        hf = figures.get(f"hf_tps_b{b}")
+        theirs = figures.get(f"hf_tps_b{b}")
         ours = figures[f"decode_tps_b{b}"]
-        hf_col = "" if hf is None else f"{hf:.0f}"
-        ratio = "" if hf is None else f"{ours / hf:.2f}"
+        hf_col = "" if theirs is None else f"{theirs:.0f}"
+        ratio = "" if theirs is None else f"{ours / theirs:.2f}"
         print(f"{b:>6} {ours:>13.0f} {hf_col:>13} {ratio:>6}")
     print(f"matmul-only bound b64: {figures['bound_tps_b64']:.0f} tok/s; runner reaches "
           f"{figures['fraction_of_bound_b64']:.0%} of it")
