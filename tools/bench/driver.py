@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from drivers.model.catalog import DEMO_CONFIG
+from drivers.model.kv_cache import block_nbytes
 from drivers.model.runner import ModelRunner
 from drivers.model.step import SeqStep
 from ipc.protocol.sampling import SamplingParams
@@ -176,14 +178,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, help="write the figures here as one JSON object")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     ap.add_argument("--home", default=None, help="LLMOS_HOME holding the demo model")
+    ap.add_argument("--block-size", type=int, default=16, help="KV block size (default 16)")
     args = ap.parse_args(argv)
     plan = QUICK if args.quick else FULL
     if args.threads:
         torch.set_num_threads(args.threads)
 
     load_before = os.getloadavg()[0]
-    blocks_needed = max(plan.batches) * -(-(CONTEXT + plan.decode_steps) // 16)
-    runner = ModelRunner.load("demo", kv_cache_bytes=(blocks_needed + 16) * 262144, home=args.home)
+    bs = args.block_size
+    blocks_needed = max(plan.batches) * -(-(CONTEXT + plan.decode_steps) // bs)
+    per_block = block_nbytes(DEMO_CONFIG, bs, torch.float32)
+    runner = ModelRunner.load("demo", kv_cache_bytes=(blocks_needed + 16) * per_block,
+                              home=args.home, block_size=bs)
     bench = RunnerBench(runner, max(plan.batches), plan.decode_steps)
     hf = HFBench(Path(runner.info.path), plan.decode_steps)
     figures: dict[str, float] = {"prefill_tps": bench.prefill_tokens / bench.prefill_s}
@@ -210,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     load_after = os.getloadavg()[0]
     print(f"\ndriver model bench ({'quick' if args.quick else 'full'}; demo model "
           f"{runner.info.num_params / 1e6:.1f}M params fp32, context {CONTEXT}, "
-          f"{plan.decode_steps} decode steps, best of {plan.reps}, "
+          f"{plan.decode_steps} decode steps, best of {plan.reps}, block size {bs}, "
           f"{torch.get_num_threads()} threads)")
     print(f"{'batch':>6} {'runner tok/s':>13} {'transformers':>13} {'ratio':>6}")
     for b in plan.batches:
@@ -229,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps({
             "bench": "driver", "quick": args.quick, "threads": torch.get_num_threads(),
             "context": CONTEXT, "decode_steps": plan.decode_steps, "reps": plan.reps,
+            "block_size": bs,
             "loadavg_before": round(load_before, 2), "loadavg_after": round(load_after, 2),
             "figures": {k: round(v, 3) for k, v in figures.items()}}, indent=2))
     runner.close()
