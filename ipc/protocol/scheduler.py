@@ -187,6 +187,11 @@ class SchedulerStatsReply(Message):
     # the values chosen.
     tpot_target_ms: float = 0.0
     step_ms: float = 0.0
+    # Preemption: "recompute" or "swap", and sequences moved to / from the
+    # host swap tier (by swap-mode preemption and by session suspend/resume).
+    preemption: str = ""
+    swapped_out: int = 0
+    swapped_in: int = 0
 
 
 # --- timed and periodic jobs --------------------------------------------------------

@@ -25,12 +25,15 @@ class Seq:
     arrival: float = 0.0  # monotonic seconds
     owner: Any = None  # the request this sequence serves (opaque here)
     # KV state. `mem_known`: tokens the memory server holds for `mem_id`;
-    # `num_computed`: positions whose KV the driver has written.
+    # `num_computed`: positions whose KV the driver has written. While
+    # `swapped`, the KV is in its pool's host swap tier and `block_table`
+    # names swap slots, not device blocks.
     generation: int = 0
     num_computed: int = 0
     mem_known: int = 0
     block_table: list[int] = field(default_factory=list)
     pool: str | None = None
+    swapped: bool = False
     # Policy state.
     ticket: int = field(default_factory=next_ticket)
     quantum_used: int = 0
@@ -62,5 +65,6 @@ class Seq:
         self.num_computed = 0
         self.mem_known = 0
         self.block_table = []
+        self.swapped = False
         if not keep_pool:
             self.pool = None

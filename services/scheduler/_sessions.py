@@ -12,9 +12,10 @@ give way under block pressure, least recently used first, and hold at most
 
 Context switch (AIOS). `suspend` parks the session: its running request (or
 its pinned sequence) leaves the batch and its KV moves to the driver's host
-swap tier (memory `SwapOut`, then the driver's copy); the session's next
-requests wait. `resume` swaps the KV back in and the request continues
-where it stopped. With no swap tier (or a full one) the KV is dropped and
+swap tier (_swap.py); the session's next requests wait. `resume` puts the
+request back in line, still swapped, and the engine swaps its KV in when it
+is scheduled (a pinned sequence is swapped in at once); it continues where
+it stopped. With no swap tier (or a full one) the KV is dropped and
 recomputed on resume: the same continuation, more work.
 """
 
@@ -25,13 +26,12 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from ipc.errors import ErrorCode, LlmosError, NotFound
-from ipc.protocol import driver as dp
-from ipc.protocol import memory as mp
+from ipc.errors import NotFound
 from ipc.protocol import scheduler as sp
 from sdk.logs import get_logger
 from services.scheduler._request import Request, State
 from services.scheduler._seq import Seq
+from services.scheduler._swap import drop_kv, swap_in, swap_out
 from services.scheduler.planner import BlockLedger, StepPlan
 
 if TYPE_CHECKING:
@@ -48,7 +48,6 @@ class Session:
     pinned: Seq | None = None  # the last request's sequence, KV held for the next one
     suspended: bool = False
     parked: Seq | None = None  # out of the batch while suspended
-    swapped: bool = False  # `parked`'s KV is in the swap tier
     used: float = field(default_factory=time.monotonic)  # last activity: the LRU order of pins
 
     @property
@@ -59,19 +58,12 @@ class Session:
 
     def info(self) -> sp.SessionInfo:
         kv = self.parked or self.pinned or (self.active.seq if self.active is not None else None)
-        where = "swap" if self.swapped else ("device" if kv is not None and kv.mem_known else "")
+        where = "" if kv is None or not kv.mem_known else "swap" if kv.swapped else "device"
         state = (sp.SessionState.SUSPENDED if self.suspended
                  else sp.SessionState.ACTIVE if self.active is not None else sp.SessionState.IDLE)
         return sp.SessionInfo(self.key[1], state, len(self.queue),
                               self.active.request_id if self.active is not None else "",
                               kv.num_computed if kv is not None else 0, where)
-
-
-def drop_kv(engine: "Engine", seq: Seq) -> None:
-    """Forget `seq`'s KV (released at the next step); it is recomputed from its tokens."""
-    if seq.mem_known:
-        engine._to_release.append(seq.mem_id)
-    seq.reset(keep_pool=True)
 
 
 def seq_blocks(seqs: list[Seq]) -> int:
@@ -136,10 +128,10 @@ class SessionTable:
             self._forget_if_idle(s)
             return
         if s.parked is seq:
-            s.parked, s.swapped = None, False  # releasing a swapped sequence frees its slots
+            s.parked = None  # releasing a swapped sequence frees its slots
             if seq.mem_known:
                 self.engine._to_release.append(seq.mem_id)
-        elif (s.active is req and seq.mem_known and not failed
+        elif (s.active is req and seq.mem_known and not seq.swapped and not failed
               and reason in (sp.FinishReason.STOP, sp.FinishReason.LENGTH)):
             self._pin(s, seq)
         elif seq.mem_known:
@@ -271,15 +263,13 @@ class SessionTable:
                 if kept is s.pinned:
                     self._unpin(s)
                 else:
-                    s.swapped = False
                     drop_kv(self.engine, kept)
 
     def memory_restarted(self) -> None:
         """Pins and the swap tier's bookkeeping died with the memory server."""
         for s in list(self.by_key.values()):
             s.pinned = None
-            if s.parked is not None and s.parked.mem_known:
-                s.swapped = False
+            if s.parked is not None:
                 s.parked.reset(keep_pool=True)
             self._forget_if_idle(s)
 
@@ -310,69 +300,35 @@ async def park(engine: "Engine", s: Session) -> None:
     if seq is None:
         return  # nothing holds KV: the session's requests just wait for resume
     s.parked = seq
-    if not seq.mem_known or seq.pool not in engine.drivers:
-        return
-    reply = await engine._memory(engine.backend.swap_out(mp.SwapOut([seq.mem_id])))
-    got = reply.seqs[0] if isinstance(reply, mp.SwapOutReply) and reply.seqs else None
-    if got is None or got.error is not None:
-        why = got.error.message if got is not None and got.error is not None else "memory call failed"
-        log.info("scheduler.suspend_without_swap", session=s.key[1], why=why)
-        if not engine.memory_is_down:
-            drop_kv(engine, seq)
-        else:
-            seq.reset(keep_pool=True)
-        return
-    try:
-        if got.device_blocks:
-            await engine.backend.swap_blocks(seq.pool or "", dp.SwapBlocksOut(got.device_blocks, got.swap_slots))
-    except LlmosError as exc:
-        # The copy did not happen: what the slots hold is garbage. Releasing a
-        # swapped sequence frees its slots.
-        log.warning("scheduler.swap_out_failed", session=s.key[1], error=str(exc))
-        drop_kv(engine, seq)
-        return
-    seq.block_table = list(got.blocks)
-    s.swapped = True
-    log.info("scheduler.suspended", session=s.key[1], blocks=len(got.blocks), copied=len(got.device_blocks))
+    if not seq.mem_known or seq.swapped:
+        return  # no KV yet, or preempted to the swap tier already
+    if await swap_out(engine, [seq]):
+        log.info("scheduler.suspended", session=s.key[1], blocks=len(seq.block_table))
+    else:
+        log.info("scheduler.suspend_without_swap", session=s.key[1])
 
 
 async def unpark(table: SessionTable, s: Session) -> bool:
-    """Bring a resumed session's sequence back; False: not now (no blocks), try later."""
+    """Bring a resumed session's sequence back; False: not now (no blocks), try later.
+    A request goes back in line (the engine swaps its KV in when it runs);
+    a pinned sequence must be on the device to be pinned, so it comes in now."""
     engine = table.engine
     seq = s.parked
-    if seq is not None and s.swapped:
-        reply = await engine._memory(engine.backend.swap_in(mp.SwapIn([seq.mem_id])))
-        if not isinstance(reply, mp.SwapInReply) or not reply.seqs:
-            return False
-        got = reply.seqs[0]
-        if got.error is not None and got.error.code == ErrorCode.OVERLOADED:
-            return False  # out of device blocks: wait for some
-        s.swapped = False
-        if got.error is not None:
-            log.warning("scheduler.swap_in_refused", session=s.key[1], error=got.error.message)
-            drop_kv(engine, seq)
-        else:
-            try:
-                if got.device_blocks:
-                    await engine.backend.swap_blocks(seq.pool or "",
-                                                     dp.SwapBlocksIn(got.swap_slots, got.device_blocks))
-                seq.block_table = list(got.blocks)
-            except LlmosError as exc:
-                log.warning("scheduler.swap_in_failed", session=s.key[1], error=str(exc))
-                drop_kv(engine, seq)
+    req = s.active
+    active = seq is not None and req is not None and req.seq is seq
+    if seq is not None and seq.swapped and not active and await swap_in(engine, [seq]):
+        return False
     s.parked = None
-    if seq is not None:
-        req = s.active
-        if req is not None and req.seq is seq:
-            if seq.mem_known:
-                engine.running.append(seq)
-                req.state = State.RUNNING
-            else:
-                engine.waiting.append(seq)  # keeps its place in line (arrival, ticket)
-                req.state = State.WAITING
-            engine.wake()
-        elif seq.mem_known:
-            s.pinned = seq
+    if seq is not None and active and req is not None:
+        if seq.mem_known and not seq.swapped:
+            engine.running.append(seq)
+            req.state = State.RUNNING
+        else:
+            engine.waiting.append(seq)  # keeps its place in line (arrival, ticket)
+            req.state = State.WAITING
+        engine.wake()
+    elif seq is not None and seq.mem_known:
+        s.pinned = seq
     log.info("scheduler.resumed", session=s.key[1])
     table.next(s)
     return True

@@ -20,6 +20,11 @@ class PolicyName(StrEnum):
     FAIR = "fair"
 
 
+class PreemptionMode(StrEnum):
+    RECOMPUTE = "recompute"  # release the victim's KV; recompute it when it runs again
+    SWAP = "swap"  # move it to the driver's host swap tier (recompute when there is none)
+
+
 class PolicyConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     name: PolicyName = PolicyName.FCFS
     # priority: a waiting request gains one priority level per `aging_s` seconds.
@@ -49,6 +54,8 @@ class SchedulerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     remember_finished: int = 4096
     # A step whose driver does not answer in time counts as that driver lost.
     step_timeout_s: float = 120.0
+    # How a sequence preempted for blocks keeps its KV (see PreemptionMode).
+    preemption: PreemptionMode = PreemptionMode.RECOMPUTE
     # Auto-tuning: with a per-token latency target (ms; 0 = off), the token
     # budget and the batch cap are chosen online from measured step times,
     # with `token_budget` and `max_num_seqs` as ceilings.

@@ -5,8 +5,11 @@ Each step, top to bottom:
      go back to the waiting line for recompute), a restarted memory server
      (live sequences are re-registered with the blocks their driver still
      holds), cancels, deadlines;
-  2. plan (planner.py): who runs, how many tokens, whom to preempt;
-  3. one `Release` (finished and preempted sequences), one batched `Reserve`;
+  2. plan (planner.py): who runs, how many tokens, whom to preempt —
+     by recompute (the KV is released) or, with `preemption = "swap"`, by
+     moving the KV to the host swap tier (_swap.py);
+  3. one `Release` (finished and preempted sequences), swap-ins of the
+     swapped sequences the plan runs, one batched `Reserve`;
   4. one `Execute` per driver, concurrently;
   5. new tokens to their requests, at most one `TokenDelta` per client.
 
@@ -34,9 +37,10 @@ from sdk.logs import get_logger
 from services.scheduler._request import Emit, Request, Sink, State
 from services.scheduler._seq import Seq
 from services.scheduler._sessions import SessionTable, seq_blocks
+from services.scheduler._swap import drop_kv, swap_in, swap_out
 from services.scheduler._text import TextStream
 from services.scheduler.autotune import AutoTuner
-from services.scheduler.config import SchedulerConfig
+from services.scheduler.config import PreemptionMode, SchedulerConfig
 from services.scheduler.planner import BlockLedger, Limits, PoolShape, StepPlan, plan
 from services.scheduler.policies import make_policy
 
@@ -102,6 +106,7 @@ class Engine:
         self.steps = 0
         self.tokens_generated = 0
         self.preemptions = 0
+        self.swapped_out = self.swapped_in = 0  # sequences moved to / from the swap tier
         self.num_finished = 0
         self.last_step_s = 0.0
         self._tokens_per_s = 0.0
@@ -173,17 +178,21 @@ class Engine:
         if model is None:
             raise Unavailable("the scheduler has no model yet (no driver is up)")
         prompt = self._prompt_ids(msg)
-        if len(prompt) + 1 > model.max_model_len:
-            raise BadRequest(f"the prompt has {len(prompt)} tokens; the model takes at most "
-                             f"{model.max_model_len - 1} before the first generated one",
-                             detail={"field": "prompt"})
+        # A sequence must fit one driver's KV pool on its own, or it could
+        # only ever preempt itself.
+        room = min(model.max_model_len, max((d.shape.num_blocks * d.shape.block_size
+                                             for d in self.drivers.values()), default=model.max_model_len))
+        if len(prompt) + 1 > room:
+            what = "the model takes" if room == model.max_model_len else "the largest driver's KV cache holds"
+            raise BadRequest(f"the prompt has {len(prompt)} tokens; {what} at most "
+                             f"{room - 1} before the first generated one", detail={"field": "prompt"})
         if msg.attempt == 0:
             self._admit(len(prompt))
         stop_ids = frozenset(msg.stop_token_ids) | (frozenset() if msg.ignore_eos else model.eos_token_ids)
         seq = Seq(next(self._seq_nos), list(prompt), len(prompt), tenant=principal or "default",
                   priority=msg.priority, arrival=time.monotonic())
         req = Request(key, msg, prompt, seq, TextStream(model.tokenizer, prompt, msg.stop),
-                      stop_ids, min(len(prompt) + msg.max_tokens, model.max_model_len))
+                      stop_ids, min(len(prompt) + msg.max_tokens, room))
         seq.owner = req
         sink = req.attach(emit, msg.resume_from)
         for token in msg.resume_ids:
@@ -255,7 +264,8 @@ class Engine:
                                       self.tokens_generated, self.preemptions, self.num_finished, loads,
                                       self.last_step_s, len(self.sessions), self.sessions.suspended(),
                                       seq_blocks(pinned), self.config.tpot_target_ms,
-                                      self.tuner.step_s * 1e3 if self.tuner is not None else 0.0)
+                                      self.tuner.step_s * 1e3 if self.tuner is not None else 0.0,
+                                      self.config.preemption.value, self.swapped_out, self.swapped_in)
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -288,18 +298,25 @@ class Engine:
         pools = {i: d.shape for i, d in self.drivers.items()}
         ledger = BlockLedger(pools, [*self.running, *self.sessions.pinned()])
         p = plan(self.running, self.waiting, self.policy, ledger, self.limits, began)
-        for seq in p.preempted:
-            self._preempt(seq)
+        victims = [seq for seq in p.preempted if self._preempt(seq)]
         self.sessions.hand_over(p)
         self.sessions.relieve_pressure(p, ledger)
+        if victims:
+            # Before any Reserve: the plan gave their device blocks away.
+            await swap_out(self, victims)
         if self._to_release:
             ids, self._to_release = self._to_release, []
             if await self._memory(self.backend.release(mp.Release(ids))) is None:
                 if not self._memory_down:
                     self._to_release.extend(ids)  # still held there: try again next step
                 return False
-        if not p.scheduled:
+        if self._memory_down or not p.scheduled:
             return False
+        swapped = [seq for seq, _ in p.scheduled if seq.swapped]
+        if swapped:
+            later = set(await swap_in(self, swapped))
+            if later:  # fewer free blocks than the plan thought: they wait
+                p.scheduled = [(seq, n) for seq, n in p.scheduled if seq not in later]
         work = await self._reserve(p)
         if not work:
             return False
@@ -407,12 +424,15 @@ class Engine:
 
     # -- 2./3. plan, release, reserve -----------------------------------------------------
 
-    def _preempt(self, seq: Seq) -> None:
+    def _preempt(self, seq: Seq) -> bool:
+        """Back to the waiting line (its place kept); True when its KV is to be
+        swapped out rather than released for recompute."""
         self.preemptions += 1
-        if seq.mem_known:
-            self._to_release.append(seq.mem_id)
-        seq.reset(keep_pool=True)
+        swap = self.config.preemption == PreemptionMode.SWAP and seq.mem_known > 0
+        if not swap:
+            drop_kv(self, seq)
         self._to_waiting(seq)
+        return swap
 
     def _to_waiting(self, seq: Seq) -> None:
         if seq in self.running:
@@ -471,9 +491,7 @@ class Engine:
         if req.failures >= MAX_FAILURES:
             self._end(req, sp.FinishReason.ERROR, message=why)
             return
-        if seq.mem_known:
-            self._to_release.append(seq.mem_id)
-        seq.reset(keep_pool=True)
+        drop_kv(self, seq)
         self._to_waiting(seq)
 
     # -- 4. execute ---------------------------------------------------------------------

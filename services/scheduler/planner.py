@@ -63,9 +63,12 @@ class BlockLedger:
         self.free = {p: shape.num_blocks - len(self.refs[p]) for p, shape in self.shapes.items()}
 
     def needed(self, seq: Seq, n: int, pool: str) -> int:
-        """New blocks `seq` needs to compute `n` more tokens on `pool`."""
+        """New device blocks `seq` needs to compute `n` more tokens on `pool`
+        (a swapped-out sequence needs all of its blocks back: at most that
+        many, as those still cached on the device come back without a copy)."""
         bs = self.shapes[pool].block_size
-        return max(0, -(-(seq.num_computed + n) // bs) - len(seq.block_table))
+        held = 0 if seq.swapped else len(seq.block_table)
+        return max(0, -(-(seq.num_computed + n) // bs) - held)
 
     def take(self, pool: str, blocks: int) -> None:
         self.free[pool] -= blocks

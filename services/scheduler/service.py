@@ -28,7 +28,7 @@ from sdk.logs import get_logger
 from sdk.policy import follow_quotas
 from sdk.service import Context, Service, handler
 from services.scheduler.quotas import QuotaGate
-from services.scheduler.config import PolicyName, SchedulerConfig, load_scheduler_config
+from services.scheduler.config import PolicyName, PreemptionMode, SchedulerConfig, load_scheduler_config
 from services.scheduler.engine import Engine, Model
 from services.scheduler.jobs import JobRunner, JobStore
 
@@ -54,8 +54,10 @@ def scheduler_args(argv: list[str]) -> SchedulerConfig:
     ap.add_argument("--max-waiting-tokens", type=int)
     ap.add_argument("--tpot-target-ms", type=float,
                     help="per-token latency target: auto-tune the token budget and batch cap (0: off)")
+    ap.add_argument("--preemption", choices=[m.value for m in PreemptionMode],
+                    help="a preempted sequence's KV: recompute it later (default) or swap it to the host tier")
     a = ap.parse_args(argv)
-    return load_scheduler_config(a.config, policy=a.policy, token_budget=a.token_budget,
+    return load_scheduler_config(a.config, policy=a.policy, preemption=a.preemption, token_budget=a.token_budget,
                                  max_num_seqs=a.max_seqs, prefill_chunk=a.prefill_chunk,
                                  max_waiting=a.max_waiting, max_waiting_tokens=a.max_waiting_tokens,
                                  tpot_target_ms=a.tpot_target_ms)

@@ -197,6 +197,19 @@ async def test_bad_submissions_name_the_field() -> None:
                 engine.submit(Submit(**kw), "", lambda m: None)
 
 
+async def test_a_request_is_held_to_what_the_largest_kv_pool_can_hold() -> None:
+    # 8 blocks of 4 slots: 32 positions, fewer than the model's 256. A
+    # request that could outgrow the pool ends at its size (`length`) rather
+    # than preempting itself forever; a prompt that cannot fit is refused.
+    async with running(None, {"cpu": FakeDriver(8)}) as (engine, _):
+        s = Stream(engine, prompt="twelve bytes", max_tokens=100)
+        final = await s.result()
+        assert final.finish_reason == FinishReason.LENGTH
+        assert s.tokens(final) == expected("twelve bytes", 32 - len(TOK.encode("twelve bytes")))
+        with pytest.raises(BadRequest, match="KV cache holds at most 31"):
+            engine.submit(Submit(prompt="y" * 40), "", lambda m: None)
+
+
 async def test_resubmission_with_resume_ids_continues_without_repeating_a_token() -> None:
     ids = expected("resume", 16)
     async with running() as (engine, _):

@@ -1,0 +1,123 @@
+"""Moving sequences' KV between device blocks and their pools' host swap
+tiers: the memory server decides (`SwapOut` / `SwapIn`: which blocks, which
+slots), then each driver copies (`SwapBlocksOut` / `SwapBlocksIn`). Used by
+swap-mode preemption and by a session's suspend / resume.
+
+Whatever cannot be swapped (no swap tier, a full one, a failed copy) has its
+KV dropped instead: the sequence is recomputed from its tokens later, so the
+output is the same and only the work differs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from ipc.errors import ErrorCode, LlmosError
+from ipc.protocol import driver as dp
+from ipc.protocol import memory as mp
+from sdk.logs import get_logger
+from services.scheduler._seq import Seq
+
+if TYPE_CHECKING:
+    from services.scheduler.engine import Engine
+
+log = get_logger()
+
+
+def drop_kv(engine: "Engine", seq: Seq) -> None:
+    """Forget `seq`'s KV (released at the next step; releasing a swapped
+    sequence frees its slots); it is recomputed from its tokens."""
+    if seq.mem_known:
+        engine._to_release.append(seq.mem_id)
+    seq.reset(keep_pool=True)
+
+
+async def swap_out(engine: "Engine", seqs: list[Seq]) -> list[Seq]:
+    """Move `seqs`' KV to the swap tier in one memory call and one copy per
+    driver; returns those now swapped. The others' KV is dropped."""
+    todo = [s for s in seqs if s.mem_known and not s.swapped and s.pool in engine.drivers]
+    for s in seqs:
+        if s not in todo and not s.swapped:
+            drop_kv(engine, s)
+    if not todo:
+        return []
+    reply = await engine._memory(engine.backend.swap_out(mp.SwapOut([s.mem_id for s in todo])))
+    if not isinstance(reply, mp.SwapOutReply):
+        for s in todo:
+            drop_kv(engine, s)
+        return []
+    moved: list[tuple[Seq, mp.SeqSwap]] = []
+    for seq, got in zip(todo, reply.seqs):
+        if got.error is not None:
+            log.info("scheduler.swap_out_refused", seq=seq.mem_id, error=got.error.message)
+            drop_kv(engine, seq)
+        else:
+            moved.append((seq, got))
+    failed = await _copy(engine, moved, lambda d, h: dp.SwapBlocksOut(d, h))
+    done = []
+    for seq, got in moved:
+        if seq not in failed:
+            seq.block_table, seq.swapped = list(got.blocks), True
+            done.append(seq)
+    engine.swapped_out += len(done)
+    return done
+
+
+async def swap_in(engine: "Engine", seqs: list[Seq]) -> list[Seq]:
+    """Bring `seqs`' KV back to device blocks (one memory call, one copy per
+    driver); returns those that must wait for free blocks (still swapped).
+    A sequence the memory server refuses for another reason, or whose copy
+    fails, loses its KV and is recomputed."""
+    if not seqs:
+        return []
+    reply = await engine._memory(engine.backend.swap_in(mp.SwapIn([s.mem_id for s in seqs])))
+    if not isinstance(reply, mp.SwapInReply):
+        return list(seqs)  # memory unreachable: a restart resets them, else retried
+    later: list[Seq] = []
+    moved: list[tuple[Seq, mp.SeqSwap]] = []
+    for seq, got in zip(seqs, reply.seqs):
+        if got.error is not None and got.error.code == ErrorCode.OVERLOADED:
+            later.append(seq)  # out of device blocks: wait for some
+        elif got.error is not None:
+            log.warning("scheduler.swap_in_refused", seq=seq.mem_id, error=got.error.message)
+            drop_kv(engine, seq)
+        else:
+            moved.append((seq, got))
+    # The memory server has given them device blocks: a failed copy drops
+    # the sequence's KV with them.
+    failed = await _copy(engine, moved, lambda d, h: dp.SwapBlocksIn(h, d))
+    for seq, got in moved:
+        if seq not in failed:
+            seq.block_table, seq.swapped = list(got.blocks), False
+            engine.swapped_in += 1
+    return later
+
+
+async def _copy(engine: "Engine", moved: list[tuple[Seq, mp.SeqSwap]],
+                make: Callable[[list[int], list[int]], dp.SwapBlocksOut | dp.SwapBlocksIn]) -> set[Seq]:
+    """Run the memory server's copy plan on each driver (`make(device blocks,
+    swap slots)` is the driver's message); returns the sequences whose copy
+    failed (their KV is dropped)."""
+    by_pool: dict[str, tuple[list[Seq], list[int], list[int]]] = {}
+    for seq, got in moved:
+        seqs, device, host = by_pool.setdefault(seq.pool or "", ([], [], []))
+        seqs.append(seq)
+        device.extend(got.device_blocks)
+        host.extend(got.swap_slots)
+    failed: set[Seq] = set()
+    for pool, (seqs, device, host) in by_pool.items():
+        if not device:
+            continue  # every block was still cached on the device
+        try:
+            await engine.backend.swap_blocks(pool, make(device, host))
+        except LlmosError as exc:
+            # The copy did not happen: what the slots (or blocks) hold is garbage.
+            log.warning("scheduler.swap_copy_failed", driver=pool, seqs=len(seqs), error=str(exc))
+            for seq in seqs:
+                drop_kv(engine, seq)
+            failed.update(seqs)
+    return failed
+
+
+__all__ = ["drop_kv", "swap_in", "swap_out"]
