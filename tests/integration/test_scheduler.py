@@ -157,3 +157,34 @@ async def test_every_request_completes_exactly_once_through_kills(home: Path, ch
         await wait_until_free(llmos)
         restarts = {t: llmos.instance(await llmos.status(), t).restarts for t in ("cpu", "memory", "scheduler")}
         assert restarts == {"cpu": 1, "memory": 1, "scheduler": 1}
+
+
+async def test_swap_mode_preemption_keeps_outputs_exact_over_real_processes(home: Path, checkpoint: Path) -> None:
+    """A KV cache of 12 blocks of 16 for six 58-token sequences: the scheduler
+    must preempt, and with `--preemption swap` the victims' KV goes to the
+    driver's host tier and comes back — outputs equal the undisturbed run."""
+    driver = ChildSpec("cpu", "drivers", service="driver",
+                       args=["cpu", "--model", str(checkpoint), "--kv-cache-mb", str(12 * 8192 / 2**20),
+                             "--host-slots", "64", "--threads", "1"])
+    kids = [ChildSpec("memory", "services.memory"), driver,
+            ChildSpec("scheduler", "services.scheduler", args=["--preemption", "swap", "--max-seqs", "8"])]
+    prompts = [[11 + i, 30, 41, 52, 63, 74, 85, 96, 107, 20, 21, 22, 23, 24, 25, 26, 27, 28] for i in range(6)]
+    n = 40
+    async with running_llmos(home, kids) as llmos:
+        pools = (await llmos.client.call("memory", mp.MemoryStats())).pools
+        assert [(p.num_blocks, p.swap_slots) for p in pools] == [(12, 64)]
+        done: dict[int, Completion] = {}
+
+        async def run(i: int) -> None:
+            done[i] = await llmos.client.generate(prompts[i], max_tokens=n, **GREEDY)
+
+        async with anyio.create_task_group() as tg:
+            for i in range(len(prompts)):
+                tg.start_soon(run, i)
+        stats = await llmos.client.scheduler_stats()
+        await wait_until_free(llmos)
+    assert stats.preemption == "swap" and stats.preemptions > 0
+    assert stats.swapped_out > 0 and stats.swapped_in == stats.swapped_out
+    for i, p in enumerate(prompts):
+        assert done[i].finish_reason == FinishReason.LENGTH
+        assert done[i].token_ids == local_greedy(checkpoint, p, n)
