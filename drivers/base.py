@@ -34,6 +34,7 @@ def driver_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
     ap.add_argument("--max-model-len", type=int, default=None)
     ap.add_argument("--host-slots", type=int, default=0, help="blocks in the host swap tier")
+    ap.add_argument("--swap-mb", type=float, default=0.0, help="host swap tier size in MiB (instead of --host-slots)")
     ap.add_argument("--device-index", type=int, default=0)
     return ap.parse_args(argv)
 
@@ -59,14 +60,14 @@ class Driver(Service):
         """Runs in a worker thread. Subclasses adjust dtype, threads, device."""
         a = self.args
         host_path = None
-        if a.host_slots:
+        if a.host_slots or a.swap_mb:
             host_path = self.home / "swap" / f"{self.instance}.swap" if self.device == "cpu" else None
             if host_path is not None:
                 host_path.parent.mkdir(parents=True, exist_ok=True)
         return ModelRunner.load(
             a.model, kv_cache_bytes=int(a.kv_cache_mb * 2**20), device=self.device_name(), dtype=a.dtype,
             block_size=a.block_size, num_threads=a.threads, home=self.home, max_model_len=a.max_model_len,
-            host_tier_slots=a.host_slots, host_tier_path=host_path)
+            host_tier_slots=a.host_slots, host_tier_path=host_path, host_tier_bytes=int(a.swap_mb * 2**20))
 
     async def on_start(self) -> None:
         self.runner = await anyio.to_thread.run_sync(self.load_runner)

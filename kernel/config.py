@@ -70,18 +70,21 @@ class KernelConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 def default_children(model: str = "demo", drivers: dict[str, int] | None = None, http: str = "",
-                     kv_cache_mb: int = 256) -> list[ChildSpec]:
+                     kv_cache_mb: int = 256, swap_mb: float = 0.0, preemption: str = "") -> list[ChildSpec]:
     """What `llmos up` runs, in start order: security first (it writes
     admin.key and must be up before anyone logs in), the memory server
     before the drivers whose pools it tracks, the scheduler after both, the
-    gateway last."""
+    gateway last. swap_mb: each driver's host swap tier; preemption: the
+    scheduler's mode ("" = its config's)."""
     children = [ChildSpec(name="security", module="services.security"),
                 ChildSpec(name="echo", module="services.echo"),
                 ChildSpec(name="memory", module="services.memory")]
     for name, n in (drivers or {"cpu": 1}).items():
         children.append(ChildSpec(name=name, module="drivers", service="driver", instances=n,
-                                  args=[name, "--model", model, "--kv-cache-mb", str(kv_cache_mb)]))
-    children.append(ChildSpec(name="scheduler", module="services.scheduler"))
+                                  args=[name, "--model", model, "--kv-cache-mb", str(kv_cache_mb),
+                                        *(["--swap-mb", str(swap_mb)] if swap_mb > 0 else [])]))
+    children.append(ChildSpec(name="scheduler", module="services.scheduler",
+                              args=["--preemption", preemption] if preemption else []))
     if http:
         children.append(ChildSpec(name="gateway", module="services.gateway", args=["--listen", http]))
     return children

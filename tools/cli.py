@@ -40,9 +40,11 @@ def cmd_up(args: argparse.Namespace) -> int:
     home = llmos_home(args.home)
     configure("kernel", home, stderr=not args.quiet)
     config = load_config(args.config)
-    if args.config is None or args.model or args.drivers or args.http:
+    if args.config is None or args.model or args.drivers or args.http or args.preemption or args.swap_mb:
         # flags describe the children; a config file's other sections still apply
-        children = default_children(args.model or "demo", parse_drivers(args.drivers or "cpu=1"), args.http or "")
+        swap_mb = args.swap_mb if args.swap_mb is not None else (512.0 if args.preemption == "swap" else 0.0)
+        children = default_children(args.model or "demo", parse_drivers(args.drivers or "cpu=1"), args.http or "",
+                                    swap_mb=swap_mb, preemption=args.preemption or "")
         config = msgspec.structs.replace(config, children=children)
     print(f"llmos: up; home {home}; stop with Ctrl-C or `llmos down`", file=sys.stderr)
     if config.kernel.auth:
@@ -181,6 +183,10 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--drivers", help="drivers to start, e.g. cpu=1 or cuda=1 (default cpu=1)")
     up.add_argument("--http", help="serve the OpenAI-compatible HTTP API on HOST:PORT, e.g. :8000")
     up.add_argument("--quiet", action="store_true", help="log only to LLMOS_HOME/logs")
+    up.add_argument("--preemption", choices=["recompute", "swap"],
+                    help="a preempted request's KV: recompute it (default) or swap it to host memory")
+    up.add_argument("--swap-mb", type=float, default=None,
+                    help="each driver's host swap tier in MiB (default 512 with --preemption swap, else none)")
     up.set_defaults(fn=cmd_up)
 
     sub.add_parser("down", help="stop a running llmos").set_defaults(fn=cmd_down)

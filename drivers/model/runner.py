@@ -100,7 +100,7 @@ class ModelRunner:
              dtype: str | None = None, block_size: int = 16, num_threads: int | None = None,
              home: str | Path | None = None, max_model_len: int | None = None,
              decode_kernel: DecodeKernel | None = None, host_tier_slots: int = 0,
-             host_tier_path: str | Path | None = None) -> "ModelRunner":
+             host_tier_path: str | Path | None = None, host_tier_bytes: int = 0) -> "ModelRunner":
         """Load `model` ("demo" or a local Hugging Face directory).
 
         kv_cache_bytes: device memory for the block pool; num_blocks is that
@@ -113,7 +113,8 @@ class ModelRunner:
         decode_kernel: "bag" or "gather" (attention.py); default "bag" on
             CPU in float32, else "gather".
         host_tier_slots / host_tier_path: a swap tier of that many block
-            slots, in a disk-backed file at the path or else in host RAM.
+            slots, in a disk-backed file at the path or else in host RAM;
+            host_tier_bytes: its size in bytes instead (slots = bytes / block).
         """
         if block_size < 1:
             raise BadRequest(f"block_size must be >= 1, got {block_size}")
@@ -144,6 +145,7 @@ class ModelRunner:
         if kernel not in ("bag", "gather"):
             raise BadRequest(f"decode_kernel must be 'bag' or 'gather', got {kernel!r}")
         cache = KVCache(config, num_blocks, block_size, dtype=tdtype, device=dev)
+        host_tier_slots = host_tier_slots or host_tier_bytes // per_block
         tier = HostTier(host_tier_slots, per_block, host_tier_path) if host_tier_slots > 0 else None
         return cls(model, path, config, weights, tokenizer, cache, max_model_len=limit,
                    decode_kernel=kernel, host_tier=tier)

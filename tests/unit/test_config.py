@@ -31,6 +31,20 @@ def test_llmos_up_flags_choose_the_children() -> None:
         parse_drivers("cpu=two")
 
 
+def test_llmos_up_swap_flags_reach_the_driver_and_the_scheduler_as_flags_they_accept() -> None:
+    from drivers.base import driver_args
+    from kernel.config import default_children
+    from services.scheduler.config import PreemptionMode
+    from services.scheduler.service import scheduler_args
+
+    kids = {c.name: c for c in default_children("demo", {"cpu": 1}, swap_mb=64.0, preemption="swap")}
+    assert driver_args(kids["cpu"].args[1:]).swap_mb == 64.0
+    assert scheduler_args(kids["scheduler"].args).preemption == PreemptionMode.SWAP
+    plain = {c.name: c for c in default_children("demo", {"cpu": 1})}
+    assert driver_args(plain["cpu"].args[1:]).swap_mb == 0.0
+    assert scheduler_args(plain["scheduler"].args).preemption == PreemptionMode.RECOMPUTE
+
+
 def test_toml_file_is_decoded_into_typed_structs(tmp_path: Path) -> None:
     p = tmp_path / "llmos.toml"
     p.write_text("""

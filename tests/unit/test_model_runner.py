@@ -205,6 +205,13 @@ def test_host_tier_calls_need_a_tier_and_valid_slots(ckpt: Path) -> None:
         runner.swap_in_from_host([0, 1], [0])
 
 
+def test_host_tier_sized_in_bytes_holds_that_many_whole_blocks(ckpt: Path) -> None:
+    probe = load(ckpt)
+    runner = load(ckpt, host_tier_bytes=5 * probe.info.block_nbytes + 1)
+    assert runner.info.host_slots == 5
+    assert load(ckpt, host_tier_bytes=probe.info.block_nbytes - 1).info.host_slots == 0
+
+
 def test_info_health_and_worker_thread(ckpt: Path) -> None:
     runner = load(ckpt)
     info = runner.info
