@@ -266,12 +266,23 @@ class SessionTable:
                     drop_kv(self.engine, kept)
 
     def memory_restarted(self) -> None:
-        """Pins and the swap tier's bookkeeping died with the memory server."""
+        """The swap tier's bookkeeping died with the memory server: parked KV
+        is recomputed on resume. (Pins on the device are re-registered by the
+        engine; `drop_pins` forgets those it could not.)"""
         for s in list(self.by_key.values()):
-            s.pinned = None
             if s.parked is not None:
                 s.parked.reset(keep_pool=True)
+            if s.pinned is not None and s.pinned.pool not in self.engine.drivers:
+                s.pinned = None
             self._forget_if_idle(s)
+
+    def drop_pins(self, seqs: list[Seq]) -> None:
+        """Forget these pinned sequences without releasing them (the memory
+        server does not know them)."""
+        for s in list(self.by_key.values()):
+            if s.pinned is not None and s.pinned in seqs:
+                s.pinned = None
+                self._forget_if_idle(s)
 
     async def switch(self) -> None:
         """Suspend and resume sessions as asked (a resume that finds no free

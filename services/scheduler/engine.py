@@ -388,12 +388,15 @@ class Engine:
                                                      "its deadline", detail={"request_id": req.request_id}))
 
     async def _reregister_live(self) -> None:
-        """The memory server restarted empty: tell it which sequences live and
-        which blocks their drivers still hold, so no KV is recomputed."""
+        """The memory server restarted empty: tell it which sequences live
+        (running ones, and idle sessions' pinned ones) and which blocks their
+        drivers still hold, so no KV is recomputed. What was in the swap tier
+        is recomputed: its slots' bookkeeping died with the server."""
         self._to_release.clear()  # it holds nothing of ours any more
         states: list[mp.SeqState] = []
         by_id: dict[str, Seq] = {}
-        for seq in self.running:
+        pinned = set(self.sessions.pinned())
+        for seq in [*self.running, *pinned]:
             if seq.mem_known == 0 or seq.pool not in self.drivers:
                 continue
             bs = self.drivers[seq.pool].shape.block_size
@@ -406,21 +409,22 @@ class Engine:
                 seq.reset(keep_pool=True)
         self.sessions.memory_restarted()
         reply = await self._memory(self.backend.reregister(mp.Reregister(states, replace=True)))
-        if not isinstance(reply, mp.ReregisterReply):
-            self._reregister = True
-            for seq in by_id.values():
+        if isinstance(reply, mp.ReregisterReply):
+            for f in reply.failures:
+                log.warning("scheduler.reregister_failed", seq=f.seq_id, error=f.error.message)
+            failed = [by_id.pop(f.seq_id) for f in reply.failures]
+        else:
+            self._reregister = True  # memory went down again: retried when it is back
+            failed, by_id = list(by_id.values()), {}
+        self.sessions.drop_pins([seq for seq in failed if seq in pinned])
+        for seq in failed:
+            if seq not in pinned:
                 seq.reset(keep_pool=True)
                 self._to_waiting(seq)
-            return
-        for f in reply.failures:
-            seq = by_id[f.seq_id]
-            log.warning("scheduler.reregister_failed", seq=f.seq_id, error=f.error.message)
-            seq.reset(keep_pool=True)
-            self._to_waiting(seq)
         for seq in by_id.values():
             bs = self.drivers[seq.pool or ""].shape.block_size
             del seq.block_table[-(-seq.num_computed // bs):]
-        log.info("scheduler.reregistered", seqs=len(states), failed=len(reply.failures))
+        log.info("scheduler.reregistered", seqs=len(states), failed=len(failed))
 
     # -- 2./3. plan, release, reserve -----------------------------------------------------
 

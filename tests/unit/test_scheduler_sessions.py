@@ -150,3 +150,20 @@ async def test_a_cancelled_suspended_request_frees_its_swap_slots() -> None:
         assert final.finish_reason == FinishReason.CANCELLED
         await until(lambda: pool(backend).swap_used == 0 and pool(backend).used == 0, "slots freed")
         assert engine.sessions.get("", "x").info().state == SessionState.SUSPENDED  # until resumed
+
+
+async def test_a_pinned_session_kv_survives_a_memory_server_restart() -> None:
+    async with running(SchedulerConfig(), {"cpu": FakeDriver(64)}) as (engine, backend):
+        first = Stream(engine, prompt_ids=TOK.encode("turn one of a chat"), max_tokens=12, session="chat")
+        f1 = await first.result()
+        await until(lambda: pool(backend).num_seqs == 1, "the first turn pinned")
+        engine.memory_down()
+        backend.restart_memory()  # a new, empty memory server: no prefix cache, nothing held
+        engine.memory_restarted()
+        await until(lambda: pool(backend).num_seqs == 1, "the pin re-registered")
+        assert engine.sessions.get("", "chat").info().kv_where == "device"
+        prompt2 = TOK.encode("turn one of a chat") + first.tokens(f1) + TOK.encode(" and more")
+        second = Stream(engine, prompt_ids=prompt2, max_tokens=8, session="chat")
+        f2 = await second.result()
+    assert second.tokens(f2) == reference(prompt2, 8)
+    assert f2.usage.cached_tokens == 28  # the first turn's 7 full blocks, adopted from the driver
