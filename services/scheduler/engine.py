@@ -4,7 +4,7 @@ Each step, top to bottom:
   1. apply what happened since the last step: lost drivers (their sequences
      go back to the waiting line for recompute), a restarted memory server
      (live sequences are re-registered with the blocks their driver still
-     holds), cancels, deadlines;
+     holds; _recovery.py), cancels, deadlines;
   2. plan (planner.py): who runs, how many tokens, whom to preempt —
      by recompute (the KV is released) or, with `preemption = "swap"`, by
      moving the KV to the host swap tier (_swap.py);
@@ -37,6 +37,7 @@ from sdk.logs import get_logger
 from services.scheduler._request import Emit, Request, Sink, State
 from services.scheduler._seq import Seq
 from services.scheduler._sessions import SessionTable, seq_blocks
+from services.scheduler._recovery import reregister_live, requeue_lost
 from services.scheduler._swap import drop_kv, swap_in, swap_out
 from services.scheduler._text import TextStream
 from services.scheduler.autotune import AutoTuner
@@ -357,18 +358,10 @@ class Engine:
         if self._lost_pools or self._lost_ids:
             lost, self._lost_pools = self._lost_pools, set()
             lost_ids, self._lost_ids = self._lost_ids, set()
-            for seq in [*self.running, *self.waiting]:
-                if seq.pool in lost or (seq.mem_known and seq.mem_id in lost_ids):
-                    # The KV is gone (or no longer trusted). Releasing is
-                    # harmless when the memory server already dropped the pool.
-                    if seq.mem_known:
-                        self._to_release.append(seq.mem_id)
-                    seq.reset(keep_pool=seq.pool in self.drivers)
-                    self._to_waiting(seq)
-            self.sessions.kv_lost(lost, lost_ids)
+            requeue_lost(self, lost, lost_ids)
         if self._reregister and not self._memory_down:
             self._reregister = False
-            await self._reregister_live()
+            await reregister_live(self)
         if not self._memory_down:
             await self.sessions.switch()
         for key in self._cancels:
@@ -386,45 +379,6 @@ class Engine:
                     self._end(req, sp.FinishReason.DEADLINE,
                               error=DeadlineExceeded(f"request {req.request_id!r} did not start before "
                                                      "its deadline", detail={"request_id": req.request_id}))
-
-    async def _reregister_live(self) -> None:
-        """The memory server restarted empty: tell it which sequences live
-        (running ones, and idle sessions' pinned ones) and which blocks their
-        drivers still hold, so no KV is recomputed. What was in the swap tier
-        is recomputed: its slots' bookkeeping died with the server."""
-        self._to_release.clear()  # it holds nothing of ours any more
-        states: list[mp.SeqState] = []
-        by_id: dict[str, Seq] = {}
-        pinned = set(self.sessions.pinned())
-        for seq in [*self.running, *pinned]:
-            if seq.mem_known == 0 or seq.pool not in self.drivers:
-                continue
-            bs = self.drivers[seq.pool].shape.block_size
-            blocks = seq.block_table[:-(-seq.num_computed // bs)]
-            states.append(mp.SeqState(seq.mem_id, seq.tenant, seq.pool, seq.tokens[:seq.mem_known], "",
-                                      blocks, seq.num_computed))
-            by_id[seq.mem_id] = seq
-        for seq in self.waiting:
-            if seq.mem_known:
-                seq.reset(keep_pool=True)
-        self.sessions.memory_restarted()
-        reply = await self._memory(self.backend.reregister(mp.Reregister(states, replace=True)))
-        if isinstance(reply, mp.ReregisterReply):
-            for f in reply.failures:
-                log.warning("scheduler.reregister_failed", seq=f.seq_id, error=f.error.message)
-            failed = [by_id.pop(f.seq_id) for f in reply.failures]
-        else:
-            self._reregister = True  # memory went down again: retried when it is back
-            failed, by_id = list(by_id.values()), {}
-        self.sessions.drop_pins([seq for seq in failed if seq in pinned])
-        for seq in failed:
-            if seq not in pinned:
-                seq.reset(keep_pool=True)
-                self._to_waiting(seq)
-        for seq in by_id.values():
-            bs = self.drivers[seq.pool or ""].shape.block_size
-            del seq.block_table[-(-seq.num_computed // bs):]
-        log.info("scheduler.reregistered", seqs=len(states), failed=len(failed))
 
     # -- 2./3. plan, release, reserve -----------------------------------------------------
 

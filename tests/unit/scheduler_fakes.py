@@ -109,6 +109,9 @@ class InProcessBackend:
         self.memory = MemoryManager()
         self.memory_alive = True
         self.reserves = 0
+        # When set, every Execute waits for this event (a driver busy for as
+        # long as a test needs).
+        self.hold_steps: anyio.Event | None = None
         for name, d in drivers.items():
             self.memory.register_pool(mp.RegisterPool(name, d.num_blocks, d.block_size, d.host_slots))
 
@@ -140,6 +143,8 @@ class InProcessBackend:
 
     async def execute(self, instance: str, req: dp.Execute) -> dp.Executed:
         await anyio.sleep(0)
+        if self.hold_steps is not None:
+            await self.hold_steps.wait()
         d = self.drivers[instance]
         if not d.alive:
             raise Unavailable(f"{instance} died while handling Execute")

@@ -111,12 +111,14 @@ async def test_a_new_runner_reruns_the_interrupted_run_once_and_keeps_the_period
 
 
 async def test_cancel_stops_a_job_and_its_run_in_flight(tmp_path: Path) -> None:
-    async with running() as (engine, _), runner(engine, tmp_path) as r:
+    async with running() as (engine, backend), runner(engine, tmp_path) as r:
+        backend.hold_steps = anyio.Event()  # the run cannot finish before it is cancelled
         await r.submit(job(max_tokens=200, every_s=0.1, job_id="c"), "")
         with anyio.fail_after(10):
             while (await r.get("", "c", 0)).state != sp.JobState.RUNNING:
                 await anyio.sleep(0.005)
         await r.cancel("", "c")
+        backend.hold_steps.set()
         done = await until_runs(r, "c", 1)
         assert done.state == sp.JobState.CANCELLED and done.next_run_ns == 0
         assert done.results[0].finish_reason == "cancelled" and len(done.results[0].token_ids) < 200
