@@ -15,13 +15,19 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
-from ipc.errors import Internal, Unavailable
+from ipc.errors import DeadlineExceeded, Internal, Unavailable
 from ipc.protocol.sampling import SamplingParams
 from ipc.protocol.scheduler import SCHEDULER, Finished, FinishReason, Submit, TokenDelta, Usage
 from sdk.connection import Connection
 
-# Re-submissions after the scheduler died, per request, in a row without a new token.
+# A request is given up on (`Unavailable` to the caller) only after this many
+# re-submissions in a row without a new token AND this long without one: the
+# recovery contract is that every accepted request finishes, so a scheduler
+# killed again and again (or waiting for a driver to come back) is waited
+# for; one that never serves it is not waited for forever. The supervisor's
+# restart intensity bounds the rest: past it the kernel exits.
 MAX_RESUBMITS = 5
+RESUBMIT_PATIENCE_S = 120.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,14 +68,15 @@ def build_submit(prompt: str | Sequence[int], *, max_tokens: int = 256, temperat
                   request_id or uuid.uuid4().hex)
 
 
-async def stream_generate(conn: Connection, submit: Submit, *,
-                          max_resubmits: int = MAX_RESUBMITS) -> AsyncIterator[Chunk]:
+async def stream_generate(conn: Connection, submit: Submit, *, max_resubmits: int = MAX_RESUBMITS,
+                          patience_s: float = RESUBMIT_PATIENCE_S) -> AsyncIterator[Chunk]:
     held: list[int] = []
     attempt = 0
     # Re-submissions since the last token arrived: a long request survives any
     # number of scheduler restarts as long as each one let it make progress.
     stalled = 0
     progress_at = 0
+    progress_time = time.monotonic()
     while True:
         msg = Submit(submit.prompt, submit.prompt_ids, submit.params, submit.max_tokens, submit.stop,
                      submit.stop_token_ids, submit.ignore_eos, submit.priority, submit.deadline_ns,
@@ -91,19 +98,26 @@ async def stream_generate(conn: Connection, submit: Submit, *,
         except Unavailable:
             # The scheduler died (or restarted) mid-request: resume it.
             attempt += 1
-            stalled = 1 if len(held) > progress_at else stalled + 1
-            progress_at = len(held)
-            if stalled > max_resubmits:
+            now = time.monotonic()
+            if len(held) > progress_at:
+                stalled, progress_at, progress_time = 1, len(held), now
+            else:
+                stalled += 1
+            if stalled > max_resubmits and now - progress_time >= patience_s:
                 raise
+            if submit.deadline_ns and time.time_ns() >= submit.deadline_ns:
+                raise DeadlineExceeded(f"request {submit.request_id!r} passed its deadline while the scheduler "
+                                       "was restarting", detail={"request_id": submit.request_id}) from None
             continue
         raise Internal("the scheduler's stream ended without Finished")
 
 
-async def generate(conn: Connection, submit: Submit, *, max_resubmits: int = MAX_RESUBMITS) -> Completion:
+async def generate(conn: Connection, submit: Submit, *, max_resubmits: int = MAX_RESUBMITS,
+                   patience_s: float = RESUBMIT_PATIENCE_S) -> Completion:
     text: list[str] = []
     ids: list[int] = []
     chunks = 0
-    async for c in stream_generate(conn, submit, max_resubmits=max_resubmits):
+    async for c in stream_generate(conn, submit, max_resubmits=max_resubmits, patience_s=patience_s):
         chunks += 1
         text.append(c.text)
         ids.extend(c.token_ids)

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from ipc.errors import Unavailable
+from ipc.errors import DeadlineExceeded, Unavailable
 from ipc.protocol.scheduler import Finished, FinishReason, Submit, TokenDelta
 from sdk.generate import MAX_RESUBMITS, build_submit, generate
 
@@ -48,5 +48,37 @@ async def test_many_restarts_with_progress_between_them_do_not_fail_the_request(
 async def test_a_scheduler_that_never_makes_progress_is_given_up_on() -> None:
     sched = DyingScheduler(total=40, tokens_per_life=0)
     with pytest.raises(Unavailable):
-        await generate(sched, build_submit("hi", max_tokens=40, request_id="r2"))  # type: ignore[arg-type]
+        await generate(sched, build_submit("hi", max_tokens=40, request_id="r2"),  # type: ignore[arg-type]
+                       patience_s=0)
     assert len(sched.submits) == MAX_RESUBMITS + 1
+
+
+class FlappingScheduler(DyingScheduler):
+    """Dies `deaths` times in a row before serving anything (a scheduler
+    killed again and again while a driver is down), then serves normally."""
+
+    def __init__(self, total: int, deaths: int):
+        super().__init__(total, tokens_per_life=total)
+        self.deaths = deaths
+
+    async def stream(self, dst: str, msg: Submit, **kw: Any) -> AsyncIterator[Any]:
+        if len(self.submits) < self.deaths:
+            self.submits.append(msg)
+            raise Unavailable("scheduler died while handling Submit")
+        async for ev in super().stream(dst, msg, **kw):
+            yield ev
+
+
+async def test_more_restarts_without_progress_than_the_count_are_waited_for_within_the_patience() -> None:
+    sched = FlappingScheduler(total=10, deaths=3 * MAX_RESUBMITS)
+    done = await generate(sched, build_submit("hi", max_tokens=10, request_id="r3"))  # type: ignore[arg-type]
+    assert done.token_ids == list(range(10)) and done.finish_reason == FinishReason.LENGTH
+    assert len(sched.submits) == 3 * MAX_RESUBMITS + 1
+
+
+async def test_a_request_past_its_deadline_is_not_resubmitted() -> None:
+    sched = DyingScheduler(total=40, tokens_per_life=0)
+    submit = build_submit("hi", max_tokens=40, request_id="r4", timeout=1e-9)
+    with pytest.raises(DeadlineExceeded, match="r4"):
+        await generate(sched, submit)  # type: ignore[arg-type]
+    assert len(sched.submits) == 1
