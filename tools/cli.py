@@ -5,6 +5,8 @@
     llmos ps [--json]                          services and their state
     llmos kill SERVICE [--signal SIGKILL]      kill a service (the supervisor restarts it)
     llmos generate "PROMPT" [--stream] [--json] generate text through the scheduler
+    llmos jobs submit|list|show|cancel         timed and periodic generations (tools/jobs_cli.py)
+    llmos sessions show|suspend|resume|close   a conversation's state and KV (`generate --session`)
     llmos demo                                 boot, show it serving, survive a kill, stop
     llmos chaos [--duration S] [--out DIR]     faults under load, checked and reported (tools/chaos)
     llmos keys create|list|revoke|quota        API keys and tenants (tools/security_cli.py)
@@ -18,7 +20,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import msgspec
 
@@ -101,10 +103,14 @@ def cmd_ps(args: argparse.Namespace) -> int:
     for i in st.instances:
         rows.append((i.service, i.instance, str(i.pid or "-"), i.state, str(i.restarts),
                      _fmt_uptime(i.uptime_s), i.last_exit))
+    print_table(rows)
+    return 0
+
+
+def print_table(rows: Sequence[tuple[str, ...]]) -> None:
     widths = [max(len(r[k]) for r in rows) for k in range(len(rows[0]))]
     for r in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
-    return 0
 
 
 def cmd_kill(args: argparse.Namespace) -> int:
@@ -118,9 +124,24 @@ def _usage_json(usage: Any) -> dict[str, Any]:
     return msgspec.structs.asdict(usage) if usage is not None else {}
 
 
+def add_generation_args(p: argparse.ArgumentParser) -> None:
+    """The flags of one generation, shared by `generate` and `jobs submit`."""
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--priority", type=int, default=0, help="lower runs first (policy 'priority')")
+    p.add_argument("--stop", action="append", help="a stop string (repeatable)")
+    p.add_argument("--session", default="", help="a conversation's name: its requests run in turn, its KV is kept")
+
+
+def generation_options(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                priority=args.priority, stop=args.stop or (), session=args.session)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
-    opts: dict[str, Any] = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                                seed=args.seed, priority=args.priority, stop=args.stop or ())
+    opts = generation_options(args)
     with _client(args) as c:
         if args.stream:
             for chunk in c.stream_generate(args.prompt, **opts):
@@ -202,12 +223,7 @@ def main(argv: list[str] | None = None) -> int:
 
     g = sub.add_parser("generate", help="generate text (needs the scheduler)")
     g.add_argument("prompt")
-    g.add_argument("--max-tokens", type=int, default=128)
-    g.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--priority", type=int, default=0, help="lower runs first (policy 'priority')")
-    g.add_argument("--stop", action="append", help="a stop string (repeatable)")
+    add_generation_args(g)
     g.add_argument("--stream", action="store_true", help="print tokens as they come")
     g.add_argument("--json", action="store_true", help="one JSON object (per chunk with --stream)")
     g.set_defaults(fn=cmd_generate)
@@ -234,9 +250,10 @@ def main(argv: list[str] | None = None) -> int:
     chaos_cli.add_arguments(chaos)
     chaos.set_defaults(fn=chaos_cli.run)
 
-    from tools.security_cli import add_commands
+    from tools import jobs_cli, security_cli
 
-    add_commands(sub)
+    security_cli.add_commands(sub)
+    jobs_cli.add_commands(sub)
 
     args = ap.parse_args(argv)
     fn: Callable[[argparse.Namespace], int] = args.fn
