@@ -182,9 +182,23 @@ class SessionTable:
         return s.info()
 
     def close(self, principal: str, name: str) -> sp.SessionInfo:
+        """Release the KV the session keeps for its next request — pinned on
+        the device, or parked by a suspend (in the swap tier, or on its way
+        back after a resume). Its requests, if any, are not touched."""
         s = self.get(principal, name)
         self._unpin(s)
-        return s.info()
+        kept = s.parked
+        if kept is not None and (s.active is None or s.active.seq is not kept):
+            drop_kv(self.engine, kept)
+            s.parked = None
+            self.engine.wake()
+        if s.active is None and not s.queue:
+            s.suspended = False  # nothing left to suspend
+            self._park.discard(s.key)
+            self._unpark.discard(s.key)
+        info = s.info()
+        self._forget_if_idle(s)
+        return info
 
     # -- pins ----------------------------------------------------------------------------
 

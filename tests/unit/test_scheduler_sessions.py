@@ -113,6 +113,21 @@ async def test_an_idle_sessions_pinned_kv_is_swapped_by_suspend_and_reused_after
     assert f2.usage.cached_tokens == 28 and driver.swapped_out > 0
 
 
+@pytest.mark.parametrize("resumed", [False, True])
+async def test_closing_a_suspended_idle_session_frees_its_swapped_kv(resumed: bool) -> None:
+    async with running(None, {"cpu": FakeDriver(64, host_slots=64)}) as (engine, backend):
+        first = Stream(engine, prompt_ids=TOK.encode("remember this text"), max_tokens=10, session="idle")
+        await first.result()
+        engine.sessions.suspend("", "idle")
+        await until(lambda: engine.sessions.get("", "idle").info().kv_where == "swap", "swapped out")
+        if resumed:
+            engine.sessions.resume("", "idle")  # and closed before the next step brings it back
+        engine.sessions.close("", "idle")
+        await until(lambda: pool(backend).swap_used == 0 and pool(backend).used == 0, "slots and blocks freed")
+        with pytest.raises(NotFound):
+            engine.sessions.get("", "idle")
+
+
 async def test_pins_give_way_when_blocks_run_short() -> None:
     # 16 blocks of 4: a pinned conversation of 8 blocks, then a request that needs 12.
     async with running(SchedulerConfig(session_pin_fraction=1.0), {"cpu": FakeDriver(16)}) as (engine, backend):
