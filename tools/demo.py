@@ -20,7 +20,7 @@ from pathlib import Path
 
 import anyio
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from ipc.errors import LlmosError
@@ -57,7 +57,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def _one(client: AsyncClient, o: Outcome, i: int, max_tokens: int, progress: Progress, task: object,
+async def _one(client: AsyncClient, o: Outcome, i: int, max_tokens: int, progress: Progress, task: TaskID,
                kill_window: list[bool]) -> None:
     began = time.monotonic()
     try:
@@ -77,7 +77,7 @@ async def _one(client: AsyncClient, o: Outcome, i: int, max_tokens: int, progres
         o.error = str(exc)
 
 
-async def _kill_driver_midway(llmos: RunningLlmos, progress: Progress, task: object, total: int,
+async def _kill_driver_midway(llmos: RunningLlmos, progress: Progress, task: TaskID, total: int,
                               console: Console, kill_window: list[bool], report: dict[str, float]) -> None:
     while progress.tasks[0].completed < total * 0.4:
         await anyio.sleep(0.05)
@@ -109,8 +109,8 @@ async def demo(home: Path, requests: int = REQUESTS, max_tokens: int = MAX_TOKEN
         console.print(f"  OpenAI-compatible HTTP: http://127.0.0.1:{port}/v1  (metrics: /metrics)")
         console.print(f"  admin API key: {admin_key_path(home)} (mode 0600)\n")
         ps = Table("service", "instance", "pid", "state", box=None, pad_edge=False)
-        for i in st.instances:
-            ps.add_row(i.service, i.instance, str(i.pid), i.state)
+        for inst in st.instances:
+            ps.add_row(inst.service, inst.instance, str(inst.pid), inst.state)
         console.print(ps)
 
         admin = llmos.client

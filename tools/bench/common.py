@@ -26,7 +26,7 @@ def parser(description: str) -> argparse.ArgumentParser:
     return ap
 
 
-def print_table(title: str, rows: list[tuple[str, ...]]) -> None:
+def print_table(title: str, rows: Sequence[tuple[str, ...]]) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     print(f"\n{title}")
     for n, r in enumerate(rows):
