@@ -155,9 +155,14 @@ class Kernel:
     async def _ticker(self) -> None:
         """Heartbeats out, dead instances detected, expired waiters answered."""
         tick = HEARTBEAT_INTERVAL_S / 4
+        last = time.monotonic()
         while True:
             await anyio.sleep(tick)
             now = time.monotonic()
+            if now - last > tick + HEARTBEAT_INTERVAL_S / 2:
+                # The loop was busy for that long: peers may miss our heartbeats.
+                log.warning("kernel.ticker_late", late_s=round(now - last - tick, 3))
+            last = now
             for inst in list(self.registry.by_identity.values()):
                 if now - inst.last_seen > HEARTBEAT_EXPIRY_S:
                     self.instance_down(inst, HUNG)
