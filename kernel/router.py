@@ -49,6 +49,9 @@ _PUMP_ROUNDS = 16
 # answered, ~0.1-0.2 ms apiece) could hold the loop for seconds.
 _PUMP_SLICE_S = 0.05
 HUNG = "missed heartbeats"
+# Rejected frames logged one by one, per heartbeat tick; past that a flood is
+# logged as a count each tick (every one is still answered and counted).
+_REJECTS_LOGGED_PER_TICK = 25
 _ready_decoder = codec.decoder([kp.Ready])
 _kernel_ops = codec.decoder([kp.Status, kp.Subscribe, kp.Kill, kp.Shutdown, kp.SetRevocations])
 
@@ -86,6 +89,8 @@ class Kernel:
         # front identity → when it was last heard (clients with work in flight ping)
         self.clients_seen: dict[bytes, float] = {}
         self.counters = kp.KernelCounters()
+        self._reject_log_budget = _REJECTS_LOGGED_PER_TICK
+        self._rejects_unlogged = 0
         self.started = time.monotonic()
         self.supervisor: Supervisor | None = None
         self._rids = itertools.count(1)
@@ -163,6 +168,7 @@ class Kernel:
                 # The loop was busy for that long: peers may miss our heartbeats.
                 log.warning("kernel.ticker_late", late_s=round(now - last - tick, 3))
             last = now
+            self._log_unlogged_rejects()
             for inst in list(self.registry.by_identity.values()):
                 if now - inst.last_seen > HEARTBEAT_EXPIRY_S:
                     self.instance_down(inst, HUNG)
@@ -171,6 +177,14 @@ class Kernel:
                     self._send_control(self._back_ch(), inst.identity, Kind.HEARTBEAT)
             self._expire_waiting(now)
             self._expire_clients(now)
+
+    def _log_unlogged_rejects(self) -> None:
+        """A flood of bad frames costs one log line per tick, not one per frame."""
+        if self._rejects_unlogged:
+            log.warning("kernel.rejected_unlogged", count=self._rejects_unlogged,
+                        note="more rejected frames than are logged one by one; see counters.rejected")
+            self._rejects_unlogged = 0
+        self._reject_log_budget = _REJECTS_LOGGED_PER_TICK
 
     def _expire_clients(self, now: float) -> None:
         """A client silent past the heartbeat expiry while it has requests in
@@ -283,8 +297,12 @@ class Kernel:
     def _reject(self, ch: Channel, frames: Sequence[Any], exc: LlmosError, header: Header | None = None) -> None:
         """Answer a malformed or forbidden frame where a return identity exists."""
         self.counters.rejected += 1
-        log.warning("kernel.rejected", code=exc.code, error=exc.message,
-                    socket="front" if ch is self._front else "back")
+        if self._reject_log_budget > 0:
+            self._reject_log_budget -= 1
+            log.warning("kernel.rejected", code=exc.code, error=exc.message,
+                        socket="front" if ch is self._front else "back")
+        else:
+            self._rejects_unlogged += 1
         if not frames or len(frames[0]) == 0:
             return
         msg_id = header.msg_id if header is not None else 0

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from ipc.envelope import PROTOCOL_VERSION, Header, Kind, decode_header, encode_header
 from ipc.errors import Error, ErrorCode
-from ipc.home import back_endpoint, front_endpoint
+from ipc.home import back_endpoint, front_endpoint, logs_dir
 from ipc.protocol.echo import Echo, EchoReply
 from ipc.protocol.kernel import Ready
 from sdk.client import Client
@@ -189,3 +189,43 @@ def test_wrong_body_for_a_real_service_names_the_field(kernel_home: Path) -> Non
         assert decode_header(answers[0][1]).msg_id == 9
     finally:
         sock.close()
+
+
+def _rejects_in_log(home: Path) -> tuple[int, int]:
+    """(rejected frames logged one by one, rejected frames logged as counts)."""
+    import json
+
+    one_by_one = counted = 0
+    for line in (logs_dir(home) / "kernel.log").read_text().splitlines():
+        event = json.loads(line)
+        if event.get("event") == "kernel.rejected":
+            one_by_one += 1
+        elif event.get("event") == "kernel.rejected_unlogged":
+            counted += event["count"]
+    return one_by_one, counted
+
+
+def test_a_flood_of_bad_frames_is_answered_frame_by_frame_and_logged_as_counts(kernel_home: Path) -> None:
+    n = 2000
+    before = _rejects_in_log(kernel_home)
+    sock = _dealer(front_endpoint(kernel_home))
+    try:
+        for _ in range(n):
+            sock.send_multipart([b"", b"\x93\x01\x01", b"x"])  # a truncated header
+        got = 0
+        while got < n and sock.poll(10_000):
+            frames = sock.recv_multipart()
+            assert msgspec.msgpack.decode(frames[2], type=Error).code == ErrorCode.BAD_REQUEST
+            got += 1
+        assert got == n, "every bad frame is answered"
+    finally:
+        sock.close()
+    end = time.monotonic() + 30
+    while True:  # the counts are written at the next heartbeat tick
+        one_by_one, counted = (a - b for a, b in zip(_rejects_in_log(kernel_home), before))
+        if one_by_one + counted >= n or time.monotonic() > end:
+            break
+        time.sleep(0.05)
+    assert one_by_one + counted == n, "every rejected frame is in the log, alone or counted"
+    assert one_by_one < n // 2, "a flood does not cost a log line per frame"
+    assert _still_serving(kernel_home) == b"still here"
