@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import itertools
-import os
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Sequence
@@ -23,17 +22,18 @@ from anyio.abc import TaskStatus
 
 from ipc import codec
 from ipc.envelope import PROTOCOL_VERSION, Header, Kind, decode_header, encode_header, split_route
-from ipc.capability import RevocationList
 from ipc.curve import CurveServer, start_zap
-from ipc.errors import (BadRequest, DeadlineExceeded, Error, Forbidden, LlmosError, NotFound, Overloaded, Unauthorized,
+from ipc.errors import (BadRequest, DeadlineExceeded, Error, LlmosError, NotFound, Overloaded, Unauthorized,
                         Unavailable)
 from ipc.heartbeat import HEARTBEAT_EXPIRY_S, HEARTBEAT_INTERVAL_S
 from ipc.protocol import kernel as kp
 from ipc.protocol.base import Message
 from ipc.sockets import Channel, bind_router, remove_ipc_path
+from kernel import ops
 from kernel.config import KernelConfig
 from kernel.guard import Guard
 from kernel.registry import Instance, Registry
+from kernel.topics import Topics
 from kernel.waiting import WaitQueues
 from sdk.logs import get_logger
 
@@ -85,7 +85,7 @@ class Kernel:
         self.curve: CurveServer | None = None  # keys for tcp:// endpoints (CURVE + ZAP)
         self.pending: dict[int, Pending] = {}
         self.waiting: WaitQueues[Pending] = WaitQueues(config.wait_queue_limit, config.wait_timeout_s)
-        self.topics: dict[str, dict[tuple[int, bytes], int]] = {}
+        self.topics = Topics([])  # bound to the sockets in serve()
         # front identity → when it was last heard (clients with work in flight ping)
         self.clients_seen: dict[bytes, float] = {}
         self.counters = kp.KernelCounters()
@@ -96,7 +96,6 @@ class Kernel:
         self._rids = itertools.count(1)
         self._front: Channel | None = None
         self._back: Channel | None = None
-        self._channels: list[Channel] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self.shutdown_requested = anyio.Event()
         self.shutdown_reason = ""
@@ -109,7 +108,7 @@ class Kernel:
         zap = start_zap(ctx, self.curve) if self.curve is not None else None
         front = Channel(bind_router(ctx, self.front_endpoint, self.config.limits, self.curve), on_readable=self._pump)
         back = Channel(bind_router(ctx, self.back_endpoint, self.config.limits, self.curve), on_readable=self._pump)
-        self._front, self._back, self._channels = front, back, [front, back]
+        self._front, self._back, self.topics = front, back, Topics([front, back])
         log.info("kernel.listening", front=self.front_endpoint, back=self.back_endpoint)
         try:
             async with anyio.create_task_group() as tg:
@@ -197,7 +196,7 @@ class Kernel:
             return
         for ident in silent:
             del self.clients_seen[ident]
-            self._forget_subscriber(front, ident)
+            self.topics.forget(front, ident)
             self._client_gone(front, ident, "client stopped answering")
 
     def _client_gone(self, ch: Channel, ident: bytes, reason: str) -> None:
@@ -251,7 +250,7 @@ class Kernel:
         elif kind == Kind.HEARTBEAT:
             self._send_control(front, ident, Kind.HEARTBEAT)
         elif kind == Kind.DISCONNECT:
-            self._forget_subscriber(front, ident)
+            self.topics.forget(front, ident)
             self._client_gone(front, ident, "client disconnected")
         elif kind == Kind.READY:
             exc = Unauthorized("clients cannot register as services")
@@ -285,13 +284,13 @@ class Kernel:
             if header.msg_id:
                 self._answer(inst, header, payload, final=False)
             else:
-                self._publish_frames(header.dst, inst.name, payload, header.op)
+                self.topics.publish(header.dst, inst.name, payload, header.op)
         elif kind == Kind.REQUEST:
             self._route(back, ident, header, payload)
         elif kind == Kind.HEARTBEAT:
             pass
         elif kind == Kind.DISCONNECT:
-            self._forget_subscriber(back, ident)
+            self.topics.forget(back, ident)
             self.instance_down(inst, "disconnected")
 
     def _reject(self, ch: Channel, frames: Sequence[Any], exc: LlmosError, header: Header | None = None) -> None:
@@ -467,32 +466,14 @@ class Kernel:
     # -- events ----------------------------------------------------------------
 
     def publish(self, topic: str, body: Message) -> None:
-        self._publish_frames(topic, kp.KERNEL, [None, codec.encode(body)], type(body).__name__)
-
-    def _publish_frames(self, topic: str, src: str, payload: list[Any], op: str) -> None:
-        subs = self.topics.get(topic)
-        if not subs:
-            return
-        gone = []
-        for (ch_idx, ident), msg_id in subs.items():
-            ch = self._channels[ch_idx]
-            header = Header(PROTOCOL_VERSION, Kind.EVENT, msg_id, src=src, dst=topic, op=op)
-            if not ch.send([ident, _EMPTY, encode_header(header), *payload[1:]]):
-                gone.append((ch_idx, ident))
-        for key in gone:
-            del subs[key]
+        self.topics.publish(topic, kp.KERNEL, [None, codec.encode(body)], type(body).__name__)
 
     def _publish_denials(self) -> None:
         """Refusals go to the audit (the security server subscribes); kept in the
         guard's bounded backlog while nobody listens."""
-        if self.guard is not None and self.topics.get(kp.DENIALS_TOPIC):
+        if self.guard is not None and self.topics.has_subscribers(kp.DENIALS_TOPIC):
             for ev in self.guard.take_denials():
                 self.publish(kp.DENIALS_TOPIC, ev)
-
-    def _forget_subscriber(self, ch: Channel, ident: bytes) -> None:
-        key = (self._channels.index(ch), ident)
-        for subs in self.topics.values():
-            subs.pop(key, None)
 
     # -- the kernel's own ops ------------------------------------------------------
 
@@ -501,54 +482,12 @@ class Kernel:
             if len(payload) < 2:
                 raise BadRequest("kernel request without a body")
             msg = codec.decode_body(_kernel_ops, payload[1], f"kernel op {header.op!r}")
-            reply = self._handle_kernel_op(ch, ident, header, msg)
+            reply = ops.handle(self, ch, ident, header, msg)
         except LlmosError as exc:
             self._send_error(ch, ident, header.msg_id, exc.to_wire())
             return
         if reply is not None:
             self._send_msg(ch, ident, header.msg_id, Kind.REPLY, reply)
 
-    def _handle_kernel_op(self, ch: Channel, ident: bytes, header: Header, msg: Any) -> Message | None:
-        match msg:
-            case kp.Status():
-                return self.status()
-            case kp.Subscribe(topic=topic):
-                self.topics.setdefault(topic, {})[(self._channels.index(ch), ident)] = header.msg_id
-                self._send_msg(ch, ident, header.msg_id, Kind.EVENT, kp.Subscribed(topic))
-                if topic == kp.DENIALS_TOPIC:
-                    self._publish_denials()
-                return None
-            case kp.SetRevocations(tokens=tokens, keys=keys, principals=principals):
-                inst = self.registry.by_identity.get(ident) if ch is self._back else None
-                if inst is None or inst.service != "security":
-                    raise Forbidden("only the security service may set the revocation list")
-                if self.guard is not None:
-                    self.guard.set_revocations(RevocationList(frozenset(tokens), frozenset(keys),
-                                                              frozenset(principals)))
-                return kp.RevocationsSet(len(tokens) + len(keys) + len(principals))
-            case kp.Kill(target=target, signal=sig):
-                if self.supervisor is None:
-                    raise Unavailable("this kernel runs without a supervisor")
-                return kp.Killed(self.supervisor.kill(target, sig))
-            case kp.Shutdown(reason=reason):
-                self.request_shutdown(reason)
-                return kp.ShuttingDown()
-        raise BadRequest(f"unknown kernel op {header.op!r}")
-
     def status(self) -> kp.StatusReply:
-        if self.supervisor is not None:
-            infos = self.supervisor.describe()
-        else:
-            infos = []
-        supervised = {i.instance for i in infos}
-        now = time.monotonic()
-        for inst in self.registry.by_identity.values():
-            if inst.name not in supervised:
-                infos.append(kp.InstanceInfo(inst.service, inst.name, inst.pid, "ready",
-                                             uptime_s=now - inst.registered_at))
-        for info in infos:
-            live = self.registry.by_name.get(info.instance)
-            if live is not None:
-                info.outstanding = len(live.outstanding)
-                info.meta = live.meta
-        return kp.StatusReply(os.getpid(), now - self.started, infos, self.counters)
+        return ops.status(self)
