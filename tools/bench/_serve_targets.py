@@ -23,7 +23,7 @@ from ipc.protocol import driver as dp
 from ipc.protocol import memory as mp
 from ipc.protocol.base import Message
 from ipc.protocol.sampling import SamplingParams
-from ipc.protocol.scheduler import Submit, TokenDelta
+from ipc.protocol.scheduler import Submit, TokenDelta, Usage
 from kernel.config import ChildSpec, default_children
 from sdk.client import AsyncClient
 from sdk.testing import running_llmos
@@ -44,13 +44,20 @@ class OsTarget:
     def __init__(self, client: AsyncClient):
         self.client = client
         self.request_ids: list[str] = []  # of every request served, in submission order
+        # By `Req.index`, of the last request served with it: what came back.
+        self.token_ids: dict[int, list[int]] = {}
+        self.usage: dict[int, Usage] = {}
 
     async def serve(self, req: Req, timing: Timing) -> None:
         rid = uuid.uuid4().hex
         self.request_ids.append(rid)
+        ids = self.token_ids[req.index] = []
         async for chunk in self.client.stream_generate(req.prompt, max_tokens=req.max_tokens, params=GREEDY,
                                                        ignore_eos=True, priority=req.priority, request_id=rid):
             timing.got(len(chunk.token_ids))
+            ids.extend(chunk.token_ids)
+            if chunk.usage is not None:
+                self.usage[req.index] = chunk.usage
 
     async def cancel(self, request_ids: Sequence[str]) -> None:
         for rid in request_ids:
@@ -60,15 +67,17 @@ class OsTarget:
 def scheduler_args(config: SchedulerConfig) -> list[str]:
     return ["--policy", config.policy.name.value, "--token-budget", str(config.token_budget),
             "--max-seqs", str(config.max_num_seqs), "--prefill-chunk", str(config.prefill_chunk),
-            "--max-waiting", str(config.max_waiting), "--max-waiting-tokens", str(config.max_waiting_tokens)]
+            "--max-waiting", str(config.max_waiting), "--max-waiting-tokens", str(config.max_waiting_tokens),
+            "--preemption", config.preemption.value]
 
 
 @asynccontextmanager
-async def booted_os(home: Path, config: SchedulerConfig, kv_cache_mb: int) -> AsyncIterator[OsTarget]:
+async def booted_os(home: Path, config: SchedulerConfig, kv_cache_mb: int,
+                    swap_mb: float = 0.0) -> AsyncIterator[OsTarget]:
     """`llmos up`'s children (auth off: no security server), the scheduler
-    configured as `config`."""
+    configured as `config`; swap_mb: the driver's host swap tier (0: none)."""
     children: list[ChildSpec] = []
-    for c in default_children("demo", {"cpu": 1}, kv_cache_mb=kv_cache_mb):
+    for c in default_children("demo", {"cpu": 1}, kv_cache_mb=kv_cache_mb, swap_mb=swap_mb):
         if c.name in ("security", "echo"):
             continue
         if c.name == "scheduler":
