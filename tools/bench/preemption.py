@@ -1,5 +1,6 @@
-"""Preemption: the same KV-starved workload served with `recompute` and
-with `swap` preemption, through the whole OS path.
+"""Preemption: `recompute` against `swap` on one KV-starved workload.
+
+The same workload is served in each preemption mode through the whole OS path.
 
     python -m tools.bench.preemption [--quick] [--json PATH] [--reps N]
 
