@@ -92,9 +92,13 @@ class Channel:
     them all (the kernel serves its two ROUTERs from one loop)."""
 
     def __init__(self, sock: zmq.Socket[bytes], wake: asyncio.Event | None = None,
-                 on_readable: Callable[[], None] | None = None):
+                 on_readable: Callable[[], None] | None = None, *, reader_reschedules: bool = False):
         """Readers either await `recv_batch` (woken through `wake`) or, with
-        `on_readable`, get a callback on the loop that drains synchronously."""
+        `on_readable`, get a callback on the loop that drains synchronously.
+        A callback that drains one batch is called again by the channel while
+        input is pending; one that keeps itself scheduled until the socket is
+        empty (`reader_reschedules`, the kernel's pump) is not — two
+        mechanisms re-arming the same reader multiply it, turn after turn."""
         self.sock = sock
         self._wake = wake or asyncio.Event()
         self._on_readable = on_readable
@@ -103,6 +107,7 @@ class Channel:
         self._loop.add_reader(self._fd, on_readable or self._wake.set)
         self._closed = False
         self._read_scheduled = False
+        self._rearm = not reader_reschedules
 
     @property
     def wake(self) -> asyncio.Event:
@@ -157,7 +162,7 @@ class Channel:
             self._on_readable()
             # A reader drains a bounded batch: while more is queued, come back
             # (one callback per turn of the loop, so timers still run).
-            if not self._closed and not self._read_scheduled and self.pending_input():
+            if self._rearm and not self._closed and not self._read_scheduled and self.pending_input():
                 self._read_scheduled = True
                 self._loop.call_soon(self._scheduled_read)
 

@@ -89,6 +89,7 @@ class Kernel:
         # front identity → when it was last heard (clients with work in flight ping)
         self.clients_seen: dict[bytes, float] = {}
         self.counters = kp.KernelCounters()
+        self._pump_continues = False  # a _continue_pump is scheduled
         self._reject_log_budget = _REJECTS_LOGGED_PER_TICK
         self._rejects_unlogged = 0
         self.started = time.monotonic()
@@ -106,8 +107,10 @@ class Kernel:
         ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self._loop = asyncio.get_running_loop()
         zap = start_zap(ctx, self.curve) if self.curve is not None else None
-        front = Channel(bind_router(ctx, self.front_endpoint, self.config.limits, self.curve), on_readable=self._pump)
-        back = Channel(bind_router(ctx, self.back_endpoint, self.config.limits, self.curve), on_readable=self._pump)
+        front = Channel(bind_router(ctx, self.front_endpoint, self.config.limits, self.curve),
+                        on_readable=self._pump, reader_reschedules=True)
+        back = Channel(bind_router(ctx, self.back_endpoint, self.config.limits, self.curve),
+                       on_readable=self._pump, reader_reschedules=True)
         self._front, self._back, self.topics = front, back, Topics([front, back])
         log.info("kernel.listening", front=self.front_endpoint, back=self.back_endpoint)
         try:
@@ -129,10 +132,14 @@ class Kernel:
     def _pump(self) -> None:
         """The loop's reader callback for both sockets: drain them in batches.
         Running as a callback, not a task, saves a task switch per wake-up;
-        the work per call is bounded (then re-scheduled) so timers still run."""
+        the work per call is bounded, then continued at the next turn of the
+        loop. While a continuation is due, wake-ups leave the work to it, so a
+        flood costs one slice per turn and the timers run every turn (with a
+        continuation per wake-up they multiplied turn after turn, and the
+        heartbeat timer fell seconds behind)."""
         front, back, loop = self._front, self._back, self._loop
-        if front is None or back is None or loop is None:
-            return
+        if front is None or back is None or loop is None or self._pump_continues:
+            return  # (a continuation will drain what this wake-up is about)
         until = time.monotonic() + _PUMP_SLICE_S
         for _ in range(_PUMP_ROUNDS):
             from_front, from_back = front.drain(), back.drain()
@@ -146,7 +153,13 @@ class Kernel:
                 self._guarded(self._on_back, back, frames)
             if time.monotonic() > until:
                 break
-        loop.call_soon(self._pump)
+        if not self._pump_continues:
+            self._pump_continues = True
+            loop.call_soon(self._continue_pump)
+
+    def _continue_pump(self) -> None:
+        self._pump_continues = False
+        self._pump()
 
     def _guarded(self, fn: Callable[[list[Any]], None], ch: Channel, frames: list[Any]) -> None:
         """No input may crash the kernel: a bug on one message costs that message."""

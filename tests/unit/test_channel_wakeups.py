@@ -49,3 +49,80 @@ async def test_sends_with_input_pending_schedule_one_read() -> None:
         ch.close()
         dealer.close(0)
         ctx.term()
+
+
+async def test_a_reader_that_reschedules_itself_is_not_rearmed_by_the_channel() -> None:
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.bind("inproc://self-rescheduling")
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.IDENTITY, b"peer")
+    dealer.connect("inproc://self-rescheduling")
+    reads = 0
+
+    def on_readable() -> None:  # reads one message a call, leaves the rest
+        nonlocal reads
+        reads += 1
+        ch.drain(limit=1)
+
+    ch = Channel(router, on_readable=on_readable, reader_reschedules=True)
+    try:
+        for i in range(5):
+            dealer.send_multipart([b"", b"%d" % i])
+        while not ch.pending_input():
+            await asyncio.sleep(0.001)
+        reads = 0
+        ch.send([b"peer", b"", b"answer"])  # input pending: one deferred read
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert reads == 1 and ch.pending_input()  # what is left is the reader's to schedule
+    finally:
+        ch.close()
+        dealer.close(0)
+        ctx.term()
+
+
+async def test_the_kernel_continues_a_flood_with_one_pump_per_turn(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Every wake-up (a socket readable, a send with input pending, the
+    continuation) used to run a pump and schedule its own continuation, so
+    under a flood the pumps per turn of the loop grew without bound and the
+    heartbeat timer fell behind. Now one slice of work runs per turn."""
+    import anyio
+
+    import kernel.router as router_mod
+    from kernel.config import KernelConfig
+    from kernel.router import Kernel
+
+    monkeypatch.setattr(router_mod, "_PUMP_SLICE_S", 0.0)  # every slice ends after one round
+    monkeypatch.setattr(router_mod, "_PUMP_ROUNDS", 1)
+    k = Kernel(KernelConfig(auth=False), f"ipc://{tmp_path}/front", f"ipc://{tmp_path}/back", "secret")
+    slices: list[int] = [0]
+    pump = k._pump
+
+    def counting_pump() -> None:
+        if not k._pump_continues:
+            slices[-1] += 1
+        pump()
+
+    k._pump = counting_pump  # type: ignore[method-assign]
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    flooder = ctx.socket(zmq.DEALER)
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(k.serve)
+            flooder.connect(f"ipc://{tmp_path}/front")
+            for _ in range(20_000):
+                flooder.send_multipart([b"", b"\x93\x01\x01", b"x"])  # truncated headers
+            answered = 0
+            while answered < 20_000:
+                slices.append(0)
+                await asyncio.sleep(0)  # one turn of the loop
+                while flooder.poll(0):
+                    flooder.recv_multipart()
+                    answered += 1
+            tg.cancel_scope.cancel()
+    finally:
+        flooder.close(0)
+        ctx.term()
+    assert k.counters.rejected == 20_000
+    assert max(slices) <= 3, f"pump slices per turn grew to {max(slices)}"
