@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
+import msgspec
+
 from ipc.protocol.base import Message
+
+# How long a reply may be held (seconds), and how many events a Count streams.
+Delay = Annotated[float, msgspec.Meta(ge=0, le=600)]
+MaxCount = Annotated[int, msgspec.Meta(ge=0, le=1_000_000)]
 
 
 class Echo(Message):
     payload: bytes = b""
     # Hold the reply this long; lets tests catch a request in flight.
-    delay_s: float = 0.0
+    delay_s: Delay = 0.0
 
 
 class EchoOnce(Message):
     """Like Echo but not idempotent: after a crash it is answered `unavailable`."""
 
     payload: bytes = b""
-    delay_s: float = 0.0
+    delay_s: Delay = 0.0
 
 
 class EchoReply(Message):
@@ -27,7 +35,7 @@ class EchoReply(Message):
 class Count(Message):
     """Stream `n` Counted events, then reply CountDone."""
 
-    n: int
+    n: MaxCount
 
 
 class Counted(Message):

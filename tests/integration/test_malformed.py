@@ -187,6 +187,11 @@ def test_wrong_body_for_a_real_service_names_the_field(kernel_home: Path) -> Non
         err = msgspec.msgpack.decode(answers[0][2], type=Error)
         assert err.code == ErrorCode.BAD_REQUEST and "Echo.payload" in err.message
         assert decode_header(answers[0][1]).msg_id == 9
+        # A value out of range is the caller's error too (found by the fuzzer:
+        # a negative delay reached anyio.sleep and came back `internal`).
+        sock.send_multipart([b"", header, msgspec.msgpack.encode(["Echo", b"x", -1.0])])
+        err = msgspec.msgpack.decode(_answers(sock, 5000)[0][2], type=Error)
+        assert err.code == ErrorCode.BAD_REQUEST and "Echo.delay_s" in err.message
     finally:
         sock.close()
 
