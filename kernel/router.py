@@ -141,18 +141,21 @@ class Kernel:
         if front is None or back is None or loop is None or self._pump_continues:
             return  # (a continuation will drain what this wake-up is about)
         until = time.monotonic() + _PUMP_SLICE_S
-        for _ in range(_PUMP_ROUNDS):
-            from_front, from_back = front.drain(), back.drain()
-            if not from_front and not from_back:
-                if front.pending_input() or back.pending_input():
-                    continue
-                return
-            for frames in from_front:
-                self._guarded(self._on_front, front, frames)
-            for frames in from_back:
-                self._guarded(self._on_back, back, frames)
-            if time.monotonic() > until:
-                break
+        # Every way out below either found no input pending or schedules the
+        # continuation, so the answers sent meanwhile need not look for input.
+        with front.reading(), back.reading():
+            for _ in range(_PUMP_ROUNDS):
+                from_front, from_back = front.drain(), back.drain()
+                if not from_front and not from_back:
+                    if front.pending_input() or back.pending_input():
+                        continue
+                    return
+                for frames in from_front:
+                    self._guarded(self._on_front, front, frames)
+                for frames in from_back:
+                    self._guarded(self._on_back, back, frames)
+                if time.monotonic() > until:
+                    break
         if not self._pump_continues:
             self._pump_continues = True
             loop.call_soon(self._continue_pump)
