@@ -30,6 +30,18 @@ def test_llmos_demo_runs_end_to_end(home: Path) -> None:
     assert (home / "models" / "demo" / "model.safetensors").exists()  # generated locally, cached
 
 
+def _drain_until_exit(pid: int, fd: int) -> None:
+    """Wait for the child while reading its terminal, as a terminal does: a
+    pty nobody reads fills up, and top's next frame would block it forever."""
+    while os.waitpid(pid, os.WNOHANG)[0] == 0:
+        ready, _, _ = select.select([fd], [], [], 0.2)
+        if ready:
+            try:
+                os.read(fd, 65536)
+            except OSError:
+                pass
+
+
 async def test_llmos_top_refreshes_in_a_terminal(home: Path) -> None:
     async with running_llmos(home):
         pid, fd = pty.fork()
@@ -50,6 +62,6 @@ async def test_llmos_top_refreshes_in_a_terminal(home: Path) -> None:
                         break
         finally:
             os.kill(pid, 2)  # ^C
-            os.waitpid(pid, 0)
+            _drain_until_exit(pid, fd)
             os.close(fd)
         assert b"echo" in screen and b"kernel" in screen and screen.count(b"ROUTED") >= 2
