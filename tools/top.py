@@ -5,6 +5,7 @@ usage and tokens/s. `--once` prints one frame and exits."""
 from __future__ import annotations
 
 import os
+import signal
 import time
 from dataclasses import dataclass
 
@@ -101,15 +102,28 @@ async def top(home: str | None, once: bool) -> int:
         if once:
             console.print(view)
             return 0
-        with Live(view, console=console, refresh_per_second=2, screen=False) as live:
-            while True:
-                await anyio.sleep(1.0)
-                view, sample = await frame(client, sample)
-                live.update(view)
+        # Ctrl-C / SIGTERM end the view through our own cancel scope (not
+        # the event loop's KeyboardInterrupt, which a call in flight could
+        # swallow), and the frames are drawn here, not by a refresh thread.
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_stop_on_signal, tg.cancel_scope)
+            with Live(view, console=console, auto_refresh=False, screen=False) as live:
+                while True:
+                    await anyio.sleep(1.0)
+                    view, sample = await frame(client, sample)
+                    live.update(view, refresh=True)
+    return 0
+
+
+async def _stop_on_signal(scope: anyio.CancelScope) -> None:
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for _ in signals:
+            scope.cancel()
+            return
 
 
 def run_top(home: str | None, once: bool) -> int:
     try:
         return int(anyio.run(top, home, once, backend="asyncio", backend_options={"use_uvloop": True}))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # before the handler was installed
         return 0
