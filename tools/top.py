@@ -72,13 +72,11 @@ async def frame(client: AsyncClient, prev: Sample | None) -> tuple[Group, Sample
         rate = "-"
         if prev is not None and now > prev.at:
             rate = f"{(tokens - prev.tokens) / (now - prev.at):.0f}"
-        t = Table("POLICY", "WAITING", "RUNNING", "TOKEN BUDGET", "MAX SEQS", "PREEMPTIONS", "TOKENS/S",
-                  title="scheduler", title_justify="left")
-        preempted = str(sched.preemptions)
-        if sched.preemption == "swap":
-            preempted += f" (swap: {sched.swapped_out} out, {sched.swapped_in} in)"
+        t = Table("POLICY", "WAITING", "RUNNING", "TOKEN BUDGET", "MAX SEQS", "PREEMPTIONS", "SWAPPED OUT/IN",
+                  "TOKENS/S", title="scheduler", title_justify="left")
+        swapped = f"{sched.swapped_out}/{sched.swapped_in}" if sched.preemption == "swap" else "-"
         t.add_row(sched.policy, str(sched.waiting), str(sched.running), str(sched.token_budget),
-                  str(sched.max_num_seqs), preempted, rate)
+                  str(sched.max_num_seqs), str(sched.preemptions), swapped, rate)
         parts.append(t)
     if mem is not None:
         t = Table("POOL", "USED", "CACHED", "FREE", "UTIL%", "WASTE%", "HIT RATE", "SWAPPED",
