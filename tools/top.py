@@ -74,7 +74,7 @@ async def frame(client: AsyncClient, prev: Sample | None) -> tuple[Group, Sample
             rate = f"{(tokens - prev.tokens) / (now - prev.at):.0f}"
         t = Table("POLICY", "WAITING", "RUNNING", "TOKEN BUDGET", "MAX SEQS", "PREEMPTIONS", "SWAPPED OUT/IN",
                   "TOKENS/S", title="scheduler", title_justify="left")
-        swapped = f"{sched.swapped_out}/{sched.swapped_in}" if sched.preemption == "swap" else "-"
+        swapped = f"{sched.swapped_out}/{sched.swapped_in}"  # by preemption (swap mode) and by suspend
         t.add_row(sched.policy, str(sched.waiting), str(sched.running), str(sched.token_budget),
                   str(sched.max_num_seqs), str(sched.preemptions), swapped, rate)
         parts.append(t)
