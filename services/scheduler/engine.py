@@ -295,6 +295,10 @@ class Engine:
         if self._memory_down or self.model is None:
             return False
         began = time.monotonic()
+        # The drivers as planned: a block table is only good on the
+        # incarnation it was planned for (one may restart during this
+        # step's memory calls and copies).
+        epochs = {i: d.epoch for i, d in self.drivers.items()}
         t0 = self.clock()
         pools = {i: d.shape for i, d in self.drivers.items()}
         ledger = BlockLedger(pools, [*self.running, *self.sessions.pinned()])
@@ -316,12 +320,19 @@ class Engine:
         swapped = [seq for seq, _ in p.scheduled if seq.swapped]
         if swapped:
             later = set(await swap_in(self, swapped))
+            for seq in swapped:
+                if not seq.swapped and seq.mem_known:
+                    # Back on device blocks: running from now on, whatever
+                    # its Reserve says, so every plan counts those blocks.
+                    self._to_running(seq)
             if later:  # fewer free blocks than the plan thought: they wait
                 p.scheduled = [(seq, n) for seq, n in p.scheduled if seq not in later]
+            if self._memory_down:
+                return False
         work = await self._reserve(p)
         if not work:
             return False
-        produced = await self._execute(work)
+        produced = await self._execute(work, epochs)
         self._deliver(produced)
         self.steps += 1
         self.last_step_s = self.clock() - t0
@@ -392,6 +403,14 @@ class Engine:
         self._to_waiting(seq)
         return swap
 
+    def _to_running(self, seq: Seq) -> None:
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+            self.running.append(seq)
+            req: Request = seq.owner
+            req.state = State.RUNNING
+            req.first_scheduled = req.first_scheduled or time.monotonic()
+
     def _to_waiting(self, seq: Seq) -> None:
         if seq in self.running:
             self.running.remove(seq)
@@ -425,11 +444,7 @@ class Engine:
             copies = [(got.cow_src, got.cow_dst)] if got.cow_src >= 0 else []
             start = seq.num_computed
             work.append((seq, start, min(start + n, len(seq.tokens)), copies))
-            if seq in self.waiting:
-                self.waiting.remove(seq)
-                self.running.append(seq)
-                req.state = State.RUNNING
-                req.first_scheduled = req.first_scheduled or time.monotonic()
+            self._to_running(seq)
         return work
 
     def _reserve_failed(self, seq: Seq, error: object) -> None:
@@ -454,7 +469,7 @@ class Engine:
 
     # -- 4. execute ---------------------------------------------------------------------
 
-    async def _execute(self, work: list[tuple[Seq, int, int, list[tuple[int, int]]]]
+    async def _execute(self, work: list[tuple[Seq, int, int, list[tuple[int, int]]]], epochs: dict[str, int]
                        ) -> list[tuple[Seq, list[tuple[int, float]]]]:
         by_pool: dict[str, list[tuple[Seq, int, int, list[tuple[int, int]]]]] = {}
         for w in work:
@@ -462,14 +477,17 @@ class Engine:
         produced: list[tuple[Seq, list[tuple[int, float]]]] = []
         async with anyio.create_task_group() as tg:
             for pool, items in by_pool.items():
-                tg.start_soon(self._execute_on, pool, items, produced)
+                tg.start_soon(self._execute_on, pool, items, epochs.get(pool, -1), produced)
         return produced
 
-    async def _execute_on(self, pool: str, items: list[tuple[Seq, int, int, list[tuple[int, int]]]],
+    async def _execute_on(self, pool: str, items: list[tuple[Seq, int, int, list[tuple[int, int]]]], epoch: int,
                           produced: list[tuple[Seq, list[tuple[int, float]]]]) -> None:
         d = self.drivers.get(pool)
         if d is None:
             return  # died since the plan; _apply_changes re-queues them
+        if d.epoch != epoch:
+            self._lost_pools.add(pool)  # restarted since the plan: its KV is gone
+            return
         steps, copies = [], []
         for seq, a, b, cow in items:
             req: Request = seq.owner
@@ -478,7 +496,6 @@ class Engine:
             steps.append(dp.StepSeq(seq.seq_no, seq.tokens[a:b], a, list(seq.block_table),
                                     b == len(seq.tokens), params, prior))
             copies.extend(cow)
-        epoch = d.epoch
         reply: dp.Executed | None = None
         with anyio.CancelScope() as scope:
             d.scope = scope

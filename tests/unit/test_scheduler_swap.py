@@ -9,7 +9,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from ipc.errors import BadRequest
+from ipc.errors import BadRequest, Error, ErrorCode
 
 from ipc.protocol import memory as mp
 from ipc.protocol.scheduler import FinishReason
@@ -118,3 +118,40 @@ def test_the_preemption_mode_is_read_from_config_and_a_bad_one_is_named(tmp_path
     path.write_text('[scheduler]\npreemption = "teleport"\n')
     with pytest.raises(BadRequest, match="preemption"):
         load_scheduler_config(path)
+
+
+@pytest.mark.parametrize("nth_swap_in", range(5))
+async def test_a_swapped_in_sequence_whose_reserve_is_refused_still_counts_its_blocks(nth_swap_in: int) -> None:
+    """The memory server gives a sequence its device blocks back (SwapIn), then
+    refuses the same step's Reserve for it (an earlier item took idle cached
+    blocks, or a quota). It holds blocks either way; if the planner forgot
+    them it would never preempt again and the engine would stall for good."""
+    config = SchedulerConfig(**TIGHT, preemption=PreemptionMode.SWAP)  # type: ignore[arg-type]
+    async with running(config, {"cpu": FakeDriver(12, host_slots=64)}) as (engine, backend):
+        real_swap_in, real_reserve = backend.swap_in, backend.reserve
+        seen = {"swap_ins": 0, "victim": "", "refused": 0}
+
+        async def swap_in(req: mp.SwapIn) -> mp.SwapInReply:
+            reply = await real_swap_in(req)
+            for got in reply.seqs:
+                if got.error is None and not seen["victim"]:
+                    if seen["swap_ins"] == nth_swap_in:
+                        seen["victim"] = got.seq_id
+                    seen["swap_ins"] += 1
+            return reply
+
+        async def reserve(req: mp.Reserve) -> mp.ReserveReply:
+            victim = seen["victim"]
+            if not victim or seen["refused"] or all(i.seq_id != victim for i in req.seqs):
+                return await real_reserve(req)
+            seen["refused"] = 1
+            rest = [i for i in req.seqs if i.seq_id != victim]
+            granted = iter((await real_reserve(mp.Reserve(rest))).seqs if rest else [])
+            return mp.ReserveReply([mp.SeqBlocks(i.seq_id, error=Error(ErrorCode.OVERLOADED, "out of blocks"))
+                                    if i.seq_id == victim else next(granted) for i in req.seqs])
+
+        backend.swap_in, backend.reserve = swap_in, reserve  # type: ignore[method-assign]
+        streams = [Stream(engine, prompt=p, max_tokens=MAX_TOKENS, request_id=f"r{i}") for i, p in enumerate(PROMPTS)]
+        finals = [await s.result() for s in streams]
+    for p, s, f in zip(PROMPTS, streams, finals):
+        assert s.tokens(f) == expected(p, MAX_TOKENS)
