@@ -15,6 +15,8 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
+import anyio
+
 from ipc.errors import DeadlineExceeded, Internal, Unavailable
 from ipc.protocol.sampling import SamplingParams
 from ipc.protocol.scheduler import SCHEDULER, Finished, FinishReason, Submit, TokenDelta, Usage
@@ -28,6 +30,10 @@ from sdk.connection import Connection
 # restart intensity bounds the rest: past it the kernel exits.
 MAX_RESUBMITS = 5
 RESUBMIT_PATIENCE_S = 120.0
+# Pause before a re-submission that follows one without progress: doubles
+# from this, at most RESUBMIT_BACKOFF_MAX_S (the request's deadline caps it).
+RESUBMIT_BACKOFF_S = 0.05
+RESUBMIT_BACKOFF_MAX_S = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +75,8 @@ def build_submit(prompt: str | Sequence[int], *, max_tokens: int = 256, temperat
 
 
 async def stream_generate(conn: Connection, submit: Submit, *, max_resubmits: int = MAX_RESUBMITS,
-                          patience_s: float = RESUBMIT_PATIENCE_S) -> AsyncIterator[Chunk]:
+                          patience_s: float = RESUBMIT_PATIENCE_S,
+                          backoff_s: float = RESUBMIT_BACKOFF_S) -> AsyncIterator[Chunk]:
     held: list[int] = []
     attempt = 0
     # Re-submissions since the last token arrived: a long request survives any
@@ -103,21 +110,27 @@ async def stream_generate(conn: Connection, submit: Submit, *, max_resubmits: in
                 stalled, progress_at, progress_time = 1, len(held), now
             else:
                 stalled += 1
-            if stalled > max_resubmits and now - progress_time >= patience_s:
-                raise
-            if submit.deadline_ns and time.time_ns() >= submit.deadline_ns:
-                raise DeadlineExceeded(f"request {submit.request_id!r} passed its deadline while the scheduler "
-                                       "was restarting", detail={"request_id": submit.request_id}) from None
+            if getattr(conn, "closed", False) or (stalled > max_resubmits and now - progress_time >= patience_s):
+                raise  # our own connection is gone, or the system does not come back
+            pause = min(backoff_s * 2 ** (stalled - 2), RESUBMIT_BACKOFF_MAX_S) if stalled > 1 else 0.0
+            if submit.deadline_ns:
+                left = (submit.deadline_ns - time.time_ns()) / 1e9
+                if left <= 0:
+                    raise DeadlineExceeded(f"request {submit.request_id!r} passed its deadline while the "
+                                           "scheduler was restarting", detail={"request_id": submit.request_id}) from None
+                pause = min(pause, left)
+            await anyio.sleep(pause)  # also lets the loop run between attempts
             continue
         raise Internal("the scheduler's stream ended without Finished")
 
 
 async def generate(conn: Connection, submit: Submit, *, max_resubmits: int = MAX_RESUBMITS,
-                   patience_s: float = RESUBMIT_PATIENCE_S) -> Completion:
+                   patience_s: float = RESUBMIT_PATIENCE_S, backoff_s: float = RESUBMIT_BACKOFF_S) -> Completion:
     text: list[str] = []
     ids: list[int] = []
     chunks = 0
-    async for c in stream_generate(conn, submit, max_resubmits=max_resubmits, patience_s=patience_s):
+    async for c in stream_generate(conn, submit, max_resubmits=max_resubmits, patience_s=patience_s,
+                                   backoff_s=backoff_s):
         chunks += 1
         text.append(c.text)
         ids.extend(c.token_ids)

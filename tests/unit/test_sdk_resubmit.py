@@ -71,9 +71,20 @@ class FlappingScheduler(DyingScheduler):
 
 async def test_more_restarts_without_progress_than_the_count_are_waited_for_within_the_patience() -> None:
     sched = FlappingScheduler(total=10, deaths=3 * MAX_RESUBMITS)
-    done = await generate(sched, build_submit("hi", max_tokens=10, request_id="r3"))  # type: ignore[arg-type]
+    done = await generate(sched, build_submit("hi", max_tokens=10, request_id="r3"),  # type: ignore[arg-type]
+                          backoff_s=0)  # (paces nothing here: the fake answers at once)
     assert done.token_ids == list(range(10)) and done.finish_reason == FinishReason.LENGTH
     assert len(sched.submits) == 3 * MAX_RESUBMITS + 1
+
+
+async def test_a_closed_connection_is_not_resubmitted_to() -> None:
+    """A closed connection fails every call at once: re-submitting for the
+    whole patience would spin the caller's event loop (the gateway's)."""
+    sched = DyingScheduler(total=40, tokens_per_life=0)
+    sched.closed = True  # type: ignore[attr-defined]
+    with pytest.raises(Unavailable):
+        await generate(sched, build_submit("hi", max_tokens=40, request_id="r5"))  # type: ignore[arg-type]
+    assert len(sched.submits) == 1
 
 
 async def test_a_request_past_its_deadline_is_not_resubmitted() -> None:
