@@ -103,13 +103,16 @@ async def top(home: str | None, once: bool) -> int:
         # Ctrl-C / SIGTERM end the view through our own cancel scope (not
         # the event loop's KeyboardInterrupt, which a call in flight could
         # swallow), and the frames are drawn here, not by a refresh thread.
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(_stop_on_signal, tg.cancel_scope)
-            with Live(view, console=console, auto_refresh=False, screen=False) as live:
-                while True:
-                    await anyio.sleep(1.0)
-                    view, sample = await frame(client, sample)
-                    live.update(view, refresh=True)
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_stop_on_signal, tg.cancel_scope)
+                with Live(view, console=console, auto_refresh=False, screen=False) as live:
+                    while True:
+                        await anyio.sleep(1.0)
+                        view, sample = await frame(client, sample)
+                        live.update(view, refresh=True)
+        except* LlmosError as group:  # e.g. the kernel went away: one clear line, not a traceback
+            raise group.exceptions[0] from None
     return 0
 
 
