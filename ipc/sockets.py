@@ -112,7 +112,7 @@ class Channel:
         self._on_readable = on_readable
         self._loop = asyncio.get_running_loop()
         self._fd: int = int(sock.getsockopt(zmq.FD))
-        self._loop.add_reader(self._fd, on_readable or self._wake.set)
+        self._loop.add_reader(self._fd, self._on_fd if on_readable is not None else self._wake.set)
         self._closed = False
         self._read_scheduled = False
         self._rearm = not reader_reschedules
@@ -189,6 +189,16 @@ class Channel:
             yield
         finally:
             self._reading = False
+
+    def _on_fd(self) -> None:
+        """The FD fired: read, and come back while more than a batch waits
+        (the edge that fired will not fire again for what is already queued)."""
+        if self._closed or self._on_readable is None:
+            return
+        self._on_readable()
+        if self._rearm and not self._closed and not self._read_scheduled and self.pending_input():
+            self._read_scheduled = True
+            self._loop.call_soon(self._scheduled_read)
 
     def _scheduled_read(self) -> None:
         self._read_scheduled = False

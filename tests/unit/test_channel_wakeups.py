@@ -126,3 +126,32 @@ async def test_the_kernel_continues_a_flood_with_one_pump_per_turn(tmp_path, mon
         ctx.term()
     assert k.counters.rejected == 20_000
     assert max(slices) <= 3, f"pump slices per turn grew to {max(slices)}"
+
+
+async def test_more_than_a_batch_arriving_at_once_is_all_read() -> None:
+    """One FD wake-up for 600 messages: the reader drains a batch (512) per
+    call, and the channel comes back for the rest by itself (the edge that
+    woke it will not fire again for what is already queued)."""
+    import anyio
+
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.bind("inproc://batch")
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.IDENTITY, b"d")
+    dealer.connect("inproc://batch")
+    got: list[list[zmq.Frame]] = []
+    ch = Channel(dealer, on_readable=lambda: got.extend(ch.drain()))
+    try:
+        dealer.send_multipart([b"", b"hello"])
+        ident, _, _ = router.recv_multipart()
+        for i in range(600):
+            router.send_multipart([ident, b"", b"%d" % i])
+        with anyio.fail_after(10):
+            while len(got) < 600:
+                await asyncio.sleep(0.01)
+        assert [bytes(m[1]) for m in got] == [b"%d" % i for i in range(600)]
+    finally:
+        ch.close()
+        router.close(0)
+        ctx.term()
