@@ -24,6 +24,7 @@ class Seq:
     priority: int = 0
     arrival: float = 0.0  # monotonic seconds
     owner: Any = None  # the request this sequence serves (opaque here)
+    max_len: int = 0  # positions it may reach (prompt + max tokens; 0: unknown)
     # KV state. `mem_known`: tokens the memory server holds for `mem_id`;
     # `num_computed`: positions whose KV the driver has written. While
     # `swapped`, the KV is in its pool's host swap tier and `block_table`

@@ -258,7 +258,7 @@ class SessionTable:
         head = min((w for w in engine.waiting if id(w) not in scheduled),
                    key=lambda w: engine.policy.key(w, now), default=None)
         if head is not None:
-            pool = head.pool if head.pool in ledger.shapes else ledger.placement()
+            pool = head.pool if head.pool in ledger.shapes else ledger.placement(head.max_len)
             if pool is not None and ledger.needed(head, min(head.remaining, engine.limits.prefill_chunk),
                                                   pool) > ledger.free[pool]:
                 pools.add(pool)

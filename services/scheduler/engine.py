@@ -190,10 +190,10 @@ class Engine:
         if msg.attempt == 0:
             self._admit(len(prompt))
         stop_ids = frozenset(msg.stop_token_ids) | (frozenset() if msg.ignore_eos else model.eos_token_ids)
+        max_len = min(len(prompt) + msg.max_tokens, room)
         seq = Seq(next(self._seq_nos), list(prompt), len(prompt), tenant=principal or "default",
-                  priority=msg.priority, arrival=time.monotonic())
-        req = Request(key, msg, prompt, seq, TextStream(model.tokenizer, prompt, msg.stop),
-                      stop_ids, min(len(prompt) + msg.max_tokens, room))
+                  priority=msg.priority, arrival=time.monotonic(), max_len=max_len)
+        req = Request(key, msg, prompt, seq, TextStream(model.tokenizer, prompt, msg.stop), stop_ids, max_len)
         seq.owner = req
         sink = req.attach(emit, msg.resume_from)
         for token in msg.resume_ids:

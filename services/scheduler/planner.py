@@ -83,9 +83,13 @@ class BlockLedger:
                 del refs[b]
                 self.free[seq.pool or ""] += 1
 
-    def placement(self) -> str | None:
-        """The pool with the most free blocks (ties: by name, for determinism)."""
-        return max(sorted(self.free), key=lambda p: self.free[p], default=None)
+    def placement(self, max_len: int = 0) -> str | None:
+        """The pool with the most free blocks among those that can hold a
+        sequence of `max_len` positions whole (ties: by name, for
+        determinism); a sequence stays where it is placed, and one on a pool
+        too small for it could only ever preempt itself."""
+        fits = [p for p in sorted(self.free) if self.shapes[p].num_blocks * self.shapes[p].block_size >= max_len]
+        return max(fits or sorted(self.free), key=lambda p: self.free[p], default=None)
 
 
 def plan(running: Iterable[Seq], waiting: Iterable[Seq], policy: Policy, ledger: BlockLedger,
@@ -139,7 +143,7 @@ def plan(running: Iterable[Seq], waiting: Iterable[Seq], policy: Policy, ledger:
         for seq in wait:
             if budget <= 0 or len(out.scheduled) >= limits.max_num_seqs:
                 break
-            placed = seq.pool if seq.pool in ledger.shapes else ledger.placement()
+            placed = seq.pool if seq.pool in ledger.shapes else ledger.placement(seq.max_len)
             if placed is None:
                 break
             pool = placed
@@ -170,7 +174,7 @@ def _deferred(run: list[Seq], wait: list[Seq], policy: Policy, ledger: BlockLedg
     deferred = [r for r in run if policy.defers(r, head, now)]
     if not deferred:
         return []
-    pool = head.pool if head.pool in ledger.shapes else ledger.placement()
+    pool = head.pool if head.pool in ledger.shapes else ledger.placement(head.max_len)
     if pool is None:
         return []
     staying = sum(1 for r in run if r.pool == pool and r not in deferred)
@@ -181,7 +185,7 @@ def _deferred(run: list[Seq], wait: list[Seq], policy: Policy, ledger: BlockLedg
 def _batch_full(run: list[Seq], head: Seq, ledger: BlockLedger, limits: Limits) -> bool:
     if len(run) >= limits.max_num_seqs:
         return True
-    pool = head.pool if head.pool in ledger.shapes else ledger.placement()
+    pool = head.pool if head.pool in ledger.shapes else ledger.placement(head.max_len)
     if pool is None:
         return False
     return ledger.needed(head, min(head.remaining, limits.prefill_chunk), pool) > ledger.free[pool]

@@ -294,3 +294,23 @@ async def test_session_requests_run_one_at_a_time_in_arrival_order() -> None:
     ends = [s.sink.request.finished_at for s in streams]
     assert starts[1] >= ends[0] and starts[2] >= ends[1]
     assert all(f.finish_reason == FinishReason.LENGTH for f in finals)
+
+
+async def test_a_sequence_is_placed_only_on_a_pool_that_can_hold_it_whole() -> None:
+    # "small" holds 24 positions, "big" 256. While big is busy, small has
+    # more free blocks — but a 46-position request placed there could only
+    # ever preempt itself (a sequence stays on its pool).
+    config = SchedulerConfig(token_budget=64, max_num_seqs=8, prefill_chunk=64)
+    drivers = {"small": FakeDriver(6), "big": FakeDriver(64)}
+    async with running(config, drivers) as (engine, _):
+        busy = [Stream(engine, prompt=f"{i}" + "x" * 55, max_tokens=12, request_id=f"busy{i}") for i in range(4)]
+        with anyio.fail_after(10):
+            while not all(s.sink.request.seq in engine.running and s.sink.request.seq.block_table for s in busy):
+                await anyio.sleep(0)
+        long = Stream(engine, prompt="hello", max_tokens=40, request_id="long")
+        later = Stream(engine, prompt="a later one", max_tokens=4, request_id="later")
+        final, after = await long.result(), await later.result()
+        for s in busy:
+            await s.result()
+    assert long.sink.request.seq.pool == "big"
+    assert long.tokens(final) == expected("hello", 40) and later.tokens(after) == expected("a later one", 4)
