@@ -79,6 +79,8 @@ class SessionTable:
         self.by_key: dict[tuple[str, str], Session] = {}
         self._park: set[tuple[str, str]] = set()
         self._unpark: set[tuple[str, str]] = set()
+        # Pools where a waiting sequence's Reserve was refused for blocks.
+        self.short_of_blocks: set[str] = set()
 
     def __len__(self) -> int:
         return len(self.by_key)
@@ -248,11 +250,13 @@ class SessionTable:
 
     def relieve_pressure(self, p: StepPlan, ledger: BlockLedger) -> None:
         """Pins give way when they keep work from running: on a pool where the
-        plan preempted, or where the next waiting sequence found too few blocks."""
+        plan preempted, where the next waiting sequence found too few blocks,
+        or where the memory server refused a waiting sequence blocks."""
+        short, self.short_of_blocks = self.short_of_blocks, set()
         if not any(x.pinned is not None for x in self.by_key.values()):
             return
         engine = self.engine
-        pools = {v.pool for v in p.preempted}
+        pools = {v.pool for v in p.preempted} | short
         scheduled = {id(seq) for seq, _ in p.scheduled}
         now = time.monotonic()
         head = min((w for w in engine.waiting if id(w) not in scheduled),

@@ -451,7 +451,13 @@ class Engine:
         code = getattr(error, "code", "")
         message = getattr(error, "message", "")
         if code == ErrorCode.OVERLOADED:
-            return  # out of blocks (or over quota): it waits for a later step
+            # Out of blocks (or over quota): it waits for a later step, and
+            # idle sessions' pins on its pool give way (the planner's estimate
+            # said it fit; the memory server, which also counts idle cached
+            # blocks it would reuse, says not).
+            if seq.pool is not None and seq not in self.running:
+                self.sessions.short_of_blocks.add(seq.pool)
+            return
         if code == ErrorCode.NOT_FOUND and seq.mem_known == 0:
             return  # the memory server does not know the pool yet
         # The memory server lost or disagrees about the sequence: start over.

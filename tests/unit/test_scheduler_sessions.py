@@ -8,7 +8,7 @@ from __future__ import annotations
 import anyio
 import pytest
 
-from ipc.errors import NotFound
+from ipc.errors import Error, ErrorCode, NotFound
 from ipc.protocol import memory as mp
 from ipc.protocol.scheduler import FinishReason, SessionState
 from services.scheduler.config import SchedulerConfig
@@ -182,3 +182,32 @@ async def test_a_pinned_session_kv_survives_a_memory_server_restart() -> None:
         f2 = await second.result()
     assert second.tokens(f2) == reference(prompt2, 8)
     assert f2.usage.cached_tokens == 28  # the first turn's 7 full blocks, adopted from the driver
+
+
+async def test_a_pin_gives_way_when_the_memory_server_refuses_a_waiting_request_blocks() -> None:
+    """The planner's estimate says the next request fits beside an idle
+    session's pin; the memory server (which also counts idle cached blocks a
+    prompt would reuse) refuses it. Refused while the pin stays, it would
+    wait forever; the pin on that pool gives way instead."""
+    async with running(SchedulerConfig(), {"cpu": FakeDriver(64)}) as (engine, backend):
+        first = Stream(engine, prompt_ids=TOK.encode("a conversation"), max_tokens=8, session="chat")
+        await first.result()
+        await until(lambda: engine.sessions.get("", "chat").info().kv_where == "device", "pinned")
+        real_reserve = backend.reserve
+        refused = 0
+
+        async def reserve(req: mp.Reserve) -> mp.ReserveReply:
+            nonlocal refused
+            if not engine.sessions.pinned():
+                return await real_reserve(req)
+            refused += 1  # "out of blocks" for every new sequence while a pin is held
+            rest = [i for i in req.seqs if i.start > 0]
+            granted = iter((await real_reserve(mp.Reserve(rest))).seqs if rest else [])
+            return mp.ReserveReply([next(granted) if i.start > 0 else
+                                    mp.SeqBlocks(i.seq_id, error=Error(ErrorCode.OVERLOADED, "out of blocks"))
+                                    for i in req.seqs])
+
+        backend.reserve = reserve  # type: ignore[method-assign]
+        other = Stream(engine, prompt="another tenant's request", max_tokens=6)
+        final = await other.result()
+    assert refused >= 1 and other.tokens(final) == expected("another tenant's request", 6)
