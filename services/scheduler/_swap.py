@@ -54,12 +54,7 @@ async def swap_out(engine: "Engine", seqs: list[Seq]) -> list[Seq]:
             drop_kv(engine, seq)
         else:
             moved.append((seq, got))
-    failed = await _copy(engine, moved, lambda d, h: dp.SwapBlocksOut(d, h))
-    done = []
-    for seq, got in moved:
-        if seq not in failed:
-            seq.block_table, seq.swapped = list(got.blocks), True
-            done.append(seq)
+    done = await _copy(engine, moved, lambda d, h: dp.SwapBlocksOut(d, h), swapped=True)
     engine.swapped_out += len(done)
     return done
 
@@ -86,19 +81,17 @@ async def swap_in(engine: "Engine", seqs: list[Seq]) -> list[Seq]:
             moved.append((seq, got))
     # The memory server has given them device blocks: a failed copy drops
     # the sequence's KV with them.
-    failed = await _copy(engine, moved, lambda d, h: dp.SwapBlocksIn(h, d))
-    for seq, got in moved:
-        if seq not in failed:
-            seq.block_table, seq.swapped = list(got.blocks), False
-            engine.swapped_in += 1
+    engine.swapped_in += len(await _copy(engine, moved, lambda d, h: dp.SwapBlocksIn(h, d), swapped=False))
     return later
 
 
 async def _copy(engine: "Engine", moved: list[tuple[Seq, mp.SeqSwap]],
-                make: Callable[[list[int], list[int]], dp.SwapBlocksOut | dp.SwapBlocksIn]) -> set[Seq]:
+                make: Callable[[list[int], list[int]], dp.SwapBlocksOut | dp.SwapBlocksIn],
+                swapped: bool) -> list[Seq]:
     """Run the memory server's copy plan on each driver (`make(device blocks,
-    swap slots)` is the driver's message); returns the sequences whose copy
-    failed (their KV is dropped)."""
+    swap slots)` is the driver's message). The sequences copied get their new
+    table (slots, or device blocks) and `swapped`, and are returned; those
+    whose copy failed have their KV dropped."""
     by_pool: dict[str, tuple[list[Seq], list[int], list[int]]] = {}
     for seq, got in moved:
         seqs, device, host = by_pool.setdefault(seq.pool or "", ([], [], []))
@@ -117,7 +110,12 @@ async def _copy(engine: "Engine", moved: list[tuple[Seq, mp.SeqSwap]],
             for seq in seqs:
                 drop_kv(engine, seq)
             failed.update(seqs)
-    return failed
+    done = []
+    for seq, got in moved:
+        if seq not in failed:
+            seq.block_table, seq.swapped = list(got.blocks), swapped
+            done.append(seq)
+    return done
 
 
 __all__ = ["drop_kv", "swap_in", "swap_out"]
