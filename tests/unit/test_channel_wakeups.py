@@ -6,80 +6,85 @@ services, hearing nothing, stopped; found by the chaos fuzzer.)"""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import zmq
 
 from ipc.sockets import Channel
 
 
-async def test_sends_with_input_pending_schedule_one_read() -> None:
+@contextmanager
+def socket_pair(name: str) -> Iterator[tuple[zmq.Socket[bytes], zmq.Socket[bytes]]]:
+    """A ROUTER and a DEALER (identity b"peer") connected over inproc://NAME."""
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     router = ctx.socket(zmq.ROUTER)
-    router.bind("inproc://wakeups")
+    router.bind(f"inproc://{name}")
     dealer = ctx.socket(zmq.DEALER)
     dealer.setsockopt(zmq.IDENTITY, b"peer")
-    dealer.connect("inproc://wakeups")
-    reads = 0
-
-    def on_readable() -> None:
-        nonlocal reads
-        reads += 1
-        ch.drain()
-
-    ch = Channel(router, on_readable=on_readable)
+    dealer.connect(f"inproc://{name}")
     try:
-        dealer.send_multipart([b"", b"pending"])
-        while not ch.pending_input():
-            await asyncio.sleep(0.001)
-        reads = 0
-        for _ in range(1000):
-            assert ch.send([b"peer", b"", b"answer"])
-        for _ in range(3):
-            await asyncio.sleep(0)
-        assert reads == 1
-        # Once it ran, input pending at a later send schedules the next one.
-        dealer.send_multipart([b"", b"pending again"])
-        while not ch.pending_input():
-            await asyncio.sleep(0.001)
-        ch.send([b"peer", b"", b"answer"])
-        for _ in range(3):
-            await asyncio.sleep(0)
-        assert reads == 2
+        yield router, dealer
     finally:
-        ch.close()
+        router.close(0)
         dealer.close(0)
         ctx.term()
+
+
+async def test_sends_with_input_pending_schedule_one_read() -> None:
+    with socket_pair("wakeups") as (router, dealer):
+        reads = 0
+
+        def on_readable() -> None:
+            nonlocal reads
+            reads += 1
+            ch.drain()
+
+        ch = Channel(router, on_readable=on_readable)
+        try:
+            dealer.send_multipart([b"", b"pending"])
+            while not ch.pending_input():
+                await asyncio.sleep(0.001)
+            reads = 0
+            for _ in range(1000):
+                assert ch.send([b"peer", b"", b"answer"])
+            for _ in range(3):
+                await asyncio.sleep(0)
+            assert reads == 1
+            # Once it ran, input pending at a later send schedules the next one.
+            dealer.send_multipart([b"", b"pending again"])
+            while not ch.pending_input():
+                await asyncio.sleep(0.001)
+            ch.send([b"peer", b"", b"answer"])
+            for _ in range(3):
+                await asyncio.sleep(0)
+            assert reads == 2
+        finally:
+            ch.close()
 
 
 async def test_a_reader_that_reschedules_itself_is_not_rearmed_by_the_channel() -> None:
-    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    router = ctx.socket(zmq.ROUTER)
-    router.bind("inproc://self-rescheduling")
-    dealer = ctx.socket(zmq.DEALER)
-    dealer.setsockopt(zmq.IDENTITY, b"peer")
-    dealer.connect("inproc://self-rescheduling")
-    reads = 0
-
-    def on_readable() -> None:  # reads one message a call, leaves the rest
-        nonlocal reads
-        reads += 1
-        ch.drain(limit=1)
-
-    ch = Channel(router, on_readable=on_readable, reader_reschedules=True)
-    try:
-        for i in range(5):
-            dealer.send_multipart([b"", b"%d" % i])
-        while not ch.pending_input():
-            await asyncio.sleep(0.001)
+    with socket_pair("self-rescheduling") as (router, dealer):
         reads = 0
-        ch.send([b"peer", b"", b"answer"])  # input pending: one deferred read
-        for _ in range(10):
-            await asyncio.sleep(0)
-        assert reads == 1 and ch.pending_input()  # what is left is the reader's to schedule
-    finally:
-        ch.close()
-        dealer.close(0)
-        ctx.term()
+
+        def on_readable() -> None:  # reads one message a call, leaves the rest
+            nonlocal reads
+            reads += 1
+            ch.drain(limit=1)
+
+        ch = Channel(router, on_readable=on_readable, reader_reschedules=True)
+        try:
+            for i in range(5):
+                dealer.send_multipart([b"", b"%d" % i])
+            while not ch.pending_input():
+                await asyncio.sleep(0.001)
+            reads = 0
+            ch.send([b"peer", b"", b"answer"])  # input pending: one deferred read
+            for _ in range(10):
+                await asyncio.sleep(0)
+            assert reads == 1 and ch.pending_input()  # what is left is the reader's to schedule
+        finally:
+            ch.close()
 
 
 async def test_the_kernel_continues_a_flood_with_one_pump_per_turn(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
@@ -134,24 +139,17 @@ async def test_more_than_a_batch_arriving_at_once_is_all_read() -> None:
     woke it will not fire again for what is already queued)."""
     import anyio
 
-    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    router = ctx.socket(zmq.ROUTER)
-    router.bind("inproc://batch")
-    dealer = ctx.socket(zmq.DEALER)
-    dealer.setsockopt(zmq.IDENTITY, b"d")
-    dealer.connect("inproc://batch")
-    got: list[list[zmq.Frame]] = []
-    ch = Channel(dealer, on_readable=lambda: got.extend(ch.drain()))
-    try:
-        dealer.send_multipart([b"", b"hello"])
-        ident, _, _ = router.recv_multipart()
-        for i in range(600):
-            router.send_multipart([ident, b"", b"%d" % i])
-        with anyio.fail_after(10):
-            while len(got) < 600:
-                await asyncio.sleep(0.01)
-        assert [bytes(m[1]) for m in got] == [b"%d" % i for i in range(600)]
-    finally:
-        ch.close()
-        router.close(0)
-        ctx.term()
+    with socket_pair("batch") as (router, dealer):
+        got: list[list[zmq.Frame]] = []
+        ch = Channel(dealer, on_readable=lambda: got.extend(ch.drain()))
+        try:
+            dealer.send_multipart([b"", b"hello"])
+            ident, _, _ = router.recv_multipart()
+            for i in range(600):
+                router.send_multipart([ident, b"", b"%d" % i])
+            with anyio.fail_after(10):
+                while len(got) < 600:
+                    await asyncio.sleep(0.01)
+            assert [bytes(m[1]) for m in got] == [b"%d" % i for i in range(600)]
+        finally:
+            ch.close()
