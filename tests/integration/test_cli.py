@@ -9,6 +9,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -44,14 +45,30 @@ def wait_ps(home: Path, pred, what: str) -> dict:  # type: ignore[no-untyped-def
         time.sleep(0.1)
 
 
+@contextmanager
+def llmos_up(home: Path, *args: str) -> Iterator[subprocess.Popen[bytes]]:
+    """`llmos up ARGS` in the background (its output in HOME/up.log). The body
+    ends with `llmos down`, which the caller checks; if it did not, the
+    process is killed. No socket may be left behind either way."""
+    with open(home / "up.log", "wb") as log:
+        up = subprocess.Popen([*LLMOS, "--home", str(home), "up", "--quiet", *args], cwd=REPO_ROOT,
+                              env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, stdout=log, stderr=log)
+        try:
+            yield up
+            assert llmos(home, "down").returncode == 0
+            assert up.wait(30) == 0
+        finally:
+            if up.poll() is None:
+                up.kill()
+                up.wait()
+    assert leftover_sockets(home) == []
+
+
 def test_up_ps_kill_down(home: Path) -> None:
     # security and echo only: the default set would boot the demo model too
     cfg = write_config(home / "llmos.toml", Config(children=[ChildSpec("security", "services.security"),
                                                              ChildSpec("echo", "services.echo")]))
-    up = subprocess.Popen([*LLMOS, "--home", str(home), "up", "--quiet", "--config", str(cfg)], cwd=REPO_ROOT,
-                          env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
+    with llmos_up(home, "--config", str(cfg)) as up:
         # The default config runs with auth on: `ps` works once the security server has
         # written admin.key (the local operator's key), which the CLI then uses.
         snap = wait_ps(home, lambda s: all(i["state"] == "ready" for i in s["instances"]), "all ready")
@@ -73,15 +90,6 @@ def test_up_ps_kill_down(home: Path) -> None:
 
         bad = llmos(home, "kill", "nope")
         assert bad.returncode == 1 and "no supervised service or instance named 'nope'" in bad.stderr
-
-        down = llmos(home, "down")
-        assert down.returncode == 0
-        assert up.wait(30) == 0
-    finally:
-        if up.poll() is None:
-            up.kill()
-            up.wait()
-    assert leftover_sockets(home) == []
 
 
 def test_ps_without_a_running_llmos_says_so(home: Path) -> None:
@@ -107,20 +115,10 @@ def served() -> Iterator[Path]:
     """One `llmos up` (the defaults: auth on, the demo model, a small swap tier)
     shared by the jobs and sessions tests."""
     home = Path(tempfile.mkdtemp(prefix="llmos-", dir="/tmp"))
-    with open(home / "up.log", "wb") as log:
-        up = subprocess.Popen([*LLMOS, "--home", str(home), "up", "--quiet", "--swap-mb", "8"], cwd=REPO_ROOT,
-                              env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, stdout=log, stderr=log)
-        try:
-            wait_ps(home, lambda s: any(i["service"] == "scheduler" for i in s["instances"])
-                    and all(i["state"] == "ready" for i in s["instances"]), "the scheduler ready")
-            yield home
-            assert llmos(home, "down").returncode == 0
-            assert up.wait(30) == 0
-        finally:
-            if up.poll() is None:
-                up.kill()
-                up.wait()
-    assert leftover_sockets(home) == []
+    with llmos_up(home, "--swap-mb", "8"):
+        wait_ps(home, lambda s: any(i["service"] == "scheduler" for i in s["instances"])
+                and all(i["state"] == "ready" for i in s["instances"]), "the scheduler ready")
+        yield home
     if not os.environ.get("LLMOS_KEEP_TEST_HOME"):
         subprocess.run(["rm", "-rf", str(home)], check=False)
 
