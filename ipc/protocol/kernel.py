@@ -110,6 +110,9 @@ class ShuttingDown(Message):
     pass
 
 
+# The kernel's audit topic: every refused client request (`AccessDenied`) and
+# every kernel op that acted or read privileged state (`KernelOpDone`). The
+# security server subscribes and writes each event to the audit log.
 DENIALS_TOPIC = "kernel.denials"
 
 
@@ -141,3 +144,17 @@ class AccessDenied(Message):
     token_id: str = ""
     at: float = 0.0  # unix seconds
     dropped: int = 0
+
+
+class KernelOpDone(Message):
+    """Published on `kernel.denials` for every kernel op that acted (Kill,
+    Shutdown, SetRevocations) or subscribed to a topic, with who asked and
+    from where. `origin` is "front" for a client, "back:<instance>" for a
+    registered service. Strings are the kernel's own (bounded) copies."""
+
+    op: str
+    principal: str
+    origin: str
+    target: str = ""  # Kill's target, Subscribe's topic, Shutdown's reason
+    outcome: str = "ok"
+    at: float = 0.0
