@@ -138,3 +138,22 @@ class QuotaPolicy(Message):
 
     version: int
     quotas: dict[str, Quota] = {}
+
+
+AUDIT_TOPIC = "security.audit"
+
+
+class AuditNote(Message):
+    """A refusal or privileged action decided by a service other than the
+    kernel (a token caveat refused by the scheduler, an admin listing every
+    principal's jobs), published on `AUDIT_TOPIC`; the security server writes
+    each to the audit log. Only registered services can publish (clients
+    cannot send EVENTs), so the fields are the service's word. `origin` is the
+    publishing instance; strings are bounded by the publisher."""
+
+    principal: str
+    action: str  # e.g. "caveat", "jobs.list_all"
+    target: str  # e.g. "scheduler:Submit"
+    outcome: str  # an error code, or "ok"
+    origin: str = ""
+    detail: dict[str, str | int | float | bool] = {}
