@@ -53,6 +53,7 @@ RIGHTS: dict[str, tuple[tuple[str, str], ...]] = {
     "generate": (("scheduler", "Submit"), ("scheduler", "Cancel"), ("scheduler", "RequestStatus")),
     "session": (("scheduler", "*Session*"),),
     "jobs": (("scheduler", "*Job*"),),
+    "priority": (("scheduler", "PrioritySubmit"),),  # run ahead of the default priority (< 0)
     "echo": (("echo", "*"),),  # the test/benchmark service
 }
 

@@ -10,12 +10,16 @@ match. Parallel samples of one prompt need distinct seeds.
 from __future__ import annotations
 
 import math
+from typing import Annotated
+
+import msgspec
 
 from ipc.errors import BadRequest
 from ipc.protocol.base import Message
 
 MAX_LOGPROBS = 20
 MAX_SEED = 2**63 - 1
+MAX_TOP_K = 2**31 - 1
 
 
 class SamplingParams(Message, frozen=True):
@@ -29,12 +33,13 @@ class SamplingParams(Message, frozen=True):
     """
 
     temperature: float = 1.0
-    top_k: int = 0
+    # Integer bounds are checked when a body is decoded (the refusal names the field).
+    top_k: Annotated[int, msgspec.Meta(ge=0, le=MAX_TOP_K)] = 0
     top_p: float = 1.0
     min_p: float = 0.0
     repetition_penalty: float = 1.0
-    seed: int | None = None
-    logprobs: int = 0
+    seed: Annotated[int, msgspec.Meta(ge=0, le=MAX_SEED)] | None = None
+    logprobs: Annotated[int, msgspec.Meta(ge=0, le=MAX_LOGPROBS)] = 0
 
     def validate(self) -> None:
         """Raise `BadRequest` naming the first field out of range."""
@@ -42,8 +47,8 @@ class SamplingParams(Message, frozen=True):
         # formatted on failure.
         if not (math.isfinite(self.temperature) and 0.0 <= self.temperature <= 100.0):
             _fail("temperature", f"must be in [0, 100], got {self.temperature}")
-        if self.top_k < 0:
-            _fail("top_k", f"must be >= 0 (0 = off), got {self.top_k}")
+        if not 0 <= self.top_k <= MAX_TOP_K:
+            _fail("top_k", f"must be in [0, {MAX_TOP_K}] (0 = off), got {self.top_k}")
         if not (math.isfinite(self.top_p) and 0.0 < self.top_p <= 1.0):
             _fail("top_p", f"must be in (0, 1], got {self.top_p}")
         if not (math.isfinite(self.min_p) and 0.0 <= self.min_p <= 1.0):

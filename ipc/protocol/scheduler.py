@@ -33,8 +33,16 @@ SCHEDULER = "scheduler"
 MAX_STOP_STRINGS = 16
 MAX_STOP_LEN = 256
 MAX_REQUEST_ID_LEN = 128
+# Bounds on the integers a client sends, checked when the body is decoded
+# (a refusal names the field): nothing downstream sees a 2**64.
+MAX_TOKENS_LIMIT = 1 << 20
+MAX_PRIORITY = 1000
+MAX_TIME_NS = 2**63 - 1
 
-NonNegative = Annotated[int, msgspec.Meta(ge=0)]
+NonNegative = Annotated[int, msgspec.Meta(ge=0, le=MAX_TIME_NS)]
+MaxTokens = Annotated[int, msgspec.Meta(ge=1, le=MAX_TOKENS_LIMIT)]
+PriorityLevel = Annotated[int, msgspec.Meta(ge=-MAX_PRIORITY, le=MAX_PRIORITY)]
+TokenId = Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]
 
 
 class FinishReason(StrEnum):
@@ -59,14 +67,16 @@ class Submit(Message):
     """Generate text. Give the prompt as `prompt` text or as `prompt_ids`."""
 
     prompt: str = ""
-    prompt_ids: list[int] = []
+    prompt_ids: list[TokenId] = []
     params: SamplingParams = SamplingParams()
-    max_tokens: int = 256
+    max_tokens: MaxTokens = 256
     stop: list[str] = []
-    stop_token_ids: list[int] = []
+    stop_token_ids: list[TokenId] = []
     ignore_eos: bool = False
     # Lower runs first (policy "priority"); ignored by the other policies.
-    priority: int = 0
+    # Below 0 (ahead of everyone's default) only as a `PrioritySubmit`, the
+    # op the `priority` right covers.
+    priority: PriorityLevel = 0
     deadline_ns: NonNegative = 0  # unix ns; 0 = none
     # Requests of one session run one at a time, in arrival order.
     session: str = ""
@@ -74,10 +84,12 @@ class Submit(Message):
     # live or recently finished request re-attaches to it.
     request_id: str = ""
     resume_from: NonNegative = 0
-    resume_ids: list[int] = []
+    resume_ids: list[TokenId] = []
     add_special_tokens: bool = True
-    # The client's submission attempt; a re-submission (> 0) of an accepted
-    # request is not refused by admission control.
+    # The client's submission attempt, for its logs only: whether a Submit
+    # re-attaches (no admission, no charge) is decided from the scheduler's
+    # own state (a live or remembered request of this principal with this
+    # id), never from what a client claims.
     attempt: NonNegative = 0
 
     def validate(self) -> None:
@@ -85,8 +97,12 @@ class Submit(Message):
         if bool(self.prompt) == bool(self.prompt_ids):
             raise BadRequest("give exactly one of prompt (text) and prompt_ids", detail={"field": "prompt"})
         self.params.validate()
-        if self.max_tokens < 1:
-            raise BadRequest(f"max_tokens must be >= 1, got {self.max_tokens}", detail={"field": "max_tokens"})
+        if not 1 <= self.max_tokens <= MAX_TOKENS_LIMIT:
+            raise BadRequest(f"max_tokens must be in [1, {MAX_TOKENS_LIMIT}], got {self.max_tokens}",
+                             detail={"field": "max_tokens"})
+        if not -MAX_PRIORITY <= self.priority <= MAX_PRIORITY:
+            raise BadRequest(f"priority must be in [{-MAX_PRIORITY}, {MAX_PRIORITY}], got {self.priority}",
+                             detail={"field": "priority"})
         if any(t < 0 for t in self.prompt_ids):
             raise BadRequest("prompt_ids must not be negative", detail={"field": "prompt_ids"})
         if len(self.stop) > MAX_STOP_STRINGS or any(not s or len(s) > MAX_STOP_LEN for s in self.stop):
@@ -104,6 +120,13 @@ class Submit(Message):
         if self.resume_from > self.max_tokens:
             raise BadRequest(f"resume_from {self.resume_from} exceeds max_tokens {self.max_tokens}",
                              detail={"field": "resume_from"})
+
+
+class PrioritySubmit(Submit):
+    """A `Submit` that may run ahead of the default priority (`priority` < 0).
+    Its own op, so the kernel checks the right: only the `priority` right (and
+    `admin`) covers it; a plain `Submit` with a negative priority is
+    `forbidden`. Priorities >= 0 (yielding to others) need no right."""
 
 
 class TokenDelta(Message):
@@ -250,7 +273,7 @@ class JobRun(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
 
 
 class JobInfo(Message):
-    job_id: str
+    job_id: str  # unique per principal (each principal has its own namespace)
     state: JobState
     name: str = ""
     at_ns: int = 0
@@ -261,6 +284,7 @@ class JobInfo(Message):
     runs: int = 0  # finished runs
     error: str = ""
     results: list[JobRun] = []  # GetJob only: the latest runs, oldest first
+    principal: str = ""  # the owner (filled in AdminList answers)
 
 
 class ListJobs(Message):
@@ -281,6 +305,25 @@ class GetJob(Message):
 class CancelJob(Message):
     """No further runs; a run in progress is cancelled (and recorded so)."""
 
+    job_id: str
+
+
+# Operator ops over every principal's jobs. Their names match no right's
+# pattern but `admin`'s ("*"), so the kernel lets only an admin token (not
+# one attenuated from it to fewer rights) through: keep them free of "Job"
+# and "Session" (tests/unit/test_scheduler_admin.py checks).
+
+class AdminList(Message):
+    """Every principal's jobs (`principal` given: only that one's), each with
+    its owner in `JobInfo.principal`. Audited."""
+
+    principal: str = ""
+
+
+class AdminCancel(Message):
+    """Cancel `principal`'s job `job_id`. Audited."""
+
+    principal: str
     job_id: str
 
 
@@ -325,5 +368,6 @@ class SessionInfo(Message):
     kv_where: str = ""  # "device", "swap" or "" (none held)
 
 
-SchedulerRequest = (Submit | Cancel | RequestStatus | SchedulerStats | SubmitJob | ListJobs | GetJob | CancelJob
-                    | SuspendSession | ResumeSession | CloseSession | GetSession)
+SchedulerRequest = (Submit | PrioritySubmit | Cancel | RequestStatus | SchedulerStats | SubmitJob | ListJobs
+                    | GetJob | CancelJob | AdminList | AdminCancel | SuspendSession | ResumeSession | CloseSession
+                    | GetSession)

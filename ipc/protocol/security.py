@@ -138,6 +138,8 @@ class QuotaPolicy(Message):
 
     version: int
     quotas: dict[str, Quota] = {}
+    # Revoked principals: the scheduler cancels their jobs and live requests.
+    revoked: list[str] = []
 
 
 AUDIT_TOPIC = "security.audit"
