@@ -7,9 +7,10 @@ frame until the service that owns its type decodes it.
 from __future__ import annotations
 
 from enum import IntEnum
-from typing import Sequence
+from typing import Annotated, Sequence
 
 import msgspec
+from msgspec import Meta
 
 from ipc.errors import BadRequest
 
@@ -29,6 +30,20 @@ class Kind(IntEnum):
     DISCONNECT = 7
 
 
+# Bounds on what a header may carry, checked as it is decoded. Header strings
+# are copied into routing tables, error messages, log lines and audit records;
+# unbounded, one 1 MB `dst` cost the kernel 1 MB per unread error reply and the
+# audit log 2 MB per refusal (issue 12 #5, #6). Real names are a few dozen bytes.
+MAX_NAME = 128  # src, dst, principal: service, instance and tenant names
+MAX_OP = 64  # a message tag
+MAX_TRACE_ID = 128
+MAX_TOKEN = 4096  # a capability token (ipc.capability.MAX_TOKEN_BYTES)
+MAX_RESTRICTIONS = 1024  # stamped by the kernel; bounded like the rest
+_I64 = 2**63 - 1  # what msgspec can bound; ids and unix ns fit
+
+Name = Annotated[str, Meta(max_length=MAX_NAME)]
+
+
 class Header(msgspec.Struct, array_like=True, gc=False):
     """Routing metadata. The kernel rewrites `msg_id` (its own routing id) on the
     way to a service and back on the way to the requester, and stamps
@@ -36,18 +51,18 @@ class Header(msgspec.Struct, array_like=True, gc=False):
 
     version: int
     kind: int
-    msg_id: int = 0
-    src: str = ""
-    dst: str = ""
-    op: str = ""
-    principal: str = ""
-    token: bytes = b""
-    deadline_ns: int = 0
-    trace_id: str = ""
-    attempt: int = 0
+    msg_id: Annotated[int, Meta(ge=0, le=_I64)] = 0
+    src: Name = ""
+    dst: Name = ""
+    op: Annotated[str, Meta(max_length=MAX_OP)] = ""
+    principal: Name = ""
+    token: Annotated[bytes, Meta(max_length=MAX_TOKEN)] = b""
+    deadline_ns: Annotated[int, Meta(ge=0, le=_I64)] = 0
+    trace_id: Annotated[str, Meta(max_length=MAX_TRACE_ID)] = ""
+    attempt: Annotated[int, Meta(ge=0, le=255)] = 0
     # Caveats of the verified token that depend on the body (max_tokens,
     # session), stamped by the kernel: `ipc.capability.Restrictions.decode`.
-    restrictions: bytes = b""
+    restrictions: Annotated[bytes, Meta(max_length=MAX_RESTRICTIONS)] = b""
 
 
 _encode_header = msgspec.msgpack.Encoder().encode
@@ -63,7 +78,7 @@ def decode_header(frame: FrameLike) -> Header:
     try:
         header = _decode_header(frame)
     except msgspec.ValidationError as exc:
-        raise BadRequest(f"malformed header: {exc}") from None
+        raise BadRequest(f"malformed header: {_name_fields(str(exc))}") from None
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # msgspec raises the latter for a bad str
         raise BadRequest(f"undecodable header: {exc}") from None
     if header.version != PROTOCOL_VERSION:
@@ -74,6 +89,15 @@ def decode_header(frame: FrameLike) -> Header:
 
 
 _KINDS = frozenset(int(k) for k in Kind)
+_FIELD_AT = {f"`$[{i}]`": f"`{name}`" for i, name in enumerate(Header.__struct_fields__)}
+
+
+def _name_fields(message: str) -> str:
+    """The header is array-like on the wire: say `dst`, not `$[4]`."""
+    for at, name in _FIELD_AT.items():
+        if message.endswith(at):
+            return message[: -len(at)] + name
+    return message
 
 
 def split_route(frames: Sequence[FrameLike]) -> tuple[bytes, list[FrameLike]]:

@@ -64,16 +64,21 @@ def remove_ipc_path(endpoint: str) -> None:
 
 
 def bind_router(ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str,
-                limits: SocketLimits = SocketLimits(), curve: CurveServer | None = None) -> zmq.Socket[bytes]:
-    """A ROUTER that never drops silently (ROUTER_MANDATORY) and lets a restarted
-    peer take over its old identity (ROUTER_HANDOVER); a CURVE server on tcp://
-    when given keys (a ZAP handler must run on `ctx`: `ipc.curve.start_zap`)."""
+                limits: SocketLimits = SocketLimits(), curve: CurveServer | None = None,
+                zap_domain: str = "") -> zmq.Socket[bytes]:
+    """A ROUTER that never drops silently (ROUTER_MANDATORY) and never lets a
+    second peer take over a connected peer's identity (no ROUTER_HANDOVER:
+    with it, a peer that guessed or chose an identity got that peer's replies;
+    issue 12 #2); a CURVE server on tcp:// when given keys, in ZAP domain
+    `zap_domain` (a ZAP handler must run on `ctx`: `ipc.curve.start_zap`).
+    A restarted peer therefore connects under a fresh identity."""
     sock = ctx.socket(zmq.ROUTER)
     _apply_limits(sock, limits)
     if curve is not None and endpoint.startswith("tcp://"):
-        apply_server(sock, curve)
+        if not zap_domain:
+            raise ValueError("a CURVE ROUTER needs its ZAP domain")
+        apply_server(sock, curve, zap_domain)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-    sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
     prepare_ipc_path(endpoint)
     sock.bind(endpoint)
     if endpoint.startswith("ipc://"):

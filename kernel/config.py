@@ -60,10 +60,21 @@ class SupervisorConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class KernelConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     front: str = ""  # "" = ipc:// under LLMOS_HOME/run
     back: str = ""
+    # Requests for a service with no live instance wait, bounded per service,
+    # in all and in bytes (a restart takes ~0.5 s; a burst of a few thousand
+    # requests rides it out, a flood is refused `overloaded`).
     wait_queue_limit: int = 1024
+    wait_total_limit: int = 8192
+    wait_total_bytes: int = 64 * 1024 * 1024
     wait_timeout_s: float = 30.0
     max_attempts: int = 3
+    # The back socket carries swap images (large); the front only requests
+    # and replies: a prompt at the largest context is well under 16 MiB, and
+    # a smaller per-peer queue bounds what a client that never reads its
+    # replies can make the kernel hold (~10k small error replies).
     limits: SocketLimits = SocketLimits()
+    front_limits: SocketLimits = SocketLimits(send_hwm=10_000, recv_hwm=10_000,
+                                              max_message_bytes=16 * 1024 * 1024)
     # Capability check on every client request (kernel/guard.py). On by default:
     # a fresh `llmos up` serves no unauthenticated request but Login.
     auth: bool = True

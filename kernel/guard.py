@@ -6,14 +6,15 @@ expiry compare, three set lookups for revocation and a memoised rights check.
 The kernel never asks the security server anything, so verification goes on
 while that server restarts.
 
-Refusals are queued as `AccessDenied` events for the audit log (bounded: a
-flood of bad tokens costs memory for `BACKLOG` events, not more).
+Refusals are queued as `AccessDenied` events for the audit log, aggregated by
+(source, code, destination, op, principal): a flood from one client is one
+event with a count, not one per frame; bounded: at most `BACKLOG` distinct
+refusals wait for the security server, older ones are counted as dropped.
 """
 
 from __future__ import annotations
 
 import time
-from collections import deque
 from pathlib import Path
 from typing import Callable
 
@@ -36,7 +37,7 @@ class Guard:
         self.revoked = revoked
         self._service_of = service_of
         self._cache: dict[bytes, Capability] = {}
-        self.denials: deque[kp.AccessDenied] = deque()
+        self.denials: dict[tuple[str, ...], kp.AccessDenied] = {}  # insertion order = oldest first
         self.dropped = 0
 
     @classmethod
@@ -54,17 +55,18 @@ class Guard:
                 raise BadRequest(f"revocation list {path} is damaged: {exc}") from None
         return cls(root, revoked, service_of)
 
-    def admit(self, header: Header) -> Header:
+    def admit(self, header: Header, source: str = "") -> Header:
         """The header to route, with the verified principal (and the token's
         body-dependent restrictions) stamped; raises `Unauthorized` or
         `Forbidden`, after queueing an `AccessDenied`. Login passes whatever
-        token it carries (an expired one is why a client logs in again)."""
+        token it carries (an expired one is why a client logs in again).
+        `source` names the requester (its routing id) for the audit."""
         try:
             return self._check(header)
         except _Denied as denied:
             if (self._service_of(header.dst), header.op) in PUBLIC_OPS:
                 return msgspec.structs.replace(header, principal="", restrictions=b"")
-            self._queue(header, denied.error, denied.cap)
+            self._queue(header, denied.error, denied.cap, source)
             raise denied.error from None
 
     def _check(self, header: Header) -> Header:
@@ -103,20 +105,27 @@ class Guard:
     def set_revocations(self, revoked: RevocationList) -> None:
         self.revoked = revoked
 
-    def note(self, header: Header, exc: LlmosError) -> None:
+    def note(self, header: Header, exc: LlmosError, source: str = "", principal: str = "") -> None:
         """Queue an `AccessDenied` for a refusal decided elsewhere in the kernel."""
-        self._queue(header, exc, None)
+        self._queue(header, exc, None, source, principal)
 
-    def _queue(self, header: Header, exc: LlmosError, c: Capability | None) -> None:
+    def _queue(self, header: Header, exc: LlmosError, c: Capability | None, source: str,
+               principal: str = "") -> None:
+        principal = c.principal if c else principal
+        key = (source, str(exc.code), header.dst, header.op, principal)
+        ev = self.denials.get(key)
+        if ev is not None:
+            ev.count += 1
+            return
         if len(self.denials) >= BACKLOG:
-            self.denials.popleft()
-            self.dropped += 1
-        self.denials.append(kp.AccessDenied(str(exc.code), exc.message, header.dst, header.op,
-                                            c.principal if c else "", c.token_id if c else "", time.time()))
+            oldest = next(iter(self.denials))
+            self.dropped += self.denials.pop(oldest).count
+        self.denials[key] = kp.AccessDenied(str(exc.code), exc.message, header.dst, header.op, principal,
+                                            c.token_id if c else "", time.time(), source=source)
 
     def take_denials(self) -> list[kp.AccessDenied]:
         """The queued refusals, oldest first (the first carries the count dropped)."""
-        out = list(self.denials)
+        out = list(self.denials.values())
         self.denials.clear()
         if out and self.dropped:
             out[0].dropped, self.dropped = self.dropped, 0

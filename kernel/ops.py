@@ -1,6 +1,11 @@
 """The kernel's own ops (`dst = "kernel"`): status, subscribe, the security
 server's revocation list, kill and shutdown — the system calls of the
-microkernel, as opposed to the messages it only routes."""
+microkernel, as opposed to the messages it only routes.
+
+The capability check covered the header's op; `check` makes sure the body is
+that op (a `Status` header over a `Shutdown` body shut the kernel down, issue
+12 #1), so what runs is what was authorised.
+"""
 
 from __future__ import annotations
 
@@ -12,15 +17,53 @@ from ipc.capability import RevocationList
 from ipc.envelope import Header, Kind
 from ipc.errors import BadRequest, Forbidden, Unavailable
 from ipc.protocol import kernel as kp
-from ipc.protocol.base import Message
+from ipc.protocol.base import Message, op_of
 from ipc.sockets import Channel
+from kernel.registry import Instance
 
 if TYPE_CHECKING:
     from kernel.router import Kernel
 
+# Signals an operator may send through Kill: ways to end a process. SIGSTOP
+# and friends would freeze a service until the heartbeat expiry (a hang, not
+# a crash), and arbitrary signals have no place in a restart drill.
+KILL_SIGNALS = frozenset({"SIGKILL", "SIGTERM", "SIGINT"})
 
-def handle(k: "Kernel", ch: Channel, ident: bytes, header: Header, msg: Any) -> Message | None:
-    """Answer one decoded kernel op (None: it answered itself)."""
+
+def check(header: Header, msg: Message) -> None:
+    """Raise `BadRequest` unless the body is the op the header names."""
+    if op_of(msg) != header.op:
+        raise BadRequest(f"kernel op body is {op_of(msg)} but the header names {header.op!r}: "
+                         f"the capability check covers the header's op, so they must agree")
+
+
+def check_passed(header: Header, msg: Message) -> bool:
+    return op_of(msg) == header.op
+
+
+def audited(msg: Message) -> bool:
+    """Ops that act or open a stream of other parties' events (Status is a read
+    `llmos top` polls; its refusals are audited by the guard)."""
+    return not isinstance(msg, kp.Status)
+
+
+def target_of(msg: Message) -> str:
+    match msg:
+        case kp.Kill(target=target, signal=sig):
+            return f"{target} {sig}"
+        case kp.Subscribe(topic=topic):
+            return topic
+        case kp.Shutdown(reason=reason):
+            return reason
+        case kp.SetRevocations(tokens=tokens, keys=keys, principals=principals):
+            return f"{len(tokens)} tokens, {len(keys)} keys, {len(principals)} principals"
+    return ""
+
+
+def handle(k: "Kernel", ch: Channel, ident: bytes, header: Header, msg: Any,
+           inst: Instance | None) -> Message | None:
+    """Answer one decoded kernel op (None: it answered itself). `inst` is the
+    registered service that asked, None for a client."""
     match msg:
         case kp.Status():
             return status(k)
@@ -28,10 +71,9 @@ def handle(k: "Kernel", ch: Channel, ident: bytes, header: Header, msg: Any) -> 
             k.topics.subscribe(topic, ch, ident, header.msg_id)
             k._send_msg(ch, ident, header.msg_id, Kind.EVENT, kp.Subscribed(topic))
             if topic == kp.DENIALS_TOPIC:
-                k._publish_denials()
+                k.publish_audit()
             return None
         case kp.SetRevocations(tokens=tokens, keys=keys, principals=principals):
-            inst = k.registry.by_identity.get(ident) if ch is k._back else None
             if inst is None or inst.service != "security":
                 raise Forbidden("only the security service may set the revocation list")
             if k.guard is not None:
@@ -39,6 +81,9 @@ def handle(k: "Kernel", ch: Channel, ident: bytes, header: Header, msg: Any) -> 
                                                           frozenset(principals)))
             return kp.RevocationsSet(len(tokens) + len(keys) + len(principals))
         case kp.Kill(target=target, signal=sig):
+            if sig not in KILL_SIGNALS:
+                raise BadRequest(f"Kill sends one of {sorted(KILL_SIGNALS)}, not {sig!r}",
+                                 detail={"field": "signal"})
             if k.supervisor is None:
                 raise Unavailable("this kernel runs without a supervisor")
             return kp.Killed(k.supervisor.kill(target, sig))
@@ -68,4 +113,4 @@ def status(k: "Kernel") -> kp.StatusReply:
     return kp.StatusReply(os.getpid(), now - k.started, infos, k.counters)
 
 
-__all__ = ["handle", "status"]
+__all__ = ["KILL_SIGNALS", "audited", "check", "check_passed", "handle", "status", "target_of"]

@@ -20,6 +20,8 @@ class Instance:
     registered_at: float = field(default_factory=time.monotonic)
     # routing ids of requests this instance holds and has not answered
     outstanding: set[int] = field(default_factory=set)
+    # The CURVE key its READY came with (tcp://); every later frame must too.
+    peer_key: str = ""
 
 
 class Registry:
@@ -74,10 +76,12 @@ class Registry:
             return inst.service
         if dst in self.known:
             return dst
-        # An instance name like "echo-1" of a known service that is restarting.
-        base, _, idx = dst.rpartition("-")
-        if idx.isdigit() and base in self.known:
-            return dst
+        # An instance that is supervised or was registered (restarting now).
+        # Any other instance-like name ("security-7") is not found: parked
+        # under made-up names, requests without a token grew the kernel by
+        # gigabytes (issue 12 #5).
+        if dst in self.instance_names:
+            return self.service_of_instance(dst)
         return None
 
     def service_of_instance(self, dst: str) -> str:

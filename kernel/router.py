@@ -12,6 +12,7 @@ import asyncio
 import hmac
 import itertools
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -22,7 +23,7 @@ from anyio.abc import TaskStatus
 
 from ipc import codec
 from ipc.envelope import PROTOCOL_VERSION, Header, Kind, decode_header, encode_header, split_route
-from ipc.curve import CurveServer, start_zap
+from ipc.curve import BACK_DOMAIN, FRONT_DOMAIN, CurveServer, peer_key, start_zap
 from ipc.errors import (BadRequest, DeadlineExceeded, Error, LlmosError, NotFound, Overloaded, Unauthorized,
                         Unavailable)
 from ipc.heartbeat import HEARTBEAT_EXPIRY_S, HEARTBEAT_INTERVAL_S
@@ -52,6 +53,7 @@ HUNG = "missed heartbeats"
 # Rejected frames logged one by one, per heartbeat tick; past that a flood is
 # logged as a count each tick (every one is still answered and counted).
 _REJECTS_LOGGED_PER_TICK = 25
+_OP_AUDIT_BACKLOG = 1024
 _ready_decoder = codec.decoder([kp.Ready])
 _kernel_ops = codec.decoder([kp.Status, kp.Subscribe, kp.Kill, kp.Shutdown, kp.SetRevocations])
 
@@ -73,6 +75,10 @@ class Pending:
     def deadline_ns(self) -> int:
         return self.header.deadline_ns
 
+    @property
+    def size(self) -> int:
+        return sum(len(f) for f in self.payload)
+
 
 class Kernel:
     def __init__(self, config: KernelConfig, front: str, back: str, secret: str, guard: Guard | None = None):
@@ -84,11 +90,14 @@ class Kernel:
         self.guard = guard  # None: no capability check (auth off)
         self.curve: CurveServer | None = None  # keys for tcp:// endpoints (CURVE + ZAP)
         self.pending: dict[int, Pending] = {}
-        self.waiting: WaitQueues[Pending] = WaitQueues(config.wait_queue_limit, config.wait_timeout_s)
+        self.waiting: WaitQueues[Pending] = WaitQueues(config.wait_queue_limit, config.wait_timeout_s,
+                                                       config.wait_total_limit, config.wait_total_bytes)
         self.topics = Topics([])  # bound to the sockets in serve()
         # front identity → when it was last heard (clients with work in flight ping)
         self.clients_seen: dict[bytes, float] = {}
         self.counters = kp.KernelCounters()
+        # kernel ops done, waiting for the audit subscriber (bounded: the oldest go)
+        self._op_audit: deque[kp.KernelOpDone] = deque(maxlen=_OP_AUDIT_BACKLOG)
         self._pump_continues = False  # a _continue_pump is scheduled
         self._reject_log_budget = _REJECTS_LOGGED_PER_TICK
         self._rejects_unlogged = 0
@@ -107,9 +116,9 @@ class Kernel:
         ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self._loop = asyncio.get_running_loop()
         zap = start_zap(ctx, self.curve) if self.curve is not None else None
-        front = Channel(bind_router(ctx, self.front_endpoint, self.config.limits, self.curve),
+        front = Channel(bind_router(ctx, self.front_endpoint, self.config.front_limits, self.curve, FRONT_DOMAIN),
                         on_readable=self._pump, reader_reschedules=True)
-        back = Channel(bind_router(ctx, self.back_endpoint, self.config.limits, self.curve),
+        back = Channel(bind_router(ctx, self.back_endpoint, self.config.limits, self.curve, BACK_DOMAIN),
                        on_readable=self._pump, reader_reschedules=True)
         self._front, self._back, self.topics = front, back, Topics([front, back])
         log.info("kernel.listening", front=self.front_endpoint, back=self.back_endpoint)
@@ -184,6 +193,7 @@ class Kernel:
                 log.warning("kernel.ticker_late", late_s=round(now - last - tick, 3))
             last = now
             self._log_unlogged_rejects()
+            self.publish_audit()
             for inst in list(self.registry.by_identity.values()):
                 if now - inst.last_seen > HEARTBEAT_EXPIRY_S:
                     self.instance_down(inst, HUNG)
@@ -272,8 +282,7 @@ class Kernel:
             exc = Unauthorized("clients cannot register as services")
             self._reject(front, frames, exc, header)
             if self.guard is not None:
-                self.guard.note(header, exc)
-                self._publish_denials()
+                self.guard.note(header, exc, ident.hex())
         else:
             self._reject(front, frames, BadRequest(f"a client may not send {Kind(kind).name}"), header)
 
@@ -293,6 +302,9 @@ class Kernel:
             # A stale instance the kernel already declared dead must stop, not linger.
             self._send_control(back, ident, Kind.DISCONNECT)
             return
+        if inst.peer_key and peer_key(payload[0]) != inst.peer_key:
+            self._reject(back, frames, Unauthorized(f"{inst.name} registered with another CURVE key"), header)
+            return
         inst.last_seen = time.monotonic()
         if kind == Kind.REPLY or kind == Kind.ERROR:
             self._answer(inst, header, payload, final=True)
@@ -302,7 +314,7 @@ class Kernel:
             else:
                 self.topics.publish(header.dst, inst.name, payload, header.op)
         elif kind == Kind.REQUEST:
-            self._route(back, ident, header, payload)
+            self._route(back, ident, header, payload, inst)
         elif kind == Kind.HEARTBEAT:
             pass
         elif kind == Kind.DISCONNECT:
@@ -325,21 +337,28 @@ class Kernel:
 
     # -- routing -------------------------------------------------------------
 
-    def _route(self, origin: Channel, ident: bytes, header: Header, payload: list[Any]) -> None:
-        if origin is self._front:
-            # Services trust only the principal stamped here, never a client's.
+    def _route(self, origin: Channel, ident: bytes, header: Header, payload: list[Any],
+               inst: Instance | None = None) -> None:
+        if inst is None:
+            # From a client. Services trust only what is stamped here: the
+            # verified principal, no claimed source, and attempt 0 (only the
+            # kernel's own re-send counts attempts; a client-set one bought
+            # re-admission without quota, issue 12 #3).
             if self.guard is not None:
                 try:
-                    header = self.guard.admit(header)
+                    header = self.guard.admit(header, ident.hex())
                 except LlmosError as exc:
                     self._send_error(origin, ident, header.msg_id, exc.to_wire())
-                    self._publish_denials()
                     return
             elif header.principal or header.restrictions:
                 header = msgspec.structs.replace(header, principal="", restrictions=_EMPTY)
+            if header.src or header.attempt:
+                header = msgspec.structs.replace(header, src="", attempt=0)
+        elif header.src != inst.name:
+            header = msgspec.structs.replace(header, src=inst.name)  # the registered name, not a claim
         dst = header.dst
         if dst == kp.KERNEL:
-            self._kernel_op(origin, ident, header, payload)
+            self._kernel_op(origin, ident, header, payload, inst)
             return
         if len(payload) < 2:
             self._send_error(origin, ident, header.msg_id, BadRequest("request without a body frame").to_wire())
@@ -378,7 +397,7 @@ class Kernel:
             self._fail(p, NotFound(f"no service named {dst!r}"))
             return
         if not self.waiting.add(dst, p):
-            self._fail(p, Overloaded(f"{dst!r} is down and its wait queue is full",
+            self._fail(p, Overloaded(f"{dst!r} is down and {self.waiting.full(dst, p.size)}",
                                      detail={"retry_after_s": 1.0}))
             return
         self.counters.queued += 1
@@ -441,7 +460,7 @@ class Kernel:
             if old is not None:
                 self.instance_down(old, "replaced by a new registration")
         inst = Instance(ready.service, ready.instance, ident, ready.pid, frozenset(ready.ops),
-                        frozenset(ready.idempotent_ops), dict(ready.meta))
+                        frozenset(ready.idempotent_ops), dict(ready.meta), peer_key=peer_key(payload[0]))
         self.registry.add(inst)
         self._send_msg(back, ident, header.msg_id, Kind.REPLY, kp.Registered(inst.name))
         log.info("kernel.registered", service=inst.service, instance=inst.name, pid=inst.pid)
@@ -484,26 +503,52 @@ class Kernel:
     def publish(self, topic: str, body: Message) -> None:
         self.topics.publish(topic, kp.KERNEL, [None, codec.encode(body)], type(body).__name__)
 
-    def _publish_denials(self) -> None:
-        """Refusals go to the audit (the security server subscribes); kept in the
-        guard's bounded backlog while nobody listens."""
-        if self.guard is not None and self.topics.has_subscribers(kp.DENIALS_TOPIC):
+    def publish_audit(self) -> None:
+        """Refusals and kernel ops go to the audit (the security server
+        subscribes). Kept in bounded backlogs while nobody listens; refusals
+        are flushed once per tick, aggregated, so a flood costs a few events."""
+        if not self.topics.has_subscribers(kp.DENIALS_TOPIC):
+            return
+        while self._op_audit:
+            self.publish(kp.DENIALS_TOPIC, self._op_audit.popleft())
+        if self.guard is not None:
             for ev in self.guard.take_denials():
                 self.publish(kp.DENIALS_TOPIC, ev)
 
     # -- the kernel's own ops ------------------------------------------------------
 
-    def _kernel_op(self, ch: Channel, ident: bytes, header: Header, payload: list[Any]) -> None:
+    def _kernel_op(self, ch: Channel, ident: bytes, header: Header, payload: list[Any],
+                   inst: Instance | None) -> None:
+        msg: Message | None = None
         try:
             if len(payload) < 2:
                 raise BadRequest("kernel request without a body")
             msg = codec.decode_body(_kernel_ops, payload[1], f"kernel op {header.op!r}")
-            reply = ops.handle(self, ch, ident, header, msg)
+            try:
+                ops.check(header, msg)
+            except BadRequest as exc:
+                if self.guard is not None:  # a disguised op is an attack: audited like a refusal
+                    self.guard.note(header, exc, self._source(ident, inst), header.principal)
+                raise
+            reply = ops.handle(self, ch, ident, header, msg, inst)
         except LlmosError as exc:
+            if msg is not None and ops.check_passed(header, msg) and ops.audited(msg):
+                self._audit_op(msg, header, ident, inst, str(exc.code))
             self._send_error(ch, ident, header.msg_id, exc.to_wire())
             return
+        if ops.audited(msg):
+            self._audit_op(msg, header, ident, inst, "ok")
         if reply is not None:
             self._send_msg(ch, ident, header.msg_id, Kind.REPLY, reply)
+
+    def _audit_op(self, msg: Message, header: Header, ident: bytes, inst: Instance | None, outcome: str) -> None:
+        self._op_audit.append(kp.KernelOpDone(type(msg).__name__, header.principal, self._source(ident, inst),
+                                              ops.target_of(msg), outcome, time.time()))
+        self.publish_audit()  # at once: a Shutdown's record must leave before the security server stops
+
+    @staticmethod
+    def _source(ident: bytes, inst: Instance | None) -> str:
+        return f"back:{inst.name}" if inst is not None else ident.hex()
 
     def status(self) -> kp.StatusReply:
         return ops.status(self)

@@ -29,12 +29,14 @@ REFRESH_FRACTION = 0.8
 RETRY_S = 5.0
 
 
-def tcp_keys(endpoint: str, home: Path) -> CurveClient | None:
-    """CURVE keys for a tcp:// endpoint (this host's, from `$LLMOS_HOME`); None for ipc://."""
+def tcp_keys(endpoint: str, home: Path, name: str = "local") -> CurveClient | None:
+    """CURVE keys for a tcp:// endpoint (this host's, from `$LLMOS_HOME`); None
+    for ipc://. `name`: "local" for a client (front), "service" for a service
+    (back): the kernel admits each key only on its own socket."""
     if not endpoint.startswith("tcp://"):
         return None
     try:
-        return client_keys(home)
+        return client_keys(home, name)
     except (FileNotFoundError, OSError) as exc:
         raise Unavailable(f"{endpoint} needs CURVE keys, and {home} has none usable ({exc}); "
                           f"see ipc/curve.py") from None

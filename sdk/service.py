@@ -15,6 +15,7 @@ request, and a clean shutdown on SIGTERM, DISCONNECT or a silent kernel.
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import sys
 import time
@@ -192,8 +193,11 @@ class Service:
         sys.exit(0)
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        conn = Connection(self.back, identity=self.instance.encode(), src=self.instance,
-                          curve=tcp_keys(self.back, self.home))
+        # A fresh routing identity per incarnation: the kernel's ROUTER lets no
+        # peer take over a connected identity, so a restarted instance must
+        # not need its predecessor's connection to be gone first.
+        conn = Connection(self.back, identity=f"{self.instance}.{secrets.token_hex(4)}".encode(),
+                          src=self.instance, curve=tcp_keys(self.back, self.home, "service"))
         self._conn = conn
         conn.on_request = self._on_request
         conn.on_disconnect = lambda: self.stop("kernel said DISCONNECT")

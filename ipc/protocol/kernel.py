@@ -6,6 +6,11 @@ body. Everything else here is an ordinary request, reply or event.
 
 from __future__ import annotations
 
+from typing import Annotated
+
+from msgspec import Meta
+
+from ipc.envelope import MAX_NAME, Name
 from ipc.protocol.base import Message
 
 KERNEL = "kernel"
@@ -50,7 +55,7 @@ class ServiceDown(Message):
 class Subscribe(Message):
     """Stream the events published on `topic` until the subscriber goes away."""
 
-    topic: str
+    topic: Name
 
 
 class Subscribed(Message):
@@ -94,8 +99,8 @@ class Kill(Message):
     """Kill a service's instances with a signal (operator action; the
     supervisor restarts them according to their restart type)."""
 
-    target: str  # service name or instance
-    signal: str = "SIGKILL"
+    target: Name  # service name or instance
+    signal: Annotated[str, Meta(max_length=16)] = "SIGKILL"  # one of ops.KILL_SIGNALS
 
 
 class Killed(Message):
@@ -103,7 +108,7 @@ class Killed(Message):
 
 
 class Shutdown(Message):
-    reason: str = "requested"
+    reason: Annotated[str, Meta(max_length=4 * MAX_NAME)] = "requested"
 
 
 class ShuttingDown(Message):
@@ -131,10 +136,11 @@ class RevocationsSet(Message):
 
 
 class AccessDenied(Message):
-    """Published on `kernel.denials` for every client request the kernel
-    refuses (`unauthorized` or `forbidden`), for the audit log. Held in a
-    bounded backlog while nobody subscribes; `dropped` counts what the backlog
-    lost before this event."""
+    """Published on `kernel.denials` for the client requests the kernel
+    refuses (`unauthorized`, `forbidden`, a disguised kernel op), for the audit
+    log. Refusals alike in (source, code, dst, op, principal) between two
+    publications are one event with a `count`. Held in a bounded backlog while
+    nobody subscribes; `dropped` counts what the backlog lost before this event."""
 
     code: str
     reason: str
@@ -142,8 +148,10 @@ class AccessDenied(Message):
     op: str
     principal: str = ""  # from the token when it verified (forbidden), else ""
     token_id: str = ""
-    at: float = 0.0  # unix seconds
+    at: float = 0.0  # unix seconds (the first of `count`)
     dropped: int = 0
+    count: int = 1
+    source: str = ""  # the requester: its routing id in hex, or "back:<instance>"
 
 
 class KernelOpDone(Message):

@@ -12,6 +12,7 @@ class W:
     name: str
     queued_at: float
     deadline_ns: int = 0
+    size: int = 100
 
 
 def test_bounded_per_destination_and_taken_in_order() -> None:
@@ -39,3 +40,18 @@ def test_remove_by_predicate() -> None:
         wq.add("x", W(n, 0))
     wq.remove(lambda dst, w: w.name == "b")
     assert [w.name for w in wq.take(["x"])] == ["a", "c"]
+
+
+def test_bounded_in_total_count_and_bytes_across_destinations() -> None:
+    """Many destinations cannot add up past the totals (a flood parked under
+    made-up names grew the kernel by gigabytes), and space comes back when
+    waiters leave by any way: taken, expired or removed."""
+    wq: WaitQueues[W] = WaitQueues(limit=10, timeout_s=5, total_limit=3, total_bytes=1_000)
+    assert all(wq.add(f"svc{i}", W(str(i), 0)) for i in range(3))
+    assert not wq.add("svc9", W("over count", 0)) and "3 waiting requests" in wq.full("svc9", 100)
+    assert [w.name for w in wq.take(["svc0"])] == ["0"] and len(wq) == 2
+    assert not wq.add("big", W("over bytes", 0, size=801)) and "1000 bytes" in wq.full("big", 801)
+    assert wq.add("big", W("fits", 0, size=800)) and wq.bytes == 1_000
+    wq.remove(lambda dst, w: w.name == "fits")
+    assert wq.bytes == 200 and len(wq) == 2
+    assert len(wq.expire(now=100.0, wall_ns=0)) == 2 and wq.bytes == 0 and len(wq) == 0
