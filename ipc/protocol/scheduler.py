@@ -111,6 +111,8 @@ class Submit(Message):
         if len(self.request_id) > MAX_REQUEST_ID_LEN:
             raise BadRequest(f"request_id longer than {MAX_REQUEST_ID_LEN} characters",
                              detail={"field": "request_id"})
+        if len(self.session) > MAX_REQUEST_ID_LEN:
+            raise BadRequest(f"session longer than {MAX_REQUEST_ID_LEN} characters", detail={"field": "session"})
         if self.resume_ids and len(self.resume_ids) != self.resume_from:
             raise BadRequest(f"resume_ids holds {len(self.resume_ids)} ids but resume_from is "
                              f"{self.resume_from}", detail={"field": "resume_ids"})

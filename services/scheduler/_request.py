@@ -41,6 +41,9 @@ class Sink:
         # (re)produced `sent` tokens.
         self.sent_text: int | None = None
         self.superseded = False
+        # Re-attached to a request this scheduler already had (admitted and
+        # charged when it arrived).
+        self.attached = False
         self.changed = anyio.Event()
 
     def flush(self) -> None:
@@ -117,6 +120,9 @@ class Request:
         self.finished_at = 0.0
         self.cached_tokens = 0
         self.failures = 0
+        # Called once when it finishes (a quota charge held for its lifetime,
+        # whichever stream is attached).
+        self.on_finish: list[Callable[[], None]] = []
 
     @property
     def session(self) -> tuple[str, str] | None:
@@ -158,6 +164,9 @@ class Request:
         self.done.set()
         if self.sink is not None:
             self.sink.wake()
+        callbacks, self.on_finish = self.on_finish, []
+        for fn in callbacks:
+            fn()
 
     def usage(self) -> Usage:
         end = self.finished_at or time.monotonic()

@@ -26,7 +26,9 @@ class PreemptionMode(StrEnum):
 
 
 class PolicyConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    name: PolicyName = PolicyName.FCFS
+    # Fair share across tenants (equal weights unless `weights` says otherwise)
+    # by default: under FCFS one tenant's backlog is everyone's wait.
+    name: PolicyName = PolicyName.FAIR
     # priority: a waiting request gains one priority level per `aging_s` seconds.
     aging_s: float = 10.0
     # round_robin: tokens a sequence computes before it yields to waiting ones
@@ -50,6 +52,10 @@ class SchedulerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     # Admission control: waiting requests and their prompt tokens.
     max_waiting: int = 256
     max_waiting_tokens: int = 262144
+    # The part of each of those one principal may hold (auth on; 1.0: no
+    # per-principal bound), so a tenant's flood is refused before it fills
+    # the line for everyone.
+    max_waiting_share: float = 0.5
     # Finished requests remembered for re-submissions (idempotency).
     remember_finished: int = 4096
     # A step whose driver does not answer in time counts as that driver lost.
@@ -63,8 +69,10 @@ class SchedulerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     # Sessions: the share of a pool's blocks idle sessions may keep pinned
     # for their next request (0: no pinning; the prefix cache alone).
     session_pin_fraction: float = 0.5
-    # Timed and periodic jobs: active jobs one principal may hold.
+    # Timed and periodic jobs: active jobs one principal may hold, and the
+    # finished ones (done, cancelled, failed) kept for it, oldest pruned first.
     max_jobs: int = 1024
+    max_finished_jobs: int = 256
 
     def validate(self) -> "SchedulerConfig":
         checks = [
@@ -74,6 +82,8 @@ class SchedulerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
             (self.max_waiting >= 1, "max_waiting must be >= 1"),
             (self.max_waiting_tokens >= 1, "max_waiting_tokens must be >= 1"),
             (self.max_jobs >= 0, "max_jobs must be >= 0"),
+            (self.max_finished_jobs >= 0, "max_finished_jobs must be >= 0"),
+            (0.0 < self.max_waiting_share <= 1.0, "max_waiting_share must be within (0, 1]"),
             (self.tpot_target_ms >= 0, "tpot_target_ms must be >= 0"),
             (0.0 <= self.session_pin_fraction <= 1.0, "session_pin_fraction must be within [0, 1]"),
             (self.policy.aging_s > 0, "policy.aging_s must be > 0"),

@@ -49,6 +49,11 @@ log = get_logger()
 
 # A sequence whose steps keep failing (not for lack of blocks) is ended.
 MAX_FAILURES = 3
+# A text prompt longer than the model's context times this many characters
+# cannot fit in any tokenization and is refused before it is tokenized (real
+# tokenizers average 3-5 characters a token; 32 leaves room for long runs of
+# whitespace or repeated characters that merge into one token).
+CHARS_PER_TOKEN = 32
 
 T = TypeVar("T")
 
@@ -68,6 +73,16 @@ class Model:
     tokenizer: Tokenizer
     eos_token_ids: frozenset[int]
     max_model_len: int
+    vocab_size: int = 0  # the model's embedding rows (0: the tokenizer's vocabulary)
+
+    @property
+    def max_prompt_chars(self) -> int:
+        return self.max_model_len * CHARS_PER_TOKEN
+
+    @property
+    def num_ids(self) -> int:
+        """Token ids the model takes: 0 .. num_ids - 1."""
+        return self.vocab_size or self.tokenizer.vocab_size
 
 
 @dataclass
@@ -161,24 +176,33 @@ class Engine:
 
     # -- client requests ---------------------------------------------------------------
 
-    def submit(self, msg: sp.Submit, principal: str, emit: Emit) -> Sink:
+    def submit(self, msg: sp.Submit, principal: str, emit: Emit, prompt_ids: list[int] | None = None) -> Sink:
         """Admit (or re-attach) a request; the returned sink's `wait()` gives
-        its `Finished`. Raises BadRequest, Overloaded or Unavailable."""
+        its `Finished`. Raises BadRequest, Overloaded or Unavailable.
+
+        A Submit re-attaches (`sink.attached`: no admission, nothing to
+        charge) only when this principal has a live or remembered request with
+        its id; anything else is a new request, admitted like any other,
+        whatever `attempt` or `resume_ids` it carries. `prompt_ids`: the
+        prompt already tokenized (by `tokenize`, off the event loop)."""
         msg.validate()
         key = (principal, msg.request_id or uuid.uuid4().hex)
         known = self.requests.get(key) or self.finished.get(key)
         if known is not None:
-            if known.prompt_ids != self._prompt_ids(msg):
+            if known.prompt_ids != (prompt_ids if prompt_ids is not None else self.tokenize(msg)):
                 raise BadRequest(f"request id {key[1]!r} is in use by another prompt",
                                  detail={"field": "request_id"})
             sink = known.attach(emit, msg.resume_from)
+            sink.attached = True
             if not known.done.is_set():
                 sink.flush()  # catch up now rather than at its next token
             return sink
         model = self.model
         if model is None:
             raise Unavailable("the scheduler has no model yet (no driver is up)")
-        prompt = self._prompt_ids(msg)
+        prompt = prompt_ids if prompt_ids is not None else self.tokenize(msg)
+        self._check_ids(model, prompt, "prompt_ids")
+        self._check_ids(model, msg.resume_ids, "resume_ids")
         # A sequence must fit one driver's KV pool on its own, or it could
         # only ever preempt itself.
         room = min(model.max_model_len, max((d.shape.num_blocks * d.shape.block_size
@@ -187,8 +211,7 @@ class Engine:
             what = "the model takes" if room == model.max_model_len else "the largest driver's KV cache holds"
             raise BadRequest(f"the prompt has {len(prompt)} tokens; {what} at most "
                              f"{room - 1} before the first generated one", detail={"field": "prompt"})
-        if msg.attempt == 0:
-            self._admit(len(prompt))
+        self._admit(principal, len(prompt) + len(msg.resume_ids))
         stop_ids = frozenset(msg.stop_token_ids) | (frozenset() if msg.ignore_eos else model.eos_token_ids)
         max_len = min(len(prompt) + msg.max_tokens, room)
         seq = Seq(next(self._seq_nos), list(prompt), len(prompt), tenant=principal or "default",
@@ -212,21 +235,57 @@ class Engine:
         self.sessions.arrive(req)
         return sink
 
-    def _prompt_ids(self, msg: sp.Submit) -> list[int]:
+    def check_prompt_size(self, msg: sp.Submit) -> None:
+        """Refuse a text prompt that cannot fit the model whatever its
+        tokenization, before anything reads it (O(1))."""
+        model = self.model
+        if model is not None and len(msg.prompt) > model.max_prompt_chars:
+            raise BadRequest(f"the prompt has {len(msg.prompt)} characters; this model takes at most "
+                             f"{model.max_prompt_chars} ({model.max_model_len} tokens of context x "
+                             f"{CHARS_PER_TOKEN} characters)", detail={"field": "prompt"})
+
+    def tokenize(self, msg: sp.Submit) -> list[int]:
+        """The prompt's ids (size-checked first). Blocking for a long prompt:
+        the service calls it from a worker thread."""
         if msg.prompt_ids:
             return list(msg.prompt_ids)
-        assert self.model is not None
+        if self.model is None:
+            raise Unavailable("the scheduler has no model yet (no driver is up)")
+        self.check_prompt_size(msg)
         return self.model.tokenizer.encode(msg.prompt, add_special_tokens=msg.add_special_tokens)
 
-    def _admit(self, prompt_tokens: int) -> None:
+    @staticmethod
+    def _check_ids(model: Model, ids: list[int], field: str) -> None:
+        n = model.num_ids
+        bad = next((t for t in ids if not 0 <= t < n), None)
+        if bad is not None:
+            raise BadRequest(f"{field} holds id {bad}, outside this model's vocabulary (0..{n - 1})",
+                             detail={"field": field})
+
+    def _admit(self, principal: str, prompt_tokens: int) -> None:
+        """The waiting line's bounds: `max_waiting` requests and
+        `max_waiting_tokens` tokens in all, and for a named principal (auth on)
+        `max_waiting_share` of each, so one tenant's flood leaves room for the others."""
+        c = self.config
         queued = [*self.waiting, *self.sessions.queued()]
         tokens = sum(s.remaining for s in queued)
-        if len(queued) < self.config.max_waiting and tokens + prompt_tokens <= self.config.max_waiting_tokens:
+        why = ""
+        if len(queued) >= c.max_waiting or tokens + prompt_tokens > c.max_waiting_tokens:
+            why = f"the scheduler's queue is full ({len(queued)} requests, {tokens} tokens waiting)"
+        elif principal and c.max_waiting_share < 1.0:
+            mine = [s for s in queued if s.tenant == principal]
+            mine_tokens = sum(s.remaining for s in mine)
+            cap, cap_tokens = max(1, int(c.max_waiting * c.max_waiting_share)), \
+                max(1, int(c.max_waiting_tokens * c.max_waiting_share))
+            if len(mine) >= cap or mine_tokens + prompt_tokens > cap_tokens:
+                why = (f"{principal!r} holds its share of the scheduler's queue ({len(mine)} of at most {cap} "
+                       f"requests, {mine_tokens} of {cap_tokens} tokens waiting)")
+                tokens = mine_tokens
+        if not why:
             return
         rate = self._tokens_per_s or 1.0
         retry = min(30.0, max(0.5, (tokens + prompt_tokens) / rate))
-        raise Overloaded(f"the scheduler's queue is full ({len(queued)} requests, {tokens} tokens waiting)",
-                         detail={"retry_after_s": round(retry, 2)})
+        raise Overloaded(why, detail={"retry_after_s": round(retry, 2)})
 
     def _enqueue(self, seq: Seq) -> None:
         self.policy.on_arrival(seq, time.monotonic())
@@ -240,6 +299,20 @@ class Engine:
         self._cancels.add(key)
         self.wake()
         return True
+
+    def cancel_principal(self, principal: str) -> int:
+        """Cancel every live request of `principal` (it was revoked)."""
+        keys = [k for k in self.requests if k[0] == principal]
+        self._cancels.update(keys)
+        if keys:
+            self.wake()
+        return len(keys)
+
+    def session_of(self, principal: str, request_id: str) -> str | None:
+        """The session of a live or remembered request (None: no such request)."""
+        key = (principal, request_id)
+        req = self.requests.get(key) or self.finished.get(key)
+        return None if req is None else req.submit.session
 
     def request_info(self, principal: str, request_id: str) -> sp.RequestInfo:
         key = (principal, request_id)

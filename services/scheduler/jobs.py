@@ -1,8 +1,13 @@
 """Timed and periodic jobs: a generation run at a time and/or every interval,
 its results kept under ``$LLMOS_HOME/jobs``.
 
-On disk, per job: ``<job_id>/job.json`` (the spec and schedule, replaced
-atomically) and ``<job_id>/runs.jsonl`` (one `JobRun` per line, append-only).
+Job ids are per principal: two tenants may both have a job "daily", and
+neither can see, guess or squat the other's. On disk, per job, in its
+directory (`job_dir`: the job id, prefixed with a hash of the principal when
+there is one): ``job.json`` (the spec and schedule, replaced atomically) and
+``runs.jsonl`` (one `JobRun` per line, append-only). Finished jobs (done,
+cancelled, failed) are kept up to `max_finished` per principal, oldest
+pruned first.
 A run's number is its identity: job.json records that run N began before it
 is submitted to the engine, runs.jsonl that it ended. A run that began but
 did not end (the scheduler died) is run again under the same number by the
@@ -16,8 +21,10 @@ once, then keeps its phase).
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,8 +74,17 @@ class JobRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
     error: str = ""  # why the job failed, if it did
 
 
+def job_dir(principal: str, job_id: str) -> str:
+    """The directory of `principal`'s job `job_id` under the store's root."""
+    if not principal:
+        return job_id
+    return f"{hashlib.sha256(principal.encode()).hexdigest()[:16]}.{job_id}"
+
+
 class JobStore:
-    """The files. Blocking: call it from a worker thread."""
+    """The files, one directory per job (named by `job_dir` for new jobs; a
+    job keeps the directory it was loaded from). Blocking: call it from a
+    worker thread."""
 
     def __init__(self, root: Path):
         self.root = root
@@ -76,9 +92,9 @@ class JobStore:
         self._rec = msgspec.json.Decoder(JobRecord)
         self._run = msgspec.json.Decoder(sp.JobRun)
 
-    def load_all(self) -> list[tuple[JobRecord, list[int]]]:
-        """Every readable job with the run numbers recorded for it."""
-        out: list[tuple[JobRecord, list[int]]] = []
+    def load_all(self) -> list[tuple[JobRecord, list[int], str]]:
+        """Every readable job with the run numbers recorded for it and its directory."""
+        out: list[tuple[JobRecord, list[int], str]] = []
         if not self.root.is_dir():
             return out
         for d in sorted(self.root.iterdir()):
@@ -88,7 +104,7 @@ class JobStore:
                 log.warning("jobs.unreadable", path=str(d), error=str(exc))
                 continue
             self._cut_torn_tail(d / "runs.jsonl")
-            out.append((rec, [r.run for r in self.read_runs(rec.job_id)]))
+            out.append((rec, [r.run for r in self.read_runs(d.name)], d.name))
         return out
 
     @staticmethod
@@ -104,34 +120,37 @@ class JobStore:
                 f.truncate(data.rfind(b"\n") + 1)
 
     def save(self, rec: JobRecord) -> None:
-        self.write_record(rec.job_id, self._enc.encode(rec))
+        self.write_record(job_dir(rec.principal, rec.job_id), self._enc.encode(rec))
 
     def encode(self, rec: JobRecord) -> bytes:
         return self._enc.encode(rec)
 
-    def write_record(self, job_id: str, data: bytes) -> None:
+    def write_record(self, name: str, data: bytes) -> None:
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        d = self.root / job_id
+        d = self.root / name
         d.mkdir(exist_ok=True, mode=0o700)
         tmp = d / "job.json.tmp"
         tmp.write_bytes(data)
         os.replace(tmp, d / "job.json")
 
-    def append_run(self, job_id: str, run: sp.JobRun) -> None:
-        path = self.root / job_id / "runs.jsonl"
+    def remove(self, name: str) -> None:
+        shutil.rmtree(self.root / name, ignore_errors=True)
+
+    def append_run(self, name: str, run: sp.JobRun) -> None:
+        path = self.root / name / "runs.jsonl"
         with open(path, "ab") as f:
             f.write(self._enc.encode(run) + b"\n")
             f.flush()
             os.fsync(f.fileno())
-        runs = self.read_runs(job_id)
+        runs = self.read_runs(name)
         if len(runs) > 2 * KEEP_RUNS:
             tmp = path.with_suffix(".tmp")
             tmp.write_bytes(b"".join(self._enc.encode(r) + b"\n" for r in runs[-KEEP_RUNS:]))
             os.replace(tmp, path)
 
-    def read_runs(self, job_id: str, last: int = 0) -> list[sp.JobRun]:
+    def read_runs(self, name: str, last: int = 0) -> list[sp.JobRun]:
         try:
-            lines = (self.root / job_id / "runs.jsonl").read_bytes().splitlines()
+            lines = (self.root / name / "runs.jsonl").read_bytes().splitlines()
         except FileNotFoundError:
             return []
         runs = []
@@ -147,6 +166,7 @@ class JobStore:
 class Job:
     record: JobRecord
     finished: int  # the highest run number recorded
+    dir: str = ""  # its directory in the store
     running: int = 0  # the run in flight (0: none)
     request_id: str = ""
     retry_ns: int = 0  # a run that could not start waits until then
@@ -181,31 +201,41 @@ class Job:
             return self.retry_ns  # an unfinished run: again, at once
         return max(r.next_run_ns, self.retry_ns)
 
-    def info(self, results: list[sp.JobRun] | None = None) -> sp.JobInfo:
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.record.principal, self.record.job_id)
+
+    def info(self, results: list[sp.JobRun] | None = None, *, owner: bool = False) -> sp.JobInfo:
         r = self.record
         due = self.due_ns
         return sp.JobInfo(r.job_id, self.state, r.name, r.at_ns, r.every_s, r.max_runs, r.created_ns,
-                          due or 0, self.finished, r.error, results or [])
+                          due or 0, self.finished, r.error, results or [], r.principal if owner else "")
 
 
 class JobRunner:
     """Keeps the jobs and runs them through the engine, one task per run in
     the runner's task group."""
 
-    def __init__(self, engine: Engine, store: JobStore, *, max_jobs: int = 1024, gate: Gate | None = None):
+    def __init__(self, engine: Engine, store: JobStore, *, max_jobs: int = 1024, gate: Gate | None = None,
+                 max_finished: int = 256):
         self.engine = engine
         self.store = store
         self.max_jobs = max_jobs
+        self.max_finished = max_finished
         self.gate = gate
-        self.jobs: dict[str, Job] = {}
+        self.jobs: dict[tuple[str, str], Job] = {}  # (principal, job id) →
+        # Principals revoked by the security server: their jobs are cancelled
+        # and none of their runs starts.
+        self.revoked: frozenset[str] = frozenset()
         self._wake = anyio.Event()
         # One save at a time: each writes the record as it is then, and the
         # last write must be the latest state.
         self._save_lock = anyio.Lock()
 
     async def load(self) -> None:
-        for rec, runs in await anyio.to_thread.run_sync(self.store.load_all):
-            self.jobs[rec.job_id] = Job(rec, max(runs, default=0))
+        for rec, runs, name in await anyio.to_thread.run_sync(self.store.load_all):
+            job = Job(rec, max(runs, default=0), name)
+            self.jobs[job.key] = job
         log.info("jobs.loaded", jobs=len(self.jobs), active=sum(1 for j in self.jobs.values() if j.due_ns is not None))
 
     # -- requests ------------------------------------------------------------------------
@@ -213,14 +243,17 @@ class JobRunner:
     async def submit(self, msg: sp.SubmitJob, principal: str) -> sp.JobInfo:
         msg.validate()
         job_id = msg.job_id or os.urandom(12).hex()
-        if "/" in job_id or job_id.startswith("."):
-            raise BadRequest("job_id must not contain '/' or start with '.'", detail={"field": "job_id"})
+        if "/" in job_id or "\x00" in job_id or job_id.startswith("."):
+            raise BadRequest("job_id must not contain '/' or NUL or start with '.'", detail={"field": "job_id"})
         request = msgspec.structs.replace(msg.request, request_id="", attempt=0, deadline_ns=0)
-        known = self.jobs.get(job_id)
+        known = self.jobs.get((principal, job_id))
         if known is not None:
-            if known.record.principal != principal or known.record.request != request:
+            if known.record.request != request:
                 raise BadRequest(f"job id {job_id!r} is in use by another job", detail={"field": "job_id"})
             return known.info()  # a re-submission
+        name = job_dir(principal, job_id)
+        if any(j.dir == name for j in self.jobs.values()):  # a job of an older layout holds it
+            raise BadRequest(f"job id {job_id!r} is in use by another job", detail={"field": "job_id"})
         if sum(1 for j in self.jobs.values() if j.record.principal == principal and j.due_ns is not None) \
                 >= self.max_jobs:
             raise Overloaded(f"at most {self.max_jobs} active jobs per principal")
@@ -228,46 +261,81 @@ class JobRunner:
         rec = JobRecord(job_id=job_id, principal=principal, request=request, at_ns=msg.at_ns or now,
                         every_s=msg.every_s, max_runs=msg.max_runs, name=msg.name, created_ns=now,
                         next_run_ns=msg.at_ns or now)
-        await self._save(rec)
-        job = self.jobs[job_id] = Job(rec, 0)
+        job = Job(rec, 0, name)
+        await self._save(job)
+        self.jobs[job.key] = job
+        await self._prune(principal)
         self.wake()
         log.info("jobs.submitted", job_id=job_id, principal=principal, every_s=msg.every_s)
         return job.info()
 
-    def list(self, principal: str) -> sp.JobList:
-        return sp.JobList([j.info() for j in self.jobs.values() if self._visible(j, principal)])
+    def list(self, principal: str, session: str = "") -> sp.JobList:
+        """`principal`'s jobs (with `session`: only that session's, for a
+        token confined to it)."""
+        return sp.JobList([j.info() for j in self.jobs.values() if self._visible(j, principal, session)])
 
-    async def get(self, principal: str, job_id: str, last: int) -> sp.JobInfo:
-        job = self._job(principal, job_id)
-        results = await anyio.to_thread.run_sync(self.store.read_runs, job_id, last)
+    def list_all(self, principal: str = "") -> sp.JobList:
+        """Every principal's jobs (or one's), with their owners: the operator's view."""
+        return sp.JobList([j.info(owner=True) for j in self.jobs.values()
+                           if not principal or j.record.principal == principal])
+
+    async def get(self, principal: str, job_id: str, last: int, session: str = "") -> sp.JobInfo:
+        job = self._job(principal, job_id, session)
+        results = await anyio.to_thread.run_sync(self.store.read_runs, job.dir, last)
         return job.info(results)
 
-    async def cancel(self, principal: str, job_id: str) -> sp.JobInfo:
-        job = self._job(principal, job_id)
+    async def cancel(self, principal: str, job_id: str, session: str = "", *, why: str = "") -> sp.JobInfo:
+        job = self._job(principal, job_id, session)
+        await self._cancel(job, why)
+        return job.info()
+
+    async def _cancel(self, job: Job, why: str = "") -> None:
         if not job.record.cancelled and job.state not in (sp.JobState.DONE, sp.JobState.FAILED):
             job.record.cancelled = True
-            await self._save(job.record)
+            if why:
+                job.record.error = job.record.error or why
+            await self._save(job)
             if job.running:
                 self.engine.cancel(job.record.principal, job.request_id)
             self.wake()
-        return job.info()
+            await self._prune(job.record.principal)
 
-    def _visible(self, job: Job, principal: str) -> bool:
-        return job.record.principal == principal
+    async def revoke(self, principals: frozenset[str]) -> None:
+        """The security server revoked these principals: no run of theirs
+        starts from now on, and their jobs are cancelled for good."""
+        self.revoked = principals
+        for job in [j for j in self.jobs.values() if j.record.principal in principals]:
+            await self._cancel(job, f"principal {job.record.principal!r} was revoked")
+        log.info("jobs.revoked", principals=len(principals))
 
-    def _job(self, principal: str, job_id: str) -> Job:
-        job = self.jobs.get(job_id)
-        if job is None or not self._visible(job, principal):
+    def _visible(self, job: Job, principal: str, session: str = "") -> bool:
+        return job.record.principal == principal and (not session or job.record.request.session == session)
+
+    def _job(self, principal: str, job_id: str, session: str = "") -> Job:
+        job = self.jobs.get((principal, job_id))
+        if job is None or not self._visible(job, principal, session):
             raise NotFound(f"no job {job_id!r}", detail={"job_id": job_id})
         return job
+
+    async def _prune(self, principal: str) -> None:
+        """Keep at most `max_finished` finished jobs of `principal`, dropping
+        the oldest (its directory too)."""
+        ended = sorted((j for j in self.jobs.values()
+                        if j.record.principal == principal and j.due_ns is None and not j.running),
+                       key=lambda j: j.record.created_ns)
+        for job in ended[:max(0, len(ended) - self.max_finished)]:
+            del self.jobs[job.key]
+            async with self._save_lock:
+                await anyio.to_thread.run_sync(self.store.remove, job.dir)
+            log.info("jobs.pruned", job_id=job.record.job_id, principal=principal)
 
     def wake(self) -> None:
         self._wake.set()
 
-    async def _save(self, rec: JobRecord) -> None:
-        data = self.store.encode(rec)  # the state as of now, not as of the write
+    async def _save(self, job: Job) -> None:
+        data = self.store.encode(job.record)  # the state as of now, not as of the write
         async with self._save_lock:
-            await anyio.to_thread.run_sync(self.store.write_record, rec.job_id, data)
+            await anyio.to_thread.run_sync(self.store.write_record, job.dir, data)
 
     # -- the clock ------------------------------------------------------------------------
 
@@ -279,7 +347,7 @@ class JobRunner:
                 soonest = math.inf
                 for job in list(self.jobs.values()):
                     due = job.due_ns
-                    if due is None:
+                    if due is None or job.record.principal in self.revoked:
                         continue
                     if due <= now:
                         job.running = job.finished + 1
@@ -296,11 +364,11 @@ class JobRunner:
             if rec.started < n:
                 rec.started, rec.started_due_ns = n, rec.next_run_ns
                 rec.next_run_ns = _next_run(rec, time.time_ns())
-                await self._save(rec)
+                await self._save(job)
             result = await self._generate(job, n, rec.started_due_ns)
             if result is None:
                 return  # could not start: try again later
-            await anyio.to_thread.run_sync(self.store.append_run, rec.job_id, result)
+            await anyio.to_thread.run_sync(self.store.append_run, job.dir, result)
             job.finished = max(job.finished, n)
             log.info("jobs.ran", job_id=rec.job_id, run=n, reason=result.finish_reason)
         except OSError as exc:
@@ -314,9 +382,13 @@ class JobRunner:
             job.running = 0
             job.request_id = ""
             self.wake()
+        if job.due_ns is None and job.key in self.jobs:
+            await self._prune(rec.principal)
 
     async def _generate(self, job: Job, n: int, due: int) -> sp.JobRun | None:
         rec = job.record
+        if rec.principal in self.revoked:
+            return None  # revoked while it was due: `revoke` cancels the job
         job.attempts += 1
         request = msgspec.structs.replace(rec.request, request_id=f"job-{rec.job_id}-{n}.{job.attempts}")
         ids: list[int] = []
@@ -337,11 +409,14 @@ class JobRunner:
         except (BadRequest, Forbidden) as exc:
             # The request will never run (e.g. the prompt no longer fits the model).
             rec.error = exc.message
-            await self._save(rec)
+            await self._save(job)
             return sp.JobRun(n, due, started, time.time_ns(), sp.FinishReason.ERROR.value, error=exc.message)
-        if self.gate is not None:
+        gate = self.gate
+        if gate is not None and not sink.attached and not sink.request.done.is_set():
             try:
-                self.gate.admit(rec.principal, len(sink.request.prompt_ids) + request.max_tokens)
+                gate.admit(rec.principal, len(sink.request.prompt_ids) + request.max_tokens)
+                # Held until the request ends, whichever stream is attached to it.
+                sink.request.on_finish.append(lambda: gate.done(rec.principal))
             except Overloaded as exc:
                 # Over its owner's quota: not now (synchronously after submit, so it never ran).
                 self.engine.cancel(rec.principal, request.request_id)
@@ -353,9 +428,6 @@ class JobRunner:
             done = await sink.wait()
         except LlmosError as exc:  # e.g. its deadline passed before the first token
             return sp.JobRun(n, due, started, time.time_ns(), sp.FinishReason.ERROR.value, error=exc.message)
-        finally:
-            if self.gate is not None:
-                self.gate.done(rec.principal)
         return sp.JobRun(n, due, started, time.time_ns(), done.finish_reason.value, "".join(text) + done.text,
                          ids + list(done.token_ids), done.usage, done.error)
 

@@ -3,6 +3,9 @@ requests, from the security server's published policy (0 = unlimited).
 
 Tokens are charged at admission as prompt + max_tokens — the most the request
 may spend — so a principal cannot start more work than its budget covers.
+A charge belongs to the request (`charge`), not to the stream that asked:
+its concurrency slot is given back when the request finishes, so attaching
+a second stream to it (a re-submission) neither frees nor takes a slot.
 Windows slide over the last 60 s. A refusal is `Overloaded` with
 `retry_after_s`: when the oldest charge in the window expires, or 1 s for the
 concurrency limit."""
@@ -15,6 +18,7 @@ from dataclasses import dataclass, field
 
 from ipc.errors import Overloaded
 from ipc.protocol.security import Quota, QuotaPolicy
+from services.scheduler._request import Request
 
 WINDOW_S = 60.0
 
@@ -68,6 +72,15 @@ class QuotaGate:
         u.tokens.append((now, tokens))
         u.token_sum += tokens
         u.running += 1
+
+    def charge(self, principal: str, req: Request) -> None:
+        """Admit a new request (its prompt, replayed ids and max_tokens) for
+        its lifetime, or raise Overloaded. A request already finished (a
+        re-submission that had every token) spends nothing."""
+        if req.done.is_set():
+            return
+        self.admit(principal, len(req.prompt_ids) + req.submit.max_tokens)
+        req.on_finish.append(lambda: self.done(principal))
 
     def done(self, principal: str) -> None:
         u = self._usage.get(principal)

@@ -6,6 +6,12 @@ re-queues that driver's sequences for recompute, and a restarted memory
 server gets the live sequences re-registered. At start it tells the memory
 server to release everything (a previous scheduler instance's sequences) and
 learns the model (tokenizer, EOS ids, context length) from a driver.
+
+Trust: the principal and the token's body-dependent caveats (max_tokens,
+session) are the kernel's stamp; rights are checked by the kernel per op, so
+what needs a right has an op of its own (`PrioritySubmit`, `AdminList`,
+`AdminCancel`). Caveat refusals and operator reads are published as
+`AuditNote`s on `security.audit` for the security server's log.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 import anyio
 from anyio.abc import TaskGroup
@@ -24,6 +30,8 @@ from ipc.protocol import driver as dp
 from ipc.protocol import kernel as kp
 from ipc.protocol import memory as mp
 from ipc.protocol import scheduler as sp
+from ipc.protocol import security as secp
+from ipc.protocol.base import op_of
 from sdk.logs import get_logger
 from sdk.policy import follow_quotas
 from sdk.service import Context, Service, handler
@@ -40,6 +48,14 @@ READY_WAIT_S = 30.0
 # After the memory server's ServiceUp, how long to wait for its MemoryRestarted
 # before re-registering anyway.
 MEMORY_GRACE_S = 5.0
+# Prompts up to this many characters are tokenized on the event loop (a
+# worker thread costs more than they do); longer ones in a worker thread.
+INLINE_TOKENIZE_CHARS = 4096
+# With a security server up at boot, jobs wait this long for its policy (and
+# its revocations) before the first run.
+POLICY_WAIT_S = 10.0
+# Client-chosen strings copied into an audit note are cut to this.
+AUDIT_STR = 128
 
 
 def scheduler_args(argv: list[str]) -> SchedulerConfig:
@@ -109,14 +125,19 @@ class SchedulerService(Service):
         self.engine = Engine(self.config, IpcBackend(self, self.config.step_timeout_s))
         self.quotas = QuotaGate()
         self.jobs = JobRunner(self.engine, JobStore(self.home / "jobs"), max_jobs=self.config.max_jobs,
-                              gate=self.quotas)
+                              gate=self.quotas, max_finished=self.config.max_finished_jobs)
         self._ready = anyio.Event()
         self._model_wanted = anyio.Event()
+        self._policy_seen = anyio.Event()
+        self._security_at_boot = False
+        self._revoked: frozenset[str] = frozenset()
+        self._tg: TaskGroup | None = None
 
     async def on_start(self) -> None:
         await self.jobs.load()
 
     async def background(self, tg: TaskGroup) -> None:
+        self._tg = tg
         services = self.subscribe(kp.SERVICES_TOPIC)
         await services.__anext__()  # Subscribed: no ServiceUp/Down is missed from here on
         memory = self.subscribe(mp.MEMORY_TOPIC)
@@ -127,8 +148,23 @@ class SchedulerService(Service):
         for info in st.instances:
             if info.service == dp.DRIVER and info.state == "ready":
                 self.engine.driver_up(info.instance, info.meta)
+        self._security_at_boot = any(i.service == secp.SECURITY for i in st.instances)
         tg.start_soon(self._boot, tg)
-        tg.start_soon(follow_quotas, self, self.quotas.apply)
+        tg.start_soon(follow_quotas, self, self._apply_policy)
+
+    def _apply_policy(self, policy: secp.QuotaPolicy) -> None:
+        """Quotas, and revocations: a revoked principal's live requests and
+        jobs are cancelled (the kernel already refuses its tokens)."""
+        self.quotas.apply(policy)
+        revoked = frozenset(policy.revoked)
+        newly, self._revoked = revoked - self._revoked, revoked
+        self.jobs.revoked = revoked  # no run of theirs starts from here on
+        for principal in newly:
+            n = self.engine.cancel_principal(principal)
+            log.info("scheduler.principal_revoked", principal=principal, cancelled_requests=n)
+        if newly and self._tg is not None:
+            self._tg.start_soon(self.jobs.revoke, revoked)
+        self._policy_seen.set()
 
     async def _boot(self, tg: TaskGroup) -> None:
         # A clean slate: sequences of a previous scheduler instance are released
@@ -143,6 +179,10 @@ class SchedulerService(Service):
         await self._learn_model()
         self._ready.set()
         log.info("scheduler.ready", drivers=sorted(self.engine.drivers), policy=self.config.policy.name.value)
+        if self._security_at_boot:
+            # A revoked principal's job must not run once before we hear of it.
+            with anyio.move_on_after(POLICY_WAIT_S):
+                await self._policy_seen.wait()
         tg.start_soon(self.jobs.run)
         await self.engine.run()
 
@@ -157,7 +197,8 @@ class SchedulerService(Service):
                 except LlmosError as exc:
                     log.warning("scheduler.describe_failed", driver=instance, error=str(exc))
                     continue
-                self.engine.set_model(Model(tok, frozenset(desc.eos_token_ids), desc.max_model_len))
+                self.engine.set_model(Model(tok, frozenset(desc.eos_token_ids), desc.max_model_len,
+                                            desc.vocab_size))
                 log.info("scheduler.model", name=desc.name, max_model_len=desc.max_model_len)
                 return
             with anyio.move_on_after(1.0):
@@ -197,21 +238,35 @@ class SchedulerService(Service):
 
     @handler
     async def submit(self, msg: sp.Submit, ctx: Context) -> sp.Finished:
-        check_restrictions(msg, ctx)
+        if msg.priority < 0:
+            self._refuse(ctx, "priority", "Submit", Forbidden(
+                f"priority {msg.priority} would run ahead of the default (0): that needs the `priority` "
+                "right, as a PrioritySubmit", detail={"field": "priority"}))
+        return await self._submit(msg, ctx)
+
+    @handler
+    async def priority_submit(self, msg: sp.PrioritySubmit, ctx: Context) -> sp.Finished:
+        # The kernel let it through: the token holds `priority` (or `admin`).
+        return await self._submit(msg, ctx)
+
+    async def _submit(self, msg: sp.Submit, ctx: Context) -> sp.Finished:
+        self._check_restrictions(msg, ctx, op_of(msg))
+        msg.validate()
         await self._until_ready()
-        sink = self.engine.submit(msg, ctx.principal, ctx.emit)
+        prompt_ids = await self._tokenize(msg)
+        sink = self.engine.submit(msg, ctx.principal, ctx.emit, prompt_ids)
         rid = sink.request.request_id
-        charged = msg.attempt == 0 and not sink.request.generated
-        if charged:
+        if not sink.attached:
             # Synchronously after submit, before the engine's next step: a
-            # refused request never runs.
+            # refused request never runs. The charge lasts as long as the
+            # request, whichever stream is attached to it.
             try:
-                self.quotas.admit(ctx.principal, len(sink.request.prompt_ids) + msg.max_tokens)
+                self.quotas.charge(ctx.principal, sink.request)
             except LlmosError:
                 self.engine.cancel(ctx.principal, rid)
                 raise
-        log.info("scheduler.submitted", request_id=rid, principal=ctx.principal, attempt=msg.attempt,
-                 prompt_tokens=len(sink.request.prompt_ids), resume_from=msg.resume_from)
+        log.info("scheduler.submitted", request_id=rid, principal=ctx.principal, attached=sink.attached,
+                 attempt=msg.attempt, prompt_tokens=len(sink.request.prompt_ids), resume_from=msg.resume_from)
         try:
             done = await sink.wait()
             log.info("scheduler.finished", request_id=rid, reason=str(done.finish_reason),
@@ -224,16 +279,23 @@ class SchedulerService(Service):
             if not sink.superseded:
                 self.engine.cancel(ctx.principal, sink.request.request_id)
             raise
-        finally:
-            if charged:
-                self.quotas.done(ctx.principal)
+
+    async def _tokenize(self, msg: sp.Submit) -> list[int]:
+        """The prompt's ids: its size is checked first (O(1)), and a long one
+        is tokenized in a worker thread so the loop keeps serving."""
+        if msg.prompt_ids or len(msg.prompt) <= INLINE_TOKENIZE_CHARS:
+            return self.engine.tokenize(msg)
+        self.engine.check_prompt_size(msg)
+        return await anyio.to_thread.run_sync(self.engine.tokenize, msg)
 
     @handler(idempotent=True)
     async def cancel(self, msg: sp.Cancel, ctx: Context) -> sp.CancelReply:
+        self._check_request_session(msg.request_id, ctx, "Cancel")
         return sp.CancelReply(msg.request_id, self.engine.cancel(ctx.principal, msg.request_id))
 
     @handler(idempotent=True)
     async def status(self, msg: sp.RequestStatus, ctx: Context) -> sp.RequestInfo:
+        self._check_request_session(msg.request_id, ctx, "RequestStatus")
         return self.engine.request_info(ctx.principal, msg.request_id)
 
     @handler(idempotent=True)
@@ -242,55 +304,108 @@ class SchedulerService(Service):
 
     @handler(idempotent=True)
     async def suspend_session(self, msg: sp.SuspendSession, ctx: Context) -> sp.SessionInfo:
-        check_session(msg.session, ctx)
+        self._check_session(msg.session, ctx, "SuspendSession")
         return self.engine.sessions.suspend(ctx.principal, msg.session)
 
     @handler(idempotent=True)
     async def resume_session(self, msg: sp.ResumeSession, ctx: Context) -> sp.SessionInfo:
-        check_session(msg.session, ctx)
+        self._check_session(msg.session, ctx, "ResumeSession")
         return self.engine.sessions.resume(ctx.principal, msg.session)
 
     @handler(idempotent=True)
     async def close_session(self, msg: sp.CloseSession, ctx: Context) -> sp.SessionInfo:
-        check_session(msg.session, ctx)
+        self._check_session(msg.session, ctx, "CloseSession")
         return self.engine.sessions.close(ctx.principal, msg.session)
 
     @handler(idempotent=True)
     async def get_session(self, msg: sp.GetSession, ctx: Context) -> sp.SessionInfo:
-        check_session(msg.session, ctx)
+        self._check_session(msg.session, ctx, "GetSession")
         return self.engine.sessions.get(ctx.principal, msg.session).info()
 
     @handler(idempotent=True)  # with a job_id (the SDK always sends one) a repeat is harmless
     async def submit_job(self, msg: sp.SubmitJob, ctx: Context) -> sp.JobInfo:
-        check_restrictions(msg.request, ctx)
+        self._check_restrictions(msg.request, ctx, "SubmitJob")
+        if msg.request.priority < 0:
+            self._refuse(ctx, "priority", "SubmitJob", Forbidden(
+                f"a job runs at priority >= 0 (got {msg.request.priority})", detail={"field": "priority"}))
+        if msg.request.prompt and self.engine.model is not None:
+            self.engine.check_prompt_size(msg.request)
         return await self.jobs.submit(msg, ctx.principal)
 
     @handler(idempotent=True)
     async def list_jobs(self, msg: sp.ListJobs, ctx: Context) -> sp.JobList:
-        return self.jobs.list(ctx.principal)
+        return self.jobs.list(ctx.principal, ctx.restrictions.session)
 
     @handler(idempotent=True)
     async def get_job(self, msg: sp.GetJob, ctx: Context) -> sp.JobInfo:
-        return await self.jobs.get(ctx.principal, msg.job_id, msg.last)
+        return await self.jobs.get(ctx.principal, msg.job_id, msg.last, ctx.restrictions.session)
 
     @handler(idempotent=True)
     async def cancel_job(self, msg: sp.CancelJob, ctx: Context) -> sp.JobInfo:
-        return await self.jobs.cancel(ctx.principal, msg.job_id)
+        return await self.jobs.cancel(ctx.principal, msg.job_id, ctx.restrictions.session)
 
+    # Only an admin token reaches these (the kernel's rights check: see AdminList).
 
-def check_restrictions(msg: sp.Submit, ctx: Context) -> None:
-    """The caller's token caveats that depend on the request (max_tokens, session)."""
-    r = ctx.restrictions
-    if r.max_tokens and msg.max_tokens > r.max_tokens:
-        raise Forbidden(f"this capability allows at most {r.max_tokens} tokens per request",
-                        detail={"field": "max_tokens"})
-    check_session(msg.session, ctx)
+    @handler(idempotent=True)
+    async def admin_list(self, msg: sp.AdminList, ctx: Context) -> sp.JobList:
+        listing = self.jobs.list_all(msg.principal)
+        self._audit(ctx, "jobs.list_all", "AdminList", "ok",
+                    {"owner": msg.principal[:AUDIT_STR], "jobs": len(listing.jobs)})
+        return listing
 
+    @handler(idempotent=True)
+    async def admin_cancel(self, msg: sp.AdminCancel, ctx: Context) -> sp.JobInfo:
+        try:
+            info = await self.jobs.cancel(msg.principal, msg.job_id, why=f"cancelled by {ctx.principal!r}")
+        except LlmosError as exc:
+            self._audit(ctx, "jobs.cancel_any", "AdminCancel", str(exc.code),
+                        {"owner": msg.principal[:AUDIT_STR], "job_id": msg.job_id[:AUDIT_STR]})
+            raise
+        self._audit(ctx, "jobs.cancel_any", "AdminCancel", "ok",
+                    {"owner": msg.principal[:AUDIT_STR], "job_id": msg.job_id[:AUDIT_STR]})
+        return info
 
-def check_session(session: str, ctx: Context) -> None:
-    confined = ctx.restrictions.session
-    if confined and session != confined:
-        raise Forbidden(f"this capability is confined to session {confined!r}", detail={"field": "session"})
+    # -- caveats and the audit trail --------------------------------------------------
+
+    def _check_restrictions(self, msg: sp.Submit, ctx: Context, op: str) -> None:
+        """The caller's token caveats that depend on the request (max_tokens, session)."""
+        r = ctx.restrictions
+        if r.max_tokens and msg.max_tokens > r.max_tokens:
+            self._refuse(ctx, "caveat", op, Forbidden(
+                f"this capability allows at most {r.max_tokens} tokens per request (asked {msg.max_tokens})",
+                detail={"field": "max_tokens"}))
+        self._check_session(msg.session, ctx, op)
+
+    def _check_session(self, session: str, ctx: Context, op: str) -> None:
+        confined = ctx.restrictions.session
+        if confined and session != confined:
+            self._refuse(ctx, "caveat", op, Forbidden(f"this capability is confined to session {confined!r}",
+                                                      detail={"field": "session"}))
+
+    def _check_request_session(self, request_id: str, ctx: Context, op: str) -> None:
+        """A token confined to a session reaches only that session's requests."""
+        confined = ctx.restrictions.session
+        if not confined:
+            return
+        session = self.engine.session_of(ctx.principal, request_id)
+        if session is not None and session != confined:
+            self._refuse(ctx, "caveat", op, Forbidden(
+                f"this capability is confined to session {confined!r}; request {request_id!r} is not in it",
+                detail={"field": "request_id"}))
+
+    def _refuse(self, ctx: Context, action: str, op: str, exc: LlmosError) -> NoReturn:
+        field = exc.detail.get("field", "") if exc.detail else ""
+        self._audit(ctx, action, op, str(exc.code), {"field": str(field), "reason": exc.message[:AUDIT_STR]})
+        raise exc
+
+    def _audit(self, ctx: Context, action: str, op: str, outcome: str,
+               detail: dict[str, str | int | float | bool]) -> None:
+        note = secp.AuditNote(ctx.principal, action, f"{sp.SCHEDULER}:{op}", outcome, self.instance, detail)
+        try:
+            self.publish(secp.AUDIT_TOPIC, note)
+        except LlmosError as exc:  # not connected: the refusal stands, the note is lost (and logged)
+            log.warning("scheduler.audit_unsent", action=action, error=str(exc))
+        log.info("scheduler.audit", action=action, op=op, principal=ctx.principal, outcome=outcome)
 
 
 __all__ = ["SchedulerService"]

@@ -171,19 +171,27 @@ async def test_deadline_before_the_first_token_is_an_error_and_after_it_a_finish
     assert 0 < len(got) < 200 and got == expected("soon", len(got))
 
 
-async def test_a_full_queue_is_overloaded_with_retry_after_but_resubmissions_are_admitted() -> None:
+async def test_a_full_queue_is_overloaded_with_retry_after_and_only_known_requests_reattach() -> None:
     config = SchedulerConfig(max_waiting=2)
     backend = InProcessBackend({"cpu": FakeDriver(64)})
     engine = Engine(config, backend)  # not running: nothing leaves the queue
     engine.driver_up("cpu", backend.drivers["cpu"].meta)
     engine.set_model(Model(TOK, frozenset(TOK.eos_token_ids), 256))
     for i in range(2):
-        engine.submit(Submit(prompt=f"q{i}"), "", lambda m: None)
+        engine.submit(Submit(prompt=f"q{i}", request_id=f"q{i}"), "", lambda m: None)
     with pytest.raises(Overloaded) as info:
         engine.submit(Submit(prompt="one too many"), "", lambda m: None)
     assert info.value.detail["retry_after_s"] > 0
-    engine.submit(Submit(prompt="resubmitted", request_id="x", attempt=1), "", lambda m: None)
-    assert len(engine.waiting) == 3
+    # What the client claims (attempt, resume_ids) admits nothing: an id the
+    # scheduler does not know is a new request.
+    with pytest.raises(Overloaded):
+        engine.submit(Submit(prompt="resubmitted", request_id="x", attempt=1), "", lambda m: None)
+    with pytest.raises(Overloaded):
+        engine.submit(Submit(prompt="resubmitted", request_id="x", attempt=1, resume_from=1, resume_ids=[97]),
+                      "", lambda m: None)
+    # A request it does know re-attaches, whatever the queue holds.
+    sink = engine.submit(Submit(prompt="q0", request_id="q0", attempt=1), "", lambda m: None)
+    assert sink.attached and len(engine.waiting) == 2
 
 
 async def test_bad_submissions_name_the_field() -> None:
