@@ -6,6 +6,11 @@ the same request with the token ids it already holds (`resume_from` /
 `resume_ids`); the new scheduler prefills them and the stream continues at
 the next token. Offsets are checked, so a repeated or missing token would be
 an error, never silent.
+
+A re-submission to a restarted scheduler is a new request there (admission
+and quotas are the scheduler's own state, not the client's word), so it may
+be answered `overloaded`: it is then tried again after `retry_after_s`,
+within the same patience as a scheduler that does not come back.
 """
 
 from __future__ import annotations
@@ -16,10 +21,11 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 import anyio
+import msgspec
 
-from ipc.errors import DeadlineExceeded, Internal, Unavailable
+from ipc.errors import DeadlineExceeded, Internal, Overloaded, Unavailable
 from ipc.protocol.sampling import SamplingParams
-from ipc.protocol.scheduler import SCHEDULER, Finished, FinishReason, Submit, TokenDelta, Usage
+from ipc.protocol.scheduler import SCHEDULER, Finished, FinishReason, PrioritySubmit, Submit, TokenDelta, Usage
 from sdk.connection import Connection
 
 # A request is given up on (`Unavailable` to the caller) only after this many
@@ -66,12 +72,15 @@ def build_submit(prompt: str | Sequence[int], *, max_tokens: int = 256, temperat
                  params: SamplingParams | None = None, stop: Sequence[str] = (),
                  stop_token_ids: Sequence[int] = (), priority: int = 0, timeout: float | None = None,
                  session: str = "", request_id: str | None = None, ignore_eos: bool = False) -> Submit:
+    """The Submit for these options: a `PrioritySubmit` (the op the `priority`
+    right covers) when `priority` < 0 asks to run ahead of the default."""
     if params is None:
         params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
     text, ids = (prompt, []) if isinstance(prompt, str) else ("", list(prompt))
-    return Submit(text, ids, params, max_tokens, list(stop), list(stop_token_ids), ignore_eos, priority,
-                  time.time_ns() + int(timeout * 1e9) if timeout else 0, session,
-                  request_id or uuid.uuid4().hex)
+    kind = PrioritySubmit if priority < 0 else Submit
+    return kind(text, ids, params, max_tokens, list(stop), list(stop_token_ids), ignore_eos, priority,
+                time.time_ns() + int(timeout * 1e9) if timeout else 0, session,
+                request_id or uuid.uuid4().hex)
 
 
 async def stream_generate(conn: Connection, submit: Submit, *, max_resubmits: int = MAX_RESUBMITS,
@@ -85,10 +94,8 @@ async def stream_generate(conn: Connection, submit: Submit, *, max_resubmits: in
     progress_at = 0
     progress_time = time.monotonic()
     while True:
-        msg = Submit(submit.prompt, submit.prompt_ids, submit.params, submit.max_tokens, submit.stop,
-                     submit.stop_token_ids, submit.ignore_eos, submit.priority, submit.deadline_ns,
-                     submit.session, submit.request_id, len(held), list(held),
-                     submit.add_special_tokens, attempt)
+        msg = msgspec.structs.replace(submit, resume_from=len(held), resume_ids=list(held), attempt=attempt)
+        retry_after = 0.0
         try:
             async for ev in conn.stream(SCHEDULER, msg, trace_id=submit.request_id):
                 if not isinstance(ev, (TokenDelta, Finished)):
@@ -102,7 +109,13 @@ async def stream_generate(conn: Connection, submit: Submit, *, max_resubmits: in
                                 ev.usage, ev.error)
                     return
                 yield Chunk(ev.request_id, ev.offset, list(ev.token_ids), ev.text)
-        except Unavailable:
+        except (Unavailable, Overloaded) as exc:
+            if isinstance(exc, Overloaded):
+                if not attempt:
+                    raise  # the first submission: the caller decides
+                # A restarted scheduler's queue is full: this request was
+                # accepted once, so it waits its turn rather than fail.
+                retry_after = float(exc.detail.get("retry_after_s", 0.0) or 0.0)
             # The scheduler died (or restarted) mid-request: resume it.
             attempt += 1
             now = time.monotonic()
@@ -113,6 +126,7 @@ async def stream_generate(conn: Connection, submit: Submit, *, max_resubmits: in
             if getattr(conn, "closed", False) or (stalled > max_resubmits and now - progress_time >= patience_s):
                 raise  # our own connection is gone, or the system does not come back
             pause = min(backoff_s * 2 ** (stalled - 2), RESUBMIT_BACKOFF_MAX_S) if stalled > 1 else 0.0
+            pause = max(pause, min(retry_after, RESUBMIT_BACKOFF_MAX_S))
             if submit.deadline_ns:
                 left = (submit.deadline_ns - time.time_ns()) / 1e9
                 if left <= 0:

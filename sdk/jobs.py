@@ -11,6 +11,7 @@ re-sent safely when the scheduler dies while answering.
 
 from __future__ import annotations
 
+import builtins
 import uuid
 from collections.abc import Callable, Sequence
 from datetime import datetime
@@ -69,6 +70,18 @@ class Jobs:
         reply: sp.JobInfo = await self._client.call(sp.SCHEDULER, sp.CancelJob(job_id), timeout=10.0)
         return reply
 
+    # Operator views over every principal's jobs: the token needs the `admin` right.
+
+    async def list_all(self, principal: str = "") -> builtins.list[sp.JobInfo]:
+        """Every principal's jobs (or `principal`'s), each with its owner in `.principal`."""
+        reply: sp.JobList = await self._client.call(sp.SCHEDULER, sp.AdminList(principal), timeout=10.0)
+        return reply.jobs
+
+    async def cancel_any(self, principal: str, job_id: str) -> sp.JobInfo:
+        """Cancel `principal`'s job `job_id`."""
+        reply: sp.JobInfo = await self._client.call(sp.SCHEDULER, sp.AdminCancel(principal, job_id), timeout=10.0)
+        return reply
+
 
 class SyncJobs:
     """`Jobs` for the sync `Client`."""
@@ -91,6 +104,12 @@ class SyncJobs:
 
     def cancel(self, job_id: str) -> sp.JobInfo:
         return self._call(lambda: self._jobs.cancel(job_id))  # type: ignore[no-any-return]
+
+    def list_all(self, principal: str = "") -> builtins.list[sp.JobInfo]:
+        return self._call(lambda: self._jobs.list_all(principal))  # type: ignore[no-any-return]
+
+    def cancel_any(self, principal: str, job_id: str) -> sp.JobInfo:
+        return self._call(lambda: self._jobs.cancel_any(principal, job_id))  # type: ignore[no-any-return]
 
 
 __all__ = ["Jobs", "SyncJobs"]

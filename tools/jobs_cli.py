@@ -3,8 +3,9 @@ from the command line (over `Client.jobs` and `Client.sessions`).
 
     llmos jobs submit "PROMPT" [--at TIME] [--every S] [--max-runs N] [--id ID] [generate's flags] [--json]
     llmos jobs list [--json]                       id, state, schedule, runs, next run, last result
+    llmos jobs list --all [--principal P] [--json] every principal's jobs (admin; audited)
     llmos jobs show ID [--last N] [--json]         the job and its latest N results
-    llmos jobs cancel ID
+    llmos jobs cancel ID [--principal P]           with --principal: P's job (admin; audited)
     llmos sessions show|suspend|resume|close NAME [--json]
 
 Times are shown in local time; `--at` takes ISO 8601 (a time without an
@@ -82,7 +83,19 @@ def cmd_jobs_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_jobs_list(args: argparse.Namespace) -> int:
+    if args.principal and not args.all:
+        raise BadRequest("--principal lists another principal's jobs: it goes with --all")
     with _client(args) as c:
+        if args.all:
+            every = sorted(c.jobs.list_all(args.principal), key=lambda j: j.created_ns)
+            if args.json:
+                _print_json(every)
+                return 0
+            table = [("PRINCIPAL", "ID", "STATE", "SCHEDULE", "RUNS", "NEXT RUN", "ERROR")]
+            table += [(j.principal or "-", j.job_id, j.state, _schedule(j), str(j.runs), _when(j.next_run_ns),
+                       j.error[:SNIPPET]) for j in every]
+            print_table(table)
+            return 0
         jobs = sorted(c.jobs.list(), key=lambda j: j.created_ns)
         if args.json:
             _print_json(jobs)
@@ -120,7 +133,7 @@ def cmd_jobs_show(args: argparse.Namespace) -> int:
 
 def cmd_jobs_cancel(args: argparse.Namespace) -> int:
     with _client(args) as c:
-        job = c.jobs.cancel(args.job_id)
+        job = c.jobs.cancel_any(args.principal, args.job_id) if args.principal else c.jobs.cancel(args.job_id)
     # The scheduler answers before a run in progress has ended: the job is cancelled when it has.
     state = "cancelling (its run in progress is being stopped)" if job.state == sp.JobState.RUNNING else job.state
     print(f"{job.job_id}  {state} after {job.runs} run{'s' if job.runs != 1 else ''}")
@@ -163,6 +176,8 @@ def add_commands(sub: Any) -> None:
     submit.add_argument("--json", action="store_true")
     submit.set_defaults(fn=cmd_jobs_submit)
     ls = js.add_parser("list", help="your jobs")
+    ls.add_argument("--all", action="store_true", help="every principal's jobs (needs the admin right)")
+    ls.add_argument("--principal", default="", help="with --all: only this principal's")
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(fn=cmd_jobs_list)
     show = js.add_parser("show", help="a job and its latest results")
@@ -172,6 +187,7 @@ def add_commands(sub: Any) -> None:
     show.set_defaults(fn=cmd_jobs_show)
     cancel = js.add_parser("cancel", help="no further runs (a run in progress is cancelled)")
     cancel.add_argument("job_id")
+    cancel.add_argument("--principal", default="", help="another principal's job (needs the admin right)")
     cancel.set_defaults(fn=cmd_jobs_cancel)
 
     sessions = sub.add_parser("sessions", help="conversations (`generate --session NAME`) and their KV")
