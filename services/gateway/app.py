@@ -18,31 +18,33 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from ipc.errors import BadRequest, LlmosError, NotFound, Unauthorized
+from ipc.errors import BadRequest, Forbidden, Internal, LlmosError, NotFound, Unauthorized
 from ipc.protocol.driver import ModelDescription
 from ipc.protocol.scheduler import Submit
 from sdk.generate import Chunk
 from services.gateway import openai as oa
 from services.gateway.backend import Stats
+from services.gateway.body import read_body
 from services.gateway.chat import ChatFormatter
+from services.gateway.config import GatewayConfig
 from services.gateway.metrics import GatewayMetrics
 
-DEFAULT_MAX_TOKENS = 256
-
-
 class Backend(Protocol):
+    async def authenticate(self, api_key: str) -> None: ...
     def stream(self, api_key: str | None, submit: Submit) -> AsyncIterator[Chunk]: ...
     async def cancel(self, api_key: str | None, request_id: str) -> None: ...
     async def model(self, api_key: str | None) -> ModelDescription: ...
-    async def stats(self) -> Stats: ...
+    async def stats(self, api_key: str | None = None) -> Stats: ...
 
 
 def _json(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     return Response(oa.encode(obj), status, headers, media_type="application/json")
 
 
-def _error(exc: LlmosError) -> Response:
+def _error(exc: LlmosError, *, close: bool = False) -> Response:
     status, body, headers = oa.error_body(exc)
+    if close:
+        headers["Connection"] = "close"
     return Response(body, status, headers, media_type="application/json")
 
 
@@ -56,28 +58,54 @@ def _api_key(request: Request) -> str | None:
     return key.strip()
 
 
-def create_app(backend: Backend, *, default_max_tokens: int = DEFAULT_MAX_TOKENS) -> Starlette:
+def create_app(backend: Backend, config: GatewayConfig | None = None) -> Starlette:
+    cfg = config or GatewayConfig()
     metrics = GatewayMetrics()
     chat_formatters: dict[str, ChatFormatter] = {}
 
+    async def caller(request: Request) -> str | None:
+        """The caller's API key, resolved to a token, before the body is read:
+        a request without a valid key costs its headers and nothing more."""
+        key = _api_key(request)
+        if key is None:
+            if cfg.allow_anonymous:
+                return None
+            raise Unauthorized("no API key: send 'Authorization: Bearer <api key>'")
+        await backend.authenticate(key)
+        return key
+
+    def refuse(endpoint: str, exc: LlmosError, *, body_read: bool = True) -> Response:
+        status = oa.status_of(exc)
+        metrics.requests.labels(endpoint, status).inc()
+        # A body left unread would be the next request's start: close instead.
+        return _error(exc, close=not body_read)
+
     async def completions(request: Request) -> Response:
+        body_read = False
         try:
-            key = _api_key(request)
-            req = oa.decode_completion(await request.body())
-            prompt = _prompt(req.prompt)
+            key = await caller(request)
+            body = await read_body(request, cfg.max_body_bytes, cfg.body_timeout_s)
+            body_read = True
+            req = oa.decode_completion(body)
+            del body
+            desc = await backend.model(key)
+            model = _check_model(req.model, desc)
+            prompt = _prompt(req.prompt, desc)
             submit = oa.to_submit(req, prompt=prompt, logprobs=req.logprobs or 0,
-                                  default_max_tokens=default_max_tokens)
-            model = _check_model(req.model, await backend.model(key))
+                                  default_max_tokens=cfg.default_max_tokens)
         except LlmosError as exc:
-            metrics.requests.labels("completions", oa.STATUS.get(exc.code, 500)).inc()
-            return _error(exc)
+            return refuse("completions", exc, body_read=body_read)
         return await _run(request, key, submit, model, chat=False, stream=req.stream,
                           include_usage=True)
 
     async def chat_completions(request: Request) -> Response:
+        body_read = False
         try:
-            key = _api_key(request)
-            req = oa.decode_chat(await request.body())
+            key = await caller(request)
+            body = await read_body(request, cfg.max_body_bytes, cfg.body_timeout_s)
+            body_read = True
+            req = oa.decode_chat(body)
+            del body
             desc = await backend.model(key)
             _check_model(req.model, desc)
             fmt = chat_formatters.get(desc.path)
@@ -87,13 +115,12 @@ def create_app(backend: Backend, *, default_max_tokens: int = DEFAULT_MAX_TOKENS
             if req.max_completion_tokens is not None and req.max_tokens is None:
                 req.max_tokens = req.max_completion_tokens
             submit = oa.to_submit(req, prompt=prompt, logprobs=req.top_logprobs if req.logprobs else 0,
-                                  default_max_tokens=default_max_tokens)
+                                  default_max_tokens=cfg.default_max_tokens)
             # A template that adds its own BOS must not get a second one.
             if fmt.has_template:
                 submit.add_special_tokens = False
         except LlmosError as exc:
-            metrics.requests.labels("chat", oa.STATUS.get(exc.code, 500)).inc()
-            return _error(exc)
+            return refuse("chat", exc, body_read=body_read)
         return await _run(request, key, submit, desc.name, chat=True, stream=req.stream, include_usage=True)
 
     async def _run(request: Request, key: str | None, submit: Submit, model: str, *, chat: bool, stream: bool,
@@ -105,8 +132,7 @@ def create_app(backend: Backend, *, default_max_tokens: int = DEFAULT_MAX_TOKENS
             # admission errors (429, 401, 403, 503) are ordinary HTTP errors.
             first = await chunks.__anext__()
         except LlmosError as exc:
-            metrics.requests.labels(endpoint, oa.STATUS.get(exc.code, 500)).inc()
-            return _error(exc)
+            return refuse(endpoint, exc)
         rid = first.request_id
         if not stream:
             text, last = [first.text], first
@@ -115,8 +141,7 @@ def create_app(backend: Backend, *, default_max_tokens: int = DEFAULT_MAX_TOKENS
                     text.append(c.text)
                     last = c
             except LlmosError as exc:
-                metrics.requests.labels(endpoint, oa.STATUS.get(exc.code, 500)).inc()
-                return _error(exc)
+                return refuse(endpoint, exc)
             usage = last.usage
             metrics.observe_usage(usage)
             metrics.requests.labels(endpoint, 200).inc()
@@ -165,7 +190,7 @@ def create_app(backend: Backend, *, default_max_tokens: int = DEFAULT_MAX_TOKENS
 
     async def models(request: Request) -> Response:
         try:
-            desc = await backend.model(_api_key(request))
+            desc = await backend.model(await caller(request))
         except LlmosError as exc:
             return _error(exc)
         return _json({"object": "list", "data": [{
@@ -182,13 +207,27 @@ def create_app(backend: Backend, *, default_max_tokens: int = DEFAULT_MAX_TOKENS
                       "services": {i.instance: i.state for i in st.instances}}, 200)
 
     async def prometheus(request: Request) -> Response:
+        # Request and token counts are other tenants' activity: only a key
+        # whose token the kernel lets read its Status (`status` or `admin`)
+        # sees them. Prometheus sends one with `authorization` in its scrape config.
         try:
-            stats: Stats | None = await backend.stats()
+            key = await caller(request)
+        except LlmosError as exc:
+            return _error(exc)
+        try:
+            stats: Stats | None = await backend.stats(key)
+        except (Unauthorized, Forbidden) as exc:
+            return _error(exc)
         except LlmosError:
             stats = None
         return Response(metrics.render(stats), media_type="text/plain; version=0.0.4")
 
-    return Starlette(routes=[
+    async def crashed(request: Request, exc: Exception) -> Response:
+        # A bug, not a bad input (those are LlmosErrors): the client still gets
+        # OpenAI's error shape; Starlette re-raises it for the server's log.
+        return _error(Internal(f"the gateway failed on this request ({type(exc).__name__})"), close=True)
+
+    return Starlette(exception_handlers={Exception: crashed}, routes=[
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
@@ -200,16 +239,26 @@ def create_app(backend: Backend, *, default_max_tokens: int = DEFAULT_MAX_TOKENS
 def _check_model(asked: str, desc: ModelDescription) -> str:
     """The served model's name; `asked` may be it, its directory's basename, or empty."""
     if asked and asked not in (desc.name, Path(desc.name).name):
-        raise NotFound(f"model {asked!r} does not exist; this server runs {desc.name!r}",
+        raise NotFound(f"model {oa.short(asked)} does not exist; this server runs {desc.name!r}",
                        detail={"field": "model"})
     return desc.name
 
 
-def _prompt(p: str | list[int | str]) -> str | list[int]:
+def _prompt(p: str | list[int | str], desc: ModelDescription) -> str | list[int]:
+    """Text, or token ids checked against the model: ids outside its
+    vocabulary, or more than its context holds, never reach the scheduler."""
     if isinstance(p, str):
         return p
     if all(isinstance(x, int) for x in p):
-        return [int(x) for x in p]
+        ids = [int(x) for x in p]
+        if len(ids) > desc.max_model_len:
+            raise BadRequest(f"prompt has {len(ids)} token ids; the model's context holds {desc.max_model_len}",
+                             detail={"field": "prompt"})
+        bad = next((i for i, t in enumerate(ids) if not 0 <= t < desc.vocab_size), None)
+        if bad is not None:
+            raise BadRequest(f"prompt[{bad}] = {ids[bad]} is not a token id of this model (vocabulary: "
+                             f"0..{desc.vocab_size - 1})", detail={"field": f"prompt[{bad}]"})
+        return ids
     if len(p) == 1 and isinstance(p[0], str):
         return p[0]
     raise BadRequest("prompt must be text, token ids, or one text in a list (batches are not supported)",

@@ -2,8 +2,9 @@
 
 Each API key gets its own connection holding that principal's capability
 token (renewed before expiry), so the kernel checks every request as the
-user's, never as the gateway's. Without a key the connection carries no
-token, and a kernel with auth on answers `unauthorized` (HTTP 401).
+user's, never as the gateway's. Nothing goes to the kernel for a caller
+without a key (unless the gateway is told to serve anonymous callers, for a
+kernel run with auth off): no token, no request.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
-from ipc.errors import LlmosError
+from ipc.errors import LlmosError, Unauthorized
 from ipc.protocol import kernel as kp
 from ipc.protocol import memory as mp
 from ipc.protocol import scheduler as sp
@@ -24,6 +25,8 @@ from sdk.connection import Connection
 from sdk.generate import Chunk, stream_generate
 
 MAX_CONNECTIONS = 256
+# Longer than any key the security server mints (llmos.<12 hex>.<secret>).
+MAX_API_KEY_LEN = 256
 
 
 @dataclass
@@ -43,13 +46,24 @@ class KernelBackend:
     """`system` is the gateway's own (service) connection: model facts and
     stats are asked as the gateway; generation always as the caller."""
 
-    def __init__(self, endpoint: str, system: Callable[[str, Any], Awaitable[Any]]):
+    def __init__(self, endpoint: str, system: Callable[[str, Any], Awaitable[Any]], *,
+                 allow_anonymous: bool = False):
         self.endpoint = endpoint
         self._system = system
+        self._anonymous = allow_anonymous
         self._conns: OrderedDict[str, _Principal] = OrderedDict()
         self._model: ModelDescription | None = None
 
+    async def authenticate(self, api_key: str) -> None:
+        """Resolve the key to a capability token (a Login, cached per key);
+        `Unauthorized` for a key the security server refuses."""
+        await self._principal(api_key)
+
     async def _principal(self, api_key: str | None) -> _Principal:
+        if api_key is None and not self._anonymous:
+            raise Unauthorized("no API key: send 'Authorization: Bearer <api key>'")
+        if api_key is not None and len(api_key) > MAX_API_KEY_LEN:
+            raise Unauthorized(f"API key longer than {MAX_API_KEY_LEN} characters: not a key")
         slot = hashlib.sha256(api_key.encode()).hexdigest() if api_key else ""
         p = self._conns.get(slot)
         if p is None:
@@ -88,8 +102,15 @@ class KernelBackend:
             self._model = await self._system(DRIVER, DescribeModel())
         return self._model
 
-    async def stats(self) -> Stats:
-        status = await self._system(kp.KERNEL, kp.Status())
+    async def stats(self, api_key: str | None = None) -> Stats:
+        """With a key, the kernel's Status is asked as that caller, so the
+        kernel's guard decides whether they may see the system's state (the
+        `status` or `admin` right); the rest is then asked as the gateway."""
+        if api_key is not None:
+            p = await self._principal(api_key)
+            status = await p.conn.call(kp.KERNEL, kp.Status(), timeout=10.0)
+        else:
+            status = await self._system(kp.KERNEL, kp.Status())
         return Stats(status, await self._maybe(sp.SCHEDULER, sp.SchedulerStats()),
                      await self._maybe("memory", mp.MemoryStats()))
 

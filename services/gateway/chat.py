@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ipc.errors import BadRequest
-from services.gateway.openai import ChatMessage
+from services.gateway.openai import ChatMessage, ContentPart, short
 
 
 class ChatFormatter:
@@ -71,12 +71,13 @@ def _token_text(tok: Any) -> str:
     return str(tok or "")
 
 
-def _text(content: str | list[dict[str, Any]]) -> str:
+def _text(content: str | list[ContentPart] | None) -> str:
+    if content is None:
+        return ""
     if isinstance(content, str):
         return content
-    parts = []
     for part in content:
-        if part.get("type") != "text":
-            raise BadRequest(f"message content of type {part.get('type')!r} is not supported (text only)")
-        parts.append(str(part.get("text", "")))
-    return "".join(parts)
+        if part.type != "text":
+            raise BadRequest(f"message content of type {short(part.type)} is not supported (text only)",
+                             detail={"field": "messages.content"})
+    return "".join(part.text for part in content)

@@ -7,15 +7,26 @@ type-checked, and a wrong one is a 400 naming it. llmos extras: `priority`,
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
 from ipc.errors import BadRequest, ErrorCode, LlmosError
-from ipc.protocol.sampling import SamplingParams
-from ipc.protocol.scheduler import Submit
+from ipc.protocol.sampling import MAX_LOGPROBS, MAX_SEED, MAX_TOP_K, SamplingParams
+from ipc.protocol.scheduler import MAX_REQUEST_ID_LEN, MaxTokens, PriorityLevel, Submit, TokenId
+
+# Every integer a client sends is bounded where the body is decoded, so a
+# 2**64 (or a -2**63) is a 400 naming its field, never an overflow later.
+MAX_N = 128
+MAX_NAME_LEN = 256
+Logprobs = Annotated[int, msgspec.Meta(ge=0, le=MAX_LOGPROBS)]
+TopK = Annotated[int, msgspec.Meta(ge=0, le=MAX_TOP_K)]
+Seed = Annotated[int, msgspec.Meta(ge=0, le=MAX_SEED)]
+Count = Annotated[int, msgspec.Meta(ge=1, le=MAX_N)]
+Name = Annotated[str, msgspec.Meta(max_length=MAX_NAME_LEN)]
 
 
 class StreamOptions(msgspec.Struct):
@@ -23,42 +34,50 @@ class StreamOptions(msgspec.Struct):
 
 
 class _Common(msgspec.Struct, kw_only=True):
-    model: str = ""
-    max_tokens: int | None = None
+    model: Name = ""
+    max_tokens: MaxTokens | None = None
     temperature: float = 1.0
     top_p: float = 1.0
-    top_k: int = 0
+    top_k: TopK = 0
     min_p: float = 0.0
     repetition_penalty: float = 1.0
-    n: int = 1
+    n: Count = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
-    user: str = ""
-    priority: int = 0
-    session_id: str = ""
-    request_id: str = ""
+    seed: Seed | None = None
+    user: Name = ""
+    priority: PriorityLevel = 0
+    session_id: Name = ""
+    request_id: Annotated[str, msgspec.Meta(max_length=MAX_REQUEST_ID_LEN)] = ""
     ignore_eos: bool = False  # as vLLM: generate max_tokens even past EOS
 
 
 class CompletionRequest(_Common, kw_only=True):
     # text, token ids, or a one-element list of text (msgspec unions allow one array type)
-    prompt: str | list[int | str]
-    logprobs: int | None = None
+    prompt: str | list[TokenId | str]
+    logprobs: Logprobs | None = None
     echo: bool = False
 
 
+class ContentPart(msgspec.Struct):
+    """One part of a message's content; only text parts are served."""
+
+    type: Name
+    text: str = ""
+
+
 class ChatMessage(msgspec.Struct):
-    role: str
-    content: str | list[dict[str, Any]] = ""
+    role: Name
+    # null: an assistant turn that only called tools
+    content: str | list[ContentPart] | None = ""
 
 
 class ChatRequest(_Common, kw_only=True):
     messages: list[ChatMessage]
-    max_completion_tokens: int | None = None
+    max_completion_tokens: MaxTokens | None = None
     logprobs: bool = False
-    top_logprobs: int = 0
+    top_logprobs: Logprobs = 0
 
 
 _completion = msgspec.json.Decoder(CompletionRequest)
@@ -75,19 +94,32 @@ def decode_chat(body: bytes) -> ChatRequest:
     if not req.messages:
         raise BadRequest("messages must not be empty", detail={"field": "messages"})
     for i, m in enumerate(req.messages):
-        if m.role not in ("system", "user", "assistant", "tool", "developer"):
-            raise BadRequest(f"messages[{i}].role {m.role!r} is not one of system, user, assistant",
+        if m.role not in ROLES:
+            raise BadRequest(f"messages[{i}].role {short(m.role)} is not one of {', '.join(ROLES)}",
                              detail={"field": f"messages[{i}].role"})
     return req
+
+
+ROLES = ("system", "user", "assistant", "tool", "developer")
+_AT = re.compile(r" - at `\$\.?(.*)`$")
 
 
 def _decode(dec: msgspec.json.Decoder[Any], body: bytes) -> Any:
     try:
         return dec.decode(body)
     except msgspec.ValidationError as exc:
-        raise BadRequest(f"invalid request body: {exc}") from None
+        at = _AT.search(str(exc))
+        raise BadRequest(f"invalid request body: {exc}", detail={"field": at.group(1)} if at else {}) from None
     except msgspec.DecodeError as exc:
         raise BadRequest(f"request body is not JSON: {exc}") from None
+    except RecursionError:
+        raise BadRequest("request body is nested too deeply") from None
+
+
+def short(value: str, limit: int = 40) -> str:
+    """`value` quoted for an error message, cut to `limit` characters (the
+    client sent it; it is not echoed whole)."""
+    return repr(value[:limit] + "..." if len(value) > limit else value)
 
 
 def to_submit(req: _Common, *, prompt: str | list[int], logprobs: int, default_max_tokens: int) -> Submit:
@@ -106,21 +138,27 @@ def to_submit(req: _Common, *, prompt: str | list[int], logprobs: int, default_m
 
 # -- errors -------------------------------------------------------------------
 
+def status_of(exc: LlmosError) -> int:
+    """The HTTP status for an llmos error (a gateway-only error carries its own)."""
+    own: int | None = getattr(exc, "http_status", None)
+    return own if own is not None else STATUS.get(exc.code, 500)
+
+
 STATUS = {
     ErrorCode.BAD_REQUEST: 400, ErrorCode.UNAUTHORIZED: 401, ErrorCode.FORBIDDEN: 403,
     ErrorCode.NOT_FOUND: 404, ErrorCode.OVERLOADED: 429, ErrorCode.UNAVAILABLE: 503,
     ErrorCode.DEADLINE_EXCEEDED: 504, ErrorCode.CANCELLED: 499, ErrorCode.INTERNAL: 500,
 }
 _TYPE = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-         404: "not_found_error", 429: "rate_limit_error", 503: "service_unavailable", 504: "timeout",
+         404: "not_found_error", 408: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable", 504: "timeout",
          499: "cancelled", 500: "server_error"}
 
 
 def error_body(exc: LlmosError) -> tuple[int, bytes, dict[str, str]]:
     """(HTTP status, OpenAI error JSON, extra headers) for an llmos error."""
-    status = STATUS.get(exc.code, 500)
+    status = status_of(exc)
     param = exc.detail.get("field")
-    body = encode({"error": {"message": exc.message, "type": _TYPE[status], "param": param, "code": str(exc.code)}})
+    body = encode({"error": {"message": exc.message, "type": _TYPE.get(status, "server_error"), "param": param, "code": str(exc.code)}})
     headers = {}
     retry = exc.detail.get("retry_after_s")
     if status == 429:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -20,6 +21,8 @@ from sdk.logs import get_logger
 from sdk.service import Service
 from services.gateway.app import create_app
 from services.gateway.backend import KernelBackend
+from services.gateway.config import GatewayConfig, load_gateway_config
+from services.gateway.connections import guarded_h11
 
 log = get_logger()
 
@@ -46,11 +49,17 @@ class GatewayService(Service):
         super().__init__(**kwargs)
         ap = argparse.ArgumentParser(prog="gateway")
         ap.add_argument("--listen", default="127.0.0.1:8000")
-        ap.add_argument("--max-tokens", type=int, default=256, help="default max_tokens")
+        ap.add_argument("--config", default=os.environ.get("LLMOS_CONFIG"),
+                        help="TOML file; its [gateway] table is read (default: the kernel's, $LLMOS_CONFIG)")
+        ap.add_argument("--max-tokens", type=int, help="default max_tokens")
+        ap.add_argument("--max-body-bytes", type=int, help="largest request body accepted")
         args = ap.parse_args(sys.argv[1:] if argv is None else argv)
         self.host, self.port = parse_listen(args.listen)
-        self.backend = KernelBackend(front_endpoint(self.home), self._system_call)
-        self.app = create_app(self.backend, default_max_tokens=args.max_tokens)
+        self.config: GatewayConfig = load_gateway_config(args.config, default_max_tokens=args.max_tokens,
+                                                         max_body_bytes=args.max_body_bytes)
+        self.backend = KernelBackend(front_endpoint(self.home), self._system_call,
+                                     allow_anonymous=self.config.allow_anonymous)
+        self.app = create_app(self.backend, self.config)
         self.server: _Server | None = None
 
     async def _system_call(self, service: str, msg: Any) -> Any:
@@ -60,8 +69,11 @@ class GatewayService(Service):
         return {"http": f"http://{self.host}:{self.port}"}
 
     async def on_start(self) -> None:
+        c = self.config
         config = uvicorn.Config(self.app, host=self.host, port=self.port, lifespan="off", log_level="warning",
-                                access_log=False, loop="none")
+                                access_log=False, loop="none", http=guarded_h11(c),
+                                h11_max_incomplete_event_size=c.max_header_bytes,
+                                timeout_keep_alive=c.keep_alive_s)
         config.load()
         self.server = _Server(config)
         # uvicorn's serve() split in two: bind before READY (a busy port fails

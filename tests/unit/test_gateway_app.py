@@ -9,13 +9,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from ipc.errors import LlmosError, Overloaded, Unauthorized, Unavailable
+from ipc.errors import BadRequest, Forbidden, LlmosError, Overloaded, Unauthorized, Unavailable
 from ipc.protocol import kernel as kp
 from ipc.protocol.driver import ModelDescription
 from ipc.protocol.scheduler import FinishReason, Submit, Usage
 from sdk.generate import Chunk
 from services.gateway.app import create_app
 from services.gateway.backend import Stats
+from services.gateway.config import GatewayConfig
 
 USAGE = Usage(prompt_tokens=3, completion_tokens=4, ttft_s=0.01, total_s=0.05)
 
@@ -27,6 +28,12 @@ class FakeBackend:
         self.fail_with: LlmosError | None = None
         self.pieces = ["Hel", "lo", " wor", "ld"]
         self.model_dir = model_dir
+        self.logins: list[str] = []
+
+    async def authenticate(self, api_key: str) -> None:
+        self.logins.append(api_key)
+        if api_key.startswith("bad"):
+            raise Unauthorized("unknown API key")
 
     async def stream(self, api_key: str | None, submit: Submit) -> AsyncIterator[Chunk]:
         self.submits.append((api_key, submit))
@@ -43,14 +50,20 @@ class FakeBackend:
         return ModelDescription("tiny", "LlamaForCausalLM", self.model_dir, 300, 280, 256, 64, 16, [257], 256,
                                 "float32", "cpu", 1000, 0)
 
-    async def stats(self) -> Stats:
+    async def stats(self, api_key: str | None = None) -> Stats:
+        if api_key is not None and not api_key.startswith("ops"):
+            raise Forbidden(f"principal {api_key!r} holds no right covering Status on 'kernel'")
         st = kp.StatusReply(1, 2.0, [kp.InstanceInfo("echo", "echo", 5, "ready", restarts=2)],
                             kp.KernelCounters(routed=7))
         return Stats(st, None, None)
 
 
-def client(backend: FakeBackend) -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(backend)), base_url="http://t")
+KEY = {"Authorization": "Bearer k-1"}
+
+
+def client(backend: FakeBackend, config: GatewayConfig | None = None, key: str | None = "k-1") -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(backend, config)), base_url="http://t",
+                             headers={"Authorization": f"Bearer {key}"} if key else {})
 
 
 async def test_completion_in_openai_shape() -> None:
@@ -64,7 +77,7 @@ async def test_completion_in_openai_shape() -> None:
     assert body["choices"][0]["text"] == "Hello world" and body["choices"][0]["finish_reason"] == "length"
     assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
     key, submit = b.submits[0]
-    assert key is None and submit.prompt == "Hi" and submit.max_tokens == 4
+    assert key == "k-1" and submit.prompt == "Hi" and submit.max_tokens == 4
     assert submit.params.temperature == 0 and submit.priority == 3 and submit.session == "s1"
 
 
@@ -163,7 +176,7 @@ async def test_models_health_and_metrics() -> None:
         health = (await c.get("/health")).json()
         assert health["status"] == "ok" and health["services"] == {"echo": "ready"}
         await c.post("/v1/completions", json={"prompt": "x"})
-        text = (await c.get("/metrics")).text
+        text = (await c.get("/metrics", headers={"Authorization": "Bearer ops-1"})).text
     assert 'llmos_service_restarts_total{instance="echo",service="echo"} 2.0' in text
     assert "llmos_kernel_messages_routed_total 7.0" in text
     assert "llmos_generation_tokens_total 4.0" in text
@@ -192,7 +205,7 @@ async def test_a_client_that_disconnects_mid_stream_cancels_its_request() -> Non
                 await anyio.sleep(0.01)
         port = server.servers[0].sockets[0].getsockname()[1]
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as c:
-            async with c.stream("POST", "/v1/completions", json={"prompt": "x", "stream": True}) as r:
+            async with c.stream("POST", "/v1/completions", json={"prompt": "x", "stream": True}, headers=KEY) as r:
                 async for line in r.aiter_lines():
                     if line.startswith("data: "):
                         break

@@ -1,0 +1,84 @@
+"""The gateway's limits, as data: the `[gateway]` table of the llmos TOML
+config (the file the kernel was started with, `$LLMOS_CONFIG`).
+
+Every number bounds what one HTTP client can make the gateway hold before it
+has proved who it is, or how long it can hold it:
+
+- `max_body_bytes` (4 MiB): a request body larger than this is refused (413)
+  from its Content-Length before a byte of it is read, or as soon as a
+  chunked body passes it. A full 128k-token context is about 0.5 MB of JSON
+  text (1 MB as token ids); 4 MiB leaves room for JSON escapes (a `\\uXXXX`
+  is 6 bytes for one character) and long chat transcripts, while one body
+  in flight costs the gateway at most a few times 4 MiB to buffer and parse.
+- `body_timeout_s` (60 s): a whole body must arrive within this (408), so
+  a full-size body needs at least ~70 KB/s; a trickled body is not held
+  forever.
+- `header_timeout_s` (10 s): from a connection's first byte (or its opening)
+  to the end of a request's headers; a slowloris connection is closed.
+- `max_header_bytes` (16 KiB): the request line and headers together (431).
+- `max_connections` (512) and `max_connections_per_client` (64, by source
+  address; 0 = no per-client cap): connections past either are answered 503
+  and closed at once. Behind a reverse proxy every client has the proxy's
+  address: raise or switch off the per-client cap there.
+- `keep_alive_s` (5 s): an idle keep-alive connection is closed.
+- `allow_anonymous` (false): requests without an API key are refused (401)
+  before their body is read; true only for a kernel run with auth off,
+  where nobody has a key to send.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import msgspec
+
+from ipc.configfile import read_toml
+from ipc.errors import BadRequest
+
+MIB = 1 << 20
+
+
+class GatewayConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    max_body_bytes: int = 4 * MIB
+    body_timeout_s: float = 60.0
+    header_timeout_s: float = 10.0
+    max_header_bytes: int = 16 * 1024
+    max_connections: int = 512
+    max_connections_per_client: int = 64
+    keep_alive_s: int = 5
+    allow_anonymous: bool = False
+    # max_tokens of a request that gives none
+    default_max_tokens: int = 256
+
+    def validate(self) -> "GatewayConfig":
+        checks = [
+            (self.max_body_bytes >= 1024, "max_body_bytes must be >= 1024"),
+            (self.body_timeout_s > 0, "body_timeout_s must be > 0"),
+            (self.header_timeout_s > 0, "header_timeout_s must be > 0"),
+            (self.max_header_bytes >= 1024, "max_header_bytes must be >= 1024"),
+            (self.max_connections >= 1, "max_connections must be >= 1"),
+            (self.max_connections_per_client >= 0, "max_connections_per_client must be >= 0 (0: no cap)"),
+            (self.keep_alive_s >= 1, "keep_alive_s must be >= 1"),
+            (self.default_max_tokens >= 1, "default_max_tokens must be >= 1"),
+        ]
+        for ok, why in checks:
+            if not ok:
+                raise BadRequest(f"gateway config: {why}")
+        return self
+
+
+def load_gateway_config(path: str | Path | None, **overrides: object) -> GatewayConfig:
+    """The `[gateway]` table of the TOML file at `path` (other tables are
+    ignored), with `overrides` that are not None applied."""
+    raw: dict[str, object] = {}
+    if path is not None:
+        p = Path(path)
+        table = read_toml(p).get("gateway", {})
+        if not isinstance(table, dict):
+            raise BadRequest(f"config file {p}: [gateway] must be a table")
+        raw = dict(table)
+    raw.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return msgspec.convert(raw, GatewayConfig).validate()
+    except msgspec.ValidationError as exc:
+        raise BadRequest(f"gateway config: {exc}") from None
