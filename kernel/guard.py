@@ -7,7 +7,7 @@ The kernel never asks the security server anything, so verification goes on
 while that server restarts.
 
 Refusals are queued as `AccessDenied` events for the audit log, aggregated by
-(source, code, destination, op, principal): a flood from one client is one
+(source, code, reason, destination, op, principal): a flood from one client is one
 event with a count, not one per frame; bounded: at most `BACKLOG` distinct
 refusals wait for the security server, older ones are counted as dropped.
 """
@@ -112,7 +112,7 @@ class Guard:
     def _queue(self, header: Header, exc: LlmosError, c: Capability | None, source: str,
                principal: str = "") -> None:
         principal = c.principal if c else principal
-        key = (source, str(exc.code), header.dst, header.op, principal)
+        key = (source, str(exc.code), exc.message, header.dst, header.op, principal)
         ev = self.denials.get(key)
         if ev is not None:
             ev.count += 1

@@ -138,7 +138,7 @@ class RevocationsSet(Message):
 class AccessDenied(Message):
     """Published on `kernel.denials` for the client requests the kernel
     refuses (`unauthorized`, `forbidden`, a disguised kernel op), for the audit
-    log. Refusals alike in (source, code, dst, op, principal) between two
+    log. Refusals alike in (source, code, reason, dst, op, principal) between two
     publications are one event with a `count`. Held in a bounded backlog while
     nobody subscribes; `dropped` counts what the backlog lost before this event."""
 
