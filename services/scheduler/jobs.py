@@ -175,10 +175,10 @@ class Job:
     @property
     def state(self) -> sp.JobState:
         r = self.record
-        if r.error:
-            return sp.JobState.FAILED
         if r.cancelled and not self.running:
-            return sp.JobState.CANCELLED
+            return sp.JobState.CANCELLED  # `error` may say by whom (a revocation, an operator)
+        if r.error and not r.cancelled:
+            return sp.JobState.FAILED
         if self.running:
             return sp.JobState.RUNNING
         if self.exhausted:
