@@ -135,3 +135,50 @@ async def test_only_authorised_curve_clients_get_through(tcp_kernel, home: Path)
     finally:
         await c.aclose()
     assert await anyio.to_thread.run_sync(proc.wait, 30) == 0
+
+
+@pytest.fixture
+def tcp_both(home: Path):  # type: ignore[no-untyped-def]
+    front, back = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    cfg = write_config(home / "llmos.toml", Config(kernel=KernelConfig(front=front, back=back, auth=False),
+                                                   children=[ChildSpec("echo", "services.echo")]))
+    log = open(home / "kernel.stderr", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen([sys.executable, "-m", "kernel", "--home", str(home), "--config", str(cfg)],
+                            cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, stdout=log, stderr=log)
+    try:
+        yield front, back, proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+        proc.wait(30)
+        log.close()
+
+
+async def test_front_and_back_are_separate_trust_domains(tcp_both, home: Path) -> None:  # type: ignore[no-untyped-def]
+    """Issue 12 #2: one ZAP domain for both sockets let any authorised client
+    connect to the back socket and pose as a service. Now a client key is
+    refused on the back socket and a service key on the front one; services
+    (echo here) register over tcp:// with theirs."""
+    front, back, proc = tcp_both
+    c = await connect_when_up(front, home, proc)  # echo READY over tcp:// back, with the service key
+    try:
+        d = curve_dir(home)
+        server_public, _ = zmq.auth.load_certificate(d / "kernel.key")
+
+        def keyed(name: str) -> object:
+            pub, sec = zmq.auth.load_certificate(d / f"{name}.key_secret")
+
+            def setup(sock: zmq.Socket[bytes]) -> None:
+                sock.curve_publickey, sock.curve_secretkey, sock.curve_serverkey = pub, sec, server_public
+            return setup
+
+        assert zmq.EVENT_HANDSHAKE_FAILED_AUTH in handshake_events(back, keyed("local"))
+        assert zmq.EVENT_HANDSHAKE_FAILED_AUTH in handshake_events(front, keyed("service"))
+        assert zmq.EVENT_HANDSHAKE_SUCCEEDED in handshake_events(back, keyed("service"))
+        assert zmq.EVENT_HANDSHAKE_SUCCEEDED in handshake_events(front, keyed("local"))
+        assert (d / "authorized-services").stat().st_mode & 0o777 == 0o700
+        assert (await c.call("echo", Echo(b"still"), timeout=10)).payload == b"still"
+        await c.shutdown("test done")
+    finally:
+        await c.aclose()
+    assert await anyio.to_thread.run_sync(proc.wait, 30) == 0
