@@ -91,6 +91,10 @@ class Grant(msgspec.Struct, tag="g", array_like=True, frozen=True):
     rights: tuple[str, ...]
     expires_at: int  # unix seconds
     issued_at: int
+    # When the token's family began: the Login that minted its first member.
+    # A refreshed token keeps the family's token id and this time, so revoking
+    # the id revokes every refresh, and no refresh outlives the family's cap.
+    login_at: int = 0  # 0 (tokens minted before families): issued_at
 
 
 class OnlyRights(msgspec.Struct, tag="r", array_like=True, frozen=True):
@@ -143,7 +147,8 @@ class RevocationList(msgspec.Struct, frozen=True):
     principals: frozenset[str] = frozenset()
 
     def reason(self, cap: "Capability") -> str | None:
-        """Why `cap` is revoked, or None."""
+        """Why `cap` is revoked, or None. A token id names a whole family:
+        every refresh of a login keeps its id."""
         if cap.token_id in self.tokens:
             return f"token {cap.token_id} is revoked"
         if cap.key_id in self.keys:
@@ -175,6 +180,7 @@ class Capability:
     restrictions: Restrictions
     attenuated: bool
     restrictions_raw: bytes = b""
+    login_at: int = 0  # the family's start (see `Grant.login_at`)
     # (dst, op) → allowed: the verifier's memo (the kernel asks per request)
     allowed: dict[tuple[str, str], bool] = field(default_factory=dict)
 
@@ -191,12 +197,13 @@ def _chain(root_key: bytes, token_id: bytes, caveats: Iterable[bytes]) -> bytes:
 
 
 def mint(root_key: bytes, principal: str, key_id: str, rights: Iterable[str], ttl_s: float,
-         *, now: float | None = None, token_id: bytes | None = None) -> bytes:
-    """A fresh token (the security server's job: it holds the root key)."""
+         *, now: float | None = None, token_id: bytes | None = None, login_at: int = 0) -> bytes:
+    """A fresh token (the security server's job: it holds the root key).
+    A refresh passes the family's `token_id` and `login_at`; a Login neither."""
     if not principal:
         raise BadRequest("a token needs a principal")
     issued = int(now if now is not None else time.time())
-    grant = Grant(principal, key_id, check_rights(rights), issued + max(1, int(ttl_s)), issued)
+    grant = Grant(principal, key_id, check_rights(rights), issued + max(1, int(ttl_s)), issued, login_at or issued)
     tid = token_id if token_id is not None else os.urandom(ID_BYTES)
     caveats = (_encode(grant),)
     return _encode(Token(VERSION, tid, caveats, _chain(root_key, tid, caveats)))
@@ -246,7 +253,7 @@ def _fold(tok: Token) -> Capability:
                 raise Unauthorized("only the minter may grant: a second grant caveat is invalid")
     restr = Restrictions(max_tokens, session)
     return Capability(tok.id.hex(), grant.principal, grant.key_id, rights, expires, grant.issued_at, restr,
-                      len(cavs) > 1, restr.encode())
+                      len(cavs) > 1, restr.encode(), grant.login_at or grant.issued_at)
 
 
 def verify(root_key: bytes, raw: bytes | memoryview, now: float | None = None) -> Capability:

@@ -4,7 +4,7 @@
     llmos keys list [--json]
     llmos keys revoke ID [--kind key|token|principal]
     llmos keys quota --tenant NAME --quota tokens_per_min=5000
-    llmos audit verify [--json]      exit 1 when the chain is broken, naming the first bad record
+    llmos audit verify [--json]      exit 1 when the log was tampered with, naming the record and the check
     llmos audit tail [-n 20] [--json]
 
 `keys` commands go through the kernel to the security server (they need the
@@ -114,15 +114,27 @@ def cmd_keys_quota(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    from services.security.audit import audit_path, verify_file
+    from ipc.home import root_key_path
+    from services.security.audit import audit_key, audit_path, head_path, logged_checkpoints, verify_file
 
-    path = audit_path(llmos_home(args.home))
-    v = verify_file(path)
+    home = llmos_home(args.home)
+    path = audit_path(home)
+    key_file = root_key_path(home)
+    try:
+        root = bytes.fromhex(key_file.read_text().strip())
+    except OSError as exc:
+        raise BadRequest(f"cannot verify the audit log: its MAC key derives from the root key {key_file}, "
+                         f"which cannot be read ({exc.strerror})") from None
+    except ValueError:
+        raise BadRequest(f"cannot verify the audit log: {key_file} does not hold a hex key") from None
+    v = verify_file(path, audit_key(root), head_path(home), logged_checkpoints(home))
     if args.json:
         print(msgspec.json.encode({"ok": v.ok, "records": v.records, "message": v.message, "line": v.line,
-                                   "seq": v.seq, "path": str(path)}).decode())
+                                   "seq": v.seq, "check": v.check, "checkpoints": v.checkpoints,
+                                   "path": str(path)}).decode())
     else:
-        print(f"llmos: audit log {path}: {v.message}", file=sys.stdout if v.ok else sys.stderr)
+        where = "" if v.ok else f" [check: {v.check}]"
+        print(f"llmos: audit log {path}: {v.message}{where}", file=sys.stdout if v.ok else sys.stderr)
     return 0 if v.ok else 1
 
 

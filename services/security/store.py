@@ -24,6 +24,7 @@ from ipc.errors import BadRequest, NotFound, Unauthorized
 from ipc.protocol.security import KeyInfo, PrincipalInfo, Quota, RevokeKind
 
 KEY_PREFIX = "llmos"
+MAX_API_KEY = 128  # a real key is 62 characters
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
 _KEY_ID = re.compile(r"^[0-9a-f]{12}$")
 _TOKEN_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -71,10 +72,15 @@ def check_name(name: str) -> str:
 
 
 def split_api_key(api_key: str) -> tuple[str, str]:
-    """(key id, secret) of ``llmos.<key id>.<secret>``; `Unauthorized` when malformed."""
+    """(key id, secret) of ``llmos.<key id>.<secret>``; `Unauthorized` when
+    malformed. Checked before any hashing, so a huge key costs no more than a
+    length compare."""
+    if len(api_key) > MAX_API_KEY:
+        raise Unauthorized("invalid API key", detail={"cause": f"longer than {MAX_API_KEY} characters",
+                                                      "key_id": "?"})
     parts = api_key.strip().split(".", 2)
     if len(parts) != 3 or parts[0] != KEY_PREFIX or not _KEY_ID.match(parts[1]) or not parts[2]:
-        raise Unauthorized("invalid API key")
+        raise Unauthorized("invalid API key", detail={"cause": "malformed", "key_id": "?"})
     return parts[1], parts[2]
 
 
@@ -173,11 +179,14 @@ class Store:
             if p is None:
                 raise NotFound(f"no principal named {target!r}")
             changed, p.revoked = not p.revoked, True
+            if changed:
+                self.state.policy_version += 1  # the policy lists revoked principals
             return changed
         if not _TOKEN_ID.match(target):
             raise BadRequest(f"bad token id {target!r}: 32 hex digits expected", detail={"field": "target"})
         changed = target not in self.state.revoked_tokens
-        # No token lives longer than the maximum TTL, so the entry can go after it.
+        # A token id names a refresh family; no member outlives the family's
+        # cap (= the maximum TTL from the login), so the entry can go after it.
         self.state.revoked_tokens[target] = time.time() + self.max_token_ttl_s
         return changed
 
@@ -199,6 +208,9 @@ class Store:
             raise NotFound(f"no principal named {tenant!r}")
         p.quota = quota
         self.state.policy_version += 1
+
+    def revoked_principals(self) -> list[str]:
+        return sorted(p.name for p in self.state.principals.values() if p.revoked)
 
     def quotas(self) -> dict[str, Quota]:
         return {p.name: p.quota for p in self.state.principals.values()
