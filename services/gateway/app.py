@@ -48,6 +48,10 @@ def _error(exc: LlmosError, *, close: bool = False) -> Response:
     return Response(body, status, headers, media_type="application/json")
 
 
+# Longer than any key the security server mints (llmos.<12 hex>.<secret>).
+MAX_API_KEY_LEN = 256
+
+
 def _api_key(request: Request) -> str | None:
     auth = request.headers.get("authorization")
     if auth is None:
@@ -55,6 +59,8 @@ def _api_key(request: Request) -> str | None:
     scheme, _, key = auth.partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
         raise Unauthorized("Authorization must be 'Bearer <api key>'")
+    if len(key) > MAX_API_KEY_LEN:
+        raise Unauthorized(f"API key longer than {MAX_API_KEY_LEN} characters: not a key")
     return key.strip()
 
 
