@@ -54,8 +54,32 @@ HUNG = "missed heartbeats"
 # logged as a count each tick (every one is still answered and counted).
 _REJECTS_LOGGED_PER_TICK = 25
 _OP_AUDIT_BACKLOG = 1024
+# After a flood the kernel hands freed heap back to the OS (glibc keeps it
+# otherwise: 2.1 GB stayed resident after one, issue 12 #5). Checked this often,
+# done when this many messages were handled since the last time.
+_TRIM_EVERY_S = 10.0
+_TRIM_AFTER_MESSAGES = 20_000
 _ready_decoder = codec.decoder([kp.Ready])
 _kernel_ops = codec.decoder([kp.Status, kp.Subscribe, kp.Kill, kp.Shutdown, kp.SetRevocations])
+
+
+def _libc_trim() -> Callable[[int], int] | None:
+    try:
+        import ctypes
+
+        fn: Callable[[int], int] = ctypes.CDLL("libc.so.6").malloc_trim
+        return fn
+    except (OSError, AttributeError):
+        return None  # not glibc: nothing to trim with
+
+
+_malloc_trim = _libc_trim()
+
+
+def trim_heap() -> None:
+    """Return free heap pages to the OS (glibc's malloc_trim; a no-op elsewhere)."""
+    if _malloc_trim is not None:
+        _malloc_trim(0)
 
 
 @dataclass(slots=True, eq=False)
@@ -99,6 +123,7 @@ class Kernel:
         # kernel ops done, waiting for the audit subscriber (bounded: the oldest go)
         self._op_audit: deque[kp.KernelOpDone] = deque(maxlen=_OP_AUDIT_BACKLOG)
         self._pump_continues = False  # a _continue_pump is scheduled
+        self._trimmed_at = (0.0, 0)  # (monotonic, messages handled) at the last heap trim
         self._reject_log_budget = _REJECTS_LOGGED_PER_TICK
         self._rejects_unlogged = 0
         self.started = time.monotonic()
@@ -202,6 +227,15 @@ class Kernel:
                     self._send_control(self._back_ch(), inst.identity, Kind.HEARTBEAT)
             self._expire_waiting(now)
             self._expire_clients(now)
+            self._trim_heap(now)
+
+    def _trim_heap(self, now: float) -> None:
+        at, seen = self._trimmed_at
+        c = self.counters
+        handled = c.routed + c.rejected + c.queued
+        if now - at >= _TRIM_EVERY_S and handled - seen >= _TRIM_AFTER_MESSAGES and not self.waiting:
+            self._trimmed_at = (now, handled)
+            trim_heap()
 
     def _log_unlogged_rejects(self) -> None:
         """A flood of bad frames costs one log line per tick, not one per frame."""
