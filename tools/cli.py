@@ -9,6 +9,7 @@
     llmos sessions show|suspend|resume|close   a conversation's state and KV (`generate --session`)
     llmos demo                                 boot, show it serving, survive a kill, stop
     llmos chaos [--duration S] [--out DIR]     faults under load, checked and reported (tools/chaos)
+          [--abuse [--kernel-rss-bound-mb N]]   ...with abusive clients that must all be refused
     llmos keys create|list|revoke|quota        API keys and tenants (tools/security_cli.py)
     llmos audit verify|tail                    the hash-chained audit log
 
@@ -246,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from tools.chaos import cli as chaos_cli
 
-    chaos = sub.add_parser("chaos", help="inject faults under load, check the recovery contract, report")
+    chaos = sub.add_parser("chaos", help="inject faults (and, with --abuse, abusive clients) under load, "
+                                          "check the recovery contract, report")
     chaos_cli.add_arguments(chaos)
     chaos.set_defaults(fn=chaos_cli.run)
 

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Sequence
 import anyio
 from anyio.abc import TaskStatus
 
+from ipc.errors import LlmosError
 from ipc.heartbeat import HEARTBEAT_EXPIRY_S
 from ipc.protocol import kernel as kp
 from sdk.client import AsyncClient
@@ -75,6 +76,14 @@ class Tracker:
         self._changed = anyio.Event()
 
     async def follow(self, client: AsyncClient, *, task_status: TaskStatus[None]) -> None:
+        try:
+            await self._follow(client, task_status)
+        except LlmosError as exc:
+            # The kernel is gone (stopped by an abusive client?): recorded, and the run goes on to its report.
+            self.history.services.append(ServiceEvent(self.history.now(), "down", "kernel", "kernel",
+                                                      reason=f"{exc.code}: {exc.message}"))
+
+    async def _follow(self, client: AsyncClient, task_status: TaskStatus[None]) -> None:
         events: AsyncIterator[object] = client.subscribe(kp.SERVICES_TOPIC)
         async for ev in events:
             if isinstance(ev, kp.Subscribed):

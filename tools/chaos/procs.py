@@ -17,16 +17,25 @@ def alive(pid: int) -> bool:
         return False
 
 
-def peak_rss_mb(pid: int) -> float | None:
-    """The process's high-water resident set (VmHWM), in MiB."""
+def _status_mb(pid: int, field: str) -> float | None:
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field):
                     return int(line.split()[1]) / 1024
     except (FileNotFoundError, ProcessLookupError):
         pass
     return None
+
+
+def peak_rss_mb(pid: int) -> float | None:
+    """The process's high-water resident set (VmHWM), in MiB."""
+    return _status_mb(pid, "VmHWM:")
+
+
+def rss_mb(pid: int) -> float | None:
+    """The process's resident set now (VmRSS), in MiB."""
+    return _status_mb(pid, "VmRSS:")
 
 
 def open_fds(pid: int) -> int | None:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from tools.chaos import figures, svg
+from tools.chaos.abuse import summary_lines as abuse_lines
 from tools.chaos.checker import Verdict, fault_windows
 from tools.chaos.history import History
 
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
 
 
 def write_report(out: Path, history: History, verdict: Verdict, cfg: "ChaosConfig", *, plan_size: int,
-                 peak_rss_mb: dict[str, float], model: str) -> dict[str, Any]:
+                 peak_rss_mb: dict[str, float], model: str, abuse: dict[str, Any] | None = None) -> dict[str, Any]:
     history.write(out)
     figs = figures.summarize(history)
     tp = figures.throughput(history)
@@ -34,8 +35,8 @@ def write_report(out: Path, history: History, verdict: Verdict, cfg: "ChaosConfi
         "duration_s": cfg.duration_s,
         "model": model,
         "clients": cfg.clients,
-        "holds": verdict.holds,
-        "violations": verdict.violations(),
+        "holds": verdict.holds and (abuse is None or abuse["holds"]),
+        "violations": verdict.violations() + (abuse["violations"] if abuse is not None else []),
         "faults": {"total": len(fired), "planned": plan_size, "skipped": figs["faults_skipped"],
                    "by_kind": figs["faults_by_kind"], "by_service": figs["faults_by_service"],
                    "schedule": [msgspec.to_builtins(f) for f in history.faults]},
@@ -61,6 +62,8 @@ def write_report(out: Path, history: History, verdict: Verdict, cfg: "ChaosConfi
         "peak_rss_mb": peak_rss_mb,
         "throughput": tp,
     }
+    if abuse is not None:
+        report["abuse"] = abuse
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     windows = [(a, b, f.service, f"{f.kind} {f.instance} at {a:.1f}s") for a, b, f in fault_windows(fired)]
     title = f"llmos chaos: seed {cfg.seed}, {cfg.duration_s:g}s, {len(fired)} faults"
@@ -88,5 +91,7 @@ def summary(report: dict[str, Any]) -> str:
         lines.append(f"  fault → next token {s:<10} p50 {q['p50']}s  p95 {q['p95']}s  p99 {q['p99']}s  (n={q['n']})")
     lines.append(f"  peak RSS (MiB)    " + ", ".join(f"{k}={v:.0f}" for k, v in sorted(report["peak_rss_mb"].items())))
     lines.append(f"  kernel restarted  {report['kernel_restarted']}; leaked pids {report['leaked_pids'] or 'none'}")
+    if "abuse" in report:
+        lines.extend(abuse_lines(report["abuse"]))
     lines.append("  contract " + ("HOLDS" if report["holds"] else "BROKEN: " + "; ".join(report["violations"])))
     return "\n".join(lines)

@@ -22,11 +22,14 @@ from kernel.config import ChildSpec, default_children
 from sdk.client import AsyncClient
 from sdk.testing import running_llmos
 from services.scheduler._text import TextStream
+from ipc.errors import LlmosError
 from tools.chaos import faults as fx
 from tools.chaos import workload as wl
+from tools.chaos.abuse import AbuseConfig, AbuseMix
+from tools.chaos.abuse import prepare as prepare_abuse
 from tools.chaos.checker import Reference, Verdict, check
 from tools.chaos.history import History
-from tools.chaos.procs import Sampler, leaked
+from tools.chaos.procs import Sampler, alive, leaked
 from tools.chaos.report import write_report
 
 FAULT_SERVICES = ("security", "memory", "driver", "scheduler", "gateway")
@@ -47,6 +50,7 @@ class ChaosConfig:
     attach: bool = False
     boot_timeout_s: float = 600.0
     command: str = ""
+    abuse: AbuseConfig | None = None  # abusive clients beside the honest ones (tools/chaos/abuse.py)
 
 
 @dataclass
@@ -94,6 +98,11 @@ async def run_chaos(home: Path, cfg: ChaosConfig, out: Path) -> ChaosResult:
                 for t in cfg.tenants}
         clients = {t: await stack.enter_async_context(await AsyncClient.connect(home=home, api_key=k))
                    for t, k in keys.items()}
+        mix: AbuseMix | None = None
+        if cfg.abuse is not None:
+            # Before the reference run: the quota tenant's policy has that long to reach the scheduler.
+            mix = await prepare_abuse(stack, admin, home, cfg.abuse, kernel_pid=kernel_pid,
+                                      honest_key=keys[cfg.tenants[0]], base_url=base_url, seed=cfg.seed, tag=run_tag)
         desc: ModelDescription = await admin.call(DRIVER, DescribeModel(), timeout=60)
         reference = await _reference(clients[cfg.tenants[0]])
         text_of = _text_checker(desc)
@@ -106,9 +115,13 @@ async def run_chaos(home: Path, cfg: ChaosConfig, out: Path) -> ChaosResult:
         async with anyio.create_task_group() as tg:
             await tg.start(tracker.follow, admin)
             tg.start_soon(sampler.run)
+            if mix is not None:
+                tg.start_soon(mix.sample_rss)
             with anyio.move_on_after(cfg.duration_s + cfg.drain_s):
                 async with anyio.create_task_group() as work:
                     work.start_soon(fx.inject, plan, tracker, history)
+                    if mix is not None:
+                        work.start_soon(mix.run, stop, history.t0)
                     for i in range(cfg.clients):
                         tenant = cfg.tenants[i % len(cfg.tenants)]
                         rng = random.Random(f"{cfg.seed}/{i}")
@@ -121,13 +134,19 @@ async def run_chaos(home: Path, cfg: ChaosConfig, out: Path) -> ChaosResult:
                     stop.set()
             # Every target back before the end: the leak check sees a settled system.
             for inst in fx.targets_of(status, cfg.services):
+                if not alive(kernel_pid):
+                    break  # nothing comes back without a kernel (an abusive client stopped it?)
                 await tracker.wait_ready(inst, fx.READY_WAIT_S)
             sampler.sample()
+            abuse_report = mix.report(history) if mix is not None else None
             tg.cancel_scope.cancel()
         fx.settle(history.faults)
-        final = await admin.status()
-        kernel_restarted = final.pid != kernel_pid
-        current = {i.pid for i in final.instances}
+        try:
+            final = await admin.status()
+            kernel_restarted = final.pid != kernel_pid
+            current = {i.pid for i in final.instances}
+        except LlmosError:
+            kernel_restarted, current = True, set()  # the kernel is gone
         seen = tracker.seen_pids | {f.pid for f in history.faults if f.pid}
         if cfg.attach:
             leaked_pids = leaked(seen, keep=current)
@@ -137,7 +156,7 @@ async def run_chaos(home: Path, cfg: ChaosConfig, out: Path) -> ChaosResult:
         leaked_pids = leaked(seen | current)  # after shutdown nothing may be left
     verdict = check(history, reference, text_of, leaked_pids=leaked_pids, kernel_restarted=kernel_restarted)
     report = write_report(out, history, verdict, cfg, plan_size=len(plan), peak_rss_mb=sampler.peak_rss_mb,
-                          model=desc.name)
+                          model=desc.name, abuse=abuse_report)
     return ChaosResult(history, verdict, report, out)
 
 
