@@ -41,10 +41,12 @@ def _json(obj: Any, status: int = 200, headers: dict[str, str] | None = None) ->
     return Response(oa.encode(obj), status, headers, media_type="application/json")
 
 
-def _error(exc: LlmosError, *, close: bool = False) -> Response:
+def _error(exc: LlmosError) -> Response:
+    # A refusal may leave the body unread: the connection layer (connections.py)
+    # then closes the connection after a short linger. No `Connection: close`
+    # here, since uvicorn would close at once, and a client still sending
+    # would get a reset instead of this answer.
     status, body, headers = oa.error_body(exc)
-    if close:
-        headers["Connection"] = "close"
     return Response(body, status, headers, media_type="application/json")
 
 
@@ -80,18 +82,14 @@ def create_app(backend: Backend, config: GatewayConfig | None = None) -> Starlet
         await backend.authenticate(key)
         return key
 
-    def refuse(endpoint: str, exc: LlmosError, *, body_read: bool = True) -> Response:
-        status = oa.status_of(exc)
-        metrics.requests.labels(endpoint, status).inc()
-        # A body left unread would be the next request's start: close instead.
-        return _error(exc, close=not body_read)
+    def refuse(endpoint: str, exc: LlmosError) -> Response:
+        metrics.requests.labels(endpoint, oa.status_of(exc)).inc()
+        return _error(exc)
 
     async def completions(request: Request) -> Response:
-        body_read = False
         try:
             key = await caller(request)
             body = await read_body(request, cfg.max_body_bytes, cfg.body_timeout_s)
-            body_read = True
             req = oa.decode_completion(body)
             del body
             desc = await backend.model(key)
@@ -100,16 +98,14 @@ def create_app(backend: Backend, config: GatewayConfig | None = None) -> Starlet
             submit = oa.to_submit(req, prompt=prompt, logprobs=req.logprobs or 0,
                                   default_max_tokens=cfg.default_max_tokens)
         except LlmosError as exc:
-            return refuse("completions", exc, body_read=body_read)
+            return refuse("completions", exc)
         return await _run(request, key, submit, model, chat=False, stream=req.stream,
                           include_usage=True)
 
     async def chat_completions(request: Request) -> Response:
-        body_read = False
         try:
             key = await caller(request)
             body = await read_body(request, cfg.max_body_bytes, cfg.body_timeout_s)
-            body_read = True
             req = oa.decode_chat(body)
             del body
             desc = await backend.model(key)
@@ -126,7 +122,7 @@ def create_app(backend: Backend, config: GatewayConfig | None = None) -> Starlet
             if fmt.has_template:
                 submit.add_special_tokens = False
         except LlmosError as exc:
-            return refuse("chat", exc, body_read=body_read)
+            return refuse("chat", exc)
         return await _run(request, key, submit, desc.name, chat=True, stream=req.stream, include_usage=True)
 
     async def _run(request: Request, key: str | None, submit: Submit, model: str, *, chat: bool, stream: bool,
@@ -231,7 +227,7 @@ def create_app(backend: Backend, config: GatewayConfig | None = None) -> Starlet
     async def crashed(request: Request, exc: Exception) -> Response:
         # A bug, not a bad input (those are LlmosErrors): the client still gets
         # OpenAI's error shape; Starlette re-raises it for the server's log.
-        return _error(Internal(f"the gateway failed on this request ({type(exc).__name__})"), close=True)
+        return _error(Internal(f"the gateway failed on this request ({type(exc).__name__})"))
 
     return Starlette(exception_handlers={Exception: crashed}, routes=[
         Route("/v1/completions", completions, methods=["POST"]),

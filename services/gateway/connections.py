@@ -13,7 +13,9 @@ holds. `guarded_h11` returns uvicorn's h11 protocol with, per connection:
   gets 503 and is closed before anything of it is read;
 - a head larger than `max_header_bytes` answered 431 (h11's own refusal,
   named), and a response that leaves a request body unread closes the
-  connection (the rest of that body is not read and thrown away).
+  connection: after a short linger (at most `LINGER_BYTES` more read and
+  dropped, `LINGER_S`), so a client still sending gets the refusal rather
+  than a reset that can discard it (a close with unread data sends RST).
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from services.gateway.config import GatewayConfig
+
+LINGER_BYTES = 1 << 20
+LINGER_S = 2.0
 
 
 def _raw(status: int, reason: str, message: str) -> bytes:
@@ -54,6 +59,7 @@ def guarded_h11(cfg: GatewayConfig) -> type[H11Protocol]:
             self._head_timer: asyncio.TimerHandle | None = None
             self._head_bytes = 0
             self._refused = False
+            self._linger: int | None = None  # bytes left to drop before closing
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             refusal = self._over_cap(transport)
@@ -90,6 +96,11 @@ def guarded_h11(cfg: GatewayConfig) -> type[H11Protocol]:
         def data_received(self, data: bytes) -> None:
             if self._refused:
                 return
+            if self._linger is not None:
+                self._linger -= len(data)
+                if self._linger < 0:
+                    self.transport.close()
+                return
             waiting_head = self.conn.their_state is h11.IDLE
             if waiting_head:
                 self._head_bytes += len(data)
@@ -111,7 +122,10 @@ def guarded_h11(cfg: GatewayConfig) -> type[H11Protocol]:
         def on_response_complete(self) -> None:
             super().on_response_complete()
             if self.conn.their_state is h11.SEND_BODY and not self.transport.is_closing():
-                self.transport.close()
+                self._unset_keepalive_if_required()
+                self._linger = LINGER_BYTES
+                self.flow.resume_reading()
+                self.loop.call_later(LINGER_S, self.transport.close)
 
         def _arm(self) -> None:
             self._disarm()
