@@ -115,19 +115,18 @@ def cmd_keys_quota(args: argparse.Namespace) -> int:
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     from ipc.home import root_key_path
-    from services.security.audit import audit_key, audit_path, head_path, logged_checkpoints, verify_file
+    from services.security.audit import audit_path, verify_home
 
     home = llmos_home(args.home)
     path = audit_path(home)
     key_file = root_key_path(home)
     try:
-        root = bytes.fromhex(key_file.read_text().strip())
+        v = verify_home(home)
     except OSError as exc:
         raise BadRequest(f"cannot verify the audit log: its MAC key derives from the root key {key_file}, "
                          f"which cannot be read ({exc.strerror})") from None
     except ValueError:
         raise BadRequest(f"cannot verify the audit log: {key_file} does not hold a hex key") from None
-    v = verify_file(path, audit_key(root), head_path(home), logged_checkpoints(home))
     if args.json:
         print(msgspec.json.encode({"ok": v.ok, "records": v.records, "message": v.message, "line": v.line,
                                    "seq": v.seq, "check": v.check, "checkpoints": v.checkpoints,

@@ -43,7 +43,7 @@ from typing import Callable, Iterator, TextIO
 
 import msgspec
 
-from ipc.home import logs_dir, security_dir
+from ipc.home import logs_dir, root_key_path, security_dir
 
 GENESIS = "0" * 64
 MAX_FIELD = 256
@@ -331,16 +331,6 @@ def verify_lines(lines: list[bytes], key: bytes, head: tuple[int, str] | None,
         macs[rec.seq] = rec.mac
         prev, expect = rec.mac, expect + 1
     last = expect - 1
-    for cp in logged or ():
-        if not hmac.compare_digest(cp.sig, checkpoint_sig(key, cp.seq, cp.head)):
-            continue  # not ours (another root key, or a forged line): proves nothing
-        if cp.seq > last:
-            return _fail(len(records), f"records missing at the end: the logs hold a checkpoint at seq {cp.seq}, "
-                                       f"the audit log ends at seq {last}", "logs", 0, last + 1)
-        if checkpoints.get(cp.seq) != cp.head:
-            return _fail(len(records), f"seq {cp.seq}: the checkpoint in the logs does not match the audit log's "
-                                       f"(records before it were rewritten)", "logs", where.get(cp.seq, -1) + 1,
-                         cp.seq)
     note = ""
     if head is None:
         if head_required:
@@ -358,6 +348,16 @@ def verify_lines(lines: list[bytes], key: bytes, head: tuple[int, str] | None,
             # Past the head but MAC-valid: only the key holder can write those
             # (a record written while verifying, or a crash before the head update).
             note = f"; {last - hseq} record(s) after the head"
+    for cp in logged or ():
+        if not hmac.compare_digest(cp.sig, checkpoint_sig(key, cp.seq, cp.head)):
+            continue  # not ours (another root key, or a forged line): proves nothing
+        if cp.seq > last:
+            return _fail(len(records), f"records missing at the end: the logs hold a checkpoint at seq {cp.seq}, "
+                                       f"the audit log ends at seq {last}", "logs", 0, last + 1)
+        if checkpoints.get(cp.seq) != cp.head:
+            return _fail(len(records), f"seq {cp.seq}: the checkpoint in the logs does not match the audit log's "
+                                       f"(records before it were rewritten)", "logs", where.get(cp.seq, -1) + 1,
+                         cp.seq)
     return Verdict(True, len(records), f"ok: {len(records)} records, chain intact, "
                                        f"{len(checkpoints)} checkpoint(s){note}", checkpoints=len(checkpoints))
 
@@ -373,7 +373,8 @@ def read_lines(path: Path) -> Iterator[bytes]:
 def logged_checkpoints(home: Path, service: str = "security") -> list[Checkpoint]:
     """Checkpoints the security server wrote to its log files (rotated ones too)."""
     out: list[Checkpoint] = []
-    for name in glob.glob(str(logs_dir(home) / f"{glob.escape(service)}.log*")):
+    # <instance>.log and its rotations (.log.1 ...): security, security-2 ...
+    for name in glob.glob(str(logs_dir(home) / f"{glob.escape(service)}*.log*")):
         try:
             f = open(name, "rb")  # noqa: SIM115 - closed below
         except OSError:
@@ -400,3 +401,11 @@ def verify_file(path: Path, key: bytes, head: Path, logged: list[Checkpoint] | N
                          "head", 0, 0)
         return _fail(0, f"no audit log at {path}", "format")
     return verify_lines(list(read_lines(path)), key, h, logged)
+
+
+def verify_home(home: Path) -> Verdict:
+    """`verify_file` for a llmos home: the key from its root key, the head
+    beside it, the checkpoints from its logs. Raises `OSError`/`ValueError`
+    when the root key cannot be read."""
+    root = bytes.fromhex(root_key_path(home).read_text().strip())
+    return verify_file(audit_path(home), audit_key(root), head_path(home), logged_checkpoints(home))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import anyio
@@ -12,7 +13,8 @@ from ipc.errors import Unauthorized
 from ipc.protocol.echo import Echo
 from sdk.client import AsyncClient
 from sdk.testing import running_llmos
-from services.security.audit import audit_path
+from ipc.home import root_key_path
+from services.security.audit import audit_path, head_path
 from tests.integration.test_cli import llmos
 
 
@@ -70,14 +72,35 @@ async def test_keys_create_list_revoke_and_audit(home: Path) -> None:
     assert edited[2] != pristine[2]
     deleted = pristine[:3] + pristine[4:]
     reordered = pristine[:1] + [pristine[2], pristine[1]] + pristine[3:]
-    for lines, fragment in [(edited, "line 3: record seq 2 was edited"),
-                            (deleted, "line 4: record(s) missing: seq 3"),
-                            (reordered, "line 2: out of order")]:
+    truncated = pristine[:-2]
+    for lines, fragment, check in [(edited, "line 3: record seq 2 fails its MAC", "mac"),
+                                   (deleted, "line 4: record(s) missing: seq 3", "seq"),
+                                   (reordered, "line 2: out of order", "seq"),
+                                   (truncated, "records missing at the end", "head"),
+                                   ([], "records missing at the end", "head")]:
         path.write_text("".join(lines))
         rc, out, err = await cli(home, "audit", "verify")
-        assert rc == 1 and fragment in err, err
+        assert rc == 1 and fragment in err and f"[check: {check}]" in err, err
         rc, out, _ = await cli(home, "audit", "verify", "--json")
-        assert rc == 1 and json.loads(out)["ok"] is False
+        assert rc == 1 and json.loads(out)["ok"] is False and json.loads(out)["check"] == check
     path.write_text("".join(pristine))
     rc, _, _ = await cli(home, "audit", "verify")
     assert rc == 0
+    # the head deleted too: a failure, not "ok" (it was, before the head was required)
+    head = head_path(home)
+    saved = head.read_bytes()
+    head.unlink()
+    path.write_text("".join(truncated))
+    rc, _, err = await cli(home, "audit", "verify")
+    assert rc == 1 and "head is missing" in err, err
+    head.write_bytes(saved)
+    path.write_text("".join(pristine))
+    # the root key unreadable: the verifier says so instead of guessing
+    key = root_key_path(home)
+    key.chmod(0o000)
+    try:
+        if not os.access(key, os.R_OK):  # as root, file modes do not stop reads
+            rc, _, err = await cli(home, "audit", "verify")
+            assert rc == 1 and "cannot be read" in err, err
+    finally:
+        key.chmod(0o600)
