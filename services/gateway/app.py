@@ -24,7 +24,7 @@ from ipc.protocol.scheduler import Submit
 from sdk.generate import Chunk
 from services.gateway import openai as oa
 from services.gateway.backend import Stats
-from services.gateway.body import read_body
+from services.gateway.body import check_head, read_body
 from services.gateway.chat import ChatFormatter
 from services.gateway.config import GatewayConfig
 from services.gateway.metrics import GatewayMetrics
@@ -74,6 +74,7 @@ def create_app(backend: Backend, config: GatewayConfig | None = None) -> Starlet
     async def caller(request: Request) -> str | None:
         """The caller's API key, resolved to a token, before the body is read:
         a request without a valid key costs its headers and nothing more."""
+        check_head(request, cfg.max_header_bytes)
         key = _api_key(request)
         if key is None:
             if cfg.allow_anonymous:

@@ -1,4 +1,4 @@
-"""Reading a request body within the gateway's limits.
+"""Reading a request body within the gateway's limits (and the head's).
 
 Called only after the caller is authenticated. The declared length is
 checked before anything is read; a chunked body is counted as it arrives
@@ -19,6 +19,21 @@ class BodyTooLarge(BadRequest):
     """HTTP 413: the body is larger than the gateway accepts."""
 
     http_status = 413
+
+
+class HeadersTooLarge(BadRequest):
+    """HTTP 431: the request's headers are larger than the gateway accepts."""
+
+    http_status = 431
+
+
+def check_head(request: Request, limit: int) -> None:
+    """h11 bounds a head that arrives in pieces; one read in a single piece
+    (up to the 256 KiB the event loop reads at once) is bounded here."""
+    size = sum(len(k) + len(v) + 4 for k, v in request.scope["headers"])
+    if size > limit:
+        raise HeadersTooLarge(f"request headers of {size} bytes are over this gateway's limit of {limit} bytes "
+                              f"(gateway.max_header_bytes)", detail={"limit": limit})
 
 
 class BodyTimeout(BadRequest):

@@ -117,15 +117,18 @@ def guarded_h11(cfg: GatewayConfig) -> type[H11Protocol]:
             self._disarm()
             if not self.transport.is_closing():
                 self.transport.write(head_too_large if self._head_bytes > cfg.max_header_bytes else malformed)
-                self.transport.close()
+                self._close_after_linger()
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
             if self.conn.their_state is h11.SEND_BODY and not self.transport.is_closing():
-                self._unset_keepalive_if_required()
-                self._linger = LINGER_BYTES
-                self.flow.resume_reading()
-                self.loop.call_later(LINGER_S, self.transport.close)
+                self._close_after_linger()
+
+        def _close_after_linger(self) -> None:
+            self._unset_keepalive_if_required()
+            self._linger = LINGER_BYTES
+            self.flow.resume_reading()
+            self.loop.call_later(LINGER_S, self.transport.close)
 
         def _arm(self) -> None:
             self._disarm()

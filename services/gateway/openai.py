@@ -150,7 +150,8 @@ STATUS = {
     ErrorCode.DEADLINE_EXCEEDED: 504, ErrorCode.CANCELLED: 499, ErrorCode.INTERNAL: 500,
 }
 _TYPE = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-         404: "not_found_error", 408: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable", 504: "timeout",
+         404: "not_found_error", 408: "invalid_request_error", 413: "invalid_request_error",
+         431: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable", 504: "timeout",
          499: "cancelled", 500: "server_error"}
 
 

@@ -104,7 +104,11 @@ async def test_openai_endpoints_over_the_whole_system(home: Path, checkpoint: Pa
                         await anyio.sleep(0.05)
             assert info.finish_reason == "cancelled" and info.generated < 200
 
-            families = {f.name: f for f in text_string_to_metric_families((await http.get("/metrics")).text)}
+            # /metrics shows every tenant's activity: a key with the status right reads it
+            assert (await http.get("/metrics", headers=auth)).status_code == 403
+            ops = (await admin.call(sec.SECURITY, sec.CreateKey("ops", ["status"]))).api_key
+            scrape = await http.get("/metrics", headers={"Authorization": f"Bearer {ops}"})
+            families = {f.name: f for f in text_string_to_metric_families(scrape.text)}
             for name in ("llmos_kernel_messages_routed", "llmos_service_restarts", "llmos_scheduler_requests_running",
                          "llmos_scheduler_tokens_generated", "llmos_kv_blocks", "llmos_prefix_cache_hit_rate",
                          "llmos_time_to_first_token_seconds", "llmos_generation_tokens"):
