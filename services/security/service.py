@@ -8,6 +8,7 @@ existing tokens keep working and only Login / RefreshToken wait.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from typing import Any, Callable
@@ -271,9 +272,10 @@ class SecurityService(Service):
             over, wait = self._limiter.failed(origin(ctx), key_id)
             self._refused("login", exc, ctx, cause, key_id, {"limited": over} if over else None)
             if over:
-                raise Overloaded(f"too many failed logins ({over} budget spent); retry in {wait:.1f}s "
+                retry = max(0.1, math.ceil(wait * 10) / 10)
+                raise Overloaded(f"too many failed logins ({over} budget spent); retry in {retry:.1f}s "
                                  f"(a valid API key is always accepted)",
-                                 detail={"retry_after_s": round(wait, 2)}) from None
+                                 detail={"retry_after_s": retry}) from None
             raise
         granted = self._grant(rec, msg.ttl_s)
         self._audit.append(rec.tenant, "login", f"key {rec.key_id}", "ok",
