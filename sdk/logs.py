@@ -32,7 +32,7 @@ from ipc.home import logs_dir
 
 MAX_VALUE = 256
 MAX_EXCEPTION = 8192  # our own tracebacks: longer, still bounded
-MAX_ITEMS = 64
+MAX_ITEMS = 16
 DEFAULT_MAX_BYTES = 16 * 1024 * 1024
 DEFAULT_BACKUPS = 3
 

@@ -35,6 +35,7 @@ MAX_BUCKETS = 4096
 INTERVAL_S = 10.0
 MAX_AGGREGATES = 1024
 SAMPLE_KEY_IDS = 8
+MAX_DISTINCT = 1024  # distinct key ids counted exactly up to this many per record
 
 
 @dataclass
@@ -46,7 +47,7 @@ class Bucket:
 
     def take(self, now: float) -> float:
         """0 when a token was taken, else the seconds until one is there."""
-        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
+        self.tokens = min(self.burst, self.tokens + max(0.0, now - self.at) * self.rate)
         self.at = now
         if self.tokens >= 1.0:
             self.tokens -= 1.0
@@ -103,7 +104,7 @@ class Summary:
     count: int
     first_at: float
     key_ids: list[str] = field(default_factory=list)
-    distinct_key_ids: int = 0
+    distinct_key_ids: int = 0  # saturates at MAX_DISTINCT
 
 
 @dataclass
@@ -112,7 +113,6 @@ class _Agg:
     first_at: float
     count: int = 0
     key_ids: set[str] = field(default_factory=set)
-    distinct: int = 0
 
 
 Key = tuple[str, str, str, str]  # action, code, source, cause
@@ -142,15 +142,13 @@ class Aggregator:
             self._aggs[k] = _Agg(t, time.time())
             return True
         agg.count += 1
-        if key_id and key_id not in agg.key_ids:
-            agg.distinct += 1
-            if len(agg.key_ids) < SAMPLE_KEY_IDS:
-                agg.key_ids.add(key_id)
+        if key_id and len(agg.key_ids) < MAX_DISTINCT:
+            agg.key_ids.add(key_id)
         return False
 
     @staticmethod
     def _summary(k: Key, a: _Agg) -> Summary:
-        return Summary(*k, a.count, a.first_at, sorted(a.key_ids), a.distinct)
+        return Summary(*k, a.count, a.first_at, sorted(a.key_ids)[:SAMPLE_KEY_IDS], len(a.key_ids))
 
     def flush(self, now: float | None = None, *, everything: bool = False) -> list[Summary]:
         t = time.monotonic() if now is None else now
