@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import anyio
@@ -62,6 +63,7 @@ class SecurityService(Service):
     async def on_start(self) -> None:
         self.root_key = await anyio.to_thread.run_sync(load_or_create_key, root_key_path(self.home))
         self.store = await anyio.to_thread.run_sync(Store.load, self.dir / "state.json", MAX_TTL_S)
+        await anyio.to_thread.run_sync(_retire_unkeyed_head, self.home)
         audit = AuditLog(audit_path(self.home), audit_key(self.root_key), head_path(self.home))
         audit.on_checkpoint = _log_checkpoint
         await anyio.to_thread.run_sync(audit.open)
@@ -384,6 +386,18 @@ def origin(ctx: Context) -> str:
     """Where a request came from: the registered instance the kernel stamped
     into `src` for the back socket, "client" for the front."""
     return ctx.header.src or "client"
+
+
+def _retire_unkeyed_head(home: Path) -> None:
+    """The unkeyed log's head ('<seq> <sha256>', beside security/audit.jsonl)
+    sits where the keyed head goes: moved aside once, with that log."""
+    head = head_path(home)
+    try:
+        fields = head.read_text().split()
+    except FileNotFoundError:
+        return
+    if len(fields) == 2 and (security_dir(home) / "audit.jsonl").exists():
+        os.replace(head, head.with_name("audit.head.unkeyed"))
 
 
 def _log_checkpoint(rec: AuditRecord) -> None:

@@ -22,7 +22,7 @@ from services.security.limits import (
     Aggregator,
     LoginLimiter,
 )
-from services.security.store import MAX_API_KEY, Store, State, split_api_key
+from services.security.store import MAX_API_KEY, State, Store, split_api_key
 from ipc.errors import Unauthorized
 
 

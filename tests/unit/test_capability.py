@@ -167,3 +167,24 @@ def test_key_files_are_private_and_created_once(tmp_path: Path) -> None:
     write_private(q, b"[1]")
     assert q.read_bytes() == b"[1]" and q.stat().st_mode & 0o777 == 0o600
     assert [f.name for f in tmp_path.iterdir() if f.name.endswith(".tmp")] == []
+
+
+def test_a_refresh_family_shares_its_id_and_revocation() -> None:
+    """Issue 12 #9: a refreshed token keeps the login's id and time, so
+    revoking that id refuses every member and every attenuation of one."""
+    first = cap.verify(ROOT, token(), now=NOW)
+    later = cap.mint(ROOT, "alice", "key1", ["generate"], 600, now=NOW + 300,
+                     token_id=bytes.fromhex(first.token_id), login_at=first.login_at)
+    c = cap.verify(ROOT, later, now=NOW + 301)
+    assert (c.token_id, c.login_at) == (first.token_id, first.issued_at) and c.issued_at == int(NOW + 300)
+    rl = cap.RevocationList(tokens=frozenset({first.token_id}))
+    assert rl.reason(c) == f"token {first.token_id} is revoked"
+    assert rl.reason(cap.verify(ROOT, cap.attenuate(later, max_tokens=3), now=NOW + 301))
+
+
+def test_a_grant_minted_before_families_decodes_with_its_issue_time_as_login() -> None:
+    tid = b"\x01" * cap.ID_BYTES
+    old_grant = msgspec.msgpack.encode(["g", "bob", "k", ["generate"], int(NOW) + 60, int(NOW)])  # 5 fields
+    raw = msgspec.msgpack.encode(cap.Token(cap.VERSION, tid, (old_grant,), cap._chain(ROOT, tid, (old_grant,))))
+    c = cap.verify(ROOT, raw, now=NOW)
+    assert c.principal == "bob" and c.login_at == int(NOW)

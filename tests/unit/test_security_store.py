@@ -103,3 +103,14 @@ def test_state_round_trips_and_a_corrupt_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(BadRequest, match="state.json is corrupt"):
         Store.load(p, 60)
     assert msgspec.json.decode(s.snapshot())["format"] == 1
+
+
+def test_revoking_a_principal_changes_the_policy_it_is_published_in() -> None:
+    """Issue 12 #10: the policy lists revoked principals and its version moves."""
+    s = store()
+    s.create_key("alice", ["generate"])
+    s.create_key("bob", ["generate"])
+    v0 = s.state.policy_version
+    assert s.revoke(RevokeKind.PRINCIPAL, "bob") and s.revoked_principals() == ["bob"]
+    assert s.state.policy_version == v0 + 1
+    assert not s.revoke(RevokeKind.PRINCIPAL, "bob") and s.state.policy_version == v0 + 1
