@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from ipc.errors import DeadlineExceeded, Unavailable
+from ipc.errors import DeadlineExceeded, Overloaded, Unavailable
 from ipc.protocol.scheduler import Finished, FinishReason, Submit, TokenDelta
 from sdk.generate import MAX_RESUBMITS, build_submit, generate
 
@@ -92,4 +92,44 @@ async def test_a_request_past_its_deadline_is_not_resubmitted() -> None:
     submit = build_submit("hi", max_tokens=40, request_id="r4", timeout=1e-9)
     with pytest.raises(DeadlineExceeded, match="r4"):
         await generate(sched, submit)  # type: ignore[arg-type]
+    assert len(sched.submits) == 1
+
+
+class BusyAfterRestart(DyingScheduler):
+    """Dies after 3 tokens; the restarted scheduler's queue is full for the
+    first `busy` re-submissions (it admits them like any new request)."""
+
+    def __init__(self, total: int, busy: int):
+        super().__init__(total, tokens_per_life=3)
+        self.busy = busy
+
+    async def stream(self, dst: str, msg: Submit, **kw: Any) -> AsyncIterator[Any]:
+        if msg.attempt and self.busy:
+            self.busy -= 1
+            self.submits.append(msg)
+            raise Overloaded("the scheduler's queue is full", detail={"retry_after_s": 0.0})
+        if msg.attempt:
+            self.per_life = self.total
+        async for ev in super().stream(dst, msg, **kw):
+            yield ev
+
+
+async def test_a_resubmission_refused_as_overloaded_waits_its_turn() -> None:
+    sched = BusyAfterRestart(total=10, busy=2)
+    done = await generate(sched, build_submit("hi", max_tokens=10, request_id="r6"),  # type: ignore[arg-type]
+                          backoff_s=0)
+    assert done.token_ids == list(range(10)) and len(sched.submits) == 4
+
+
+async def test_a_first_submission_refused_as_overloaded_is_the_callers_answer() -> None:
+    sched = BusyAfterRestart(total=10, busy=1)
+
+    async def refuse(dst: str, msg: Submit, **kw: Any) -> AsyncIterator[Any]:
+        sched.submits.append(msg)
+        raise Overloaded("the scheduler's queue is full", detail={"retry_after_s": 1.0})
+        yield  # pragma: no cover
+
+    sched.stream = refuse  # type: ignore[method-assign]
+    with pytest.raises(Overloaded):
+        await generate(sched, build_submit("hi", max_tokens=10, request_id="r7"))  # type: ignore[arg-type]
     assert len(sched.submits) == 1
