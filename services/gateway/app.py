@@ -41,12 +41,12 @@ def _json(obj: Any, status: int = 200, headers: dict[str, str] | None = None) ->
     return Response(oa.encode(obj), status, headers, media_type="application/json")
 
 
-def _error(exc: LlmosError) -> Response:
-    # A refusal may leave the body unread: the connection layer (connections.py)
-    # then closes the connection after a short linger. No `Connection: close`
-    # here, since uvicorn would close at once, and a client still sending
-    # would get a reset instead of this answer.
+def _error(exc: LlmosError, *, close: bool = False) -> Response:
+    """`close`: the body was left unread, so this connection carries no
+    further request (the connection layer lingers before closing it)."""
     status, body, headers = oa.error_body(exc)
+    if close:
+        headers["Connection"] = "close"
     return Response(body, status, headers, media_type="application/json")
 
 
@@ -83,14 +83,16 @@ def create_app(backend: Backend, config: GatewayConfig | None = None) -> Starlet
         await backend.authenticate(key)
         return key
 
-    def refuse(endpoint: str, exc: LlmosError) -> Response:
+    def refuse(endpoint: str, exc: LlmosError, *, body_read: bool = True) -> Response:
         metrics.requests.labels(endpoint, oa.status_of(exc)).inc()
-        return _error(exc)
+        return _error(exc, close=not body_read)
 
     async def completions(request: Request) -> Response:
+        body_read = False
         try:
             key = await caller(request)
             body = await read_body(request, cfg.max_body_bytes, cfg.body_timeout_s)
+            body_read = True
             req = oa.decode_completion(body)
             del body
             desc = await backend.model(key)
@@ -99,14 +101,16 @@ def create_app(backend: Backend, config: GatewayConfig | None = None) -> Starlet
             submit = oa.to_submit(req, prompt=prompt, logprobs=req.logprobs or 0,
                                   default_max_tokens=cfg.default_max_tokens)
         except LlmosError as exc:
-            return refuse("completions", exc)
+            return refuse("completions", exc, body_read=body_read)
         return await _run(request, key, submit, model, chat=False, stream=req.stream,
                           include_usage=True)
 
     async def chat_completions(request: Request) -> Response:
+        body_read = False
         try:
             key = await caller(request)
             body = await read_body(request, cfg.max_body_bytes, cfg.body_timeout_s)
+            body_read = True
             req = oa.decode_chat(body)
             del body
             desc = await backend.model(key)
@@ -123,7 +127,7 @@ def create_app(backend: Backend, config: GatewayConfig | None = None) -> Starlet
             if fmt.has_template:
                 submit.add_special_tokens = False
         except LlmosError as exc:
-            return refuse("chat", exc)
+            return refuse("chat", exc, body_read=body_read)
         return await _run(request, key, submit, desc.name, chat=True, stream=req.stream, include_usage=True)
 
     async def _run(request: Request, key: str | None, submit: Submit, model: str, *, chat: bool, stream: bool,

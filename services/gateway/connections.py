@@ -70,7 +70,7 @@ def guarded_h11(cfg: GatewayConfig) -> type[H11Protocol]:
                 transport.write(refusal)
                 transport.close()
                 return
-            super().connection_made(transport)
+            super().connection_made(_Lingering(transport, self))  # type: ignore[arg-type]
             self._arm()
 
         def _over_cap(self, transport: asyncio.Transport) -> bytes | None:
@@ -98,8 +98,8 @@ def guarded_h11(cfg: GatewayConfig) -> type[H11Protocol]:
                 return
             if self._linger is not None:
                 self._linger -= len(data)
-                if self._linger < 0:
-                    self.transport.close()
+                if self._linger < 0 and isinstance(self.transport, _Lingering):
+                    self.transport.abort_linger()
                 return
             waiting_head = self.conn.their_state is h11.IDLE
             if waiting_head:
@@ -117,18 +117,21 @@ def guarded_h11(cfg: GatewayConfig) -> type[H11Protocol]:
             self._disarm()
             if not self.transport.is_closing():
                 self.transport.write(head_too_large if self._head_bytes > cfg.max_header_bytes else malformed)
-                self._close_after_linger()
+                self.transport.close()
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
             if self.conn.their_state is h11.SEND_BODY and not self.transport.is_closing():
-                self._close_after_linger()
+                self.transport.close()  # lingers: see _Lingering
 
         def _close_after_linger(self) -> None:
+            if self._linger is not None:
+                return
             self._unset_keepalive_if_required()
             self._linger = LINGER_BYTES
             self.flow.resume_reading()
-            self.loop.call_later(LINGER_S, self.transport.close)
+            t = self.transport
+            self.loop.call_later(LINGER_S, t.abort_linger if isinstance(t, _Lingering) else t.close)
 
         def _arm(self) -> None:
             self._disarm()
@@ -146,3 +149,33 @@ def guarded_h11(cfg: GatewayConfig) -> type[H11Protocol]:
                 self.transport.close()
 
     return GuardedH11Protocol
+
+
+class _Lingering:
+    """The connection's transport, whose close() lingers while the client may
+    still be sending: uvicorn closes right after a response that says
+    `Connection: close` (or after h11 refused the bytes), and a close with
+    unread data would reset the connection under the answer."""
+
+    def __init__(self, transport: asyncio.Transport, protocol: Any) -> None:
+        self._t = transport
+        self._protocol = protocol
+        self._closing = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._t, name)
+
+    def is_closing(self) -> bool:
+        return self._closing or self._t.is_closing()
+
+    def close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        if self._protocol.conn.their_state in (h11.IDLE, h11.DONE, h11.MUST_CLOSE, h11.CLOSED):
+            self._t.close()  # nothing of theirs unread
+        else:
+            self._protocol._close_after_linger()
+
+    def abort_linger(self) -> None:
+        self._t.close()

@@ -251,6 +251,7 @@ async def test_a_caller_without_a_valid_key_is_refused_before_its_body_is_read(k
     async with client(b, key=key) as c:
         r = await c.post("/v1/completions", content=body.__aiter__())
         assert r.status_code == 401 and why in r.json()["error"]["message"]
+        assert r.headers["connection"] == "close"  # the body is unread: no next request on it
         assert body.pulled == 0 and b.submits == []
         await honest(c)
 
