@@ -25,6 +25,7 @@ from ipc.protocol import security as sec
 from kernel.config import KernelConfig
 from sdk.client import AsyncClient
 from tools.chaos import attacks as at
+from tools.chaos import raw_attacks as raw
 from tools.chaos.fuzz import flood
 from tools.chaos.history import History
 from tools.chaos.procs import peak_rss_mb, rss_mb
@@ -147,20 +148,20 @@ class AbuseMix:
                 tg.start_soon(lambda: at.oversized_sdk(self.big, s["oversized_sdk"], stop,
                                                        prompt_bytes=c.sdk_prompt_bytes, period_s=c.period_s))
                 token = self.big.connection.token
-                tg.start_soon(_threaded, lambda h: at.oversized_frames(
+                tg.start_soon(_threaded, lambda h: raw.oversized_frames(
                     self.home, token, s["oversized_frames"], h, limit=front_limit(), period_s=c.frame_period_s), stop)
                 if self.base_url:
                     tg.start_soon(lambda: at.oversized_http(self.base_url, self.big_key, s["oversized_http"], stop,
                                                             body_bytes=c.http_body_bytes, period_s=c.period_s))
             if "disguised_ops" in c.attacks:
-                tg.start_soon(_threaded, lambda h: at.disguised_ops(self.home, self.status_token, s["disguised_ops"],
+                tg.start_soon(_threaded, lambda h: raw.disguised_ops(self.home, self.status_token, s["disguised_ops"],
                                                                     h, c.period_s), stop)
             if "unread_replies" in c.attacks:
-                tg.start_soon(_threaded, lambda h: at.unread_replies(
+                tg.start_soon(_threaded, lambda h: raw.unread_replies(
                     self.home, s["unread_replies"], h, requests=c.unread_requests, body_bytes=c.unread_body_bytes,
                     dst_bytes=c.unread_dst_bytes), stop)
             if "login_flood" in c.attacks:
-                tg.start_soon(_threaded, lambda h: at.login_flood(self.home, s["login_flood"], h,
+                tg.start_soon(_threaded, lambda h: raw.login_flood(self.home, s["login_flood"], h,
                                                                   window=c.login_window, seed=self.seed), stop)
                 tg.start_soon(lambda: at.honest_logins(self.home, self.honest_key, s["login_flood"], stop,
                                                        c.period_s * 2))
