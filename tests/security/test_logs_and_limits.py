@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from ipc.errors import Unauthorized
 from sdk.logs import MAX_VALUE, RotatingFile, _env_int, truncate_strings
 from services.security.limits import (
     GLOBAL_BURST,
@@ -23,7 +24,6 @@ from services.security.limits import (
     LoginLimiter,
 )
 from services.security.store import MAX_API_KEY, State, Store, split_api_key
-from ipc.errors import Unauthorized
 
 
 def test_the_log_rotates_by_size_and_keeps_a_bounded_number_of_files(tmp_path: Path) -> None:
