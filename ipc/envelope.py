@@ -73,12 +73,26 @@ def encode_header(header: Header) -> bytes:
     return _encode_header(header)
 
 
+class _Ids(msgspec.Struct, array_like=True):
+    """The leading fields of a header, trailing ones ignored: enough to answer
+    a header that failed its checks under the sender's msg id."""
+
+    version: int
+    kind: int
+    msg_id: int = 0
+
+
+_decode_ids = msgspec.msgpack.Decoder(_Ids).decode
+
+
 def decode_header(frame: FrameLike) -> Header:
-    """Decode and check a header frame; raises `BadRequest` naming the fault."""
+    """Decode and check a header frame; raises `BadRequest` naming the fault,
+    with the sender's msg id in `detail["msg_id"]` when it could be read (so
+    the refusal reaches the call that sent it instead of timing it out)."""
     try:
         header = _decode_header(frame)
     except msgspec.ValidationError as exc:
-        raise BadRequest(f"malformed header: {_name_fields(str(exc))}") from None
+        raise BadRequest(f"malformed header: {_name_fields(str(exc))}", detail=_msg_id_of(frame)) from None
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # msgspec raises the latter for a bad str
         raise BadRequest(f"undecodable header: {exc}") from None
     if header.version != PROTOCOL_VERSION:
@@ -86,6 +100,14 @@ def decode_header(frame: FrameLike) -> Header:
     if header.kind not in _KINDS:
         raise BadRequest(f"unknown message kind {header.kind}")
     return header
+
+
+def _msg_id_of(frame: FrameLike) -> dict[str, str | int | float | bool]:
+    try:
+        msg_id = _decode_ids(frame).msg_id
+    except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError):
+        return {}
+    return {"msg_id": msg_id} if 0 < msg_id < 2**63 else {}
 
 
 _KINDS = frozenset(int(k) for k in Kind)

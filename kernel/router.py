@@ -293,7 +293,8 @@ class Kernel:
                 raise BadRequest("missing header frame")
             return ident, payload, decode_header(payload[0])
         except BadRequest as exc:
-            self._reject(ch, frames, exc)
+            msg_id = exc.detail.get("msg_id", 0)
+            self._reject(ch, frames, exc, msg_id=msg_id if isinstance(msg_id, int) else 0)
             return None
 
     def _on_front(self, frames: list[Any]) -> None:
@@ -316,7 +317,7 @@ class Kernel:
             exc = Unauthorized("clients cannot register as services")
             self._reject(front, frames, exc, header)
             if self.guard is not None:
-                self.guard.note(header, exc, ident.hex())
+                self.guard.note(header, exc, self._source(ident, None))
         else:
             self._reject(front, frames, BadRequest(f"a client may not send {Kind(kind).name}"), header)
 
@@ -355,7 +356,8 @@ class Kernel:
             self.topics.forget(back, ident)
             self.instance_down(inst, "disconnected")
 
-    def _reject(self, ch: Channel, frames: Sequence[Any], exc: LlmosError, header: Header | None = None) -> None:
+    def _reject(self, ch: Channel, frames: Sequence[Any], exc: LlmosError, header: Header | None = None,
+                msg_id: int = 0) -> None:
         """Answer a malformed or forbidden frame where a return identity exists."""
         self.counters.rejected += 1
         if self._reject_log_budget > 0:
@@ -366,7 +368,8 @@ class Kernel:
             self._rejects_unlogged += 1
         if not frames or len(frames[0]) == 0:
             return
-        msg_id = header.msg_id if header is not None else 0
+        if header is not None:
+            msg_id = header.msg_id
         self._send_error(ch, bytes(frames[0]), msg_id, exc.to_wire())
 
     # -- routing -------------------------------------------------------------
@@ -375,19 +378,19 @@ class Kernel:
                inst: Instance | None = None) -> None:
         if inst is None:
             # From a client. Services trust only what is stamped here: the
-            # verified principal, no claimed source, and attempt 0 (only the
-            # kernel's own re-send counts attempts; a client-set one bought
-            # re-admission without quota, issue 12 #3).
+            # verified principal, the source as the kernel sees it (its
+            # routing id: the security server budgets failed logins by it),
+            # and attempt 0 (only the kernel's own re-send counts attempts; a
+            # client-set one bought re-admission without quota, issue 12 #3).
             if self.guard is not None:
                 try:
-                    header = self.guard.admit(header, ident.hex())
+                    header = self.guard.admit(header, self._source(ident, None))
                 except LlmosError as exc:
                     self._send_error(origin, ident, header.msg_id, exc.to_wire())
                     return
             elif header.principal or header.restrictions:
                 header = msgspec.structs.replace(header, principal="", restrictions=_EMPTY)
-            if header.src or header.attempt:
-                header = msgspec.structs.replace(header, src="", attempt=0)
+            header = msgspec.structs.replace(header, src=self._source(ident, None), attempt=0)
         elif header.src != inst.name:
             header = msgspec.structs.replace(header, src=inst.name)  # the registered name, not a claim
         dst = header.dst
@@ -582,7 +585,7 @@ class Kernel:
 
     @staticmethod
     def _source(ident: bytes, inst: Instance | None) -> str:
-        return f"back:{inst.name}" if inst is not None else ident.hex()
+        return f"back:{inst.name}" if inst is not None else f"front:{ident.hex()}"
 
     def status(self) -> kp.StatusReply:
         return ops.status(self)

@@ -151,14 +151,14 @@ class AccessDenied(Message):
     at: float = 0.0  # unix seconds (the first of `count`)
     dropped: int = 0
     count: int = 1
-    source: str = ""  # the requester: its routing id in hex, or "back:<instance>"
+    source: str = ""  # the requester: "front:<routing id hex>" or "back:<instance>"
 
 
 class KernelOpDone(Message):
     """Published on `kernel.denials` for every kernel op that acted (Kill,
     Shutdown, SetRevocations) or subscribed to a topic, with who asked and
-    from where. `origin` is "front" for a client, "back:<instance>" for a
-    registered service. Strings are the kernel's own (bounded) copies."""
+    from where. `origin` is "front:<routing id hex>" for a client,
+    "back:<instance>" for a registered service. Strings are the kernel's own (bounded) copies."""
 
     op: str
     principal: str

@@ -16,7 +16,7 @@ import zmq
 
 from ipc import codec
 from ipc.envelope import MAX_NAME, PROTOCOL_VERSION, Header, Kind, decode_header, encode_header
-from ipc.errors import Error, Forbidden
+from ipc.errors import BadRequest, Error, Forbidden
 from ipc.home import back_endpoint, front_endpoint
 from ipc.protocol import kernel as kp
 from ipc.protocol import security as sp
@@ -148,6 +148,7 @@ async def test_made_up_instance_names_are_not_found_and_nothing_is_parked(home: 
     (`security-7`) were parked per name: 2.4 GB of kernel memory. Now a name
     that no instance ever had is `not_found` at once."""
     async with running_llmos(home, auth=True) as llmos:
+        queued_before = (await llmos.status()).counters.queued
         peer = RawPeer(front_endpoint(home))
         try:
             body = codec.encode(sp.Login("llmos.x.y"))
@@ -158,7 +159,7 @@ async def test_made_up_instance_names_are_not_found_and_nothing_is_parked(home: 
                 header, err = peer.recv()
                 codes.add((header.kind, err.code))
             assert codes == {(Kind.ERROR, "not_found")}
-            assert (await llmos.status()).counters.queued == 0
+            assert (await llmos.status()).counters.queued == queued_before
         finally:
             peer.close()
 
@@ -187,6 +188,14 @@ async def test_oversized_header_strings_are_refused_naming_the_field(home: Path)
         finally:
             peer.close()
         assert isinstance(await llmos.client.call("echo", Echo(b"still")), EchoReply)
+        # the refusal of a header that fails its checks reaches the call that sent it
+        sdk = await AsyncClient.connect(home=home, api_key="", check=False)
+        try:
+            sdk.use_token(b"t" * 5000)
+            with pytest.raises(BadRequest, match="at `token`"):
+                await sdk.call("echo", Echo(b"x"), timeout=30)
+        finally:
+            await sdk.aclose()
         await anyio.sleep(0.6)  # two audit ticks: any record of the above has been written
         assert sum(len(str(r)) for r in audit_records(home)) - audit_before < 20_000
 
