@@ -16,7 +16,7 @@ import msgspec
 
 from ipc.errors import BadRequest, ErrorCode, LlmosError
 from ipc.protocol.sampling import MAX_LOGPROBS, MAX_SEED, MAX_TOP_K, SamplingParams
-from ipc.protocol.scheduler import MAX_REQUEST_ID_LEN, MaxTokens, PriorityLevel, Submit, TokenId
+from ipc.protocol.scheduler import MAX_REQUEST_ID_LEN, MaxTokens, PriorityLevel, PrioritySubmit, Submit, TokenId
 
 # Every integer a client sends is bounded where the body is decoded, so a
 # 2**64 (or a -2**63) is a 400 naming its field, never an overflow later.
@@ -130,8 +130,10 @@ def to_submit(req: _Common, *, prompt: str | list[int], logprobs: int, default_m
     params = SamplingParams(temperature=req.temperature, top_k=req.top_k, top_p=req.top_p, min_p=req.min_p,
                             repetition_penalty=req.repetition_penalty, seed=req.seed, logprobs=logprobs)
     text, ids = (prompt, []) if isinstance(prompt, str) else ("", prompt)
-    submit = Submit(text, ids, params, max_tokens, stop, priority=req.priority, session=req.session_id,
-                    request_id=req.request_id or uuid.uuid4().hex, ignore_eos=req.ignore_eos)
+    # Ahead of the default is the `priority` right's op (the kernel checks it).
+    kind = PrioritySubmit if req.priority < 0 else Submit
+    submit = kind(text, ids, params, max_tokens, stop, priority=req.priority, session=req.session_id,
+                  request_id=req.request_id or uuid.uuid4().hex, ignore_eos=req.ignore_eos)
     submit.validate()
     return submit
 

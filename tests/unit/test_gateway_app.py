@@ -81,6 +81,17 @@ async def test_completion_in_openai_shape() -> None:
     assert submit.params.temperature == 0 and submit.priority == 3 and submit.session == "s1"
 
 
+async def test_a_priority_ahead_of_the_default_is_sent_as_the_op_its_right_covers() -> None:
+    """priority < 0 travels as PrioritySubmit, so the kernel's rights check
+    (the `priority` right) decides; 0 and above stay a plain Submit."""
+    b = FakeBackend()
+    async with client(b) as c:
+        for priority in (-5, 0, 2):
+            r = await c.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2, "priority": priority})
+            assert r.status_code == 200
+    assert [type(s).__name__ for _, s in b.submits] == ["PrioritySubmit", "Submit", "Submit"]
+
+
 async def test_streamed_completion_is_openai_sse_and_concatenates() -> None:
     b = FakeBackend()
     async with client(b) as c:
