@@ -9,9 +9,10 @@ off, learning nothing new) and costs no audit write or log line of its own.
 
 Budgets (token buckets, refilled continuously):
 
-* per source (the requester the kernel stamped; every front client is
-  "client" until the kernel names front connections): `SOURCE_RATE`/s,
-  burst `SOURCE_BURST`;
+* per source (the requester as the kernel stamped it in `src`: a client's
+  connection, "front:<routing id>", or a service instance): `SOURCE_RATE`/s,
+  burst `SOURCE_BURST` (a client opening new connections gets a new source
+  each time; the next two budgets do not care);
 * per key-id prefix tried (the first 4 hex digits: 65,536 buckets at most,
   so random key ids cannot dodge it and it cannot grow without bound):
   `PREFIX_RATE`/s, burst `PREFIX_BURST`;
