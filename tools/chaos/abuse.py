@@ -32,12 +32,12 @@ from tools.chaos.procs import peak_rss_mb, rss_mb
 
 ATTACKS = ("oversized", "disguised_ops", "unread_replies", "login_flood", "quota_bypass", "malformed")
 
-# A chaos run's kernel without abuse peaks at about 45 MiB (report.json of
-# `llmos chaos --duration 60`, tiny checkpoint, 2 cores): routing tables,
-# wait queues and socket buffers of a dozen clients. 200 MiB is four times
-# that: room for honest bursts, while one parked or unread abusive message at
-# the front limit (16 MiB) per instance-like name, or unread replies echoing a
-# 1 MiB `dst`, cross it within seconds.
+# A chaos run's kernel without abuse peaks at 38 MiB (VmHWM; 20 s, 6 clients,
+# 5 faults, the tests' tiny checkpoint, 2 cores): routing tables, wait queues
+# and socket buffers of a few clients. 200 MiB is five times that: room for
+# honest bursts, while a dozen parked or queued messages at the front limit
+# (16 MiB), or the issue's unread replies echoing a 1 MiB `dst` (1 GB per
+# 1,000), cross it.
 KERNEL_RSS_BOUND_MB = 200.0
 
 

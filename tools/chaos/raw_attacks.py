@@ -92,10 +92,12 @@ def _pace(halt: threading.Event, seconds: float) -> bool:
 # -- disguised kernel ops ----------------------------------------------------------------------
 
 # Bodies of privileged kernel ops sent under the op a `status` token may call.
-# Kill sends SIGCONT: obeyed, it harms nothing, and the `Killed` reply proves
-# the breach all the same. Shutdown goes last in a round: obeyed, it ends the run.
+# Kill ends the echo service (no honest client uses it) with a signal the
+# kernel does allow, so only the op/body check can refuse it; obeyed, the
+# `Killed` reply and a down with no fault both report it. Shutdown goes last
+# in a round: obeyed, it ends the run.
 DISGUISED: tuple[Message, ...] = (kp.Subscribe(kp.DENIALS_TOPIC), kp.Subscribe(sec.POLICY_TOPIC),
-                                  kp.Kill("memory", "SIGCONT"), kp.SetRevocations(), kp.Shutdown("abuse"))
+                                  kp.Kill("echo", "SIGKILL"), kp.SetRevocations(), kp.Shutdown("abuse"))
 
 
 def disguised_ops(home: Path, token: bytes, stats: AttackStats, halt: threading.Event, period_s: float) -> None:
