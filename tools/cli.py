@@ -11,7 +11,7 @@
     llmos chaos [--duration S] [--out DIR]     faults under load, checked and reported (tools/chaos)
           [--abuse [--kernel-rss-bound-mb N]]   ...with abusive clients that must all be refused
     llmos keys create|list|revoke|quota        API keys and tenants (tools/security_cli.py)
-    llmos audit verify|tail                    the hash-chained audit log
+    llmos audit verify|tail                    the keyed, hash-chained audit log
 
 With auth on (the default), commands use $LLMOS_HOME/admin.key when this user can read it.
 """

@@ -186,7 +186,7 @@ def add_commands(sub: Any) -> None:
     quota.add_argument("--quota", required=True)
     quota.set_defaults(fn=cmd_keys_quota)
 
-    audit = sub.add_parser("audit", help="the hash-chained audit log")
+    audit = sub.add_parser("audit", help="the keyed, hash-chained audit log")
     au = audit.add_subparsers(dest="audit_cmd", required=True)
     verify = au.add_parser("verify", help="check the chain; exit 1 naming the first bad record")
     verify.add_argument("--json", action="store_true")
