@@ -24,7 +24,10 @@ from ipc.envelope import FrameLike
 SEND_HWM = 100_000
 RECV_HWM = 100_000
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+# What a client may send the kernel (its front socket): requests, not swap images.
+FRONT_MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 DRAIN_BATCH = 512
+DRAIN_BYTES = 32 * 1024 * 1024
 # Flags as plain ints: pyzmq's enum arithmetic (and its send_multipart /
 # recv_multipart sugar) cost more than the sends and receives themselves —
 # about half of a hop's I/O time in the kernel.
@@ -131,17 +134,20 @@ class Channel:
     def pending_input(self) -> bool:
         return bool(self.sock.getsockopt(_EVENTS) & _POLLIN)  # type: ignore[operator]
 
-    def drain(self, limit: int = DRAIN_BATCH) -> list[list[zmq.Frame]]:
-        """Everything readable now, up to `limit` messages, without blocking."""
+    def drain(self, limit: int = DRAIN_BATCH, max_bytes: int = DRAIN_BYTES) -> list[list[zmq.Frame]]:
+        """Everything readable now, up to `limit` messages or about `max_bytes`
+        (a batch of large frames is held at once), without blocking."""
         out: list[list[zmq.Frame]] = []
         recv = self.sock.recv
+        nbytes = 0
         try:
-            while len(out) < limit:
+            while len(out) < limit and nbytes < max_bytes:
                 frame = recv(_NOBLOCK, copy=False)
                 parts = [frame]
                 while frame.more:  # the rest of a multipart message is already here
                     frame = recv(_NOBLOCK, copy=False)
                     parts.append(frame)
+                    nbytes += len(frame)
                 out.append(parts)
         except zmq.Again:
             pass

@@ -13,7 +13,7 @@ import msgspec
 
 from ipc.configfile import read_toml
 from ipc.errors import BadRequest
-from ipc.sockets import SocketLimits
+from ipc.sockets import FRONT_MAX_MESSAGE_BYTES, SocketLimits
 
 
 class Restart(StrEnum):
@@ -69,12 +69,16 @@ class KernelConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     wait_timeout_s: float = 30.0
     max_attempts: int = 3
     # The back socket carries swap images (large); the front only requests
-    # and replies: a prompt at the largest context is well under 16 MiB, and
-    # a smaller per-peer queue bounds what a client that never reads its
-    # replies can make the kernel hold (~10k small error replies).
+    # and replies: the gateway takes bodies up to 4 MiB and a prompt of a
+    # 128k-token context is ~0.6 MB as ids, so 8 MiB is room to spare. The
+    # per-peer queues are short: a client that never reads its replies makes
+    # the kernel hold at most 10k (small) replies; one that sends faster than
+    # the kernel reads is pushed back by its own socket after 1,000 (ZeroMQ
+    # bounds messages, not bytes: 10k queued 16 MiB frames took the kernel
+    # past 200 MiB in the abuse chaos run).
     limits: SocketLimits = SocketLimits()
-    front_limits: SocketLimits = SocketLimits(send_hwm=10_000, recv_hwm=10_000,
-                                              max_message_bytes=16 * 1024 * 1024)
+    front_limits: SocketLimits = SocketLimits(send_hwm=10_000, recv_hwm=1_000,
+                                              max_message_bytes=FRONT_MAX_MESSAGE_BYTES)
     # Capability check on every client request (kernel/guard.py). On by default:
     # a fresh `llmos up` serves no unauthenticated request but Login.
     auth: bool = True

@@ -26,6 +26,7 @@ from ipc.home import front_endpoint, llmos_home
 from ipc.protocol import kernel as kp
 from ipc.protocol import scheduler as sp
 from ipc.protocol.base import Message
+from ipc.sockets import FRONT_MAX_MESSAGE_BYTES
 from sdk.auth import TokenKeeper, read_admin_key, tcp_keys
 from sdk import generate as gen
 from sdk.connection import Connection
@@ -53,7 +54,8 @@ class AsyncClient:
         ep = endpoint or front_endpoint(h)
         if ep.startswith("ipc://") and not Path(ep[6:]).exists():
             raise Unavailable(f"no llmos kernel is running at {ep} (start one with `llmos up`)")
-        client = cls(Connection(ep, src=f"client:{os.getpid()}", curve=tcp_keys(ep, h)))
+        client = cls(Connection(ep, src=f"client:{os.getpid()}", curve=tcp_keys(ep, h),
+                                max_message_bytes=FRONT_MAX_MESSAGE_BYTES))
         key = api_key if api_key is not None else read_admin_key(h)
         try:
             if key:

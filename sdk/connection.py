@@ -23,7 +23,7 @@ from ipc.envelope import PROTOCOL_VERSION, Header, Kind, decode_header, encode_h
 from ipc.errors import BadRequest, DeadlineExceeded, Error, Internal, LlmosError, Unavailable
 from ipc.heartbeat import HEARTBEAT_EXPIRY_S, HEARTBEAT_INTERVAL_S
 from ipc.protocol.base import Message, op_of
-from ipc.sockets import Channel, connect_dealer
+from ipc.sockets import MAX_MESSAGE_BYTES, Channel, connect_dealer
 from sdk.logs import get_logger
 
 log = get_logger()
@@ -34,8 +34,13 @@ RequestHandler = Callable[[Header, list[Any]], None]
 
 class Connection:
     def __init__(self, endpoint: str, *, identity: bytes | None = None, src: str = "",
-                 curve: CurveClient | None = None):
+                 curve: CurveClient | None = None, max_message_bytes: int = MAX_MESSAGE_BYTES):
+        """`max_message_bytes`: the most the kernel takes from this peer (a
+        client: `FRONT_MAX_MESSAGE_BYTES`); a bigger request is refused here,
+        since ZeroMQ on the kernel's side would drop it with the connection
+        and the call would only time out."""
         self.endpoint = endpoint
+        self.max_message_bytes = max_message_bytes
         self.src = src
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self._ch = Channel(connect_dealer(self._ctx, endpoint, identity, curve=curve), on_readable=self._on_readable)
@@ -58,6 +63,10 @@ class Connection:
         if body is not None:
             frames.append(body if isinstance(body, bytes) else codec.encode(body))
         frames.extend(buffers)
+        size = sum(len(f) for f in frames[1:])
+        if size > self.max_message_bytes:
+            raise BadRequest(f"{header.op or 'message'} is {size} bytes; the kernel takes at most "
+                             f"{self.max_message_bytes} from this peer", detail={"bytes": size})
         self.last_sent = time.monotonic()
         return self._ch.send(frames)
 

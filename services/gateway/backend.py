@@ -20,6 +20,7 @@ from ipc.protocol import kernel as kp
 from ipc.protocol import memory as mp
 from ipc.protocol import scheduler as sp
 from ipc.protocol.driver import DRIVER, DescribeModel, ModelDescription
+from ipc.sockets import FRONT_MAX_MESSAGE_BYTES
 from sdk.auth import TokenKeeper
 from sdk.connection import Connection
 from sdk.generate import Chunk, stream_generate
@@ -63,7 +64,7 @@ class KernelBackend:
         slot = hashlib.sha256(api_key.encode()).hexdigest() if api_key else ""
         p = self._conns.get(slot)
         if p is None:
-            conn = Connection(self.endpoint, src="gateway")
+            conn = Connection(self.endpoint, src="gateway", max_message_bytes=FRONT_MAX_MESSAGE_BYTES)
             keeper = TokenKeeper(conn, api_key) if api_key else None
             p = _Principal(conn, keeper)
             if keeper is not None:

@@ -177,12 +177,18 @@ class SchedulerService(Service):
                 log.warning("scheduler.memory_not_ready", error=str(exc))
                 await anyio.sleep(0.5)
         await self._learn_model()
-        self._ready.set()
-        log.info("scheduler.ready", drivers=sorted(self.engine.drivers), policy=self.config.policy.name.value)
         if self._security_at_boot:
-            # A revoked principal's job must not run once before we hear of it.
+            # Nothing is admitted before the quota policy is known: a restarted
+            # scheduler serving at once admitted a tenant past its concurrency
+            # quota (the abuse chaos run found it), and a revoked principal's
+            # job must not run once before we hear of it.
             with anyio.move_on_after(POLICY_WAIT_S):
                 await self._policy_seen.wait()
+            if not self._policy_seen.is_set():
+                log.warning("scheduler.no_policy", waited_s=POLICY_WAIT_S,
+                            msg="serving without the quota policy; it applies when it arrives")
+        self._ready.set()
+        log.info("scheduler.ready", drivers=sorted(self.engine.drivers), policy=self.config.policy.name.value)
         tg.start_soon(self.jobs.run)
         await self.engine.run()
 

@@ -215,7 +215,7 @@ async def test_a_client_cannot_claim_an_attempt_or_a_source(home: Path) -> None:
 
 
 async def test_frames_past_the_front_size_limit_cost_the_sender_its_connection(home: Path) -> None:
-    """A client message is at most 16 MiB (swap images travel on the back
+    """A client message is at most 8 MiB (swap images travel on the back
     socket only): a bigger one is dropped by ZeroMQ with the connection, before
     the kernel buffers it; the kernel and every other client go on."""
     async with running_llmos(home, auth=True) as llmos:
@@ -230,6 +230,10 @@ async def test_frames_past_the_front_size_limit_cost_the_sender_its_connection(h
             peer.close()
         assert isinstance(await llmos.client.call("echo", Echo(b"ok")), EchoReply)
         assert kernel_rss_mb(llmos) - rss_before < 100
+        # the SDK knows the limit: it refuses such a request itself instead of losing its connection
+        with pytest.raises(BadRequest, match="the kernel takes at most 8388608"):
+            await llmos.client.call("echo", Echo(b"e" * (9 * 1024 * 1024)), timeout=30)
+        assert isinstance(await llmos.client.call("echo", Echo(b"still")), EchoReply)
 
 
 async def test_wait_queues_are_bounded_in_bytes_and_refusals_say_which_bound(home: Path) -> None:

@@ -100,7 +100,12 @@ async def test_the_kernel_continues_a_flood_with_one_pump_per_turn(tmp_path, mon
 
     monkeypatch.setattr(router_mod, "_PUMP_SLICE_S", 0.0)  # every slice ends after one round
     monkeypatch.setattr(router_mod, "_PUMP_ROUNDS", 1)
-    k = Kernel(KernelConfig(auth=False), f"ipc://{tmp_path}/front", f"ipc://{tmp_path}/back", "secret")
+    from ipc.sockets import SocketLimits
+
+    # The whole flood queued in the kernel's socket at once (the default front
+    # queue is short and would push back on the flooder, which sends blocking).
+    config = KernelConfig(auth=False, front_limits=SocketLimits(recv_hwm=100_000))
+    k = Kernel(config, f"ipc://{tmp_path}/front", f"ipc://{tmp_path}/back", "secret")
     slices: list[int] = [0]
     pump = k._pump
 
@@ -112,6 +117,7 @@ async def test_the_kernel_continues_a_flood_with_one_pump_per_turn(tmp_path, mon
     k._pump = counting_pump  # type: ignore[method-assign]
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     flooder = ctx.socket(zmq.DEALER)
+    flooder.setsockopt(zmq.SNDHWM, 100_000)
     try:
         async with anyio.create_task_group() as tg:
             await tg.start(k.serve)

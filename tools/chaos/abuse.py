@@ -36,7 +36,7 @@ ATTACKS = ("oversized", "disguised_ops", "unread_replies", "login_flood", "quota
 # 5 faults, the tests' tiny checkpoint, 2 cores): routing tables, wait queues
 # and socket buffers of a few clients. 200 MiB is five times that: room for
 # honest bursts, while a dozen parked or queued messages at the front limit
-# (16 MiB), or the issue's unread replies echoing a 1 MiB `dst` (1 GB per
+# (8 MiB), or the issue's unread replies echoing a 1 MiB `dst` (1 GB per
 # 1,000), cross it.
 KERNEL_RSS_BOUND_MB = 200.0
 
@@ -47,7 +47,7 @@ class AbuseConfig:
     kernel_rss_bound_mb: float = KERNEL_RSS_BOUND_MB
     rss_period_s: float = 0.2
     period_s: float = 2.0  # between rounds of the paced attacks
-    sdk_prompt_bytes: int = 8 * 1024 * 1024  # under the front limit: the scheduler must refuse it
+    sdk_prompt_bytes: int = 6 * 1024 * 1024  # under the front limit (8 MiB): the scheduler must refuse it
     http_body_bytes: int = 32 * 1024 * 1024
     frame_period_s: float = 10.0  # between near-limit raw frames (each one a large allocation here)
     unread_requests: int = 1500
