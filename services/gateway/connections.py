@@ -121,8 +121,14 @@ def guarded_h11(cfg: GatewayConfig) -> type[H11Protocol]:
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
-            if self.conn.their_state is h11.SEND_BODY and not self.transport.is_closing():
-                self.transport.close()  # lingers: see _Lingering
+            # A refusal that left the body unread said `Connection: close`:
+            # close (lingering, see _Lingering). Any other answer with the body
+            # unread (a 404 to a GET with a body) keeps the connection, as
+            # uvicorn does, reading the rest of the body and dropping it: the
+            # client was not told to go and would reuse it.
+            if (self.conn.their_state is h11.SEND_BODY and self.conn.our_state is h11.MUST_CLOSE
+                    and not self.transport.is_closing()):
+                self.transport.close()
 
         def _close_after_linger(self) -> None:
             if self._linger is not None:
