@@ -56,20 +56,22 @@ class Guard:
         return cls(root, revoked, service_of)
 
     def admit(self, header: Header, source: str = "") -> Header:
-        """The header to route, with the verified principal (and the token's
-        body-dependent restrictions) stamped; raises `Unauthorized` or
-        `Forbidden`, after queueing an `AccessDenied`. Login passes whatever
-        token it carries (an expired one is why a client logs in again).
-        `source` names the requester (its routing id) for the audit."""
+        """The header to route, with what services trust stamped over what
+        the client sent: the verified principal, the token's body-dependent
+        restrictions, `src` = `source` (the requester as the kernel names it)
+        and attempt 0 (only the kernel's re-send counts attempts) — in one
+        copy, this being the hot path. Raises `Unauthorized` or `Forbidden`,
+        after queueing an `AccessDenied`. Login passes whatever token it
+        carries (an expired one is why a client logs in again)."""
         try:
-            return self._check(header)
+            return self._check(header, source)
         except _Denied as denied:
             if (self._service_of(header.dst), header.op) in PUBLIC_OPS:
-                return msgspec.structs.replace(header, principal="", restrictions=b"")
+                return msgspec.structs.replace(header, principal="", restrictions=b"", src=source, attempt=0)
             self._queue(header, denied.error, denied.cap, source)
             raise denied.error from None
 
-    def _check(self, header: Header) -> Header:
+    def _check(self, header: Header, source: str) -> Header:
         raw = header.token
         if not raw:
             raise _Denied(Unauthorized(f"{header.op} to {header.dst!r} needs a capability token; "
@@ -100,7 +102,8 @@ class Guard:
         if not allowed:
             raise _Denied(Forbidden(f"principal {c.principal!r} holds no right covering {header.op} on "
                                     f"{header.dst!r} (rights: {', '.join(sorted(c.rights)) or 'none'})"), c)
-        return msgspec.structs.replace(header, principal=c.principal, restrictions=c.restrictions_raw)
+        return msgspec.structs.replace(header, principal=c.principal, restrictions=c.restrictions_raw,
+                                       src=source, attempt=0)
 
     def set_revocations(self, revoked: RevocationList) -> None:
         self.revoked = revoked

@@ -382,15 +382,15 @@ class Kernel:
             # routing id: the security server budgets failed logins by it),
             # and attempt 0 (only the kernel's own re-send counts attempts; a
             # client-set one bought re-admission without quota, issue 12 #3).
+            source = self._source(ident, None)
             if self.guard is not None:
                 try:
-                    header = self.guard.admit(header, self._source(ident, None))
+                    header = self.guard.admit(header, source)
                 except LlmosError as exc:
                     self._send_error(origin, ident, header.msg_id, exc.to_wire())
                     return
-            elif header.principal or header.restrictions:
-                header = msgspec.structs.replace(header, principal="", restrictions=_EMPTY)
-            header = msgspec.structs.replace(header, src=self._source(ident, None), attempt=0)
+            else:
+                header = msgspec.structs.replace(header, principal="", restrictions=_EMPTY, src=source, attempt=0)
         elif header.src != inst.name:
             header = msgspec.structs.replace(header, src=inst.name)  # the registered name, not a claim
         dst = header.dst

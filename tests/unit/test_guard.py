@@ -104,3 +104,15 @@ def test_load_reads_the_persisted_revocations_and_refuses_a_damaged_file(tmp_pat
     revocations_path(tmp_path).write_text("{broken")
     with pytest.raises(BadRequest, match="revoked.json is damaged"):
         Guard.load(tmp_path, reg.service_of_instance)
+
+
+def test_admit_stamps_the_source_and_attempt_over_the_clients() -> None:
+    """A client's claimed `src` and `attempt` never reach a service: a
+    client-set attempt once bought re-admission without quota (issue 12 #3)."""
+    g = guard()
+    claimed = msgspec.structs.replace(req("echo", "Echo", tok()), src="scheduler", attempt=3)
+    h = g.admit(claimed, "front:0a0b")
+    assert (h.src, h.attempt, h.principal) == ("front:0a0b", 0, "alice")
+    login = msgspec.structs.replace(req("security", "Login", principal="admin"), src="security", attempt=1)
+    h = g.admit(login, "front:0a0c")
+    assert (h.src, h.attempt, h.principal) == ("front:0a0c", 0, "")
