@@ -29,3 +29,14 @@ def pid_alive(pid: int) -> bool:
             return f.read().split(")")[-1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny llama checkpoint with sharp (near-deterministic) weights, once
+    per module. Modules that need another shape define their own."""
+    from tests.unit.model_fixtures import make_checkpoint  # torch: only where a model is needed
+
+    d = tmp_path_factory.mktemp("ckpt")
+    make_checkpoint(d, "llama", sharp=True)
+    return d

@@ -12,17 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.model_fixtures import make_checkpoint
 from tools.chaos.abuse import AbuseConfig, unexplained_downs
 from tools.chaos.history import Fault, FaultKind, History, ServiceEvent
 from tools.chaos.run import ChaosConfig, run_chaos
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("ckpt")
-    make_checkpoint(d, "llama", sharp=True)
-    return d
 
 
 def test_a_down_with_no_fault_before_it_is_unexplained() -> None:

@@ -9,16 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.model_fixtures import make_checkpoint
 from tools.chaos.history import FaultKind
 from tools.chaos.run import FAULT_SERVICES, ChaosConfig, run_chaos
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("ckpt")
-    make_checkpoint(d, "llama", sharp=True)
-    return d
 
 
 @pytest.mark.timeout(600)

@@ -5,7 +5,6 @@ complete the handshake (seen through zmq's socket monitor, not a timeout)."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -24,15 +23,10 @@ from ipc.protocol.echo import Echo, EchoReply
 from kernel.config import ChildSpec, Config, KernelConfig
 from sdk.client import AsyncClient
 from sdk.testing import REPO_ROOT, write_config
+from tests.helpers.net import free_port
 
 FAILED = {zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
           zmq.EVENT_HANDSHAKE_FAILED_AUTH}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def handshake_events(endpoint: str, setup: object = None, limit_s: float = 20.0) -> set[int]:

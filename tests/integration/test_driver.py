@@ -17,16 +17,8 @@ from ipc.protocol import kernel as kp
 from ipc.protocol.sampling import SamplingParams
 from kernel.config import ChildSpec
 from sdk.testing import running_llmos
-from tests.unit.model_fixtures import make_checkpoint
 
 GREEDY = SamplingParams(temperature=0.0)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("ckpt")
-    make_checkpoint(d, "llama", sharp=True)
-    return d
 
 
 def driver_spec(ckpt: Path) -> ChildSpec:

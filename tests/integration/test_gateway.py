@@ -4,7 +4,6 @@ scheduler and the gateway as real processes, auth on."""
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import anyio
@@ -15,20 +14,7 @@ from ipc.protocol import security as sec
 from kernel.config import ChildSpec
 from sdk.client import AsyncClient
 from sdk.testing import running_llmos
-from tests.unit.model_fixtures import make_checkpoint
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("ckpt")
-    make_checkpoint(d, "llama", sharp=True)
-    return d
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.helpers.net import free_port
 
 
 def children(ckpt: Path, port: int) -> list[ChildSpec]:

@@ -20,16 +20,8 @@ from sdk.client import AsyncClient
 from sdk.generate import Completion
 from sdk.testing import REPO_ROOT, RunningLlmos, running_llmos
 from tests.integration.test_driver import driver_spec, local_greedy
-from tests.unit.model_fixtures import make_checkpoint
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("ckpt")
-    make_checkpoint(d, "llama", sharp=True)
-    return d
 
 
 def children(ckpt: Path, *scheduler_args: str) -> list[ChildSpec]:

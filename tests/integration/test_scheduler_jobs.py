@@ -8,22 +8,13 @@ import time
 from pathlib import Path
 
 import anyio
-import pytest
 
 from sdk.client import AsyncClient
 from sdk.testing import running_llmos
 from tests.integration.test_driver import local_greedy
 from tests.integration.test_scheduler import children
-from tests.unit.model_fixtures import make_checkpoint
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("ckpt")
-    make_checkpoint(d, "llama", sharp=True)
-    return d
 
 
 async def until_runs(c: AsyncClient, job_id: str, n: int, timeout: float = 60.0):  # type: ignore[no-untyped-def]

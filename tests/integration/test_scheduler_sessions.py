@@ -7,22 +7,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import anyio
-import pytest
 
 from ipc.protocol import memory as mp
 from kernel.config import ChildSpec
 from sdk.testing import running_llmos
 from tests.integration.test_driver import local_greedy
-from tests.unit.model_fixtures import make_checkpoint
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("ckpt")
-    make_checkpoint(d, "llama", sharp=True)
-    return d
 
 
 def children(ckpt: Path) -> list[ChildSpec]:

@@ -13,31 +13,17 @@ from pathlib import Path
 
 import anyio
 import httpx
-import pytest
 
 from ipc.protocol import security as sp
 from kernel.config import ChildSpec
 from sdk.testing import RunningLlmos, running_llmos
 from tests.integration.test_security import wait_audit
-from tests.unit.model_fixtures import make_checkpoint
+from tests.helpers.net import free_port
 
 LIMIT = 1 << 20  # the gateway's max_body_bytes in these tests
 HEAD_TIMEOUT_S = 2.0
 PER_CLIENT = 8
 ATTACKER = "127.0.0.2"  # loopback answers on all of 127/8: a second client address
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("ckpt")
-    make_checkpoint(d, "llama", sharp=True)
-    return d
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def system(home: Path, ckpt: Path, port: int) -> list[ChildSpec]:
