@@ -112,13 +112,7 @@ def disguised_ops(home: Path, token: bytes, stats: AttackStats, halt: threading.
                     stats.other["send_blocked"] += 1
                     continue
                 stats.sent += 1
-                got = raw.answer(10.0)
-                if got is None:
-                    stats.other["no_answer"] += 1
-                elif got[0] == "error":
-                    stats.answered(got[1], what)
-                else:
-                    stats.breach(f"{what}: answered {got[0]} {got[1]}")
+                _judge(stats, raw.answer(10.0), what)
                 # Events a breached Subscribe delivers would read as answers to the next send.
                 while raw.answer(0.05) is not None:
                     pass
@@ -237,17 +231,20 @@ def oversized_frames(home: Path, token: bytes, stats: AttackStats, halt: threadi
         while True:
             if raw.send(sp.SCHEDULER, "Submit", near, token=token):
                 stats.sent += 1
-                got = raw.answer(60.0)
-                what = f"a {len(near) >> 20} MiB Submit frame (just under the limit)"
-                if got is None:
-                    stats.other["no_answer"] += 1
-                elif got[0] == "error":
-                    stats.answered(got[1], what)
-                else:
-                    stats.breach(f"{what}: answered {got[0]} {got[1]}")
+                _judge(stats, raw.answer(60.0), f"a {len(near) >> 20} MiB Submit frame (just under the limit)")
             else:
                 stats.other["send_blocked"] += 1
             if not _pace(halt, period_s):
                 return
     finally:
         raw.close()
+
+
+def _judge(stats: AttackStats, got: tuple[str, str] | None, what: str) -> None:
+    """An attack's answer: none, a refusal (counted by code), or a breach."""
+    if got is None:
+        stats.other["no_answer"] += 1
+    elif got[0] == "error":
+        stats.answered(got[1], what)
+    else:
+        stats.breach(f"{what}: answered {got[0]} {got[1]}")
