@@ -30,8 +30,20 @@ def pid_file(home: Path) -> Path:
     return run_dir(home) / "kernel.pid"
 
 
+def lock_file(home: Path) -> Path:
+    """Locked (flock) by the one kernel serving this home, for its whole life;
+    it holds that kernel's pid (kernel/homelock.py)."""
+    return run_dir(home) / "kernel.lock"
+
+
 def logs_dir(home: Path) -> Path:
     return home / "logs"
+
+
+def child_output_path(home: Path, instance: str) -> Path:
+    """A child's own stdout and stderr when `llmos up` shows its console
+    (what never went through the JSON logger: a traceback before it started)."""
+    return logs_dir(home) / f"{instance}.out"
 
 
 def security_dir(home: Path) -> Path:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -20,6 +21,7 @@ import zmq
 
 from ipc.curve import CurveClient, CurveServer, apply_client, apply_server
 from ipc.envelope import FrameLike
+from ipc.errors import Unavailable
 
 SEND_HWM = 100_000
 RECV_HWM = 100_000
@@ -51,18 +53,52 @@ def _apply_limits(sock: zmq.Socket[bytes], limits: SocketLimits) -> None:
 
 
 def prepare_ipc_path(endpoint: str) -> None:
-    """Make the directory of an ipc:// endpoint owner-only, and clear a stale file."""
+    """Make the directory of an ipc:// endpoint owner-only, and clear a stale
+    socket file: one no process listens on (its kernel was killed). A live one
+    is another process's: ZeroMQ's bind would unlink it and cut that process
+    off from its clients (issue 13 #1), so that is refused."""
     if not endpoint.startswith("ipc://"):
         return
     path = Path(endpoint[len("ipc://"):])
     path.parent.mkdir(parents=True, exist_ok=True)
     os.chmod(path.parent, 0o700)
-    if path.exists():
+    if path.is_symlink() or path.exists():
+        if _listened_on(path):
+            raise Unavailable(f"{endpoint} is in use by another process (another llmos kernel?)")
         path.unlink()
 
 
-def remove_ipc_path(endpoint: str) -> None:
-    if endpoint.startswith("ipc://"):
+def _listened_on(path: Path) -> bool:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.setblocking(False)
+    try:
+        s.connect(str(path))
+    except BlockingIOError:
+        return True  # a listener with a full backlog: alive
+    except OSError:
+        return False  # refused (nobody listens), not a socket, gone
+    finally:
+        s.close()
+    return True
+
+
+def ipc_path_id(endpoint: str) -> tuple[int, int] | None:
+    """Which file an ipc:// endpoint's path is now (device, inode); None when
+    not ipc:// or absent. Taken right after bind, it names the file we made."""
+    if not endpoint.startswith("ipc://"):
+        return None
+    try:
+        st = os.lstat(endpoint[len("ipc://"):])
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def remove_ipc_path(endpoint: str, made: tuple[int, int] | None) -> None:
+    """Remove the socket file of an ipc:// endpoint if it is still the one
+    `made` names (`ipc_path_id` after our bind): a file someone else bound at
+    that path since is theirs and stays."""
+    if made is not None and ipc_path_id(endpoint) == made:
         Path(endpoint[len("ipc://"):]).unlink(missing_ok=True)
 
 

@@ -9,6 +9,8 @@ from pathlib import Path
 from ipc.errors import LlmosError
 from ipc.home import llmos_home
 from kernel.config import Config, load_config
+from kernel.console import Console
+from kernel.homelock import HomeLocked, KernelLock
 from sdk.logs import configure
 
 
@@ -24,16 +26,27 @@ def main(argv: list[str] | None = None) -> int:
     except LlmosError as exc:
         print(f"llmos: {exc.message}", file=sys.stderr)
         return 2
-    return boot(config, home, Path(args.config) if args.config else None)
+    try:
+        return boot(config, home, Path(args.config) if args.config else None)
+    except HomeLocked as exc:
+        print(f"llmos: {exc.message}", file=sys.stderr)
+        return 1
 
 
-def boot(config: Config, home: Path, config_path: Path | None = None) -> int:
+def boot(config: Config, home: Path, config_path: Path | None = None, *, console: Console | None = None,
+         children_to_files: bool = False) -> int:
+    """Take the home (or raise `HomeLocked` at once, before any socket is
+    touched), run the kernel, free the home. `children_to_files`: the
+    terminal is the console's, so children's output goes under logs/."""
     import anyio
 
+    from kernel.launcher import LocalLauncher
     from kernel.main import run_kernel
 
-    rc = anyio.run(run_kernel, config, home, None, config_path, backend="asyncio",
-                   backend_options={"use_uvloop": True})
+    with KernelLock.acquire(home):
+        launcher = LocalLauncher(output_home=home if children_to_files else None)
+        rc = anyio.run(run_kernel, config, home, launcher, config_path, console, backend="asyncio",
+                       backend_options={"use_uvloop": True})
     return int(rc)
 
 

@@ -8,11 +8,15 @@ import os
 import subprocess
 import sys
 from abc import ABC, abstractmethod
+from pathlib import Path
 from typing import Protocol, cast
 
 import anyio
 
+from ipc.home import child_output_path
 from kernel.config import ChildSpec
+
+OUTPUT_MAX_BYTES = 4 * 1024 * 1024
 
 
 class ChildProcess(Protocol):
@@ -25,6 +29,9 @@ class ChildProcess(Protocol):
 
     def kill(self) -> None: ...
 
+    @property
+    def returncode(self) -> int | None: ...
+
 
 class Launcher(ABC):
     @abstractmethod
@@ -33,20 +40,46 @@ class Launcher(ABC):
 
 
 class LocalLauncher(Launcher):
-    """Each child is `python -m MODULE ARGS...` on this machine (spawn, never fork),
-    sharing the kernel's stderr so its log lines show in the terminal."""
+    """Each child is `python -m MODULE ARGS...` on this machine (spawn, never fork).
 
-    def __init__(self, python: str = sys.executable):
+    With no `output_home`, children share the kernel's stderr, so their JSON
+    log lines show in its terminal (`--log-format json`, `python -m kernel`).
+    With one, the terminal is the console's: a child's JSON lines go only to
+    its log file (LLMOS_LOG_STDERR=0) and whatever else it writes (a traceback
+    before its logger started) to LLMOS_HOME/logs/<instance>.out."""
+
+    def __init__(self, python: str = sys.executable, output_home: Path | None = None):
         self.python = python
+        self.output_home = output_home
 
     async def spawn(self, spec: ChildSpec, instance: str, env: dict[str, str]) -> ChildProcess:
         full_env = {**os.environ, **spec.env, **env}
-        proc = await anyio.open_process(
-            [self.python, "-m", spec.module, *spec.args],
-            env=full_env,
-            stdin=subprocess.DEVNULL,
-            stdout=None,
-            stderr=None,
-            start_new_session=True,  # a ^C to the kernel's terminal reaches the kernel only
-        )
+        out: int | None = None
+        if self.output_home is not None:
+            full_env["LLMOS_LOG_STDERR"] = "0"
+            out = await anyio.to_thread.run_sync(_open_output, child_output_path(self.output_home, instance))
+        try:
+            proc = await anyio.open_process(
+                [self.python, "-m", spec.module, *spec.args],
+                env=full_env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                start_new_session=True,  # a ^C to the kernel's terminal reaches the kernel only
+            )
+        finally:
+            if out is not None:
+                os.close(out)  # the child has its own copy
         return cast(ChildProcess, proc)
+
+
+def _open_output(path: Path) -> int:
+    """Append to `path`, first moved to `path.1` once past OUTPUT_MAX_BYTES
+    (so a crash-looping child's output stays bounded: two files per instance)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        if path.stat().st_size > OUTPUT_MAX_BYTES:
+            os.replace(path, path.with_name(path.name + ".1"))
+    except FileNotFoundError:
+        pass
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)

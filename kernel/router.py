@@ -29,7 +29,7 @@ from ipc.errors import (BadRequest, DeadlineExceeded, Error, LlmosError, NotFoun
 from ipc.heartbeat import HEARTBEAT_EXPIRY_S, HEARTBEAT_INTERVAL_S
 from ipc.protocol import kernel as kp
 from ipc.protocol.base import Message
-from ipc.sockets import Channel, bind_router, remove_ipc_path
+from ipc.sockets import Channel, bind_router, ipc_path_id, remove_ipc_path
 from kernel import ops
 from kernel.config import KernelConfig
 from kernel.guard import Guard
@@ -145,6 +145,8 @@ class Kernel:
                         on_readable=self._pump, reader_reschedules=True)
         back = Channel(bind_router(ctx, self.back_endpoint, self.config.limits, self.curve, BACK_DOMAIN),
                        on_readable=self._pump, reader_reschedules=True)
+        # The files this kernel made: only they are removed on the way out.
+        made = {ep: ipc_path_id(ep) for ep in (self.front_endpoint, self.back_endpoint)}
         self._front, self._back, self.topics = front, back, Topics([front, back])
         log.info("kernel.listening", front=self.front_endpoint, back=self.back_endpoint)
         try:
@@ -160,8 +162,8 @@ class Kernel:
             if zap is not None:
                 zap.stop()
             ctx.term()
-            remove_ipc_path(self.front_endpoint)
-            remove_ipc_path(self.back_endpoint)
+            for ep, ident in made.items():
+                remove_ipc_path(ep, ident)
 
     def _pump(self) -> None:
         """The loop's reader callback for both sockets: drain them in batches.

@@ -150,6 +150,9 @@ class _Tee:
 
 
 def configure(service: str, home: Path | None = None, *, stderr: bool = True) -> None:
+    # LLMOS_LOG_STDERR=0: the kernel shows a human console in its terminal and
+    # sent this child's stderr to a file; the JSON lines are in the log file.
+    stderr = stderr and os.environ.get("LLMOS_LOG_STDERR", "1") != "0"
     streams: list[TextIO | RotatingFile] = [sys.stderr] if stderr else []
     if home is not None:
         d = logs_dir(home)

@@ -1,7 +1,7 @@
 """`llmos`: the command line.
 
-    llmos up [--home DIR] [--config FILE]     boot in the foreground
-    llmos down                                 stop a running llmos
+    llmos up [--home DIR] [--config FILE]     boot in the foreground (a readable status; --log-format json)
+    llmos down [--timeout S]                   stop a running llmos, return once it has stopped
     llmos ps [--json]                          services and their state
     llmos kill SERVICE [--signal SIGKILL]      kill a service (the supervisor restarts it)
     llmos generate "PROMPT" [--stream] [--json] generate text through the scheduler
@@ -40,8 +40,14 @@ def cmd_up(args: argparse.Namespace) -> int:
     from kernel.config import default_children, load_config
     from sdk.logs import configure
 
+    from kernel.console import Console
+    from kernel.homelock import HomeLocked
+
     home = llmos_home(args.home)
-    configure("kernel", home, stderr=not args.quiet)
+    # The terminal shows the console (or, with --log-format json, the JSON lines
+    # of every process); the JSON logs always go to LLMOS_HOME/logs.
+    json_terminal = args.log_format == "json" and not args.quiet
+    configure("kernel", home, stderr=json_terminal)
     config = load_config(args.config)
     if args.config is None or args.model or args.drivers or args.http or args.preemption or args.swap_mb:
         # flags describe the children; a config file's other sections still apply
@@ -49,13 +55,13 @@ def cmd_up(args: argparse.Namespace) -> int:
         children = default_children(args.model or "demo", parse_drivers(args.drivers or "cpu=1"), args.http or "",
                                     swap_mb=swap_mb, preemption=args.preemption or "")
         config = msgspec.structs.replace(config, children=children)
-    print(f"llmos: up; home {home}; stop with Ctrl-C or `llmos down`", file=sys.stderr)
-    if config.kernel.auth:
-        from ipc.home import admin_key_path
-
-        print(f"llmos: auth on; the admin API key is in {admin_key_path(home)} (mode 0600, written at first boot)",
-              file=sys.stderr)
-    return boot(config, home, Path(args.config) if args.config else None)
+    console = Console(sys.stderr if args.log_format == "console" and not args.quiet else None, errors=sys.stderr)
+    try:
+        return boot(config, home, Path(args.config) if args.config else None, console=console,
+                    children_to_files=not json_terminal)
+    except HomeLocked as exc:
+        print(f"llmos: {exc.message}", file=sys.stderr)
+        return 1
 
 
 def parse_drivers(spec: str) -> dict[str, int]:
@@ -73,10 +79,11 @@ def parse_drivers(spec: str) -> dict[str, int]:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    with _client(args) as c:
-        c.shutdown("llmos down")
-    print("llmos: shutting down")
-    return 0
+    from tools.down import run_down
+
+    if not 0 < args.timeout <= 86400:  # (nan fails this too)
+        raise BadRequest(f"--timeout wants seconds in (0, 86400], got {args.timeout:g}")
+    return run_down(_client(args), llmos_home(args.home), args.timeout)
 
 
 def _fmt_uptime(s: float) -> str:
@@ -204,14 +211,20 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--model", help="'demo' (default) or a local Hugging Face directory")
     up.add_argument("--drivers", help="drivers to start, e.g. cpu=1 or cuda=1 (default cpu=1)")
     up.add_argument("--http", help="serve the OpenAI-compatible HTTP API on HOST:PORT, e.g. :8000")
-    up.add_argument("--quiet", action="store_true", help="log only to LLMOS_HOME/logs")
+    up.add_argument("--quiet", action="store_true",
+                    help="print nothing but a failure (every process logs only to LLMOS_HOME/logs)")
+    up.add_argument("--log-format", choices=["console", "json"], default="console",
+                    help="the terminal shows a readable status (console, default) or every process's JSON log lines")
     up.add_argument("--preemption", choices=["recompute", "swap"],
                     help="a preempted request's KV: recompute it (default) or swap it to host memory")
     up.add_argument("--swap-mb", type=float, default=None,
                     help="each driver's host swap tier in MiB (default 512 with --preemption swap, else none)")
     up.set_defaults(fn=cmd_up)
 
-    sub.add_parser("down", help="stop a running llmos").set_defaults(fn=cmd_down)
+    down = sub.add_parser("down", help="stop a running llmos and wait until it has")
+    down.add_argument("--timeout", type=float, default=60.0,
+                      help="seconds to wait for every process to exit (default 60)")
+    down.set_defaults(fn=cmd_down)
 
     ps = sub.add_parser("ps", help="list services")
     ps.add_argument("--json", action="store_true")
