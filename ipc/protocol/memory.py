@@ -34,6 +34,9 @@ from ipc.protocol.base import Message
 NonNegative = Annotated[int, msgspec.Meta(ge=0)]
 Positive = Annotated[int, msgspec.Meta(gt=0)]
 NO_LIMIT = -1
+# `detail["quota"]` of the `overloaded` a Reserve / SwapIn gets when the
+# tenant's KV-block quota (not the pool) is what is short.
+KV_BLOCKS = "kv_blocks"
 
 
 class Item(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):

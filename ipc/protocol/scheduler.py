@@ -179,6 +179,13 @@ class RequestInfo(Message):
     queue_position: int = -1  # among waiting requests, 0 = next; -1 when not waiting
     driver: str = ""
     finish_reason: str = ""
+    # Why a waiting request is not starting, when it is something other than
+    # its turn: WAITING_ON_KV_QUOTA (its tenant's kv_blocks quota is in use).
+    waiting_on: str = ""
+
+
+# RequestInfo.waiting_on: the tenant's other sequences hold its KV-block quota.
+WAITING_ON_KV_QUOTA = "kv_quota"
 
 
 class SchedulerStats(Message):
@@ -190,6 +197,16 @@ class DriverLoad(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
     num_blocks: int
     free_blocks: int
     running: int
+
+
+class QuotaWait(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    """A tenant's requests waiting on its KV-block quota: `held` blocks (the
+    scheduler's count of what its live sequences hold) of `limit`."""
+
+    tenant: str
+    requests: int
+    held: int
+    limit: int
 
 
 class SchedulerStatsReply(Message):
@@ -217,6 +234,10 @@ class SchedulerStatsReply(Message):
     preemption: str = ""
     swapped_out: int = 0
     swapped_in: int = 0
+    # Requests waiting for room under their tenant's kv_blocks quota, per
+    # tenant; and requests refused because they could never fit theirs.
+    quota_waits: list[QuotaWait] = []
+    kv_quota_refused: int = 0
 
 
 # --- timed and periodic jobs --------------------------------------------------------

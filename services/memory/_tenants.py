@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from ipc.errors import Overloaded
-from ipc.protocol.memory import NO_LIMIT
+from ipc.protocol.memory import KV_BLOCKS, NO_LIMIT
 
 
 class TenantLedger:
@@ -32,11 +32,17 @@ class TenantLedger:
         return sys.maxsize if limit < 0 else limit - self.held.get(tenant, 0)
 
     def check(self, tenant: str, blocks: int) -> None:
+        """Refuse `blocks` more for `tenant` beyond its quota: `overloaded`, as
+        the tenant's own blocks free up when its other sequences end. The
+        detail names the quota and its numbers, so the scheduler can tell a
+        quota wait from a full pool and learn a limit it was not told of."""
         if blocks > 0 and blocks > self.room(tenant):
+            held = self.held.get(tenant, 0)
             raise Overloaded(
-                f"tenant {tenant!r} would exceed its KV block quota: holds "
-                f"{self.held.get(tenant, 0)}, needs {blocks} more, limit {self.limit(tenant)}",
-                detail={"tenant": tenant, "limit": self.limit(tenant)})
+                f"tenant {tenant!r} would exceed its KV block quota (kv_blocks): holds "
+                f"{held}, needs {blocks} more, limit {self.limit(tenant)}",
+                detail={"tenant": tenant, "quota": KV_BLOCKS, "limit": self.limit(tenant), "held": held,
+                        "needed": blocks})
 
     def add(self, tenant: str, n: int = 1) -> None:
         self.held[tenant] = self.held.get(tenant, 0) + n

@@ -120,6 +120,10 @@ class Request:
         self.finished_at = 0.0
         self.cached_tokens = 0
         self.failures = 0
+        # Why it waits beyond its turn (sp.WAITING_ON_KV_QUOTA, or ""), and
+        # whether that was logged (once per request).
+        self.waiting_on = ""
+        self.quota_logged = False
         # Called once when it finishes (a quota charge held for its lifetime,
         # whichever stream is attached).
         self.on_finish: list[Callable[[], None]] = []

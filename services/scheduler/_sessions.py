@@ -251,7 +251,8 @@ class SessionTable:
     def relieve_pressure(self, p: StepPlan, ledger: BlockLedger) -> None:
         """Pins give way when they keep work from running: on a pool where the
         plan preempted, where the next waiting sequence found too few blocks,
-        or where the memory server refused a waiting sequence blocks."""
+        or where the memory server refused a waiting sequence blocks; and a
+        tenant's pins when its requests wait on its KV-block quota."""
         short, self.short_of_blocks = self.short_of_blocks, set()
         if not any(x.pinned is not None for x in self.by_key.values()):
             return
@@ -266,8 +267,9 @@ class SessionTable:
             if pool is not None and ledger.needed(head, min(head.remaining, engine.limits.prefill_chunk),
                                                   pool) > ledger.free[pool]:
                 pools.add(pool)
+        tenants = {w.tenant for w in p.quota_waits}
         for x in list(self.by_key.values()):
-            if x.pinned is not None and x.pinned.pool in pools:
+            if x.pinned is not None and (x.pinned.pool in pools or x.pinned.tenant in tenants):
                 self._unpin(x)
 
     # -- the world changing -------------------------------------------------------------

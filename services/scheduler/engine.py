@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
@@ -42,8 +42,9 @@ from services.scheduler._swap import drop_kv, swap_in, swap_out
 from services.scheduler._text import TextStream
 from services.scheduler.autotune import AutoTuner
 from services.scheduler.config import PreemptionMode, SchedulerConfig
-from services.scheduler.planner import BlockLedger, Limits, PoolShape, StepPlan, plan
+from services.scheduler.planner import BlockLedger, Limits, PoolShape, StepPlan, lifetime_blocks, plan
 from services.scheduler.policies import make_policy
+from services.scheduler.quotas import kv_quota_refusal
 
 log = get_logger()
 
@@ -118,12 +119,18 @@ class Engine:
         self._reregister = False
         self._memory_scope: anyio.CancelScope | None = None
         self._wake = anyio.Event()
+        # KV-block quotas per tenant: the security policy's, and those the
+        # memory server refused a sequence by that the policy does not set
+        # (its own config); the policy's replace both.
+        self._kv_policy: dict[str, int] = {}
+        self._kv_learned: dict[str, int] = {}
         # Counters for Stats and Overloaded's retry_after_s.
         self.steps = 0
         self.tokens_generated = 0
         self.preemptions = 0
         self.swapped_out = self.swapped_in = 0  # sequences moved to / from the swap tier
         self.num_finished = 0
+        self.kv_quota_refused = 0
         self.last_step_s = 0.0
         self._tokens_per_s = 0.0
 
@@ -174,6 +181,17 @@ class Engine:
     def wake(self) -> None:
         self._wake.set()
 
+    def set_kv_quotas(self, limits: Mapping[str, int]) -> None:
+        """The policy's KV-block quotas (tenant -> blocks; absent: unlimited).
+        Waiting requests that no longer fit are refused at the next step."""
+        self._kv_policy = dict(limits)
+        self._kv_learned.clear()
+        self.wake()
+
+    @property
+    def kv_quotas(self) -> dict[str, int]:
+        return {**self._kv_learned, **self._kv_policy}
+
     # -- client requests ---------------------------------------------------------------
 
     def submit(self, msg: sp.Submit, principal: str, emit: Emit, prompt_ids: list[int] | None = None) -> Sink:
@@ -211,11 +229,16 @@ class Engine:
             what = "the model takes" if room == model.max_model_len else "the largest driver's KV cache holds"
             raise BadRequest(f"the prompt has {len(prompt)} tokens; {what} at most "
                              f"{room - 1} before the first generated one", detail={"field": "prompt"})
-        self._admit(principal, len(prompt) + len(msg.resume_ids))
-        stop_ids = frozenset(msg.stop_token_ids) | (frozenset() if msg.ignore_eos else model.eos_token_ids)
         max_len = min(len(prompt) + msg.max_tokens, room)
         seq = Seq(next(self._seq_nos), list(prompt), len(prompt), tenant=principal or "default",
                   priority=msg.priority, arrival=time.monotonic(), max_len=max_len)
+        refusal = self._kv_refusal(seq, len(prompt), msg.max_tokens)
+        if refusal is not None:
+            self.kv_quota_refused += 1
+            log.warning("scheduler.kv_quota_refused", principal=principal, error=refusal.message)
+            raise refusal
+        self._admit(principal, len(prompt) + len(msg.resume_ids))
+        stop_ids = frozenset(msg.stop_token_ids) | (frozenset() if msg.ignore_eos else model.eos_token_ids)
         req = Request(key, msg, prompt, seq, TextStream(model.tokenizer, prompt, msg.stop), stop_ids, max_len)
         seq.owner = req
         sink = req.attach(emit, msg.resume_from)
@@ -234,6 +257,15 @@ class Engine:
             return sink
         self.sessions.arrive(req)
         return sink
+
+    def _kv_refusal(self, seq: Seq, prompt_tokens: int, max_tokens: int) -> BadRequest | None:
+        """The refusal of a sequence that needs more KV blocks than its
+        tenant's quota even alone (None: it fits, or there is no quota)."""
+        limit = self.kv_quotas.get(seq.tenant)
+        need = lifetime_blocks(seq, {i: d.shape for i, d in self.drivers.items()}) if limit is not None else None
+        if limit is None or need is None or need[0] <= limit:
+            return None
+        return kv_quota_refusal(seq.tenant, limit, need[0], need[1], prompt_tokens, max_tokens)
 
     def check_prompt_size(self, msg: sp.Submit) -> None:
         """Refuse a text prompt that cannot fit the model whatever its
@@ -326,11 +358,15 @@ class Engine:
             order = sorted(self.waiting, key=lambda s: self.policy.key(s, now))
             position = order.index(req.seq)
         return sp.RequestInfo(request_id, req.state.value, len(req.generated), len(req.prompt_ids), position,
-                              req.seq.pool or "", req.finish_reason.value if req.finish_reason else "")
+                              req.seq.pool or "", req.finish_reason.value if req.finish_reason else "",
+                              req.waiting_on if req.state == State.WAITING else "")
 
     def stats(self) -> sp.SchedulerStatsReply:
         pinned = self.sessions.pinned()
-        ledger = BlockLedger({i: d.shape for i, d in self.drivers.items()}, [*self.running, *pinned])
+        quotas = self.kv_quotas
+        ledger = BlockLedger({i: d.shape for i, d in self.drivers.items()}, [*self.running, *pinned], quotas)
+        on_quota = Counter(s.tenant for s in self.waiting if s.owner.waiting_on == sp.WAITING_ON_KV_QUOTA)
+        quota_waits = [sp.QuotaWait(t, n, ledger.held[t], quotas.get(t, -1)) for t, n in sorted(on_quota.items())]
         loads = [sp.DriverLoad(i, d.shape.num_blocks, ledger.free[i], sum(1 for s in self.running if s.pool == i))
                  for i, d in sorted(self.drivers.items())]
         return sp.SchedulerStatsReply(self.policy.name.value, len(self.waiting), len(self.running),
@@ -339,7 +375,8 @@ class Engine:
                                       self.last_step_s, len(self.sessions), self.sessions.suspended(),
                                       seq_blocks(pinned), self.config.tpot_target_ms,
                                       self.tuner.step_s * 1e3 if self.tuner is not None else 0.0,
-                                      self.config.preemption.value, self.swapped_out, self.swapped_in)
+                                      self.config.preemption.value, self.swapped_out, self.swapped_in,
+                                      quota_waits, self.kv_quota_refused)
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -374,8 +411,9 @@ class Engine:
         epochs = {i: d.epoch for i, d in self.drivers.items()}
         t0 = self.clock()
         pools = {i: d.shape for i, d in self.drivers.items()}
-        ledger = BlockLedger(pools, [*self.running, *self.sessions.pinned()])
+        ledger = BlockLedger(pools, [*self.running, *self.sessions.pinned()], self.kv_quotas)
         p = plan(self.running, self.waiting, self.policy, ledger, self.limits, began)
+        self._quota_verdicts(p, ledger)
         victims = [seq for seq in p.preempted if self._preempt(seq)]
         self.sessions.hand_over(p)
         self.sessions.relieve_pressure(p, ledger)
@@ -476,12 +514,46 @@ class Engine:
         self._to_waiting(seq)
         return swap
 
+    def _quota_verdicts(self, p: StepPlan, ledger: BlockLedger) -> None:
+        """Refuse the waiting sequences that can never fit their tenant's
+        KV-block quota (it was lowered, or learned from the memory server),
+        and mark those that wait for room under it."""
+        for seq in p.never_fit:
+            req: Request = seq.owner
+            need = lifetime_blocks(seq, ledger.shapes)
+            limit = ledger.quotas.get(seq.tenant, 0)
+            refusal = kv_quota_refusal(seq.tenant, limit, need[0] if need else 0, need[1] if need else 0,
+                                       len(req.prompt_ids), req.submit.max_tokens)
+            self.kv_quota_refused += 1
+            log.warning("scheduler.kv_quota_refused", request_id=req.request_id, principal=req.key[0],
+                        error=refusal.message)
+            if req.generated[len(req.submit.resume_ids):] or req.submit.resume_from:
+                self._end(req, sp.FinishReason.ERROR, message=refusal.message)  # its client holds tokens
+            else:
+                self._end(req, sp.FinishReason.ERROR, error=refusal)
+        waits = {id(seq) for seq in p.quota_waits}
+        for seq in self.waiting:
+            if id(seq) in waits:
+                self._waiting_on_quota(seq, ledger.held[seq.tenant], ledger.quotas.get(seq.tenant, -1))
+            else:
+                seq.owner.waiting_on = ""
+
+    def _waiting_on_quota(self, seq: Seq, held: int, limit: int) -> None:
+        req: Request = seq.owner
+        req.waiting_on = sp.WAITING_ON_KV_QUOTA
+        if not req.quota_logged:
+            req.quota_logged = True
+            log.info("scheduler.waiting_on_quota", request_id=req.request_id, principal=req.key[0],
+                     tenant=seq.tenant, quota="kv_blocks", held=held, limit=limit,
+                     needs=lifetime_blocks(seq, {i: d.shape for i, d in self.drivers.items()}))
+
     def _to_running(self, seq: Seq) -> None:
         if seq in self.waiting:
             self.waiting.remove(seq)
             self.running.append(seq)
             req: Request = seq.owner
             req.state = State.RUNNING
+            req.waiting_on = ""
             req.first_scheduled = req.first_scheduled or time.monotonic()
 
     def _to_waiting(self, seq: Seq) -> None:
@@ -523,6 +595,17 @@ class Engine:
     def _reserve_failed(self, seq: Seq, error: object) -> None:
         code = getattr(error, "code", "")
         message = getattr(error, "message", "")
+        detail = getattr(error, "detail", None) or {}
+        if code == ErrorCode.OVERLOADED and detail.get("quota") == mp.KV_BLOCKS:
+            # Its tenant's quota, not the pool: plan by it from now on (the
+            # policy's own, or the memory server's config), so a sequence that
+            # can never fit is refused and the others wait in the open.
+            limit, held = detail.get("limit"), detail.get("held")
+            if isinstance(limit, int) and limit >= 0 and seq.tenant not in self._kv_policy:
+                self._kv_learned[seq.tenant] = limit
+            if seq in self.waiting:
+                self._waiting_on_quota(seq, held if isinstance(held, int) else -1,
+                                       limit if isinstance(limit, int) else -1)
         if code == ErrorCode.OVERLOADED:
             # Out of blocks (or over quota): it waits for a later step, and
             # idle sessions' pins on its pool give way (the planner's estimate

@@ -11,10 +11,18 @@ blocks and stays there. When the batch is full, a waiting sequence may first
 displace a running one if the policy says so (`Policy.yields_to`), and the
 running ones the waiting head outranks may sit out the step in which it
 starts (`Policy.defers`: its first token is not slowed by their decodes).
+
+KV-block quotas (a tenant's blocks over every pool) are planned like pools:
+a running sequence short of its tenant's quota preempts a less important
+one of the same tenant (or itself); a waiting one short of it holds back
+its tenant's line but not the others' (`quota_waits`); and one that could
+never fit (its prompt and max_tokens need more blocks than the quota) is
+handed back (`never_fit`) for the engine to refuse.
 """
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -40,6 +48,8 @@ class Limits:
 class StepPlan:
     scheduled: list[tuple[Seq, int]] = field(default_factory=list)  # (sequence, tokens to compute)
     preempted: list[Seq] = field(default_factory=list)
+    quota_waits: list[Seq] = field(default_factory=list)  # waiting on their tenant's KV-block quota
+    never_fit: list[Seq] = field(default_factory=list)  # need more blocks than their quota, ever
 
     @property
     def num_tokens(self) -> int:
@@ -52,15 +62,23 @@ class BlockLedger:
     the memory server's only allocator, and cached blocks nobody holds are
     allocatable). Prefix-cache hits can make a new sequence take fewer (or,
     for idle cached blocks, a few more) blocks than estimated; the memory
-    server has the last word and a refused sequence just waits a step."""
+    server has the last word and a refused sequence just waits a step.
 
-    def __init__(self, pools: Mapping[str, PoolShape], seqs: Iterable[Seq]):
+    With `quotas` (tenant -> KV blocks over every pool) it also counts the
+    distinct blocks each tenant holds, as the memory server does."""
+
+    def __init__(self, pools: Mapping[str, PoolShape], seqs: Iterable[Seq],
+                 quotas: Mapping[str, int] | None = None):
         self.shapes = dict(pools)
+        self.quotas = dict(quotas or {})
         self.refs: dict[str, Counter[int]] = {p: Counter() for p in self.shapes}
+        self.tenant_refs: dict[str, Counter[tuple[str, int]]] = {}
         for s in seqs:
             if s.pool in self.refs:
                 self.refs[s.pool].update(s.block_table)
+                self.tenant_refs.setdefault(s.tenant, Counter()).update((s.pool, b) for b in s.block_table)
         self.free = {p: shape.num_blocks - len(self.refs[p]) for p, shape in self.shapes.items()}
+        self.held: Counter[str] = Counter({t: len(refs) for t, refs in self.tenant_refs.items()})
 
     def needed(self, seq: Seq, n: int, pool: str) -> int:
         """New device blocks `seq` needs to compute `n` more tokens on `pool`
@@ -70,18 +88,42 @@ class BlockLedger:
         held = 0 if seq.swapped else len(seq.block_table)
         return max(0, -(-(seq.num_computed + n) // bs) - held)
 
-    def take(self, pool: str, blocks: int) -> None:
+    def room(self, tenant: str) -> int:
+        """Blocks `tenant` may still take under its quota (negative: over it)."""
+        limit = self.quotas.get(tenant)
+        return sys.maxsize if limit is None else limit - self.held[tenant]
+
+    def quota_allows(self, tenant: str, blocks: int) -> bool:
+        return blocks <= 0 or blocks <= self.room(tenant)
+
+    def never_fits(self, seq: Seq) -> bool:
+        """Whether `seq` needs more blocks than its tenant's quota, ever."""
+        limit = self.quotas.get(seq.tenant)
+        if limit is None:
+            return False
+        need = lifetime_blocks(seq, self.shapes)
+        return need is not None and need[0] > limit
+
+    def take(self, pool: str, blocks: int, tenant: str = "") -> None:
         self.free[pool] -= blocks
+        self.held[tenant] += blocks
 
     def release(self, seq: Seq) -> None:
-        refs = self.refs.get(seq.pool or "")
+        pool = seq.pool or ""
+        refs = self.refs.get(pool)
         if refs is None:
             return
+        mine = self.tenant_refs.get(seq.tenant, Counter())
         for b in seq.block_table:
             refs[b] -= 1
             if refs[b] == 0:
                 del refs[b]
-                self.free[seq.pool or ""] += 1
+                self.free[pool] += 1
+            if mine[(pool, b)] > 0:
+                mine[(pool, b)] -= 1
+                if mine[(pool, b)] == 0:
+                    del mine[(pool, b)]
+                    self.held[seq.tenant] -= 1
 
     def placement(self, max_len: int = 0) -> str | None:
         """The pool with the most free blocks among those that can hold a
@@ -92,11 +134,30 @@ class BlockLedger:
         return max(fits or sorted(self.free), key=lambda p: self.free[p], default=None)
 
 
+def lifetime_blocks(seq: Seq, shapes: Mapping[str, PoolShape]) -> tuple[int, int] | None:
+    """(blocks, block size): the device blocks `seq` holds at its longest —
+    the KV of every position but its last (a final token is never fed back),
+    `max_len - 1` — on its pool, or on the pool that would need the fewest
+    among those that can hold it; None with no pool."""
+    positions = max(seq.max_len - 1, len(seq.tokens))
+    if seq.pool is not None and seq.pool in shapes:
+        pools = [shapes[seq.pool]]
+    else:
+        pools = [s for s in shapes.values() if s.num_blocks * s.block_size >= seq.max_len] or list(shapes.values())
+    return min(((-(-positions // s.block_size), s.block_size) for s in pools), default=None)
+
+
 def plan(running: Iterable[Seq], waiting: Iterable[Seq], policy: Policy, ledger: BlockLedger,
          limits: Limits, now: float) -> StepPlan:
     out = StepPlan()
     run = sorted((s for s in running if s.pool in ledger.shapes), key=lambda s: policy.key(s, now))
-    wait = sorted(waiting, key=lambda s: policy.key(s, now))
+    wait: list[Seq] = []
+    for s in sorted(waiting, key=lambda s: policy.key(s, now)):
+        (out.never_fit if ledger.never_fits(s) else wait).append(s)
+    # Only a waiting sequence its tenant's quota lets start may displace or
+    # defer running ones (those it would displace are mostly other tenants').
+    startable = [w for w in wait if w.tenant not in ledger.quotas
+                 or ledger.quota_allows(w.tenant, _first_need(w, ledger, limits))]
 
     def preempt(victim: Seq) -> None:
         run.remove(victim)
@@ -105,7 +166,7 @@ def plan(running: Iterable[Seq], waiting: Iterable[Seq], policy: Policy, ledger:
 
     # A better waiting sequence displaces the worst running one while the
     # batch is full (by count, or by blocks on the pool it would go to).
-    for w in wait:
+    for w in startable:
         if not run or not _batch_full(run, w, ledger, limits):
             break
         victim = policy.victim([r for r in run if policy.yields_to(r, w, now)], now)
@@ -113,7 +174,7 @@ def plan(running: Iterable[Seq], waiting: Iterable[Seq], policy: Policy, ledger:
             break
         preempt(victim)
     displaced = len(out.preempted)
-    deferred = _deferred(run, wait, policy, ledger, limits, now)
+    deferred = _deferred(run, startable, policy, ledger, limits, now)
     if deferred:
         run = [r for r in run if r not in deferred]
 
@@ -124,43 +185,62 @@ def plan(running: Iterable[Seq], waiting: Iterable[Seq], policy: Policy, ledger:
         pool: str = seq.pool or ""
         n = min(seq.remaining, limits.prefill_chunk, budget)
         need = ledger.needed(seq, n, pool)
-        while need > ledger.free[pool]:
-            victim = policy.victim([r for r in run[i + 1:] if r.pool == seq.pool], now)
+        while need > ledger.free[pool] or not ledger.quota_allows(seq.tenant, need):
+            # Short of the pool's blocks: the victim is on the pool; short of
+            # the tenant's quota: it is one of the tenant's own.
+            short_pool = need > ledger.free[pool]
+            victim = policy.victim([r for r in run[i + 1:]
+                                    if (r.pool == seq.pool if short_pool else r.tenant == seq.tenant)], now)
             if victim is None:
                 break
             preempt(victim)
-        if need > ledger.free[pool]:
+        if need > ledger.free[pool] or not ledger.quota_allows(seq.tenant, need):
             preempt(seq)
             continue
-        ledger.take(pool, need)
+        ledger.take(pool, need, seq.tenant)
         out.scheduled.append((seq, n))
         budget -= n
         i += 1
 
     # Nothing new starts in a step that had to preempt for blocks: it would
     # only be preempted again.
+    held_back: set[str] = set()  # tenants whose next sequence is short of their quota
     if len(out.preempted) == displaced:
         for seq in wait:
             if budget <= 0 or len(out.scheduled) >= limits.max_num_seqs:
                 break
+            if seq.tenant in held_back:
+                continue  # its tenant's line keeps its order too
             placed = seq.pool if seq.pool in ledger.shapes else ledger.placement(seq.max_len)
             if placed is None:
                 break
             pool = placed
             n = min(seq.remaining, limits.prefill_chunk, budget)
             need = ledger.needed(seq, n, pool)
+            if not ledger.quota_allows(seq.tenant, need):
+                held_back.add(seq.tenant)  # the others' requests go on
+                continue
             if need > ledger.free[pool]:
                 break  # keep the line's order: no one overtakes the head
             seq.pool = pool
-            ledger.take(pool, need)
+            ledger.take(pool, need, seq.tenant)
             out.scheduled.append((seq, n))
             budget -= n
+    started = {id(seq) for seq, _ in out.scheduled}
+    out.quota_waits = [w for w in wait if id(w) not in started and w.tenant in ledger.quotas and (
+        w.tenant in held_back or not ledger.quota_allows(w.tenant, _first_need(w, ledger, limits)))]
     for seq, n in out.scheduled:
         policy.charge(seq, n, now)
     for seq in out.preempted:
         seq.preemptions += 1
         policy.on_preempted(seq, now)
     return out
+
+
+def _first_need(seq: Seq, ledger: BlockLedger, limits: Limits) -> int:
+    """Blocks a waiting sequence needs for its next chunk (0: no pool to go to)."""
+    pool = seq.pool if seq.pool in ledger.shapes else ledger.placement(seq.max_len)
+    return 0 if pool is None else ledger.needed(seq, min(seq.remaining, limits.prefill_chunk), pool)
 
 
 def _deferred(run: list[Seq], wait: list[Seq], policy: Policy, ledger: BlockLedger, limits: Limits,

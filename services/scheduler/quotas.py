@@ -8,7 +8,11 @@ its concurrency slot is given back when the request finishes, so attaching
 a second stream to it (a re-submission) neither frees nor takes a slot.
 Windows slide over the last 60 s. A refusal is `Overloaded` with
 `retry_after_s`: when the oldest charge in the window expires, or 1 s for the
-concurrency limit."""
+concurrency limit.
+
+The KV-block quota (`kv_blocks`) is the memory server's to enforce; the
+engine plans by it (`kv_blocks()`), and a request that could never fit it is
+refused as a bad request (`kv_quota_refusal`): waiting would not help."""
 
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from ipc.errors import Overloaded
+from ipc.errors import BadRequest, Overloaded
 from ipc.protocol.security import Quota, QuotaPolicy
 from services.scheduler._request import Request
 
@@ -46,6 +50,10 @@ class QuotaGate:
     def apply(self, policy: QuotaPolicy) -> None:
         self._quotas = dict(policy.quotas)
         self.version = policy.version
+
+    def kv_blocks(self) -> dict[str, int]:
+        """The KV-block quota of each principal that has one."""
+        return {p: q.kv_blocks for p, q in self._quotas.items() if q.kv_blocks > 0}
 
     def admit(self, principal: str, tokens: int, now: float | None = None) -> None:
         """Charge one request of up to `tokens` tokens, or raise Overloaded."""
@@ -86,3 +94,18 @@ class QuotaGate:
         u = self._usage.get(principal)
         if u is not None and u.running > 0:
             u.running -= 1
+
+
+def kv_quota_refusal(tenant: str, limit: int, needed: int, block_size: int, prompt_tokens: int,
+                     max_tokens: int) -> BadRequest:
+    """The error for a request that needs more KV blocks than its tenant's
+    quota allows even alone: the numbers, and the largest max_tokens that fits."""
+    fit = limit * block_size - prompt_tokens + 1  # positions: prompt + max_tokens - 1
+    hint = (f"; max_tokens {fit} or less would fit" if fit >= 1 else
+            f"; its prompt alone needs {-(-prompt_tokens // block_size)} blocks")
+    return BadRequest(
+        f"{tenant!r} has a KV-block quota (kv_blocks) of {limit}; this request needs {needed} blocks of "
+        f"{block_size} tokens for its prompt ({prompt_tokens} tokens) and max_tokens ({max_tokens}), "
+        f"so it could never run{hint}",
+        detail={"field": "max_tokens", "quota": "kv_blocks", "limit": limit, "needed": needed,
+                "block_size": block_size})

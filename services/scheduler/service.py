@@ -156,6 +156,7 @@ class SchedulerService(Service):
         """Quotas, and revocations: a revoked principal's live requests and
         jobs are cancelled (the kernel already refuses its tokens)."""
         self.quotas.apply(policy)
+        self.engine.set_kv_quotas(self.quotas.kv_blocks())
         revoked = frozenset(policy.revoked)
         newly, self._revoked = revoked - self._revoked, revoked
         self.jobs.revoked = revoked  # no run of theirs starts from here on
