@@ -8,6 +8,7 @@ from typing import Any
 
 import anyio
 import pytest
+from structlog.testing import capture_logs
 
 from drivers.model.tokenizer import ByteTokenizer
 from ipc.errors import BadRequest, DeadlineExceeded, Overloaded
@@ -322,3 +323,118 @@ async def test_a_sequence_is_placed_only_on_a_pool_that_can_hold_it_whole() -> N
             await s.result()
     assert long.sink.request.seq.pool == "big"
     assert long.tokens(final) == expected("hello", 40) and later.tokens(after) == expected("a later one", 4)
+
+
+# -- KV-block quotas (issue 13 #3): blocks of 4 slots, one pool of 64 ------------------
+
+
+class TenantStream(Stream):
+    def __init__(self, engine: Engine, principal: str, **kw: Any):
+        self.events = []
+        kw.setdefault("params", GREEDY)
+        self.submit = Submit(**kw)
+        self.sink = engine.submit(self.submit, principal, self.events.append)
+
+
+async def until(cond: Any) -> None:
+    with anyio.fail_after(10):
+        while not cond():
+            await anyio.sleep(0)
+
+
+async def test_a_request_that_can_never_fit_its_kv_quota_is_refused_with_the_numbers() -> None:
+    async with running() as (engine, _):
+        engine.set_kv_quotas({"alice": 2})
+        # 4 prompt tokens + 20 to generate: 23 positions = 6 blocks of 4, over a quota of 2
+        with pytest.raises(BadRequest, match=r"kv_blocks\) of 2; this request needs 6 blocks of 4 tokens .*"
+                                             r"prompt \(4 tokens\) and max_tokens \(20\).* max_tokens 5 or less") as ei:
+            TenantStream(engine, "alice", prompt_ids=[1, 2, 3, 4], max_tokens=20)
+        assert ei.value.detail == {"field": "max_tokens", "quota": "kv_blocks", "limit": 2, "needed": 6,
+                                   "block_size": 4}
+        # a prompt that alone is over it says so
+        with pytest.raises(BadRequest, match="its prompt alone needs 3 blocks"):
+            TenantStream(engine, "alice", prompt_ids=list(range(1, 10)), max_tokens=1)
+        # the largest that fits is taken, and the others are not limited
+        fits = TenantStream(engine, "alice", prompt_ids=[1, 2, 3, 4], max_tokens=5)
+        bob = TenantStream(engine, "bob", prompt_ids=[1, 2, 3, 4], max_tokens=20)
+        assert fits.tokens(await fits.result()) == reference([1, 2, 3, 4], 5)
+        assert bob.tokens(await bob.result()) == reference([1, 2, 3, 4], 20)
+        assert engine.stats().kv_quota_refused == 2
+
+
+async def test_a_request_that_fits_later_waits_visibly_on_its_quota_and_others_go_on() -> None:
+    async with running() as (engine, backend):
+        engine.set_kv_quotas({"alice": 4})
+        backend.hold_steps = anyio.Event()  # the first step stays in flight while we look
+        with capture_logs() as logs:
+            # a: 13 prompt tokens = all 4 of alice's blocks from its first step
+            a = TenantStream(engine, "alice", prompt_ids=list(range(1, 14)), max_tokens=3, request_id="a")
+            b = TenantStream(engine, "alice", prompt_ids=[5, 6, 7, 8], max_tokens=4, request_id="b")
+            c = TenantStream(engine, "bob", prompt_ids=[5, 6, 7, 8], max_tokens=4, request_id="c")
+            await until(lambda: backend.reserves > 0)
+            info = engine.request_info("alice", "b")
+            assert info.state == "waiting" and info.waiting_on == "kv_quota"
+            assert engine.request_info("bob", "c").state == "running"  # bob's request was not held back
+            assert engine.request_info("alice", "a").waiting_on == ""
+            st = engine.stats()
+            assert [(w.tenant, w.requests, w.held, w.limit) for w in st.quota_waits] == [("alice", 1, 4, 4)]
+            backend.hold_steps.set()
+            backend.hold_steps = None
+            fa, fb, fc = await a.result(), await b.result(), await c.result()
+        assert b.sink.request.first_scheduled >= a.sink.request.finished_at  # it ran once a had ended
+        assert a.tokens(fa) == reference(list(range(1, 14)), 3)
+        assert b.tokens(fb) == reference([5, 6, 7, 8], 4) and c.tokens(fc) == reference([5, 6, 7, 8], 4)
+        waits = [e for e in logs if e["event"] == "scheduler.waiting_on_quota"]
+        assert [(e["request_id"], e["held"], e["limit"]) for e in waits] == [("b", 4, 4)]  # once
+        assert engine.request_info("alice", "b").waiting_on == "" and engine.stats().quota_waits == []
+
+
+async def test_a_tenants_growing_requests_share_its_quota_without_deadlock() -> None:
+    # Two requests of 4 blocks each under a quota of 6: both start with one
+    # block, then grow into each other. The less important one is preempted
+    # for the other (before, both held their blocks and waited forever).
+    config = SchedulerConfig(token_budget=64, max_num_seqs=8, prefill_chunk=64)
+    async with running(config) as (engine, backend):
+        engine.set_kv_quotas({"alice": 6})
+        streams = [TenantStream(engine, "alice", prompt_ids=[i, 2, 3, 4], max_tokens=12, request_id=f"r{i}")
+                   for i in (1, 2)]
+        finals = [await s.result() for s in streams]
+        await wait_blocks_free(backend)
+    for i, s, f in zip((1, 2), streams, finals):
+        assert f.finish_reason == FinishReason.LENGTH and s.tokens(f) == reference([i, 2, 3, 4], 12)
+    assert sum(f.usage.preemptions for f in finals) >= 1
+
+
+async def test_a_waiting_request_is_refused_when_its_quota_is_lowered_below_it() -> None:
+    async with running() as (engine, backend):
+        engine.set_kv_quotas({"alice": 4})
+        backend.hold_steps = anyio.Event()
+        a = TenantStream(engine, "alice", prompt_ids=list(range(1, 14)), max_tokens=3, request_id="a")
+        b = TenantStream(engine, "alice", prompt_ids=[5, 6, 7, 8], max_tokens=4, request_id="b")
+        await until(lambda: engine.request_info("alice", "b").waiting_on == "kv_quota")
+        engine.set_kv_quotas({"alice": 1})  # b needs 2 blocks: it can never run now
+        backend.hold_steps.set()
+        backend.hold_steps = None
+        with pytest.raises(BadRequest, match=r"kv_blocks\) of 1; this request needs 2 blocks"):
+            await b.result()
+        # a holds all the blocks it will ever need: it is not cut short
+        fa = await a.result()
+        assert fa.finish_reason == FinishReason.LENGTH and a.tokens(fa) == reference(list(range(1, 14)), 3)
+
+
+async def test_a_quota_only_the_memory_server_knows_is_learned_and_refuses_what_cannot_fit() -> None:
+    # The memory server's own limit (its config), not the policy's: the first
+    # refusal teaches it; a request that outgrows it ends with the numbers
+    # instead of waiting forever with the blocks it holds.
+    async with running() as (engine, backend):
+        backend.memory.set_block_quota(mp.SetBlockQuota("alice", 2))
+        s = TenantStream(engine, "alice", prompt_ids=[1, 2, 3, 4], max_tokens=20)
+        final = await s.result()
+        assert final.finish_reason == FinishReason.ERROR
+        assert "kv_blocks) of 2; this request needs 6 blocks" in final.error
+        assert engine.kv_quotas == {"alice": 2}
+        # from now on such a request is refused at once
+        with pytest.raises(BadRequest, match="kv_blocks"):
+            TenantStream(engine, "alice", prompt_ids=[1, 2, 3, 4], max_tokens=20)
+        fits = TenantStream(engine, "alice", prompt_ids=[1, 2, 3, 4], max_tokens=5)
+        assert fits.tokens(await fits.result()) == reference([1, 2, 3, 4], 5)

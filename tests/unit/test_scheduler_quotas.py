@@ -6,7 +6,7 @@ import pytest
 
 from ipc.errors import Overloaded
 from ipc.protocol.security import Quota, QuotaPolicy
-from services.scheduler.quotas import QuotaGate
+from services.scheduler.quotas import QuotaGate, kv_quota_refusal
 
 
 def gate(**q: int) -> QuotaGate:
@@ -56,3 +56,20 @@ def test_a_new_policy_replaces_the_old() -> None:
     g.apply(QuotaPolicy(2, {}))
     assert g.version == 2
     g.admit("alice", 1, now=0)  # unlimited now: no Overloaded
+
+
+def test_kv_blocks_are_the_policys_nonzero_ones() -> None:
+    g = QuotaGate()
+    g.apply(QuotaPolicy(1, {"alice": Quota(kv_blocks=2), "bob": Quota(requests_per_min=3)}))
+    assert g.kv_blocks() == {"alice": 2}
+    g.admit("alice", 10**6, now=0)  # kv_blocks limits blocks, not tokens: the engine plans by it
+    g.apply(QuotaPolicy(2, {}))
+    assert g.kv_blocks() == {}
+
+
+def test_kv_quota_refusal_names_the_quota_and_what_would_fit() -> None:
+    e = kv_quota_refusal("alice", 2, 63, 16, 8, 1000)
+    assert "'alice' has a KV-block quota (kv_blocks) of 2; this request needs 63 blocks of 16 tokens" in e.message
+    assert "prompt (8 tokens) and max_tokens (1000)" in e.message and "max_tokens 25 or less would fit" in e.message
+    assert e.detail["limit"] == 2 and e.detail["needed"] == 63 and e.code == "bad_request"
+    assert "its prompt alone needs 3 blocks" in kv_quota_refusal("alice", 2, 3, 16, 33, 1).message
