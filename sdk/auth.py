@@ -15,7 +15,9 @@ the llmos home can), the way a unix socket trusts its owner.
 from __future__ import annotations
 
 import time
+from contextlib import aclosing
 from pathlib import Path
+from typing import Any, AsyncGenerator
 
 import anyio
 
@@ -23,6 +25,7 @@ from ipc.curve import CurveClient, client_keys
 from ipc.errors import DeadlineExceeded, Unavailable
 from ipc.home import admin_key_path
 from ipc.protocol import security as sp
+from ipc.protocol.base import Message
 from sdk.connection import Connection
 
 REFRESH_FRACTION = 0.8
@@ -82,3 +85,32 @@ class TokenKeeper:
                     raise
                 # The security server is restarting; the current token still works.
                 self._refresh_at = time.time() + min(RETRY_S, (g.expires_at - time.time()) / 2)
+
+
+class Requester:
+    """The one request path of a client: every call and stream (a generation
+    and each of its re-submissions included) goes through here, so the token
+    is renewed before any request leaves, whatever the kind of request.
+    `keeper` is None for a client with no API key or a fixed token."""
+
+    def __init__(self, conn: Connection, keeper: TokenKeeper | None = None):
+        self.conn = conn
+        self.keeper = keeper
+
+    @property
+    def closed(self) -> bool:
+        return self.conn.closed
+
+    async def call(self, dst: str, msg: Message, *, timeout: float | None = None, trace_id: str = "") -> Any:
+        if self.keeper is not None:
+            await self.keeper.ensure_fresh()
+        return await self.conn.call(dst, msg, timeout=timeout, trace_id=trace_id)
+
+    async def stream(self, dst: str, msg: Message, *, timeout: float | None = None,
+                     trace_id: str = "") -> AsyncGenerator[Any, None]:
+        if self.keeper is not None:
+            await self.keeper.ensure_fresh()
+        # aclosing: a caller that stops early frees the call's slot at once, not at garbage collection.
+        async with aclosing(self.conn.stream(dst, msg, timeout=timeout, trace_id=trace_id)) as answers:
+            async for m in answers:
+                yield m

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterator, Sequence
+from typing import Any, AsyncGenerator, Iterator, Sequence
 
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
@@ -27,10 +27,10 @@ from ipc.protocol import kernel as kp
 from ipc.protocol import scheduler as sp
 from ipc.protocol.base import Message
 from ipc.sockets import FRONT_MAX_MESSAGE_BYTES
-from sdk.auth import TokenKeeper, read_admin_key, tcp_keys
+from sdk.auth import Requester, TokenKeeper, read_admin_key, tcp_keys
 from sdk import generate as gen
 from sdk.connection import Connection
-from sdk.generate import Chunk, Completion
+from sdk.generate import Chunk, Completion, GenerationStream
 from sdk.jobs import Jobs, SyncJobs
 from sdk.sessions import Sessions, SyncSessions
 
@@ -38,7 +38,8 @@ from sdk.sessions import Sessions, SyncSessions
 class AsyncClient:
     def __init__(self, conn: Connection):
         self._conn = conn
-        self._keeper: TokenKeeper | None = None
+        # Every request of this client goes through it (and so through the token refresh).
+        self._path = Requester(conn)
         self.jobs = Jobs(self)  # timed and periodic generations (sdk.jobs)
         self.sessions = Sessions(self)  # suspend / resume / close a conversation (sdk.sessions)
 
@@ -77,12 +78,12 @@ class AsyncClient:
         """Exchange `api_key` for a capability token used from now on (and renewed)."""
         keeper = TokenKeeper(self._conn, api_key, ttl_s)
         granted = await keeper.login(timeout)
-        self._keeper = keeper
+        self._path.keeper = keeper
         return granted
 
     def use_token(self, token: bytes) -> None:
         """Send `token` (e.g. an attenuated one) with every request; no renewal."""
-        self._keeper = None
+        self._path.keeper = None
         self._conn.token = token
 
     @property
@@ -91,15 +92,10 @@ class AsyncClient:
 
     async def call(self, service: str, msg: Message, *, timeout: float | None = None,
                    trace_id: str = "") -> Any:
-        if self._keeper is not None:
-            await self._keeper.ensure_fresh()
-        return await self._conn.call(service, msg, timeout=timeout, trace_id=trace_id)
+        return await self._path.call(service, msg, timeout=timeout, trace_id=trace_id)
 
-    async def stream(self, service: str, msg: Message, *, timeout: float | None = None) -> AsyncIterator[Any]:
-        if self._keeper is not None:
-            await self._keeper.ensure_fresh()
-        async for m in self._conn.stream(service, msg, timeout=timeout):
-            yield m
+    def stream(self, service: str, msg: Message, *, timeout: float | None = None) -> AsyncGenerator[Any, None]:
+        return self._path.stream(service, msg, timeout=timeout)
 
     async def status(self, *, timeout: float | None = 10.0) -> kp.StatusReply:
         reply: kp.StatusReply = await self.call(kp.KERNEL, kp.Status(), timeout=timeout)
@@ -115,9 +111,9 @@ class AsyncClient:
     async def shutdown(self, reason: str = "requested") -> None:
         await self.call(kp.KERNEL, kp.Shutdown(reason), timeout=10.0)
 
-    def subscribe(self, topic: str) -> AsyncIterator[Any]:
+    def subscribe(self, topic: str) -> AsyncGenerator[Any, None]:
         """Events published on `topic` (the first is `Subscribed`), until closed."""
-        return self._conn.stream(kp.KERNEL, kp.Subscribe(topic))
+        return self._path.stream(kp.KERNEL, kp.Subscribe(topic))
 
     # -- text generation (the scheduler) --------------------------------------------
 
@@ -126,12 +122,13 @@ class AsyncClient:
         max_tokens, temperature, top_p, top_k, seed, params, stop,
         stop_token_ids, priority, timeout, session, request_id, ignore_eos).
         Survives a scheduler restart without a repeated or missing token."""
-        return await gen.generate(self._conn, gen.build_submit(prompt, **options))
+        return await gen.generate(self._path, gen.build_submit(prompt, **options))
 
-    def stream_generate(self, prompt: str | Sequence[int], **options: Any) -> AsyncIterator[Chunk]:
+    def stream_generate(self, prompt: str | Sequence[int], **options: Any) -> GenerationStream:
         """Like `generate`, as chunks while they are produced; the last one
-        carries finish_reason and usage."""
-        return gen.stream_generate(self._conn, gen.build_submit(prompt, **options))
+        carries finish_reason and usage. Closing the stream early (`async
+        with`, or `aclose()` after a `break`) cancels the request."""
+        return gen.stream_generate(self._path, gen.build_submit(prompt, **options))
 
     generate_stream = stream_generate
 
@@ -186,11 +183,15 @@ class Client:
 
     def stream(self, service: str, msg: Message, *, timeout: float | None = None) -> Iterator[Any]:
         agen = self._aclient.stream(service, msg, timeout=timeout)
-        while True:
-            try:
-                yield self._portal.call(agen.__anext__)
-            except StopAsyncIteration:
-                return
+        try:
+            while True:
+                try:
+                    yield self._portal.call(agen.__anext__)
+                except StopAsyncIteration:
+                    return
+        finally:
+            if self._stack is not None:
+                self._portal.call(agen.aclose)
 
     def status(self) -> kp.StatusReply:
         return self._portal.call(self._aclient.status)
@@ -199,12 +200,18 @@ class Client:
         return self._portal.call(lambda: self._aclient.generate(prompt, **options))
 
     def stream_generate(self, prompt: str | Sequence[int], **options: Any) -> Iterator[Chunk]:
-        agen = self._aclient.stream_generate(prompt, **options)
-        while True:
-            try:
-                yield self._portal.call(agen.__anext__)
-            except StopAsyncIteration:
-                return
+        """Closing the iterator early (a `break`, then `close()` or its end of
+        life) cancels the request, as `AsyncClient.stream_generate` does."""
+        stream = self._aclient.stream_generate(prompt, **options)
+        try:
+            while True:
+                try:
+                    yield self._portal.call(stream.__anext__)
+                except StopAsyncIteration:
+                    return
+        finally:
+            if self._stack is not None:
+                self._portal.call(stream.aclose)
 
     generate_stream = stream_generate
 

@@ -9,18 +9,21 @@ gives up with `Unavailable` after HEARTBEAT_EXPIRY_S of silence).
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
+import operator
 import time
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncGenerator, AsyncIterator, Callable
 
 import anyio
 import msgspec
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from ipc import codec
 from ipc.curve import CurveClient
 from ipc.envelope import PROTOCOL_VERSION, Header, Kind, decode_header, encode_header
-from ipc.errors import BadRequest, DeadlineExceeded, Error, Internal, LlmosError, Unavailable
+from ipc.errors import BadRequest, DeadlineExceeded, Error, Internal, LlmosError, Unauthorized, Unavailable
 from ipc.heartbeat import HEARTBEAT_EXPIRY_S, HEARTBEAT_INTERVAL_S
 from ipc.protocol.base import Message, op_of
 from ipc.sockets import MAX_MESSAGE_BYTES, Channel, connect_dealer
@@ -43,7 +46,15 @@ class Connection:
         self.max_message_bytes = max_message_bytes
         self.src = src
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-        self._ch = Channel(connect_dealer(self._ctx, endpoint, identity, curve=curve), on_readable=self._on_readable)
+        sock = connect_dealer(self._ctx, endpoint, identity, curve=curve)
+        # Over CURVE, a refused handshake is silent on the socket itself: the
+        # monitor is the only place it shows, and without it a refused client
+        # would only learn that "the kernel stopped answering".
+        self.refusal: LlmosError | None = None
+        self._monitor: Channel | None = None
+        if curve is not None and endpoint.startswith("tcp://"):
+            self._monitor = Channel(sock.get_monitor_socket(HANDSHAKE_EVENTS), on_readable=self._on_monitor)
+        self._ch = Channel(sock, on_readable=self._on_readable)
         self._ids = itertools.count(1)
         self._calls: dict[int, asyncio.Queue[Answer]] = {}
         self.last_heard = time.monotonic()
@@ -83,6 +94,26 @@ class Connection:
             return
         for frames in self._ch.drain():
             self._dispatch(frames)
+
+    def _on_monitor(self) -> None:
+        if self.closed or self._monitor is None:
+            return
+        for frames in self._monitor.drain():
+            try:
+                event = parse_monitor_message([f.bytes for f in frames])["event"]
+            except (zmq.ZMQError, ValueError, IndexError):
+                continue
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.refusal = None  # e.g. the operator authorised the key and the retry got through
+            elif event in HANDSHAKE_FAILED and self.refusal is None:
+                self._refuse(_handshake_error(self.endpoint, event))
+
+    def _refuse(self, exc: LlmosError) -> None:
+        """The kernel will not talk to us: every call waiting fails with why, now."""
+        self.refusal = exc
+        body = codec.encode(exc.to_wire())
+        for msg_id, q in self._calls.items():
+            q.put_nowait((Header(PROTOCOL_VERSION, Kind.ERROR, msg_id, op="Error"), [body]))
 
     def _dispatch(self, frames: list[Any]) -> None:
         if len(frames) < 2 or len(frames[0]) != 0:
@@ -128,7 +159,7 @@ class Connection:
         raise Internal("stream ended without a reply")  # pragma: no cover - _exchange always ends on one
 
     async def stream(self, dst: str, msg: Message, *, timeout: float | None = None,
-                     trace_id: str = "") -> AsyncIterator[Any]:
+                     trace_id: str = "") -> AsyncGenerator[Any, None]:
         """Yield every EVENT body, then the final REPLY body; an ERROR raises."""
         async for header, payload in self._exchange(dst, msg, timeout, trace_id, (), Kind.REQUEST):
             yield self._decode(header, payload)
@@ -137,6 +168,8 @@ class Connection:
                         buffers: tuple[Any, ...], kind: Kind) -> AsyncIterator[Answer]:
         if self.closed:
             raise Unavailable("connection is closed")
+        if self.refusal is not None:
+            raise self.refusal
         msg_id = self.next_id()
         deadline_ns = time.time_ns() + int(timeout * 1e9) if timeout else 0
         q: asyncio.Queue[Answer] = asyncio.Queue()
@@ -169,6 +202,9 @@ class Connection:
                 return await q.get()
             if self.closed:
                 raise Unavailable("connection closed while waiting")
+            self._on_monitor()  # in case the monitor's wake-up was missed
+            if self.refusal is not None:
+                raise self.refusal
             if time.monotonic() - max(self.last_heard, since) > HEARTBEAT_EXPIRY_S:
                 raise Unavailable(f"the kernel at {self.endpoint} stopped answering")
             self.send_control(Kind.HEARTBEAT)
@@ -188,8 +224,24 @@ class Connection:
         try:
             self.send_control(Kind.DISCONNECT)
         finally:
+            if self._monitor is not None:
+                self._ch.sock.disable_monitor()
+                self._monitor.close()
             self._ch.close()
             self._ctx.term()
+
+
+HANDSHAKE_FAILED = {zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
+                    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL}
+HANDSHAKE_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | functools.reduce(operator.or_, HANDSHAKE_FAILED)
+
+
+def _handshake_error(endpoint: str, event: int) -> LlmosError:
+    if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+        return Unauthorized(f"refused: this client's key is not authorised by the kernel at {endpoint} "
+                            "(the kernel's operator adds its public key to curve/authorized/; see docs/security.md)")
+    return Unauthorized(f"refused: the CURVE handshake with {endpoint} failed (is curve/kernel.key this "
+                        "kernel's public key, and does it serve CURVE there?)")
 
 
 def _describe_error(payload: list[Any]) -> str:

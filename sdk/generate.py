@@ -17,16 +17,19 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import anyio
 import msgspec
 
-from ipc.errors import DeadlineExceeded, Internal, Overloaded, Unavailable
+from ipc.errors import DeadlineExceeded, Internal, LlmosError, Overloaded, Unavailable
+from ipc.protocol.base import Message
 from ipc.protocol.sampling import SamplingParams
-from ipc.protocol.scheduler import SCHEDULER, Finished, FinishReason, PrioritySubmit, Submit, TokenDelta, Usage
-from sdk.connection import Connection
+from ipc.protocol.scheduler import (SCHEDULER, Cancel, Finished, FinishReason, PrioritySubmit, Submit, TokenDelta,
+                                    Usage)
 
 # A request is given up on (`Unavailable` to the caller) only after this many
 # re-submissions in a row without a new token AND this long without one: the
@@ -40,6 +43,8 @@ RESUBMIT_PATIENCE_S = 120.0
 # from this, at most RESUBMIT_BACKOFF_MAX_S (the request's deadline caps it).
 RESUBMIT_BACKOFF_S = 0.05
 RESUBMIT_BACKOFF_MAX_S = 2.0
+# How long closing an unfinished stream waits for the scheduler to take its Cancel.
+CANCEL_TIMEOUT_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,9 +88,91 @@ def build_submit(prompt: str | Sequence[int], *, max_tokens: int = 256, temperat
                 request_id or uuid.uuid4().hex)
 
 
-async def stream_generate(conn: Connection, submit: Submit, *, max_resubmits: int = MAX_RESUBMITS,
-                          patience_s: float = RESUBMIT_PATIENCE_S,
-                          backoff_s: float = RESUBMIT_BACKOFF_S) -> AsyncIterator[Chunk]:
+class RequestPath(Protocol):
+    """What a generation sends through: `sdk.auth.Requester` (a client's one
+    path, through the token refresh) or, in tests, an in-memory fake."""
+
+    def stream(self, dst: str, msg: Message, *, timeout: float | None = None,
+               trace_id: str = "") -> AsyncGenerator[Any, None]: ...
+
+    async def call(self, dst: str, msg: Message, *, timeout: float | None = None, trace_id: str = "") -> Any: ...
+
+
+class GenerationStream:
+    """The chunks of one generation, as they are produced. Leaving it before
+    the last chunk cancels the request at the scheduler (it stops generating
+    and frees its KV), so nothing generates for a reader who is gone:
+
+        async with client.stream_generate(prompt) as chunks:
+            async for chunk in chunks:
+                if enough(chunk):
+                    break          # the request is cancelled on leaving the block
+
+    `aclose()` does the same (so `contextlib.aclosing` works too). A stream
+    that ended — its last chunk read, or an error from the request — has
+    nothing to cancel."""
+
+    def __init__(self, request_id: str, chunks: AsyncGenerator[Chunk, None],
+                 cancel: Callable[[str], Awaitable[object]]):
+        self.request_id = request_id
+        self._chunks = chunks
+        self._cancel = cancel
+        self._started = False
+        self._over = False
+        self._closed = False
+
+    def __aiter__(self) -> "GenerationStream":
+        return self
+
+    async def __anext__(self) -> Chunk:
+        if self._closed:
+            raise StopAsyncIteration
+        self._started = True
+        try:
+            chunk = await self._chunks.__anext__()
+        except (StopAsyncIteration, LlmosError):
+            # Refused, failed or past its deadline: the scheduler holds nothing more for it.
+            self._over = True
+            raise
+        if chunk.finish_reason is not None:
+            self._over = True
+        return chunk
+
+    async def aclose(self) -> None:
+        """Stop reading; cancel the request unless it is over. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await self._chunks.aclose()
+        finally:
+            if self._started and not self._over:
+                # Shielded: a caller leaving because its own scope was cancelled still cancels.
+                with anyio.CancelScope(shield=True), anyio.move_on_after(CANCEL_TIMEOUT_S):
+                    try:
+                        await self._cancel(self.request_id)
+                    except LlmosError:
+                        pass  # it finished meanwhile, or the scheduler is gone (and the request with it)
+
+    async def __aenter__(self) -> "GenerationStream":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+def stream_generate(conn: RequestPath, submit: Submit, *, max_resubmits: int = MAX_RESUBMITS,
+                    patience_s: float = RESUBMIT_PATIENCE_S, backoff_s: float = RESUBMIT_BACKOFF_S) -> GenerationStream:
+    """Submit `submit` through `conn` and stream its chunks (see `GenerationStream`)."""
+
+    async def cancel(request_id: str) -> object:
+        return await conn.call(SCHEDULER, Cancel(request_id), timeout=CANCEL_TIMEOUT_S)
+
+    return GenerationStream(submit.request_id, _chunks(conn, submit, max_resubmits, patience_s, backoff_s), cancel)
+
+
+async def _chunks(conn: RequestPath, submit: Submit, max_resubmits: int, patience_s: float,
+                  backoff_s: float) -> AsyncGenerator[Chunk, None]:
     held: list[int] = []
     attempt = 0
     # Re-submissions since the last token arrived: a long request survives any
@@ -97,18 +184,19 @@ async def stream_generate(conn: Connection, submit: Submit, *, max_resubmits: in
         msg = msgspec.structs.replace(submit, resume_from=len(held), resume_ids=list(held), attempt=attempt)
         retry_after = 0.0
         try:
-            async for ev in conn.stream(SCHEDULER, msg, trace_id=submit.request_id):
-                if not isinstance(ev, (TokenDelta, Finished)):
-                    raise Internal(f"the scheduler answered {type(ev).__name__} to Submit")
-                if ev.offset != len(held):
-                    raise Internal(f"request {submit.request_id}: tokens from {ev.offset} arrived while "
-                                   f"{len(held)} are held (a gap or a repeat)")
-                held.extend(ev.token_ids)
-                if isinstance(ev, Finished):
-                    yield Chunk(ev.request_id, ev.offset, list(ev.token_ids), ev.text, ev.finish_reason,
-                                ev.usage, ev.error)
-                    return
-                yield Chunk(ev.request_id, ev.offset, list(ev.token_ids), ev.text)
+            async with aclosing(conn.stream(SCHEDULER, msg, trace_id=submit.request_id)) as events:
+                async for ev in events:
+                    if not isinstance(ev, (TokenDelta, Finished)):
+                        raise Internal(f"the scheduler answered {type(ev).__name__} to Submit")
+                    if ev.offset != len(held):
+                        raise Internal(f"request {submit.request_id}: tokens from {ev.offset} arrived while "
+                                       f"{len(held)} are held (a gap or a repeat)")
+                    held.extend(ev.token_ids)
+                    if isinstance(ev, Finished):
+                        yield Chunk(ev.request_id, ev.offset, list(ev.token_ids), ev.text, ev.finish_reason,
+                                    ev.usage, ev.error)
+                        return
+                    yield Chunk(ev.request_id, ev.offset, list(ev.token_ids), ev.text)
         except (Unavailable, Overloaded) as exc:
             if isinstance(exc, Overloaded):
                 if not attempt:
@@ -138,20 +226,21 @@ async def stream_generate(conn: Connection, submit: Submit, *, max_resubmits: in
         raise Internal("the scheduler's stream ended without Finished")
 
 
-async def generate(conn: Connection, submit: Submit, *, max_resubmits: int = MAX_RESUBMITS,
+async def generate(conn: RequestPath, submit: Submit, *, max_resubmits: int = MAX_RESUBMITS,
                    patience_s: float = RESUBMIT_PATIENCE_S, backoff_s: float = RESUBMIT_BACKOFF_S) -> Completion:
     text: list[str] = []
     ids: list[int] = []
     chunks = 0
-    async for c in stream_generate(conn, submit, max_resubmits=max_resubmits, patience_s=patience_s,
-                                   backoff_s=backoff_s):
-        chunks += 1
-        text.append(c.text)
-        ids.extend(c.token_ids)
-        if c.finish_reason is not None:
-            return Completion(c.request_id, "".join(text), ids, c.finish_reason, c.usage or Usage(), c.error,
-                              chunks=chunks)
+    async with stream_generate(conn, submit, max_resubmits=max_resubmits, patience_s=patience_s,
+                               backoff_s=backoff_s) as stream:
+        async for c in stream:
+            chunks += 1
+            text.append(c.text)
+            ids.extend(c.token_ids)
+            if c.finish_reason is not None:
+                return Completion(c.request_id, "".join(text), ids, c.finish_reason, c.usage or Usage(), c.error,
+                                  chunks=chunks)
     raise Internal("the generation stream ended without a finish reason")  # pragma: no cover
 
 
-__all__ = ["Chunk", "Completion", "build_submit", "generate", "stream_generate"]
+__all__ = ["Chunk", "Completion", "GenerationStream", "RequestPath", "build_submit", "generate", "stream_generate"]

@@ -12,7 +12,6 @@ from pathlib import Path
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
-import anyio
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
@@ -21,7 +20,7 @@ from starlette.routing import Route
 from ipc.errors import BadRequest, Forbidden, Internal, LlmosError, NotFound, Unauthorized
 from ipc.protocol.driver import ModelDescription
 from ipc.protocol.scheduler import Submit
-from sdk.generate import Chunk
+from sdk.generate import Chunk, GenerationStream
 from services.gateway import openai as oa
 from services.gateway.backend import Stats
 from services.gateway.body import check_head, read_body
@@ -31,8 +30,7 @@ from services.gateway.metrics import GatewayMetrics
 
 class Backend(Protocol):
     async def authenticate(self, api_key: str) -> None: ...
-    def stream(self, api_key: str | None, submit: Submit) -> AsyncIterator[Chunk]: ...
-    async def cancel(self, api_key: str | None, request_id: str) -> None: ...
+    async def stream(self, api_key: str | None, submit: Submit) -> GenerationStream: ...
     async def model(self, api_key: str | None) -> ModelDescription: ...
     async def stats(self, api_key: str | None = None) -> Stats: ...
 
@@ -133,22 +131,30 @@ def create_app(backend: Backend, config: GatewayConfig | None = None) -> Starlet
     async def _run(request: Request, key: str | None, submit: Submit, model: str, *, chat: bool, stream: bool,
                    include_usage: bool) -> Response:
         endpoint = "chat" if chat else "completions"
-        chunks = backend.stream(key, submit)
+        try:
+            chunks = await backend.stream(key, submit)
+        except LlmosError as exc:
+            return refuse(endpoint, exc)
         try:
             # The first chunk arrives only once the request was admitted, so
             # admission errors (429, 401, 403, 503) are ordinary HTTP errors.
             first = await chunks.__anext__()
         except LlmosError as exc:
+            await chunks.aclose()
             return refuse(endpoint, exc)
+        except BaseException:
+            await chunks.aclose()  # the client went away while it waited: cancel the request
+            raise
         rid = first.request_id
         if not stream:
             text, last = [first.text], first
-            try:
-                async for c in chunks:
-                    text.append(c.text)
-                    last = c
-            except LlmosError as exc:
-                return refuse(endpoint, exc)
+            async with chunks:  # leaving before the end (an error, the client gone) cancels the request
+                try:
+                    async for c in chunks:
+                        text.append(c.text)
+                        last = c
+                except LlmosError as exc:
+                    return refuse(endpoint, exc)
             usage = last.usage
             metrics.observe_usage(usage)
             metrics.requests.labels(endpoint, 200).inc()
@@ -156,44 +162,37 @@ def create_app(backend: Backend, config: GatewayConfig | None = None) -> Starlet
                                                                  str(last.finish_reason), usage)
             return _json(body)
         metrics.requests.labels(endpoint, 200).inc()
-        return StreamingResponse(_sse(key, chunks, first, rid, model, chat), media_type="text/event-stream",
+        return StreamingResponse(_sse(chunks, first, rid, model, chat), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
 
-    async def _sse(key: str | None, chunks: AsyncIterator[Chunk], first: Chunk, rid: str, model: str,
+    async def _sse(chunks: GenerationStream, first: Chunk, rid: str, model: str,
                    chat: bool) -> AsyncIterator[bytes]:
         created = int(time.time())
-        finished = False
-        try:
-            if chat:
-                yield _event(oa.chat_chunk(rid, model, created, {"role": "assistant", "content": ""}, None))
-            c: Chunk | None = first
-            while c is not None:
-                if c.text or c.finish_reason is not None:
-                    finish = str(c.finish_reason) if c.finish_reason is not None else None
-                    if chat:
-                        delta = {"content": c.text} if c.text else {}
-                        yield _event(oa.chat_chunk(rid, model, created, delta, finish))
-                    else:
-                        yield _event(oa.completion_chunk(rid, model, created, c.text, finish))
-                if c.finish_reason is not None:
-                    finished = True
-                    metrics.observe_usage(c.usage)
-                    obj = "chat.completion.chunk" if chat else "text_completion"
-                    yield _event(oa.usage_chunk(obj, rid, model, created, c.usage))
-                    break
-                c = await chunks.__anext__()
-            yield b"data: [DONE]\n\n"
-        except LlmosError as exc:
-            _, body, _ = oa.error_body(exc)
-            yield b"data: " + body + b"\n\n"
-        finally:
-            if not finished:
-                # The client went away (or the stream failed): stop the generation.
-                with anyio.CancelScope(shield=True), anyio.move_on_after(5):
-                    try:
-                        await backend.cancel(key, rid)
-                    except LlmosError:
-                        pass
+        # Closing the stream (at the end, or when the client went away mid-stream) cancels an
+        # unfinished generation.
+        async with chunks:
+            try:
+                if chat:
+                    yield _event(oa.chat_chunk(rid, model, created, {"role": "assistant", "content": ""}, None))
+                c: Chunk | None = first
+                while c is not None:
+                    if c.text or c.finish_reason is not None:
+                        finish = str(c.finish_reason) if c.finish_reason is not None else None
+                        if chat:
+                            delta = {"content": c.text} if c.text else {}
+                            yield _event(oa.chat_chunk(rid, model, created, delta, finish))
+                        else:
+                            yield _event(oa.completion_chunk(rid, model, created, c.text, finish))
+                    if c.finish_reason is not None:
+                        metrics.observe_usage(c.usage)
+                        obj = "chat.completion.chunk" if chat else "text_completion"
+                        yield _event(oa.usage_chunk(obj, rid, model, created, c.usage))
+                        break
+                    c = await chunks.__anext__()
+                yield b"data: [DONE]\n\n"
+            except LlmosError as exc:
+                _, body, _ = oa.error_body(exc)
+                yield b"data: " + body + b"\n\n"
 
     async def models(request: Request) -> Response:
         try:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
@@ -21,17 +20,11 @@ from ipc.protocol import memory as mp
 from ipc.protocol import scheduler as sp
 from ipc.protocol.driver import DRIVER, DescribeModel, ModelDescription
 from ipc.sockets import FRONT_MAX_MESSAGE_BYTES
-from sdk.auth import TokenKeeper
+from sdk.auth import Requester, TokenKeeper
 from sdk.connection import Connection
-from sdk.generate import Chunk, stream_generate
+from sdk.generate import GenerationStream, stream_generate
 
 MAX_CONNECTIONS = 256
-
-
-@dataclass
-class _Principal:
-    conn: Connection
-    keeper: TokenKeeper | None
 
 
 @dataclass
@@ -50,7 +43,7 @@ class KernelBackend:
         self.endpoint = endpoint
         self._system = system
         self._anonymous = allow_anonymous
-        self._conns: OrderedDict[str, _Principal] = OrderedDict()
+        self._conns: OrderedDict[str, Requester] = OrderedDict()
         self._model: ModelDescription | None = None
 
     async def authenticate(self, api_key: str) -> None:
@@ -58,7 +51,9 @@ class KernelBackend:
         `Unauthorized` for a key the security server refuses."""
         await self._principal(api_key)
 
-    async def _principal(self, api_key: str | None) -> _Principal:
+    async def _principal(self, api_key: str | None) -> Requester:
+        """The caller's request path (its own connection and token keeper); a
+        request sent through it renews the token when due."""
         if api_key is None and not self._anonymous:
             raise Unauthorized("no API key: send 'Authorization: Bearer <api key>'")
         slot = hashlib.sha256(api_key.encode()).hexdigest() if api_key else ""
@@ -66,7 +61,7 @@ class KernelBackend:
         if p is None:
             conn = Connection(self.endpoint, src="gateway", max_message_bytes=FRONT_MAX_MESSAGE_BYTES)
             keeper = TokenKeeper(conn, api_key) if api_key else None
-            p = _Principal(conn, keeper)
+            p = Requester(conn, keeper)
             if keeper is not None:
                 try:
                     await keeper.login()
@@ -79,18 +74,11 @@ class KernelBackend:
                 old.conn.close()
         else:
             self._conns.move_to_end(slot)
-        if p.keeper is not None:
-            await p.keeper.ensure_fresh()
         return p
 
-    async def stream(self, api_key: str | None, submit: sp.Submit) -> AsyncIterator[Chunk]:
-        p = await self._principal(api_key)
-        async for chunk in stream_generate(p.conn, submit):
-            yield chunk
-
-    async def cancel(self, api_key: str | None, request_id: str) -> None:
-        p = await self._principal(api_key)
-        await p.conn.call(sp.SCHEDULER, sp.Cancel(request_id), timeout=5.0)
+    async def stream(self, api_key: str | None, submit: sp.Submit) -> GenerationStream:
+        """The generation as the caller; closing it early cancels the request."""
+        return stream_generate(await self._principal(api_key), submit)
 
     async def model(self, api_key: str | None) -> ModelDescription:
         if api_key is not None:
@@ -105,7 +93,7 @@ class KernelBackend:
         `status` or `admin` right); the rest is then asked as the gateway."""
         if api_key is not None:
             p = await self._principal(api_key)
-            status = await p.conn.call(kp.KERNEL, kp.Status(), timeout=10.0)
+            status = await p.call(kp.KERNEL, kp.Status(), timeout=10.0)
         else:
             status = await self._system(kp.KERNEL, kp.Status())
         return Stats(status, await self._maybe(sp.SCHEDULER, sp.SchedulerStats()),

@@ -13,7 +13,7 @@ from ipc.errors import BadRequest, Forbidden, LlmosError, Overloaded, Unauthoriz
 from ipc.protocol import kernel as kp
 from ipc.protocol.driver import ModelDescription
 from ipc.protocol.scheduler import FinishReason, Submit, Usage
-from sdk.generate import Chunk
+from sdk.generate import Chunk, GenerationStream
 from services.gateway.app import create_app
 from services.gateway.backend import Stats
 from services.gateway.config import GatewayConfig
@@ -35,15 +35,20 @@ class FakeBackend:
         if api_key.startswith("bad"):
             raise Unauthorized("unknown API key")
 
-    async def stream(self, api_key: str | None, submit: Submit) -> AsyncIterator[Chunk]:
+    rid = "r1"
+
+    async def stream(self, api_key: str | None, submit: Submit) -> GenerationStream:
         self.submits.append((api_key, submit))
+        return GenerationStream(self.rid, self.chunks(submit), self.cancel)
+
+    async def chunks(self, submit: Submit) -> AsyncIterator[Chunk]:
         if self.fail_with is not None:
             raise self.fail_with
         for i, p in enumerate(self.pieces):
             last = i == len(self.pieces) - 1
             yield Chunk("r1", i, [i], p, FinishReason.LENGTH if last else None, USAGE if last else None)
 
-    async def cancel(self, api_key: str | None, request_id: str) -> None:
+    async def cancel(self, request_id: str) -> None:
         self.cancelled.append(request_id)
 
     async def model(self, api_key: str | None) -> ModelDescription:
@@ -200,8 +205,9 @@ async def test_a_client_that_disconnects_mid_stream_cancels_its_request() -> Non
     import uvicorn
 
     class SlowBackend(FakeBackend):
-        async def stream(self, api_key: str | None, submit: Submit) -> AsyncIterator[Chunk]:
-            self.submits.append((api_key, submit))
+        rid = "slow-1"
+
+        async def chunks(self, submit: Submit) -> AsyncIterator[Chunk]:
             for i in range(10_000):
                 yield Chunk("slow-1", i, [i], f"t{i} ")
                 await anyio.sleep(0.01)

@@ -1,0 +1,189 @@
+"""A client's paths to a remote llmos (issue 13 #7-#10), over one kernel with
+auth on and its front on tcp:// (CURVE): a generation across token expiries,
+a stream abandoned early, a revoked key at Login, a refused CURVE key, and
+the CLI driven with --endpoint / --api-key / LLMOS_API_KEY."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import pytest
+import zmq.auth
+
+from ipc import capability as cap
+from ipc.curve import curve_dir
+from ipc.errors import LlmosError, Unauthorized
+from ipc.home import admin_key_path
+from ipc.protocol import security as sp
+from kernel.config import ChildSpec, Config, KernelConfig
+from sdk.client import AsyncClient, Client
+from sdk.testing import REPO_ROOT, write_config
+from tests.helpers.net import free_port
+from tests.integration.test_driver import driver_spec
+
+LLMOS = [sys.executable, "-m", "tools.cli"]
+# What a terminal would act on: C0 controls but newline and tab, DEL, C1 controls.
+RAW_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+class Served:
+    def __init__(self, home: Path, endpoint: str):
+        self.home = home
+        self.endpoint = endpoint
+
+    async def client(self, api_key: str | None = None, ttl_s: int = 0) -> AsyncClient:
+        return await AsyncClient.connect(self.endpoint, home=self.home, api_key=api_key, token_ttl_s=ttl_s)
+
+    async def new_key(self, tenant: str, rights: list[str]) -> sp.KeyCreated:
+        async with await self.client() as admin:
+            made: sp.KeyCreated = await admin.call(sp.SECURITY, sp.CreateKey(tenant, rights))
+        return made
+
+    def cli(self, *args: str, env: dict[str, str] | None = None,
+            home: Path | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*LLMOS, "--home", str(home or self.home), *args], cwd=REPO_ROOT,
+                              capture_output=True, text=True, timeout=60,
+                              env={**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})})
+
+
+@pytest.fixture(scope="module")
+def served(checkpoint: Path) -> Iterator[Served]:
+    home = Path(tempfile.mkdtemp(prefix="llmos-", dir="/tmp"))
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    children = [ChildSpec("security", "services.security"), ChildSpec("memory", "services.memory"),
+                driver_spec(checkpoint), ChildSpec("scheduler", "services.scheduler")]
+    cfg = write_config(home / "llmos.toml", Config(kernel=KernelConfig(front=endpoint, auth=True), children=children))
+    log = open(home / "kernel.stderr", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen([sys.executable, "-m", "kernel", "--home", str(home), "--config", str(cfg)],
+                            cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, stdout=log, stderr=log)
+    try:
+        end = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, (home / "kernel.stderr").read_text()[-3000:]
+            assert time.monotonic() < end, "llmos never became ready"
+            if admin_key_path(home).exists() and (curve_dir(home) / "local.key_secret").exists():
+                try:
+                    with Client.connect(endpoint, home=home, timeout=2) as c:
+                        st = c.status()
+                    if len(st.instances) == 4 and all(i.state == "ready" for i in st.instances):
+                        break
+                except LlmosError:
+                    pass
+            time.sleep(0.1)
+        yield Served(home, endpoint)
+        with Client.connect(endpoint, home=home) as c:
+            c.shutdown("test done")
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+        if not os.environ.get("LLMOS_KEEP_TEST_HOME"):
+            shutil.rmtree(home, ignore_errors=True)
+
+
+# -- #9: one request path, through the token refresh ----------------------------------------
+
+async def test_a_client_that_only_generates_keeps_working_across_token_expiries(served: Served) -> None:
+    """A 2 s token: before, the first generate after it expired was
+    `Unauthorized` (generate skipped the refresh that call does)."""
+    made = await served.new_key("gen-only", ["generate"])
+    async with await served.client(made.api_key, ttl_s=2) as c:
+        first = cap.inspect(c.connection.token)
+        tokens = {first.token_id}
+        done = 0
+        with anyio.fail_after(60):
+            # Until the clock is past two lifetimes of the first token, nothing but generations.
+            while time.time() < first.expires_at + 2.5:
+                if done % 2:
+                    out = await c.generate("tick", max_tokens=2, temperature=0.0)
+                    assert len(out.token_ids) == 2
+                else:
+                    async with c.stream_generate("tock", max_tokens=2, temperature=0.0) as s:
+                        assert [ch.finish_reason async for ch in s][-1] is not None
+                done += 1
+                tokens.add(cap.inspect(c.connection.token).token_id)
+        assert len(tokens) >= 2  # it logged in again, from the generation path alone
+
+
+# -- #9: a stream abandoned early is cancelled -------------------------------------------------
+
+async def _wait_cancelled(c: AsyncClient, request_id: str) -> int:
+    with anyio.fail_after(30):
+        while (info := await c.request_status(request_id)).state != "finished":
+            await anyio.sleep(0.05)
+    assert info.finish_reason == "cancelled"
+    return info.generated
+
+
+async def test_a_stream_abandoned_after_three_tokens_is_cancelled(served: Served) -> None:
+    made = await served.new_key("quitter", ["generate"])
+    async with await served.client(made.api_key) as c:
+        # the `async with` form
+        seen = 0
+        async with c.stream_generate("a long story", max_tokens=500, ignore_eos=True, request_id="left-1") as s:
+            async for ch in s:
+                seen += len(ch.token_ids)
+                if seen >= 3:
+                    break
+        assert await _wait_cancelled(c, "left-1") < 500
+
+        # `break`, then `aclose()` on the stream
+        stream = c.stream_generate("another story", max_tokens=500, ignore_eos=True, request_id="left-2")
+        seen = 0
+        async for ch in stream:
+            seen += len(ch.token_ids)
+            if seen >= 3:
+                break
+        await stream.aclose()
+        assert await _wait_cancelled(c, "left-2") < 500
+
+        # a stream read to its end has nothing to cancel
+        async with c.stream_generate("short", max_tokens=3, request_id="whole") as s:
+            assert [ch.finish_reason async for ch in s][-1] == "length"
+        assert (await c.request_status("whole")).finish_reason == "length"
+    async with await served.client() as admin:
+        assert (await admin.scheduler_stats()).running == 0  # nothing generates for a reader who left
+
+
+def test_the_sync_client_cancels_a_stream_left_by_break(served: Served) -> None:
+    with Client.connect(served.endpoint, home=served.home) as c:
+        for n, _ in enumerate(c.stream_generate("sync story", max_tokens=500, ignore_eos=True, request_id="left-3")):
+            if n >= 2:
+                break  # the generator is closed here, which cancels the request
+        end = time.monotonic() + 30
+        while (info := c.request_status("left-3")).state != "finished":
+            assert time.monotonic() < end, f"left-3 still {info.state}: never cancelled"
+            time.sleep(0.05)
+        assert info.finish_reason == "cancelled" and info.generated < 500
+
+
+# -- #10: a revoked key says so, to its holder only ----------------------------------------------
+
+async def test_a_revoked_key_is_told_it_was_revoked_and_only_its_holder_is(served: Served) -> None:
+    made = await served.new_key("gone", ["generate"])
+    async with await served.client() as admin:
+        await admin.call(sp.SECURITY, sp.Revoke(sp.RevokeKind.KEY, made.key_id))
+    with pytest.raises(Unauthorized, match=f"API key {made.key_id} was revoked") as ei:
+        await served.client(made.api_key)
+    assert not ei.value.detail
+    # the same key id with a wrong secret learns nothing, not even that the key exists
+    with pytest.raises(Unauthorized) as ei:
+        await served.client(f"llmos.{made.key_id}.not-the-secret")
+    assert ei.value.message == "invalid API key" and not ei.value.detail
+
+    tenant = await served.new_key("banned", ["generate"])
+    async with await served.client() as admin:
+        await admin.call(sp.SECURITY, sp.Revoke(sp.RevokeKind.PRINCIPAL, "banned"))
+    with pytest.raises(Unauthorized, match=f"API key {tenant.key_id} belongs to a revoked tenant"):
+        await served.client(tenant.api_key)
