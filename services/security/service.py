@@ -27,12 +27,12 @@ from ipc.protocol import security as sp
 from sdk.logs import get_logger
 from sdk.service import Context, Service, handler
 from services.security.audit import CHECKPOINT_S, AuditLog, AuditRecord, audit_key, audit_path, head_path
+from services.security.config import load_security_config
 from services.security.limits import Aggregator, LoginLimiter, Summary
 from services.security.store import KeyRecord, Store
 
 log = get_logger()
 
-DEFAULT_TTL_S = 3600
 MAX_TTL_S = 24 * 3600
 # A refresh family (a Login and every RefreshToken chained from it) ends this
 # long after the Login, however often it is refreshed: past it the holder
@@ -41,6 +41,8 @@ MAX_TTL_S = 24 * 3600
 # revoked token id be forgotten MAX_TTL_S after its revocation.
 FAMILY_MAX_S = MAX_TTL_S
 ADMIN = "admin"
+# Store.authenticate's causes that follow a matching secret, and what the key's holder is told.
+REVOKED_CAUSES = {"key revoked": "was revoked", "principal revoked": "belongs to a revoked tenant"}
 TICK_S = 1.0
 
 
@@ -50,6 +52,7 @@ class SecurityService(Service):
     def __init__(self, instance: str | None = None, *, home: str | None = None, back: str | None = None,
                  secret: str | None = None):
         super().__init__(instance, home=home, back=back, secret=secret)
+        self.config = load_security_config()
         self.dir = security_dir(self.home)
         self.store: Store | None = None
         self.audit: AuditLog | None = None
@@ -238,7 +241,7 @@ class SecurityService(Service):
         if ttl_s < 0:
             raise BadRequest(f"ttl_s must be >= 0, got {ttl_s}", detail={"field": "ttl_s"})
         now = time.time()
-        ttl = float(min(ttl_s or DEFAULT_TTL_S, MAX_TTL_S))
+        ttl = float(min(ttl_s or self.config.token_ttl_s, MAX_TTL_S))
         token_id, login_at = None, 0
         if family is not None:
             left = family.login_at + FAMILY_MAX_S - now
@@ -271,6 +274,12 @@ class SecurityService(Service):
             cause = str(exc.detail.get("cause", exc.message))
             key_id = str(exc.detail.get("key_id", "?"))
             exc.detail = {}  # the client learns nothing about which keys exist
+            if cause in REVOKED_CAUSES:
+                # Only a caller holding this key's secret gets this far (the
+                # secret is checked before revocation), so saying why tells
+                # them nothing they could not know; anyone else still reads
+                # "invalid API key".
+                exc = Unauthorized(f"API key {key_id} {REVOKED_CAUSES[cause]}; ask the operator for a new key")
             over, wait = self._limiter.failed(origin(ctx), key_id)
             self._refused("login", exc, ctx, cause, key_id, {"limited": over} if over else None)
             if over:
@@ -278,7 +287,7 @@ class SecurityService(Service):
                 raise Overloaded(f"too many failed logins ({over} budget spent); retry in {retry:.1f}s "
                                  f"(a valid API key is always accepted)",
                                  detail={"retry_after_s": retry}) from None
-            raise
+            raise exc from None
         granted = self._grant(rec, msg.ttl_s)
         self._audit.append(rec.tenant, "login", f"key {rec.key_id}", "ok",
                            {"token_id": granted.token_id, "expires_at": granted.expires_at, "source": origin(ctx)})
