@@ -18,25 +18,34 @@ from typing import Any, ClassVar
 
 import anyio
 
+from drivers.config import DriverConfig, load_driver_config
 from drivers.model.runner import ModelRunner
 from drivers.model.step import SeqStep
-from ipc.errors import BadRequest
+from ipc.errors import BadRequest, ConfigError
 from ipc.protocol import driver as dp
 from sdk.service import Context, Service, handler
 
 
 def driver_args(argv: list[str]) -> argparse.Namespace:
+    """Flags over the `[driver]` table (drivers/config.py); not given: the table's."""
     ap = argparse.ArgumentParser(prog="driver")
-    ap.add_argument("--model", default="demo", help="'demo' or a local Hugging Face directory")
-    ap.add_argument("--kv-cache-mb", type=float, default=256.0, help="device memory for KV blocks")
-    ap.add_argument("--block-size", type=int, default=16)
-    ap.add_argument("--dtype", default=None)
-    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
-    ap.add_argument("--max-model-len", type=int, default=None)
-    ap.add_argument("--host-slots", type=int, default=0, help="blocks in the host swap tier")
-    ap.add_argument("--swap-mb", type=float, default=0.0, help="host swap tier size in MiB (instead of --host-slots)")
+    ap.add_argument("--config", help="TOML file; its [driver] table is read (default: the kernel's)")
+    ap.add_argument("--model", help="'demo' or a local Hugging Face directory")
+    ap.add_argument("--kv-cache-mb", type=float, help="device memory for KV blocks")
+    ap.add_argument("--block-size", type=int)
+    ap.add_argument("--dtype")
+    ap.add_argument("--threads", type=int, help="torch intra-op threads (CPU)")
+    ap.add_argument("--max-model-len", type=int)
+    ap.add_argument("--host-slots", type=int, help="blocks in the host swap tier")
+    ap.add_argument("--swap-mb", type=float, help="host swap tier size in MiB (instead of --host-slots)")
     ap.add_argument("--device-index", type=int, default=0)
     return ap.parse_args(argv)
+
+
+def driver_config(args: argparse.Namespace) -> DriverConfig:
+    return load_driver_config(args.config, model=args.model, kv_cache_mb=args.kv_cache_mb,
+                              block_size=args.block_size, dtype=args.dtype, threads=args.threads,
+                              max_model_len=args.max_model_len, host_slots=args.host_slots, swap_mb=args.swap_mb)
 
 
 class Driver(Service):
@@ -46,6 +55,7 @@ class Driver(Service):
     def __init__(self, argv: list[str] | None = None, **kwargs: Any):
         super().__init__(**kwargs)
         self.args = driver_args(sys.argv[1:] if argv is None else argv)
+        self.config = driver_config(self.args)
         self.runner: ModelRunner | None = None
         self._step_lock = anyio.Lock()
         self._busy = False
@@ -58,19 +68,26 @@ class Driver(Service):
 
     def load_runner(self) -> ModelRunner:
         """Runs in a worker thread. Subclasses adjust dtype, threads, device."""
-        a = self.args
+        a = self.config
         host_path = None
         if a.host_slots or a.swap_mb:
             host_path = self.home / "swap" / f"{self.instance}.swap" if self.device == "cpu" else None
             if host_path is not None:
                 host_path.parent.mkdir(parents=True, exist_ok=True)
         return ModelRunner.load(
-            a.model, kv_cache_bytes=int(a.kv_cache_mb * 2**20), device=self.device_name(), dtype=a.dtype,
-            block_size=a.block_size, num_threads=a.threads, home=self.home, max_model_len=a.max_model_len,
+            a.model, kv_cache_bytes=int(a.kv_cache_mb * 2**20), device=self.device_name(), dtype=a.dtype or None,
+            block_size=a.block_size, num_threads=a.threads or None, home=self.home,
+            max_model_len=a.max_model_len or None,
             host_tier_slots=a.host_slots, host_tier_path=host_path, host_tier_bytes=int(a.swap_mb * 2**20))
 
     async def on_start(self) -> None:
-        self.runner = await anyio.to_thread.run_sync(self.load_runner)
+        try:
+            self.runner = await anyio.to_thread.run_sync(self.load_runner)
+        except BadRequest as exc:
+            # No such device, a checkpoint that does not load, a pool smaller
+            # than one block: the same again on every restart.
+            raise ConfigError(f"{self.device_name()} driver: model {self.config.model!r} does not load: "
+                              f"{exc.message}") from None
 
     async def on_stop(self) -> None:
         if self.runner is not None:

@@ -2,6 +2,7 @@
 
     LlmosError                 code        meaning
     ├── BadRequest             bad_request       the input is malformed or invalid
+    │   └── ConfigError        bad_request       a setting restarting cannot fix (exit EX_CONFIG)
     ├── Unauthorized           unauthorized      no valid credential
     ├── Forbidden              forbidden         credential lacks the right
     ├── NotFound               not_found         no such service / request / object
@@ -67,6 +68,16 @@ class LlmosError(Exception):
 
 class BadRequest(LlmosError):
     code = ErrorCode.BAD_REQUEST
+
+
+class ConfigError(BadRequest):
+    """A failure restarting cannot fix: a bad config value, a device that is
+    not there, a checkpoint that does not load. A service that raises it exits
+    with `EX_CONFIG` and one line of reason, and its supervisor does not retry."""
+
+
+# sysexits.h: "something was found in an unconfigured or misconfigured state"
+EX_CONFIG = 78
 
 
 class Unauthorized(LlmosError):

@@ -1,6 +1,11 @@
 """Configuration: one TOML file decoded into typed structs; every field has a default.
 
-Supervision policy is data here (Erlang/OTP child specs), not code.
+The kernel decodes the whole file once, before anything starts: its own
+tables and every service's (each service's struct lives in a torch-free
+`config.py` of its package), so a bad value stops `llmos up` at once with
+the file, table and field named. Supervision policy is data here (Erlang/OTP
+child specs), not code. `llmos config example` prints every setting with its
+default (kernel/config_example.py).
 """
 
 from __future__ import annotations
@@ -11,9 +16,14 @@ from typing import Any
 
 import msgspec
 
-from ipc.configfile import read_toml
-from ipc.errors import BadRequest
+from drivers.config import DriverConfig
+from ipc.configfile import child_tables, read_toml, split_error, where, with_overrides
+from ipc.errors import BadRequest, ConfigError
 from ipc.sockets import FRONT_MAX_MESSAGE_BYTES, SocketLimits
+from services.gateway.config import GatewayConfig
+from services.memory.config import MemoryConfig
+from services.scheduler.config import SchedulerConfig
+from services.security.config import SecurityConfig
 
 
 class Restart(StrEnum):
@@ -37,9 +47,12 @@ class ChildSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     restart: Restart = Restart.PERMANENT
     instances: int = 1
     # Per-child restart intensity: more than `intensity` restarts within
-    # `period_s` seconds escalates (the kernel stops everything and exits).
+    # `period_s` seconds gives the child up; a significant one escalates (the
+    # kernel stops everything and exits), an optional one (false: the
+    # gateway, test services) stops alone and the rest keep serving.
     intensity: int = 5
     period_s: float = 10.0
+    significant: bool = True
     shutdown_timeout_s: float = 5.0
     startup_timeout_s: float = 120.0
     env: dict[str, str] = {}
@@ -84,58 +97,102 @@ class KernelConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     auth: bool = True
 
 
-def default_children(model: str = "demo", drivers: dict[str, int] | None = None, http: str = "",
-                     kv_cache_mb: int = 256, swap_mb: float = 0.0, preemption: str = "") -> list[ChildSpec]:
+def default_children(model: str = "", drivers: dict[str, int] | None = None, http: str = "",
+                     kv_cache_mb: float = 0, swap_mb: float = 0.0, preemption: str = "") -> list[ChildSpec]:
     """What `llmos up` runs, in start order: security first (it writes
     admin.key and must be up before anyone logs in), the memory server
     before the drivers whose pools it tracks, the scheduler after both, the
-    gateway last. swap_mb: each driver's host swap tier; preemption: the
-    scheduler's mode ("" = its config's)."""
+    gateway last (optional: it stops alone). The settings come from the
+    config's tables; model, kv_cache_mb, swap_mb and preemption, when given,
+    are passed as flags over them (tools that boot their own llmos)."""
     children = [ChildSpec(name="security", module="services.security"),
-                ChildSpec(name="echo", module="services.echo"),
                 ChildSpec(name="memory", module="services.memory")]
     for name, n in (drivers or {"cpu": 1}).items():
         children.append(ChildSpec(name=name, module="drivers", service="driver", instances=n,
-                                  args=[name, "--model", model, "--kv-cache-mb", str(kv_cache_mb),
+                                  args=[name, *(["--model", model] if model else []),
+                                        *(["--kv-cache-mb", str(kv_cache_mb)] if kv_cache_mb else []),
                                         *(["--swap-mb", str(swap_mb)] if swap_mb > 0 else [])]))
     children.append(ChildSpec(name="scheduler", module="services.scheduler",
                               args=["--preemption", preemption] if preemption else []))
     if http:
-        children.append(ChildSpec(name="gateway", module="services.gateway", args=["--listen", http]))
+        children.append(ChildSpec(name="gateway", module="services.gateway", args=["--listen", http],
+                                  significant=False))
     return children
+
+
+def echo_child() -> ChildSpec:
+    """The echo test service (no longer in a default boot): optional."""
+    return ChildSpec(name="echo", module="services.echo", significant=False)
+
+
+# The tables each service decodes itself, with the same struct.
+SERVICE_TABLES = ("scheduler", "memory", "gateway", "security", "driver")
 
 
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     kernel: KernelConfig = KernelConfig()
     supervisor: SupervisorConfig = SupervisorConfig()
     children: list[ChildSpec] = msgspec.field(default_factory=default_children)
-    # Tables the services read themselves (from $LLMOS_CONFIG, the file the
-    # kernel was started with); the kernel only carries them.
-    scheduler: dict[str, Any] = {}
-    memory: dict[str, Any] = {}
-    gateway: dict[str, Any] = {}
-    security: dict[str, Any] = {}
+    scheduler: SchedulerConfig = SchedulerConfig()
+    memory: MemoryConfig = MemoryConfig()
+    gateway: GatewayConfig = GatewayConfig()
+    security: SecurityConfig = SecurityConfig()
+    driver: DriverConfig = DriverConfig()
 
-    def validate(self) -> "Config":
+    def validate(self, source: str | Path | None = None) -> "Config":
+        """Every table's own checks, and the children's; `ConfigError` naming
+        `source`, the table and the field."""
+        for table in SERVICE_TABLES:
+            try:
+                getattr(self, table).validate()
+            except BadRequest as exc:
+                raise ConfigError(f"{where(source, table)} {exc.message}") from None
         names = [c.name for c in self.children]
         dup = {n for n in names if names.count(n) > 1}
         if dup:
-            raise BadRequest(f"config: duplicate child names {sorted(dup)}")
+            raise ConfigError(f"{where(source, 'children')} duplicate child names {sorted(dup)}")
         for c in self.children:
             if c.instances < 1:
-                raise BadRequest(f"config: child {c.name!r} needs instances >= 1")
+                raise ConfigError(f"{where(source, 'children')} child {c.name!r} needs instances >= 1")
             if c.intensity < 0 or c.period_s <= 0:
-                raise BadRequest(f"config: child {c.name!r} has a bad restart intensity/period")
+                raise ConfigError(f"{where(source, 'children')} child {c.name!r} has a bad restart "
+                                  f"intensity/period")
         return self
+
+    def child_env(self, source: str | Path | None) -> dict[str, str]:
+        """The environment that hands each child the tables decoded here
+        (ipc/configfile.py `load_table` reads it)."""
+        tables = {t: msgspec.to_builtins(getattr(self, t)) for t in SERVICE_TABLES}
+        return {"LLMOS_CONFIG_TABLES": child_tables(tables, source)}
+
+    def with_settings(self, source: str, **settings: object) -> "Config":
+        """`self` with settings given as dotted names ("scheduler.policy.name")
+        set where not None (`llmos up` flags), decoded and checked again."""
+        raw = with_overrides(msgspec.to_builtins(self), settings)
+        return decode_config(raw, source)
+
+
+def decode_config(raw: dict[str, Any], source: str | Path | None) -> Config:
+    try:
+        cfg = msgspec.convert(raw, Config)
+    except msgspec.ValidationError as exc:
+        path, why = split_error(exc)
+        table, _, fld = path.partition(".")
+        if table.startswith("children["):  # "children[2]": the third [[children]] table
+            table = f"[children] #{int(table[9:-1]) + 1}"
+        if not table:
+            prefix = f"config file {source}" if isinstance(source, Path) else (source or "config")
+            raise ConfigError(f"{prefix}: {why}") from None
+        if fld:
+            raise ConfigError(f"{where(source, table)} {fld}: {why}") from None
+        raise ConfigError(f"{where(source, table)} {why}") from None
+    return cfg.validate(source)
 
 
 def load_config(path: str | Path | None) -> Config:
-    """Read the TOML file at `path` (None: all defaults). Errors name the file and field."""
+    """Read the TOML file at `path` (None: all defaults). Errors name the file,
+    the table and the field."""
     if path is None:
         return Config().validate()
     p = Path(path)
-    raw = read_toml(p)
-    try:
-        return msgspec.convert(raw, Config).validate()
-    except msgspec.ValidationError as exc:
-        raise BadRequest(f"config file {p}: {exc}") from None
+    return decode_config(read_toml(p), p)

@@ -54,7 +54,8 @@ async def run_kernel(config: Config, home: Path, launcher: Launcher | None = Non
     supervisor = Supervisor(
         config.supervisor, config.children, launcher or LocalLauncher(),
         env={"LLMOS_HOME": str(home), "LLMOS_BACK": back, "LLMOS_FRONT": front, "LLMOS_BOOT_SECRET": secret,
-             **({"LLMOS_CONFIG": str(config_path.resolve())} if config_path else {})},
+             **({"LLMOS_CONFIG": str(config_path.resolve())} if config_path else {}),
+             **config.child_env(config_path.resolve() if config_path else None)},
         on_exit=partial(_on_exit, kernel, console),
         on_escalate=lambda reason: kernel.request_shutdown(f"escalation: {reason}"))
     kernel.supervisor = supervisor

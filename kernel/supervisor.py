@@ -1,10 +1,16 @@
 """The supervisor: starts children in order, restarts them by policy, escalates.
 
 Erlang/OTP semantics: restart types permanent / transient / temporary,
-strategies one_for_one / rest_for_one, restart intensity per child (more than
-`intensity` restarts within `period_s` escalates: every child is stopped in
-reverse start order and the kernel exits non-zero with the reason). Restarts
-back off exponentially up to a cap (MINIX 3's reincarnation server).
+strategies one_for_one / rest_for_one, restart intensity per child. The tree
+(docs/architecture.md): the kernel is the root; each child is a subtree of
+its own with its own intensity. Past it, a significant child (the core:
+security, memory, drivers, scheduler) escalates: every child is stopped in
+reverse start order and the kernel exits non-zero with the reason; an
+optional one (`significant = false`: the gateway, test services) is given up
+alone ("failed") and the rest keep serving. A child that exits EX_CONFIG
+failed for a reason restarting cannot fix: it is not retried, and its
+one-line reason is what escalates. Restarts back off exponentially up to a
+cap (MINIX 3's reincarnation server).
 """
 
 from __future__ import annotations
@@ -14,11 +20,13 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Callable
 
 import anyio
 
-from ipc.errors import BadRequest, NotFound
+from ipc.errors import EX_CONFIG, BadRequest, NotFound
+from ipc.home import run_dir
 from ipc.protocol import kernel as kp
 from kernel.config import ChildSpec, Restart, Strategy, SupervisorConfig
 from kernel.launcher import ChildProcess, Launcher
@@ -55,6 +63,26 @@ def describe_exit(rc: int) -> str:
         except ValueError:
             return f"killed by signal {-rc}"
     return f"exit {rc}"
+
+
+# A child that stays down: "dead" escalated, "failed" was given up alone.
+TERMINAL = ("stopped", "dead", "failed")
+
+
+def exit_reason_path(env: dict[str, str], instance: str) -> Path | None:
+    """Where a child writes the one-line reason of a permanent failure
+    (sdk/service.py `EXIT_REASON_ENV`)."""
+    home = env.get("LLMOS_HOME")
+    return run_dir(Path(home)) / "exits" / f"{instance}.reason" if home else None
+
+
+def read_exit_reason(path: Path | None) -> str:
+    try:
+        text = path.read_text(errors="replace") if path is not None else ""
+    except OSError:
+        text = ""
+    line = " ".join(text.split())[:1000]
+    return line or f"exit {EX_CONFIG}: a setting restarting cannot fix (see its log)"
 
 
 class Supervisor:
@@ -100,7 +128,9 @@ class Supervisor:
             task_status.started()
 
     def _ready_or_escalated(self, child: Child) -> bool:
-        return child.state == "ready" or self.escalation is not None
+        # "stopped" is also where a child starts: it counts once it has run.
+        done = child.state in ("dead", "failed") or (child.state == "stopped" and bool(child.last_exit))
+        return child.state == "ready" or done or self.escalation is not None
 
     def on_ready(self, instance: str, pid: int) -> None:
         for c in self.children:
@@ -119,6 +149,11 @@ class Supervisor:
             child.state = "starting"
             self._bump()
             env = {**self.env, "LLMOS_SERVICE": spec.name, "LLMOS_INSTANCE": child.instance}
+            reason_file = exit_reason_path(self.env, child.instance)
+            if reason_file is not None:
+                await anyio.to_thread.run_sync(_fresh, reason_file)
+                env["LLMOS_EXIT_REASON"] = str(reason_file)
+            permanent = False
             try:
                 child.process = await self.launcher.spawn(spec, child.instance, env)
             except OSError as exc:
@@ -127,6 +162,9 @@ class Supervisor:
                 child.started_at = time.monotonic()
                 log.info("supervisor.started", instance=child.instance, pid=child.process.pid)
                 reason = await self._wait_exit(child, child.process)
+                if reason == f"exit {EX_CONFIG}" and not child.stopping:
+                    permanent = True
+                    reason = await anyio.to_thread.run_sync(read_exit_reason, reason_file)
             child.last_exit = reason
             self.on_exit(child.instance, reason)
             if child.stopping:
@@ -141,6 +179,9 @@ class Supervisor:
                 child.state = "stopped"
                 self._bump()
                 return
+            if permanent:
+                self._give_up(child, f"{child.instance} failed and will not be restarted: {reason}")
+                return
             if self.config.strategy == Strategy.REST_FOR_ONE:
                 self._restart_later_siblings(child)
             now = time.monotonic()
@@ -148,9 +189,8 @@ class Supervisor:
             while child.restart_times and now - child.restart_times[0] > spec.period_s:
                 child.restart_times.popleft()
             if len(child.restart_times) > spec.intensity:
-                child.state = "dead"
-                self.escalate(f"{child.instance} restarted more than {spec.intensity} times in "
-                              f"{spec.period_s:g}s (last: {reason})")
+                self._give_up(child, f"{child.instance} restarted more than {spec.intensity} times in "
+                                     f"{spec.period_s:g}s (last: {reason})")
                 return
             child.restarts += 1
             child.state = "backoff"
@@ -176,6 +216,17 @@ class Supervisor:
         if timed_out:
             return f"not ready within {child.spec.startup_timeout_s:g}s"
         return describe_exit(rc)
+
+    def _give_up(self, child: Child, reason: str) -> None:
+        """Past its intensity, or failed permanently: a significant child
+        takes the system down with it, an optional one stops alone."""
+        if child.spec.significant:
+            child.state = "dead"
+            self.escalate(reason)
+            return
+        child.state = "failed"
+        log.error("supervisor.gave_up", instance=child.instance, reason=reason)
+        self._bump()
 
     def _restart_later_siblings(self, child: Child) -> None:
         for sib in self.children[child.index + 1:]:
@@ -217,7 +268,7 @@ class Supervisor:
         self._bump()
         for child in reversed(self.children):
             proc = child.process
-            if proc is None or child.state in ("stopped", "dead"):
+            if proc is None or child.state in TERMINAL:
                 continue
             _signal(proc, signal.SIGTERM)
             with anyio.move_on_after(child.spec.shutdown_timeout_s) as scope:
@@ -239,6 +290,12 @@ class Supervisor:
                 c.spec.service_name, c.instance, c.process.pid if c.process and alive else 0, c.state,
                 restarts=c.restarts, uptime_s=now - c.started_at if alive else 0.0, last_exit=c.last_exit))
         return out
+
+
+def _fresh(path: Path) -> None:
+    """No reason left over from an earlier incarnation."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
 
 
 def _signal(proc: ChildProcess, sig: int) -> None:

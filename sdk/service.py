@@ -30,7 +30,7 @@ from anyio.abc import TaskGroup
 from ipc import codec
 from ipc.capability import Restrictions
 from ipc.envelope import PROTOCOL_VERSION, Header, Kind
-from ipc.errors import BadRequest, DeadlineExceeded, Internal, LlmosError, Unavailable
+from ipc.errors import EX_CONFIG, BadRequest, ConfigError, DeadlineExceeded, Internal, LlmosError, Unavailable
 from ipc.heartbeat import HEARTBEAT_EXPIRY_S, HEARTBEAT_INTERVAL_S
 from ipc.home import back_endpoint, llmos_home
 from ipc.protocol import kernel as kp
@@ -183,10 +183,16 @@ class Service:
     @classmethod
     def main(cls) -> None:
         """Entry point for `python -m services.NAME`."""
-        svc = cls()
-        configure(svc.instance, svc.home)
+        # Logging first: building the service decodes its config table.
+        configure(os.environ.get("LLMOS_INSTANCE") or cls.name, llmos_home(None))
         try:
+            svc = cls()
             anyio.run(svc.run, backend="asyncio", backend_options={"use_uvloop": True})
+        except ConfigError as exc:
+            # Restarting cannot fix it: say why in one line, where the
+            # supervisor reads it, and exit EX_CONFIG so it does not retry.
+            _report_permanent(exc.message)
+            sys.exit(EX_CONFIG)
         except LlmosError as exc:
             log.error("service.failed", error=str(exc))
             sys.exit(1)
@@ -310,3 +316,20 @@ class Service:
         conn.send(Header(PROTOCOL_VERSION, kind, req.msg_id, src=self.instance, dst=req.src, op=op,
                          trace_id=req.trace_id, attempt=req.attempt), body, buffers)
 
+
+
+# The supervisor names this file (kernel/supervisor.py `exit_reason_path`).
+EXIT_REASON_ENV = "LLMOS_EXIT_REASON"
+
+
+def _report_permanent(reason: str) -> None:
+    line = " ".join(reason.split())[:1000]  # one line, bounded
+    log.error("service.failed_permanently", error=line)
+    print(f"llmos: {os.environ.get('LLMOS_INSTANCE', '?')}: {line}", file=sys.stderr)
+    path = os.environ.get(EXIT_REASON_ENV)
+    if path:
+        try:
+            with open(path, "w") as f:
+                f.write(line + "\n")
+        except OSError:
+            pass  # the exit status alone still stops the retries

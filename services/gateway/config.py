@@ -32,7 +32,7 @@ from pathlib import Path
 
 import msgspec
 
-from ipc.configfile import read_toml
+from ipc.configfile import load_table
 from ipc.errors import BadRequest
 
 MIB = 1 << 20
@@ -63,22 +63,11 @@ class GatewayConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
         ]
         for ok, why in checks:
             if not ok:
-                raise BadRequest(f"gateway config: {why}")
+                raise BadRequest(why)
         return self
 
 
 def load_gateway_config(path: str | Path | None, **overrides: object) -> GatewayConfig:
-    """The `[gateway]` table of the TOML file at `path` (other tables are
-    ignored), with `overrides` that are not None applied."""
-    raw: dict[str, object] = {}
-    if path is not None:
-        p = Path(path)
-        table = read_toml(p).get("gateway", {})
-        if not isinstance(table, dict):
-            raise BadRequest(f"config file {p}: [gateway] must be a table")
-        raw = dict(table)
-    raw.update({k: v for k, v in overrides.items() if v is not None})
-    try:
-        return msgspec.convert(raw, GatewayConfig).validate()
-    except msgspec.ValidationError as exc:
-        raise BadRequest(f"gateway config: {exc}") from None
+    """The `[gateway]` table (ipc/configfile.py `load_table`: the file at
+    `path`, else the kernel's), with `overrides` that are not None applied."""
+    return load_table(path, "gateway", GatewayConfig, overrides)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -49,8 +48,7 @@ class GatewayService(Service):
         super().__init__(**kwargs)
         ap = argparse.ArgumentParser(prog="gateway")
         ap.add_argument("--listen", default="127.0.0.1:8000")
-        ap.add_argument("--config", default=os.environ.get("LLMOS_CONFIG"),
-                        help="TOML file; its [gateway] table is read (default: the kernel's, $LLMOS_CONFIG)")
+        ap.add_argument("--config", help="TOML file; its [gateway] table is read (default: the kernel's)")
         ap.add_argument("--max-tokens", type=int, help="default max_tokens")
         ap.add_argument("--max-body-bytes", type=int, help="largest request body accepted")
         args = ap.parse_args(sys.argv[1:] if argv is None else argv)

@@ -22,6 +22,7 @@ from ipc.protocol.security import QuotaPolicy
 from sdk.logs import get_logger
 from sdk.policy import follow_quotas
 from sdk.service import Context, Service, handler
+from services.memory.config import load_memory_config
 from services.memory.manager import MemoryManager
 
 log = get_logger()
@@ -32,7 +33,7 @@ class MemoryService(Service):
 
     def __init__(self, **kwargs: Any):
         super().__init__(**kwargs)
-        self.manager = MemoryManager()
+        self.manager = MemoryManager(load_memory_config())
         self._pool_pids: dict[str, int] = {}
         self._limited: set[str] = set()  # tenants with a KV-block quota from the policy
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import msgspec
 
-from ipc.configfile import read_toml
+from ipc.configfile import load_table
 from ipc.errors import BadRequest
 
 
@@ -95,30 +95,14 @@ class SchedulerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
         ]
         for ok, why in checks:
             if not ok:
-                raise BadRequest(f"scheduler config: {why}")
+                raise BadRequest(why)
         return self
 
 
 def load_scheduler_config(path: str | Path | None, **overrides: object) -> SchedulerConfig:
-    """The `[scheduler]` table of the TOML file at `path` (other tables are
-    ignored), with `overrides` (top-level fields, or ``policy``) applied."""
-    raw: dict[str, object] = {}
-    if path is not None:
-        p = Path(path)
-        loaded = read_toml(p)
-        table = loaded.get("scheduler", {})
-        if not isinstance(table, dict):
-            raise BadRequest(f"config file {p}: [scheduler] must be a table")
-        raw = dict(table)
-    for key, value in overrides.items():
-        if value is None:
-            continue
-        if key == "policy":
-            policy = raw.get("policy", {})
-            raw["policy"] = {**(policy if isinstance(policy, dict) else {}), "name": value}
-        else:
-            raw[key] = value
-    try:
-        return msgspec.convert(raw, SchedulerConfig).validate()
-    except msgspec.ValidationError as exc:
-        raise BadRequest(f"scheduler config: {exc}") from None
+    """The `[scheduler]` table (ipc/configfile.py `load_table`: the file at
+    `path`, else the kernel's), with `overrides` (top-level fields, or
+    ``policy``: the policy's name) that are not None applied."""
+    if "policy" in overrides:
+        overrides["policy.name"] = overrides.pop("policy")
+    return load_table(path, "scheduler", SchedulerConfig, overrides)

@@ -17,7 +17,6 @@ what needs a right has an op of its own (`PrioritySubmit`, `AdminList`,
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Any, NoReturn
 
@@ -60,8 +59,7 @@ AUDIT_STR = 128
 
 def scheduler_args(argv: list[str]) -> SchedulerConfig:
     ap = argparse.ArgumentParser(prog="scheduler")
-    ap.add_argument("--config", default=os.environ.get("LLMOS_CONFIG"),
-                    help="TOML file; its [scheduler] table is read (default: the kernel's, $LLMOS_CONFIG)")
+    ap.add_argument("--config", help="TOML file; its [scheduler] table is read (default: the kernel's)")
     ap.add_argument("--policy", choices=[p.value for p in PolicyName])
     ap.add_argument("--token-budget", type=int)
     ap.add_argument("--max-seqs", type=int)

@@ -13,10 +13,12 @@ def test_defaults_need_no_file() -> None:
     cfg = load_config(None)
     assert cfg.kernel.max_attempts >= 1
     # secure by default: the security server first (it writes admin.key), auth on
-    assert [c.name for c in cfg.children] == ["security", "echo", "memory", "cpu", "scheduler"]
+    # echo is a test service: not in a default boot
+    assert [c.name for c in cfg.children] == ["security", "memory", "cpu", "scheduler"]
     assert cfg.kernel.auth
-    cpu = cfg.children[3]
-    assert cpu.service == "driver" and cpu.args[:3] == ["cpu", "--model", "demo"]
+    cpu = cfg.children[2]
+    # the driver's settings are its [driver] table, not flags
+    assert cpu.service == "driver" and cpu.args == ["cpu"] and cfg.driver.model == "demo"
 
 
 def test_llmos_up_flags_choose_the_children() -> None:
@@ -25,23 +27,25 @@ def test_llmos_up_flags_choose_the_children() -> None:
 
     kids = default_children("/models/x", parse_drivers("cpu=2,cuda=1"), ":8000")
     assert [(c.name, c.instances) for c in kids] == [
-        ("security", 1), ("echo", 1), ("memory", 1), ("cpu", 2), ("cuda", 1), ("scheduler", 1), ("gateway", 1)]
-    assert kids[-1].args == ["--listen", ":8000"] and kids[3].args[2] == "/models/x"
+        ("security", 1), ("memory", 1), ("cpu", 2), ("cuda", 1), ("scheduler", 1), ("gateway", 1)]
+    assert kids[-1].args == ["--listen", ":8000"] and kids[2].args[2] == "/models/x"
+    # the gateway is optional: it stops alone; the core escalates
+    assert not kids[-1].significant and all(c.significant for c in kids[:-1])
     with pytest.raises(BadRequest, match="--drivers"):
         parse_drivers("cpu=two")
 
 
 def test_llmos_up_swap_flags_reach_the_driver_and_the_scheduler_as_flags_they_accept() -> None:
-    from drivers.base import driver_args
+    from drivers.base import driver_args, driver_config
     from kernel.config import default_children
     from services.scheduler.config import PreemptionMode
     from services.scheduler.service import scheduler_args
 
     kids = {c.name: c for c in default_children("demo", {"cpu": 1}, swap_mb=64.0, preemption="swap")}
-    assert driver_args(kids["cpu"].args[1:]).swap_mb == 64.0
+    assert driver_config(driver_args(kids["cpu"].args[1:])).swap_mb == 64.0
     assert scheduler_args(kids["scheduler"].args).preemption == PreemptionMode.SWAP
     plain = {c.name: c for c in default_children("demo", {"cpu": 1})}
-    assert driver_args(plain["cpu"].args[1:]).swap_mb == 0.0
+    assert driver_config(driver_args(plain["cpu"].args[1:])).swap_mb == 0.0
     assert scheduler_args(plain["scheduler"].args).preemption == PreemptionMode.RECOMPUTE
 
 
@@ -85,3 +89,114 @@ def test_bad_config_names_the_file_and_the_field(tmp_path: Path, text: str, frag
 def test_missing_config_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(BadRequest, match="nope.toml"):
         load_config(tmp_path / "nope.toml")
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("[scheduler.policy]\nname = 'lottery'\n", "[scheduler] policy.name: Invalid enum value 'lottery'"),
+    ("[scheduler]\ntoken_budget = 0\n", "[scheduler] token_budget must be >= 1"),
+    ("[memory]\ntenant_blocks = {a = 'lots'}\n", "[memory] tenant_blocks[...]: Expected `int`"),
+    ("[memory]\ndefault_tenant_blocks = -7\n", "[memory] default_tenant_blocks must be >= 0"),
+    ("[memory]\nblocks = 3\n", "[memory] Object contains unknown field `blocks`"),
+    ("[gateway]\nmax_body_bytes = 'big'\n", "[gateway] max_body_bytes: Expected `int`"),
+    ("[security]\ntoken_ttl_s = 0\n", "[security] token_ttl_s must be within"),
+    ("[driver]\ndtype = 'int4'\n", "[driver] dtype must be one of"),
+    ("[driver]\nkv_cache_mb = -1\n", "[driver] kv_cache_mb must be > 0"),
+    ("[schedular]\n", "unknown field `schedular`"),
+    ("scheduler = 3\n", "[scheduler] Expected `object`"),
+    ("[[children]]\nname='a'\nmodule='m'\nsignificant='no'\n", "[[children] #1] significant: Expected `bool`"),
+])
+def test_every_table_is_typed_and_errors_name_file_table_and_field(tmp_path: Path, text: str,
+                                                                  fragment: str) -> None:
+    from ipc.errors import ConfigError
+
+    p = tmp_path / "llmos.toml"
+    p.write_text(text)
+    with pytest.raises(ConfigError) as ei:
+        load_config(p)
+    assert f"config file {p}" in ei.value.message and fragment in ei.value.message
+
+
+def test_each_service_decodes_its_table_from_what_the_kernel_hands_down(monkeypatch: pytest.MonkeyPatch,
+                                                                         tmp_path: Path) -> None:
+    from drivers.config import load_driver_config
+    from ipc.errors import ConfigError
+    from services.memory.config import load_memory_config
+    from services.scheduler.config import PolicyName, load_scheduler_config
+
+    p = tmp_path / "llmos.toml"
+    p.write_text("[memory]\ntenant_blocks = {a = 4}\n[driver]\nkv_cache_mb = 64.0\n")
+    cfg = load_config(p).with_settings("flags", **{"scheduler.policy.name": "mlfq"})
+    for k, v in cfg.child_env(p).items():
+        monkeypatch.setenv(k, v)
+    assert load_memory_config().tenant_blocks == {"a": 4}
+    assert load_driver_config(kv_cache_mb=None).kv_cache_mb == 64.0
+    assert load_driver_config(kv_cache_mb=32.0).kv_cache_mb == 32.0  # a flag wins
+    assert load_scheduler_config(None).policy.name is PolicyName.MLFQ
+    with pytest.raises(ConfigError, match=r"\[driver\] kv_cache_mb must be > 0"):
+        load_driver_config(kv_cache_mb=0.0)
+
+
+def test_up_flags_set_the_tables_and_a_bad_flag_is_named() -> None:
+    from ipc.errors import ConfigError
+    from tools.cli import main, up_config
+
+    args = _up_args("--policy", "priority", "--kv-cache-mb", "64", "--dtype", "bfloat16", "--autotune", "40")
+    cfg = up_config(args)
+    assert cfg.scheduler.policy.name == "priority" and cfg.scheduler.tpot_target_ms == 40.0
+    assert cfg.driver.kv_cache_mb == 64.0 and cfg.driver.dtype == "bfloat16"
+    assert up_config(_up_args("--preemption", "swap")).driver.swap_mb == 512.0
+    for bad, fragment in [(("--policy", "lottery"), "[scheduler] policy.name"),
+                          (("--kv-cache-mb", "0"), "[driver] kv_cache_mb"),
+                          (("--dtype", "int4"), "[driver] dtype"),
+                          (("--autotune", "-5"), "[scheduler] tpot_target_ms")]:
+        with pytest.raises(ConfigError) as ei:
+            up_config(_up_args(*bad))
+        assert "llmos up flags" in ei.value.message and fragment in ei.value.message
+    assert main(["config", "check", "/nonexistent/llmos.toml"]) == 1
+
+
+def _up_args(*flags: str) -> object:
+    import argparse
+
+    from tools.cli import main
+
+    captured: list[argparse.Namespace] = []
+    import tools.cli as cli
+
+    real = cli.cmd_up
+    cli.cmd_up = lambda a: captured.append(a) or 0  # type: ignore[assignment, func-returns-value]
+    try:
+        assert main(["up", *flags]) == 0
+    finally:
+        cli.cmd_up = real
+    return captured[0]
+
+
+def test_config_example_has_every_setting_and_decodes_back_to_the_defaults(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import msgspec
+
+    from tools.cli import main
+
+    assert main(["config", "example"]) == 0
+    text = capsys.readouterr().out
+    p = tmp_path / "example.toml"
+    p.write_text(text)
+    assert load_config(p) == Config()
+    for table in ("kernel", "kernel.limits", "supervisor", "scheduler", "scheduler.policy", "memory", "gateway",
+                  "security", "driver"):
+        assert f"[{table}]" in text
+    for table in ("scheduler", "memory", "gateway", "security", "driver"):
+        for f in msgspec.structs.fields(type(getattr(Config(), table))):
+            if f.name == "policy":
+                continue  # a table of its own: [scheduler.policy]
+            assert f"\n{f.name} = " in text, f"{table}.{f.name} missing from the example"
+    assert "# one of: fcfs, priority, round_robin, mlfq, fair" in text
+    assert main(["config", "check", str(p)]) == 0
+
+
+def test_driver_dtypes_match_the_model_runner() -> None:
+    from drivers.config import DTYPES
+    from drivers.model.runner import _DTYPES
+
+    assert set(DTYPES) == set(_DTYPES)
