@@ -13,6 +13,7 @@ import anyio
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
 from ipc.errors import LlmosError
 from ipc.protocol import memory as mp
@@ -78,6 +79,8 @@ async def frame(client: AsyncClient, prev: Sample | None) -> tuple[Group, Sample
         t.add_row(sched.policy, str(sched.waiting), str(sched.running), str(sched.token_budget),
                   str(sched.max_num_seqs), str(sched.preemptions), swapped, rate)
         parts.append(t)
+        if sched.quota_waits or sched.kv_quota_refused:
+            parts.append(quota_view(sched))
     if mem is not None:
         t = Table("POOL", "USED", "CACHED", "FREE", "UTIL%", "WASTE%", "HIT RATE", "SWAPPED",
                   title="KV cache", title_justify="left")
@@ -91,6 +94,17 @@ async def frame(client: AsyncClient, prev: Sample | None) -> tuple[Group, Sample
     counters.add_row(*(str(x) for x in (c.routed, c.replies, c.rejected, c.dropped, c.resent, c.cancelled)))
     parts.append(counters)
     return Group(*parts), Sample(now, cpu, tokens)
+
+
+def quota_view(sched: sp.SchedulerStatsReply) -> Table:
+    """Why waiting requests wait beyond their turn: per tenant, those held
+    back by its KV-block quota (its other requests hold it), and how many
+    requests were refused because they could never fit theirs."""
+    t = Table("TENANT", "WAITING ON", "REQUESTS", "KV BLOCKS HELD / QUOTA",
+              title=f"waiting on quota ({sched.kv_quota_refused} refused: could never fit)", title_justify="left")
+    for w in sched.quota_waits:
+        t.add_row(Text(w.tenant), "kv_blocks", str(w.requests), f"{w.held}/{w.limit}")  # a name, not markup
+    return t
 
 
 async def top(home: str | None, once: bool) -> int:
