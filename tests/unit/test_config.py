@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import pytest
@@ -155,18 +156,19 @@ def test_up_flags_set_the_tables_and_a_bad_flag_is_named() -> None:
     assert main(["config", "check", "/nonexistent/llmos.toml"]) == 1
 
 
-def _up_args(*flags: str) -> object:
-    import argparse
-
-    from tools.cli import main
-
-    captured: list[argparse.Namespace] = []
+def _up_args(*flags: str) -> argparse.Namespace:
+    """The namespace `llmos up FLAGS` hands cmd_up (which is not run)."""
     import tools.cli as cli
 
-    real = cli.cmd_up
-    cli.cmd_up = lambda a: captured.append(a) or 0  # type: ignore[assignment, func-returns-value]
+    captured: list[argparse.Namespace] = []
+
+    def fake_up(a: argparse.Namespace) -> int:
+        captured.append(a)
+        return 0
+
+    real, cli.cmd_up = cli.cmd_up, fake_up  # type: ignore[assignment]
     try:
-        assert main(["up", *flags]) == 0
+        assert cli.main(["up", *flags]) == 0
     finally:
         cli.cmd_up = real
     return captured[0]

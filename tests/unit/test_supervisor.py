@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import itertools
 import signal
+from pathlib import Path
 from typing import Callable
 
 import anyio
 import pytest
 
-from ipc.errors import NotFound
+from ipc.errors import EX_CONFIG, NotFound
 from kernel.config import ChildSpec, Restart, Strategy, SupervisorConfig
 from kernel.supervisor import Supervisor
 
@@ -49,7 +50,7 @@ class FakeLauncher:
     def __init__(self) -> None:
         self.spawned: list[FakeProcess] = []
         self.supervisor: Supervisor | None = None
-        self.behaviour: dict[str, str] = {}  # "ready" (default) | "crash" | "hang"
+        self.behaviour: dict[str, str] = {}  # "ready" (default) | "crash" | "hang" | "config"
         self.log: list[str] = []
 
     async def spawn(self, spec: ChildSpec, instance: str, env: dict[str, str]) -> FakeProcess:
@@ -65,6 +66,9 @@ class FakeLauncher:
             asyncio.get_running_loop().call_soon(sup.on_ready, instance, p.pid)
         elif what == "crash":
             p.exit(1)
+        elif what == "config":  # sdk/service.py: a ConfigError's reason, then EX_CONFIG
+            Path(env["LLMOS_EXIT_REASON"]).write_text("no CUDA here\n")
+            p.exit(EX_CONFIG)
         return p
 
     def live(self, instance: str) -> FakeProcess:
@@ -227,3 +231,32 @@ async def test_kill_of_unknown_service_is_not_found() -> None:
     sup, _, _, _ = make([ChildSpec("a", "m")])
     with pytest.raises(NotFound, match="nope"):
         sup.kill("nope")
+
+
+async def test_a_permanent_failure_is_not_retried_and_escalates_with_its_reason(tmp_path: Path) -> None:
+    """A core child that exits EX_CONFIG (bad config, no CUDA) stops the system
+    at once, with the child's own one-line reason, instead of six restarts."""
+    sup, launcher, _, escalations = make([ChildSpec("a", "m"), ChildSpec("cuda", "m")])
+    sup.env["LLMOS_HOME"] = str(tmp_path)
+    launcher.behaviour["cuda"] = "config"
+    async with anyio.create_task_group() as tg:
+        await tg.start(sup.run)
+        await until(lambda: bool(escalations))
+        tg.cancel_scope.cancel()
+    assert launcher.starts("cuda") == 1
+    assert escalations == ["cuda failed and will not be restarted: no CUDA here"]
+    assert state(sup, "cuda") == "dead"
+
+
+async def test_an_optional_child_past_its_intensity_stops_alone() -> None:
+    sup, launcher, _, escalations = make([ChildSpec("a", "m"),
+                                          ChildSpec("flaky", "m", intensity=2, significant=False),
+                                          ChildSpec("c", "m")])
+    launcher.behaviour["flaky"] = "crash"
+    async with anyio.create_task_group() as tg:
+        await tg.start(sup.run)  # the boot goes on past the optional child
+        await until(lambda: state(sup, "flaky") == "failed")
+        assert launcher.starts("flaky") == 3 and not escalations
+        assert state(sup, "a") == "ready" and state(sup, "c") == "ready"
+        await sup.stop_all()
+        tg.cancel_scope.cancel()
