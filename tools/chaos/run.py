@@ -18,7 +18,7 @@ import msgspec
 from drivers.model.tokenizer import load_tokenizer
 from ipc.protocol import security as sec
 from ipc.protocol.driver import DRIVER, DescribeModel, ModelDescription
-from kernel.config import ChildSpec, default_children
+from kernel.config import ChildSpec, default_children, echo_child
 from sdk.client import AsyncClient
 from sdk.testing import running_llmos
 from services.scheduler._text import TextStream
@@ -69,9 +69,10 @@ def _free_port() -> int:
 
 
 def chaos_children(model: str, kv_cache_mb: int, http: str) -> list[ChildSpec]:
-    """`llmos up`'s children, with the priority policy so priorities matter."""
+    """`llmos up`'s children, with the priority policy so priorities matter,
+    and the echo test service (the fuzzers probe and kill it)."""
     return [msgspec.structs.replace(c, args=[*c.args, "--policy", "priority"]) if c.name == "scheduler" else c
-            for c in default_children(model, {"cpu": 1}, http, kv_cache_mb=kv_cache_mb)]
+            for c in default_children(model, {"cpu": 1}, http, kv_cache_mb=kv_cache_mb)] + [echo_child()]
 
 
 async def run_chaos(home: Path, cfg: ChaosConfig, out: Path) -> ChaosResult:
