@@ -82,19 +82,20 @@ def _listened_on(path: Path) -> bool:
     return True
 
 
-def ipc_path_id(endpoint: str) -> tuple[int, int] | None:
-    """Which file an ipc:// endpoint's path is now (device, inode); None when
-    not ipc:// or absent. Taken right after bind, it names the file we made."""
+def ipc_path_id(endpoint: str) -> tuple[int, int, int] | None:
+    """Which file an ipc:// endpoint's path is now (device, inode, ctime: an
+    inode number is reused at once after an unlink); None when not ipc:// or
+    absent. Taken right after bind, it names the file we made."""
     if not endpoint.startswith("ipc://"):
         return None
     try:
         st = os.lstat(endpoint[len("ipc://"):])
     except OSError:
         return None
-    return st.st_dev, st.st_ino
+    return st.st_dev, st.st_ino, st.st_ctime_ns
 
 
-def remove_ipc_path(endpoint: str, made: tuple[int, int] | None) -> None:
+def remove_ipc_path(endpoint: str, made: tuple[int, int, int] | None) -> None:
     """Remove the socket file of an ipc:// endpoint if it is still the one
     `made` names (`ipc_path_id` after our bind): a file someone else bound at
     that path since is theirs and stays."""
@@ -162,6 +163,8 @@ class Channel:
         self._rearm = not reader_reschedules
         # True while the reader drains and answers (see `reading`).
         self._reading = False
+        # Why the last send failed: True for a full queue, False for an unknown peer.
+        self.full = False
 
     @property
     def wake(self) -> asyncio.Event:
@@ -204,6 +207,7 @@ class Channel:
         full (ROUTER_MANDATORY): the caller decides what a drop means."""
         send = self.sock.send
         last = len(frames) - 1
+        self.full = False
         try:
             # Atomic like send_multipart: a refused message is refused at its
             # first part (HWM, or an unknown peer under ROUTER_MANDATORY).
@@ -211,7 +215,10 @@ class Channel:
             # in a zmq.Frame; a received Frame passed on is never copied.
             for i, frame in enumerate(frames):
                 send(frame, _NOBLOCK_MORE if i < last else _NOBLOCK, copy=True)
-        except (zmq.Again, zmq.error.ZMQError):
+        except zmq.Again:
+            self.full = True  # the peer is there, its queue is not (HWM)
+            return False
+        except zmq.error.ZMQError:
             return False
         finally:
             if not self._reading and not self._closed and self.pending_input():
