@@ -19,9 +19,10 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, AsyncGenerator, Iterator, Sequence
 
+import zmq
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
-from ipc.errors import NotFound, Unavailable
+from ipc.errors import BadRequest, NotFound, Unavailable
 from ipc.home import front_endpoint, llmos_home
 from ipc.protocol import kernel as kp
 from ipc.protocol import scheduler as sp
@@ -53,10 +54,16 @@ class AsyncClient:
         API key (or a readable admin.key), log in first (that answer is the check)."""
         h = llmos_home(home)
         ep = endpoint or front_endpoint(h)
+        if not ep.startswith(("ipc://", "tcp://")):
+            raise BadRequest(f"endpoint {ep[:200]!r}: want tcp://HOST:PORT or ipc://PATH")
         if ep.startswith("ipc://") and not Path(ep[6:]).exists():
             raise Unavailable(f"no llmos kernel is running at {ep} (start one with `llmos up`)")
-        client = cls(Connection(ep, src=f"client:{os.getpid()}", curve=tcp_keys(ep, h),
-                                max_message_bytes=FRONT_MAX_MESSAGE_BYTES))
+        try:
+            conn = Connection(ep, src=f"client:{os.getpid()}", curve=tcp_keys(ep, h),
+                              max_message_bytes=FRONT_MAX_MESSAGE_BYTES)
+        except zmq.ZMQError as exc:
+            raise BadRequest(f"endpoint {ep[:200]!r}: {exc} (want tcp://HOST:PORT or ipc://PATH)") from None
+        client = cls(conn)
         key = api_key if api_key is not None else read_admin_key(h)
         try:
             if key:

@@ -1,9 +1,6 @@
 """`llmos`: the command line.
 
     llmos up [--home DIR] [--config FILE]     boot in the foreground (a readable status; --log-format json)
-          [--model DIR] [--drivers cpu=1] [--http :8000] [--policy fair] [--kv-cache-mb 256]
-          [--dtype float32] [--autotune TPOT_MS]   ...flags over the config file
-    llmos config example | check FILE          every setting with its default, as TOML; check a file
     llmos down [--timeout S]                   stop a running llmos, return once it has stopped
     llmos ps [--json]                          services and their state
     llmos kill SERVICE [--signal SIGKILL]      kill a service (the supervisor restarts it)
@@ -22,6 +19,7 @@ With auth on (the default), commands use $LLMOS_HOME/admin.key when this user ca
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -30,16 +28,31 @@ import msgspec
 
 from ipc.errors import BadRequest, LlmosError
 from ipc.home import llmos_home
+from tools.terminal import printable
+
+# Subcommands that work on this machine's LLMOS_HOME (they boot llmos or read
+# its files): a remote --endpoint cannot apply to them.
+LOCAL_ONLY = {"up": "boots llmos on this machine (its [kernel] front setting says where it listens)",
+              "demo": "boots its own llmos on this machine", "chaos": "boots its own llmos on this machine",
+              "logs": "reads LLMOS_HOME/logs on this machine", "audit": "reads LLMOS_HOME's audit log on this machine",
+              "config": "reads files on this machine"}
 
 
 def _client(args: argparse.Namespace) -> Any:
     from sdk.client import Client
 
-    return Client.connect(home=args.home)
+    return Client.connect(args.endpoint, home=args.home, api_key=api_key(args))
+
+
+def api_key(args: argparse.Namespace) -> str | None:
+    """--api-key, else $LLMOS_API_KEY, else None (the local operator's admin.key, if readable)."""
+    key = args.api_key if args.api_key is not None else os.environ.get("LLMOS_API_KEY")
+    return key.strip() or None if key is not None else None
 
 
 def cmd_up(args: argparse.Namespace) -> int:
     from kernel.__main__ import boot
+    from kernel.config import default_children, load_config
     from sdk.logs import configure
 
     from kernel.console import Console
@@ -50,7 +63,13 @@ def cmd_up(args: argparse.Namespace) -> int:
     # of every process); the JSON logs always go to LLMOS_HOME/logs.
     json_terminal = args.log_format == "json" and not args.quiet
     configure("kernel", home, stderr=json_terminal)
-    config = up_config(args)
+    config = load_config(args.config)
+    if args.config is None or args.model or args.drivers or args.http or args.preemption or args.swap_mb:
+        # flags describe the children; a config file's other sections still apply
+        swap_mb = args.swap_mb if args.swap_mb is not None else (512.0 if args.preemption == "swap" else 0.0)
+        children = default_children(args.model or "demo", parse_drivers(args.drivers or "cpu=1"), args.http or "",
+                                    swap_mb=swap_mb, preemption=args.preemption or "")
+        config = msgspec.structs.replace(config, children=children)
     console = Console(sys.stderr if args.log_format == "console" and not args.quiet else None, errors=sys.stderr)
     try:
         return boot(config, home, Path(args.config) if args.config else None, console=console,
@@ -58,27 +77,6 @@ def cmd_up(args: argparse.Namespace) -> int:
     except HomeLocked as exc:
         print(f"llmos: {exc.message}", file=sys.stderr)
         return 1
-
-
-def up_config(args: argparse.Namespace) -> Any:
-    """The config file (or the defaults) with `llmos up`'s flags over it,
-    decoded and checked whole before anything starts."""
-    from kernel.config import default_children, load_config
-
-    config = load_config(args.config)
-    swap_mb = args.swap_mb
-    if swap_mb is None and args.preemption == "swap" and config.driver.swap_mb == 0 and not config.driver.host_slots:
-        swap_mb = 512.0  # swapping needs a tier to swap to
-    config = config.with_settings(
-        "llmos up flags" + (f" over config file {args.config}" if args.config else ""),
-        **{"driver.model": args.model, "driver.kv_cache_mb": args.kv_cache_mb, "driver.dtype": args.dtype,
-           "driver.swap_mb": swap_mb, "scheduler.preemption": args.preemption,
-           "scheduler.policy.name": args.policy, "scheduler.tpot_target_ms": args.autotune})
-    if args.config is None or args.drivers or args.http:
-        # --drivers and --http describe the children (a file's [[children]] otherwise)
-        config = msgspec.structs.replace(config, children=default_children(
-            drivers=parse_drivers(args.drivers or "cpu=1"), http=args.http or ""))
-    return config
 
 
 def parse_drivers(spec: str) -> dict[str, int]:
@@ -93,19 +91,6 @@ def parse_drivers(spec: str) -> dict[str, int]:
         if out[name] < 1:
             raise BadRequest(f"--drivers: {name} needs a count >= 1")
     return out
-
-
-def cmd_config(args: argparse.Namespace) -> int:
-    if args.action == "example":
-        from kernel.config_example import example_toml
-
-        sys.stdout.write(example_toml())
-        return 0
-    from kernel.config import load_config
-
-    load_config(args.file)  # raises naming the file, table and field
-    print(f"llmos: {args.file}: ok")
-    return 0
 
 
 def cmd_down(args: argparse.Namespace) -> int:
@@ -146,15 +131,21 @@ def cmd_ps(args: argparse.Namespace) -> int:
 
 
 def print_table(rows: Sequence[tuple[str, ...]]) -> None:
+    rows = table_cells(rows)
     widths = [max(len(r[k]) for r in rows) for k in range(len(rows[0]))]
     for r in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
 
 
+def table_cells(rows: Sequence[tuple[str, ...]]) -> list[tuple[str, ...]]:
+    """Cells from elsewhere (names, notes, exit reasons) as one visible line each."""
+    return [tuple(printable(c, newlines=False) for c in r) for r in rows]
+
+
 def cmd_kill(args: argparse.Namespace) -> int:
     with _client(args) as c:
         killed = c.kill(args.service, args.signal)
-    print(f"llmos: sent {args.signal} to {', '.join(killed) if killed else 'nothing (not running)'}")
+    print(f"llmos: sent {args.signal} to {printable(', '.join(killed)) if killed else 'nothing (not running)'}")
     return 0
 
 
@@ -189,12 +180,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
                         "text": chunk.text, "finish_reason": chunk.finish_reason,
                         "usage": _usage_json(chunk.usage) if chunk.usage else None}).decode(), flush=True)
                 else:
-                    sys.stdout.write(chunk.text)
+                    sys.stdout.write(printable(chunk.text))
                     sys.stdout.flush()
                 if chunk.finish_reason is not None and not args.json:
                     print()
                     if chunk.error:
-                        print(f"llmos: {chunk.error}", file=sys.stderr)
+                        print(f"llmos: {printable(chunk.error)}", file=sys.stderr)
                     return 0 if chunk.finish_reason != "error" else 1
             return 0
         comp = c.generate(args.prompt, **opts)
@@ -203,16 +194,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
                                    "finish_reason": comp.finish_reason, "usage": _usage_json(comp.usage),
                                    "error": comp.error}).decode())
     else:
-        print(comp.text)
+        print(printable(comp.text))
         if comp.error:
-            print(f"llmos: {comp.error}", file=sys.stderr)
+            print(f"llmos: {printable(comp.error)}", file=sys.stderr)
     return 0 if comp.finish_reason != "error" else 1
 
 
 def cmd_top(args: argparse.Namespace) -> int:
     from tools.top import run_top
 
-    return run_top(args.home, args.once)
+    return run_top(args.home, args.once, args.endpoint, api_key(args))
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
@@ -234,6 +225,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="llmos", description="An operating system for language models.")
     ap.add_argument("--home", help="LLMOS_HOME (default ~/.llmos)")
+    ap.add_argument("--endpoint", help="the kernel to talk to, e.g. tcp://host:5555 (default: the one under "
+                                       "LLMOS_HOME; tcp:// uses the CURVE keys in LLMOS_HOME/curve)")
+    ap.add_argument("--api-key", help="log in with this API key (default: $LLMOS_API_KEY, else "
+                                      "LLMOS_HOME/admin.key when readable)")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     up = sub.add_parser("up", help="boot llmos in the foreground")
@@ -247,22 +242,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="the terminal shows a readable status (console, default) or every process's JSON log lines")
     up.add_argument("--preemption", choices=["recompute", "swap"],
                     help="a preempted request's KV: recompute it (default) or swap it to host memory")
-    up.add_argument("--policy", help="the scheduler's policy: fcfs, priority, round_robin, mlfq or fair (default)")
-    up.add_argument("--kv-cache-mb", type=float, help="each driver's KV cache in MiB (default 256)")
-    up.add_argument("--dtype", help="the model's dtype: float32, bfloat16 or float16 (default: float32 on CPU, "
-                                    "the checkpoint's on CUDA)")
-    up.add_argument("--autotune", type=float, metavar="TPOT_MS",
-                    help="auto-tune the batch to this per-token latency target in ms (default off)")
     up.add_argument("--swap-mb", type=float, default=None,
                     help="each driver's host swap tier in MiB (default 512 with --preemption swap, else none)")
     up.set_defaults(fn=cmd_up)
-
-    cfg = sub.add_parser("config", help="the config file: a sample with every setting, or a check")
-    cfg_sub = cfg.add_subparsers(dest="action", required=True)
-    cfg_sub.add_parser("example", help="print a commented TOML file with every setting and its default")
-    check = cfg_sub.add_parser("check", help="decode FILE as `llmos up --config FILE` would, and say what is wrong")
-    check.add_argument("file")
-    cfg.set_defaults(fn=cmd_config)
 
     down = sub.add_parser("down", help="stop a running llmos and wait until it has")
     down.add_argument("--timeout", type=float, default=60.0,
@@ -315,10 +297,14 @@ def main(argv: list[str] | None = None) -> int:
 
     args = ap.parse_args(argv)
     fn: Callable[[argparse.Namespace], int] = args.fn
+    if args.endpoint is not None and args.cmd in LOCAL_ONLY:
+        print(f"llmos: --endpoint does not apply to `llmos {args.cmd}`: it {LOCAL_ONLY[args.cmd]}", file=sys.stderr)
+        return 2
     try:
         return fn(args)
     except LlmosError as exc:
-        print(f"llmos: {exc}", file=sys.stderr)
+        # The message may quote what a client or a model sent: shown, never obeyed.
+        print(f"llmos: {printable(str(exc))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

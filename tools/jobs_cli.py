@@ -24,6 +24,7 @@ import msgspec
 from ipc.errors import BadRequest
 from ipc.protocol import scheduler as sp
 from tools.cli import _client, add_generation_args, generation_options, print_table
+from tools.terminal import printable
 
 SNIPPET = 40
 
@@ -78,7 +79,7 @@ def cmd_jobs_submit(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(job)
     else:
-        print(f"{job.job_id}  {job.state}  {_schedule(job)}  next run {_when(job.next_run_ns)}")
+        print(printable(f"{job.job_id}  {job.state}  {_schedule(job)}  next run {_when(job.next_run_ns)}"))
     return 0
 
 
@@ -125,9 +126,9 @@ def cmd_jobs_show(args: argparse.Namespace) -> int:
     for r in job.results:
         print(f"\nrun {r.run}  {_when(r.finished_ns)}  {r.finish_reason}  {r.usage.completion_tokens} tokens")
         for line in r.text.splitlines():
-            print(f"    {line}")
+            print(f"    {printable(line)}")  # a model's text: its control characters shown, not obeyed
         if r.error:
-            print(f"    error: {r.error}")
+            print(f"    error: {printable(r.error)}")
     return 0
 
 
@@ -136,7 +137,7 @@ def cmd_jobs_cancel(args: argparse.Namespace) -> int:
         job = c.jobs.cancel_any(args.principal, args.job_id) if args.principal else c.jobs.cancel(args.job_id)
     # The scheduler answers before a run in progress has ended: the job is cancelled when it has.
     state = "cancelling (its run in progress is being stopped)" if job.state == sp.JobState.RUNNING else job.state
-    print(f"{job.job_id}  {state} after {job.runs} run{'s' if job.runs != 1 else ''}")
+    print(printable(f"{job.job_id}  {state} after {job.runs} run{'s' if job.runs != 1 else ''}"))
     return 0
 
 

@@ -25,12 +25,13 @@ from ipc.capability import RIGHTS
 from ipc.errors import BadRequest
 from ipc.home import llmos_home
 from ipc.protocol import security as sp
+from tools.terminal import printable
 
 
 def _client(args: argparse.Namespace) -> Any:
-    from sdk.client import Client
+    from tools.cli import _client as connect  # the global --endpoint / --api-key
 
-    return Client.connect(home=args.home)
+    return connect(args)
 
 
 def parse_quota(text: str) -> sp.Quota:
@@ -53,6 +54,9 @@ def _rights(text: str) -> list[str]:
 
 
 def _table(rows: list[tuple[str, ...]]) -> None:
+    from tools.cli import table_cells  # tenants and notes come from other users: shown, never obeyed
+
+    rows = table_cells(rows)
     widths = [max(len(r[k]) for r in rows) for k in range(len(rows[0]))]
     for r in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
@@ -66,7 +70,7 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
     if args.json:
         print(msgspec.json.encode(msgspec.structs.asdict(made)).decode())
         return 0
-    print(f"key {made.key_id} for tenant {made.tenant} (rights: {', '.join(made.rights)})")
+    print(printable(f"key {made.key_id} for tenant {made.tenant} (rights: {', '.join(made.rights)})"))
     print(made.api_key)
     print("store this key now: it is shown once and kept only as a salted hash", file=sys.stderr)
     return 0
@@ -102,14 +106,14 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
 def cmd_keys_revoke(args: argparse.Namespace) -> int:
     with _client(args) as c:
         done: sp.Revoked = c.call(sp.SECURITY, sp.Revoke(sp.RevokeKind(args.kind), args.target), timeout=30)
-    print(f"llmos: {done.kind} {done.target} {'revoked' if done.changed else 'was already revoked'}")
+    print(printable(f"llmos: {done.kind} {done.target} {'revoked' if done.changed else 'was already revoked'}"))
     return 0
 
 
 def cmd_keys_quota(args: argparse.Namespace) -> int:
     with _client(args) as c:
         policy: sp.QuotaPolicy = c.call(sp.SECURITY, sp.SetQuota(args.tenant, parse_quota(args.quota)), timeout=30)
-    print(f"llmos: quota for {args.tenant} set (policy version {policy.version})")
+    print(printable(f"llmos: quota for {args.tenant} set (policy version {policy.version})"))
     return 0
 
 

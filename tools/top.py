@@ -19,6 +19,7 @@ from ipc.errors import LlmosError
 from ipc.protocol import memory as mp
 from ipc.protocol import scheduler as sp
 from sdk.client import AsyncClient
+from tools.terminal import printable
 
 _TICK = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -43,7 +44,9 @@ class Sample:
     tokens: int
 
 
-async def frame(client: AsyncClient, prev: Sample | None) -> tuple[Group, Sample]:
+async def frame(client: AsyncClient, prev: Sample | None, local: bool = True) -> tuple[Group, Sample]:
+    """One view; `local`: the kernel runs on this machine, so its processes'
+    CPU and RSS are read from /proc (a remote kernel's pids are not ours)."""
     st = await client.status()
     try:
         sched: sp.SchedulerStatsReply | None = await client.call(sp.SCHEDULER, sp.SchedulerStats(), timeout=2)
@@ -59,14 +62,16 @@ async def frame(client: AsyncClient, prev: Sample | None) -> tuple[Group, Sample
                      title=f"llmos — kernel pid {st.pid}, up {st.uptime_s:.0f}s", title_justify="left")
     for pid, name, svc, state, restarts, last in [(st.pid, "kernel", "kernel", "ready", 0, "")] + [
             (i.pid, i.instance, i.service, i.state, i.restarts, i.last_exit) for i in st.instances]:
-        usage = proc_usage(pid) if pid else None
+        usage = proc_usage(pid) if pid and local else None
         pct, rss = "-", "-"
         if usage is not None:
             cpu[pid] = usage[0]
             if prev is not None and pid in prev.cpu and now > prev.at:
                 pct = f"{100 * (usage[0] - prev.cpu[pid]) / (now - prev.at):.0f}"
             rss = f"{usage[1] / 2**20:.0f}"
-        services.add_row(svc, name, str(pid or "-"), state, str(restarts), pct, rss, last)
+        # names and exit reasons as text, never markup or raw control characters
+        services.add_row(Text(svc), Text(name), str(pid or "-"), Text(state), str(restarts), pct, rss,
+                         Text(printable(last, newlines=False)))
     parts: list[Table] = [services]
     tokens = sched.tokens_generated if sched else 0
     if sched is not None:
@@ -107,10 +112,11 @@ def quota_view(sched: sp.SchedulerStatsReply) -> Table:
     return t
 
 
-async def top(home: str | None, once: bool) -> int:
+async def top(home: str | None, once: bool, endpoint: str | None = None, api_key: str | None = None) -> int:
     console = Console()
-    async with await AsyncClient.connect(home=home) as client:
-        view, sample = await frame(client, None)
+    local = endpoint is None
+    async with await AsyncClient.connect(endpoint, home=home, api_key=api_key) as client:
+        view, sample = await frame(client, None, local)
         if once:
             console.print(view)
             return 0
@@ -123,7 +129,7 @@ async def top(home: str | None, once: bool) -> int:
                 with Live(view, console=console, auto_refresh=False, screen=False) as live:
                     while True:
                         await anyio.sleep(1.0)
-                        view, sample = await frame(client, sample)
+                        view, sample = await frame(client, sample, local)
                         live.update(view, refresh=True)
         except* LlmosError as group:  # e.g. the kernel went away: one clear line, not a traceback
             raise group.exceptions[0] from None
@@ -137,8 +143,9 @@ async def _stop_on_signal(scope: anyio.CancelScope) -> None:
             return
 
 
-def run_top(home: str | None, once: bool) -> int:
+def run_top(home: str | None, once: bool, endpoint: str | None = None, api_key: str | None = None) -> int:
     try:
-        return int(anyio.run(top, home, once, backend="asyncio", backend_options={"use_uvloop": True}))
+        return int(anyio.run(top, home, once, endpoint, api_key, backend="asyncio",
+                             backend_options={"use_uvloop": True}))
     except KeyboardInterrupt:  # before the handler was installed
         return 0

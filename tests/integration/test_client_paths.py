@@ -5,6 +5,7 @@ the CLI driven with --endpoint / --api-key / LLMOS_API_KEY."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -187,3 +188,83 @@ async def test_a_revoked_key_is_told_it_was_revoked_and_only_its_holder_is(serve
         await admin.call(sp.SECURITY, sp.Revoke(sp.RevokeKind.PRINCIPAL, "banned"))
     with pytest.raises(Unauthorized, match=f"API key {tenant.key_id} belongs to a revoked tenant"):
         await served.client(tenant.api_key)
+
+
+# -- #8: the CLI against a remote kernel ----------------------------------------------------
+
+def remote_home(served: Served, authorised: bool) -> Path:
+    """Another machine's LLMOS_HOME: the kernel's public key and a client
+    keypair (the kernel's authorised local one, or a stranger's), nothing else."""
+    other = Path(tempfile.mkdtemp(prefix="llmos-remote-", dir="/tmp"))
+    d = curve_dir(other)
+    d.mkdir(parents=True)
+    shutil.copyfile(curve_dir(served.home) / "kernel.key", d / "kernel.key")
+    if authorised:
+        shutil.copyfile(curve_dir(served.home) / "local.key_secret", d / "local.key_secret")
+    else:
+        zmq.auth.create_certificates(d, "local")
+    return other
+
+
+def test_the_cli_talks_to_a_remote_kernel_with_an_api_key(served: Served) -> None:
+    other = remote_home(served, authorised=True)
+    try:
+        admin_key = admin_key_path(served.home).read_text().strip()
+        # no admin.key over there: without a key the kernel refuses, naming what is missing
+        anon = served.cli("--endpoint", served.endpoint, "ps", home=other, env={"LLMOS_API_KEY": ""})
+        assert anon.returncode == 1 and "capability token" in anon.stderr
+        ps = served.cli("--endpoint", served.endpoint, "ps", "--json", home=other, env={"LLMOS_API_KEY": admin_key})
+        assert ps.returncode == 0, ps.stderr
+        assert {i["service"] for i in json.loads(ps.stdout)["instances"]} >= {"scheduler", "security"}
+        top = served.cli("--endpoint", served.endpoint, "--api-key", admin_key, "top", "--once", home=other)
+        assert top.returncode == 0 and "scheduler" in top.stdout, top.stderr
+        keys = served.cli("--endpoint", served.endpoint, "--api-key", admin_key, "keys", "list", home=other)
+        assert keys.returncode == 0 and keys.stdout.startswith("KEY"), keys.stderr
+        jobs = served.cli("--endpoint", served.endpoint, "--api-key", admin_key, "jobs", "list", home=other)
+        assert jobs.returncode == 0, jobs.stderr
+        bad = served.cli("--endpoint", served.endpoint, "--api-key", "llmos.000000000000.nope", "ps", home=other)
+        assert bad.returncode == 1 and "invalid API key" in bad.stderr
+        local = served.cli("--endpoint", served.endpoint, "logs", home=other)
+        assert local.returncode == 2 and "--endpoint does not apply to `llmos logs`" in local.stderr
+        wrong = served.cli("--endpoint", "http://example.com", "ps", home=other)
+        assert wrong.returncode == 1 and "want tcp://HOST:PORT or ipc://PATH" in wrong.stderr
+    finally:
+        shutil.rmtree(other, ignore_errors=True)
+
+
+def test_a_client_key_the_kernel_does_not_authorise_is_told_so(served: Served) -> None:
+    """Before: "the kernel at tcp://… stopped answering", after the liveness timeout."""
+    other = remote_home(served, authorised=False)
+    try:
+        admin_key = admin_key_path(served.home).read_text().strip()
+        out = served.cli("--endpoint", served.endpoint, "--api-key", admin_key, "ps", home=other)
+        assert out.returncode == 1
+        assert "refused: this client's key is not authorised" in out.stderr, out.stderr
+        assert "stopped answering" not in out.stderr
+    finally:
+        shutil.rmtree(other, ignore_errors=True)
+
+
+# -- #7: text a terminal can show --------------------------------------------------------------
+
+async def test_the_cli_shows_a_models_control_characters_escaped(served: Served) -> None:
+    """A tiny random model writes any byte; before, the CLI wrote them raw."""
+    async with await served.client() as c:
+        for seed in range(40):
+            out = await c.generate("x", max_tokens=48, temperature=1.0, seed=seed)
+            if RAW_CONTROL.search(out.text):
+                break
+        else:
+            pytest.skip("no control character in 40 samples of this checkpoint")
+    for extra in ((), ("--stream",)):
+        shown = subprocess.run([*LLMOS, "--home", str(served.home), "--endpoint", served.endpoint, "generate", "x",
+                                "--max-tokens", "48", "--temperature", "1", "--seed", str(seed), *extra],
+                               cwd=REPO_ROOT, capture_output=True, timeout=60,
+                               env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+        assert shown.returncode == 0, shown.stderr
+        text = shown.stdout.decode()
+        assert not RAW_CONTROL.search(text), repr(text)
+        control = RAW_CONTROL.search(out.text)
+        assert control is not None
+        c0 = control.group()
+        assert (f"\\x{ord(c0):02x}" if c0 != "\r" else "\\r") in text
