@@ -1,6 +1,9 @@
 """`llmos`: the command line.
 
     llmos up [--home DIR] [--config FILE]     boot in the foreground (a readable status; --log-format json)
+          [--model DIR] [--drivers cpu=1] [--http :8000] [--policy fair] [--kv-cache-mb 256]
+          [--dtype float32] [--autotune TPOT_MS]   ...flags over the config file
+    llmos config example | check FILE          every setting with its default, as TOML; check a file
     llmos down [--timeout S]                   stop a running llmos, return once it has stopped
     llmos ps [--json]                          services and their state
     llmos kill SERVICE [--signal SIGKILL]      kill a service (the supervisor restarts it)
@@ -52,7 +55,6 @@ def api_key(args: argparse.Namespace) -> str | None:
 
 def cmd_up(args: argparse.Namespace) -> int:
     from kernel.__main__ import boot
-    from kernel.config import default_children, load_config
     from sdk.logs import configure
 
     from kernel.console import Console
@@ -63,13 +65,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     # of every process); the JSON logs always go to LLMOS_HOME/logs.
     json_terminal = args.log_format == "json" and not args.quiet
     configure("kernel", home, stderr=json_terminal)
-    config = load_config(args.config)
-    if args.config is None or args.model or args.drivers or args.http or args.preemption or args.swap_mb:
-        # flags describe the children; a config file's other sections still apply
-        swap_mb = args.swap_mb if args.swap_mb is not None else (512.0 if args.preemption == "swap" else 0.0)
-        children = default_children(args.model or "demo", parse_drivers(args.drivers or "cpu=1"), args.http or "",
-                                    swap_mb=swap_mb, preemption=args.preemption or "")
-        config = msgspec.structs.replace(config, children=children)
+    config = up_config(args)
     console = Console(sys.stderr if args.log_format == "console" and not args.quiet else None, errors=sys.stderr)
     try:
         return boot(config, home, Path(args.config) if args.config else None, console=console,
@@ -77,6 +73,27 @@ def cmd_up(args: argparse.Namespace) -> int:
     except HomeLocked as exc:
         print(f"llmos: {exc.message}", file=sys.stderr)
         return 1
+
+
+def up_config(args: argparse.Namespace) -> Any:
+    """The config file (or the defaults) with `llmos up`'s flags over it,
+    decoded and checked whole before anything starts."""
+    from kernel.config import default_children, load_config
+
+    config = load_config(args.config)
+    swap_mb = args.swap_mb
+    if swap_mb is None and args.preemption == "swap" and config.driver.swap_mb == 0 and not config.driver.host_slots:
+        swap_mb = 512.0  # swapping needs a tier to swap to
+    config = config.with_settings(
+        "llmos up flags" + (f" over config file {args.config}" if args.config else ""),
+        **{"driver.model": args.model, "driver.kv_cache_mb": args.kv_cache_mb, "driver.dtype": args.dtype,
+           "driver.swap_mb": swap_mb, "scheduler.preemption": args.preemption,
+           "scheduler.policy.name": args.policy, "scheduler.tpot_target_ms": args.autotune})
+    if args.config is None or args.drivers or args.http:
+        # --drivers and --http describe the children (a file's [[children]] otherwise)
+        config = msgspec.structs.replace(config, children=default_children(
+            drivers=parse_drivers(args.drivers or "cpu=1"), http=args.http or ""))
+    return config
 
 
 def parse_drivers(spec: str) -> dict[str, int]:
@@ -91,6 +108,19 @@ def parse_drivers(spec: str) -> dict[str, int]:
         if out[name] < 1:
             raise BadRequest(f"--drivers: {name} needs a count >= 1")
     return out
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    if args.action == "example":
+        from kernel.config_example import example_toml
+
+        sys.stdout.write(example_toml())
+        return 0
+    from kernel.config import load_config
+
+    load_config(args.file)  # raises naming the file, table and field
+    print(f"llmos: {args.file}: ok")
+    return 0
 
 
 def cmd_down(args: argparse.Namespace) -> int:
@@ -242,9 +272,22 @@ def main(argv: list[str] | None = None) -> int:
                     help="the terminal shows a readable status (console, default) or every process's JSON log lines")
     up.add_argument("--preemption", choices=["recompute", "swap"],
                     help="a preempted request's KV: recompute it (default) or swap it to host memory")
+    up.add_argument("--policy", help="the scheduler's policy: fcfs, priority, round_robin, mlfq or fair (default)")
+    up.add_argument("--kv-cache-mb", type=float, help="each driver's KV cache in MiB (default 256)")
+    up.add_argument("--dtype", help="the model's dtype: float32, bfloat16 or float16 (default: float32 on CPU, "
+                                    "the checkpoint's on CUDA)")
+    up.add_argument("--autotune", type=float, metavar="TPOT_MS",
+                    help="auto-tune the batch to this per-token latency target in ms (default off)")
     up.add_argument("--swap-mb", type=float, default=None,
                     help="each driver's host swap tier in MiB (default 512 with --preemption swap, else none)")
     up.set_defaults(fn=cmd_up)
+
+    cfg = sub.add_parser("config", help="the config file: a sample with every setting, or a check")
+    cfg_sub = cfg.add_subparsers(dest="action", required=True)
+    cfg_sub.add_parser("example", help="print a commented TOML file with every setting and its default")
+    check = cfg_sub.add_parser("check", help="decode FILE as `llmos up --config FILE` would, and say what is wrong")
+    check.add_argument("file")
+    cfg.set_defaults(fn=cmd_config)
 
     down = sub.add_parser("down", help="stop a running llmos and wait until it has")
     down.add_argument("--timeout", type=float, default=60.0,
