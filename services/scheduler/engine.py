@@ -543,9 +543,10 @@ class Engine:
         req.waiting_on = sp.WAITING_ON_KV_QUOTA
         if not req.quota_logged:
             req.quota_logged = True
+            need = lifetime_blocks(seq, {i: d.shape for i, d in self.drivers.items()}) or (0, 0)
             log.info("scheduler.waiting_on_quota", request_id=req.request_id, principal=req.key[0],
-                     tenant=seq.tenant, quota="kv_blocks", held=held, limit=limit,
-                     needs=lifetime_blocks(seq, {i: d.shape for i, d in self.drivers.items()}))
+                     tenant=seq.tenant, quota=mp.KV_BLOCKS, held=held, limit=limit, needs_blocks=need[0],
+                     block_size=need[1], msg="waits until the tenant's other requests free KV blocks")
 
     def _to_running(self, seq: Seq) -> None:
         if seq in self.waiting:
