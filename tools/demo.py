@@ -3,8 +3,10 @@ where everything is, serve a mixed streaming workload from two tenants at
 several priorities, SIGKILL the CPU driver in the middle, and show that every
 request still finished exactly once — then shut down cleanly.
 
-The demo model has random weights (no download, ever): its text is noise;
-what the demo shows is the operating system around it.
+The demo model has random weights (no download, ever): its text is noise
+(random bytes, shown with their control characters escaped); what the demo
+shows is the operating system around it. A real checkpoint is served with
+`llmos up --model DIR` (a local Hugging Face directory).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import anyio
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from ipc.errors import LlmosError
 from ipc.home import admin_key_path, front_endpoint, llmos_home
@@ -30,7 +33,10 @@ from kernel.config import default_children
 from sdk.client import AsyncClient
 from sdk.testing import RunningLlmos, running_llmos
 from tools.bench.common import percentile
+from tools.terminal import printable
 
+SAMPLES = 3
+SAMPLE_CHARS = 100
 PROMPTS = ["Once upon a time", "The kernel routes messages", "Paged attention stores keys",
            "A supervisor restarts", "Tokens per second", "Hello, llmos!"]
 REQUESTS = 24
@@ -44,6 +50,7 @@ class Outcome:
     greedy: bool
     prompt: str
     token_ids: list[int] = field(default_factory=list)
+    text: list[str] = field(default_factory=list)
     finished: int = 0  # how many final chunks arrived (exactly one, or the contract broke)
     reason: str = ""
     error: str = ""
@@ -67,6 +74,7 @@ async def _one(client: AsyncClient, o: Outcome, i: int, max_tokens: int, progres
             if not o.token_ids and chunk.token_ids:
                 o.ttft_s = time.monotonic() - began
             o.token_ids.extend(chunk.token_ids)
+            o.text.append(chunk.text)
             progress.advance(task, len(chunk.token_ids))  # type: ignore[arg-type]
             if kill_window[0]:
                 o.faulted = True
@@ -100,6 +108,9 @@ async def demo(home: Path, requests: int = REQUESTS, max_tokens: int = MAX_TOKEN
     console = Console()
     port = _free_port()
     console.print(f"[bold]llmos demo[/] — LLMOS_HOME {home}")
+    console.print("  [yellow]the demo model has random weights: what it generates is noise[/] (random bytes, "
+                  "control characters shown escaped); the demo is about the OS around it. To serve a real "
+                  "model: [bold]llmos up --model DIR[/] (a local Hugging Face checkpoint)")
     console.print("  booting: security, echo, memory, cpu driver (demo model; generated on first use), "
                   "scheduler, HTTP gateway…")
     children = default_children("demo", {"cpu": 1}, f"127.0.0.1:{port}", kv_cache_mb=64)
@@ -166,6 +177,11 @@ async def demo(home: Path, requests: int = REQUESTS, max_tokens: int = MAX_TOKEN
         summary.add_row("restarts", ", ".join(f"{i.instance}={i.restarts}" for i in st.instances))
         console.print()
         console.print(summary)
+        console.print("\n  a few of the generated texts (random weights: noise, as promised):")
+        for o in [o for o in outcomes if o.text and not o.error][:SAMPLES]:
+            text = printable("".join(o.text), newlines=False)
+            shown = text if len(text) <= SAMPLE_CHARS else text[:SAMPLE_CHARS - 1] + "…"
+            console.print(Text(f"    {o.prompt!r} → {shown}"))  # Text: the model's brackets are not markup
         for o in failed:
             console.print(f"  [red]failed[/] {o.tenant} p{o.priority}: {o.error}")
         for c in clients.values():
