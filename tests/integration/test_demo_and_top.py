@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import re
 import pty
 import select
 import subprocess
@@ -26,6 +27,10 @@ def test_llmos_demo_runs_end_to_end(home: Path) -> None:
     assert "6/6" in text  # every request finished exactly once
     assert "3/3" in text  # the greedy ones equal a fault-free rerun
     assert "no process or socket left behind" in text
+    # issue 13 #7: it says the text is noise and how to serve a real model, and shows some, escaped
+    assert "random weights" in text and "llmos up --model DIR" in text
+    assert "a few of the generated texts" in text
+    assert not re.search("[\x00-\x08\x0b-\x1f\x7f-\x9f]", text.replace("\x1b[", "")), "raw control characters"
     assert leftover_sockets(home) == []
     assert (home / "models" / "demo" / "model.safetensors").exists()  # generated locally, cached
 
