@@ -14,8 +14,9 @@ from pathlib import Path
 import anyio
 
 from ipc.curve import ensure_keys
-from ipc.errors import LlmosError
+from ipc.errors import LlmosError, Unavailable
 from ipc.home import admin_key_path, back_endpoint, front_endpoint, logs_dir, pid_file, run_dir
+from ipc.sockets import prepare_ipc_path
 from kernel.config import Config
 from kernel.console import Console
 from kernel.guard import Guard
@@ -40,6 +41,13 @@ async def run_kernel(config: Config, home: Path, launcher: Launcher | None = Non
     os.chmod(rd, 0o700)
     front = config.kernel.front or front_endpoint(home)
     back = config.kernel.back or back_endpoint(home)
+    for ep in (front, back):
+        try:
+            prepare_ipc_path(ep)  # before anything starts: a live path is another process's
+        except Unavailable as exc:
+            log.error("kernel.endpoint_in_use", endpoint=ep)
+            print(f"llmos: {exc.message}", file=sys.stderr)
+            return 1
     secret = secrets.token_hex(32)
     kernel = Kernel(config.kernel, front, back, secret)
     if config.kernel.auth:

@@ -87,7 +87,14 @@ def test_a_second_up_on_the_same_home_is_refused_and_the_first_keeps_serving(
         second = subprocess.run(argv, cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=60)
         assert second.returncode == 1
         assert f"another llmos kernel (pid {first.pid}) is running on {home}" in second.stderr
-    # Its exit took nothing of the first's: same sockets, same kernel answering.
+    # A kernel of another home pointed at this one's socket path is refused too (a live socket).
+    other = Path(tempfile.mkdtemp(prefix="llmos-", dir="/tmp"))
+    front = f"ipc://{home / 'run' / 'front.sock'}"
+    third = subprocess.run([sys.executable, "-m", "kernel", "--home", str(other), "--config", str(cfg)], cwd=REPO_ROOT,
+                           env={**ENV, "LLMOS_FRONT": front}, capture_output=True, text=True, timeout=60)
+    subprocess.run(["rm", "-rf", str(other)], check=False)
+    assert third.returncode == 1 and f"{front} is in use by another process" in third.stderr, third.stderr
+    # Their exits took nothing of the first's: same sockets, same kernel answering.
     assert leftover_sockets(home) == sockets
     assert first.poll() is None
     snap = wait_ps(home, all_ready, "the first kernel still serving")
