@@ -79,6 +79,13 @@ class KernelConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     wait_queue_limit: int = 1024
     wait_total_limit: int = 8192
     wait_total_bytes: int = 64 * 1024 * 1024
+    # Requests one client may have in flight (routed or waiting); public ones
+    # (Login, no token) apart and far fewer, per client and in all: a client
+    # without a key kept tens of thousands in flight and locked every tenant
+    # out of Login behind them (kernel/clients.py).
+    client_inflight_limit: int = 4096
+    client_public_limit: int = 8
+    public_inflight_limit: int = 256
     wait_timeout_s: float = 30.0
     max_attempts: int = 3
     # The back socket carries swap images (large); the front only requests

@@ -31,6 +31,7 @@ from ipc.protocol import kernel as kp
 from ipc.protocol.base import Message
 from ipc.sockets import Channel, bind_router, ipc_path_id, remove_ipc_path
 from kernel import ops
+from kernel.clients import ClientBook
 from kernel.config import KernelConfig
 from kernel.guard import Guard
 from kernel.registry import Instance, Registry
@@ -44,7 +45,10 @@ if TYPE_CHECKING:
 log = get_logger()
 
 _EMPTY = b""
-_PUMP_ROUNDS = 16
+_PUMP_ROUNDS = 32
+# Messages per drain: the slice clock is read between batches, so a batch of
+# slow messages must stay short.
+_PUMP_BATCH = 128
 # A pump call also stops after this long, so the heartbeat timer gets a turn
 # every ~50 ms under any flood: 16 rounds of malformed frames (each logged and
 # answered, ~0.1-0.2 ms apiece) could hold the loop for seconds.
@@ -94,6 +98,7 @@ class Pending:
     payload: list[Any]  # body frame and extra buffers, passed through as received
     queued_at: float
     instance: Instance | None = None
+    public: bool = False  # an unauthenticated client request (Login): capped apart
 
     @property
     def deadline_ns(self) -> int:
@@ -116,6 +121,8 @@ class Kernel:
         self.pending: dict[int, Pending] = {}
         self.waiting: WaitQueues[Pending] = WaitQueues(config.wait_queue_limit, config.wait_timeout_s,
                                                        config.wait_total_limit, config.wait_total_bytes)
+        self.clients = ClientBook(config.client_inflight_limit, config.client_public_limit,
+                                  config.public_inflight_limit)
         self.topics = Topics([])  # bound to the sockets in serve()
         # front identity → when it was last heard (clients with work in flight ping)
         self.clients_seen: dict[bytes, float] = {}
@@ -181,7 +188,7 @@ class Kernel:
         # continuation, so the answers sent meanwhile need not look for input.
         with front.reading(), back.reading():
             for _ in range(_PUMP_ROUNDS):
-                from_front, from_back = front.drain(), back.drain()
+                from_front, from_back = front.drain(_PUMP_BATCH), back.drain(_PUMP_BATCH)
                 if not from_front and not from_back:
                     if front.pending_input() or back.pending_input():
                         continue
@@ -263,19 +270,29 @@ class Kernel:
 
     def _client_gone(self, ch: Channel, ident: bytes, reason: str) -> None:
         """Cancel the requester's outstanding requests: each serving instance
-        gets DISCONNECT with the request's routing id, which cancels its handler."""
+        gets DISCONNECT with the request's routing id, which cancels its
+        handler. Costs what the client owned, nothing for one with nothing in
+        flight (a flood of DISCONNECTs scanned every pending request)."""
         self.clients_seen.pop(ident, None)
-        gone = [p for p in self.pending.values() if p.origin is ch and p.origin_id == ident]
-        for p in gone:
-            del self.pending[p.rid]
+        rids = self.clients.take(ident)
+        if not rids:
+            return
+        cancelled = 0
+        queued = False
+        for rid in rids:
+            p = self.pending.pop(rid, None)
+            if p is None:
+                queued = True  # waiting for an instance
+                continue
             inst = p.instance
             if inst is not None:
-                inst.outstanding.discard(p.rid)
-                self._send_control(self._back_ch(), inst.identity, Kind.DISCONNECT, p.rid)
-                self.counters.cancelled += 1
-        self.waiting.remove(lambda dst, p: p.origin is ch and p.origin_id == ident)
-        if gone:
-            log.info("kernel.client_gone", reason=reason, cancelled=len(gone))
+                inst.outstanding.discard(rid)
+                self._send_control(self._back_ch(), inst.identity, Kind.DISCONNECT, rid)
+                cancelled += 1
+        self.counters.cancelled += cancelled
+        if queued:
+            self.waiting.remove(lambda dst, p: p.origin is ch and p.origin_id == ident)
+        log.info("kernel.client_gone", reason=reason, cancelled=cancelled)
 
     def request_shutdown(self, reason: str) -> None:
         self.shutdown_reason = self.shutdown_reason or reason
@@ -407,6 +424,14 @@ class Kernel:
                              DeadlineExceeded(f"deadline passed before routing to {dst!r}").to_wire())
             return
         p = Pending(next(self._rids), origin, ident, header.msg_id, header, payload, time.monotonic())
+        if inst is None:
+            p.public = self.guard is not None and not header.principal
+            why = self.clients.refusal(ident, p.public)
+            if why:
+                self._fail(p, Overloaded(f"{why}; wait for answers before sending more",
+                                         detail={"retry_after_s": 0.1}))
+                return
+            self.clients.add(ident, p.rid, p.public)
         self._dispatch(p)
 
     def _dispatch(self, p: Pending) -> None:
@@ -416,7 +441,13 @@ class Kernel:
             self._enqueue(p)
             return
         header = msgspec.structs.replace(p.header, msg_id=p.rid, token=_EMPTY)
-        if not self._back_ch().send([inst.identity, _EMPTY, encode_header(header), *p.payload[1:]]):
+        back = self._back_ch()
+        if not back.send([inst.identity, _EMPTY, encode_header(header), *p.payload[1:]]):
+            if back.full:
+                # Alive, and behind by a whole send queue: overload, not death.
+                self._fail(p, Overloaded(f"{inst.name} has {self.config.limits.send_hwm} requests queued",
+                                         detail={"retry_after_s": 0.5}))
+                return
             # The instance vanished between its last heartbeat and now.
             self.instance_down(inst, "unreachable")
             self._enqueue(p)
@@ -461,13 +492,19 @@ class Kernel:
         if final:
             del self.pending[p.rid]
             inst.outstanding.discard(p.rid)
+            self._ended(p)
             self.counters.replies += 1
         out = msgspec.structs.replace(header, msg_id=p.origin_msg_id)
         if not p.origin.send([p.origin_id, _EMPTY, encode_header(out), *payload[1:]]):
             self.counters.dropped += 1
 
     def _fail(self, p: Pending, exc: LlmosError) -> None:
+        self._ended(p)
         self._send_error(p.origin, p.origin_id, p.origin_msg_id, exc.to_wire())
+
+    def _ended(self, p: Pending) -> None:
+        if p.origin is self._front:
+            self.clients.remove(p.origin_id, p.rid, p.public)
 
     def _send_error(self, ch: Channel, ident: bytes, msg_id: int, err: Error) -> None:
         header = Header(PROTOCOL_VERSION, Kind.ERROR, msg_id, src=kp.KERNEL, op="Error")

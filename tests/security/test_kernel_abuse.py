@@ -336,3 +336,57 @@ async def test_kernel_ops_from_the_back_socket_are_audited_with_their_origin(hom
         # the security server's own revocation push at start is a kernel op from the back socket
         rec = await wait_audit(home, lambda r: "SetRevocations" in r["action"] + r["target"], "SetRevocations")
         assert "back:security" in str(rec) and rec["result"] == "ok"
+
+
+async def test_one_client_cannot_queue_logins_in_front_of_everyone_elses(home: Path) -> None:
+    """Review finding: Login needs no token, and one socket kept tens of
+    thousands of bogus Logins in flight; a valid login waited behind them all
+    (3.3 s after 7 s of flood, then failed). Now a client has at most 8
+    unauthenticated requests in flight; the rest are `overloaded` at once by
+    the kernel, and other clients log in as usual."""
+    async with running_llmos(home, auth=True) as llmos:
+        made: sp.KeyCreated = await llmos.client.call(sp.SECURITY, sp.CreateKey("alice", ["echo"]))
+        peer = RawPeer(front_endpoint(home), rcvhwm=100_000)
+        try:
+            body = codec.encode(sp.Login("llmos.000000000000.bogus"))
+            for _ in range(20_000):
+                peer.send(request(sp.SECURITY, "Login"), body)
+            for _ in range(5):  # each within the SDK's default 5 s
+                c = await AsyncClient.connect(home=home, api_key=made.api_key)
+                assert isinstance(await c.call("echo", Echo(b"in")), EchoReply)
+                await c.aclose()
+            codes: dict[str, int] = {}
+            for _ in range(20_000):
+                code = peer.recv(timeout_s=60)[1].code
+                codes[code] = codes.get(code, 0) + 1
+            assert codes.get("overloaded", 0) > 10_000, codes
+            assert set(codes) <= {"overloaded", "unauthorized"}, codes
+        finally:
+            peer.close()
+
+
+async def test_disconnects_cost_what_the_client_owned(home: Path) -> None:
+    """Review finding: each client DISCONNECT scanned every pending request
+    and wait queue; a Login flood plus a stream of bare DISCONNECTs stalled the
+    kernel for seconds, services concluded it was dead and exited. Now a
+    client's requests are found by its identity, and a client with nothing in
+    flight costs nothing to forget: every service is still the same process."""
+    async with running_llmos(home, auth=True) as llmos:
+        pids = {i.instance: i.pid for i in (await llmos.status()).instances}
+        flooders = [RawPeer(front_endpoint(home), rcvhwm=100_000) for _ in range(4)]
+        leaver = RawPeer(front_endpoint(home))
+        try:
+            body = codec.encode(sp.Login("llmos.000000000000.bogus"))
+            for f in flooders:
+                for _ in range(5_000):
+                    f.send(request(sp.SECURITY, "Login"), body)
+            for _ in range(20_000):
+                leaver.sock.send_multipart([b"", encode_header(Header(PROTOCOL_VERSION, Kind.DISCONNECT))])
+            for f in flooders:
+                for _ in range(5_000):
+                    f.recv(timeout_s=60)
+            assert isinstance(await llmos.client.call("echo", Echo(b"ok"), timeout=30), EchoReply)
+            await assert_all_alive(llmos, pids)
+        finally:
+            for f in (*flooders, leaver):
+                f.close()
