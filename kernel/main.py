@@ -78,7 +78,8 @@ async def run_kernel(config: Config, home: Path, launcher: Launcher | None = Non
                            os.getpid())
             tg.start_soon(_on_signals, kernel)
             tg.start_soon(_start_children, supervisor)
-            tg.start_soon(console.watch, supervisor, kernel.registry)
+            if console.out is not None:
+                tg.start_soon(console.watch, supervisor, kernel.registry)
             await kernel.shutdown_requested.wait()
             log.info("kernel.stopping", reason=kernel.shutdown_reason)
             console.stopping(kernel.shutdown_reason or "requested")
