@@ -175,6 +175,7 @@ class Engine:
 
     def memory_restarted(self) -> None:
         self._memory_down = False
+        self._kv_learned.clear()  # its config may have changed: it will say so again
         self._reregister = True
         self.wake()
 
@@ -219,16 +220,16 @@ class Engine:
         if model is None:
             raise Unavailable("the scheduler has no model yet (no driver is up)")
         prompt = prompt_ids if prompt_ids is not None else self.tokenize(msg)
-        self._check_ids(model, prompt, "prompt_ids")
-        self._check_ids(model, msg.resume_ids, "resume_ids")
         # A sequence must fit one driver's KV pool on its own, or it could
-        # only ever preempt itself.
+        # only ever preempt itself. Checked before any loop over the ids.
         room = min(model.max_model_len, max((d.shape.num_blocks * d.shape.block_size
                                              for d in self.drivers.values()), default=model.max_model_len))
         if len(prompt) + 1 > room:
             what = "the model takes" if room == model.max_model_len else "the largest driver's KV cache holds"
             raise BadRequest(f"the prompt has {len(prompt)} tokens; {what} at most "
                              f"{room - 1} before the first generated one", detail={"field": "prompt"})
+        self._check_ids(model, prompt, "prompt_ids")
+        self._check_ids(model, msg.resume_ids, "resume_ids")
         max_len = min(len(prompt) + msg.max_tokens, room)
         seq = Seq(next(self._seq_nos), list(prompt), len(prompt), tenant=principal or "default",
                   priority=msg.priority, arrival=time.monotonic(), max_len=max_len)
@@ -268,9 +269,14 @@ class Engine:
         return kv_quota_refusal(seq.tenant, limit, need[0], need[1], prompt_tokens, max_tokens)
 
     def check_prompt_size(self, msg: sp.Submit) -> None:
-        """Refuse a text prompt that cannot fit the model whatever its
-        tokenization, before anything reads it (O(1))."""
+        """Refuse a prompt that cannot fit the model, before anything reads
+        it (O(1)): ids past the context, text past it whatever its
+        tokenization."""
         model = self.model
+        if model is not None and len(msg.prompt_ids) >= model.max_model_len:
+            raise BadRequest(f"the prompt has {len(msg.prompt_ids)} ids; this model takes at most "
+                             f"{model.max_model_len - 1} before the first generated one",
+                             detail={"field": "prompt_ids"})
         if model is not None and len(msg.prompt) > model.max_prompt_chars:
             raise BadRequest(f"the prompt has {len(msg.prompt)} characters; this model takes at most "
                              f"{model.max_prompt_chars} ({model.max_model_len} tokens of context x "
@@ -279,11 +285,11 @@ class Engine:
     def tokenize(self, msg: sp.Submit) -> list[int]:
         """The prompt's ids (size-checked first). Blocking for a long prompt:
         the service calls it from a worker thread."""
-        if msg.prompt_ids:
-            return list(msg.prompt_ids)
         if self.model is None:
             raise Unavailable("the scheduler has no model yet (no driver is up)")
         self.check_prompt_size(msg)
+        if msg.prompt_ids:
+            return list(msg.prompt_ids)
         return self.model.tokenizer.encode(msg.prompt, add_special_tokens=msg.add_special_tokens)
 
     @staticmethod
