@@ -43,6 +43,12 @@ NonNegative = Annotated[int, msgspec.Meta(ge=0, le=MAX_TIME_NS)]
 MaxTokens = Annotated[int, msgspec.Meta(ge=1, le=MAX_TOKENS_LIMIT)]
 PriorityLevel = Annotated[int, msgspec.Meta(ge=-MAX_PRIORITY, le=MAX_PRIORITY)]
 TokenId = Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]
+# Id lists are bounded as they decode: unbounded, 8M prompt ids per Submit
+# were looped over before any length check (the scheduler missed heartbeats
+# and was killed) and 1.6M stop ids became a 135 MB frozenset per request.
+MAX_PROMPT_IDS = 1 << 20  # past any context we serve; the model's own bound is checked next
+MAX_STOP_IDS = 64
+PromptIds = Annotated[list[TokenId], msgspec.Meta(max_length=MAX_PROMPT_IDS)]
 
 
 class FinishReason(StrEnum):
@@ -67,11 +73,11 @@ class Submit(Message):
     """Generate text. Give the prompt as `prompt` text or as `prompt_ids`."""
 
     prompt: str = ""
-    prompt_ids: list[TokenId] = []
+    prompt_ids: PromptIds = []
     params: SamplingParams = SamplingParams()
     max_tokens: MaxTokens = 256
     stop: list[str] = []
-    stop_token_ids: list[TokenId] = []
+    stop_token_ids: Annotated[list[TokenId], msgspec.Meta(max_length=MAX_STOP_IDS)] = []
     ignore_eos: bool = False
     # Lower runs first (policy "priority"); ignored by the other policies.
     # Below 0 (ahead of everyone's default) only as a `PrioritySubmit`, the
@@ -84,7 +90,7 @@ class Submit(Message):
     # live or recently finished request re-attaches to it.
     request_id: str = ""
     resume_from: NonNegative = 0
-    resume_ids: list[TokenId] = []
+    resume_ids: Annotated[list[TokenId], msgspec.Meta(max_length=MAX_TOKENS_LIMIT)] = []
     add_special_tokens: bool = True
     # The client's submission attempt, for its logs only: whether a Submit
     # re-attaches (no admission, no charge) is decided from the scheduler's
@@ -103,8 +109,9 @@ class Submit(Message):
         if not -MAX_PRIORITY <= self.priority <= MAX_PRIORITY:
             raise BadRequest(f"priority must be in [{-MAX_PRIORITY}, {MAX_PRIORITY}], got {self.priority}",
                              detail={"field": "priority"})
-        if any(t < 0 for t in self.prompt_ids):
-            raise BadRequest("prompt_ids must not be negative", detail={"field": "prompt_ids"})
+        if len(self.prompt_ids) > MAX_PROMPT_IDS or len(self.stop_token_ids) > MAX_STOP_IDS:
+            raise BadRequest(f"at most {MAX_PROMPT_IDS} prompt_ids and {MAX_STOP_IDS} stop_token_ids",
+                             detail={"field": "prompt_ids" if self.prompt_ids else "stop_token_ids"})
         if len(self.stop) > MAX_STOP_STRINGS or any(not s or len(s) > MAX_STOP_LEN for s in self.stop):
             raise BadRequest(f"stop: at most {MAX_STOP_STRINGS} non-empty strings of at most "
                              f"{MAX_STOP_LEN} characters", detail={"field": "stop"})

@@ -346,11 +346,16 @@ class Engine:
             self.wake()
         return len(keys)
 
-    def session_of(self, principal: str, request_id: str) -> str | None:
-        """The session of a live or remembered request (None: no such request)."""
+    def submitted(self, principal: str, request_id: str) -> sp.Submit | None:
+        """The Submit of a live or remembered request (None: no such request)."""
         key = (principal, request_id)
         req = self.requests.get(key) or self.finished.get(key)
-        return None if req is None else req.submit.session
+        return None if req is None else req.submit
+
+    def session_of(self, principal: str, request_id: str) -> str | None:
+        """The session of a live or remembered request (None: no such request)."""
+        known = self.submitted(principal, request_id)
+        return None if known is None else known.session
 
     def request_info(self, principal: str, request_id: str) -> sp.RequestInfo:
         key = (principal, request_id)

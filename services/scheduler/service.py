@@ -256,6 +256,11 @@ class SchedulerService(Service):
 
     async def _submit(self, msg: sp.Submit, ctx: Context) -> sp.Finished:
         self._check_restrictions(msg, ctx, op_of(msg))
+        known = self.engine.submitted(ctx.principal, msg.request_id) if msg.request_id else None
+        if known is not None:
+            # Re-attaching reads that request's stream: the caller's caveats
+            # must cover the request as it was submitted, not only this message.
+            self._check_restrictions(known, ctx, op_of(msg))
         msg.validate()
         await self._until_ready()
         prompt_ids = await self._tokenize(msg)
@@ -333,7 +338,7 @@ class SchedulerService(Service):
         if msg.request.priority < 0:
             self._refuse(ctx, "priority", "SubmitJob", Forbidden(
                 f"a job runs at priority >= 0 (got {msg.request.priority})", detail={"field": "priority"}))
-        if msg.request.prompt and self.engine.model is not None:
+        if self.engine.model is not None:  # text or ids past the context: never stored
             self.engine.check_prompt_size(msg.request)
         return await self.jobs.submit(msg, ctx.principal)
 

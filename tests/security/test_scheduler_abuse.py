@@ -167,6 +167,30 @@ def test_out_of_vocabulary_ids_are_refused_at_submit() -> None:
     assert not engine.waiting
 
 
+@pytest.mark.parametrize("field, n", [("prompt_ids", sp.MAX_PROMPT_IDS + 1),
+                                      ("stop_token_ids", sp.MAX_STOP_IDS + 1),
+                                      ("resume_ids", sp.MAX_TOKENS_LIMIT + 1)])
+def test_id_lists_are_bounded_at_decode(field: str, n: int) -> None:
+    """Review finding: 8M prompt ids per Submit were looped over before any
+    length check (the scheduler missed heartbeats and was killed), and 1.6M
+    stop ids became a 135 MB frozenset per request."""
+    raw = msgspec.to_builtins(sp.Submit(prompt_ids=[1, 2]))
+    raw[1 + list(sp.Submit.__struct_fields__).index(field)] = [1] * n
+    with pytest.raises(BadRequest, match=field):
+        codec.decode_body(codec.decoder([sp.Submit]), msgspec.msgpack.encode(raw), "Submit body")
+
+
+def test_prompt_ids_past_the_context_are_refused_before_any_is_looked_at(monkeypatch: pytest.MonkeyPatch) -> None:
+    engine = idle_engine(SchedulerConfig())
+
+    def no_loop(*args: object) -> None:
+        raise AssertionError("the ids were looped over before the length check")
+    monkeypatch.setattr(Engine, "_check_ids", staticmethod(no_loop))
+    with pytest.raises(BadRequest, match="at most 255") as info:
+        engine.submit(sp.Submit(prompt_ids=[1] * 100_000), "mallory", lambda ev: None)
+    assert info.value.detail["field"] == "prompt_ids" and not engine.waiting
+
+
 def test_only_the_priority_and_admin_rights_cover_the_privileged_ops() -> None:
     """The kernel checks rights per op: these ops must match no other right's pattern."""
     for op, allowed in [("PrioritySubmit", {"priority", "admin"}), ("AdminList", {"admin"}),

@@ -5,6 +5,7 @@ caveat refusals and operator reads reach `security.audit`."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -141,6 +142,10 @@ async def test_quota_bypass_huge_prompt_priority_caveats_and_sessions(home: Path
             assert len((await llmos.client.generate("operator", max_tokens=2, priority=-5)).token_ids) == 2
             with pytest.raises(BadRequest, match="vocabulary"):
                 await alice.generate([1, 10**6], max_tokens=2)
+            # review: ids past the context are refused before any is looked at, jobs included
+            with pytest.raises(BadRequest, match="ids; this model takes at most") as info:
+                await alice.generate([1] * 500_000, max_tokens=2)
+            assert info.value.detail.get("field") == "prompt_ids"
 
             # #8 / lows: caveats are enforced and audited, sessions confine Cancel and RequestStatus.
             base = alice.connection.token
@@ -153,6 +158,10 @@ async def test_quota_bypass_huge_prompt_priority_caveats_and_sessions(home: Path
                                                      request_id="s2-req"))
                 await until_generating(alice, "s2-req")
                 delegate.use_token(cap.attenuate(base, session="s1"))
+                # re-attaching to another session's request (same prompt, same id) would read its stream
+                with pytest.raises(Forbidden, match="confined to session 's1'"):
+                    await delegate.generate("in s2", max_tokens=3000, ignore_eos=True, session="s1",
+                                            request_id="s2-req")
                 with pytest.raises(Forbidden, match="confined to session 's1'"):
                     await delegate.cancel("s2-req")
                 with pytest.raises(Forbidden, match="confined to session 's1'"):
@@ -182,6 +191,9 @@ async def test_operators_see_and_cancel_every_job_and_revocation_stops_them(home
                 await AsyncClient.connect(home=home, api_key=mallory_key) as mallory, \
                 anyio.create_task_group() as tg:
             tg.start_soon(tap.pump)
+            # review: a job's prompt past the context is refused, never stored
+            with pytest.raises(BadRequest, match="ids; this model takes at most"):
+                await alice.jobs.submit([1] * 500_000, at=time.time() + 3600, max_tokens=2)
             await alice.jobs.submit("tick", every=0.2, max_tokens=2, job_id="daily")
             await mallory.jobs.submit("tock", every=0.2, max_tokens=2, job_id="daily")  # her own "daily"
             assert [j.job_id for j in await mallory.jobs.list()] == ["daily"]
