@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import anyio
@@ -12,9 +14,9 @@ import pytest
 from ipc.errors import DeadlineExceeded, NotFound, Unavailable
 from ipc.protocol import kernel as kp
 from ipc.protocol.echo import Count, CountDone, Counted, Echo, EchoOnce, EchoReply
-from kernel.config import ChildSpec, SupervisorConfig
+from kernel.config import ChildSpec, Config, KernelConfig, SupervisorConfig
 from sdk.client import AsyncClient
-from sdk.testing import leftover_sockets, running_llmos
+from sdk.testing import REPO_ROOT, leftover_sockets, running_llmos, write_config
 from tests.conftest import pid_alive
 
 
@@ -117,8 +119,19 @@ async def test_a_hung_service_is_detected_by_missed_heartbeats_and_replaced(home
 async def test_restart_intensity_escalation_stops_everything_and_exits_nonzero(home: Path) -> None:
     children = [ChildSpec("echo", "services.echo"),
                 ChildSpec("crashy", "tests.helpers.crash", intensity=2, period_s=60)]
-    async with running_llmos(home, children, expect_exit=True) as llmos:
-        rc = await anyio.to_thread.run_sync(llmos.kernel.wait, 60)
+    # The kernel alone, not through running_llmos: it may escalate and exit
+    # before a client could connect (the harness then saw a dead kernel).
+    cfg = write_config(home / "llmos.toml", Config(kernel=KernelConfig(auth=False), children=children))
+    with open(home / "kernel.stderr", "wb") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "kernel", "--home", str(home), "--config", str(cfg)],
+                                cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+                                stdout=err, stderr=err)
+        try:
+            rc = await anyio.to_thread.run_sync(proc.wait, 60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     assert rc == 1
     log = (home / "kernel.stderr").read_text()
     assert "crashy restarted more than 2 times in 60s (last: exit 3)" in log
