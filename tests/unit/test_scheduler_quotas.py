@@ -6,6 +6,10 @@ import pytest
 
 from ipc.errors import Overloaded
 from ipc.protocol.security import Quota, QuotaPolicy
+from services.scheduler._seq import Seq
+from services.scheduler.config import PolicyConfig
+from services.scheduler.planner import BlockLedger, Limits, PoolShape, plan
+from services.scheduler.policies import make_policy
 from services.scheduler.quotas import QuotaGate, kv_quota_refusal
 
 
@@ -73,3 +77,40 @@ def test_kv_quota_refusal_names_the_quota_and_what_would_fit() -> None:
     assert "prompt (8 tokens) and max_tokens (1000)" in e.message and "max_tokens 25 or less would fit" in e.message
     assert e.detail["limit"] == 2 and e.detail["needed"] == 63 and e.code == "bad_request"
     assert "its prompt alone needs 3 blocks" in kv_quota_refusal("alice", 2, 3, 16, 33, 1).message
+
+
+def test_the_planner_holds_back_only_the_tenant_short_of_its_kv_quota() -> None:
+    # alice's running sequence holds all 4 of her blocks; her waiting ones wait
+    # (in order) while bob's goes ahead; one that could never fit is handed back.
+    policy = make_policy(PolicyConfig())
+    a = Seq(1, [1] * 14, 13, tenant="alice", max_len=16, pool="p", num_computed=13, mem_known=14,
+            block_table=[0, 1, 2, 3])
+    b = Seq(2, [1] * 4, 4, tenant="alice", arrival=1.0, max_len=6)
+    c = Seq(3, [1] * 2, 2, tenant="alice", arrival=2.0, max_len=3)
+    d = Seq(4, [1] * 4, 4, tenant="bob", arrival=3.0, max_len=8)
+    e = Seq(5, [1] * 4, 4, tenant="alice", arrival=4.0, max_len=40)  # 39 positions: 10 blocks of 4
+    for s in (b, c, d, e):
+        policy.on_arrival(s, 0.0)
+    ledger = BlockLedger({"p": PoolShape(64, 4)}, [a], {"alice": 4})
+    assert ledger.held["alice"] == 4 and ledger.room("alice") == 0
+    p = plan([a], [b, c, d, e], policy, ledger, Limits(64, 8, 64), 5.0)
+    assert [s.seq_no for s, _ in p.scheduled] == [1, 4]
+    assert p.quota_waits == [b, c] and p.never_fit == [e] and p.preempted == []
+
+
+def test_the_planner_preempts_within_the_tenant_short_of_its_quota() -> None:
+    # two alice sequences each need a fifth block under a quota of 8 (both hold
+    # 4): the less important one (the later) gives way, not bob's.
+    policy = make_policy(PolicyConfig())
+    first = Seq(1, [1] * 17, 16, tenant="alice", max_len=40, pool="p", num_computed=16, mem_known=17,
+                block_table=[0, 1, 2, 3], arrival=0.0)
+    second = Seq(2, [1] * 17, 16, tenant="alice", max_len=40, pool="p", num_computed=16, mem_known=17,
+                 block_table=[4, 5, 6, 7], arrival=1.0)
+    bob = Seq(3, [1] * 17, 16, tenant="bob", max_len=40, pool="p", num_computed=16, mem_known=17,
+              block_table=[8, 9, 10, 11], arrival=2.0)
+    for s in (first, second, bob):
+        policy.on_arrival(s, 0.0)
+    ledger = BlockLedger({"p": PoolShape(64, 4)}, [first, second, bob], {"alice": 8})
+    p = plan([first, second, bob], [], policy, ledger, Limits(64, 8, 64), 5.0)
+    assert p.preempted == [second]
+    assert [s.seq_no for s, _ in p.scheduled] == [1, 3]
