@@ -338,8 +338,8 @@ class SchedulerService(Service):
         if msg.request.priority < 0:
             self._refuse(ctx, "priority", "SubmitJob", Forbidden(
                 f"a job runs at priority >= 0 (got {msg.request.priority})", detail={"field": "priority"}))
-        if self.engine.model is not None:  # text or ids past the context: never stored
-            self.engine.check_prompt_size(msg.request)
+        await self._until_ready()  # the model's context is known: nothing past it is stored
+        self.engine.check_prompt_size(msg.request)
         return await self.jobs.submit(msg, ctx.principal)
 
     @handler(idempotent=True)
