@@ -86,6 +86,11 @@ class KernelConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     client_inflight_limit: int = 4096
     client_public_limit: int = 8
     public_inflight_limit: int = 256
+    # Bytes of requests in flight, per client and in all: the kernel keeps a
+    # request's frames until it is answered. A client's first request is
+    # always let through (up to the 8 MiB message bound).
+    client_inflight_bytes: int = 32 * 1024 * 1024
+    inflight_bytes_limit: int = 256 * 1024 * 1024
     wait_timeout_s: float = 30.0
     max_attempts: int = 3
     # The back socket carries swap images (large); the front only requests

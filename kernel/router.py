@@ -99,14 +99,12 @@ class Pending:
     queued_at: float
     instance: Instance | None = None
     public: bool = False  # an unauthenticated client request (Login): capped apart
+    size: int = 0  # bytes of the header and body frames (counted against the client and wait queues)
 
     @property
     def deadline_ns(self) -> int:
         return self.header.deadline_ns
 
-    @property
-    def size(self) -> int:
-        return sum(len(f) for f in self.payload)
 
 
 class Kernel:
@@ -122,7 +120,8 @@ class Kernel:
         self.waiting: WaitQueues[Pending] = WaitQueues(config.wait_queue_limit, config.wait_timeout_s,
                                                        config.wait_total_limit, config.wait_total_bytes)
         self.clients = ClientBook(config.client_inflight_limit, config.client_public_limit,
-                                  config.public_inflight_limit)
+                                  config.public_inflight_limit, config.client_inflight_bytes,
+                                  config.inflight_bytes_limit)
         self.topics = Topics([])  # bound to the sockets in serve()
         # front identity → when it was last heard (clients with work in flight ping)
         self.clients_seen: dict[bytes, float] = {}
@@ -423,15 +422,16 @@ class Kernel:
             self._send_error(origin, ident, header.msg_id,
                              DeadlineExceeded(f"deadline passed before routing to {dst!r}").to_wire())
             return
-        p = Pending(next(self._rids), origin, ident, header.msg_id, header, payload, time.monotonic())
+        p = Pending(next(self._rids), origin, ident, header.msg_id, header, payload, time.monotonic(),
+                    size=sum(len(f) for f in payload))
         if inst is None:
             p.public = self.guard is not None and not header.principal
-            why = self.clients.refusal(ident, p.public)
+            why = self.clients.refusal(ident, p.public, p.size)
             if why:
                 self._fail(p, Overloaded(f"{why}; wait for answers before sending more",
                                          detail={"retry_after_s": 0.1}))
                 return
-            self.clients.add(ident, p.rid, p.public)
+            self.clients.add(ident, p.rid, p.public, p.size)
         self._dispatch(p)
 
     def _dispatch(self, p: Pending) -> None:
@@ -504,7 +504,7 @@ class Kernel:
 
     def _ended(self, p: Pending) -> None:
         if p.origin is self._front:
-            self.clients.remove(p.origin_id, p.rid, p.public)
+            self.clients.remove(p.origin_id, p.rid, p.public, p.size)
 
     def _send_error(self, ch: Channel, ident: bytes, msg_id: int, err: Error) -> None:
         header = Header(PROTOCOL_VERSION, Kind.ERROR, msg_id, src=kp.KERNEL, op="Error")

@@ -29,3 +29,19 @@ def test_taking_a_client_returns_what_it_owned_and_frees_its_share() -> None:
     assert book.refusal(b"z", public=True) == "" and len(book) == 1
     book.remove(b"a", 1, public=True)  # a late end of a request already taken: no effect
     assert book.refusal(b"z", public=True) == "" and len(book) == 1
+
+
+def test_bytes_in_flight_are_bounded_per_client_and_in_all_but_one_request_always_passes() -> None:
+    """The kernel holds a request's frames until it is answered: a tenant's
+    near-limit frames would add up to gigabytes without a byte bound."""
+    book = ClientBook(limit=100, public_limit=8, public_total=8, limit_bytes=1000, total_bytes=1500)
+    assert book.refusal(b"a", False, 5000) == ""  # the first request of a client is never refused for size
+    book.add(b"a", 1, False, 900)
+    assert "exceed 1000 bytes" in book.refusal(b"a", False, 200)
+    assert book.refusal(b"b", False, 500) == ""
+    book.add(b"b", 2, False, 500)
+    assert "1500 bytes in all" in book.refusal(b"c", False, 200)
+    book.remove(b"a", 1, False, 900)
+    assert book.refusal(b"c", False, 200) == "" and book.refusal(b"a", False, 900) == ""
+    book.take(b"b")
+    assert book.refusal(b"c", False, 1499) == ""
