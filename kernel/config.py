@@ -5,7 +5,7 @@ tables and every service's (each service's struct lives in a torch-free
 `config.py` of its package), so a bad value stops `llmos up` at once with
 the file, table and field named. Supervision policy is data here (Erlang/OTP
 child specs), not code. `llmos config example` prints every setting with its
-default (kernel/config_example.py).
+default (tools/config_example.py).
 """
 
 from __future__ import annotations

@@ -112,7 +112,7 @@ def parse_drivers(spec: str) -> dict[str, int]:
 
 def cmd_config(args: argparse.Namespace) -> int:
     if args.action == "example":
-        from kernel.config_example import example_toml
+        from tools.config_example import example_toml
 
         sys.stdout.write(example_toml())
         return 0
