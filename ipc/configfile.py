@@ -14,6 +14,7 @@ import json
 import os
 import re
 import tomllib
+from enum import Enum
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -123,3 +124,27 @@ def with_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, 
         else:
             out[key] = value
     return out
+
+
+_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def toml_key(k: str) -> str:
+    return k if _BARE_KEY.match(k) else json.dumps(k)
+
+
+def toml_value(v: Any) -> str:
+    """A value as TOML (the example config, the test harness's config files)."""
+    if isinstance(v, Enum):
+        v = v.value
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)  # a JSON string is a valid TOML basic string
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{toml_key(str(k))} = {toml_value(x)}" for k, x in v.items()) + "}"
+    raise TypeError(f"no TOML form for {type(v).__name__}")

@@ -9,7 +9,6 @@ removed its sockets; `sys.kernel` is the kernel's `subprocess.Popen`.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from typing import Any, AsyncIterator, Callable
 import anyio
 import msgspec
 
+from ipc.configfile import toml_value
 from ipc.errors import LlmosError
 from ipc.home import admin_key_path, front_endpoint, run_dir
 from ipc.protocol import kernel as kp
@@ -67,18 +67,7 @@ def write_config(path: Path, config: Config) -> Path:
 
 
 def _to_toml(raw: dict[str, Any]) -> str:
-    def val(v: object) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, (int, float)):
-            return repr(v)
-        if isinstance(v, str):
-            return json.dumps(v)  # a JSON string is a valid TOML basic string
-        if isinstance(v, list):
-            return "[" + ", ".join(val(x) for x in v) + "]"
-        if isinstance(v, dict):
-            return "{" + ", ".join(f"{k} = {val(x)}" for k, x in v.items()) + "}"
-        raise TypeError(type(v))
+    val = toml_value
 
     lines: list[str] = []
     for section in ("kernel", "supervisor"):

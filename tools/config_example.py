@@ -8,17 +8,16 @@ decodes it back into `Config()`.
 from __future__ import annotations
 
 import inspect
-import json
 import re
 from enum import Enum
 from typing import Any, Sequence
 
 import msgspec
 
+from ipc.configfile import toml_key, toml_value
 from kernel.config import Config
 
 _FIELD = re.compile(r"^\s+(\w+)\s*:")
-_BARE = re.compile(r"^[A-Za-z0-9_-]+$")
 
 HEADER = """\
 # llmos configuration: every setting, set to its default (`llmos config example`).
@@ -80,7 +79,7 @@ def _table(out: list[str], name: str, value: msgspec.Struct, lead: Sequence[str]
         for line in notes.get(f.name, []):
             out.append(f"# {line}" if line else "#")
         choices = f"  # one of: {', '.join(e.value for e in type(v))}" if isinstance(v, Enum) else ""
-        out.append(f"{_key(f.name)} = {_value(v)}{choices}")
+        out.append(f"{toml_key(f.name)} = {toml_value(v)}{choices}")
     for sub, v in nested:
         _table(out, f"{name}.{sub}", v, notes.get(sub, []))
 
@@ -100,25 +99,7 @@ def _children(children: list[Any]) -> str:
                 lines.extend(f"# {n}" for n in notes.get(f.name, []))
             v = getattr(child, f.name)
             choices = f"  # one of: {', '.join(e.value for e in type(v))}" if isinstance(v, Enum) and i == 0 else ""
-            lines.append(f"{_key(f.name)} = {_value(v)}{choices}")
+            lines.append(f"{toml_key(f.name)} = {toml_value(v)}{choices}")
     return "\n".join(lines)
 
 
-def _key(k: str) -> str:
-    return k if _BARE.match(k) else json.dumps(k)
-
-
-def _value(v: Any) -> str:
-    if isinstance(v, Enum):
-        v = v.value
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v)  # a JSON string is a valid TOML basic string
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_value(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{" + ", ".join(f"{_key(str(k))} = {_value(x)}" for k, x in v.items()) + "}"
-    raise TypeError(f"no TOML form for {type(v).__name__}")
