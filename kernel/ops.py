@@ -37,10 +37,6 @@ def check(header: Header, msg: Message) -> None:
                          f"the capability check covers the header's op, so they must agree")
 
 
-def check_passed(header: Header, msg: Message) -> bool:
-    return op_of(msg) == header.op
-
-
 def audited(msg: Message) -> bool:
     """Ops that act or open a stream of other parties' events (Status is a read
     `llmos top` polls; its refusals are audited by the guard)."""
@@ -113,4 +109,4 @@ def status(k: "Kernel") -> kp.StatusReply:
     return kp.StatusReply(os.getpid(), now - k.started, infos, k.counters)
 
 
-__all__ = ["KILL_SIGNALS", "audited", "check", "check_passed", "handle", "status", "target_of"]
+__all__ = ["KILL_SIGNALS", "audited", "check", "handle", "status", "target_of"]

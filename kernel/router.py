@@ -595,7 +595,7 @@ class Kernel:
 
     def _kernel_op(self, ch: Channel, ident: bytes, header: Header, payload: list[Any],
                    inst: Instance | None) -> None:
-        msg: Message | None = None
+        checked: Message | None = None  # the op, once its body is known to be what was authorised
         try:
             if len(payload) < 2:
                 raise BadRequest("kernel request without a body")
@@ -606,10 +606,11 @@ class Kernel:
                 if self.guard is not None:  # a disguised op is an attack: audited like a refusal
                     self.guard.note(header, exc, self._source(ident, inst), header.principal)
                 raise
+            checked = msg
             reply = ops.handle(self, ch, ident, header, msg, inst)
         except LlmosError as exc:
-            if msg is not None and ops.check_passed(header, msg) and ops.audited(msg):
-                self._audit_op(msg, header, ident, inst, str(exc.code))
+            if checked is not None and ops.audited(checked):
+                self._audit_op(checked, header, ident, inst, str(exc.code))
             self._send_error(ch, ident, header.msg_id, exc.to_wire())
             return
         if ops.audited(msg):

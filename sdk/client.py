@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, AsyncGenerator, Iterator, Sequence
+from typing import Any, AsyncGenerator, Callable, Iterator, Sequence
 
 import zmq
 from anyio.from_thread import BlockingPortal, start_blocking_portal
@@ -189,7 +189,12 @@ class Client:
         return self._portal.call(lambda: self._aclient.call(service, msg, timeout=timeout))
 
     def stream(self, service: str, msg: Message, *, timeout: float | None = None) -> Iterator[Any]:
-        agen = self._aclient.stream(service, msg, timeout=timeout)
+        return self._iterate(lambda: self._aclient.stream(service, msg, timeout=timeout))
+
+    def _iterate(self, make: Callable[[], Any]) -> Iterator[Any]:
+        """The async iterator `make` returns (made at the first `next`), item
+        by item through the portal; closed on the loop when the caller stops early."""
+        agen = make()
         try:
             while True:
                 try:
@@ -209,16 +214,7 @@ class Client:
     def stream_generate(self, prompt: str | Sequence[int], **options: Any) -> Iterator[Chunk]:
         """Closing the iterator early (a `break`, then `close()` or its end of
         life) cancels the request, as `AsyncClient.stream_generate` does."""
-        stream = self._aclient.stream_generate(prompt, **options)
-        try:
-            while True:
-                try:
-                    yield self._portal.call(stream.__anext__)
-                except StopAsyncIteration:
-                    return
-        finally:
-            if self._stack is not None:
-                self._portal.call(stream.aclose)
+        return self._iterate(lambda: self._aclient.stream_generate(prompt, **options))
 
     generate_stream = stream_generate
 
