@@ -25,11 +25,11 @@ from ipc.curve import curve_dir
 from ipc.errors import LlmosError, Unauthorized
 from ipc.home import admin_key_path
 from ipc.protocol import security as sp
-from kernel.config import ChildSpec, Config, KernelConfig
+from kernel.config import Config, KernelConfig
 from sdk.client import AsyncClient, Client
 from sdk.testing import REPO_ROOT, write_config
 from tests.helpers.net import free_port
-from tests.integration.test_driver import driver_spec
+from tests.integration.test_driver import secured_children
 
 LLMOS = [sys.executable, "-m", "tools.cli"]
 # What a terminal would act on: C0 controls but newline and tab, DEL, C1 controls.
@@ -60,8 +60,7 @@ class Served:
 def served(checkpoint: Path) -> Iterator[Served]:
     home = Path(tempfile.mkdtemp(prefix="llmos-", dir="/tmp"))
     endpoint = f"tcp://127.0.0.1:{free_port()}"
-    children = [ChildSpec("security", "services.security"), ChildSpec("memory", "services.memory"),
-                driver_spec(checkpoint), ChildSpec("scheduler", "services.scheduler")]
+    children = secured_children(checkpoint)
     cfg = write_config(home / "llmos.toml", Config(kernel=KernelConfig(front=endpoint, auth=True), children=children))
     log = open(home / "kernel.stderr", "wb")  # noqa: SIM115 - closed below
     proc = subprocess.Popen([sys.executable, "-m", "kernel", "--home", str(home), "--config", str(cfg)],

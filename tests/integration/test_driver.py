@@ -27,6 +27,12 @@ def driver_spec(ckpt: Path) -> ChildSpec:
                      args=["cpu", "--model", str(ckpt), "--kv-cache-mb", "2", "--threads", "1"])
 
 
+def secured_children(ckpt: Path) -> list[ChildSpec]:
+    """A whole llmos on `ckpt` with the security server: what tests with auth on boot."""
+    return [ChildSpec("security", "services.security"), ChildSpec("memory", "services.memory"),
+            driver_spec(ckpt), ChildSpec("scheduler", "services.scheduler")]
+
+
 def local_greedy(ckpt: Path, prompt: list[int], n: int) -> list[int]:
     runner = ModelRunner.load(str(ckpt), kv_cache_bytes=2 * 2**20, num_threads=1)
     bs = runner.info.block_size

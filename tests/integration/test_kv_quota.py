@@ -20,11 +20,10 @@ from ipc.home import logs_dir
 from ipc.protocol import memory as mp
 from ipc.protocol import scheduler as sp
 from ipc.protocol import security as sec
-from kernel.config import ChildSpec
 from sdk.client import AsyncClient
 from sdk.generate import Completion
 from sdk.testing import running_llmos
-from tests.integration.test_driver import driver_spec
+from tests.integration.test_driver import secured_children
 from tests.unit.model_fixtures import make_checkpoint
 from tools.top import frame
 
@@ -55,8 +54,7 @@ def quota_lines(home: Path) -> list[dict[str, object]]:
 
 
 async def test_over_quota_is_refused_at_once_and_a_fitting_one_waits_visibly(home: Path, checkpoint: Path) -> None:
-    children = [ChildSpec("security", "services.security"), ChildSpec("memory", "services.memory"),
-                driver_spec(checkpoint), ChildSpec("scheduler", "services.scheduler")]
+    children = secured_children(checkpoint)
     async with running_llmos(home, children, auth=True) as llmos:
         admin = llmos.client
         carol_key = (await admin.call(sec.SECURITY, sec.CreateKey("carol", ["generate"],

@@ -10,10 +10,9 @@ import pytest
 from ipc.errors import NotFound, Overloaded
 from ipc.protocol import memory as mp
 from ipc.protocol import security as sec
-from kernel.config import ChildSpec
 from sdk.client import AsyncClient
 from sdk.testing import running_llmos
-from tests.integration.test_driver import driver_spec
+from tests.integration.test_driver import secured_children
 from tests.unit.model_fixtures import make_checkpoint
 
 
@@ -25,8 +24,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 async def test_quotas_and_isolation_between_tenants(home: Path, checkpoint: Path) -> None:
-    children = [ChildSpec("security", "services.security"), ChildSpec("memory", "services.memory"),
-                driver_spec(checkpoint), ChildSpec("scheduler", "services.scheduler")]
+    children = secured_children(checkpoint)
     async with running_llmos(home, children, auth=True) as llmos:
         admin = llmos.client
         quota = sec.Quota(concurrent_requests=1, kv_blocks=200)

@@ -17,10 +17,9 @@ from ipc.errors import BadRequest, Forbidden, NotFound, Overloaded
 from ipc.protocol import scheduler as sp
 from ipc.protocol import security as sec
 from ipc.protocol.sampling import SamplingParams
-from kernel.config import ChildSpec
 from sdk.client import AsyncClient
 from sdk.testing import RunningLlmos, running_llmos
-from tests.integration.test_driver import driver_spec
+from tests.integration.test_driver import secured_children
 from tests.unit.model_fixtures import make_checkpoint
 
 GREEDY = SamplingParams(temperature=0.0)
@@ -31,11 +30,6 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("ckpt")
     make_checkpoint(d, "llama", max_position_embeddings=4096)
     return d
-
-
-def children(checkpoint: Path) -> list[ChildSpec]:
-    return [ChildSpec("security", "services.security"), ChildSpec("memory", "services.memory"),
-            driver_spec(checkpoint), ChildSpec("scheduler", "services.scheduler")]
 
 
 async def key(llmos: RunningLlmos, tenant: str, rights: list[str], quota: sec.Quota | None = None) -> str:
@@ -85,7 +79,7 @@ class AuditTap:
 
 
 async def test_quota_bypass_huge_prompt_priority_caveats_and_sessions(home: Path, checkpoint: Path) -> None:
-    async with running_llmos(home, children(checkpoint), auth=True) as llmos:
+    async with running_llmos(home, secured_children(checkpoint), auth=True) as llmos:
         alice_key = await key(llmos, "alice", ["generate", "session"], sec.Quota(concurrent_requests=1))
         bob_key = await key(llmos, "bob", ["generate"])
         tap = AuditTap(llmos.client)
@@ -181,7 +175,7 @@ async def test_quota_bypass_huge_prompt_priority_caveats_and_sessions(home: Path
 
 async def test_operators_see_and_cancel_every_job_and_revocation_stops_them(home: Path,
                                                                               checkpoint: Path) -> None:
-    async with running_llmos(home, children(checkpoint), auth=True) as llmos:
+    async with running_llmos(home, secured_children(checkpoint), auth=True) as llmos:
         admin = llmos.client
         alice_key = await key(llmos, "alice", ["generate", "jobs"])
         mallory_key = await key(llmos, "mallory", ["generate", "jobs"])
