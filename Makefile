@@ -15,7 +15,7 @@ demo: $(STAMP)
 	$(VENV)/bin/llmos demo
 
 test: $(STAMP)
-	$(PY) -m mypy ipc kernel sdk services drivers tools
+	$(PY) -m mypy ipc common text kernel sdk services drivers tools
 	$(PY) -m pytest -q
 
 clean:

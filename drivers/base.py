@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 
 import anyio
 
-from drivers.config import DriverConfig, load_driver_config
+from common.config.driver import DriverConfig, load_driver_config
 from drivers.model.runner import ModelRunner
 from drivers.model.step import SeqStep
 from ipc.errors import BadRequest, ConfigError

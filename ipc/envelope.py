@@ -37,7 +37,7 @@ class Kind(IntEnum):
 MAX_NAME = 128  # src, dst, principal: service, instance and tenant names
 MAX_OP = 64  # a message tag
 MAX_TRACE_ID = 128
-MAX_TOKEN = 4096  # a capability token (ipc.capability.MAX_TOKEN_BYTES)
+MAX_TOKEN = 4096  # a capability token (common.capability.MAX_TOKEN_BYTES)
 MAX_RESTRICTIONS = 1024  # stamped by the kernel; bounded like the rest
 _I64 = 2**63 - 1  # what msgspec can bound; ids and unix ns fit
 
@@ -61,7 +61,7 @@ class Header(msgspec.Struct, array_like=True, gc=False):
     trace_id: Annotated[str, Meta(max_length=MAX_TRACE_ID)] = ""
     attempt: Annotated[int, Meta(ge=0, le=255)] = 0
     # Caveats of the verified token that depend on the body (max_tokens,
-    # session), stamped by the kernel: `ipc.capability.Restrictions.decode`.
+    # session), stamped by the kernel: `common.capability.Restrictions.decode`.
     restrictions: Annotated[bytes, Meta(max_length=MAX_RESTRICTIONS)] = b""
 
 

@@ -7,11 +7,11 @@ import sys
 from pathlib import Path
 
 from ipc.errors import LlmosError
-from ipc.home import llmos_home
+from common.home import llmos_home
 from kernel.config import Config, load_config
 from kernel.console import Console
 from kernel.homelock import HomeLocked, KernelLock
-from sdk.logs import configure
+from common.logs import configure
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,14 +16,14 @@ from typing import Any
 
 import msgspec
 
-from drivers.config import DriverConfig
-from ipc.configfile import child_tables, read_toml, split_error, where, with_overrides
+from common.config.driver import DriverConfig
+from common.configfile import child_tables, read_toml, split_error, where, with_overrides
 from ipc.errors import BadRequest, ConfigError
 from ipc.sockets import FRONT_MAX_MESSAGE_BYTES, SocketLimits
-from services.gateway.config import GatewayConfig
-from services.memory.config import MemoryConfig
-from services.scheduler.config import SchedulerConfig
-from services.security.config import SecurityConfig
+from common.config.gateway import GatewayConfig
+from common.config.memory import MemoryConfig
+from common.config.scheduler import SchedulerConfig
+from common.config.security import SecurityConfig
 
 
 class Restart(StrEnum):

@@ -20,11 +20,11 @@ from typing import Callable
 
 import msgspec
 
-from ipc.capability import PUBLIC_OPS, Capability, RevocationList, verify
+from common.capability import PUBLIC_OPS, Capability, RevocationList, verify
 from ipc.envelope import Header
 from ipc.errors import BadRequest, Forbidden, LlmosError, Unauthorized
-from ipc.home import revocations_path, root_key_path
-from ipc.keyfile import load_or_create_key
+from common.home import revocations_path, root_key_path
+from common.keyfile import load_or_create_key
 from ipc.protocol import kernel as kp
 
 CACHE_SIZE = 8192

@@ -18,7 +18,7 @@ from pathlib import Path
 from types import TracebackType
 
 from ipc.errors import Unavailable
-from ipc.home import lock_file, run_dir
+from common.home import lock_file, run_dir
 
 _PID_BYTES = 32
 

@@ -13,7 +13,7 @@ from typing import Protocol, cast
 
 import anyio
 
-from ipc.home import child_output_path
+from common.home import child_output_path
 from kernel.config import ChildSpec
 
 OUTPUT_MAX_BYTES = 4 * 1024 * 1024

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import anyio
 
-from ipc.curve import ensure_keys
+from common.curvekeys import ensure_keys
 from ipc.errors import LlmosError, Unavailable
-from ipc.home import admin_key_path, back_endpoint, front_endpoint, logs_dir, pid_file, run_dir
+from common.home import admin_key_path, back_endpoint, front_endpoint, logs_dir, pid_file, run_dir
 from ipc.sockets import prepare_ipc_path
 from kernel.config import Config
 from kernel.console import Console
@@ -23,7 +23,7 @@ from kernel.guard import Guard
 from kernel.launcher import Launcher, LocalLauncher
 from kernel.router import Kernel
 from kernel.supervisor import Supervisor
-from sdk.logs import get_logger
+from common.logs import get_logger
 
 log = get_logger()
 

@@ -13,7 +13,7 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
-from ipc.capability import RevocationList
+from common.capability import RevocationList
 from ipc.envelope import Header, Kind
 from ipc.errors import BadRequest, Forbidden, Unavailable
 from ipc.protocol import kernel as kp

@@ -37,7 +37,7 @@ from kernel.guard import Guard
 from kernel.registry import Instance, Registry
 from kernel.topics import Topics
 from kernel.waiting import WaitQueues
-from sdk.logs import get_logger
+from common.logs import get_logger
 
 if TYPE_CHECKING:
     from kernel.supervisor import Supervisor

@@ -26,11 +26,11 @@ from typing import Callable
 import anyio
 
 from ipc.errors import EX_CONFIG, BadRequest, NotFound
-from ipc.home import run_dir
+from common.home import run_dir
 from ipc.protocol import kernel as kp
 from kernel.config import ChildSpec, Restart, Strategy, SupervisorConfig
 from kernel.launcher import ChildProcess, Launcher
-from sdk.logs import get_logger
+from common.logs import get_logger
 
 log = get_logger()
 

@@ -21,9 +21,10 @@ from typing import Any, AsyncGenerator
 
 import anyio
 
-from ipc.curve import CurveClient, client_keys
+from common.curvekeys import client_keys
+from ipc.curve import CurveClient
 from ipc.errors import DeadlineExceeded, Unavailable
-from ipc.home import admin_key_path
+from common.home import admin_key_path
 from ipc.protocol import security as sp
 from ipc.protocol.base import Message
 from sdk.connection import Connection

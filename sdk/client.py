@@ -23,7 +23,7 @@ import zmq
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from ipc.errors import BadRequest, NotFound, Unavailable
-from ipc.home import front_endpoint, llmos_home
+from common.home import front_endpoint, llmos_home
 from ipc.protocol import kernel as kp
 from ipc.protocol import scheduler as sp
 from ipc.protocol.base import Message

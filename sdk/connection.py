@@ -27,7 +27,7 @@ from ipc.errors import BadRequest, DeadlineExceeded, Error, Internal, LlmosError
 from ipc.heartbeat import HEARTBEAT_EXPIRY_S, HEARTBEAT_INTERVAL_S
 from ipc.protocol.base import Message, op_of
 from ipc.sockets import MAX_MESSAGE_BYTES, Channel, connect_dealer
-from sdk.logs import get_logger
+from common.logs import get_logger
 
 log = get_logger()
 

@@ -28,16 +28,16 @@ import structlog
 from anyio.abc import TaskGroup
 
 from ipc import codec
-from ipc.capability import Restrictions
+from common.capability import Restrictions
 from ipc.envelope import PROTOCOL_VERSION, Header, Kind
 from ipc.errors import EX_CONFIG, BadRequest, ConfigError, DeadlineExceeded, Internal, LlmosError, Unavailable
 from ipc.heartbeat import HEARTBEAT_EXPIRY_S, HEARTBEAT_INTERVAL_S
-from ipc.home import back_endpoint, llmos_home
+from common.home import back_endpoint, llmos_home
 from ipc.protocol import kernel as kp
 from ipc.protocol.base import Message, op_of
 from sdk.auth import tcp_keys
 from sdk.connection import Connection
-from sdk.logs import configure, get_logger
+from common.logs import configure, get_logger
 
 log = get_logger()
 

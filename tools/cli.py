@@ -30,7 +30,7 @@ from typing import Any, Callable, Sequence
 import msgspec
 
 from ipc.errors import BadRequest, LlmosError
-from ipc.home import llmos_home
+from common.home import llmos_home
 from tools.terminal import printable
 
 # Subcommands that work on this machine's LLMOS_HOME (they boot llmos or read
@@ -55,7 +55,7 @@ def api_key(args: argparse.Namespace) -> str | None:
 
 def cmd_up(args: argparse.Namespace) -> int:
     from kernel.__main__ import boot
-    from sdk.logs import configure
+    from common.logs import configure
 
     from kernel.console import Console
     from kernel.homelock import HomeLocked

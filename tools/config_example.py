@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 import msgspec
 
-from ipc.configfile import toml_key, toml_value
+from common.configfile import toml_key, toml_value
 from kernel.config import Config
 
 _FIELD = re.compile(r"^\s+(\w+)\s*:")

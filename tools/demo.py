@@ -27,11 +27,11 @@ from rich.table import Table
 from rich.text import Text
 
 from ipc.errors import LlmosError
-from ipc.home import admin_key_path, front_endpoint, llmos_home
+from common.home import admin_key_path, front_endpoint, llmos_home
 from ipc.protocol import security as sec
 from kernel.config import default_children
 from sdk.client import AsyncClient
-from sdk.testing import RunningLlmos, running_llmos
+from tools.testing import RunningLlmos, running_llmos
 from tools.bench.common import percentile
 from tools.terminal import printable
 

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ipc.home import back_endpoint, front_endpoint
+from common.home import back_endpoint, front_endpoint
 from kernel.homelock import holder_pid
 
 POLL_S = 0.05

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Any, Iterator
 
-from ipc.home import logs_dir
+from common.home import logs_dir
 
 
 def records(home: Path) -> Iterator[dict[str, Any]]:

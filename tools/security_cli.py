@@ -21,9 +21,9 @@ from typing import Any
 
 import msgspec
 
-from ipc.capability import RIGHTS
+from common.capability import RIGHTS
 from ipc.errors import BadRequest
-from ipc.home import llmos_home
+from common.home import llmos_home
 from ipc.protocol import security as sp
 from tools.terminal import printable
 
@@ -118,7 +118,7 @@ def cmd_keys_quota(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    from ipc.home import root_key_path
+    from common.home import root_key_path
     from services.security.audit import audit_path, verify_home
 
     home = llmos_home(args.home)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from drivers.model.config import ModelConfig, load_config
 from drivers.model.errors import CheckpointError
-from drivers.model.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
+from text.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 
 DEMO = "demo"
 

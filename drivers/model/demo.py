@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from drivers.model.catalog import DEMO_CONFIG, demo_dir
 from drivers.model.config import ModelConfig
-from drivers.model.tokenizer import BYTE_TOKENIZER_FILE
+from text.tokenizer import BYTE_TOKENIZER_FILE
 
 DEMO_SEED = 20240611
 # Bumped whenever the generated weights change, so stale caches are rebuilt.

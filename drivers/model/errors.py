@@ -12,11 +12,9 @@
 from __future__ import annotations
 
 from ipc.errors import BadRequest
+from text.errors import CheckpointError
 
-
-class CheckpointError(BadRequest):
-    """A model checkpoint cannot be loaded; the message names the file (and
-    the tensor, where one is at fault)."""
+__all__ = ["CheckpointError", "InvalidStep"]
 
 
 class InvalidStep(BadRequest):

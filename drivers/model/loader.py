@@ -21,7 +21,7 @@ from drivers.model.config import ModelConfig, load_config
 from drivers.model.errors import CheckpointError
 from drivers.model.llama import LayerWeights, Weights
 from drivers.model.rope import interleave_heads
-from drivers.model.tokenizer import Tokenizer, load_tokenizer
+from text.tokenizer import Tokenizer, load_tokenizer
 
 INDEX_FILE = "model.safetensors.index.json"
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

@@ -30,7 +30,7 @@ from drivers.model.llama import LlamaModel, Weights
 from drivers.model.loader import load_checkpoint
 from drivers.model.sampling import Sampler, SampleRow, splitmix64
 from drivers.model.step import SeqResult, SeqStep
-from drivers.model.tokenizer import Tokenizer
+from text.tokenizer import Tokenizer
 from ipc.errors import BadRequest, Internal
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -1,8 +1,8 @@
 """The security server's protocol (service ``"security"``).
 
 `Login` is the one op served without a token; `RefreshToken` needs any valid
-token; everything else needs the `admin` right (see `ipc.capability.RIGHTS`).
-Tokens travel as raw bytes (`ipc.capability` format); API keys as text,
+token; everything else needs the `admin` right (see `common.capability.RIGHTS`).
+Tokens travel as raw bytes (`common.capability` format); API keys as text,
 ``llmos.<key id>.<secret>``, shown once by `CreateKey`.
 
 Quota policy is published on `POLICY_TOPIC` as `QuotaPolicy` (the whole table)

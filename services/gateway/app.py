@@ -25,7 +25,7 @@ from services.gateway import openai as oa
 from services.gateway.backend import Stats
 from services.gateway.body import check_head, read_body
 from services.gateway.chat import ChatFormatter
-from services.gateway.config import GatewayConfig
+from common.config.gateway import GatewayConfig
 from services.gateway.metrics import GatewayMetrics
 
 class Backend(Protocol):

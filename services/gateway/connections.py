@@ -26,7 +26,7 @@ from typing import Any
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from services.gateway.config import GatewayConfig
+from common.config.gateway import GatewayConfig
 
 LINGER_BYTES = 1 << 20
 LINGER_S = 2.0

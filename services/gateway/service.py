@@ -15,12 +15,12 @@ import uvicorn
 from anyio.abc import TaskGroup
 
 from ipc.errors import BadRequest
-from ipc.home import front_endpoint
-from sdk.logs import get_logger
+from common.home import front_endpoint
+from common.logs import get_logger
 from sdk.service import Service
 from services.gateway.app import create_app
 from services.gateway.backend import KernelBackend
-from services.gateway.config import GatewayConfig, load_gateway_config
+from common.config.gateway import GatewayConfig, load_gateway_config
 from services.gateway.connections import guarded_h11
 
 log = get_logger()

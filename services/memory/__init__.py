@@ -1,6 +1,6 @@
 """The memory server: the KV cache as virtual memory (see ipc/protocol/memory.py)."""
 
-from services.memory.config import MemoryConfig
+from common.config.memory import MemoryConfig
 from services.memory.manager import MemoryManager
 
 __all__ = ["MemoryConfig", "MemoryManager"]

@@ -48,7 +48,7 @@ from services.memory._recovery import adopt
 from services.memory._sequence import Sequence
 from services.memory._stats import all_tenants, pool_stats, tenant_blocks
 from services.memory._tenants import TenantLedger
-from services.memory.config import MemoryConfig
+from common.config.memory import MemoryConfig
 
 
 class MemoryManager:

@@ -19,10 +19,10 @@ from ipc.protocol import kernel as kp
 from ipc.protocol import memory as mp
 from ipc.protocol.driver import DRIVER
 from ipc.protocol.security import QuotaPolicy
-from sdk.logs import get_logger
+from common.logs import get_logger
 from sdk.policy import follow_quotas
 from sdk.service import Context, Service, handler
-from services.memory.config import load_memory_config
+from common.config.memory import load_memory_config
 from services.memory.manager import MemoryManager
 
 log = get_logger()

@@ -1,6 +1,6 @@
 """The scheduler server: continuous batching, policies, preemption (see ipc/protocol/scheduler.py)."""
 
-from services.scheduler.config import PolicyConfig, PolicyName, SchedulerConfig
+from common.config.scheduler import PolicyConfig, PolicyName, SchedulerConfig
 from services.scheduler.engine import Backend, Engine, Model
 
 __all__ = ["Backend", "Engine", "Model", "PolicyConfig", "PolicyName", "SchedulerConfig"]

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ipc.protocol import memory as mp
-from sdk.logs import get_logger
+from common.logs import get_logger
 from services.scheduler._seq import Seq
 
 if TYPE_CHECKING:

@@ -18,7 +18,7 @@ from ipc.errors import Cancelled, LlmosError
 from ipc.protocol.base import Message
 from ipc.protocol.scheduler import Finished, FinishReason, Submit, TokenDelta, Usage
 from services.scheduler._seq import Seq
-from services.scheduler._text import TextStream
+from text.stream import TextStream
 
 Emit = Callable[[Message], None]
 

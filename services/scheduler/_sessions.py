@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 from ipc.errors import NotFound
 from ipc.protocol import scheduler as sp
-from sdk.logs import get_logger
+from common.logs import get_logger
 from services.scheduler._request import Request, State
 from services.scheduler._seq import Seq
 from services.scheduler._swap import drop_kv, swap_in, swap_out

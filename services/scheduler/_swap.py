@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from ipc.errors import ErrorCode, LlmosError
 from ipc.protocol import driver as dp
 from ipc.protocol import memory as mp
-from sdk.logs import get_logger
+from common.logs import get_logger
 from services.scheduler._seq import Seq
 
 if TYPE_CHECKING:

@@ -28,20 +28,20 @@ from typing import Protocol, TypeVar
 
 import anyio
 
-from drivers.model.tokenizer import Tokenizer
+from text.tokenizer import Tokenizer
 from ipc.errors import BadRequest, DeadlineExceeded, ErrorCode, LlmosError, NotFound, Overloaded, Unavailable
 from ipc.protocol import driver as dp
 from ipc.protocol import memory as mp
 from ipc.protocol import scheduler as sp
-from sdk.logs import get_logger
+from common.logs import get_logger
 from services.scheduler._request import Emit, Request, Sink, State
 from services.scheduler._seq import Seq
 from services.scheduler._sessions import SessionTable, seq_blocks
 from services.scheduler._recovery import reregister_live, requeue_lost
 from services.scheduler._swap import drop_kv, swap_in, swap_out
-from services.scheduler._text import TextStream
+from text.stream import TextStream
 from services.scheduler.autotune import AutoTuner
-from services.scheduler.config import PreemptionMode, SchedulerConfig
+from common.config.scheduler import PreemptionMode, SchedulerConfig
 from services.scheduler.planner import BlockLedger, Limits, PoolShape, StepPlan, lifetime_blocks, plan
 from services.scheduler.policies import make_policy
 from services.scheduler.quotas import kv_quota_refusal

@@ -36,7 +36,7 @@ import msgspec
 from ipc.errors import BadRequest, Forbidden, LlmosError, NotFound, Overloaded, Unavailable
 from ipc.protocol import scheduler as sp
 from ipc.protocol.base import Message
-from sdk.logs import get_logger
+from common.logs import get_logger
 from services.scheduler.engine import Engine
 
 log = get_logger()

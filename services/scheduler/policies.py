@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from services.scheduler._seq import Seq, next_ticket
-from services.scheduler.config import PolicyConfig, PolicyName
+from common.config.scheduler import PolicyConfig, PolicyName
 
 
 class Policy(ABC):

@@ -23,7 +23,7 @@ from typing import Any, NoReturn
 import anyio
 from anyio.abc import TaskGroup
 
-from drivers.model.tokenizer import load_tokenizer
+from text.tokenizer import load_tokenizer
 from ipc.errors import Forbidden, LlmosError, Unavailable
 from ipc.protocol import driver as dp
 from ipc.protocol import kernel as kp
@@ -31,11 +31,11 @@ from ipc.protocol import memory as mp
 from ipc.protocol import scheduler as sp
 from ipc.protocol import security as secp
 from ipc.protocol.base import op_of
-from sdk.logs import get_logger
+from common.logs import get_logger
 from sdk.policy import follow_quotas
 from sdk.service import Context, Service, handler
 from services.scheduler.quotas import QuotaGate
-from services.scheduler.config import PolicyName, PreemptionMode, SchedulerConfig, load_scheduler_config
+from common.config.scheduler import PolicyName, PreemptionMode, SchedulerConfig, load_scheduler_config
 from services.scheduler.engine import Engine, Model
 from services.scheduler.jobs import JobRunner, JobStore
 

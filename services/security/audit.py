@@ -43,7 +43,7 @@ from typing import Callable, Iterator, TextIO
 
 import msgspec
 
-from ipc.home import logs_dir, root_key_path, security_dir
+from common.home import logs_dir, root_key_path, security_dir
 
 GENESIS = "0" * 64
 MAX_FIELD = 256

@@ -18,16 +18,16 @@ import anyio
 import msgspec
 from anyio.abc import TaskGroup
 
-from ipc import capability as cap
+from common import capability as cap
 from ipc.errors import BadRequest, LlmosError, Overloaded, Unauthorized, Unavailable
-from ipc.home import admin_key_path, revocations_path, root_key_path, security_dir
-from ipc.keyfile import create_private, load_or_create_key, write_private
+from common.home import admin_key_path, revocations_path, root_key_path, security_dir
+from common.keyfile import create_private, load_or_create_key, write_private
 from ipc.protocol import kernel as kp
 from ipc.protocol import security as sp
-from sdk.logs import get_logger
+from common.logs import get_logger
 from sdk.service import Context, Service, handler
 from services.security.audit import CHECKPOINT_S, AuditLog, AuditRecord, audit_key, audit_path, head_path
-from services.security.config import load_security_config
+from common.config.security import load_security_config
 from services.security.limits import Aggregator, LoginLimiter, Summary
 from services.security.store import KeyRecord, Store
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import msgspec
 
-from ipc.capability import RevocationList, check_rights
+from common.capability import RevocationList, check_rights
 from ipc.errors import BadRequest, NotFound, Unauthorized
 from ipc.protocol.security import KeyInfo, PrincipalInfo, Quota, RevokeKind
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from ipc.protocol import memory as mp
-from sdk.testing import REPO_ROOT, running_llmos
+from tools.testing import REPO_ROOT, running_llmos
 from tests.integration.test_scheduler import children
 from tests.unit.model_fixtures import make_checkpoint
 

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from kernel.config import ChildSpec, Config
-from sdk.testing import REPO_ROOT, leftover_sockets, write_config
+from tools.testing import REPO_ROOT, leftover_sockets, write_config
 
 LLMOS = [sys.executable, "-m", "tools.cli"]
 

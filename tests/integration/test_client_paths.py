@@ -20,14 +20,14 @@ import anyio
 import pytest
 import zmq.auth
 
-from ipc import capability as cap
-from ipc.curve import curve_dir
+from common import capability as cap
+from common.curvekeys import curve_dir
 from ipc.errors import LlmosError, Unauthorized
-from ipc.home import admin_key_path
+from common.home import admin_key_path
 from ipc.protocol import security as sp
 from kernel.config import Config, KernelConfig
 from sdk.client import AsyncClient, Client
-from sdk.testing import REPO_ROOT, write_config
+from tools.testing import REPO_ROOT, write_config
 from tests.helpers.net import free_port
 from tests.integration.test_driver import secured_children
 

@@ -14,7 +14,7 @@ import pytest
 
 from ipc.protocol.echo import Echo
 from kernel.config import ChildSpec, echo_child
-from sdk.testing import REPO_ROOT, leftover_sockets, running_llmos
+from tools.testing import REPO_ROOT, leftover_sockets, running_llmos
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
 

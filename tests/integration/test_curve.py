@@ -16,13 +16,13 @@ import zmq
 import zmq.auth
 from zmq.utils.monitor import recv_monitor_message
 
-from ipc.curve import curve_dir
+from common.curvekeys import curve_dir
 from ipc.envelope import PROTOCOL_VERSION, Header, Kind, encode_header
 from ipc.errors import LlmosError
 from ipc.protocol.echo import Echo, EchoReply
 from kernel.config import ChildSpec, Config, KernelConfig
 from sdk.client import AsyncClient
-from sdk.testing import REPO_ROOT, write_config
+from tools.testing import REPO_ROOT, write_config
 from tests.helpers.net import free_port
 
 FAILED = {zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,

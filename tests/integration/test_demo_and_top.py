@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from sdk.testing import REPO_ROOT, leftover_sockets, running_llmos
+from tools.testing import REPO_ROOT, leftover_sockets, running_llmos
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "COLUMNS": "120"}
 

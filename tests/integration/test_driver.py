@@ -16,7 +16,7 @@ from ipc.protocol import driver as dp
 from ipc.protocol import kernel as kp
 from ipc.protocol.sampling import SamplingParams
 from kernel.config import ChildSpec
-from sdk.testing import running_llmos
+from tools.testing import running_llmos
 
 GREEDY = SamplingParams(temperature=0.0)
 

@@ -13,7 +13,7 @@ import pytest
 from ipc.protocol import security as sec
 from kernel.config import ChildSpec
 from sdk.client import AsyncClient
-from sdk.testing import running_llmos
+from tools.testing import running_llmos
 from tests.helpers.net import free_port
 
 

@@ -16,7 +16,7 @@ from ipc.protocol import kernel as kp
 from ipc.protocol.echo import Count, CountDone, Counted, Echo, EchoOnce, EchoReply
 from kernel.config import ChildSpec, Config, KernelConfig, SupervisorConfig
 from sdk.client import AsyncClient
-from sdk.testing import REPO_ROOT, leftover_sockets, running_llmos, write_config
+from tools.testing import REPO_ROOT, leftover_sockets, running_llmos, write_config
 from tests.conftest import pid_alive
 
 
@@ -166,7 +166,7 @@ async def test_requests_of_a_client_that_dies_are_cancelled_at_the_service(home:
     import subprocess
     import sys
 
-    from sdk.testing import REPO_ROOT
+    from tools.testing import REPO_ROOT
 
     async with running_llmos(home) as llmos:
         code = ("import sys; from sdk.client import Client; from ipc.protocol.echo import Echo; "

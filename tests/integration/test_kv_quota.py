@@ -16,13 +16,13 @@ import pytest
 from rich.console import Console
 
 from ipc.errors import BadRequest, LlmosError, NotFound
-from ipc.home import logs_dir
+from common.home import logs_dir
 from ipc.protocol import memory as mp
 from ipc.protocol import scheduler as sp
 from ipc.protocol import security as sec
 from sdk.client import AsyncClient
 from sdk.generate import Completion
-from sdk.testing import running_llmos
+from tools.testing import running_llmos
 from tests.integration.test_driver import secured_children
 from tests.unit.model_fixtures import make_checkpoint
 from tools.top import frame

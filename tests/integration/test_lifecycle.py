@@ -18,7 +18,7 @@ from ipc.errors import LlmosError
 from ipc.protocol import kernel as kp
 from kernel.config import ChildSpec, Config, KernelConfig
 from sdk.client import Client
-from sdk.testing import REPO_ROOT, leftover_sockets, write_config
+from tools.testing import REPO_ROOT, leftover_sockets, write_config
 from tests.conftest import pid_alive
 from tests.integration.test_cli import LLMOS, llmos, wait_ps
 

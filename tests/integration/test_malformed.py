@@ -18,12 +18,12 @@ from hypothesis import strategies as st
 
 from ipc.envelope import PROTOCOL_VERSION, Header, Kind, decode_header, encode_header
 from ipc.errors import Error, ErrorCode
-from ipc.home import back_endpoint, front_endpoint, logs_dir
+from common.home import back_endpoint, front_endpoint, logs_dir
 from ipc.protocol.echo import Echo, EchoReply
 from ipc.protocol.kernel import Ready
 from sdk.client import Client
 from kernel.config import ChildSpec, Config, KernelConfig
-from sdk.testing import REPO_ROOT, write_config
+from tools.testing import REPO_ROOT, write_config
 
 ANSWER_CODES = {ErrorCode.BAD_REQUEST, ErrorCode.UNAUTHORIZED, ErrorCode.NOT_FOUND}
 

@@ -12,7 +12,7 @@ import pytest
 
 from ipc.protocol import memory as mp
 from kernel.config import ChildSpec
-from sdk.testing import running_llmos
+from tools.testing import running_llmos
 from tests.unit.model_fixtures import make_checkpoint
 
 

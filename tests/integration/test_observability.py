@@ -11,7 +11,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from sdk.testing import REPO_ROOT, running_llmos
+from tools.testing import REPO_ROOT, running_llmos
 from tests.integration.test_scheduler import children
 from tests.unit.model_fixtures import make_checkpoint
 

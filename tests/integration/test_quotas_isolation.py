@@ -11,7 +11,7 @@ from ipc.errors import NotFound, Overloaded
 from ipc.protocol import memory as mp
 from ipc.protocol import security as sec
 from sdk.client import AsyncClient
-from sdk.testing import running_llmos
+from tools.testing import running_llmos
 from tests.integration.test_driver import secured_children
 from tests.unit.model_fixtures import make_checkpoint
 

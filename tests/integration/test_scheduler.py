@@ -11,14 +11,14 @@ from pathlib import Path
 import anyio
 import pytest
 
-from drivers.model.tokenizer import load_tokenizer
+from text.tokenizer import load_tokenizer
 from ipc.errors import DeadlineExceeded, Overloaded
 from ipc.protocol import memory as mp
 from ipc.protocol.scheduler import FinishReason
 from kernel.config import ChildSpec
 from sdk.client import AsyncClient
 from sdk.generate import Completion
-from sdk.testing import REPO_ROOT, RunningLlmos, running_llmos
+from tools.testing import REPO_ROOT, RunningLlmos, running_llmos
 from tests.integration.test_driver import driver_spec, local_greedy
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 import anyio
 
 from sdk.client import AsyncClient
-from sdk.testing import running_llmos
+from tools.testing import running_llmos
 from tests.integration.test_driver import local_greedy
 from tests.integration.test_scheduler import children
 

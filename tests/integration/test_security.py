@@ -15,18 +15,18 @@ import msgspec
 import pytest
 import zmq
 
-from ipc import capability as cap
+from common import capability as cap
 from ipc.envelope import PROTOCOL_VERSION, Header, Kind, decode_header, encode_header
 from ipc.errors import BadRequest, Error, ErrorCode, Forbidden, Unauthorized
-from ipc.home import admin_key_path, front_endpoint, revocations_path, root_key_path, security_dir
-from ipc.keyfile import load_or_create_key
+from common.home import admin_key_path, front_endpoint, revocations_path, root_key_path, security_dir
+from common.keyfile import load_or_create_key
 from ipc.protocol import kernel as kp
 from ipc.protocol import security as sp
 from ipc.protocol.echo import Echo, EchoReply, Identity, WhoAmI
 from ipc.protocol.kernel import Ready
 from kernel.config import SupervisorConfig
 from sdk.client import AsyncClient
-from sdk.testing import RunningLlmos, running_llmos
+from tools.testing import RunningLlmos, running_llmos
 from services.security.audit import audit_path, verify_home
 
 

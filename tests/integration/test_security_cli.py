@@ -12,8 +12,8 @@ import pytest
 from ipc.errors import Unauthorized
 from ipc.protocol.echo import Echo
 from sdk.client import AsyncClient
-from sdk.testing import running_llmos
-from ipc.home import root_key_path
+from tools.testing import running_llmos
+from common.home import root_key_path
 from services.security.audit import audit_path, head_path
 from tests.integration.test_cli import llmos
 

@@ -14,16 +14,16 @@ from typing import Any
 import anyio
 import pytest
 
-from ipc import capability as cap
+from common import capability as cap
 from ipc.errors import BadRequest, Overloaded, Unauthorized
-from ipc.home import logs_dir, root_key_path
-from ipc.keyfile import load_or_create_key
+from common.home import logs_dir, root_key_path
+from common.keyfile import load_or_create_key
 from ipc.protocol import kernel as kp
 from ipc.protocol import security as sp
 from ipc.protocol.echo import Echo, Identity, WhoAmI
 from kernel.config import ChildSpec
 from sdk.client import AsyncClient
-from sdk.testing import running_llmos
+from tools.testing import running_llmos
 from services.security.audit import MAX_FIELD, audit_path, head_path, verify_home
 from services.security.service import FAMILY_MAX_S
 from tests.integration.test_security import audit_records, new_key, wait_audit

@@ -16,7 +16,7 @@ import httpx
 
 from ipc.protocol import security as sp
 from kernel.config import ChildSpec
-from sdk.testing import RunningLlmos, running_llmos
+from tools.testing import RunningLlmos, running_llmos
 from tests.integration.test_security import wait_audit
 from tests.helpers.net import free_port
 

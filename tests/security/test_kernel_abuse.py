@@ -17,7 +17,7 @@ import zmq
 from ipc import codec
 from ipc.envelope import MAX_NAME, PROTOCOL_VERSION, Header, Kind, decode_header, encode_header
 from ipc.errors import BadRequest, Error, Forbidden
-from ipc.home import back_endpoint, front_endpoint
+from common.home import back_endpoint, front_endpoint
 from ipc.protocol import kernel as kp
 from ipc.protocol import security as sp
 from ipc.protocol.echo import Echo, EchoReply
@@ -25,7 +25,7 @@ from ipc.protocol.base import Message
 from ipc.protocol.kernel import KERNEL
 from kernel.config import ChildSpec, KernelConfig, Restart
 from sdk.client import AsyncClient
-from sdk.testing import RunningLlmos, running_llmos
+from tools.testing import RunningLlmos, running_llmos
 from tests.integration.test_security import audit_records, wait_audit
 
 

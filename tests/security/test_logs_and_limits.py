@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from ipc.errors import Unauthorized
-from sdk.logs import MAX_VALUE, RotatingFile, _env_int, truncate_strings
+from common.logs import MAX_VALUE, RotatingFile, _env_int, truncate_strings
 from services.security.limits import (
     GLOBAL_BURST,
     PREFIX_BURST,
@@ -57,7 +57,7 @@ def test_rotation_off_and_bad_settings_are_named(tmp_path: Path, monkeypatch: py
 _WRITER = """
 import json, sys
 from pathlib import Path
-from sdk.logs import RotatingFile
+from common.logs import RotatingFile
 f = RotatingFile(Path(sys.argv[1]), max_bytes=8192, backups=2)
 print("ready", flush=True)
 i = 0

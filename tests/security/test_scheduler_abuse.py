@@ -12,14 +12,14 @@ import anyio
 import msgspec
 import pytest
 
-from drivers.model.tokenizer import ByteTokenizer
+from text.tokenizer import ByteTokenizer
 from ipc import codec
-from ipc.capability import RIGHTS, rights_cover
+from common.capability import RIGHTS, rights_cover
 from ipc.errors import BadRequest, NotFound, Overloaded
 from ipc.protocol import scheduler as sp
 from ipc.protocol.sampling import SamplingParams
 from ipc.protocol.security import Quota, QuotaPolicy
-from services.scheduler.config import PolicyConfig, PolicyName, SchedulerConfig
+from common.config.scheduler import PolicyConfig, PolicyName, SchedulerConfig
 from services.scheduler.engine import CHARS_PER_TOKEN, Engine, Model
 from services.scheduler.jobs import JobRunner, JobStore
 from services.scheduler.quotas import QuotaGate

@@ -12,13 +12,13 @@ from typing import Any
 import anyio
 import pytest
 
-from ipc import capability as cap
+from common import capability as cap
 from ipc.errors import BadRequest, Forbidden, NotFound, Overloaded
 from ipc.protocol import scheduler as sp
 from ipc.protocol import security as sec
 from ipc.protocol.sampling import SamplingParams
 from sdk.client import AsyncClient
-from sdk.testing import RunningLlmos, running_llmos
+from tools.testing import RunningLlmos, running_llmos
 from tests.integration.test_driver import secured_children
 from tests.unit.model_fixtures import make_checkpoint
 

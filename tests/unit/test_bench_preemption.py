@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.scheduler.config import PreemptionMode
+from common.config.scheduler import PreemptionMode
 from tools.bench._serve_load import Req, mixed_workload
 from tools.bench.preemption import (
     BLOCK_BYTES, BURST, FULL, QUICK, Plan, blocks_for, config, kv_cache_mb, least_positions, swap_mb,

@@ -8,9 +8,9 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from ipc import capability as cap
+from common import capability as cap
 from ipc.errors import BadRequest, Unauthorized
-from ipc.keyfile import create_private, load_or_create_key, write_private
+from common.keyfile import create_private, load_or_create_key, write_private
 
 ROOT = b"k" * 32
 NOW = 1_700_000_000.0

@@ -7,7 +7,7 @@ import pytest
 
 from ipc.errors import BadRequest
 from kernel.config import ChildSpec, Config, Restart, Strategy, load_config
-from sdk.testing import write_config
+from tools.testing import write_config
 
 
 def test_defaults_need_no_file() -> None:
@@ -39,7 +39,7 @@ def test_llmos_up_flags_choose_the_children() -> None:
 def test_llmos_up_swap_flags_reach_the_driver_and_the_scheduler_as_flags_they_accept() -> None:
     from drivers.base import driver_args, driver_config
     from kernel.config import default_children
-    from services.scheduler.config import PreemptionMode
+    from common.config.scheduler import PreemptionMode
     from services.scheduler.service import scheduler_args
 
     kids = {c.name: c for c in default_children("demo", {"cpu": 1}, swap_mb=64.0, preemption="swap")}
@@ -119,10 +119,10 @@ def test_every_table_is_typed_and_errors_name_file_table_and_field(tmp_path: Pat
 
 def test_each_service_decodes_its_table_from_what_the_kernel_hands_down(monkeypatch: pytest.MonkeyPatch,
                                                                          tmp_path: Path) -> None:
-    from drivers.config import load_driver_config
+    from common.config.driver import load_driver_config
     from ipc.errors import ConfigError
-    from services.memory.config import load_memory_config
-    from services.scheduler.config import PolicyName, load_scheduler_config
+    from common.config.memory import load_memory_config
+    from common.config.scheduler import PolicyName, load_scheduler_config
 
     p = tmp_path / "llmos.toml"
     p.write_text("[memory]\ntenant_blocks = {a = 4}\n[driver]\nkv_cache_mb = 64.0\n")
@@ -198,7 +198,7 @@ def test_config_example_has_every_setting_and_decodes_back_to_the_defaults(
 
 
 def test_driver_dtypes_match_the_model_runner() -> None:
-    from drivers.config import DTYPES
+    from common.config.driver import DTYPES
     from drivers.model.runner import _DTYPES
 
     assert set(DTYPES) == set(_DTYPES)

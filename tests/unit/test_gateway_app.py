@@ -16,7 +16,7 @@ from ipc.protocol.scheduler import FinishReason, Submit, Usage
 from sdk.generate import Chunk, GenerationStream
 from services.gateway.app import create_app
 from services.gateway.backend import Stats
-from services.gateway.config import GatewayConfig
+from common.config.gateway import GatewayConfig
 
 USAGE = Usage(prompt_tokens=3, completion_tokens=4, ttft_s=0.01, total_s=0.05)
 

@@ -8,11 +8,11 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from ipc import capability as cap
+from common import capability as cap
 from ipc.envelope import PROTOCOL_VERSION, Header, Kind
 from ipc.errors import BadRequest, Forbidden, Unauthorized
-from ipc.home import revocations_path, root_key_path
-from ipc.keyfile import write_private
+from common.home import revocations_path, root_key_path
+from common.keyfile import write_private
 from kernel import guard as guard_mod
 from kernel.guard import Guard
 from kernel.registry import Registry

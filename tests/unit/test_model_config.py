@@ -13,7 +13,7 @@ import pytest
 from drivers.model.catalog import DEMO_CONFIG, open_config, open_tokenizer
 from drivers.model.config import ModelConfig, RopeScaling, load_config
 from drivers.model.errors import CheckpointError
-from drivers.model.tokenizer import ByteTokenizer
+from text.tokenizer import ByteTokenizer
 
 LLAMA3_8B = {   # as shipped (transformers 4.x format)
     "architectures": ["LlamaForCausalLM"], "hidden_size": 4096, "intermediate_size": 14336,
@@ -103,6 +103,6 @@ def test_catalog_serves_the_demo_without_files(tmp_path: Path) -> None:
 
 def test_config_tokenizer_and_catalog_do_not_import_torch() -> None:
     """The scheduler and gateway import these and must start fast."""
-    code = ("import sys, drivers.model.config, drivers.model.tokenizer, drivers.model.catalog, "
+    code = ("import sys, drivers.model.config, text.tokenizer, drivers.model.catalog, "
             "ipc.protocol.sampling; sys.exit('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[2]).returncode == 0

@@ -7,7 +7,7 @@ import random
 
 from ipc.protocol import driver as dp
 from services.scheduler.autotune import AutoTuner
-from services.scheduler.config import SchedulerConfig
+from common.config.scheduler import SchedulerConfig
 from tests.unit.scheduler_fakes import FakeDriver
 from tests.unit.test_scheduler_engine import Stream, expected, running
 

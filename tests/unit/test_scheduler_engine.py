@@ -10,13 +10,13 @@ import anyio
 import pytest
 from structlog.testing import capture_logs
 
-from drivers.model.tokenizer import ByteTokenizer
+from text.tokenizer import ByteTokenizer
 from ipc.errors import BadRequest, DeadlineExceeded, Overloaded
 from ipc.protocol import memory as mp
 from ipc.protocol.base import Message
 from ipc.protocol.sampling import SamplingParams
 from ipc.protocol.scheduler import Finished, FinishReason, Submit, TokenDelta
-from services.scheduler.config import SchedulerConfig
+from common.config.scheduler import SchedulerConfig
 from services.scheduler.engine import Engine, Model
 from tests.unit.scheduler_fakes import FakeDriver, InProcessBackend, reference
 

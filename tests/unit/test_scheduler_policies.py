@@ -9,7 +9,7 @@ import pytest
 
 from ipc.errors import BadRequest
 from services.scheduler._seq import Seq
-from services.scheduler.config import PolicyConfig, PolicyName, load_scheduler_config
+from common.config.scheduler import PolicyConfig, PolicyName, load_scheduler_config
 from services.scheduler.planner import BlockLedger, Limits, PoolShape, StepPlan, plan
 from services.scheduler.policies import Fair, Mlfq, Policy, Priority, RoundRobin, make_policy
 

@@ -7,7 +7,7 @@ import pytest
 from ipc.errors import Overloaded
 from ipc.protocol.security import Quota, QuotaPolicy
 from services.scheduler._seq import Seq
-from services.scheduler.config import PolicyConfig
+from common.config.scheduler import PolicyConfig
 from services.scheduler.planner import BlockLedger, Limits, PoolShape, plan
 from services.scheduler.policies import make_policy
 from services.scheduler.quotas import QuotaGate, kv_quota_refusal

@@ -11,7 +11,7 @@ import pytest
 from ipc.errors import Error, ErrorCode, NotFound
 from ipc.protocol import memory as mp
 from ipc.protocol.scheduler import FinishReason, SessionState
-from services.scheduler.config import SchedulerConfig
+from common.config.scheduler import SchedulerConfig
 from tests.unit.scheduler_fakes import FakeDriver, InProcessBackend, reference
 from tests.unit.test_scheduler_engine import TOK, Stream, expected, running
 

@@ -13,7 +13,7 @@ from ipc.errors import BadRequest, Error, ErrorCode
 
 from ipc.protocol import memory as mp
 from ipc.protocol.scheduler import FinishReason
-from services.scheduler.config import PreemptionMode, SchedulerConfig, load_scheduler_config
+from common.config.scheduler import PreemptionMode, SchedulerConfig, load_scheduler_config
 from tests.unit.scheduler_fakes import FakeDriver, InProcessBackend
 from tests.unit.test_scheduler_engine import TOK, Stream, expected, running
 

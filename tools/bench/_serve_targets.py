@@ -26,9 +26,9 @@ from ipc.protocol.sampling import SamplingParams
 from ipc.protocol.scheduler import Submit, TokenDelta, Usage
 from kernel.config import ChildSpec, default_children
 from sdk.client import AsyncClient
-from sdk.testing import running_llmos
+from tools.testing import running_llmos
 from services.memory import MemoryManager
-from services.scheduler.config import SchedulerConfig
+from common.config.scheduler import SchedulerConfig
 from services.scheduler.engine import Engine, Model
 from tools.bench._serve_load import Req, Timing
 from tools.bench.driver import _Clock

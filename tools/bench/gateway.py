@@ -24,7 +24,7 @@ import httpx
 from ipc.protocol import security as sec
 from kernel.config import default_children
 from sdk.client import AsyncClient
-from sdk.testing import running_llmos
+from tools.testing import running_llmos
 from tools.bench.common import parser, print_table, write_result
 
 PROMPT = "The operating system schedules"

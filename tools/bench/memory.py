@@ -54,7 +54,7 @@ from ipc.protocol.memory import (
 )
 from kernel.config import ChildSpec
 from sdk.service import Service
-from sdk.testing import running_llmos
+from tools.testing import running_llmos
 from services.memory import MemoryManager
 from tools.bench.common import parser, print_table, write_result
 

@@ -44,11 +44,11 @@ import torch
 import drivers  # noqa: F401  (first: OpenMP waits passively in this process too, as in a driver)
 from drivers.model.catalog import DEMO_CONFIG
 from drivers.model.kv_cache import block_nbytes
-from ipc.home import llmos_home
+from common.home import llmos_home
 from ipc.protocol import driver as dp
 from ipc.protocol import memory as mp
 from ipc.protocol import scheduler as sp
-from services.scheduler.config import PolicyConfig, PolicyName, PreemptionMode, SchedulerConfig
+from common.config.scheduler import PolicyConfig, PolicyName, PreemptionMode, SchedulerConfig
 from tools.bench._serve_load import Req, Summary, drive, mixed_workload, sequentially, summarize
 from tools.bench._serve_targets import OsTarget, booted_os
 from tools.bench.common import parser, print_table, write_result

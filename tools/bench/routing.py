@@ -29,10 +29,10 @@ from typing import Any
 import zmq
 
 from ipc import codec
-from ipc.capability import mint
+from common.capability import mint
 from ipc.envelope import PROTOCOL_VERSION, Header, Kind, decode_header, encode_header
-from ipc.home import root_key_path
-from ipc.keyfile import load_or_create_key
+from common.home import root_key_path
+from common.keyfile import load_or_create_key
 from ipc.protocol import kernel as kp
 from ipc.protocol.echo import Echo
 from tools.bench.common import parser, percentile, print_table, write_result
@@ -65,7 +65,7 @@ def _kernel_proc(front: str, back: str, secret: str, auth_home: str = "") -> Non
     from kernel.config import KernelConfig
     from kernel.guard import Guard
     from kernel.router import Kernel
-    from sdk.logs import configure
+    from common.logs import configure
 
     configure("kernel", None, stderr=False)
     kernel = Kernel(KernelConfig(), front, back, secret)
@@ -207,7 +207,7 @@ def _run_echo_service(env: dict[str, str]) -> None:
     os.environ.update(env)
     import anyio
 
-    from sdk.logs import configure
+    from common.logs import configure
     from services.echo.service import EchoService
 
     configure("echo-sdk", None, stderr=False)

@@ -45,8 +45,8 @@ from pathlib import Path
 import anyio
 
 import drivers  # noqa: F401  (first: OpenMP waits passively in this process too, as in a driver)
-from ipc.home import llmos_home
-from services.scheduler.config import PolicyConfig, PolicyName, SchedulerConfig
+from common.home import llmos_home
+from common.config.scheduler import PolicyConfig, PolicyName, SchedulerConfig
 from tools.bench._serve_load import Req, Summary, Timing, drive, mixed_workload, random_ids, sequentially, summarize
 from tools.bench._serve_targets import OsTarget, booted_os, hf_static, inproc_engine
 from tools.bench.common import parser, percentile, print_table, write_result

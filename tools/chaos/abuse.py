@@ -20,7 +20,7 @@ from typing import Any
 
 import anyio
 
-from ipc.home import front_endpoint
+from common.home import front_endpoint
 from ipc.protocol import security as sec
 from kernel.config import KernelConfig
 from sdk.client import AsyncClient

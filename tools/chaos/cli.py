@@ -11,7 +11,7 @@ from pathlib import Path
 
 from typing import TYPE_CHECKING
 
-from ipc.home import llmos_home
+from common.home import llmos_home
 
 if TYPE_CHECKING:
     from tools.chaos.abuse import AbuseConfig

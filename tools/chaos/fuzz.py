@@ -26,7 +26,7 @@ import zmq
 
 from ipc.envelope import PROTOCOL_VERSION, Header, Kind, decode_header, encode_header
 from ipc.errors import Error, LlmosError
-from ipc.home import back_endpoint, front_endpoint, llmos_home, logs_dir
+from common.home import back_endpoint, front_endpoint, llmos_home, logs_dir
 from ipc.protocol import kernel as kp
 from ipc.protocol import security as sec
 from ipc.protocol.echo import Echo, EchoReply

@@ -20,7 +20,7 @@ from typing import Any
 import anyio
 
 from ipc.errors import LlmosError
-from ipc.home import llmos_home
+from common.home import llmos_home
 from ipc.protocol import security as sec
 from sdk.client import AsyncClient
 from tools.bench.common import percentile

@@ -18,7 +18,7 @@ import zmq
 
 from ipc.envelope import PROTOCOL_VERSION, Header, Kind, decode_header, encode_header
 from ipc.errors import BadRequest, Error
-from ipc.home import front_endpoint
+from common.home import front_endpoint
 from ipc.protocol import kernel as kp
 from ipc.protocol import scheduler as sp
 from ipc.protocol import security as sec

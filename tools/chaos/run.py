@@ -15,13 +15,13 @@ from typing import Any
 import anyio
 import msgspec
 
-from drivers.model.tokenizer import load_tokenizer
+from text.tokenizer import load_tokenizer
 from ipc.protocol import security as sec
 from ipc.protocol.driver import DRIVER, DescribeModel, ModelDescription
 from kernel.config import ChildSpec, default_children, echo_child
 from sdk.client import AsyncClient
-from sdk.testing import running_llmos
-from services.scheduler._text import TextStream
+from tools.testing import running_llmos
+from text.stream import TextStream
 from ipc.errors import LlmosError
 from tools.chaos import faults as fx
 from tools.chaos import workload as wl

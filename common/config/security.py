@@ -7,7 +7,7 @@ from pathlib import Path
 
 import msgspec
 
-from ipc.configfile import load_table
+from common.configfile import load_table
 from ipc.errors import BadRequest
 
 # A token lives at most a day (services/security/service.py MAX_TTL_S: the

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from drivers.model.errors import CheckpointError
+from text.errors import CheckpointError
 
 BYTE_TOKENIZER_FILE = "llmos_tokenizer.json"
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from drivers.model.tokenizer import Tokenizer
+from text.tokenizer import Tokenizer
 
 
 class TextStream:

@@ -9,7 +9,7 @@ from typing import Any
 
 import msgspec
 
-from ipc.configfile import load_table
+from common.configfile import load_table
 from ipc.errors import BadRequest
 
 # drivers/model/runner.py _DTYPES (kept in step by tests/unit/test_config.py)

@@ -21,9 +21,9 @@ from typing import Any, AsyncIterator, Callable
 import anyio
 import msgspec
 
-from ipc.configfile import toml_value
+from common.configfile import toml_value
 from ipc.errors import LlmosError
-from ipc.home import admin_key_path, front_endpoint, run_dir
+from common.home import admin_key_path, front_endpoint, run_dir
 from ipc.protocol import kernel as kp
 from kernel.config import ChildSpec, Config, KernelConfig, SupervisorConfig
 from sdk.client import AsyncClient

@@ -18,7 +18,7 @@ table saying what each right is for. Restrictions the kernel cannot check
 (they depend on a request's body: max_tokens, session) reach the service in
 the header's `restrictions` field (`Restrictions`), stamped by the kernel.
 
-No I/O here: key files live in `ipc.keyfile`, the revocation list's file in
+No I/O here: key files live in `common.keyfile`, the revocation list's file in
 the security server and the kernel.
 """
 

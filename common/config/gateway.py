@@ -32,7 +32,7 @@ from pathlib import Path
 
 import msgspec
 
-from ipc.configfile import load_table
+from common.configfile import load_table
 from ipc.errors import BadRequest
 
 MIB = 1 << 20

@@ -28,7 +28,7 @@ from typing import Any, MutableMapping, TextIO
 
 import structlog
 
-from ipc.home import logs_dir
+from common.home import logs_dir
 
 MAX_VALUE = 256
 MAX_EXCEPTION = 8192  # our own tracebacks: longer, still bounded

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from drivers.model.errors import CheckpointError
-from drivers.model.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
+from text.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
 from tests.unit.model_fixtures import TOKENIZER_VOCAB, write_tokenizer
 
 TEXT = "héllo wörld — €uro 🙂 done"

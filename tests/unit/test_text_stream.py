@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from drivers.model.tokenizer import ByteTokenizer
-from services.scheduler._text import TextStream
+from text.tokenizer import ByteTokenizer
+from text.stream import TextStream
 
 TOK = ByteTokenizer()
 
