@@ -6,7 +6,7 @@ which blocks a sequence owns and the scheduler sends one `Execute` per step.
 
 from __future__ import annotations
 
-from ipc.protocol.base import Message
+from ipc.protocol.base import Message, Request
 from ipc.protocol.sampling import SamplingParams
 
 DRIVER = "driver"
@@ -24,7 +24,7 @@ class StepSeq(Message):
     prior_token_ids: list[int] = []
 
 
-class Execute(Message):
+class Execute(Request["Executed"]):
     """Run one batched step. `copies` are (src, dst) block copies the memory
     server asked for (copy-on-write), done before the forward pass."""
 
@@ -45,14 +45,14 @@ class Executed(Message):
     step_s: float = 0.0
 
 
-class SwapBlocksOut(Message):
+class SwapBlocksOut(Request["Swapped"]):
     """Copy device blocks into host-tier slots (block_ids[i] → slots[i])."""
 
     block_ids: list[int]
     slots: list[int]
 
 
-class SwapBlocksIn(Message):
+class SwapBlocksIn(Request["Swapped"]):
     """Copy host-tier slots back into device blocks (slots[i] → block_ids[i])."""
 
     slots: list[int]
@@ -63,7 +63,7 @@ class Swapped(Message):
     blocks: int
 
 
-class DescribeModel(Message):
+class DescribeModel(Request["ModelDescription"]):
     pass
 
 
@@ -84,7 +84,7 @@ class ModelDescription(Message):
     host_slots: int
 
 
-class DriverHealth(Message):
+class DriverHealth(Request["DriverHealthReply"]):
     pass
 
 

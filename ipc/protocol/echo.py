@@ -6,20 +6,20 @@ from typing import Annotated
 
 import msgspec
 
-from ipc.protocol.base import Message
+from ipc.protocol.base import Message, Request
 
 # How long a reply may be held (seconds), and how many events a Count streams.
 Delay = Annotated[float, msgspec.Meta(ge=0, le=600)]
 MaxCount = Annotated[int, msgspec.Meta(ge=0, le=1_000_000)]
 
 
-class Echo(Message):
+class Echo(Request["EchoReply"]):
     payload: bytes = b""
     # Hold the reply this long; lets tests catch a request in flight.
     delay_s: Delay = 0.0
 
 
-class EchoOnce(Message):
+class EchoOnce(Request["EchoReply"]):
     """Like Echo but not idempotent: after a crash it is answered `unavailable`."""
 
     payload: bytes = b""
@@ -32,7 +32,7 @@ class EchoReply(Message):
     attempt: int = 0
 
 
-class Count(Message):
+class Count(Request["CountDone"]):
     """Stream `n` Counted events, then reply CountDone."""
 
     n: MaxCount
@@ -46,7 +46,7 @@ class CountDone(Message):
     n: int
 
 
-class WhoAmI(Message):
+class WhoAmI(Request["Identity"]):
     """Answered with what the service was told about the caller (tests of the
     kernel's principal stamping)."""
 

@@ -11,13 +11,13 @@ from typing import Annotated
 from msgspec import Meta
 
 from ipc.envelope import MAX_NAME, Name
-from ipc.protocol.base import Message
+from ipc.protocol.base import Message, Request
 
 KERNEL = "kernel"
 SERVICES_TOPIC = "kernel.services"
 
 
-class Ready(Message):
+class Ready(Request["Registered"]):
     """A service instance registering. `secret` is the per-boot secret the
     supervisor gave it at spawn; a client without it cannot register."""
 
@@ -27,7 +27,6 @@ class Ready(Message):
     secret: str
     ops: list[str] = []
     idempotent_ops: list[str] = []
-    capacity: int = 0
     # Service-specific facts other services need at registration (e.g. a
     # driver's num_blocks / block_size), as plain scalars.
     meta: dict[str, str | int | float | bool] = {}
@@ -62,7 +61,7 @@ class Subscribed(Message):
     topic: str
 
 
-class Status(Message):
+class Status(Request["StatusReply"]):
     pass
 
 
@@ -95,7 +94,7 @@ class StatusReply(Message):
     counters: KernelCounters
 
 
-class Kill(Message):
+class Kill(Request["Killed"]):
     """Kill a service's instances with a signal (operator action; the
     supervisor restarts them according to their restart type)."""
 
@@ -107,7 +106,7 @@ class Killed(Message):
     instances: list[str]
 
 
-class Shutdown(Message):
+class Shutdown(Request["ShuttingDown"]):
     reason: Annotated[str, Meta(max_length=4 * MAX_NAME)] = "requested"
 
 
@@ -121,7 +120,7 @@ class ShuttingDown(Message):
 DENIALS_TOPIC = "kernel.denials"
 
 
-class SetRevocations(Message):
+class SetRevocations(Request["RevocationsSet"]):
     """The security server pushing its whole revocation list (it also persists
     it; the kernel reloads that file at boot). Accepted only from a registered
     `security` instance on the back socket."""

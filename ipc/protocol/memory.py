@@ -29,7 +29,7 @@ from typing import Annotated
 import msgspec
 
 from ipc.errors import Error
-from ipc.protocol.base import Message
+from ipc.protocol.base import Message, Request
 
 NonNegative = Annotated[int, msgspec.Meta(ge=0)]
 Positive = Annotated[int, msgspec.Meta(gt=0)]
@@ -40,18 +40,20 @@ KV_BLOCKS = "kv_blocks"
 
 
 class Item(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
-    """An entry in a batched request or reply (untagged: its place says what it is)."""
+    """An entry in a batched request or reply (untagged: its place says what it is).
+
+    `seq_id` is the scheduler's sequence id, the same int the driver's
+    `StepSeq.seq_id` carries. The scheduler releases a sequence's KV before
+    it reserves the same id from token 0 again (after a preemption or a
+    loss), so one id never names two live KV states here."""
 
 
 class SeqFailure(Item):
-    seq_id: str
+    seq_id: int
     error: Error
 
 
-# --- pools -----------------------------------------------------------------
-
-
-class RegisterPool(Message):
+class RegisterPool(Request["PoolReply"]):
     """A driver instance's KV cache came up. Registering an id that exists
     means that driver restarted: the old pool and its sequences are dropped."""
 
@@ -61,7 +63,7 @@ class RegisterPool(Message):
     swap_slots: NonNegative = 0
 
 
-class DropPool(Message):
+class DropPool(Request["PoolReply"]):
     """The driver instance died: its blocks (device and swap) are gone."""
 
     pool: str
@@ -70,14 +72,11 @@ class DropPool(Message):
 class PoolReply(Message):
     pool: str
     # Sequences that lost their KV with the pool; they must be recomputed.
-    lost: list[str] = []
-
-
-# --- the per-step call -----------------------------------------------------
+    lost: list[int] = []
 
 
 class SeqReserve(Item):
-    seq_id: str
+    seq_id: int
     # How many tokens the sequence had before `tokens`: 0 registers a new
     # sequence; otherwise it must match, so a desynchronised caller gets an
     # error rather than a corrupted prefix cache.
@@ -93,7 +92,7 @@ class SeqReserve(Item):
     cache_salt: str = ""
 
 
-class Reserve(Message):
+class Reserve(Request["ReserveReply"]):
     seqs: list[SeqReserve]
 
 
@@ -101,7 +100,7 @@ class SeqBlocks(Item):
     """One sequence's block-table delta: the table becomes
     ``table[:table_start] + blocks``."""
 
-    seq_id: str
+    seq_id: int
     table_start: int = 0
     blocks: list[int] = []
     # Prompt tokens found in the prefix cache (first allocation only).
@@ -116,11 +115,11 @@ class ReserveReply(Message):
     seqs: list[SeqBlocks]  # one per requested sequence, in request order
 
 
-class Release(Message):
+class Release(Request["ReleaseReply"]):
     """The sequences finished or were preempted for recompute. Their full
     blocks stay in the prefix cache until evicted."""
 
-    seq_ids: list[str]
+    seq_ids: list[int]
     # False when their last reserved step never ran: the blocks it filled
     # hold no KV and must not be offered to the prefix cache.
     computed: bool = True
@@ -132,11 +131,11 @@ class ReleaseReply(Message):
 
 
 class ForkItem(Item):
-    parent: str
-    child: str
+    parent: int
+    child: int
 
 
-class Fork(Message):
+class Fork(Request["ForkReply"]):
     """Children share their parent's blocks; the first write into a shared
     partial block copies it (see `SeqBlocks.cow_src`)."""
 
@@ -147,22 +146,19 @@ class ForkReply(Message):
     failures: list[SeqFailure] = []
 
 
-# --- swap tier -------------------------------------------------------------
-
-
-class SwapOut(Message):
+class SwapOut(Request["SwapOutReply"]):
     """Move sequences' blocks to their pool's swap tier. Sequences that share
     blocks (forks) and go out together keep sharing them."""
 
-    seq_ids: list[str]
+    seq_ids: list[int]
 
 
-class SwapIn(Message):
-    seq_ids: list[str]
+class SwapIn(Request["SwapInReply"]):
+    seq_ids: list[int]
 
 
 class SeqSwap(Item):
-    seq_id: str
+    seq_id: int
     # The sequence's whole table afterwards: swap slots after SwapOut,
     # device blocks after SwapIn.
     blocks: list[int] = []
@@ -182,11 +178,8 @@ class SwapInReply(Message):
     seqs: list[SeqSwap]
 
 
-# --- recovery --------------------------------------------------------------
-
-
 class SeqState(Item):
-    seq_id: str
+    seq_id: int
     tenant: str
     pool: str
     tokens: list[int]
@@ -198,7 +191,7 @@ class SeqState(Item):
     num_computed: NonNegative = 0
 
 
-class Reregister(Message):
+class Reregister(Request["ReregisterReply"]):
     """Tell a (restarted) memory server which sequences are live. Each listed
     sequence replaces any of the same id; one that fails is left unknown
     (recompute it). With `replace`, every other sequence is released (a
@@ -209,14 +202,11 @@ class Reregister(Message):
 
 
 class ReregisterReply(Message):
-    released: list[str] = []
+    released: list[int] = []
     failures: list[SeqFailure] = []
 
 
-# --- policy and metrics ----------------------------------------------------
-
-
-class SetBlockQuota(Message):
+class SetBlockQuota(Request["TenantBlocks"]):
     """Cap the device blocks a tenant may hold, over all pools (NO_LIMIT: none).
     Lowering it below current use refuses new blocks; it takes none away."""
 
@@ -231,7 +221,7 @@ class TenantBlocks(Message):
     limit: int = NO_LIMIT
 
 
-class EvictCached(Message):
+class EvictCached(Request["EvictReply"]):
     """Drop cached blocks no sequence holds, least recently used first."""
 
     pool: str = ""  # "" = every pool
@@ -242,7 +232,7 @@ class EvictReply(Message):
     num_evicted: int
 
 
-class MemoryStats(Message):
+class MemoryStats(Request["MemoryStatsReply"]):
     pool: str = ""  # "" = every pool
 
 
@@ -280,8 +270,6 @@ MemoryReply = (PoolReply | ReserveReply | ReleaseReply | ForkReply | SwapOutRepl
                | ReregisterReply | TenantBlocks | EvictReply | MemoryStatsReply)
 
 
-# --- events (topic MEMORY_TOPIC) and service queries -----------------------
-
 MEMORY_TOPIC = "memory.events"
 
 
@@ -298,11 +286,11 @@ class PoolLost(Message):
     their KV and must be recomputed."""
 
     pool: str
-    seq_ids: list[str]
+    seq_ids: list[int]
     reason: str = ""
 
 
-class ListPools(Message):
+class ListPools(Request["PoolList"]):
     pass
 
 

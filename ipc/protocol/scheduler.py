@@ -25,7 +25,7 @@ from typing import Annotated
 import msgspec
 
 from ipc.errors import BadRequest
-from ipc.protocol.base import Message
+from ipc.protocol.base import Message, Request
 from ipc.protocol.sampling import SamplingParams
 
 SCHEDULER = "scheduler"
@@ -69,7 +69,7 @@ class Usage(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True, gc
     total_s: float = 0.0
 
 
-class Submit(Message):
+class Submit(Request["Finished"]):
     """Generate text. Give the prompt as `prompt` text or as `prompt_ids`."""
 
     prompt: str = ""
@@ -164,7 +164,7 @@ class Finished(Message):
     error: str = ""
 
 
-class Cancel(Message):
+class Cancel(Request["CancelReply"]):
     request_id: str
 
 
@@ -174,7 +174,7 @@ class CancelReply(Message):
     found: bool
 
 
-class RequestStatus(Message):
+class RequestStatus(Request["RequestInfo"]):
     request_id: str
 
 
@@ -195,7 +195,7 @@ class RequestInfo(Message):
 WAITING_ON_KV_QUOTA = "kv_quota"
 
 
-class SchedulerStats(Message):
+class SchedulerStats(Request["SchedulerStatsReply"]):
     pass
 
 
@@ -247,8 +247,6 @@ class SchedulerStatsReply(Message):
     kv_quota_refused: int = 0
 
 
-# --- timed and periodic jobs --------------------------------------------------------
-
 MAX_JOB_ID_LEN = 128
 MIN_JOB_PERIOD_S = 0.1
 
@@ -261,7 +259,7 @@ class JobState(StrEnum):
     FAILED = "failed"  # a run was refused (e.g. the prompt no longer fits the model)
 
 
-class SubmitJob(Message):
+class SubmitJob(Request["JobInfo"]):
     """Run `request` at `at_ns` (unix ns; 0 = now) and then, with `every_s`,
     every that many seconds (fixed rate; runs of one job never overlap, and
     runs missed while no scheduler was up are not made up in a burst: the job
@@ -317,7 +315,7 @@ class JobInfo(Message):
     principal: str = ""  # the owner (filled in AdminList answers)
 
 
-class ListJobs(Message):
+class ListJobs(Request["JobList"]):
     pass
 
 
@@ -325,14 +323,14 @@ class JobList(Message):
     jobs: list[JobInfo] = []
 
 
-class GetJob(Message):
+class GetJob(Request[JobInfo]):
     """A job and its latest `last` results (0: every result kept)."""
 
     job_id: str
     last: NonNegative = 0
 
 
-class CancelJob(Message):
+class CancelJob(Request[JobInfo]):
     """No further runs; a run in progress is cancelled (and recorded so)."""
 
     job_id: str
@@ -343,21 +341,18 @@ class CancelJob(Message):
 # one attenuated from it to fewer rights) through: keep them free of "Job"
 # and "Session" (tests/unit/test_scheduler_admin.py checks).
 
-class AdminList(Message):
+class AdminList(Request[JobList]):
     """Every principal's jobs (`principal` given: only that one's), each with
     its owner in `JobInfo.principal`. Audited."""
 
     principal: str = ""
 
 
-class AdminCancel(Message):
+class AdminCancel(Request[JobInfo]):
     """Cancel `principal`'s job `job_id`. Audited."""
 
     principal: str
     job_id: str
-
-
-# --- sessions -----------------------------------------------------------------------
 
 
 class SessionState(StrEnum):
@@ -366,7 +361,7 @@ class SessionState(StrEnum):
     SUSPENDED = "suspended"  # switched out: its KV in the swap tier, its requests wait
 
 
-class SuspendSession(Message):
+class SuspendSession(Request["SessionInfo"]):
     """Context switch out: the session's running request (or its pinned KV)
     leaves the batch and its KV goes to the driver's swap tier; requests of
     the session wait (queued, not refused) until `ResumeSession`."""
@@ -374,18 +369,18 @@ class SuspendSession(Message):
     session: str
 
 
-class ResumeSession(Message):
+class ResumeSession(Request["SessionInfo"]):
     session: str
 
 
-class CloseSession(Message):
+class CloseSession(Request["SessionInfo"]):
     """The conversation is over: release the KV pinned for it (its requests
     are not affected)."""
 
     session: str
 
 
-class GetSession(Message):
+class GetSession(Request["SessionInfo"]):
     session: str
 
 

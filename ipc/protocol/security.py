@@ -17,7 +17,7 @@ from enum import StrEnum
 
 import msgspec
 
-from ipc.protocol.base import Message
+from ipc.protocol.base import Message, Request
 
 SECURITY = "security"
 POLICY_TOPIC = "security.policy"
@@ -34,14 +34,14 @@ class Quota(msgspec.Struct, array_like=True, omit_defaults=True, frozen=True, fo
     kv_blocks: int = 0
 
 
-class Login(Message):
+class Login(Request["Granted"]):
     """Exchange an API key for a capability token (`ttl_s` 0: the server's default)."""
 
     api_key: str
     ttl_s: int = 0
 
 
-class RefreshToken(Message):
+class RefreshToken(Request["Granted"]):
     """A fresh token for the same grant (unattenuated tokens only: an attenuated
     token is someone's delegation and expires as delegated)."""
 
@@ -58,7 +58,7 @@ class Granted(Message):
     issued_at: float
 
 
-class CreateKey(Message):
+class CreateKey(Request["KeyCreated"]):
     """A new API key for `tenant` (created if new). `quota`, when given,
     replaces the tenant's quota."""
 
@@ -75,7 +75,7 @@ class KeyCreated(Message):
     rights: list[str]
 
 
-class ListKeys(Message):
+class ListKeys(Request["KeyList"]):
     pass
 
 
@@ -107,7 +107,7 @@ class RevokeKind(StrEnum):
     PRINCIPAL = "principal"
 
 
-class Revoke(Message):
+class Revoke(Request["Revoked"]):
     """Revoke an API key (by id), a token (by id: also every token attenuated
     from it) or a whole principal (its keys and tokens). Permanent."""
 
@@ -122,12 +122,12 @@ class Revoked(Message):
     changed: bool
 
 
-class SetQuota(Message):
+class SetQuota(Request["QuotaPolicy"]):
     tenant: str
     quota: Quota
 
 
-class GetQuotas(Message):
+class GetQuotas(Request["QuotaPolicy"]):
     pass
 
 
