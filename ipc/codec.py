@@ -1,4 +1,8 @@
-"""Typed body codec: one msgspec encoder, one decoder per union, built once."""
+"""Typed body codec: one msgspec encoder, one decoder per union, built once.
+
+A reply is decoded with the one type its request declared (`decode_reply`);
+only events, whose types a topic does not fix, use the any-message union.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +12,9 @@ from typing import Any, Iterable, Union
 
 import msgspec
 
-from ipc.errors import BadRequest, Error
+from ipc.errors import BadRequest, Error, Internal
 from ipc.envelope import FrameLike
-from ipc.protocol.base import Message
+from ipc.protocol.base import Message, ReplyT, Request, message_types, registry_version, reply_type
 
 _encoder = msgspec.msgpack.Encoder()
 encode = _encoder.encode
@@ -40,6 +44,34 @@ def decode_body(dec: msgspec.msgpack.Decoder[Any], frame: FrameLike, what: str =
 error_decoder = msgspec.msgpack.Decoder(Error)
 
 
+def decode_reply(request: type[Request[ReplyT]], frame: FrameLike) -> ReplyT:
+    """The reply to a `request`, decoded with the one type it declared. Any
+    other body is the answering peer's fault, not the caller's: `Internal`,
+    naming both types when the body is a different message."""
+    expected = reply_type(request)
+    try:
+        reply: ReplyT = _decoder_for((expected,)).decode(frame)
+        return reply
+    except msgspec.ValidationError as exc:
+        got = _tag_of(frame)
+        if got is not None and got != expected.__name__:
+            raise Internal(f"protocol error: {request.__name__} is answered with {expected.__name__}, "
+                           f"got {got}", detail={"expected": expected.__name__, "got": got}) from None
+        raise Internal(f"invalid {expected.__name__} reply to {request.__name__}: "
+                       f"{_name_field(str(exc), frame)}") from None
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        raise Internal(f"undecodable reply to {request.__name__}: {exc}") from None
+
+
+def _tag_of(frame: FrameLike) -> str | None:
+    """The tag of a message body (its first element), None when it has none."""
+    try:
+        raw = msgspec.msgpack.decode(frame)
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        return None
+    return raw[0] if isinstance(raw, list) and raw and isinstance(raw[0], str) else None
+
+
 class AnyDecoder:
     """Decodes any message type defined so far; rebuilt only when new types appear."""
 
@@ -48,8 +80,6 @@ class AnyDecoder:
         self._dec: msgspec.msgpack.Decoder[Any] | None = None
 
     def decode(self, frame: FrameLike, what: str = "body") -> Any:
-        from ipc.protocol.base import message_types, registry_version
-
         if self._version != registry_version() or self._dec is None:
             self._version = registry_version()
             self._dec = decoder(message_types())
@@ -61,7 +91,7 @@ _ARRAY_PATH = re.compile(r"`\$\[(\d+)\]")
 
 def _name_field(message: str, frame: FrameLike) -> str:
     """Array-like structs report paths as ``$[i]``; name the field instead (error path only)."""
-    from ipc.protocol.base import Message
+    from ipc.protocol.base import Message, ReplyT, Request, message_types, registry_version, reply_type
 
     m = _ARRAY_PATH.search(message)
     if not m:

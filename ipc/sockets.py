@@ -139,25 +139,20 @@ def connect_dealer(ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str, identity:
 
 
 class Channel:
-    """Async batch I/O over one zmq socket, on the running asyncio loop.
+    """Async batch I/O over one zmq socket, on the running asyncio loop."""
 
-    Several channels may share one `wake` event so a single task can serve
-    them all (the kernel serves its two ROUTERs from one loop)."""
-
-    def __init__(self, sock: zmq.Socket[bytes], wake: asyncio.Event | None = None,
-                 on_readable: Callable[[], None] | None = None, *, reader_reschedules: bool = False):
-        """Readers either await `recv_batch` (woken through `wake`) or, with
-        `on_readable`, get a callback on the loop that drains synchronously.
-        A callback that drains one batch is called again by the channel while
-        input is pending; one that keeps itself scheduled until the socket is
-        empty (`reader_reschedules`, the kernel's pump) is not — two
-        mechanisms re-arming the same reader multiply it, turn after turn."""
+    def __init__(self, sock: zmq.Socket[bytes], on_readable: Callable[[], None], *,
+                 reader_reschedules: bool = False):
+        """`on_readable` is called on the loop when input is pending, and drains
+        synchronously. A callback that drains one batch is called again by the
+        channel while input is pending; one that keeps itself scheduled until
+        the socket is empty (`reader_reschedules`, the kernel's pump) is not —
+        two mechanisms re-arming the same reader multiply it, turn after turn."""
         self.sock = sock
-        self._wake = wake or asyncio.Event()
         self._on_readable = on_readable
         self._loop = asyncio.get_running_loop()
         self._fd: int = int(sock.getsockopt(zmq.FD))
-        self._loop.add_reader(self._fd, self._on_fd if on_readable is not None else self._wake.set)
+        self._loop.add_reader(self._fd, self._on_fd)
         self._closed = False
         self._read_scheduled = False
         self._rearm = not reader_reschedules
@@ -165,10 +160,6 @@ class Channel:
         self._reading = False
         # Why the last send failed: True for a full queue, False for an unknown peer.
         self.full = False
-
-    @property
-    def wake(self) -> asyncio.Event:
-        return self._wake
 
     def pending_input(self) -> bool:
         return bool(self.sock.getsockopt(_EVENTS) & _POLLIN)  # type: ignore[operator]
@@ -192,16 +183,6 @@ class Channel:
             pass
         return out
 
-    async def recv_batch(self, limit: int = DRAIN_BATCH) -> list[list[zmq.Frame]]:
-        while True:
-            batch = self.drain(limit)
-            if batch:
-                return batch
-            self._wake.clear()
-            if self.pending_input():
-                continue
-            await self._wake.wait()
-
     def send(self, frames: Sequence[FrameLike | zmq.Frame]) -> bool:
         """Send without blocking. False when the peer is unknown or its queue is
         full (ROUTER_MANDATORY): the caller decides what a drop means."""
@@ -221,15 +202,12 @@ class Channel:
         except zmq.error.ZMQError:
             return False
         finally:
-            if not self._reading and not self._closed and self.pending_input():
-                if self._on_readable is None:
-                    self._wake.set()
-                elif not self._read_scheduled:
-                    # One deferred read at a time: a callback per send would
-                    # pile up thousands under a flood and starve the timers
-                    # (the kernel's heartbeats) behind them.
-                    self._read_scheduled = True
-                    self._loop.call_soon(self._scheduled_read)
+            if not self._reading and not self._closed and not self._read_scheduled and self.pending_input():
+                # One deferred read at a time: a callback per send would
+                # pile up thousands under a flood and starve the timers
+                # (the kernel's heartbeats) behind them.
+                self._read_scheduled = True
+                self._loop.call_soon(self._scheduled_read)
         return True
 
     @contextmanager
@@ -247,7 +225,7 @@ class Channel:
     def _on_fd(self) -> None:
         """The FD fired: read, and come back while more than a batch waits
         (the edge that fired will not fire again for what is already queued)."""
-        if self._closed or self._on_readable is None:
+        if self._closed:
             return
         self._on_readable()
         if self._rearm and not self._closed and not self._read_scheduled and self.pending_input():
@@ -256,7 +234,7 @@ class Channel:
 
     def _scheduled_read(self) -> None:
         self._read_scheduled = False
-        if not self._closed and self._on_readable is not None:
+        if not self._closed:
             self._on_readable()
             # A reader drains a bounded batch: while more is queued, come back
             # (one callback per turn of the loop, so timers still run).

@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from contextlib import aclosing
 from pathlib import Path
-from typing import Any, AsyncGenerator
+from typing import AsyncGenerator
 
 import anyio
 
@@ -26,7 +26,7 @@ from ipc.curve import CurveClient
 from ipc.errors import DeadlineExceeded, Unavailable
 from common.home import admin_key_path
 from ipc.protocol import security as sp
-from ipc.protocol.base import Message
+from ipc.protocol.base import Message, ReplyT, Request
 from sdk.connection import Connection
 
 REFRESH_FRACTION = 0.8
@@ -64,7 +64,7 @@ class TokenKeeper:
         self._refresh_at = 0.0
 
     async def login(self, timeout: float | None = 10.0) -> sp.Granted:
-        g: sp.Granted = await self._conn.call(sp.SECURITY, sp.Login(self._api_key, self._ttl_s), timeout=timeout)
+        g = await self._conn.call(sp.SECURITY, sp.Login(self._api_key, self._ttl_s), timeout=timeout)
         self.granted = g
         self._conn.token = g.token
         self._refresh_at = g.issued_at + REFRESH_FRACTION * (g.expires_at - g.issued_at)
@@ -102,13 +102,14 @@ class Requester:
     def closed(self) -> bool:
         return self.conn.closed
 
-    async def call(self, dst: str, msg: Message, *, timeout: float | None = None, trace_id: str = "") -> Any:
+    async def call(self, dst: str, msg: Request[ReplyT], *, timeout: float | None = None,
+                   trace_id: str = "") -> ReplyT:
         if self.keeper is not None:
             await self.keeper.ensure_fresh()
         return await self.conn.call(dst, msg, timeout=timeout, trace_id=trace_id)
 
     async def stream(self, dst: str, msg: Message, *, timeout: float | None = None,
-                     trace_id: str = "") -> AsyncGenerator[Any, None]:
+                     trace_id: str = "") -> AsyncGenerator[Message, None]:
         if self.keeper is not None:
             await self.keeper.ensure_fresh()
         # aclosing: a caller that stops early frees the call's slot at once, not at garbage collection.

@@ -1,7 +1,7 @@
-"""The client SDK: `AsyncClient` and its sync twin `Client`.
+"""The client SDK: `AsyncClient` and its synchronous face `Client`.
 
     async with await AsyncClient.connect() as client:
-        reply = await client.call("echo", Echo(b"hi"))
+        reply = await client.call("echo", Echo(b"hi"))     # an EchoReply: Echo declares it
 
 Errors surface as exceptions from the `ipc.errors.LlmosError` tree, carrying
 the wire code.
@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, AsyncGenerator, Callable, Iterator, Sequence
+from typing import Any, AsyncGenerator, Sequence
 
 import zmq
 from anyio.from_thread import BlockingPortal, start_blocking_portal
@@ -26,14 +26,16 @@ from ipc.errors import BadRequest, NotFound, Unavailable
 from common.home import front_endpoint, llmos_home
 from ipc.protocol import kernel as kp
 from ipc.protocol import scheduler as sp
-from ipc.protocol.base import Message
+from ipc.protocol import security as secp
+from ipc.protocol.base import Message, ReplyT, Request
 from ipc.sockets import FRONT_MAX_MESSAGE_BYTES
 from sdk.auth import Requester, TokenKeeper, read_admin_key, tcp_keys
 from sdk import generate as gen
+from sdk.blocking import Blocking
 from sdk.connection import Connection
 from sdk.generate import Chunk, Completion, GenerationStream
-from sdk.jobs import Jobs, SyncJobs
-from sdk.sessions import Sessions, SyncSessions
+from sdk.jobs import Jobs
+from sdk.sessions import Sessions
 
 
 class AsyncClient:
@@ -81,7 +83,7 @@ class AsyncClient:
             raise
         return client
 
-    async def login(self, api_key: str, *, ttl_s: int = 0, timeout: float | None = 10.0) -> Any:
+    async def login(self, api_key: str, *, ttl_s: int = 0, timeout: float | None = 10.0) -> secp.Granted:
         """Exchange `api_key` for a capability token used from now on (and renewed)."""
         keeper = TokenKeeper(self._conn, api_key, ttl_s)
         granted = await keeper.login(timeout)
@@ -97,32 +99,30 @@ class AsyncClient:
     def connection(self) -> Connection:
         return self._conn
 
-    async def call(self, service: str, msg: Message, *, timeout: float | None = None,
-                   trace_id: str = "") -> Any:
+    async def call(self, service: str, msg: Request[ReplyT], *, timeout: float | None = None,
+                   trace_id: str = "") -> ReplyT:
+        """Send `msg` to `service` and return its reply, of the type `msg` declares."""
         return await self._path.call(service, msg, timeout=timeout, trace_id=trace_id)
 
-    def stream(self, service: str, msg: Message, *, timeout: float | None = None) -> AsyncGenerator[Any, None]:
+    def stream(self, service: str, msg: Message, *, timeout: float | None = None) -> AsyncGenerator[Message, None]:
+        """The events `msg` is answered with, then its reply."""
         return self._path.stream(service, msg, timeout=timeout)
 
     async def status(self, *, timeout: float | None = 10.0) -> kp.StatusReply:
-        reply: kp.StatusReply = await self.call(kp.KERNEL, kp.Status(), timeout=timeout)
-        return reply
+        return await self.call(kp.KERNEL, kp.Status(), timeout=timeout)
 
     async def services(self) -> list[kp.InstanceInfo]:
         return (await self.status()).instances
 
     async def kill(self, target: str, signal: str = "SIGKILL") -> list[str]:
-        reply: kp.Killed = await self.call(kp.KERNEL, kp.Kill(target, signal), timeout=10.0)
-        return reply.instances
+        return (await self.call(kp.KERNEL, kp.Kill(target, signal), timeout=10.0)).instances
 
     async def shutdown(self, reason: str = "requested") -> None:
         await self.call(kp.KERNEL, kp.Shutdown(reason), timeout=10.0)
 
-    def subscribe(self, topic: str) -> AsyncGenerator[Any, None]:
+    def subscribe(self, topic: str) -> AsyncGenerator[Message, None]:
         """Events published on `topic` (the first is `Subscribed`), until closed."""
         return self._path.stream(kp.KERNEL, kp.Subscribe(topic))
-
-    # -- text generation (the scheduler) --------------------------------------------
 
     async def generate(self, prompt: str | Sequence[int], **options: Any) -> Completion:
         """Generate a completion (options: see `sdk.generate.build_submit`:
@@ -137,20 +137,15 @@ class AsyncClient:
         with`, or `aclose()` after a `break`) cancels the request."""
         return gen.stream_generate(self._path, gen.build_submit(prompt, **options))
 
-    generate_stream = stream_generate
-
     async def cancel(self, request_id: str) -> bool:
         """Cancel a generation; False when it is not running (unknown or finished)."""
-        reply: sp.CancelReply = await self.call(sp.SCHEDULER, sp.Cancel(request_id), timeout=10.0)
-        return reply.found
+        return (await self.call(sp.SCHEDULER, sp.Cancel(request_id), timeout=10.0)).found
 
     async def request_status(self, request_id: str) -> sp.RequestInfo:
-        reply: sp.RequestInfo = await self.call(sp.SCHEDULER, sp.RequestStatus(request_id), timeout=10.0)
-        return reply
+        return await self.call(sp.SCHEDULER, sp.RequestStatus(request_id), timeout=10.0)
 
     async def scheduler_stats(self) -> sp.SchedulerStatsReply:
-        reply: sp.SchedulerStatsReply = await self.call(sp.SCHEDULER, sp.SchedulerStats(), timeout=10.0)
-        return reply
+        return await self.call(sp.SCHEDULER, sp.SchedulerStats(), timeout=10.0)
 
     async def aclose(self) -> None:
         self._conn.close()
@@ -162,15 +157,19 @@ class AsyncClient:
         await self.aclose()
 
 
-class Client:
-    """The synchronous twin: an event loop in a helper thread runs an `AsyncClient`."""
+class Client(Blocking):
+    """The synchronous client: an event loop in a helper thread runs an
+    `AsyncClient`, and every method of it (and of `.jobs`, `.sessions`) is here
+    as a blocking call with the same signature (`sdk.blocking`). A stream is
+    an iterator; closing it early (a `break`, then `close()` or its end of
+    life) closes the async one, so an unfinished generation is cancelled."""
+
+    __slots__ = ("_aclient", "_stack")
 
     def __init__(self, portal: BlockingPortal, aclient: AsyncClient, stack: ExitStack):
-        self._portal = portal
+        super().__init__(portal, aclient, lambda: self._stack is not None)
         self._aclient = aclient
-        self._stack = stack
-        self.jobs = SyncJobs(portal, aclient.jobs)
-        self.sessions = SyncSessions(portal, aclient.sessions)
+        self._stack: ExitStack | None = stack
 
     @classmethod
     def connect(cls, endpoint: str | None = None, *, home: str | os.PathLike[str] | None = None,
@@ -185,64 +184,13 @@ class Client:
             raise
         return cls(portal, aclient, stack)
 
-    def call(self, service: str, msg: Message, *, timeout: float | None = None) -> Any:
-        return self._portal.call(lambda: self._aclient.call(service, msg, timeout=timeout))
-
-    def stream(self, service: str, msg: Message, *, timeout: float | None = None) -> Iterator[Any]:
-        return self._iterate(lambda: self._aclient.stream(service, msg, timeout=timeout))
-
-    def _iterate(self, make: Callable[[], Any]) -> Iterator[Any]:
-        """The async iterator `make` returns (made at the first `next`), item
-        by item through the portal; closed on the loop when the caller stops early."""
-        agen = make()
-        try:
-            while True:
-                try:
-                    yield self._portal.call(agen.__anext__)
-                except StopAsyncIteration:
-                    return
-        finally:
-            if self._stack is not None:
-                self._portal.call(agen.aclose)
-
-    def status(self) -> kp.StatusReply:
-        return self._portal.call(self._aclient.status)
-
-    def generate(self, prompt: str | Sequence[int], **options: Any) -> Completion:
-        return self._portal.call(lambda: self._aclient.generate(prompt, **options))
-
-    def stream_generate(self, prompt: str | Sequence[int], **options: Any) -> Iterator[Chunk]:
-        """Closing the iterator early (a `break`, then `close()` or its end of
-        life) cancels the request, as `AsyncClient.stream_generate` does."""
-        return self._iterate(lambda: self._aclient.stream_generate(prompt, **options))
-
-    generate_stream = stream_generate
-
-    def cancel(self, request_id: str) -> bool:
-        return self._portal.call(lambda: self._aclient.cancel(request_id))
-
-    def request_status(self, request_id: str) -> sp.RequestInfo:
-        return self._portal.call(lambda: self._aclient.request_status(request_id))
-
-    def scheduler_stats(self) -> sp.SchedulerStatsReply:
-        return self._portal.call(self._aclient.scheduler_stats)
-
-    def services(self) -> list[kp.InstanceInfo]:
-        return self._portal.call(self._aclient.services)
-
-    def kill(self, target: str, signal: str = "SIGKILL") -> list[str]:
-        return self._portal.call(lambda: self._aclient.kill(target, signal))
-
-    def shutdown(self, reason: str = "requested") -> None:
-        self._portal.call(lambda: self._aclient.shutdown(reason))
-
     def close(self) -> None:
         if self._stack is None:
             return
+        stack, self._stack = self._stack, None
         try:
             self._portal.call(self._aclient.aclose)
         finally:
-            stack, self._stack = self._stack, None  # type: ignore[assignment]
             stack.close()
 
     def __enter__(self) -> "Client":

@@ -4,6 +4,15 @@ No background task is needed: the socket's reader callback drains it on the
 event loop and hands each answer to the call waiting for its msg id. A waiting
 call also watches the kernel's liveness (it pings after a quiet interval and
 gives up with `Unavailable` after HEARTBEAT_EXPIRY_S of silence).
+
+Every connection of a process shares one zmq context (`zmq.Context.instance()`,
+which pyzmq makes anew in a forked child): a gateway holding hundreds of
+callers' connections holds one context and its I/O thread, not one each.
+Closing a connection closes its sockets; the context stays for the others.
+
+A reply is decoded with the type its request declares (`Request[ReplyT]`), so
+`call()` returns that type; events (a stream's deltas, a topic's messages)
+are decoded as any message.
 """
 
 from __future__ import annotations
@@ -25,7 +34,7 @@ from ipc.curve import CurveClient
 from ipc.envelope import PROTOCOL_VERSION, Header, Kind, decode_header, encode_header
 from ipc.errors import BadRequest, DeadlineExceeded, Error, Internal, LlmosError, Unauthorized, Unavailable
 from ipc.heartbeat import HEARTBEAT_EXPIRY_S, HEARTBEAT_INTERVAL_S
-from ipc.protocol.base import Message, op_of
+from ipc.protocol.base import Message, ReplyT, Request, op_of
 from ipc.sockets import MAX_MESSAGE_BYTES, Channel, connect_dealer
 from common.logs import get_logger
 
@@ -45,8 +54,7 @@ class Connection:
         self.endpoint = endpoint
         self.max_message_bytes = max_message_bytes
         self.src = src
-        self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-        sock = connect_dealer(self._ctx, endpoint, identity, curve=curve)
+        sock = connect_dealer(zmq.Context.instance(), endpoint, identity, curve=curve)
         # Over CURVE, a refused handshake is silent on the socket itself: the
         # monitor is the only place it shows, and without it a refused client
         # would only learn that "the kernel stopped answering".
@@ -65,9 +73,7 @@ class Connection:
         self.last_sent = 0.0
         self.token: bytes = b""
         self.closed = False
-        self._any = codec.AnyDecoder()
-
-    # -- frames out ---------------------------------------------------------------
+        self._events = codec.AnyDecoder()
 
     def send(self, header: Header, body: Message | Error | bytes | None = None, buffers: tuple[Any, ...] = ()) -> bool:
         frames: list[Any] = [b"", encode_header(header)]
@@ -86,8 +92,6 @@ class Connection:
 
     def next_id(self) -> int:
         return next(self._ids)
-
-    # -- frames in -----------------------------------------------------------------
 
     def _on_readable(self) -> None:
         if self.closed:
@@ -142,27 +146,36 @@ class Connection:
             elif self.on_disconnect is not None:
                 self.on_disconnect()
 
-    # -- calls ----------------------------------------------------------------------
-
     def _request_header(self, dst: str, msg: Message, deadline_ns: int, msg_id: int, trace_id: str,
                         kind: Kind) -> Header:
         return Header(PROTOCOL_VERSION, kind, msg_id, src=self.src, dst=dst, op=op_of(msg),
                       token=self.token, deadline_ns=deadline_ns, trace_id=trace_id)
 
-    async def call(self, dst: str, msg: Message, *, timeout: float | None = None, trace_id: str = "",
-                   buffers: tuple[Any, ...] = (), kind: Kind = Kind.REQUEST) -> Any:
-        """Send a request and return its decoded reply; an ERROR raises its exception.
+    async def call(self, dst: str, msg: Request[ReplyT], *, timeout: float | None = None, trace_id: str = "",
+                   buffers: tuple[Any, ...] = (), kind: Kind = Kind.REQUEST) -> ReplyT:
+        """Send a request and return its reply, of the type the request declares;
+        an ERROR raises its exception, events before the reply are skipped.
         (`kind=Kind.READY` is the one other exchange: a service registering.)"""
+        if not isinstance(msg, Request):
+            raise TypeError(f"{op_of(msg)} declares no reply type (not a Request); stream() it")
         async for header, payload in self._exchange(dst, msg, timeout, trace_id, buffers, kind):
             if header.kind != Kind.EVENT:
-                return self._decode(header, payload)
+                return self._reply(header, payload, type(msg))
         raise Internal("stream ended without a reply")  # pragma: no cover - _exchange always ends on one
 
     async def stream(self, dst: str, msg: Message, *, timeout: float | None = None,
-                     trace_id: str = "") -> AsyncGenerator[Any, None]:
-        """Yield every EVENT body, then the final REPLY body; an ERROR raises."""
+                     trace_id: str = "") -> AsyncGenerator[Message, None]:
+        """Yield every EVENT body, then the final REPLY body (of the type a
+        `Request` declares; a message that is not one, e.g. `Subscribe`, is
+        answered by events only); an ERROR raises."""
         async for header, payload in self._exchange(dst, msg, timeout, trace_id, (), Kind.REQUEST):
-            yield self._decode(header, payload)
+            if header.kind == Kind.EVENT:
+                yield self._events.decode(self._body(header, payload), f"{header.op} event")
+            elif isinstance(msg, Request):
+                yield self._reply(header, payload, type(msg))
+            else:
+                self._body(header, payload)  # an ERROR raises
+                raise Internal(f"protocol error: {op_of(msg)} is answered by events only, got a {header.op} reply")
 
     async def _exchange(self, dst: str, msg: Message, timeout: float | None, trace_id: str,
                         buffers: tuple[Any, ...], kind: Kind) -> AsyncIterator[Answer]:
@@ -209,13 +222,17 @@ class Connection:
                 raise Unavailable(f"the kernel at {self.endpoint} stopped answering")
             self.send_control(Kind.HEARTBEAT)
 
-    def _decode(self, header: Header, payload: list[Any]) -> Any:
+    @staticmethod
+    def _body(header: Header, payload: list[Any]) -> Any:
         if not payload:
             raise Internal(f"{header.op or 'answer'} arrived without a body")
         if header.kind == Kind.ERROR:
             err = codec.decode_body(codec.error_decoder, payload[0], "error body")
             raise err.exception()
-        return self._any.decode(payload[0], f"{header.op} body")
+        return payload[0]
+
+    def _reply(self, header: Header, payload: list[Any], request: type[Request[ReplyT]]) -> ReplyT:
+        return codec.decode_reply(request, self._body(header, payload))
 
     def close(self) -> None:
         if self.closed:
@@ -228,7 +245,6 @@ class Connection:
                 self._ch.sock.disable_monitor()
                 self._monitor.close()
             self._ch.close()
-            self._ctx.term()
 
 
 HANDSHAKE_FAILED = {zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,

@@ -26,7 +26,7 @@ import anyio
 import msgspec
 
 from ipc.errors import DeadlineExceeded, Internal, LlmosError, Overloaded, Unavailable
-from ipc.protocol.base import Message
+from ipc.protocol.base import Message, ReplyT, Request
 from ipc.protocol.sampling import SamplingParams
 from ipc.protocol.scheduler import (SCHEDULER, Cancel, Finished, FinishReason, PrioritySubmit, Submit, TokenDelta,
                                     Usage)
@@ -93,9 +93,10 @@ class RequestPath(Protocol):
     path, through the token refresh) or, in tests, an in-memory fake."""
 
     def stream(self, dst: str, msg: Message, *, timeout: float | None = None,
-               trace_id: str = "") -> AsyncGenerator[Any, None]: ...
+               trace_id: str = "") -> AsyncGenerator[Message, None]: ...
 
-    async def call(self, dst: str, msg: Message, *, timeout: float | None = None, trace_id: str = "") -> Any: ...
+    async def call(self, dst: str, msg: Request[ReplyT], *, timeout: float | None = None,
+                   trace_id: str = "") -> ReplyT: ...
 
 
 class GenerationStream:

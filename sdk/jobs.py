@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import builtins
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
-
-from anyio.from_thread import BlockingPortal
 
 from ipc.errors import Unavailable
 from ipc.protocol import scheduler as sp
@@ -50,66 +48,31 @@ class Jobs:
                            job_id or uuid.uuid4().hex)
         for attempt in range(MAX_RESUBMITS + 1):
             try:
-                reply: sp.JobInfo = await self._client.call(sp.SCHEDULER, msg, timeout=30.0)
-                return reply
+                return await self._client.call(sp.SCHEDULER, msg, timeout=30.0)
             except Unavailable:
                 if attempt == MAX_RESUBMITS:
                     raise
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def list(self) -> list[sp.JobInfo]:
-        reply: sp.JobList = await self._client.call(sp.SCHEDULER, sp.ListJobs(), timeout=10.0)
-        return reply.jobs
+        return (await self._client.call(sp.SCHEDULER, sp.ListJobs(), timeout=10.0)).jobs
 
     async def get(self, job_id: str, *, last: int = 0) -> sp.JobInfo:
         """The job and its latest `last` results (0: every result kept), oldest first."""
-        reply: sp.JobInfo = await self._client.call(sp.SCHEDULER, sp.GetJob(job_id, last), timeout=10.0)
-        return reply
+        return await self._client.call(sp.SCHEDULER, sp.GetJob(job_id, last), timeout=10.0)
 
     async def cancel(self, job_id: str) -> sp.JobInfo:
-        reply: sp.JobInfo = await self._client.call(sp.SCHEDULER, sp.CancelJob(job_id), timeout=10.0)
-        return reply
+        return await self._client.call(sp.SCHEDULER, sp.CancelJob(job_id), timeout=10.0)
 
     # Operator views over every principal's jobs: the token needs the `admin` right.
 
     async def list_all(self, principal: str = "") -> builtins.list[sp.JobInfo]:
         """Every principal's jobs (or `principal`'s), each with its owner in `.principal`."""
-        reply: sp.JobList = await self._client.call(sp.SCHEDULER, sp.AdminList(principal), timeout=10.0)
-        return reply.jobs
+        return (await self._client.call(sp.SCHEDULER, sp.AdminList(principal), timeout=10.0)).jobs
 
     async def cancel_any(self, principal: str, job_id: str) -> sp.JobInfo:
         """Cancel `principal`'s job `job_id`."""
-        reply: sp.JobInfo = await self._client.call(sp.SCHEDULER, sp.AdminCancel(principal, job_id), timeout=10.0)
-        return reply
+        return await self._client.call(sp.SCHEDULER, sp.AdminCancel(principal, job_id), timeout=10.0)
 
 
-class SyncJobs:
-    """`Jobs` for the sync `Client`."""
-
-    def __init__(self, portal: BlockingPortal, jobs: Jobs):
-        self._portal = portal
-        self._jobs = jobs
-
-    def _call(self, fn: Callable[[], Any]) -> Any:
-        return self._portal.call(fn)
-
-    def submit(self, prompt: str | Sequence[int], **kw: Any) -> sp.JobInfo:
-        return self._call(lambda: self._jobs.submit(prompt, **kw))  # type: ignore[no-any-return]
-
-    def list(self) -> list[sp.JobInfo]:
-        return self._call(self._jobs.list)  # type: ignore[no-any-return]
-
-    def get(self, job_id: str, *, last: int = 0) -> sp.JobInfo:
-        return self._call(lambda: self._jobs.get(job_id, last=last))  # type: ignore[no-any-return]
-
-    def cancel(self, job_id: str) -> sp.JobInfo:
-        return self._call(lambda: self._jobs.cancel(job_id))  # type: ignore[no-any-return]
-
-    def list_all(self, principal: str = "") -> builtins.list[sp.JobInfo]:
-        return self._call(lambda: self._jobs.list_all(principal))  # type: ignore[no-any-return]
-
-    def cancel_any(self, principal: str, job_id: str) -> sp.JobInfo:
-        return self._call(lambda: self._jobs.cancel_any(principal, job_id))  # type: ignore[no-any-return]
-
-
-__all__ = ["Jobs", "SyncJobs"]
+__all__ = ["Jobs"]

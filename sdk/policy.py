@@ -20,7 +20,7 @@ async def follow_quotas(service: "Service", apply: Callable[[secp.QuotaPolicy], 
     await events.__anext__()  # Subscribed: no later change is missed
     seen = -1
     try:
-        current: secp.QuotaPolicy = await service.call(secp.SECURITY, secp.GetQuotas(), timeout=30.0)
+        current = await service.call(secp.SECURITY, secp.GetQuotas(), timeout=30.0)
     except LlmosError:
         pass  # no security server (auth off) or it is restarting: its next publication will come
     else:

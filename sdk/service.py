@@ -34,7 +34,7 @@ from ipc.errors import EX_CONFIG, BadRequest, ConfigError, DeadlineExceeded, Int
 from ipc.heartbeat import HEARTBEAT_EXPIRY_S, HEARTBEAT_INTERVAL_S
 from common.home import back_endpoint, llmos_home
 from ipc.protocol import kernel as kp
-from ipc.protocol.base import Message, op_of
+from ipc.protocol.base import Message, ReplyT, Request, op_of, reply_type
 from sdk.auth import tcp_keys
 from sdk.connection import Connection
 from common.logs import configure, get_logger
@@ -114,11 +114,7 @@ class Service:
                 idem = getattr(fn, "__llmos_handler__", None)
                 if idem is None:
                     continue
-                hints = typing.get_type_hints(fn)
-                params = [p for p in hints if p != "return"]
-                if not params or not (isinstance(hints[params[0]], type) and issubclass(hints[params[0]], Message)):
-                    raise TypeError(f"{cls.__name__}.{attr}: annotate the first argument with a Message type")
-                msg_type = hints[params[0]]
+                msg_type = _served_type(cls, attr, fn)
                 found[op_of(msg_type)] = HandlerSpec(fn, msg_type, bool(idem))
         cls.handlers = found
 
@@ -137,8 +133,6 @@ class Service:
         # msg id → the cancel scope of the handler serving it
         self._running: dict[int, anyio.CancelScope] = {}
 
-    # -- hooks for subclasses ----------------------------------------------------------
-
     async def on_start(self) -> None:
         """Before READY: load what the service needs. Failing here exits non-zero."""
 
@@ -152,33 +146,29 @@ class Service:
     async def background(self, tg: TaskGroup) -> None:
         """Start long-running tasks of the service in `tg` (owned by the service)."""
 
-    # -- calls to others -----------------------------------------------------------------
-
     @property
     def conn(self) -> Connection:
         if self._conn is None:
             raise Unavailable(f"{self.instance} is not connected")
         return self._conn
 
-    async def call(self, service: str, msg: Message, *, timeout: float | None = None,
-                   buffers: tuple[Any, ...] = ()) -> Any:
+    async def call(self, service: str, msg: Request[ReplyT], *, timeout: float | None = None,
+                   buffers: tuple[Any, ...] = ()) -> ReplyT:
         return await self.conn.call(service, msg, timeout=timeout, buffers=buffers)
 
-    def stream(self, service: str, msg: Message, *, timeout: float | None = None) -> AsyncIterator[Any]:
+    def stream(self, service: str, msg: Message, *, timeout: float | None = None) -> AsyncIterator[Message]:
         return self.conn.stream(service, msg, timeout=timeout)
 
     def publish(self, topic: str, event: Message) -> None:
         self.conn.send(Header(PROTOCOL_VERSION, Kind.EVENT, 0, src=self.instance, dst=topic, op=op_of(event)), event)
 
-    def subscribe(self, topic: str) -> AsyncIterator[Any]:
+    def subscribe(self, topic: str) -> AsyncIterator[Message]:
         """Events on `topic`; the first one is `Subscribed` (the subscription is live)."""
         return self.conn.stream(kp.KERNEL, kp.Subscribe(topic))
 
     def stop(self, reason: str) -> None:
         self.stop_reason = self.stop_reason or reason
         self._stop.set()
-
-    # -- running -------------------------------------------------------------------------
 
     @classmethod
     def main(cls) -> None:
@@ -252,8 +242,6 @@ class Service:
             async for sig in sigs:
                 self.stop(f"signal {signal.Signals(sig).name}")
 
-    # -- serving requests -------------------------------------------------------------------
-
     def _on_request(self, header: Header, payload: list[Any]) -> None:
         spec = self.handlers.get(header.op)
         try:
@@ -316,6 +304,20 @@ class Service:
         conn.send(Header(PROTOCOL_VERSION, kind, req.msg_id, src=self.instance, dst=req.src, op=op,
                          trace_id=req.trace_id, attempt=req.attempt), body, buffers)
 
+
+def _served_type(cls: type, attr: str, fn: Callable[..., Any]) -> type[Request[Any]]:
+    """The request type a handler serves (its first argument's annotation),
+    checked against its return annotation: a handler answers with the reply
+    type its request declares, which is what the caller decodes."""
+    hints = typing.get_type_hints(fn)
+    params = [p for p in hints if p != "return"]
+    msg_type = hints[params[0]] if params else None
+    if not (isinstance(msg_type, type) and issubclass(msg_type, Request)):
+        raise TypeError(f"{cls.__name__}.{attr}: annotate the first argument with a Request type")
+    if "return" in hints and hints["return"] is not reply_type(msg_type):
+        raise TypeError(f"{cls.__name__}.{attr} returns {hints['return']!r}, but {msg_type.__name__} "
+                        f"is answered with {reply_type(msg_type).__name__}")
+    return msg_type
 
 
 # The supervisor names this file (kernel/supervisor.py `exit_reason_path`).

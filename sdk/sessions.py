@@ -10,13 +10,10 @@ the scheduler keeps the conversation's KV between them.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
-
-from anyio.from_thread import BlockingPortal
+from typing import TYPE_CHECKING
 
 from ipc.protocol import scheduler as sp
-from ipc.protocol.base import Message
+from ipc.protocol.base import Request
 
 if TYPE_CHECKING:
     from sdk.client import AsyncClient
@@ -26,9 +23,8 @@ class Sessions:
     def __init__(self, client: "AsyncClient"):
         self._client = client
 
-    async def _call(self, msg: Message) -> sp.SessionInfo:
-        reply: sp.SessionInfo = await self._client.call(sp.SCHEDULER, msg, timeout=30.0)
-        return reply
+    async def _call(self, msg: Request[sp.SessionInfo]) -> sp.SessionInfo:
+        return await self._client.call(sp.SCHEDULER, msg, timeout=30.0)
 
     async def suspend(self, session: str) -> sp.SessionInfo:
         """Switch the session out (its KV is swapped out at the next step)."""
@@ -44,27 +40,4 @@ class Sessions:
         return await self._call(sp.GetSession(session))
 
 
-class SyncSessions:
-    """`Sessions` for the sync `Client`."""
-
-    def __init__(self, portal: BlockingPortal, sessions: Sessions):
-        self._portal = portal
-        self._sessions = sessions
-
-    def _run(self, fn: Callable[[], Any]) -> sp.SessionInfo:
-        return self._portal.call(fn)  # type: ignore[no-any-return]
-
-    def suspend(self, session: str) -> sp.SessionInfo:
-        return self._run(lambda: self._sessions.suspend(session))
-
-    def resume(self, session: str) -> sp.SessionInfo:
-        return self._run(lambda: self._sessions.resume(session))
-
-    def close(self, session: str) -> sp.SessionInfo:
-        return self._run(lambda: self._sessions.close(session))
-
-    def get(self, session: str) -> sp.SessionInfo:
-        return self._run(lambda: self._sessions.get(session))
-
-
-__all__ = ["Sessions", "SyncSessions"]
+__all__ = ["Sessions"]
