@@ -19,7 +19,7 @@ import pytest
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from tools.testing import RunningLlmos, running_llmos
-from tests.unit.model_fixtures import make_checkpoint
+from tests.helpers.model_fixtures import make_checkpoint
 from tools.chaos.fuzz import fuzz_held, run_fuzz
 from tools.chaos.load import load_held, run_load
 from tools.chaos.run import chaos_children

@@ -11,8 +11,8 @@ import pytest
 
 from ipc.protocol import memory as mp
 from tools.testing import REPO_ROOT, running_llmos
-from tests.integration.test_scheduler import children
-from tests.unit.model_fixtures import make_checkpoint
+from tests.helpers.stacks import children
+from tests.helpers.model_fixtures import make_checkpoint
 
 
 @pytest.fixture(scope="module")

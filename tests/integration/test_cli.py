@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -17,33 +16,7 @@ import pytest
 
 from kernel.config import ChildSpec, Config
 from tools.testing import REPO_ROOT, leftover_sockets, write_config
-
-LLMOS = [sys.executable, "-m", "tools.cli"]
-
-
-def llmos(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*LLMOS, "--home", str(home), *args], cwd=REPO_ROOT, capture_output=True,
-                          text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
-
-
-def ps(home: Path) -> dict:  # type: ignore[type-arg]
-    out = llmos(home, "ps", "--json")
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)
-
-
-def wait_ps(home: Path, pred, what: str) -> dict:  # type: ignore[no-untyped-def, type-arg]
-    end = time.monotonic() + 60
-    while True:
-        try:
-            snap = ps(home)
-            if pred(snap):
-                return snap
-        except AssertionError:
-            pass
-        assert time.monotonic() < end, f"timed out waiting for {what}"
-        time.sleep(0.1)
-
+from tests.helpers.cli import LLMOS, llmos, wait_ps
 
 @contextmanager
 def llmos_up(home: Path, *args: str) -> Iterator[subprocess.Popen[bytes]]:

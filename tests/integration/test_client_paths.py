@@ -29,7 +29,7 @@ from kernel.config import Config, KernelConfig
 from sdk.client import AsyncClient, Client
 from tools.testing import REPO_ROOT, write_config
 from tests.helpers.net import free_port
-from tests.integration.test_driver import secured_children
+from tests.helpers.stacks import secured_children
 
 LLMOS = [sys.executable, "-m", "tools.cli"]
 # What a terminal would act on: C0 controls but newline and tab, DEL, C1 controls.

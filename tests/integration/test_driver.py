@@ -9,38 +9,15 @@ from pathlib import Path
 import anyio
 import pytest
 
-from drivers.model.runner import ModelRunner
-from drivers.model.step import SeqStep
 from ipc.errors import BadRequest
 from ipc.protocol import driver as dp
 from ipc.protocol import kernel as kp
 from ipc.protocol.sampling import SamplingParams
-from kernel.config import ChildSpec
 from tools.testing import running_llmos
+from tests.helpers.model_fixtures import local_greedy
+from tests.helpers.stacks import driver_spec
 
 GREEDY = SamplingParams(temperature=0.0)
-
-
-def driver_spec(ckpt: Path) -> ChildSpec:
-    # through the entry point, as a third-party driver would be started
-    return ChildSpec("cpu", "drivers", service="driver",
-                     args=["cpu", "--model", str(ckpt), "--kv-cache-mb", "2", "--threads", "1"])
-
-
-def secured_children(ckpt: Path) -> list[ChildSpec]:
-    """A whole llmos on `ckpt` with the security server: what tests with auth on boot."""
-    return [ChildSpec("security", "services.security"), ChildSpec("memory", "services.memory"),
-            driver_spec(ckpt), ChildSpec("scheduler", "services.scheduler")]
-
-
-def local_greedy(ckpt: Path, prompt: list[int], n: int) -> list[int]:
-    runner = ModelRunner.load(str(ckpt), kv_cache_bytes=2 * 2**20, num_threads=1)
-    bs = runner.info.block_size
-    table = list(range((len(prompt) + n) // bs + 1))
-    out = [runner.execute([SeqStep(1, prompt, 0, table, params=GREEDY)])[0].token]
-    for i in range(n - 1):
-        out.append(runner.execute([SeqStep(1, [out[-1]], len(prompt) + i, table, params=GREEDY)])[0].token)
-    return [t for t in out if t is not None]
 
 
 async def generate(llmos, prompt: list[int], n: int, first_block: int = 0) -> list[int]:  # type: ignore[no-untyped-def]

@@ -17,7 +17,7 @@ from ipc.protocol.echo import Count, CountDone, Counted, Echo, EchoOnce, EchoRep
 from kernel.config import ChildSpec, Config, KernelConfig, SupervisorConfig
 from sdk.client import AsyncClient
 from tools.testing import REPO_ROOT, leftover_sockets, running_llmos, write_config
-from tests.conftest import pid_alive
+from tests.helpers.procs import pid_alive
 
 
 async def test_replies_reach_the_right_client_among_many(home: Path) -> None:

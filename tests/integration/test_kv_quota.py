@@ -23,8 +23,8 @@ from ipc.protocol import security as sec
 from sdk.client import AsyncClient
 from sdk.generate import Completion
 from tools.testing import running_llmos
-from tests.integration.test_driver import secured_children
-from tests.unit.model_fixtures import make_checkpoint
+from tests.helpers.stacks import secured_children
+from tests.helpers.model_fixtures import make_checkpoint
 from tools.top import frame
 
 QUOTA = 32  # blocks of 16 slots: 512 positions

@@ -19,8 +19,8 @@ from ipc.protocol import kernel as kp
 from kernel.config import ChildSpec, Config, KernelConfig
 from sdk.client import Client
 from tools.testing import REPO_ROOT, leftover_sockets, write_config
-from tests.conftest import pid_alive
-from tests.integration.test_cli import LLMOS, llmos, wait_ps
+from tests.helpers.procs import pid_alive
+from tests.helpers.cli import LLMOS, llmos, wait_ps
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
 

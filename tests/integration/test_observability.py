@@ -12,8 +12,8 @@ import anyio
 import pytest
 
 from tools.testing import REPO_ROOT, running_llmos
-from tests.integration.test_scheduler import children
-from tests.unit.model_fixtures import make_checkpoint
+from tests.helpers.stacks import children
+from tests.helpers.model_fixtures import make_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,8 @@ from ipc.protocol import memory as mp
 from ipc.protocol import security as sec
 from sdk.client import AsyncClient
 from tools.testing import running_llmos
-from tests.integration.test_driver import secured_children
-from tests.unit.model_fixtures import make_checkpoint
+from tests.helpers.stacks import secured_children
+from tests.helpers.model_fixtures import make_checkpoint
 
 
 @pytest.fixture(scope="module")

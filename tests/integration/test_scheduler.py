@@ -19,14 +19,10 @@ from kernel.config import ChildSpec
 from sdk.client import AsyncClient
 from sdk.generate import Completion
 from tools.testing import REPO_ROOT, RunningLlmos, running_llmos
-from tests.integration.test_driver import driver_spec, local_greedy
+from tests.helpers.model_fixtures import local_greedy
+from tests.helpers.stacks import children
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
-
-
-def children(ckpt: Path, *scheduler_args: str) -> list[ChildSpec]:
-    return [ChildSpec("memory", "services.memory"), driver_spec(ckpt),
-            ChildSpec("scheduler", "services.scheduler", args=list(scheduler_args))]
 
 
 async def used_blocks(llmos: RunningLlmos) -> int:

@@ -11,8 +11,8 @@ import anyio
 
 from sdk.client import AsyncClient
 from tools.testing import running_llmos
-from tests.integration.test_driver import local_greedy
-from tests.integration.test_scheduler import children
+from tests.helpers.model_fixtures import local_greedy
+from tests.helpers.stacks import children
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 

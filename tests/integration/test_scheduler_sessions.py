@@ -11,7 +11,7 @@ import anyio
 from ipc.protocol import memory as mp
 from kernel.config import ChildSpec
 from tools.testing import running_llmos
-from tests.integration.test_driver import local_greedy
+from tests.helpers.model_fixtures import local_greedy
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 

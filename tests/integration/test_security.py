@@ -3,7 +3,6 @@ security server and echo, over real ZeroMQ sockets."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
@@ -26,35 +25,14 @@ from ipc.protocol.echo import Echo, EchoReply, Identity, WhoAmI
 from ipc.protocol.kernel import Ready
 from kernel.config import SupervisorConfig
 from sdk.client import AsyncClient
-from tools.testing import RunningLlmos, running_llmos
+from tools.testing import running_llmos
 from services.security.audit import audit_path, verify_home
-
-
-def audit_records(home: Path) -> list[dict[str, Any]]:
-    path = audit_path(home)
-    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
-
-
-async def wait_audit(home: Path, pred: Callable[[dict[str, Any]], bool], what: str,
-                     timeout: float = 20.0) -> dict[str, Any]:
-    end = time.monotonic() + timeout
-    while True:
-        for rec in audit_records(home):
-            if pred(rec):
-                return rec
-        if time.monotonic() > end:
-            raise TimeoutError(f"no audit record for {what}; last: {audit_records(home)[-3:]}")
-        await anyio.sleep(0.05)
+from tests.helpers.audit import audit_records, new_key, wait_audit
 
 
 def denied(target: str, code: str, reason: str = "") -> Callable[[dict[str, Any]], bool]:
     return lambda r: (r["action"] == "access" and r["target"] == target and r["result"] == code
                       and reason in r["detail"].get("reason", ""))
-
-
-async def new_key(llmos: RunningLlmos, tenant: str, rights: list[str]) -> sp.KeyCreated:
-    made: sp.KeyCreated = await llmos.client.call(sp.SECURITY, sp.CreateKey(tenant, rights))
-    return made
 
 
 def append_caveat(raw: bytes, caveat: object) -> bytes:

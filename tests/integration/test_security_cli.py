@@ -15,7 +15,7 @@ from sdk.client import AsyncClient
 from tools.testing import running_llmos
 from common.home import root_key_path
 from services.security.audit import audit_path, head_path
-from tests.integration.test_cli import llmos
+from tests.helpers.cli import llmos
 
 
 async def cli(home: Path, *args: str) -> tuple[int, str, str]:

@@ -26,7 +26,7 @@ from sdk.client import AsyncClient
 from tools.testing import running_llmos
 from services.security.audit import MAX_FIELD, audit_path, head_path, verify_home
 from services.security.service import FAMILY_MAX_S
-from tests.integration.test_security import audit_records, new_key, wait_audit
+from tests.helpers.audit import audit_records, new_key, wait_audit
 
 
 def failed_logins(home: Path) -> list[dict[str, Any]]:

@@ -17,7 +17,7 @@ import httpx
 from ipc.protocol import security as sp
 from kernel.config import ChildSpec
 from tools.testing import RunningLlmos, running_llmos
-from tests.integration.test_security import wait_audit
+from tests.helpers.audit import wait_audit
 from tests.helpers.net import free_port
 
 LIMIT = 1 << 20  # the gateway's max_body_bytes in these tests

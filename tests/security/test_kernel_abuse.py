@@ -26,7 +26,7 @@ from ipc.protocol.kernel import KERNEL
 from kernel.config import ChildSpec, KernelConfig, Restart
 from sdk.client import AsyncClient
 from tools.testing import RunningLlmos, running_llmos
-from tests.integration.test_security import audit_records, wait_audit
+from tests.helpers.audit import audit_records, wait_audit
 
 
 class RawPeer:

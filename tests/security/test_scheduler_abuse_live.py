@@ -19,8 +19,8 @@ from ipc.protocol import security as sec
 from ipc.protocol.sampling import SamplingParams
 from sdk.client import AsyncClient
 from tools.testing import RunningLlmos, running_llmos
-from tests.integration.test_driver import secured_children
-from tests.unit.model_fixtures import make_checkpoint
+from tests.helpers.stacks import secured_children
+from tests.helpers.model_fixtures import make_checkpoint
 
 GREEDY = SamplingParams(temperature=0.0)
 

@@ -10,7 +10,7 @@ import torch
 from drivers.model.runner import ModelRunner
 from drivers.model.step import SeqStep
 from ipc.protocol.sampling import SamplingParams
-from tests.unit.model_fixtures import hf_logits, make_checkpoint, prefill_then_decode, recording
+from tests.helpers.model_fixtures import hf_logits, make_checkpoint, prefill_then_decode, recording
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

@@ -16,7 +16,7 @@ from drivers.model.runner import ModelRunner
 from drivers.model.step import SeqStep
 from ipc.errors import BadRequest
 from ipc.protocol.sampling import SamplingParams
-from tests.unit.model_fixtures import hf_logits, make_checkpoint, recording
+from tests.helpers.model_fixtures import hf_logits, make_checkpoint, recording
 
 GREEDY = SamplingParams(temperature=0.0)
 

@@ -11,7 +11,7 @@ import torch
 from drivers.model.runner import ModelRunner
 from drivers.model.step import SeqStep
 from ipc.protocol.sampling import SamplingParams
-from tests.unit.model_fixtures import (
+from tests.helpers.model_fixtures import (
     MODEL_VOCAB, TOKENIZER_VOCAB, hf_logits, make_checkpoint, prefill_then_decode, recording)
 
 ATOL = 1e-4

@@ -13,7 +13,7 @@ from drivers.model.errors import InvalidStep
 from drivers.model.runner import ModelRunner
 from drivers.model.step import SeqResult, SeqStep
 from ipc.protocol.sampling import SamplingParams
-from tests.unit.model_fixtures import make_checkpoint, recording
+from tests.helpers.model_fixtures import make_checkpoint, recording
 
 BS = 4
 GREEDY = SamplingParams(temperature=0.0, logprobs=5)

@@ -9,7 +9,7 @@ import pytest
 
 from drivers.model.errors import CheckpointError
 from text.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
-from tests.unit.model_fixtures import TOKENIZER_VOCAB, write_tokenizer
+from tests.helpers.model_fixtures import TOKENIZER_VOCAB, write_tokenizer
 
 TEXT = "héllo wörld — €uro 🙂 done"
 

@@ -12,6 +12,7 @@ import torch
 from drivers.model.runner import ModelRunner
 from drivers.model.sampling import Sample, Sampler, SampleRow
 from drivers.model.step import SeqStep
+from ipc.protocol.sampling import SamplingParams
 
 TOKENIZER_VOCAB = 280     # byte-level BPE: 256 bytes + 22 merges, then <s> </s>
 MODEL_VOCAB = 300         # the model's embedding is padded past the tokenizer
@@ -123,3 +124,15 @@ def prefill_then_decode(runner: ModelRunner, seq_id: int, ids: Sequence[int], pr
         runner.execute([SeqStep(seq_id, list(ids[lo:hi]), lo, table, sample=hi == prompt_len, **step)])
     for pos in range(prompt_len, len(ids)):
         runner.execute([SeqStep(seq_id, [ids[pos]], pos, table, **step)])
+
+
+def local_greedy(ckpt: Path, prompt: list[int], n: int) -> list[int]:
+    """`n` greedy tokens after `prompt`, from the model run here (no llmos)."""
+    runner = ModelRunner.load(str(ckpt), kv_cache_bytes=2 * 2**20, num_threads=1)
+    bs = runner.info.block_size
+    table = list(range((len(prompt) + n) // bs + 1))
+    greedy = SamplingParams(temperature=0.0)
+    out: list[int | None] = [runner.execute([SeqStep(1, prompt, 0, table, params=greedy)])[0].token]
+    for i in range(n - 1):
+        out.append(runner.execute([SeqStep(1, [out[-1] or 0], len(prompt) + i, table, params=greedy)])[0].token)
+    return [t for t in out if t is not None]

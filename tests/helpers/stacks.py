@@ -1,0 +1,26 @@
+"""The child lists integration tests boot: a driver on a checkpoint, the
+serving stack (memory, driver, scheduler), and that stack with security."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kernel.config import ChildSpec
+
+
+def driver_spec(ckpt: Path) -> ChildSpec:
+    # through the entry point, as a third-party driver would be started
+    return ChildSpec("cpu", "drivers", service="driver",
+                     args=["cpu", "--model", str(ckpt), "--kv-cache-mb", "2", "--threads", "1"])
+
+
+def children(ckpt: Path, *scheduler_args: str) -> list[ChildSpec]:
+    """Memory server, a CPU driver on `ckpt` and the scheduler (with `scheduler_args`)."""
+    return [ChildSpec("memory", "services.memory"), driver_spec(ckpt),
+            ChildSpec("scheduler", "services.scheduler", args=list(scheduler_args))]
+
+
+def secured_children(ckpt: Path) -> list[ChildSpec]:
+    """A whole llmos on `ckpt` with the security server: what tests with auth on boot."""
+    return [ChildSpec("security", "services.security"), ChildSpec("memory", "services.memory"),
+            driver_spec(ckpt), ChildSpec("scheduler", "services.scheduler")]
