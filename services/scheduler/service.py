@@ -36,6 +36,7 @@ from sdk.policy import follow_quotas
 from sdk.service import Context, Service, handler
 from services.scheduler.quotas import QuotaGate
 from common.config.scheduler import PolicyName, PreemptionMode, SchedulerConfig, load_scheduler_config
+from services.scheduler._linger import linger
 from services.scheduler.engine import Engine, Model
 from services.scheduler.jobs import JobRunner, JobStore
 
@@ -285,9 +286,13 @@ class SchedulerService(Service):
         except anyio.get_cancelled_exc_class():
             # The kernel cancelled this handler: the requester is gone (or we
             # are stopping). Unless a re-submission took the stream over,
-            # nobody will read the tokens: stop generating and free the blocks.
+            # nobody will read the tokens: stop generating and free the blocks
+            # (after `linger_s`, for a request its client may come back to).
             if not sink.superseded:
-                self.engine.cancel(ctx.principal, sink.request.request_id)
+                if msg.linger_s > 0 and self._tg is not None and not sink.request.done.is_set():
+                    self._tg.start_soon(linger, sink, msg.linger_s, lambda: self.engine.cancel(ctx.principal, rid))
+                else:
+                    self.engine.cancel(ctx.principal, sink.request.request_id)
             raise
 
     async def _tokenize(self, msg: sp.Submit) -> list[int]:
