@@ -155,6 +155,13 @@ class GenerationStream:
                     except LlmosError:
                         pass  # it finished meanwhile, or the scheduler is gone (and the request with it)
 
+    async def detach(self) -> None:
+        """Stop reading without cancelling: the request runs on at the
+        scheduler, where a Submit with its id may re-attach to it (the
+        gateway, for a client that will come back for the rest)."""
+        self._over = True
+        await self.aclose()
+
     async def __aenter__(self) -> "GenerationStream":
         return self
 
@@ -174,7 +181,10 @@ def stream_generate(conn: RequestPath, submit: Submit, *, max_resubmits: int = M
 
 async def _chunks(conn: RequestPath, submit: Submit, max_resubmits: int, patience_s: float,
                   backoff_s: float) -> AsyncGenerator[Chunk, None]:
-    held: list[int] = []
+    # A caller resuming by count alone (an HTTP client holds text, not ids)
+    # starts at `resume_from` without the ids before it.
+    base = submit.resume_from if not submit.resume_ids else 0
+    held: list[int] = list(submit.resume_ids)
     attempt = 0
     # Re-submissions since the last token arrived: a long request survives any
     # number of scheduler restarts as long as each one let it make progress.
@@ -182,16 +192,17 @@ async def _chunks(conn: RequestPath, submit: Submit, max_resubmits: int, patienc
     progress_at = 0
     progress_time = time.monotonic()
     while True:
-        msg = msgspec.structs.replace(submit, resume_from=len(held), resume_ids=list(held), attempt=attempt)
+        msg = msgspec.structs.replace(submit, resume_from=base + len(held), resume_ids=list(held) if not base else [],
+                                      attempt=attempt)
         retry_after = 0.0
         try:
             async with aclosing(conn.stream(SCHEDULER, msg, trace_id=submit.request_id)) as events:
                 async for ev in events:
                     if not isinstance(ev, (TokenDelta, Finished)):
                         raise Internal(f"the scheduler answered {type(ev).__name__} to Submit")
-                    if ev.offset != len(held):
+                    if ev.offset != base + len(held):
                         raise Internal(f"request {submit.request_id}: tokens from {ev.offset} arrived while "
-                                       f"{len(held)} are held (a gap or a repeat)")
+                                       f"{base + len(held)} are held (a gap or a repeat)")
                     held.extend(ev.token_ids)
                     if isinstance(ev, Finished):
                         yield Chunk(ev.request_id, ev.offset, list(ev.token_ids), ev.text, ev.finish_reason,
