@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, TextIO
 
 import anyio
 
+from ipc.protocol.kernel import ChildState
+
 if TYPE_CHECKING:
     from kernel.registry import Registry
     from kernel.supervisor import Supervisor
@@ -38,7 +40,7 @@ class Console:
     def __init__(self, out: TextIO | None, errors: TextIO | None = None):
         self.out = out
         self.errors = errors
-        self._seen: dict[str, tuple[str, int]] = {}  # instance → (state, pid)
+        self._seen: dict[str, tuple[ChildState, int]] = {}  # instance → (state, pid)
         self._all_ready = False
         self._stopping = False
 
@@ -94,14 +96,14 @@ class Console:
             if before == now:
                 continue
             self._seen[info.instance] = now
-            if info.state == "starting" and (before is None or before[0] != "starting"):
+            if info.state == ChildState.STARTING and (before is None or before[0] != ChildState.STARTING):
                 self.line(info.instance, f"restarting (restart {info.restarts})" if info.restarts else "starting")
-            elif info.state == "ready":
+            elif info.state == ChildState.READY:
                 inst = registry.by_name.get(info.instance)
                 http = inst.meta.get("http") if inst is not None else None
                 self.line(info.instance, f"ready (pid {info.pid})" + (f"; HTTP API at {http}" if http else ""))
-            elif info.state == "dead":
+            elif info.state == ChildState.DEAD:
                 self.line(info.instance, f"given up: {info.last_exit}")
-        if not self._all_ready and infos and all(i.state == "ready" for i in infos):
+        if not self._all_ready and infos and all(i.state == ChildState.READY for i in infos):
             self._all_ready = True
             self.line("llmos", f"ready: {len(infos)} services up; stop with Ctrl-C or `llmos down`")

@@ -19,6 +19,7 @@ import signal
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from enum import StrEnum
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -28,15 +29,12 @@ import anyio
 from ipc.errors import EX_CONFIG, BadRequest, NotFound
 from common.home import run_dir
 from ipc.protocol import kernel as kp
+from ipc.protocol.kernel import ChildState
 from kernel.config import ChildSpec, Restart, Strategy, SupervisorConfig
 from kernel.launcher import ChildProcess, Launcher
 from common.logs import get_logger
 
 log = get_logger()
-
-
-class Escalation(Exception):
-    """A child exceeded its restart intensity; the whole system must stop."""
 
 
 @dataclass(eq=False)
@@ -45,10 +43,10 @@ class Child:
     instance: str
     index: int  # position in start order
     process: ChildProcess | None = None
-    state: str = "stopped"
+    state: ChildState = ChildState.STOPPED
     restarts: int = 0
     started_at: float = 0.0
-    last_exit: str = ""
+    last_exit: str = ""  # str(Exit), or the reason it escalated with
     restart_times: deque[float] = field(default_factory=deque)
     # Set when a sibling's death (rest_for_one) or an operator stop, not a
     # fault of this child, ends the current process.
@@ -56,17 +54,52 @@ class Child:
     stopping: bool = False
 
 
-def describe_exit(rc: int) -> str:
-    if rc < 0:
-        try:
-            return f"killed by {signal.Signals(-rc).name}"
-        except ValueError:
-            return f"killed by signal {-rc}"
-    return f"exit {rc}"
+class ExitKind(StrEnum):
+    NORMAL = "normal"  # exit 0
+    CRASHED = "crashed"  # another exit status
+    CONFIG = "config"  # EX_CONFIG: a setting restarting cannot fix
+    SIGNALLED = "signalled"
+    STARTUP_TIMEOUT = "startup_timeout"  # killed for not being READY in time
+    SPAWN_FAILED = "spawn_failed"
+
+
+@dataclass(frozen=True)
+class Exit:
+    """Why a child's process ended: the kind decides what the supervisor
+    does; `str()` is the line `llmos ps` and the logs show."""
+
+    kind: ExitKind
+    code: int = 0  # the exit status, or the signal number
+    detail: str = ""  # the startup timeout, the spawn error, the child's own reason
+
+    @classmethod
+    def of_returncode(cls, rc: int) -> Exit:
+        if rc < 0:
+            return cls(ExitKind.SIGNALLED, -rc)
+        if rc == EX_CONFIG:
+            return cls(ExitKind.CONFIG, rc)
+        return cls(ExitKind.NORMAL if rc == 0 else ExitKind.CRASHED, rc)
+
+    def __str__(self) -> str:
+        match self.kind:
+            case ExitKind.SIGNALLED:
+                try:
+                    return f"killed by {signal.Signals(self.code).name}"
+                except ValueError:
+                    return f"killed by signal {self.code}"
+            case ExitKind.STARTUP_TIMEOUT:
+                return f"not ready within {self.detail}s"
+            case ExitKind.SPAWN_FAILED:
+                return f"spawn failed: {self.detail}"
+            case ExitKind.CONFIG if self.detail:
+                return self.detail
+            case _:
+                return f"exit {self.code}"
 
 
 # A child that stays down: "dead" escalated, "failed" was given up alone.
-TERMINAL = ("stopped", "dead", "failed")
+TERMINAL = (ChildState.STOPPED, ChildState.DEAD, ChildState.FAILED)
+ALIVE = (ChildState.STARTING, ChildState.READY)
 
 
 def exit_reason_path(env: dict[str, str], instance: str) -> Path | None:
@@ -129,13 +162,14 @@ class Supervisor:
 
     def _ready_or_escalated(self, child: Child) -> bool:
         # "stopped" is also where a child starts: it counts once it has run.
-        done = child.state in ("dead", "failed") or (child.state == "stopped" and bool(child.last_exit))
-        return child.state == "ready" or done or self.escalation is not None
+        done = child.state in (ChildState.DEAD, ChildState.FAILED) or (
+            child.state == ChildState.STOPPED and bool(child.last_exit))
+        return child.state == ChildState.READY or done or self.escalation is not None
 
     def on_ready(self, instance: str, pid: int) -> None:
         for c in self.children:
             if c.instance == instance and c.process is not None and c.process.pid == pid:
-                c.state = "ready"
+                c.state = ChildState.READY
                 self._bump()
 
     async def _keep_alive(self, child: Child) -> None:
@@ -143,43 +177,44 @@ class Supervisor:
         while True:
             if self.config.strategy == Strategy.REST_FOR_ONE:
                 earlier = self.children[:child.index]
-                await self._until(lambda: all(e.state == "ready" for e in earlier) or child.stopping)
+                await self._until(lambda: all(e.state == ChildState.READY for e in earlier) or child.stopping)
             if child.stopping:
                 return
-            child.state = "starting"
+            child.state = ChildState.STARTING
             self._bump()
             env = {**self.env, "LLMOS_SERVICE": spec.name, "LLMOS_INSTANCE": child.instance}
             reason_file = exit_reason_path(self.env, child.instance)
             if reason_file is not None:
                 await anyio.to_thread.run_sync(_fresh, reason_file)
                 env["LLMOS_EXIT_REASON"] = str(reason_file)
-            permanent = False
             try:
                 child.process = await self.launcher.spawn(spec, child.instance, env)
             except OSError as exc:
-                reason = f"spawn failed: {exc}"
+                exit = Exit(ExitKind.SPAWN_FAILED, detail=str(exc))
             else:
                 child.started_at = time.monotonic()
                 log.info("supervisor.started", instance=child.instance, pid=child.process.pid)
-                reason = await self._wait_exit(child, child.process)
-                if reason == f"exit {EX_CONFIG}" and not child.stopping:
-                    permanent = True
-                    reason = await anyio.to_thread.run_sync(read_exit_reason, reason_file)
+                exit = await self._wait_exit(child, child.process)
+                if exit.kind == ExitKind.CONFIG and not child.stopping:
+                    exit = Exit(ExitKind.CONFIG, exit.code,
+                                await anyio.to_thread.run_sync(read_exit_reason, reason_file))
+            reason = str(exit)
             child.last_exit = reason
             self.on_exit(child.instance, reason)
             if child.stopping:
-                child.state = "stopped"
+                child.state = ChildState.STOPPED
                 self._bump()
                 return
             if child.sibling_restart:
                 child.sibling_restart = False
                 continue
             log.warning("supervisor.exited", instance=child.instance, reason=reason)
-            if spec.restart == Restart.TEMPORARY or (spec.restart == Restart.TRANSIENT and reason == "exit 0"):
-                child.state = "stopped"
+            if spec.restart == Restart.TEMPORARY or (spec.restart == Restart.TRANSIENT
+                                                     and exit.kind == ExitKind.NORMAL):
+                child.state = ChildState.STOPPED
                 self._bump()
                 return
-            if permanent:
+            if exit.kind == ExitKind.CONFIG:
                 self._give_up(child, f"{child.instance} failed and will not be restarted: {reason}")
                 return
             if self.config.strategy == Strategy.REST_FOR_ONE:
@@ -193,19 +228,19 @@ class Supervisor:
                                      f"{spec.period_s:g}s (last: {reason})")
                 return
             child.restarts += 1
-            child.state = "backoff"
+            child.state = ChildState.BACKOFF
             self._bump()
             await self.sleep(min(self.config.backoff_initial_s * 2 ** (len(child.restart_times) - 1),
                                   self.config.backoff_max_s))
 
-    async def _wait_exit(self, child: Child, proc: ChildProcess) -> str:
+    async def _wait_exit(self, child: Child, proc: ChildProcess) -> Exit:
         """Wait for the process to exit; kill it if it is not READY in time."""
         timed_out = False
         async with anyio.create_task_group() as tg:
             async def watchdog() -> None:
                 nonlocal timed_out
                 with anyio.move_on_after(child.spec.startup_timeout_s):
-                    await self._until(lambda: child.state != "starting")
+                    await self._until(lambda: child.state != ChildState.STARTING)
                     return
                 timed_out = True
                 log.error("supervisor.startup_timeout", instance=child.instance)
@@ -214,23 +249,23 @@ class Supervisor:
             rc = await proc.wait()
             tg.cancel_scope.cancel()
         if timed_out:
-            return f"not ready within {child.spec.startup_timeout_s:g}s"
-        return describe_exit(rc)
+            return Exit(ExitKind.STARTUP_TIMEOUT, signal.SIGKILL, f"{child.spec.startup_timeout_s:g}")
+        return Exit.of_returncode(rc)
 
     def _give_up(self, child: Child, reason: str) -> None:
         """Past its intensity, or failed permanently: a significant child
         takes the system down with it, an optional one stops alone."""
         if child.spec.significant:
-            child.state = "dead"
+            child.state = ChildState.DEAD
             self.escalate(reason)
             return
-        child.state = "failed"
+        child.state = ChildState.FAILED
         log.error("supervisor.gave_up", instance=child.instance, reason=reason)
         self._bump()
 
     def _restart_later_siblings(self, child: Child) -> None:
         for sib in self.children[child.index + 1:]:
-            if sib.process is not None and sib.state in ("starting", "ready"):
+            if sib.process is not None and sib.state in ALIVE:
                 sib.sibling_restart = True
                 _signal(sib.process, signal.SIGTERM)
 
@@ -250,7 +285,7 @@ class Supervisor:
             raise NotFound(f"no supervised service or instance named {target!r}")
         killed = []
         for c in hits:
-            if c.process is not None and c.state in ("starting", "ready"):
+            if c.process is not None and c.state in ALIVE:
                 _signal(c.process, sig)
                 killed.append(c.instance)
         return killed
@@ -278,14 +313,14 @@ class Supervisor:
                 _signal(proc, signal.SIGKILL)
                 with anyio.CancelScope(shield=True):
                     await proc.wait()
-            child.state = "stopped"
+            child.state = ChildState.STOPPED
         self._bump()
 
     def describe(self) -> list[kp.InstanceInfo]:
         now = time.monotonic()
         out = []
         for c in self.children:
-            alive = c.state in ("starting", "ready")
+            alive = c.state in ALIVE
             out.append(kp.InstanceInfo(
                 c.spec.service_name, c.instance, c.process.pid if c.process and alive else 0, c.state,
                 restarts=c.restarts, uptime_s=now - c.started_at if alive else 0.0, last_exit=c.last_exit))

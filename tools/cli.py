@@ -30,6 +30,7 @@ from typing import Any, Callable, Sequence
 import msgspec
 
 from ipc.errors import BadRequest, LlmosError
+from ipc.protocol.kernel import ChildState
 from common.home import llmos_home
 from tools.terminal import printable
 
@@ -152,7 +153,7 @@ def cmd_ps(args: argparse.Namespace) -> int:
         }).decode())
         return 0
     rows = [("SERVICE", "INSTANCE", "PID", "STATE", "RESTARTS", "UPTIME", "LAST EXIT")]
-    rows.append(("kernel", "kernel", str(st.pid), "ready", "0", _fmt_uptime(st.uptime_s), ""))
+    rows.append(("kernel", "kernel", str(st.pid), ChildState.READY, "0", _fmt_uptime(st.uptime_s), ""))
     for i in st.instances:
         rows.append((i.service, i.instance, str(i.pid or "-"), i.state, str(i.restarts),
                      _fmt_uptime(i.uptime_s), i.last_exit))

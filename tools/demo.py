@@ -29,6 +29,7 @@ from rich.text import Text
 from ipc.errors import LlmosError
 from common.home import admin_key_path, front_endpoint, llmos_home
 from ipc.protocol import security as sec
+from ipc.protocol.kernel import ChildState
 from kernel.config import default_children
 from sdk.client import AsyncClient
 from tools.testing import RunningLlmos, running_llmos
@@ -95,7 +96,7 @@ async def _kill_driver_midway(llmos: RunningLlmos, progress: Progress, task: Tas
     kill_window[0] = True
     killed_at = time.monotonic()
     os.kill(cpu.pid, signal.SIGKILL)
-    st = await llmos.wait_for(lambda s: any(i.service == "driver" and i.state == "ready" and i.pid != cpu.pid
+    st = await llmos.wait_for(lambda s: any(i.service == "driver" and i.state == ChildState.READY and i.pid != cpu.pid
                                             for i in s.instances), 300, "driver back")
     report["driver_ready_s"] = time.monotonic() - killed_at
     new = next(i for i in st.instances if i.service == "driver")

@@ -117,7 +117,7 @@ async def running_llmos(home: Path, children: list[ChildSpec] | None = None,
         client = await AsyncClient.connect(home=home)
         running = RunningLlmos(home, proc, client, cfg)
         if not expect_exit:
-            await running.wait_for(lambda st: all(i.state == "ready" for i in st.instances), ready_timeout,
+            await running.wait_for(lambda st: all(i.state == kp.ChildState.READY for i in st.instances), ready_timeout,
                                    "every child READY")
         yield running
     finally:

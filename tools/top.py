@@ -17,6 +17,7 @@ from rich.text import Text
 
 from ipc.errors import LlmosError
 from ipc.protocol import memory as mp
+from ipc.protocol.kernel import ChildState
 from ipc.protocol import scheduler as sp
 from sdk.client import AsyncClient
 from tools.terminal import printable
@@ -60,7 +61,7 @@ async def frame(client: AsyncClient, prev: Sample | None, local: bool = True) ->
     cpu: dict[int, float] = {}
     services = Table("SERVICE", "INSTANCE", "PID", "STATE", "RESTARTS", "CPU%", "RSS MB", "LAST EXIT",
                      title=f"llmos — kernel pid {st.pid}, up {st.uptime_s:.0f}s", title_justify="left")
-    for pid, name, svc, state, restarts, last in [(st.pid, "kernel", "kernel", "ready", 0, "")] + [
+    for pid, name, svc, state, restarts, last in [(st.pid, "kernel", "kernel", ChildState.READY, 0, "")] + [
             (i.pid, i.instance, i.service, i.state, i.restarts, i.last_exit) for i in st.instances]:
         usage = proc_usage(pid) if pid and local else None
         pct, rss = "-", "-"

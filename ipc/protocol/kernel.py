@@ -6,6 +6,7 @@ body. Everything else here is an ordinary request, reply or event.
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Annotated
 
 from msgspec import Meta
@@ -65,11 +66,23 @@ class Status(Request["StatusReply"]):
     pass
 
 
+class ChildState(StrEnum):
+    """A supervised instance's state, as `llmos ps` shows it. "dead" took
+    the system down with it (escalated); "failed" was given up alone."""
+
+    STOPPED = "stopped"  # also where every child starts
+    STARTING = "starting"
+    READY = "ready"
+    BACKOFF = "backoff"  # waiting to be restarted
+    DEAD = "dead"
+    FAILED = "failed"
+
+
 class InstanceInfo(Message):
     service: str
     instance: str
     pid: int
-    state: str  # starting | ready | backoff | stopped | dead
+    state: ChildState
     restarts: int = 0
     uptime_s: float = 0.0
     last_exit: str = ""

@@ -19,6 +19,7 @@ from starlette.routing import Route
 
 from ipc.errors import BadRequest, Forbidden, Internal, LlmosError, NotFound, Unauthorized
 from ipc.protocol.driver import ModelDescription
+from ipc.protocol.kernel import ChildState
 from ipc.protocol.scheduler import Submit
 from sdk.generate import Chunk, GenerationStream
 from services.gateway import openai as oa
@@ -208,7 +209,7 @@ def create_app(backend: Backend, config: GatewayConfig | None = None) -> Starlet
             st = (await backend.stats()).status
         except LlmosError as exc:
             return _json({"status": "unavailable", "error": exc.message}, 503)
-        down = [i.instance for i in st.instances if i.state != "ready"]
+        down = [i.instance for i in st.instances if i.state != ChildState.READY]
         return _json({"status": "degraded" if down else "ok", "not_ready": down,
                       "services": {i.instance: i.state for i in st.instances}}, 200)
 

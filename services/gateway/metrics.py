@@ -9,6 +9,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
+from ipc.protocol.kernel import ChildState
 from services.gateway.backend import Stats
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -69,7 +70,7 @@ class _Snapshot:
         up = GaugeMetricFamily("llmos_service_up", "1 when the instance is ready", labels=["service", "instance"])
         for i in st.instances:
             restarts.add_metric([i.service, i.instance], i.restarts)
-            up.add_metric([i.service, i.instance], 1.0 if i.state == "ready" else 0.0)
+            up.add_metric([i.service, i.instance], 1.0 if i.state == ChildState.READY else 0.0)
         yield restarts
         yield up
         s = self.stats.scheduler

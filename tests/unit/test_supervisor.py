@@ -13,7 +13,7 @@ import pytest
 
 from ipc.errors import EX_CONFIG, NotFound
 from kernel.config import ChildSpec, Restart, Strategy, SupervisorConfig
-from kernel.supervisor import Supervisor
+from kernel.supervisor import Exit, ExitKind, Supervisor
 
 _pids = itertools.count(1000)
 
@@ -260,3 +260,18 @@ async def test_an_optional_child_past_its_intensity_stops_alone() -> None:
         assert state(sup, "a") == "ready" and state(sup, "c") == "ready"
         await sup.stop_all()
         tg.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(("rc", "kind", "text"), [
+    (0, ExitKind.NORMAL, "exit 0"),
+    (3, ExitKind.CRASHED, "exit 3"),
+    (EX_CONFIG, ExitKind.CONFIG, f"exit {EX_CONFIG}"),
+    (-signal.SIGKILL, ExitKind.SIGNALLED, "killed by SIGKILL"),
+    (-77, ExitKind.SIGNALLED, "killed by signal 77"),
+])
+def test_an_exit_status_is_classified_and_shown_as_before(rc: int, kind: ExitKind, text: str) -> None:
+    exit = Exit.of_returncode(rc)
+    assert exit.kind == kind and str(exit) == text
+    # the child's own reason replaces the status where it wrote one
+    assert str(Exit(ExitKind.CONFIG, EX_CONFIG, "no CUDA device")) == "no CUDA device"
+    assert str(Exit(ExitKind.STARTUP_TIMEOUT, signal.SIGKILL, "2.5")) == "not ready within 2.5s"

@@ -70,7 +70,7 @@ class Tracker:
 
     def __init__(self, history: History, status: kp.StatusReply):
         self.history = history
-        self.ready: dict[str, int] = {i.instance: i.pid for i in status.instances if i.state == "ready"}
+        self.ready: dict[str, int] = {i.instance: i.pid for i in status.instances if i.state == kp.ChildState.READY}
         self.up_since: dict[str, float] = {i: history.now() - 3600 for i in self.ready}
         self.seen_pids: set[int] = {i.pid for i in status.instances if i.pid}
         self._changed = anyio.Event()
