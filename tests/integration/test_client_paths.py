@@ -24,6 +24,7 @@ from common import capability as cap
 from common.curvekeys import curve_dir
 from ipc.errors import LlmosError, Unauthorized
 from common.home import admin_key_path
+from ipc.protocol import kernel as kp
 from ipc.protocol import security as sp
 from kernel.config import Config, KernelConfig
 from sdk.client import AsyncClient, Client
@@ -92,7 +93,7 @@ def served(checkpoint: Path) -> Iterator[Served]:
             shutil.rmtree(home, ignore_errors=True)
 
 
-# -- #9: one request path, through the token refresh ----------------------------------------
+# #9: one request path, through the token refresh
 
 async def test_a_client_that_only_generates_keeps_working_across_token_expiries(served: Served) -> None:
     """A 2 s token: before, the first generate after it expired was
@@ -116,7 +117,7 @@ async def test_a_client_that_only_generates_keeps_working_across_token_expiries(
         assert len(tokens) >= 2  # it logged in again, from the generation path alone
 
 
-# -- #9: a stream abandoned early is cancelled -------------------------------------------------
+# #9: a stream abandoned early is cancelled
 
 async def _wait_cancelled(c: AsyncClient, request_id: str) -> int:
     with anyio.fail_after(30):
@@ -156,6 +157,18 @@ async def test_a_stream_abandoned_after_three_tokens_is_cancelled(served: Served
         assert (await admin.scheduler_stats()).running == 0  # nothing generates for a reader who left
 
 
+def test_the_sync_client_offers_the_async_clients_methods(served: Served) -> None:
+    with Client.connect(served.endpoint, home=served.home) as c:
+        assert isinstance(c.call(kp.KERNEL, kp.Status()), kp.StatusReply)
+        events = c.subscribe(kp.SERVICES_TOPIC)  # no sync twin had it
+        assert next(events) == kp.Subscribed(kp.SERVICES_TOPIC)
+        events.close()
+        job = c.jobs.submit("a job", max_tokens=2, job_id="sync-job")
+        assert c.jobs.get(job.job_id).job_id == "sync-job"
+        c.generate("hello", max_tokens=2, session="sync-chat")
+        assert c.sessions.get("sync-chat").session == "sync-chat"
+
+
 def test_the_sync_client_cancels_a_stream_left_by_break(served: Served) -> None:
     with Client.connect(served.endpoint, home=served.home) as c:
         for n, _ in enumerate(c.stream_generate("sync story", max_tokens=500, ignore_eos=True, request_id="left-3")):
@@ -168,7 +181,7 @@ def test_the_sync_client_cancels_a_stream_left_by_break(served: Served) -> None:
         assert info.finish_reason == "cancelled" and info.generated < 500
 
 
-# -- #10: a revoked key says so, to its holder only ----------------------------------------------
+# #10: a revoked key says so, to its holder only
 
 async def test_a_revoked_key_is_told_it_was_revoked_and_only_its_holder_is(served: Served) -> None:
     made = await served.new_key("gone", ["generate"])
@@ -189,7 +202,7 @@ async def test_a_revoked_key_is_told_it_was_revoked_and_only_its_holder_is(serve
         await served.client(tenant.api_key)
 
 
-# -- #8: the CLI against a remote kernel ----------------------------------------------------
+# #8: the CLI against a remote kernel
 
 def remote_home(served: Served, authorised: bool) -> Path:
     """Another machine's LLMOS_HOME: the kernel's public key and a client
@@ -244,7 +257,7 @@ def test_a_client_key_the_kernel_does_not_authorise_is_told_so(served: Served) -
         shutil.rmtree(other, ignore_errors=True)
 
 
-# -- #7: text a terminal can show --------------------------------------------------------------
+# #7: text a terminal can show
 
 async def test_the_cli_shows_a_models_control_characters_escaped(served: Served) -> None:
     """A tiny random model writes any byte; before, the CLI wrote them raw."""
