@@ -128,7 +128,7 @@ def release(seq: Sequence, computed: bool = True) -> int:
     return freed
 
 
-def fork(parent: Sequence, child_id: str) -> Sequence:
+def fork(parent: Sequence, child_id: int) -> Sequence:
     """A child sharing all of `parent`'s blocks (copied on write)."""
     if parent.swapped:
         raise BadRequest(f"sequence {parent.seq_id!r} is swapped out; swap it in before forking")

@@ -19,7 +19,7 @@ class Sequence:
     __slots__ = ("seq_id", "tenant", "pool", "root", "tokens", "num_slots", "blocks", "keys",
                  "swapped")
 
-    def __init__(self, seq_id: str, tenant: str, pool: BlockPool, root: bytes,
+    def __init__(self, seq_id: int, tenant: str, pool: BlockPool, root: bytes,
                  tokens: array, num_slots: int = 0, blocks: list[int] | None = None,
                  keys: list[bytes] | None = None, swapped: bool = False):
         self.seq_id = seq_id

@@ -58,7 +58,7 @@ class MemoryManager:
         config = config or MemoryConfig()
         self._ledger = TenantLedger(config.default_tenant_blocks, config.tenant_blocks)
         self._pools: dict[str, BlockPool] = {}
-        self._seqs: dict[str, Sequence] = {}
+        self._seqs: dict[int, Sequence] = {}
 
     # --- pools -------------------------------------------------------------
 
@@ -75,7 +75,7 @@ class MemoryManager:
         self._pool(req.pool)
         return PoolReply(req.pool, self._drop(req.pool))
 
-    def _drop(self, pool_id: str) -> list[str]:
+    def _drop(self, pool_id: str) -> list[int]:
         pool = self._pools.pop(pool_id)
         lost = [sid for sid, seq in self._seqs.items() if seq.pool is pool]
         for sid in lost:
@@ -172,7 +172,7 @@ class MemoryManager:
     # --- recovery ----------------------------------------------------------
 
     def reregister(self, req: Reregister) -> ReregisterReply:
-        released: list[str] = []
+        released: list[int] = []
         if req.replace:
             listed = {s.seq_id for s in req.seqs}
             for sid, seq in list(self._seqs.items()):
@@ -248,7 +248,7 @@ class MemoryManager:
     def pool(self, pool_id: str) -> BlockPool:
         return self._pool(pool_id)
 
-    def sequence(self, seq_id: str) -> Sequence:
+    def sequence(self, seq_id: int) -> Sequence:
         return self._seq(seq_id)
 
     def _pool(self, pool_id: str) -> BlockPool:
@@ -258,18 +258,18 @@ class MemoryManager:
                            detail={"pool": pool_id})
         return pool
 
-    def _seq(self, seq_id: str) -> Sequence:
+    def _seq(self, seq_id: int) -> Sequence:
         seq = self._seqs.get(seq_id)
         if seq is None:
             raise _unknown(seq_id)
         return seq
 
 
-def _unknown(seq_id: str) -> NotFound:
+def _unknown(seq_id: int) -> NotFound:
     return NotFound(f"unknown sequence {seq_id!r}", detail={"seq_id": seq_id})
 
 
-def _tokens(seq_id: str, tokens: list[int]) -> array:
+def _tokens(seq_id: int, tokens: list[int]) -> array:
     try:
         return token_array(tokens)
     except (OverflowError, TypeError):

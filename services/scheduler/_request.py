@@ -1,15 +1,23 @@
-"""A generation request as its client sees it: the tokens and text produced
-so far, why it ended, and the client stream(s) attached to it.
+"""A generation request and its sequence.
 
-A request may be attached to a new stream (`Sink`) when its client
-re-submits it (same request id): the new stream resumes at the token count
-the client says it holds, and the old one is told it was superseded.
+`Request` is the request as its client sees it: the tokens and text produced
+so far, why it ended, and the client stream(s) attached to it. A request may
+be attached to a new stream (`Sink`) when its client re-submits it (same
+request id): the new stream resumes at the token count the client says it
+holds, and the old one is told it was superseded.
+
+`Seq` is the same request as the planner and the memory server see it:
+tokens, KV progress, placement and policy bookkeeping. Each request owns one
+sequence and the sequence links back (`Seq.request`), typed both ways; the
+two live in one module so that link needs no import cycle.
 """
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 import anyio
@@ -17,10 +25,71 @@ import anyio
 from ipc.errors import Cancelled, LlmosError
 from ipc.protocol.base import Message
 from ipc.protocol.scheduler import Finished, FinishReason, Submit, TokenDelta, Usage
-from services.scheduler._seq import Seq
 from text.stream import TextStream
 
 Emit = Callable[[Message], None]
+
+_tickets = itertools.count()
+
+
+def next_ticket() -> int:
+    """A place at the back of a line (monotonic over the process)."""
+    return next(_tickets)
+
+
+@dataclass(eq=False)
+class Seq:
+    # The sequence's id on both wires (the driver's `StepSeq.seq_id`, the
+    # memory server's `seq_id`); unique in this scheduler, and the same over
+    # the sequence's whole life, so a recompute samples as the first run did.
+    seq_id: int
+    tokens: list[int]  # prompt, then generated ids
+    num_prompt: int
+    tenant: str = ""
+    priority: int = 0
+    arrival: float = 0.0  # monotonic seconds
+    max_len: int = 0  # positions it may reach (prompt + max tokens; 0: unknown)
+    # KV state. `mem_known`: tokens the memory server holds for `seq_id`;
+    # `num_computed`: positions whose KV the driver has written. While
+    # `swapped`, the KV is in its pool's host swap tier and `block_table`
+    # names swap slots, not device blocks.
+    num_computed: int = 0
+    mem_known: int = 0
+    block_table: list[int] = field(default_factory=list)
+    pool: str | None = None
+    swapped: bool = False
+    # Policy state.
+    ticket: int = field(default_factory=next_ticket)
+    quantum_used: int = 0
+    level: int = 0
+    boost_epoch: int = 0
+    served: int = 0  # tokens computed for this sequence, recompute included
+    high_water: int = 0  # most positions ever computed (recompute stays below it)
+    preemptions: int = 0
+    # The request this sequence serves; set by `Request` (the planner's
+    # tests build sequences without one and never read it).
+    request: Request = field(init=False, repr=False)
+
+    @property
+    def remaining(self) -> int:
+        """Tokens whose KV must still be computed (1 for a decoding sequence)."""
+        return len(self.tokens) - self.num_computed
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.tokens) - self.num_prompt
+
+    def reset(self, *, keep_pool: bool) -> None:
+        """Forget the KV (preemption by recompute, or the KV was lost): the
+        sequence starts over from its tokens. The caller releases the old KV
+        first (`EngineState.drop_kv`): the memory server must not hold
+        `seq_id` when it is reserved again from token 0."""
+        self.num_computed = 0
+        self.mem_known = 0
+        self.block_table = []
+        self.swapped = False
+        if not keep_pool:
+            self.pool = None
 
 
 class State(StrEnum):
@@ -101,6 +170,7 @@ class Request:
         self.request_id = key[1]
         self.submit = submit
         self.seq = seq
+        seq.request = self
         self.prompt_ids = prompt_ids
         self.text = text
         self.stop_ids = stop_ids

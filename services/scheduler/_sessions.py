@@ -24,18 +24,14 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from ipc.errors import NotFound
 from ipc.protocol import scheduler as sp
 from common.logs import get_logger
-from services.scheduler._request import Request, State
-from services.scheduler._seq import Seq
-from services.scheduler._swap import drop_kv, swap_in, swap_out
+from services.scheduler._request import Request, Seq
+from services.scheduler._state import EngineState
+from services.scheduler._swap import swap_in, swap_out
 from services.scheduler.planner import BlockLedger, StepPlan
-
-if TYPE_CHECKING:
-    from services.scheduler.engine import Engine
 
 log = get_logger()
 
@@ -74,8 +70,9 @@ class SessionTable:
     """The engine's sessions, keyed by (principal, name). An idle session
     (nothing running, queued, pinned or suspended) is forgotten."""
 
-    def __init__(self, engine: "Engine"):
-        self.engine = engine
+    def __init__(self, state: EngineState, pin_fraction: float):
+        self.state = state
+        self.pin_fraction = pin_fraction  # of a pool's blocks, at most, held by pins
         self.by_key: dict[tuple[str, str], Session] = {}
         self._park: set[tuple[str, str]] = set()
         self._unpark: set[tuple[str, str]] = set()
@@ -122,22 +119,20 @@ class SessionTable:
         s = self.by_key.get(req.session)
         seq = req.seq
         if s is None:  # not expected: every request of a session is in its table until it ends
-            if seq.mem_known:
-                self.engine._to_release.append(seq.mem_id)
+            self.state.release(seq)
             return
         if req in s.queue:
             s.queue.remove(req)  # ended while queued behind its session: it never arrived
             self._forget_if_idle(s)
             return
         if s.parked is seq:
-            s.parked = None  # releasing a swapped sequence frees its slots
-            if seq.mem_known:
-                self.engine._to_release.append(seq.mem_id)
+            s.parked = None
+            self.state.release(seq)
         elif (s.active is req and seq.mem_known and not seq.swapped and not failed
               and reason in (sp.FinishReason.STOP, sp.FinishReason.LENGTH)):
             self._pin(s, seq)
-        elif seq.mem_known:
-            self.engine._to_release.append(seq.mem_id)
+        else:
+            self.state.release(seq)
         if s.active is req:
             s.active = None
             s.used = time.monotonic()
@@ -147,9 +142,9 @@ class SessionTable:
         """Start the session's next request if it may run now; forget an idle session."""
         if s.active is None and not s.suspended and s.parked is None and s.queue:
             req = s.active = s.queue.popleft()
-            if s.pinned is not None and s.pinned.pool in self.engine.drivers:
+            if s.pinned is not None and s.pinned.pool in self.state.drivers:
                 req.seq.pool = s.pinned.pool  # where the conversation's KV is
-            self.engine._enqueue(req.seq)
+            self.state.enqueue(req.seq)
         self._forget_if_idle(s)
 
     def _forget_if_idle(self, s: Session) -> None:
@@ -171,7 +166,7 @@ class SessionTable:
             s.suspended = True
             self._unpark.discard(s.key)
             self._park.add(s.key)
-            self.engine.wake()
+            self.state.wake()
         return s.info()
 
     def resume(self, principal: str, name: str) -> sp.SessionInfo:
@@ -180,7 +175,7 @@ class SessionTable:
             s.suspended = False
             self._park.discard(s.key)
             self._unpark.add(s.key)
-            self.engine.wake()
+            self.state.wake()
         return s.info()
 
     def close(self, principal: str, name: str) -> sp.SessionInfo:
@@ -191,9 +186,9 @@ class SessionTable:
         self._unpin(s)
         kept = s.parked
         if kept is not None and (s.active is None or s.active.seq is not kept):
-            drop_kv(self.engine, kept)
+            self.state.drop_kv(kept)
             s.parked = None
-            self.engine.wake()
+            self.state.wake()
         if s.active is None and not s.queue:
             s.suspended = False  # nothing left to suspend
             self._park.discard(s.key)
@@ -206,23 +201,22 @@ class SessionTable:
 
     def _unpin(self, s: Session) -> None:
         if s.pinned is not None:
-            self.engine._to_release.append(s.pinned.mem_id)  # its full blocks stay in the prefix cache
+            self.state.release(s.pinned)  # its full blocks stay in the prefix cache
             s.pinned = None
-            self.engine.wake()
+            self.state.wake()
         self._forget_if_idle(s)
 
     def _pin(self, s: Session, seq: Seq) -> None:
         """Hold `seq`'s KV for the session's next request, within the pin budget
         of its pool (older pins there give way)."""
-        engine = self.engine
         if s.pinned is not None:
-            engine._to_release.append(s.pinned.mem_id)
+            self.state.release(s.pinned)
             s.pinned = None
-        d = engine.drivers.get(seq.pool or "")
-        limit = int(engine.config.session_pin_fraction * d.shape.num_blocks) if d is not None else 0
+        d = self.state.drivers.get(seq.pool or "")
+        limit = int(self.pin_fraction * d.shape.num_blocks) if d is not None else 0
         need = len(set(seq.block_table))
         if need > limit:
-            engine._to_release.append(seq.mem_id)
+            self.state.release(seq)
             return
         others = sorted((x for x in self.by_key.values() if x.pinned is not None and x.pinned.pool == seq.pool),
                         key=lambda x: x.used)
@@ -240,15 +234,15 @@ class SessionTable:
         pinned sequence now (this step's Release precedes its Reserve), so the
         conversation's full blocks are prefix-cache hits for it."""
         for seq, _ in p.scheduled:
-            req: Request = seq.owner
+            req = seq.request
             if seq.mem_known or req.session is None:
                 continue
             s = self.by_key.get(req.session)
             if s is not None and s.active is req and s.pinned is not None:
-                self.engine._to_release.append(s.pinned.mem_id)
+                self.state.release(s.pinned)
                 s.pinned = None
 
-    def relieve_pressure(self, p: StepPlan, ledger: BlockLedger) -> None:
+    def relieve_pressure(self, p: StepPlan, ledger: BlockLedger, prefill_chunk: int) -> None:
         """Pins give way when they keep work from running: on a pool where the
         plan preempted, where the next waiting sequence found too few blocks,
         or where the memory server refused a waiting sequence blocks; and a
@@ -256,15 +250,15 @@ class SessionTable:
         short, self.short_of_blocks = self.short_of_blocks, set()
         if not any(x.pinned is not None for x in self.by_key.values()):
             return
-        engine = self.engine
+        state = self.state
         pools = {v.pool for v in p.preempted} | short
         scheduled = {id(seq) for seq, _ in p.scheduled}
         now = time.monotonic()
-        head = min((w for w in engine.waiting if id(w) not in scheduled),
-                   key=lambda w: engine.policy.key(w, now), default=None)
+        head = min((w for w in state.waiting if id(w) not in scheduled),
+                   key=lambda w: state.policy.key(w, now), default=None)
         if head is not None:
             pool = head.pool if head.pool in ledger.shapes else ledger.placement(head.max_len)
-            if pool is not None and ledger.needed(head, min(head.remaining, engine.limits.prefill_chunk),
+            if pool is not None and ledger.needed(head, min(head.remaining, prefill_chunk),
                                                   pool) > ledger.free[pool]:
                 pools.add(pool)
         tenants = {w.tenant for w in p.quota_waits}
@@ -274,16 +268,16 @@ class SessionTable:
 
     # -- the world changing -------------------------------------------------------------
 
-    def kv_lost(self, pools: set[str], mem_ids: set[str]) -> None:
-        """Drivers (their pools) or sequences lost their KV."""
+    def kv_lost(self, pools: set[str], lost: set[tuple[str, int]]) -> None:
+        """Drivers (their pools) or sequences ((pool, seq id)) lost their KV."""
         for s in list(self.by_key.values()):
             for kept in (s.pinned, s.parked):
-                if kept is None or not (kept.pool in pools or (kept.mem_known and kept.mem_id in mem_ids)):
+                if kept is None or not (kept.pool in pools or (kept.mem_known and (kept.pool, kept.seq_id) in lost)):
                     continue
                 if kept is s.pinned:
                     self._unpin(s)
                 else:
-                    drop_kv(self.engine, kept)
+                    self.state.drop_kv(kept)
 
     def memory_restarted(self) -> None:
         """The swap tier's bookkeeping died with the memory server: parked KV
@@ -292,7 +286,7 @@ class SessionTable:
         for s in list(self.by_key.values()):
             if s.parked is not None:
                 s.parked.reset(keep_pool=True)
-            if s.pinned is not None and s.pinned.pool not in self.engine.drivers:
+            if s.pinned is not None and s.pinned.pool not in self.state.drivers:
                 s.pinned = None
             self._forget_if_idle(s)
 
@@ -311,21 +305,19 @@ class SessionTable:
             self._park.discard(key)
             s = self.by_key.get(key)
             if s is not None and s.suspended and s.parked is None:
-                await park(self.engine, s)
+                await park(self.state, s)
         for key in list(self._unpark):
             s = self.by_key.get(key)
             if s is None or s.suspended or await unpark(self, s):
                 self._unpark.discard(key)
 
 
-async def park(engine: "Engine", s: Session) -> None:
+async def park(state: EngineState, s: Session) -> None:
     """Take the session's sequence out of the batch and its KV to the swap tier."""
     seq: Seq | None = None
     req = s.active
-    if req is not None and (req.seq in engine.running or req.seq in engine.waiting):
+    if req is not None and state.park(req.seq):
         seq = req.seq
-        (engine.running if seq in engine.running else engine.waiting).remove(seq)
-        req.state = State.SUSPENDED
     elif s.pinned is not None:
         seq, s.pinned = s.pinned, None
     if seq is None:
@@ -333,7 +325,7 @@ async def park(engine: "Engine", s: Session) -> None:
     s.parked = seq
     if not seq.mem_known or seq.swapped:
         return  # no KV yet, or preempted to the swap tier already
-    if await swap_out(engine, [seq]):
+    if await swap_out(state, [seq]):
         log.info("scheduler.suspended", session=s.key[1], blocks=len(seq.block_table))
     else:
         log.info("scheduler.suspend_without_swap", session=s.key[1])
@@ -343,21 +335,15 @@ async def unpark(table: SessionTable, s: Session) -> bool:
     """Bring a resumed session's sequence back; False: not now (no blocks), try later.
     A request goes back in line (the engine swaps its KV in when it runs);
     a pinned sequence must be on the device to be pinned, so it comes in now."""
-    engine = table.engine
+    state = table.state
     seq = s.parked
     req = s.active
     active = seq is not None and req is not None and req.seq is seq
-    if seq is not None and seq.swapped and not active and await swap_in(engine, [seq]):
+    if seq is not None and seq.swapped and not active and await swap_in(state, [seq]):
         return False
     s.parked = None
-    if seq is not None and active and req is not None:
-        if seq.mem_known and not seq.swapped:
-            engine.running.append(seq)
-            req.state = State.RUNNING
-        else:
-            engine.waiting.append(seq)  # keeps its place in line (arrival, ticket)
-            req.state = State.WAITING
-        engine.wake()
+    if seq is not None and active:
+        state.unpark(seq)
     elif seq is not None and seq.mem_known:
         s.pinned = seq
     log.info("scheduler.resumed", session=s.key[1])

@@ -11,62 +11,51 @@ output is the same and only the work differs.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from ipc.errors import ErrorCode, LlmosError
 from ipc.protocol import driver as dp
 from ipc.protocol import memory as mp
 from common.logs import get_logger
-from services.scheduler._seq import Seq
-
-if TYPE_CHECKING:
-    from services.scheduler.engine import Engine
+from services.scheduler._request import Seq
+from services.scheduler._state import EngineState
 
 log = get_logger()
 
 
-def drop_kv(engine: "Engine", seq: Seq) -> None:
-    """Forget `seq`'s KV (released at the next step; releasing a swapped
-    sequence frees its slots); it is recomputed from its tokens."""
-    if seq.mem_known:
-        engine._to_release.append(seq.mem_id)
-    seq.reset(keep_pool=True)
-
-
-async def swap_out(engine: "Engine", seqs: list[Seq]) -> list[Seq]:
+async def swap_out(state: EngineState, seqs: list[Seq]) -> list[Seq]:
     """Move `seqs`' KV to the swap tier in one memory call and one copy per
     driver; returns those now swapped. The others' KV is dropped."""
-    todo = [s for s in seqs if s.mem_known and not s.swapped and s.pool in engine.drivers]
+    todo = [s for s in seqs if s.mem_known and not s.swapped and s.pool in state.drivers]
     for s in seqs:
         if s not in todo and not s.swapped:
-            drop_kv(engine, s)
+            state.drop_kv(s)
     if not todo:
         return []
-    reply = await engine._memory(engine.backend.swap_out(mp.SwapOut([s.mem_id for s in todo])))
+    reply = await state.memory(state.backend.swap_out(mp.SwapOut([s.seq_id for s in todo])))
     if not isinstance(reply, mp.SwapOutReply):
         for s in todo:
-            drop_kv(engine, s)
+            state.drop_kv(s)
         return []
     moved: list[tuple[Seq, mp.SeqSwap]] = []
     for seq, got in zip(todo, reply.seqs):
         if got.error is not None:
-            log.info("scheduler.swap_out_refused", seq=seq.mem_id, error=got.error.message)
-            drop_kv(engine, seq)
+            log.info("scheduler.swap_out_refused", seq=seq.seq_id, error=got.error.message)
+            state.drop_kv(seq)
         else:
             moved.append((seq, got))
-    done = await _copy(engine, moved, lambda d, h: dp.SwapBlocksOut(d, h), swapped=True)
-    engine.swapped_out += len(done)
+    done = await _copy(state, moved, lambda d, h: dp.SwapBlocksOut(d, h), swapped=True)
+    state.swapped_out += len(done)
     return done
 
 
-async def swap_in(engine: "Engine", seqs: list[Seq]) -> list[Seq]:
+async def swap_in(state: EngineState, seqs: list[Seq]) -> list[Seq]:
     """Bring `seqs`' KV back to device blocks (one memory call, one copy per
     driver); returns those that must wait for free blocks (still swapped).
     A sequence the memory server refuses for another reason, or whose copy
     fails, loses its KV and is recomputed."""
     if not seqs:
         return []
-    reply = await engine._memory(engine.backend.swap_in(mp.SwapIn([s.mem_id for s in seqs])))
+    reply = await state.memory(state.backend.swap_in(mp.SwapIn([s.seq_id for s in seqs])))
     if not isinstance(reply, mp.SwapInReply):
         return list(seqs)  # memory unreachable: a restart resets them, else retried
     later: list[Seq] = []
@@ -75,17 +64,17 @@ async def swap_in(engine: "Engine", seqs: list[Seq]) -> list[Seq]:
         if got.error is not None and got.error.code == ErrorCode.OVERLOADED:
             later.append(seq)  # out of device blocks: wait for some
         elif got.error is not None:
-            log.warning("scheduler.swap_in_refused", seq=seq.mem_id, error=got.error.message)
-            drop_kv(engine, seq)
+            log.warning("scheduler.swap_in_refused", seq=seq.seq_id, error=got.error.message)
+            state.drop_kv(seq)
         else:
             moved.append((seq, got))
     # The memory server has given them device blocks: a failed copy drops
     # the sequence's KV with them.
-    engine.swapped_in += len(await _copy(engine, moved, lambda d, h: dp.SwapBlocksIn(h, d), swapped=False))
+    state.swapped_in += len(await _copy(state, moved, lambda d, h: dp.SwapBlocksIn(h, d), swapped=False))
     return later
 
 
-async def _copy(engine: "Engine", moved: list[tuple[Seq, mp.SeqSwap]],
+async def _copy(state: EngineState, moved: list[tuple[Seq, mp.SeqSwap]],
                 make: Callable[[list[int], list[int]], dp.SwapBlocksOut | dp.SwapBlocksIn],
                 swapped: bool) -> list[Seq]:
     """Run the memory server's copy plan on each driver (`make(device blocks,
@@ -103,12 +92,12 @@ async def _copy(engine: "Engine", moved: list[tuple[Seq, mp.SeqSwap]],
         if not device:
             continue  # every block was still cached on the device
         try:
-            await engine.backend.swap_blocks(pool, make(device, host))
+            await state.backend.swap_blocks(pool, make(device, host))
         except LlmosError as exc:
             # The copy did not happen: what the slots (or blocks) hold is garbage.
             log.warning("scheduler.swap_copy_failed", driver=pool, seqs=len(seqs), error=str(exc))
             for seq in seqs:
-                drop_kv(engine, seq)
+                state.drop_kv(seq)
             failed.update(seqs)
     done = []
     for seq, got in moved:
@@ -118,4 +107,4 @@ async def _copy(engine: "Engine", moved: list[tuple[Seq, mp.SeqSwap]],
     return done
 
 
-__all__ = ["drop_kv", "swap_in", "swap_out"]
+__all__ = ["swap_in", "swap_out"]

@@ -27,7 +27,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from services.scheduler._seq import Seq
+from services.scheduler._request import Seq
 from services.scheduler.policies import Policy
 
 

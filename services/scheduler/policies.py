@@ -13,7 +13,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from typing import Any
 
-from services.scheduler._seq import Seq, next_ticket
+from services.scheduler._request import Seq, next_ticket
 from common.config.scheduler import PolicyConfig, PolicyName
 
 
@@ -58,7 +58,7 @@ class Fcfs(Policy):
     name = PolicyName.FCFS
 
     def key(self, seq: Seq, now: float) -> tuple[Any, ...]:
-        return (seq.arrival, seq.seq_no)
+        return (seq.arrival, seq.seq_id)
 
 
 class Priority(Policy):
@@ -76,7 +76,7 @@ class Priority(Policy):
         return seq.priority - (now - seq.arrival) / self.aging_s
 
     def key(self, seq: Seq, now: float) -> tuple[Any, ...]:
-        return (self.effective(seq, now), seq.arrival, seq.seq_no)
+        return (self.effective(seq, now), seq.arrival, seq.seq_id)
 
     def yields_to(self, running: Seq, waiting: Seq, now: float) -> bool:
         return self.effective(waiting, now) <= self.effective(running, now) - 1.0
@@ -179,7 +179,7 @@ class Fair(Policy):
         return self.weights.get(tenant, self.default_weight)
 
     def key(self, seq: Seq, now: float) -> tuple[Any, ...]:
-        return (self.vtokens.get(seq.tenant, 0.0), seq.arrival, seq.seq_no)
+        return (self.vtokens.get(seq.tenant, 0.0), seq.arrival, seq.seq_id)
 
     def yields_to(self, running: Seq, waiting: Seq, now: float) -> bool:
         return self.vtokens.get(waiting.tenant, 0.0) + self.quantum < self.vtokens.get(running.tenant, 0.0)

@@ -37,12 +37,12 @@ from sdk.service import Context, Service, handler
 from services.scheduler.quotas import QuotaGate
 from common.config.scheduler import PolicyName, PreemptionMode, SchedulerConfig, load_scheduler_config
 from services.scheduler._linger import linger
+from services.scheduler._ipc_backend import MEMORY, IpcBackend
 from services.scheduler.engine import Engine, Model
 from services.scheduler.jobs import JobRunner, JobStore
 
 log = get_logger()
 
-MEMORY = "memory"
 # How long a Submit waits for the scheduler to know its model before `unavailable`.
 READY_WAIT_S = 30.0
 # After the memory server's ServiceUp, how long to wait for its MemoryRestarted
@@ -76,43 +76,6 @@ def scheduler_args(argv: list[str]) -> SchedulerConfig:
                                  max_num_seqs=a.max_seqs, prefill_chunk=a.prefill_chunk,
                                  max_waiting=a.max_waiting, max_waiting_tokens=a.max_waiting_tokens,
                                  tpot_target_ms=a.tpot_target_ms)
-
-
-class IpcBackend:
-    """The engine's memory and driver calls, over the kernel."""
-
-    def __init__(self, service: Service, timeout_s: float):
-        self.service = service
-        self.timeout_s = timeout_s
-
-    async def reserve(self, req: mp.Reserve) -> mp.ReserveReply:
-        reply: mp.ReserveReply = await self.service.call(MEMORY, req, timeout=self.timeout_s)
-        return reply
-
-    async def release(self, req: mp.Release) -> mp.ReleaseReply:
-        reply: mp.ReleaseReply = await self.service.call(MEMORY, req, timeout=self.timeout_s)
-        return reply
-
-    async def reregister(self, req: mp.Reregister) -> mp.ReregisterReply:
-        reply: mp.ReregisterReply = await self.service.call(MEMORY, req, timeout=self.timeout_s)
-        return reply
-
-    async def execute(self, instance: str, req: dp.Execute) -> dp.Executed:
-        # Addressed to the instance: the block tables describe its KV only.
-        reply: dp.Executed = await self.service.call(instance, req, timeout=self.timeout_s)
-        return reply
-
-    async def swap_out(self, req: mp.SwapOut) -> mp.SwapOutReply:
-        reply: mp.SwapOutReply = await self.service.call(MEMORY, req, timeout=self.timeout_s)
-        return reply
-
-    async def swap_in(self, req: mp.SwapIn) -> mp.SwapInReply:
-        reply: mp.SwapInReply = await self.service.call(MEMORY, req, timeout=self.timeout_s)
-        return reply
-
-    async def swap_blocks(self, instance: str, req: dp.SwapBlocksOut | dp.SwapBlocksIn) -> dp.Swapped:
-        reply: dp.Swapped = await self.service.call(instance, req, timeout=self.timeout_s)
-        return reply
 
 
 class SchedulerService(Service):
@@ -188,13 +151,13 @@ class SchedulerService(Service):
                 log.warning("scheduler.no_policy", waited_s=POLICY_WAIT_S,
                             msg="serving without the quota policy; it applies when it arrives")
         self._ready.set()
-        log.info("scheduler.ready", drivers=sorted(self.engine.drivers), policy=self.config.policy.name.value)
+        log.info("scheduler.ready", drivers=sorted(self.engine.state.drivers), policy=self.config.policy.name.value)
         tg.start_soon(self.jobs.run)
         await self.engine.run()
 
     async def _learn_model(self) -> None:
         while True:
-            for instance in sorted(self.engine.drivers):
+            for instance in sorted(self.engine.state.drivers):
                 try:
                     desc: dp.ModelDescription = await self.call(instance, dp.DescribeModel(), timeout=30)
                     tok = await anyio.to_thread.run_sync(
@@ -234,7 +197,7 @@ class SchedulerService(Service):
             if isinstance(ev, mp.MemoryRestarted):
                 self.engine.memory_restarted()
             elif isinstance(ev, mp.PoolLost):
-                self.engine.seqs_lost(ev.seq_ids)
+                self.engine.seqs_lost(ev.pool, ev.seq_ids)
 
     async def _until_ready(self) -> None:
         with anyio.move_on_after(READY_WAIT_S):

@@ -13,7 +13,7 @@ import pytest
 from ipc.protocol import memory as mp
 from kernel.config import ChildSpec
 from tools.testing import running_llmos
-from tests.unit.model_fixtures import make_checkpoint
+from tests.helpers.model_fixtures import make_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -49,15 +49,15 @@ async def test_pools_follow_drivers_and_recoveries_are_announced(home: Path, che
         meta = llmos.instance(await llmos.status(), "cpu").meta
         assert num_blocks == meta["num_blocks"] > 0
 
-        r = await c.call("memory", mp.Reserve([mp.SeqReserve("a", 0, list(range(40)), 40, tenant="t1", pool="cpu")]))
+        r = await c.call("memory", mp.Reserve([mp.SeqReserve(1, 0, list(range(40)), 40, tenant="t1", pool="cpu")]))
         assert r.seqs[0].error is None and len(r.seqs[0].blocks) == 3  # 40 tokens in 16-token blocks
 
         events = c.subscribe(mp.MEMORY_TOPIC)
         await events.__anext__()
-        # the driver dies: its pool is dropped and sequence "a" is announced lost
+        # the driver dies: its pool is dropped and sequence 1 is announced lost
         os.kill(llmos.instance(await llmos.status(), "cpu").pid, signal.SIGKILL)
         lost = await next_event(events, mp.PoolLost)
-        assert lost.pool == "cpu" and lost.seq_ids == ["a"]
+        assert lost.pool == "cpu" and lost.seq_ids == [1]
         with anyio.fail_after(60):
             while (await c.call("memory", mp.ListPools())).pools != ["cpu"]:
                 await anyio.sleep(0.05)
@@ -65,15 +65,15 @@ async def test_pools_follow_drivers_and_recoveries_are_announced(home: Path, che
         assert stats.pools[0].used == 0  # the restarted driver's pool starts empty
 
         # stale ids get clear errors, not crashes
-        bad = await c.call("memory", mp.Reserve([mp.SeqReserve("a", 40, [1], 1)]))
-        assert bad.seqs[0].error is not None and "a" in bad.seqs[0].error.message
+        bad = await c.call("memory", mp.Reserve([mp.SeqReserve(1, 40, [1], 1)]))
+        assert bad.seqs[0].error is not None and "unknown sequence 1 " in bad.seqs[0].error.message
 
         # the memory server dies: it comes back empty and announces it, pool included
         os.kill(llmos.instance(await llmos.status(), "memory").pid, signal.SIGKILL)
         restarted = await next_event(events, mp.MemoryRestarted)
         await events.aclose()
         assert restarted.pools == ["cpu"]
-        r = await c.call("memory", mp.Reregister([mp.SeqState("b", "t1", "cpu", list(range(20)))]))
+        r = await c.call("memory", mp.Reregister([mp.SeqState(2, "t1", "cpu", list(range(20)))]))
         assert r.failures == []
         stats = await c.call("memory", mp.MemoryStats())
         assert stats.pools[0].num_seqs == 1

@@ -59,7 +59,7 @@ def count_refused(engine: Engine, principal: str, msgs: Sequence[sp.Submit]) -> 
 def test_claimed_resubmissions_hit_the_global_waiting_cap() -> None:
     engine = idle_engine(SchedulerConfig(max_waiting=256))
     refused = count_refused(engine, "", [claimed_resubmission(i) for i in range(2000)])
-    assert refused == 2000 - 256 and len(engine.waiting) == 256
+    assert refused == 2000 - 256 and len(engine.state.waiting) == 256
     # A request the scheduler does know still re-attaches, queue full or not.
     assert engine.submit(claimed_resubmission(0), "", lambda ev: None).attached
 
@@ -164,7 +164,7 @@ def test_out_of_vocabulary_ids_are_refused_at_submit() -> None:
         with pytest.raises(BadRequest, match="vocabulary") as info:
             engine.submit(msg, "mallory", lambda ev: None)
         assert info.value.detail["field"] == field
-    assert not engine.waiting
+    assert not engine.state.waiting
 
 
 @pytest.mark.parametrize("field, n", [("prompt_ids", sp.MAX_PROMPT_IDS + 1),
@@ -188,7 +188,7 @@ def test_prompt_ids_past_the_context_are_refused_before_any_is_looked_at(monkeyp
     monkeypatch.setattr(Engine, "_check_ids", staticmethod(no_loop))
     with pytest.raises(BadRequest, match="at most 255") as info:
         engine.submit(sp.Submit(prompt_ids=[1] * 100_000), "mallory", lambda ev: None)
-    assert info.value.detail["field"] == "prompt_ids" and not engine.waiting
+    assert info.value.detail["field"] == "prompt_ids" and not engine.state.waiting
 
 
 def test_only_the_priority_and_admin_rights_cover_the_privileged_ops() -> None:

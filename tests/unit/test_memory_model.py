@@ -73,15 +73,15 @@ class MemoryMachine(RuleBasedStateMachine):
         super().__init__()
         self.m = MemoryManager()
         self.pools: dict[str, PoolModel] = {}
-        self.seqs: dict[str, SeqModel] = {}
+        self.seqs: dict[int, SeqModel] = {}
         self.limits: dict[str, int] = {}
         self.next_id = 0
-        self.dead: list[str] = []
+        self.dead: list[int] = []
 
     # --- model views ---------------------------------------------------------
 
-    def holders(self, pool: str, swapped: bool = False) -> dict[int, list[str]]:
-        out: dict[int, list[str]] = {}
+    def holders(self, pool: str, swapped: bool = False) -> dict[int, list[int]]:
+        out: dict[int, list[int]] = {}
         for sid, s in self.seqs.items():
             if s.pool == pool and s.swapped == swapped:
                 for b in s.table:
@@ -99,7 +99,7 @@ class MemoryMachine(RuleBasedStateMachine):
         limit = self.limits.get(tenant, -1)
         return float("inf") if limit < 0 else limit - self.held(tenant)
 
-    def forget_pool(self, pool: str, lost: list[str]) -> None:
+    def forget_pool(self, pool: str, lost: list[int]) -> None:
         assert sorted(lost) == sorted(sid for sid, s in self.seqs.items() if s.pool == pool)
         for sid in lost:
             del self.seqs[sid]
@@ -107,12 +107,12 @@ class MemoryMachine(RuleBasedStateMachine):
         del self.pools[pool]
 
     @staticmethod
-    def pick(ids: list[str], picks: list[int]) -> list[str]:
+    def pick(ids: list[int], picks: list[int]) -> list[int]:
         return list(dict.fromkeys(ids[p % len(ids)] for p in picks))
 
-    def new_id(self) -> str:
+    def new_id(self) -> int:
         self.next_id += 1
-        return f"s{self.next_id}"
+        return self.next_id
 
     def check_quota(self, before: dict[str, int]) -> None:
         for t in TENANTS:
@@ -183,7 +183,7 @@ class MemoryMachine(RuleBasedStateMachine):
         before = {t: self.held(t) for t in TENANTS}
         reply = self.m.reserve(Reserve(items))
         assert [r.seq_id for r in reply.seqs] == [i.seq_id for i in items]
-        writes: list[tuple[str, int, int]] = []
+        writes: list[tuple[int, int, int]] = []
         copies: list[tuple[str, int, int]] = []
         for item, r in zip(items, reply.seqs):
             s = self.seqs.get(item.seq_id)

@@ -58,23 +58,24 @@ def test_keys_separate_tenants_and_salts(t1: str, s1: str, t2: str, s2: str,
     assert block_key(r1, block) != block_key(r1, array("q", tokens + [0]))
 
 
-IDS = st.sampled_from(["a", "b", "c", "d"])
+SEQ_IDS = st.sampled_from([1, 2, 3, 4])
+TENANTS = st.sampled_from(["a", "b", "c", "d"])
 POOLS = st.sampled_from(["p", "q", ""])
 SMALL = st.integers(-2, 12)
 TOKENS = st.lists(st.integers(0, 3), max_size=10)
 REQUESTS: st.SearchStrategy[MemoryRequest] = st.one_of(
     st.builds(RegisterPool, POOLS, st.integers(-1, 12), st.integers(-1, 4), SMALL),
     st.builds(DropPool, POOLS),
-    st.builds(Reserve, st.lists(st.builds(SeqReserve, IDS, SMALL, TOKENS, SMALL, IDS, POOLS,
+    st.builds(Reserve, st.lists(st.builds(SeqReserve, SEQ_IDS, SMALL, TOKENS, SMALL, TENANTS, POOLS,
                                           NAMES), max_size=4)),
-    st.builds(Release, st.lists(IDS, max_size=3), st.booleans()),
-    st.builds(Fork, st.lists(st.builds(ForkItem, IDS, IDS), max_size=3)),
-    st.builds(SwapOut, st.lists(IDS, max_size=3)),
-    st.builds(SwapIn, st.lists(IDS, max_size=3)),
-    st.builds(Reregister, st.lists(st.builds(SeqState, IDS, IDS, POOLS, TOKENS, NAMES,
+    st.builds(Release, st.lists(SEQ_IDS, max_size=3), st.booleans()),
+    st.builds(Fork, st.lists(st.builds(ForkItem, SEQ_IDS, SEQ_IDS), max_size=3)),
+    st.builds(SwapOut, st.lists(SEQ_IDS, max_size=3)),
+    st.builds(SwapIn, st.lists(SEQ_IDS, max_size=3)),
+    st.builds(Reregister, st.lists(st.builds(SeqState, SEQ_IDS, TENANTS, POOLS, TOKENS, NAMES,
                                              st.lists(st.integers(-2, 14), max_size=4), SMALL),
                                    max_size=3), st.booleans()),
-    st.builds(SetBlockQuota, IDS, SMALL),
+    st.builds(SetBlockQuota, TENANTS, SMALL),
     st.builds(EvictCached, POOLS, SMALL),
     st.builds(MemoryStats, POOLS),
 )
@@ -96,7 +97,7 @@ def test_no_request_crashes_the_manager_or_breaks_its_books(
         except LlmosError:
             pass
         live = []
-        for sid in "abcd":
+        for sid in (1, 2, 3, 4):
             try:
                 live.append(m.sequence(sid))
             except LlmosError:

@@ -192,7 +192,7 @@ async def test_a_full_queue_is_overloaded_with_retry_after_and_only_known_reques
                       "", lambda m: None)
     # A request it does know re-attaches, whatever the queue holds.
     sink = engine.submit(Submit(prompt="q0", request_id="q0", attempt=1), "", lambda m: None)
-    assert sink.attached and len(engine.waiting) == 2
+    assert sink.attached and len(engine.state.waiting) == 2
 
 
 async def test_bad_submissions_name_the_field() -> None:
@@ -314,7 +314,7 @@ async def test_a_sequence_is_placed_only_on_a_pool_that_can_hold_it_whole() -> N
     async with running(config, drivers) as (engine, _):
         busy = [Stream(engine, prompt=f"{i}" + "x" * 55, max_tokens=12, request_id=f"busy{i}") for i in range(4)]
         with anyio.fail_after(10):
-            while not all(s.sink.request.seq in engine.running and s.sink.request.seq.block_table for s in busy):
+            while not all(s.sink.request.seq in engine.state.running and s.sink.request.seq.block_table for s in busy):
                 await anyio.sleep(0)
         long = Stream(engine, prompt="hello", max_tokens=40, request_id="long")
         later = Stream(engine, prompt="a later one", max_tokens=4, request_id="later")

@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 
 from ipc.errors import BadRequest
-from services.scheduler._seq import Seq
+from services.scheduler._request import Seq
 from common.config.scheduler import PolicyConfig, PolicyName, load_scheduler_config
 from services.scheduler.planner import BlockLedger, Limits, PoolShape, StepPlan, plan
 from services.scheduler.policies import Fair, Mlfq, Policy, Priority, RoundRobin, make_policy
@@ -54,7 +54,7 @@ class Sim:
                 s.block_table.append(next(self.blocks))
             if s.num_computed == len(s.tokens):
                 s.tokens.append(7)
-                self.generated[s.seq_no] += 1
+                self.generated[s.seq_id] += 1
             if s in self.waiting:
                 self.waiting.remove(s)
                 self.running.append(s)
@@ -77,7 +77,7 @@ def test_budget_and_chunked_prefill_are_respected() -> None:
     sim.step()  # prefill the three short prompts
     long = sim.add(seq(100))
     p = sim.step()
-    assert dict((s.seq_no, n) for s, n in p.scheduled) == {**{d.seq_no: 1 for d in decoders}, long.seq_no: 16}
+    assert dict((s.seq_id, n) for s, n in p.scheduled) == {**{d.seq_id: 1 for d in decoders}, long.seq_id: 16}
     steps = 0
     while long.num_computed < 100:
         p = sim.step()
@@ -149,7 +149,7 @@ def test_round_robin_yields_after_the_quantum_and_shares_the_batch() -> None:
     sim = Sim(RoundRobin(quantum=8), Limits(100, 2, 100))
     seqs = [sim.add(seq(2)) for _ in range(3)]
     first = sim.step()
-    assert {s.seq_no for s, _ in first.scheduled} == {seqs[0].seq_no, seqs[1].seq_no}
+    assert {s.seq_id for s, _ in first.scheduled} == {seqs[0].seq_id, seqs[1].seq_id}
     yields = 0
     for _ in range(60):
         p = sim.step()
@@ -157,7 +157,7 @@ def test_round_robin_yields_after_the_quantum_and_shares_the_batch() -> None:
         # a yielding sequence used its quantum and goes to the back of the line
         assert all(v.quantum_used == 0 and v.ticket > s.ticket for v in p.preempted for s in sim.running)
     assert yields >= 5
-    counts = [sim.generated[s.seq_no] for s in seqs]
+    counts = [sim.generated[s.seq_id] for s in seqs]
     assert min(counts) > 0 and max(counts) - min(counts) <= 12  # turns of about a quantum each
 
 

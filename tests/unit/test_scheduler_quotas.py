@@ -6,7 +6,7 @@ import pytest
 
 from ipc.errors import Overloaded
 from ipc.protocol.security import Quota, QuotaPolicy
-from services.scheduler._seq import Seq
+from services.scheduler._request import Seq
 from common.config.scheduler import PolicyConfig
 from services.scheduler.planner import BlockLedger, Limits, PoolShape, plan
 from services.scheduler.policies import make_policy
@@ -94,7 +94,7 @@ def test_the_planner_holds_back_only_the_tenant_short_of_its_kv_quota() -> None:
     ledger = BlockLedger({"p": PoolShape(64, 4)}, [a], {"alice": 4})
     assert ledger.held["alice"] == 4 and ledger.room("alice") == 0
     p = plan([a], [b, c, d, e], policy, ledger, Limits(64, 8, 64), 5.0)
-    assert [s.seq_no for s, _ in p.scheduled] == [1, 4]
+    assert [s.seq_id for s, _ in p.scheduled] == [1, 4]
     assert p.quota_waits == [b, c] and p.never_fit == [e] and p.preempted == []
 
 
@@ -113,4 +113,4 @@ def test_the_planner_preempts_within_the_tenant_short_of_its_quota() -> None:
     ledger = BlockLedger({"p": PoolShape(64, 4)}, [first, second, bob], {"alice": 8})
     p = plan([first, second, bob], [], policy, ledger, Limits(64, 8, 64), 5.0)
     assert p.preempted == [second]
-    assert [s.seq_no for s, _ in p.scheduled] == [1, 3]
+    assert [s.seq_id for s, _ in p.scheduled] == [1, 3]

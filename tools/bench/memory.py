@@ -68,7 +68,7 @@ POOL = "bench"
 
 @dataclass
 class _Seq:
-    seq_id: str
+    seq_id: int
     tokens: list[int]
     prompt_len: int
     out_len: int
@@ -87,7 +87,7 @@ class Workload:
     tenant: str = "bench"
     pool: str = POOL
     running: list[_Seq] = field(default_factory=list)
-    finished: list[str] = field(default_factory=list)
+    finished: list[int] = field(default_factory=list)
     admitted: int = 0
     failures: int = 0
 
@@ -99,7 +99,7 @@ class Workload:
             own = [self.rng.randrange(VOCAB) for _ in range(self.rng.randint(*self.prompt))]
             prompt = self.system + own
             self.admitted += 1
-            self.running.append(_Seq(f"s{self.admitted}", prompt, len(prompt),
+            self.running.append(_Seq(self.admitted, prompt, len(prompt),
                                      self.rng.randint(*self.output)))
         items = []
         for s in self.running:

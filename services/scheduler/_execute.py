@@ -1,0 +1,117 @@
+"""Step 4 of the engine loop: one `Execute` per driver, concurrently, and
+what came back, as data for the engine to apply (it owns the requests)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import anyio
+
+from common.logs import get_logger
+from ipc.errors import DeadlineExceeded, LlmosError, Unavailable
+from ipc.protocol import driver as dp
+from services.scheduler._request import Seq
+from services.scheduler._state import EngineState
+
+log = get_logger()
+
+
+@dataclass(slots=True, eq=False)
+class Work:
+    """One sequence's share of a step: the KV of positions [start, end) is
+    computed, after the copy-on-write block copies (src, dst)."""
+
+    seq: Seq
+    start: int
+    end: int
+    copies: list[tuple[int, int]]
+
+    @property
+    def samples(self) -> bool:
+        """The step reaches the sequence's last token: a token is sampled."""
+        return self.end == len(self.seq.tokens)
+
+
+@dataclass(slots=True, frozen=True)
+class Produced:
+    seq: Seq
+    token: int
+    logprob: float
+
+
+@dataclass(slots=True)
+class StepResult:
+    produced: list[Produced] = field(default_factory=list)
+    # Pools whose KV is no longer trusted (the driver died or restarted
+    # since the plan): their sequences are recomputed.
+    lost_pools: set[str] = field(default_factory=set)
+    # A live driver refused the whole step: each sequence counts a failure.
+    refused: list[tuple[Seq, str]] = field(default_factory=list)
+    # The driver failed these sequences (their requests end with an error).
+    failed: list[tuple[Seq, str]] = field(default_factory=list)
+
+
+async def execute(state: EngineState, work: list[Work], incarnations: dict[str, int]) -> StepResult:
+    """Run `work` on the drivers, each pool's part on the incarnation of its
+    driver that the plan saw."""
+    by_pool: dict[str, list[Work]] = {}
+    for w in work:
+        by_pool.setdefault(w.seq.pool or "", []).append(w)
+    result = StepResult()
+    async with anyio.create_task_group() as tg:
+        for pool, items in by_pool.items():
+            tg.start_soon(_execute_on, state, pool, items, incarnations.get(pool, -1), result)
+    return result
+
+
+async def _execute_on(state: EngineState, pool: str, items: list[Work], incarnation: int,
+                      result: StepResult) -> None:
+    d = state.drivers.get(pool)
+    if d is None:
+        return  # died since the plan; the engine re-queues them
+    if d.incarnation != incarnation:
+        result.lost_pools.add(pool)  # restarted since the plan: its KV is gone
+        return
+    steps, copies = [], []
+    for w in items:
+        seq = w.seq
+        params = seq.request.submit.params
+        prior = seq.tokens[:w.start] if params.repetition_penalty != 1.0 else []
+        steps.append(dp.StepSeq(seq.seq_id, seq.tokens[w.start:w.end], w.start, list(seq.block_table),
+                                w.samples, params, prior))
+        copies.extend(w.copies)
+    reply: dp.Executed | None = None
+    with anyio.CancelScope() as scope:
+        d.scope = scope
+        try:
+            reply = await state.backend.execute(pool, dp.Execute(steps, copies))
+        except (Unavailable, DeadlineExceeded) as exc:
+            log.warning("scheduler.driver_lost", driver=pool, error=str(exc), seqs=len(items))
+        except LlmosError as exc:
+            # A live driver refused the whole step: count it against the
+            # sequences, so a poisonous one cannot loop forever.
+            log.error("scheduler.step_refused", driver=pool, error=str(exc))
+            result.refused.extend((w.seq, f"driver {pool} refused the step: {exc}") for w in items)
+            return
+        finally:
+            d.scope = None
+    # The reply is only good if the driver that ran it is the one whose KV
+    # the block tables describe: a restarted driver would answer from empty
+    # blocks. Its ServiceDown/ServiceUp reach us before its reply (one
+    # connection, in order), and bump the incarnation.
+    if reply is None or incarnation != d.incarnation or state.drivers.get(pool) is not d:
+        result.lost_pools.add(pool)
+        return
+    outputs = {o.seq_id: o for o in reply.outputs}
+    for w in items:
+        out = outputs.get(w.seq.seq_id)
+        if out is None or out.error:
+            why = out.error if out is not None else "the driver returned no output"
+            result.failed.append((w.seq, f"driver {pool}: {why}"))
+            continue
+        w.seq.num_computed = w.end
+        if w.samples and out.token >= 0:
+            result.produced.append(Produced(w.seq, out.token, out.logprob))
+
+
+__all__ = ["Produced", "StepResult", "Work", "execute"]

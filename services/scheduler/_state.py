@@ -1,0 +1,190 @@
+"""The engine's state and its one owner: which sequences wait, run or are
+parked, which drivers are up, which KV is to be released, and the handle
+on the memory server and the drivers (`Backend`).
+
+The engine, the recovery code (_recovery.py), sessions (_sessions.py) and
+the swap tier (_swap.py) change this state only through `EngineState`'s
+verbs, so the invariants live in one place: a sequence is in at most one
+line, a request's `state` says which, and a sequence's KV is released
+before its id is reserved again from token 0.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from typing import Protocol, TypeVar
+
+import anyio
+
+from common.logs import get_logger
+from ipc.errors import LlmosError, Unavailable
+from ipc.protocol import driver as dp
+from ipc.protocol import memory as mp
+from services.scheduler._request import Seq, State
+from services.scheduler.planner import PoolShape
+from services.scheduler.policies import Policy
+
+log = get_logger()
+
+T = TypeVar("T")
+
+
+class Backend(Protocol):
+    """The engine's calls to the world: the memory server's and the
+    drivers' (the service's is IPC; tests use an in-process one)."""
+
+    async def reserve(self, req: mp.Reserve) -> mp.ReserveReply: ...
+    async def release(self, req: mp.Release) -> mp.ReleaseReply: ...
+    async def reregister(self, req: mp.Reregister) -> mp.ReregisterReply: ...
+    async def execute(self, instance: str, req: dp.Execute) -> dp.Executed: ...
+    async def swap_out(self, req: mp.SwapOut) -> mp.SwapOutReply: ...
+    async def swap_in(self, req: mp.SwapIn) -> mp.SwapInReply: ...
+    async def swap_blocks(self, instance: str, req: dp.SwapBlocksOut | dp.SwapBlocksIn) -> dp.Swapped: ...
+
+
+@dataclass
+class DriverState:
+    shape: PoolShape
+    # Bumped each time a driver of this name comes up: a block table is only
+    # good on the incarnation it was planned for.
+    incarnation: int
+    scope: anyio.CancelScope | None = None  # the step in flight on it
+
+
+class EngineState:
+    def __init__(self, backend: Backend, policy: Policy):
+        self.backend = backend
+        self.policy = policy
+        self.waiting: list[Seq] = []
+        self.running: list[Seq] = []
+        self.drivers: dict[str, DriverState] = {}
+        self.memory_down = False
+        self.swapped_out = self.swapped_in = 0  # sequences moved to / from the swap tier
+        self._releases: list[int] = []
+        self._memory_scope: anyio.CancelScope | None = None
+        self._wake = anyio.Event()
+
+    def shapes(self) -> dict[str, PoolShape]:
+        return {i: d.shape for i, d in self.drivers.items()}
+
+    # The lines.
+
+    def enqueue(self, seq: Seq) -> None:
+        """A new arrival: to the back of the waiting line."""
+        self.policy.on_arrival(seq, time.monotonic())
+        self.waiting.append(seq)
+        self.wake()
+
+    def start(self, seq: Seq) -> None:
+        """Waiting -> running (it got its blocks)."""
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+            self.running.append(seq)
+            req = seq.request
+            req.state = State.RUNNING
+            req.waiting_on = ""
+            req.first_scheduled = req.first_scheduled or time.monotonic()
+
+    def requeue(self, seq: Seq) -> None:
+        """Running -> waiting, its place in line kept (preempted, or its KV lost)."""
+        if seq in self.running:
+            self.running.remove(seq)
+            self.waiting.append(seq)
+            seq.request.state = State.WAITING
+
+    def remove(self, seq: Seq) -> None:
+        """Out of both lines (its request ended)."""
+        for line in (self.running, self.waiting):
+            if seq in line:
+                line.remove(seq)
+
+    def park(self, seq: Seq) -> bool:
+        """Out of the batch while its session is suspended; False when it
+        was in neither line."""
+        line = self.running if seq in self.running else self.waiting if seq in self.waiting else None
+        if line is None:
+            return False
+        line.remove(seq)
+        seq.request.state = State.SUSPENDED
+        return True
+
+    def unpark(self, seq: Seq) -> None:
+        """Back from a suspend: running if its KV is on the device, else
+        waiting (its place in line kept: arrival and ticket are unchanged)."""
+        if seq.mem_known and not seq.swapped:
+            self.running.append(seq)
+            seq.request.state = State.RUNNING
+        else:
+            self.waiting.append(seq)
+            seq.request.state = State.WAITING
+        self.wake()
+
+    # The KV to release.
+
+    def release(self, seq: Seq) -> None:
+        """Release `seq`'s KV at the next `Release` (releasing a swapped
+        sequence frees its swap slots)."""
+        if seq.mem_known:
+            self._releases.append(seq.seq_id)
+
+    def drop_kv(self, seq: Seq) -> None:
+        """Forget `seq`'s KV (released at the next `Release`); it is recomputed
+        from its tokens."""
+        self.release(seq)
+        seq.reset(keep_pool=True)
+
+    @property
+    def has_releases(self) -> bool:
+        return bool(self._releases)
+
+    def take_releases(self) -> list[int]:
+        ids, self._releases = self._releases, []
+        return ids
+
+    def put_back_releases(self, ids: list[int]) -> None:
+        """A `Release` that did not arrive: they are still held there."""
+        self._releases[:0] = ids
+
+    def forget_releases(self) -> None:
+        """The memory server restarted empty: it holds nothing of ours."""
+        self._releases.clear()
+
+    # The memory server.
+
+    async def memory(self, call: Awaitable[T]) -> T | None:
+        """Await a memory call; None when it failed (the step is abandoned and
+        planned again; a dead memory server also pauses the loop until it is back)."""
+        with anyio.CancelScope() as scope:
+            self._memory_scope = scope
+            try:
+                return await call
+            except Unavailable as exc:
+                log.warning("scheduler.memory_unavailable", error=exc.message)
+                self.memory_down = True
+            except LlmosError as exc:
+                log.error("scheduler.memory_failed", error=str(exc))
+            finally:
+                self._memory_scope = None
+        return None
+
+    def memory_lost(self) -> None:
+        """The memory server died: the call in flight is abandoned."""
+        self.memory_down = True
+        if self._memory_scope is not None:
+            self._memory_scope.cancel()
+
+    # Waking the loop.
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def wait(self, timeout_s: float = float("inf")) -> None:
+        """Until `wake()` (or the timeout)."""
+        with anyio.move_on_after(timeout_s):
+            await self._wake.wait()
+        self._wake = anyio.Event()
+
+
+__all__ = ["Backend", "DriverState", "EngineState"]
