@@ -25,9 +25,9 @@ from sdk.generate import Chunk, GenerationStream
 from services.gateway import openai as oa
 from services.gateway.backend import Stats
 from services.gateway.body import check_head, read_body
-from services.gateway.chat import ChatFormatter
 from common.config.gateway import GatewayConfig
 from services.gateway.metrics import GatewayMetrics
+from text.chat import ChatFormatter
 
 class Backend(Protocol):
     async def authenticate(self, api_key: str) -> None: ...
@@ -117,7 +117,7 @@ def create_app(backend: Backend, config: GatewayConfig | None = None) -> Starlet
             fmt = chat_formatters.get(desc.path)
             if fmt is None:
                 fmt = chat_formatters[desc.path] = ChatFormatter.for_model(desc.path)
-            prompt = fmt.render(req.messages)
+            prompt = fmt.render(oa.chat_turns(req.messages))
             if req.max_completion_tokens is not None and req.max_tokens is None:
                 req.max_tokens = req.max_completion_tokens
             submit = oa.to_submit(req, prompt=prompt, logprobs=req.top_logprobs if req.logprobs else 0,

@@ -17,6 +17,7 @@ import msgspec
 from ipc.errors import BadRequest, ErrorCode, LlmosError
 from ipc.protocol.sampling import MAX_LOGPROBS, MAX_SEED, MAX_TOP_K, SamplingParams
 from ipc.protocol.scheduler import MAX_REQUEST_ID_LEN, MaxTokens, PriorityLevel, PrioritySubmit, Submit, TokenId
+from text.chat import Turn
 
 # Every integer a client sends is bounded where the body is decoded, so a
 # 2**64 (or a -2**63) is a 400 naming its field, never an overflow later.
@@ -71,6 +72,24 @@ class ChatMessage(msgspec.Struct):
     role: Name
     # null: an assistant turn that only called tools
     content: str | list[ContentPart] | None = ""
+
+
+def chat_turns(messages: list[ChatMessage]) -> list[Turn]:
+    """The messages as (role, text) turns for a chat template; only text
+    content is served."""
+    return [Turn(m.role, _text(m.content)) for m in messages]
+
+
+def _text(content: str | list[ContentPart] | None) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    for part in content:
+        if part.type != "text":
+            raise BadRequest(f"message content of type {short(part.type)} is not supported (text only)",
+                             detail={"field": "messages.content"})
+    return "".join(part.text for part in content)
 
 
 class ChatRequest(_Common, kw_only=True):

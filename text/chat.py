@@ -1,19 +1,25 @@
-"""Chat messages → prompt text, with the checkpoint's own chat template.
+"""Chat turns → prompt text, with the checkpoint's own chat template.
 
 Hugging Face checkpoints carry a Jinja template in tokenizer_config.json
 (`chat_template`); it is rendered the way transformers does (sandboxed
 Jinja, `messages`, `add_generation_prompt`, the special tokens). A model
 without one (the demo model) gets a plain "role: content" transcript.
+Turns are plain (role, text) pairs: whoever speaks an API (the gateway's
+OpenAI messages) turns its own message shapes into them.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from ipc.errors import BadRequest
-from services.gateway.openai import ChatMessage, ContentPart, short
+
+
+class Turn(NamedTuple):
+    role: str
+    content: str
 
 
 class ChatFormatter:
@@ -49,8 +55,8 @@ class ChatFormatter:
     def has_template(self) -> bool:
         return self._template is not None
 
-    def render(self, messages: list[ChatMessage]) -> str:
-        plain = [{"role": m.role, "content": _text(m.content)} for m in messages]
+    def render(self, turns: list[Turn]) -> str:
+        plain = [{"role": t.role, "content": t.content} for t in turns]
         if self._template is None:
             return "".join(f"{m['role']}: {m['content']}\n" for m in plain) + "assistant:"
         try:
@@ -70,14 +76,3 @@ def _token_text(tok: Any) -> str:
         return str(tok.get("content", ""))
     return str(tok or "")
 
-
-def _text(content: str | list[ContentPart] | None) -> str:
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    for part in content:
-        if part.type != "text":
-            raise BadRequest(f"message content of type {short(part.type)} is not supported (text only)",
-                             detail={"field": "messages.content"})
-    return "".join(part.text for part in content)
