@@ -52,7 +52,8 @@ async def run_kernel(config: Config, home: Path, launcher: Launcher | None = Non
     kernel = Kernel(config.kernel, front, back, secret)
     if config.kernel.auth:
         try:
-            kernel.guard = await anyio.to_thread.run_sync(Guard.load, home, kernel.registry.service_of_instance)
+            kernel.router.guard = await anyio.to_thread.run_sync(Guard.load, home,
+                                                                  kernel.router.registry.service_of_instance)
         except (OSError, ValueError, LlmosError) as exc:
             log.error("kernel.auth_failed", error=str(exc))
             print(f"llmos: cannot enable auth: {exc}", file=sys.stderr)
@@ -66,9 +67,9 @@ async def run_kernel(config: Config, home: Path, launcher: Launcher | None = Non
              **config.child_env(config_path.resolve() if config_path else None)},
         on_exit=partial(_on_exit, kernel, console),
         on_escalate=lambda reason: kernel.request_shutdown(f"escalation: {reason}"))
-    kernel.supervisor = supervisor
-    kernel.registry.known.update(supervisor.service_names)
-    kernel.registry.instance_names.update(c.instance for c in supervisor.children)
+    kernel.router.children = supervisor
+    kernel.router.registry.known.update(supervisor.service_names)
+    kernel.router.registry.instance_names.update(c.instance for c in supervisor.children)
     pf = pid_file(home)
     pf.write_text(str(os.getpid()))
     try:
@@ -79,7 +80,7 @@ async def run_kernel(config: Config, home: Path, launcher: Launcher | None = Non
             tg.start_soon(_on_signals, kernel)
             tg.start_soon(_start_children, supervisor)
             if console.out is not None:
-                tg.start_soon(console.watch, supervisor, kernel.registry)
+                tg.start_soon(console.watch, supervisor, kernel.router.registry)
             await kernel.shutdown_requested.wait()
             log.info("kernel.stopping", reason=kernel.shutdown_reason)
             console.stopping(kernel.shutdown_reason or "requested")
@@ -100,7 +101,7 @@ async def run_kernel(config: Config, home: Path, launcher: Launcher | None = Non
 
 
 def _on_exit(kernel: Kernel, console: Console, instance: str, reason: str) -> None:
-    kernel.instance_down(instance, reason)
+    kernel.router.instance_down(instance, reason)
     console.exited(instance, reason)
 
 

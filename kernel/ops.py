@@ -9,25 +9,39 @@ that op (a `Status` header over a `Shutdown` body shut the kernel down, issue
 
 from __future__ import annotations
 
-import os
-import time
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from common.capability import RevocationList
-from ipc.envelope import Header, Kind
-from ipc.errors import BadRequest, Forbidden, Unavailable
+from ipc.envelope import Header
+from ipc.errors import BadRequest, Forbidden
 from ipc.protocol import kernel as kp
 from ipc.protocol.base import Message, op_of
-from ipc.sockets import Channel
+from kernel.ports import Port
 from kernel.registry import Instance
-
-if TYPE_CHECKING:
-    from kernel.router import Kernel
 
 # Signals an operator may send through Kill: ways to end a process. SIGSTOP
 # and friends would freeze a service until the heartbeat expiry (a hang, not
 # a crash), and arbitrary signals have no place in a restart drill.
 KILL_SIGNALS = frozenset({"SIGKILL", "SIGTERM", "SIGINT"})
+
+
+class KernelHost(Protocol):
+    """What a kernel op may do to the kernel (kernel/routing.py `Router`)."""
+
+    def subscribe(self, topic: str, port: Port, ident: bytes, msg_id: int) -> None:
+        """Send the peer at (`port`, `ident`) `topic`'s events under `msg_id`,
+        starting with `Subscribed`."""
+        ...
+
+    def set_revocations(self, revoked: RevocationList) -> None: ...
+
+    def kill(self, target: str, sig_name: str) -> list[str]:
+        """Signal a supervised service or instance; the instances signalled."""
+        ...
+
+    def request_shutdown(self, reason: str) -> None: ...
+
+    def status(self) -> kp.StatusReply: ...
 
 
 def check(header: Header, msg: Message) -> None:
@@ -56,57 +70,30 @@ def target_of(msg: Message) -> str:
     return ""
 
 
-def handle(k: "Kernel", ch: Channel, ident: bytes, header: Header, msg: Any,
+def handle(host: KernelHost, port: Port, ident: bytes, header: Header, msg: Any,
            inst: Instance | None) -> Message | None:
     """Answer one decoded kernel op (None: it answered itself). `inst` is the
     registered service that asked, None for a client."""
     match msg:
         case kp.Status():
-            return status(k)
+            return host.status()
         case kp.Subscribe(topic=topic):
-            k.topics.subscribe(topic, ch, ident, header.msg_id)
-            k._send_msg(ch, ident, header.msg_id, Kind.EVENT, kp.Subscribed(topic))
-            if topic == kp.DENIALS_TOPIC:
-                k.publish_audit()
+            host.subscribe(topic, port, ident, header.msg_id)
             return None
         case kp.SetRevocations(tokens=tokens, keys=keys, principals=principals):
             if inst is None or inst.service != "security":
                 raise Forbidden("only the security service may set the revocation list")
-            if k.guard is not None:
-                k.guard.set_revocations(RevocationList(frozenset(tokens), frozenset(keys),
-                                                          frozenset(principals)))
+            host.set_revocations(RevocationList(frozenset(tokens), frozenset(keys), frozenset(principals)))
             return kp.RevocationsSet(len(tokens) + len(keys) + len(principals))
         case kp.Kill(target=target, signal=sig):
             if sig not in KILL_SIGNALS:
                 raise BadRequest(f"Kill sends one of {sorted(KILL_SIGNALS)}, not {sig!r}",
                                  detail={"field": "signal"})
-            if k.supervisor is None:
-                raise Unavailable("this kernel runs without a supervisor")
-            return kp.Killed(k.supervisor.kill(target, sig))
+            return kp.Killed(host.kill(target, sig))
         case kp.Shutdown(reason=reason):
-            k.request_shutdown(reason)
+            host.request_shutdown(reason)
             return kp.ShuttingDown()
     raise BadRequest(f"unknown kernel op {header.op!r}")
 
 
-def status(k: "Kernel") -> kp.StatusReply:
-    """Every instance (supervised or not) with its state and load, and the counters."""
-    if k.supervisor is not None:
-        infos = k.supervisor.describe()
-    else:
-        infos = []
-    supervised = {i.instance for i in infos}
-    now = time.monotonic()
-    for inst in k.registry.by_identity.values():
-        if inst.name not in supervised:
-            infos.append(kp.InstanceInfo(inst.service, inst.name, inst.pid, "ready",
-                                         uptime_s=now - inst.registered_at))
-    for info in infos:
-        live = k.registry.by_name.get(info.instance)
-        if live is not None:
-            info.outstanding = len(live.outstanding)
-            info.meta = live.meta
-    return kp.StatusReply(os.getpid(), now - k.started, infos, k.counters)
-
-
-__all__ = ["KILL_SIGNALS", "audited", "check", "handle", "status", "target_of"]
+__all__ = ["KILL_SIGNALS", "KernelHost", "audited", "check", "handle", "target_of"]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from ipc.protocol import kernel as kp
+
 
 @dataclass(slots=True, eq=False)
 class Instance:
@@ -64,6 +66,22 @@ class Registry:
         if len(live) == 1:
             return live[0]
         return min(live, key=lambda i: len(i.outstanding))
+
+    def describe(self, supervised: list[kp.InstanceInfo], now: float) -> list[kp.InstanceInfo]:
+        """The supervisor's view of its children (`supervised`), with the
+        instances registered outside it added and each live one's load."""
+        infos = list(supervised)
+        names = {i.instance for i in infos}
+        for inst in self.by_identity.values():
+            if inst.name not in names:
+                infos.append(kp.InstanceInfo(inst.service, inst.name, inst.pid, kp.ChildState.READY,
+                                             uptime_s=now - inst.registered_at))
+        for info in infos:
+            live = self.by_name.get(info.instance)
+            if live is not None:
+                info.outstanding = len(live.outstanding)
+                info.meta = live.meta
+        return infos
 
     def names_an_instance(self, dst: str) -> bool:
         """True when `dst` addresses one instance rather than a service."""

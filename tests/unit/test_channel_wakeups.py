@@ -94,12 +94,12 @@ async def test_the_kernel_continues_a_flood_with_one_pump_per_turn(tmp_path, mon
     heartbeat timer fell behind. Now one slice of work runs per turn."""
     import anyio
 
-    import kernel.router as router_mod
+    import kernel.pump as pump_mod
     from kernel.config import KernelConfig
     from kernel.router import Kernel
 
-    monkeypatch.setattr(router_mod, "_PUMP_SLICE_S", 0.0)  # every slice ends after one round
-    monkeypatch.setattr(router_mod, "_PUMP_ROUNDS", 1)
+    monkeypatch.setattr(pump_mod, "_PUMP_SLICE_S", 0.0)  # every slice ends after one round
+    monkeypatch.setattr(pump_mod, "_PUMP_ROUNDS", 1)
     from ipc.sockets import SocketLimits
 
     # The whole flood queued in the kernel's socket at once (the default front
@@ -107,14 +107,14 @@ async def test_the_kernel_continues_a_flood_with_one_pump_per_turn(tmp_path, mon
     config = KernelConfig(auth=False, front_limits=SocketLimits(recv_hwm=100_000))
     k = Kernel(config, f"ipc://{tmp_path}/front", f"ipc://{tmp_path}/back", "secret")
     slices: list[int] = [0]
-    pump = k._pump
+    run = pump_mod.Pump.run
 
-    def counting_pump() -> None:
-        if not k._pump_continues:
+    def counting_run(pump: pump_mod.Pump) -> None:
+        if not pump.continues:
             slices[-1] += 1
-        pump()
+        run(pump)
 
-    k._pump = counting_pump  # type: ignore[method-assign]
+    monkeypatch.setattr(pump_mod.Pump, "run", counting_run)
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     flooder = ctx.socket(zmq.DEALER)
     flooder.setsockopt(zmq.SNDHWM, 100_000)
@@ -135,7 +135,7 @@ async def test_the_kernel_continues_a_flood_with_one_pump_per_turn(tmp_path, mon
     finally:
         flooder.close(0)
         ctx.term()
-    assert k.counters.rejected == 20_000
+    assert k.router.counters.rejected == 20_000
     assert max(slices) <= 3, f"pump slices per turn grew to {max(slices)}"
 
 

@@ -70,7 +70,7 @@ def _kernel_proc(front: str, back: str, secret: str, auth_home: str = "") -> Non
     configure("kernel", None, stderr=False)
     kernel = Kernel(KernelConfig(), front, back, secret)
     if auth_home:
-        kernel.guard = Guard.load(Path(auth_home), kernel.registry.service_of_instance)
+        kernel.router.guard = Guard.load(Path(auth_home), kernel.router.registry.service_of_instance)
     anyio.run(kernel.serve, backend="asyncio", backend_options={"use_uvloop": True})
 
 

@@ -1,0 +1,100 @@
+"""The kernel's clock (heartbeats, hung instances, silent clients) and its own
+ops, driven through the routing state machine with fake ports."""
+
+from __future__ import annotations
+
+from ipc import codec
+from ipc.envelope import Kind
+from ipc.errors import ErrorCode
+from ipc.heartbeat import HEARTBEAT_EXPIRY_S, HEARTBEAT_INTERVAL_S
+from ipc.protocol import kernel as kp
+from tests.unit.router_rig import CLIENT, Rig
+
+_events = codec.decoder([kp.Subscribed, kp.ServiceUp, kp.ServiceDown])
+_replies = codec.decoder([kp.StatusReply, kp.Killed, kp.ShuttingDown])
+
+
+def _subscribe(rig: Rig, topic: str, client: bytes = b"watcher") -> None:
+    rig.request(kp.KERNEL, 50, client=client, op="Subscribe", body=codec.encode(kp.Subscribe(topic)))
+
+
+def test_live_instances_get_heartbeats_and_a_silent_one_is_declared_hung_and_killed() -> None:
+    rig = Rig()
+    quiet = rig.ready("echo")
+    chatty = rig.ready("echo-2")
+    _subscribe(rig, kp.SERVICES_TOPIC)
+    rig.request("echo", 3, op="EchoOnce")
+    rig.back.take()
+    rig.front.take()
+    rig.now += HEARTBEAT_INTERVAL_S
+    rig.liveness.tick(rig.now)
+    assert sorted(s.ident for s in rig.back.take() if s.header.kind == Kind.HEARTBEAT) == [quiet, chatty]
+    rig.now += HEARTBEAT_EXPIRY_S
+    rig.control(chatty, Kind.HEARTBEAT, front=False)
+    rig.liveness.tick(rig.now + 0.1)
+    assert rig.children.killed == [("echo", 100)]
+    assert "echo" not in rig.router.registry.by_name and "echo-2" in rig.router.registry.by_name
+    sent = rig.front.take()
+    assert [_events.decode(s.body[0]) for s in sent if s.ident == b"watcher"] == [
+        kp.ServiceDown("echo", "echo", "missed heartbeats")]
+    assert [s.error().code for s in sent if s.ident == CLIENT] == [ErrorCode.UNAVAILABLE]
+
+
+def test_a_client_silent_past_the_expiry_is_gone_and_its_requests_cancelled() -> None:
+    rig = Rig()
+    echo = rig.ready("echo")
+    rig.request("echo", 1)
+    rig.request("echo", 1, client=b"pinging")
+    rig.back.take()
+    rig.now += HEARTBEAT_EXPIRY_S / 2
+    rig.control(b"pinging", Kind.HEARTBEAT)
+    rig.control(echo, Kind.HEARTBEAT, front=False)
+    rig.now += HEARTBEAT_EXPIRY_S / 2 + 1
+    rig.liveness.tick(rig.now)
+    [cancel] = [s for s in rig.back.take() if s.header.kind == Kind.DISCONNECT]
+    assert cancel.ident == echo and rig.router.counters.cancelled == 1
+    assert rig.router.clients.in_flight(CLIENT) == 0 and rig.router.clients.in_flight(b"pinging") == 1
+    assert CLIENT not in rig.router.clients_seen
+
+
+def test_waiters_expire_on_the_tick() -> None:
+    rig = Rig()
+    rig.request("echo", 8)
+    rig.liveness.tick(rig.now + rig.router.waiting.timeout_s + 1)
+    assert [e[:2] for e in rig.front.errors()] == [(8, ErrorCode.UNAVAILABLE)]
+
+
+def test_subscribers_see_services_come_up() -> None:
+    rig = Rig()
+    _subscribe(rig, kp.SERVICES_TOPIC)
+    rig.ready("echo")
+    assert [_events.decode(s.body[0]) for s in rig.front.take()] == [
+        kp.Subscribed(kp.SERVICES_TOPIC), kp.ServiceUp("echo", "echo", 100, {})]
+    assert rig.children.ready == [("echo", 100)]
+
+
+def test_kernel_ops_act_through_the_host_and_answer_the_caller() -> None:
+    rig = Rig()
+    rig.ready("echo")
+    rig.request(kp.KERNEL, 1, op="Status", body=codec.encode(kp.Status()))
+    rig.request(kp.KERNEL, 2, op="Kill", body=codec.encode(kp.Kill("echo", "SIGTERM")))
+    rig.request(kp.KERNEL, 3, op="Shutdown", body=codec.encode(kp.Shutdown("drill")))
+    status, killed, bye = [_replies.decode(s.body[0]) for s in rig.front.take()]
+    assert isinstance(status, kp.StatusReply) and [i.instance for i in status.instances] == ["echo"]
+    assert status.instances[0].state == kp.ChildState.READY
+    assert killed == kp.Killed(["echo"]) and bye == kp.ShuttingDown() and rig.shutdowns == ["drill"]
+
+
+def test_a_kernel_op_whose_body_is_not_the_op_its_header_names_is_refused() -> None:
+    rig = Rig()
+    rig.request(kp.KERNEL, 4, op="Status", body=codec.encode(kp.Shutdown("sneaky")))
+    [(msg_id, code, message)] = rig.front.errors()
+    assert (msg_id, code) == (4, ErrorCode.BAD_REQUEST) and "header names 'Status'" in message
+    assert rig.shutdowns == []
+
+
+def test_without_a_supervisor_kill_is_unavailable() -> None:
+    rig = Rig()
+    rig.router.children = None
+    rig.request(kp.KERNEL, 5, op="Kill", body=codec.encode(kp.Kill("echo", "SIGKILL")))
+    assert rig.front.errors() == [(5, ErrorCode.UNAVAILABLE, "this kernel runs without a supervisor")]
