@@ -12,6 +12,7 @@ and registers under the ``llmos.drivers`` entry-point group (docs/drivers.md).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from typing import Any, ClassVar
@@ -20,7 +21,6 @@ import anyio
 
 from common.config.driver import DriverConfig, load_driver_config
 from drivers.model.runner import ModelRunner
-from drivers.model.step import SeqStep
 from ipc.errors import BadRequest, ConfigError
 from ipc.protocol import driver as dp
 from sdk.service import Context, Service, handler
@@ -33,13 +33,28 @@ def driver_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--model", help="'demo' or a local Hugging Face directory")
     ap.add_argument("--kv-cache-mb", type=float, help="device memory for KV blocks")
     ap.add_argument("--block-size", type=int)
-    ap.add_argument("--dtype")
-    ap.add_argument("--threads", type=int, help="torch intra-op threads (CPU)")
+    ap.add_argument("--dtype", help="auto, float32, bfloat16 or float16 (drivers/model/dtypes.py)")
+    ap.add_argument("--threads", type=int, help="torch intra-op threads (CPU; default one per CPU of --cpus)")
+    ap.add_argument("--cpus", type=cpu_list, help="pin to these CPUs, e.g. 0-7 or 0,2,4 (default: as started)")
     ap.add_argument("--max-model-len", type=int)
     ap.add_argument("--host-slots", type=int, help="blocks in the host swap tier")
     ap.add_argument("--swap-mb", type=float, help="host swap tier size in MiB (instead of --host-slots)")
     ap.add_argument("--device-index", type=int, default=0)
     return ap.parse_args(argv)
+
+
+def cpu_list(text: str) -> set[int]:
+    """"0-3,8" -> {0, 1, 2, 3, 8}."""
+    cpus: set[int] = set()
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.partition("-")
+            cpus.update(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a CPU list like 0-7 or 0,2,4: {text!r}") from None
+    if not cpus:
+        raise argparse.ArgumentTypeError(f"no CPUs in {text!r}")
+    return cpus
 
 
 def driver_config(args: argparse.Namespace) -> DriverConfig:
@@ -59,9 +74,6 @@ class Driver(Service):
         self.runner: ModelRunner | None = None
         self._step_lock = anyio.Lock()
         self._busy = False
-        self._steps = 0
-        self._tokens = 0
-        self._last_step_s = 0.0
 
     def device_name(self) -> str:
         return self.device
@@ -69,13 +81,19 @@ class Driver(Service):
     def load_runner(self) -> ModelRunner:
         """Runs in a worker thread. Subclasses adjust dtype, threads, device."""
         a = self.config
+        if self.args.cpus is not None:
+            # Before the runner sizes torch's thread pool from the affinity.
+            try:
+                os.sched_setaffinity(0, self.args.cpus)
+            except OSError as exc:
+                raise BadRequest(f"--cpus {sorted(self.args.cpus)}: {exc.strerror}") from None
         host_path = None
         if a.host_slots or a.swap_mb:
             host_path = self.home / "swap" / f"{self.instance}.swap" if self.device == "cpu" else None
             if host_path is not None:
                 host_path.parent.mkdir(parents=True, exist_ok=True)
         return ModelRunner.load(
-            a.model, kv_cache_bytes=int(a.kv_cache_mb * 2**20), device=self.device_name(), dtype=a.dtype or None,
+            a.model, kv_cache_bytes=int(a.kv_cache_mb * 2**20), device=self.device_name(), dtype=a.dtype,
             block_size=a.block_size, num_threads=a.threads or None, home=self.home,
             max_model_len=a.max_model_len or None,
             host_tier_slots=a.host_slots, host_tier_path=host_path, host_tier_bytes=int(a.swap_mb * 2**20))
@@ -84,8 +102,9 @@ class Driver(Service):
         try:
             self.runner = await anyio.to_thread.run_sync(self.load_runner)
         except BadRequest as exc:
-            # No such device, a checkpoint that does not load, a pool smaller
-            # than one block: the same again on every restart.
+            # No such device, a dtype the device cannot run, a checkpoint that
+            # does not load, a pool smaller than one block: the same again on
+            # every restart.
             raise ConfigError(f"{self.device_name()} driver: model {self.config.model!r} does not load: "
                               f"{exc.message}") from None
 
@@ -95,7 +114,8 @@ class Driver(Service):
 
     def ready_meta(self) -> dict[str, str | int | float | bool]:
         info = self._runner().info
-        return {"model": info.name, "device": info.device, "num_blocks": info.num_blocks,
+        return {"model": info.name, "device": info.device, "dtype": info.dtype,
+                "threads": info.threads, "num_blocks": info.num_blocks,
                 "block_size": info.block_size, "host_slots": info.host_slots,
                 "max_model_len": info.max_model_len, "vocab_size": info.vocab_size}
 
@@ -110,38 +130,20 @@ class Driver(Service):
         for src, dst in msg.copies:
             if not (0 <= src < n and 0 <= dst < n):
                 raise BadRequest(f"copy ({src}, {dst}) names a block this driver does not own (it has {n})")
-        # Bad sampling parameters fail their own sequence only, like bad tokens.
-        errors: dict[int, str] = {}
-        steps: list[SeqStep] = []
-        for i, s in enumerate(msg.steps):
-            try:
-                s.params.validate()
-            except BadRequest as exc:
-                errors[i] = exc.message
-                continue
-            steps.append(SeqStep(s.seq_id, s.token_ids, s.start_pos, s.block_table, s.sample, s.params,
-                                 s.prior_token_ids))
+        # The runner checks each step and fails a bad one alone (bad tokens,
+        # blocks or sampling parameters); the others still run.
         async with self._step_lock:
             self._busy = True
             began = time.perf_counter()
             try:
                 if msg.copies:
                     await anyio.to_thread.run_sync(runner.copy_blocks, msg.copies)
-                results = iter(await anyio.to_thread.run_sync(runner.execute, steps) if steps else [])
+                results = await anyio.to_thread.run_sync(runner.execute, msg.steps)
             finally:
                 self._busy = False
-                self._last_step_s = time.perf_counter() - began
-        self._steps += 1
-        self._tokens += sum(len(s.token_ids) for s in steps)
-        outputs = []
-        for i, s in enumerate(msg.steps):
-            if i in errors:
-                outputs.append(dp.SeqOutput(s.seq_id, error=errors[i]))
-                continue
-            r = next(results)
-            outputs.append(dp.SeqOutput(r.seq_id, -1 if r.token is None else r.token, r.logprob or 0.0,
-                                        list(r.top_logprobs), r.error or ""))
-        return dp.Executed(outputs, self._last_step_s)
+        outputs = [dp.SeqOutput(r.seq_id, -1 if r.token is None else r.token, r.logprob or 0.0,
+                                list(r.top_logprobs), r.error or "") for r in results]
+        return dp.Executed(outputs, time.perf_counter() - began)
 
     @handler
     async def swap_out(self, msg: dp.SwapBlocksOut, ctx: Context) -> dp.Swapped:
@@ -164,5 +166,6 @@ class Driver(Service):
 
     @handler(idempotent=True)
     async def health(self, msg: dp.DriverHealth, ctx: Context) -> dp.DriverHealthReply:
-        # Never waits for the step lock: it answers while a step is running.
-        return dp.DriverHealthReply(True, self._busy, self._steps, self._tokens, self._last_step_s)
+        # The runner never waits for a running step: this answers during one.
+        h = self._runner().health()
+        return dp.DriverHealthReply(h.ok, self._busy, h.steps, h.tokens, h.last_step_s, h.detail)

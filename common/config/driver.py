@@ -12,8 +12,8 @@ import msgspec
 from common.configfile import load_table
 from ipc.errors import BadRequest
 
-# drivers/model/runner.py _DTYPES (kept in step by tests/unit/test_config.py)
-DTYPES = ("float32", "bfloat16", "float16")
+# "auto" and drivers/model/dtypes.py TORCH_DTYPES (kept in step by tests/unit/test_config.py)
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 class DriverConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -24,9 +24,11 @@ class DriverConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     kv_cache_mb: float = 256.0
     # Tokens per KV block.
     block_size: int = 16
-    # "" = float32 on CPU, the checkpoint's dtype on CUDA; else float32, bfloat16 or float16.
-    dtype: str = ""
-    # torch intra-op threads (CPU); 0 = torch's default.
+    # Weights and KV cache: "auto" = bfloat16 where the device multiplies it
+    # natively (AMX / AVX-512 BF16 CPUs, CUDA 8.0+), else float32 on a CPU and
+    # float16 on CUDA; or float32, bfloat16, float16 (docs/drivers.md).
+    dtype: str = "auto"
+    # torch intra-op threads (CPU); 0 = one per CPU the driver may run on.
     threads: int = 0
     # A cap below the model's context window; 0 = the model's.
     max_model_len: int = 0
@@ -39,8 +41,9 @@ class DriverConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
             (bool(self.model), "model must not be empty ('demo' or a directory)"),
             (self.kv_cache_mb > 0, "kv_cache_mb must be > 0"),
             (self.block_size >= 1, "block_size must be >= 1"),
-            (self.dtype in ("", *DTYPES), f"dtype must be one of {', '.join(DTYPES)} (or '' for the default)"),
-            (self.threads >= 0, "threads must be >= 0 (0: torch's default)"),
+            # "": what config files written before "auto" existed hold.
+            (self.dtype in ("", *DTYPES), f"dtype must be one of {', '.join(DTYPES)}"),
+            (self.threads >= 0, "threads must be >= 0 (0: one per CPU the driver may run on)"),
             (self.max_model_len >= 0, "max_model_len must be >= 0 (0: the model's)"),
             (self.swap_mb >= 0, "swap_mb must be >= 0"),
             (self.host_slots >= 0, "host_slots must be >= 0"),

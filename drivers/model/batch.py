@@ -1,4 +1,4 @@
-"""From a list of `SeqStep` to one flattened forward batch.
+"""From a list of `StepSeq` (the driver wire's own struct) to one flattened forward batch.
 
 `check_steps` finds the sequences whose step is invalid, with a reason each;
 `build_batch` lays the valid ones out: decodes first (grouped by context
@@ -16,8 +16,8 @@ import torch
 
 from drivers.model.attention import AttentionPlan, PagedAttention, group_decodes
 from drivers.model.llama import ForwardBatch
-from drivers.model.step import SeqStep
 from ipc.errors import BadRequest
+from ipc.protocol.driver import StepSeq
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,7 +28,7 @@ class Limits:
     block_size: int
 
 
-def check_steps(steps: Sequence[SeqStep], limits: Limits) -> list[str | None]:
+def check_steps(steps: Sequence[StepSeq], limits: Limits) -> list[str | None]:
     """An error message for each invalid step, None for each valid one."""
     errors = [_check(s, limits) for s in steps]
     seen: dict[int, int] = {}
@@ -57,9 +57,9 @@ def check_steps(steps: Sequence[SeqStep], limits: Limits) -> list[str | None]:
     return errors
 
 
-def _check(s: SeqStep, lim: Limits) -> str | None:
-    if not isinstance(s, SeqStep):
-        return f"expected a SeqStep, got {type(s).__name__}"
+def _check(s: StepSeq, lim: Limits) -> str | None:
+    if not isinstance(s, StepSeq):
+        return f"expected a StepSeq, got {type(s).__name__}"
     try:
         ids = [operator.index(t) for t in s.token_ids]
         table = [operator.index(b) for b in s.block_table]
@@ -102,7 +102,7 @@ def _check(s: SeqStep, lim: Limits) -> str | None:
     return None
 
 
-def build_batch(steps: Sequence[SeqStep], attention: PagedAttention,
+def build_batch(steps: Sequence[StepSeq], attention: PagedAttention,
                 device: torch.device) -> tuple[ForwardBatch, list[int]]:
     """Flatten valid steps. Returns the batch and, for each logits row, the
     index in `steps` of the sequence it belongs to."""

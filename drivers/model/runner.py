@@ -8,6 +8,7 @@ overlapping calls wait rather than corrupt the cache.
 
 from __future__ import annotations
 
+import os
 import random
 import threading
 import time
@@ -23,18 +24,17 @@ from drivers.model.attention import DecodeKernel
 from drivers.model.batch import Limits, build_batch, check_steps
 from drivers.model.config import ModelConfig, load_config
 from drivers.model.demo import ensure_demo
+from drivers.model.dtypes import dtype_name, resolve_dtype
 from drivers.model.errors import InvalidStep
 from drivers.model.host_tier import HostTier
 from drivers.model.kv_cache import KVCache, block_nbytes
 from drivers.model.llama import LlamaModel, Weights
 from drivers.model.loader import load_checkpoint
 from drivers.model.sampling import Sampler, SampleRow, splitmix64
-from drivers.model.step import SeqResult, SeqStep
+from drivers.model.step import SeqResult
 from text.tokenizer import Tokenizer
 from ipc.errors import BadRequest, Internal
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
+from ipc.protocol.driver import StepSeq
 
 @dataclass(frozen=True, slots=True)
 class ModelInfo:
@@ -49,8 +49,9 @@ class ModelInfo:
     block_nbytes: int              # bytes per block (all layers, K and V)
     eos_token_ids: tuple[int, ...]
     bos_token_id: int | None
-    dtype: str
+    dtype: str                     # what the weights and KV cache hold
     device: str
+    threads: int                   # torch intra-op threads (process-wide)
     num_params: int
     host_slots: int                # slots in the host swap tier (0: none)
 
@@ -58,7 +59,7 @@ class ModelInfo:
 @dataclass(frozen=True, slots=True)
 class RunnerHealth:
     ok: bool
-    detail: str
+    detail: str                    # "ok", or what is wrong
     steps: int                     # execute calls served
     tokens: int                    # tokens run through the model
     last_step_s: float             # duration of the last execute
@@ -85,7 +86,10 @@ class ModelRunner:
         self._lock = threading.Lock()
         self._steps = self._tokens = 0
         self._last_step_s = 0.0
-        dtype = next(k for k, v in _DTYPES.items() if v == weights.embed.dtype)
+        # Why the last step says the runner is broken (None: it was fine): a
+        # forward pass that raised, or logits non-finite for every sequence.
+        self._fault: str | None = None
+        dtype = dtype_name(weights.embed.dtype)
         self.info = ModelInfo(
             name=name, architecture=config.architecture, path=str(path),
             vocab_size=config.vocab_size, sampleable_vocab=sampleable,
@@ -93,6 +97,7 @@ class ModelRunner:
             block_size=cache.block_size, block_nbytes=cache.block_nbytes,
             eos_token_ids=tokenizer.eos_token_ids or config.eos_token_ids,
             bos_token_id=tokenizer.bos_token_id, dtype=dtype, device=str(self.device),
+            threads=torch.get_num_threads(),
             num_params=weights.num_params(), host_slots=host_tier.num_slots if host_tier else 0)
 
     @classmethod
@@ -105,10 +110,10 @@ class ModelRunner:
 
         kv_cache_bytes: device memory for the block pool; num_blocks is that
             divided by `info.block_nbytes`.
-        dtype: "float32" | "bfloat16" | "float16"; default float32 on CPU
-            (no fast half-precision matmul there) and the checkpoint's dtype
-            on CUDA.
-        num_threads: torch intra-op threads (process-wide); default torch's.
+        dtype: "auto" (default) | "float32" | "bfloat16" | "float16"
+            (dtypes.py: what auto picks, what a device refuses).
+        num_threads: torch intra-op threads (process-wide); default one per
+            CPU this process may run on (os.sched_getaffinity).
         max_model_len: cap below the model's context window.
         decode_kernel: "bag" or "gather" (attention.py); default "bag" on
             CPU in float32, else "gather".
@@ -118,19 +123,15 @@ class ModelRunner:
         """
         if block_size < 1:
             raise BadRequest(f"block_size must be >= 1, got {block_size}")
-        if num_threads is not None:
-            if num_threads < 1:
-                raise BadRequest(f"num_threads must be >= 1, got {num_threads}")
-            torch.set_num_threads(num_threads)
+        if num_threads is not None and num_threads < 1:
+            raise BadRequest(f"num_threads must be >= 1, got {num_threads}")
+        torch.set_num_threads(num_threads or len(os.sched_getaffinity(0)))
         dev = torch.device(device)
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise BadRequest("device 'cuda' requested but CUDA is not available")
+        tdtype = resolve_dtype(dtype or "auto", dev)
         path = ensure_demo(home) if model == catalog.DEMO else catalog.model_dir(model, home)
         config = load_config(path)
-        name = dtype or ("float32" if dev.type == "cpu" else config.torch_dtype)
-        if name not in _DTYPES:
-            raise BadRequest(f"dtype must be one of {', '.join(_DTYPES)}, got {name!r}")
-        tdtype = _DTYPES[name]
         per_block = block_nbytes(config, block_size, tdtype)
         num_blocks = kv_cache_bytes // per_block
         if num_blocks < 1:
@@ -150,15 +151,15 @@ class ModelRunner:
         return cls(model, path, config, weights, tokenizer, cache, max_model_len=limit,
                    decode_kernel=kernel, host_tier=tier)
 
-    def execute(self, steps: Sequence[SeqStep]) -> list[SeqResult]:
+    def execute(self, steps: Sequence[StepSeq]) -> list[SeqResult]:
         """Run one step for every sequence in `steps` in a single forward pass:
         write their new tokens' keys and values into their blocks and sample
         the next token of each with `sample=True`. Results come in the order
         of `steps`. An invalid step fails only its own sequence (see
         `SeqResult.error`); nothing is written for it."""
         for s in steps:
-            if not isinstance(s, SeqStep):
-                raise InvalidStep(f"execute takes SeqStep values, got {type(s).__name__}")
+            if not isinstance(s, StepSeq):
+                raise InvalidStep(f"execute takes StepSeq values, got {type(s).__name__}")
         with self._lock, torch.inference_mode():
             began = time.perf_counter()
             errors = check_steps(steps, self.limits)
@@ -170,22 +171,28 @@ class ModelRunner:
             self._last_step_s = time.perf_counter() - began
         return results
 
-    def _run(self, steps: list[SeqStep], where: list[int], results: list[SeqResult]) -> None:
+    def _run(self, steps: list[StepSeq], where: list[int], results: list[SeqResult]) -> None:
         batch, sampled = build_batch(steps, self.model.attention, self.device)
         try:
             logits = self.model.forward(batch)
         except RuntimeError as exc:
+            self._fault = f"the last step's forward pass failed: {exc}"
             raise Internal(f"forward pass failed: {exc}") from exc
         self._tokens += batch.tokens.numel()
+        self._fault = None
         if not sampled:
             return
         rows = [self._sample_row(steps[i]) for i in sampled]
-        for i, sample in zip(sampled, self.sampler.sample(logits, rows)):
+        samples = self.sampler.sample(logits, rows)
+        if all(sample.token is None for sample in samples):
+            self._fault = (f"the last step's logits were non-finite for all {len(samples)} "
+                           f"sequences sampled (weights or device arithmetic broken)")
+        for i, sample in zip(sampled, samples):
             s = steps[i]
             results[where[i]] = SeqResult(s.seq_id, sample.token, sample.logprob,
                                           sample.top_logprobs, sample.error)
 
-    def _sample_row(self, s: SeqStep) -> SampleRow:
+    def _sample_row(self, s: StepSeq) -> SampleRow:
         p = s.params
         seed = p.seed if p.seed is not None else splitmix64(self._salt ^ s.seq_id)
         history: Sequence[int] = ()
@@ -228,17 +235,22 @@ class ModelRunner:
         return self.host_tier
 
     def health(self) -> RunnerHealth:
-        """Whether the device still computes; cheap enough for every heartbeat,
-        and answered without waiting for a running step (torch ops are
-        thread-safe; the probe touches no shared state)."""
-        try:
-            with torch.inference_mode():
-                probe = torch.ones(8, device=self.device).sum()
-                ok = bool(probe.item() == 8.0)
-            detail = "ok" if ok else "device arithmetic is wrong"
-        except RuntimeError as exc:
-            ok, detail = False, f"device error: {exc}"
-        return RunnerHealth(ok, detail, self._steps, self._tokens, self._last_step_s)
+        """Whether the runner still computes: the last step's outcome, and,
+        when no step is running, a tiny probe on the device (a lost CUDA
+        device fails it). Never waits for a running step: while one runs,
+        the last step's outcome stands."""
+        detail = self._fault
+        if detail is None and self._lock.acquire(blocking=False):
+            try:
+                with torch.inference_mode():
+                    probe = torch.ones(8, device=self.device).sum()
+                    if probe.item() != 8.0:
+                        detail = "device arithmetic is wrong (1 * 8 != 8)"
+            except RuntimeError as exc:
+                detail = f"device error: {exc}"
+            finally:
+                self._lock.release()
+        return RunnerHealth(detail is None, detail or "ok", self._steps, self._tokens, self._last_step_s)
 
     def close(self) -> None:
         if self.host_tier is not None:

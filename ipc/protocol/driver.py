@@ -13,7 +13,20 @@ DRIVER = "driver"
 
 
 class StepSeq(Message):
-    """One sequence's share of a step (see drivers.model.step.SeqStep)."""
+    """One sequence's share of a step; the model runner consumes it as it
+    arrives (drivers/model/runner.py `execute`).
+
+    token_ids: the new tokens, at positions start_pos, start_pos + 1, ...: a
+        prefill chunk, or the one token sampled last step.
+    block_table: physical KV blocks covering positions [0, start_pos +
+        len(token_ids)), in order (position p lives in block
+        block_table[p // block_size] at offset p % block_size). The keys and
+        values of positions below start_pos must already be in those blocks.
+    sample: False for a prefill chunk that is not the prompt's last; then no
+        token is produced (and no logits computed).
+    prior_token_ids: the tokens at positions [0, start_pos); read only when
+        params.repetition_penalty != 1, which then requires all of them.
+    """
 
     seq_id: int
     token_ids: list[int]
@@ -89,8 +102,12 @@ class DriverHealth(Request["DriverHealthReply"]):
 
 
 class DriverHealthReply(Message):
+    """ok: the model runner still computes (the last step did not fail, and
+    an idle device answered a probe); `detail` says why not."""
+
     ok: bool
     busy: bool
     steps: int
     tokens: int
     last_step_s: float
+    detail: str = ""

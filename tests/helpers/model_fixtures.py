@@ -11,7 +11,7 @@ import torch
 
 from drivers.model.runner import ModelRunner
 from drivers.model.sampling import Sample, Sampler, SampleRow
-from drivers.model.step import SeqStep
+from ipc.protocol.driver import StepSeq
 from ipc.protocol.sampling import SamplingParams
 
 TOKENIZER_VOCAB = 280     # byte-level BPE: 256 bytes + 22 merges, then <s> </s>
@@ -121,9 +121,9 @@ def prefill_then_decode(runner: ModelRunner, seq_id: int, ids: Sequence[int], pr
     chunk = chunk or prompt_len
     for lo in range(0, prompt_len, chunk):
         hi = min(prompt_len, lo + chunk)
-        runner.execute([SeqStep(seq_id, list(ids[lo:hi]), lo, table, sample=hi == prompt_len, **step)])
+        runner.execute([StepSeq(seq_id, list(ids[lo:hi]), lo, table, sample=hi == prompt_len, **step)])
     for pos in range(prompt_len, len(ids)):
-        runner.execute([SeqStep(seq_id, [ids[pos]], pos, table, **step)])
+        runner.execute([StepSeq(seq_id, [ids[pos]], pos, table, **step)])
 
 
 def local_greedy(ckpt: Path, prompt: list[int], n: int) -> list[int]:
@@ -132,7 +132,7 @@ def local_greedy(ckpt: Path, prompt: list[int], n: int) -> list[int]:
     bs = runner.info.block_size
     table = list(range((len(prompt) + n) // bs + 1))
     greedy = SamplingParams(temperature=0.0)
-    out: list[int | None] = [runner.execute([SeqStep(1, prompt, 0, table, params=greedy)])[0].token]
+    out: list[int | None] = [runner.execute([StepSeq(1, prompt, 0, table, params=greedy)])[0].token]
     for i in range(n - 1):
-        out.append(runner.execute([SeqStep(1, [out[-1] or 0], len(prompt) + i, table, params=greedy)])[0].token)
+        out.append(runner.execute([StepSeq(1, [out[-1] or 0], len(prompt) + i, table, params=greedy)])[0].token)
     return [t for t in out if t is not None]

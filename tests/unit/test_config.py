@@ -199,6 +199,6 @@ def test_config_example_has_every_setting_and_decodes_back_to_the_defaults(
 
 def test_driver_dtypes_match_the_model_runner() -> None:
     from common.config.driver import DTYPES
-    from drivers.model.runner import _DTYPES
+    from drivers.model.dtypes import AUTO, TORCH_DTYPES
 
-    assert set(DTYPES) == set(_DTYPES)
+    assert set(DTYPES) == {AUTO, *TORCH_DTYPES}

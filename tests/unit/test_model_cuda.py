@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from drivers.model.runner import ModelRunner
-from drivers.model.step import SeqStep
+from ipc.protocol.driver import StepSeq
 from ipc.protocol.sampling import SamplingParams
 from tests.helpers.model_fixtures import hf_logits, make_checkpoint, prefill_then_decode, recording
 
@@ -40,16 +40,16 @@ def test_cuda_mixed_batch_sampling_and_swap(tmp_path: Path) -> None:
     make_checkpoint(tmp_path, "llama", sharp=True)
     runner = load(tmp_path, dtype="bfloat16", host_tier_slots=4)
     seeded = SamplingParams(temperature=0.8, seed=5)
-    steps = [SeqStep(1, [1, 2, 3, 4, 5], 0, [0, 1], params=GREEDY),
-             SeqStep(2, [9], 0, [2], params=seeded),
-             SeqStep(3, [], 0, [3])]
+    steps = [StepSeq(1, [1, 2, 3, 4, 5], 0, [0, 1], params=GREEDY),
+             StepSeq(2, [9], 0, [2], params=seeded),
+             StepSeq(3, [], 0, [3])]
     out = runner.execute(steps)
     assert out[0].token is not None and out[1].token is not None
     assert out[2].error is not None and "empty" in out[2].error
     assert out[0].token < runner.info.sampleable_vocab
     runner.swap_out_to_host([0, 1], [2, 3])
     runner.swap_in_from_host([2, 3], [4, 5])
-    a = runner.execute([SeqStep(1, [out[0].token], 5, [0, 1], params=GREEDY)])[0]
-    b = runner.execute([SeqStep(4, [out[0].token], 5, [4, 5], params=GREEDY)])[0]
+    a = runner.execute([StepSeq(1, [out[0].token], 5, [0, 1], params=GREEDY)])[0]
+    b = runner.execute([StepSeq(4, [out[0].token], 5, [4, 5], params=GREEDY)])[0]
     assert (a.token, a.logprob) == (b.token, b.logprob)
     assert runner.health().ok

@@ -13,8 +13,8 @@ from safetensors.torch import load_file, save_file
 from drivers.model import demo
 from drivers.model.errors import CheckpointError
 from drivers.model.runner import ModelRunner
-from drivers.model.step import SeqStep
 from ipc.errors import BadRequest
+from ipc.protocol.driver import StepSeq
 from ipc.protocol.sampling import SamplingParams
 from tests.helpers.model_fixtures import hf_logits, make_checkpoint, recording
 
@@ -27,7 +27,7 @@ def load(path: Path) -> ModelRunner:
 
 def prompt_logits(runner: ModelRunner, ids: list[int]) -> torch.Tensor:
     rec = recording(runner)
-    runner.execute([SeqStep(1, ids, 0, list(range(8)), params=GREEDY)])
+    runner.execute([StepSeq(1, ids, 0, list(range(8)), params=GREEDY)])
     return rec.logits[0]
 
 
@@ -148,10 +148,10 @@ def test_demo_is_generated_once_then_read_from_the_cache(tmp_path: Path, monkeyp
     outs = []
     for runner in (first, second):
         table = list(range(4))
-        res = runner.execute([SeqStep(1, prompt, 0, table, params=GREEDY)])[0]
+        res = runner.execute([StepSeq(1, prompt, 0, table, params=GREEDY)])[0]
         tokens = [res.token]
         for pos in range(len(prompt), len(prompt) + 12):
-            res = runner.execute([SeqStep(1, [tokens[-1]], pos, table, params=GREEDY)])[0]
+            res = runner.execute([StepSeq(1, [tokens[-1]], pos, table, params=GREEDY)])[0]
             tokens.append(res.token)
         outs.append(tokens)
     assert outs[0] == outs[1]

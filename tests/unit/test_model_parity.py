@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from drivers.model.runner import ModelRunner
-from drivers.model.step import SeqStep
+from ipc.protocol.driver import StepSeq
 from ipc.protocol.sampling import SamplingParams
 from tests.helpers.model_fixtures import (
     MODEL_VOCAB, TOKENIZER_VOCAB, hf_logits, make_checkpoint, prefill_then_decode, recording)
@@ -67,10 +67,10 @@ def test_greedy_tokens_match_transformers_generate(tmp_path: Path, arch: str) ->
                              suppress_tokens=list(range(TOKENIZER_VOCAB, MODEL_VOCAB)),
                              )[0, len(prompt):].tolist()
     table = list(range(20))
-    out = runner.execute([SeqStep(1, prompt, 0, table, params=GREEDY)])
+    out = runner.execute([StepSeq(1, prompt, 0, table, params=GREEDY)])
     tokens = [out[0].token]
     for pos in range(len(prompt), len(prompt) + 39):
-        out = runner.execute([SeqStep(1, [tokens[-1]], pos, table, params=GREEDY)])
+        out = runner.execute([StepSeq(1, [tokens[-1]], pos, table, params=GREEDY)])
         tokens.append(out[0].token)
     assert tokens == ref
     # Meaningful only on a real trajectory with clear top-1 margins (the

@@ -11,7 +11,8 @@ import torch
 
 from drivers.model.errors import InvalidStep
 from drivers.model.runner import ModelRunner
-from drivers.model.step import SeqResult, SeqStep
+from drivers.model.step import SeqResult
+from ipc.protocol.driver import StepSeq
 from ipc.protocol.sampling import SamplingParams
 from tests.helpers.model_fixtures import make_checkpoint, recording
 
@@ -44,11 +45,11 @@ def assert_same(a: SeqResult, b: SeqResult) -> None:
 def run_alone(runner: ModelRunner, seq_id: int, prompt: list[int], table: list[int],
               params: SamplingParams, decodes: int) -> list[SeqResult]:
     """The prompt in one step, then `decodes` steps feeding back each token."""
-    out = runner.execute([SeqStep(seq_id, prompt, 0, table, params=params)])
+    out = runner.execute([StepSeq(seq_id, prompt, 0, table, params=params)])
     results = [out[0]]
     for k in range(decodes):
         assert results[-1].token is not None
-        step = SeqStep(seq_id, [results[-1].token], len(prompt) + k, table, params=params)
+        step = StepSeq(seq_id, [results[-1].token], len(prompt) + k, table, params=params)
         results.append(runner.execute([step])[0])
     return results
 
@@ -67,17 +68,17 @@ def test_mixed_batch_matches_each_sequence_alone(ckpt: Path, kernel: str) -> Non
     got: dict[int, list[SeqResult]] = {s: [] for s in prompts}
     pending = {s: 0 for s in prompts}          # prompt tokens fed so far
 
-    def step_for(s: int, chunk: int) -> SeqStep | None:
+    def step_for(s: int, chunk: int) -> StepSeq | None:
         done, prompt = pending[s], prompts[s]
         if done < len(prompt):
             hi = min(len(prompt), done + chunk)
             pending[s] = hi
-            return SeqStep(s, prompt[done:hi], done, tables[s], sample=hi == len(prompt),
+            return StepSeq(s, prompt[done:hi], done, tables[s], sample=hi == len(prompt),
                            params=params[s])
         if len(got[s]) > 6:
             return None
         pos = len(prompt) + len(got[s]) - 1
-        return SeqStep(s, [got[s][-1].token], pos, tables[s], params=params[s])  # type: ignore[list-item]
+        return StepSeq(s, [got[s][-1].token], pos, tables[s], params=params[s])  # type: ignore[list-item]
 
     # Sequence 3 prefills in chunks of 8 while the others decode; sequence 4
     # joins late. Each step holds prefill chunks and decodes together.
@@ -96,24 +97,24 @@ def test_mixed_batch_matches_each_sequence_alone(ckpt: Path, kernel: str) -> Non
 
 def test_bad_sequences_fail_alone_and_the_rest_run(ckpt: Path) -> None:
     runner = load(ckpt)
-    good_alone = load(ckpt).execute([SeqStep(1, [5, 6, 7], 0, [0], params=GREEDY)])[0]
+    good_alone = load(ckpt).execute([StepSeq(1, [5, 6, 7], 0, [0], params=GREEDY)])[0]
     max_len, vocab, blocks = runner.info.max_model_len, runner.info.vocab_size, runner.info.num_blocks
     bad = {
-        2: (SeqStep(2, [], 0, [1]), "empty token_ids"),
-        3: (SeqStep(3, [1, 2], max_len - 1, list(range(2, 2 + max_len // BS + 1))),
+        2: (StepSeq(2, [], 0, [1]), "empty token_ids"),
+        3: (StepSeq(3, [1, 2], max_len - 1, list(range(2, 2 + max_len // BS + 1))),
             "exceeds the context window"),
-        4: (SeqStep(4, [1, vocab], 0, [3]), f"token id {vocab} is out of the vocabulary"),
-        5: (SeqStep(5, [1, 2], 0, [-1]), "block id -1 is not one of this driver's blocks"),
-        6: (SeqStep(6, [1, 2], 0, [blocks]), f"block id {blocks} is not one of"),
-        7: (SeqStep(7, [1, 2, 3, 4, 5], 0, [4]), "block table has 1 blocks"),
-        8: (SeqStep(8, [1], 0, [5], params=SamplingParams(top_p=0.0)), "top_p"),
-        9: (SeqStep(9, [1], 3, [6], params=SamplingParams(repetition_penalty=1.3)),
+        4: (StepSeq(4, [1, vocab], 0, [3]), f"token id {vocab} is out of the vocabulary"),
+        5: (StepSeq(5, [1, 2], 0, [-1]), "block id -1 is not one of this driver's blocks"),
+        6: (StepSeq(6, [1, 2], 0, [blocks]), f"block id {blocks} is not one of"),
+        7: (StepSeq(7, [1, 2, 3, 4, 5], 0, [4]), "block table has 1 blocks"),
+        8: (StepSeq(8, [1], 0, [5], params=SamplingParams(top_p=0.0)), "top_p"),
+        9: (StepSeq(9, [1], 3, [6], params=SamplingParams(repetition_penalty=1.3)),
             "needs prior_token_ids"),
-        10: (SeqStep(10, [1, 2], -1, [7]), "start_pos -1 is negative"),
-        11: (SeqStep(11, [1, 2], 0, [0]), "seq_id 1 also writes"),   # block 0 is seq 1's
+        10: (StepSeq(10, [1, 2], -1, [7]), "start_pos -1 is negative"),
+        11: (StepSeq(11, [1, 2], 0, [0]), "seq_id 1 also writes"),   # block 0 is seq 1's
     }
-    steps = [SeqStep(1, [5, 6, 7], 0, [0], params=GREEDY)] + [s for s, _ in bad.values()]
-    steps.append(SeqStep(1, [9], 0, [8]))                           # duplicate seq_id
+    steps = [StepSeq(1, [5, 6, 7], 0, [0], params=GREEDY)] + [s for s, _ in bad.values()]
+    steps.append(StepSeq(1, [9], 0, [8]))                           # duplicate seq_id
     results = runner.execute(steps)
     assert [r.seq_id for r in results] == [s.seq_id for s in steps]
     assert_same(results[0], good_alone)
@@ -124,7 +125,7 @@ def test_bad_sequences_fail_alone_and_the_rest_run(ckpt: Path) -> None:
 
 
 def test_non_sequence_input_is_rejected_as_a_whole(ckpt: Path) -> None:
-    with pytest.raises(InvalidStep, match="SeqStep"):
+    with pytest.raises(InvalidStep, match="StepSeq"):
         load(ckpt).execute([("not", "a", "step")])  # type: ignore[list-item]
 
 
@@ -132,8 +133,8 @@ def test_non_sequence_input_is_rejected_as_a_whole(ckpt: Path) -> None:
 def test_nan_logits_fail_one_sequence_and_stale_nan_never_leaks(ckpt: Path, kernel: str) -> None:
     runner = load(ckpt, decode_kernel=kernel)
     clean = load(ckpt, decode_kernel=kernel)
-    a = [SeqStep(1, [10, 11, 12, 13, 14], 0, [0, 1], params=GREEDY)]
-    b = [SeqStep(2, [20, 21, 22], 0, [2], params=GREEDY)]
+    a = [StepSeq(1, [10, 11, 12, 13, 14], 0, [0, 1], params=GREEDY)]
+    b = [StepSeq(2, [20, 21, 22], 0, [2], params=GREEDY)]
     runner.execute(a + b)
     expected_b = clean.execute(b)[0]
     # Poison sequence 1's KV; block 3's slots are stale garbage nobody owns.
@@ -141,23 +142,23 @@ def test_nan_logits_fail_one_sequence_and_stale_nan_never_leaks(ckpt: Path, kern
     runner.cache.v[:, 0] = float("nan")
     runner.cache.k[:, 3] = float("nan")
     runner.cache.v[:, 3] = float("nan")
-    out = runner.execute([SeqStep(1, [15], 5, [0, 1], params=GREEDY),
-                          SeqStep(3, [30, 31], 0, [3], params=GREEDY)])
+    out = runner.execute([StepSeq(1, [15], 5, [0, 1], params=GREEDY),
+                          StepSeq(3, [30, 31], 0, [3], params=GREEDY)])
     assert out[0].token is None and "non-finite" in (out[0].error or "")
     # Sequence 3 wrote slots 0-1 of block 3; slots 2-3 still hold NaN.
-    assert_same(out[1], clean.execute([SeqStep(3, [30, 31], 0, [3], params=GREEDY)])[0])
-    b_next = SeqStep(2, [expected_b.token], 3, [2], params=GREEDY)  # type: ignore[list-item]
+    assert_same(out[1], clean.execute([StepSeq(3, [30, 31], 0, [3], params=GREEDY)])[0])
+    b_next = StepSeq(2, [expected_b.token], 3, [2], params=GREEDY)  # type: ignore[list-item]
     assert_same(runner.execute([b_next])[0], clean.execute([b_next])[0])
 
 
 def test_copy_blocks_gives_a_fork_the_same_context(ckpt: Path) -> None:
     runner = load(ckpt)
     prompt = list(range(100, 110))                     # 10 tokens: blocks 0, 1 full, 2 half
-    first = runner.execute([SeqStep(1, prompt, 0, [0, 1, 2], params=GREEDY)])[0]
+    first = runner.execute([StepSeq(1, prompt, 0, [0, 1, 2], params=GREEDY)])[0]
     runner.copy_blocks([(2, 7)])                       # copy-on-write of the shared last block
     assert first.token is not None
-    a = runner.execute([SeqStep(1, [first.token], 10, [0, 1, 2], params=GREEDY)])[0]
-    b = runner.execute([SeqStep(2, [first.token], 10, [0, 1, 7], params=GREEDY)])[0]
+    a = runner.execute([StepSeq(1, [first.token], 10, [0, 1, 2], params=GREEDY)])[0]
+    b = runner.execute([StepSeq(2, [first.token], 10, [0, 1, 7], params=GREEDY)])[0]
     assert_same(a, b)
     with pytest.raises(InvalidStep, match="not in"):
         runner.copy_blocks([(0, runner.info.num_blocks)])
@@ -171,23 +172,23 @@ def test_swap_out_and_in_restores_the_context(ckpt: Path, tmp_path: Path, tier: 
     runner = load(ckpt, host_tier_slots=4, host_tier_path=path)
     reference = load(ckpt)
     prompt = list(range(50, 57))
-    first = runner.execute([SeqStep(1, prompt, 0, [4, 5], params=GREEDY)])[0]
-    reference.execute([SeqStep(1, prompt, 0, [4, 5], params=GREEDY)])
+    first = runner.execute([StepSeq(1, prompt, 0, [4, 5], params=GREEDY)])[0]
+    reference.execute([StepSeq(1, prompt, 0, [4, 5], params=GREEDY)])
     if tier == "bytes":
         image = runner.swap_out([4, 5])
         assert image.shape == (2, runner.info.block_nbytes)
-        runner.execute([SeqStep(9, list(range(8)), 0, [4, 5])])     # blocks reused meanwhile
+        runner.execute([StepSeq(9, list(range(8)), 0, [4, 5])])     # blocks reused meanwhile
         runner.swap_in([10, 11], bytes(image))
     else:
         runner.swap_out_to_host([4, 5], [3, 0])
-        runner.execute([SeqStep(9, list(range(8)), 0, [4, 5])])
+        runner.execute([StepSeq(9, list(range(8)), 0, [4, 5])])
         runner.swap_in_from_host([3, 0], [10, 11])
         if path is not None:
             assert path.stat().st_size == 4 * runner.info.block_nbytes
     assert first.token is not None
-    step = SeqStep(1, [first.token], 7, [10, 11], params=GREEDY)
+    step = StepSeq(1, [first.token], 7, [10, 11], params=GREEDY)
     assert_same(runner.execute([step])[0],
-                reference.execute([SeqStep(1, [first.token], 7, [4, 5], params=GREEDY)])[0])
+                reference.execute([StepSeq(1, [first.token], 7, [4, 5], params=GREEDY)])[0])
     with pytest.raises(InvalidStep):
         runner.swap_in([1], b"short")
     runner.close()
@@ -220,7 +221,7 @@ def test_info_health_and_worker_thread(ckpt: Path) -> None:
     assert info.block_nbytes == 2 * 2 * 2 * 16 * BS * 4
     assert (info.vocab_size, info.sampleable_vocab, info.eos_token_ids) == (300, 280, (279,))
     with ThreadPoolExecutor(1) as pool:
-        res = pool.submit(runner.execute, [SeqStep(1, [1, 2, 3], 0, [0], sample=False)]).result()
+        res = pool.submit(runner.execute, [StepSeq(1, [1, 2, 3], 0, [0], sample=False)]).result()
     assert res == [SeqResult(1)]
     health = runner.health()
     assert health.ok and health.steps == 1 and health.tokens == 3
@@ -263,14 +264,14 @@ def test_repetition_penalty_sees_prior_tokens(ckpt: Path) -> None:
     # Find a context whose greedy next token already occurs in it.
     for _ in range(50):
         prompt = torch.randint(0, 256, (40,), generator=gen).tolist()
-        base = runner.execute([SeqStep(1, prompt, 0, list(range(10)), params=GREEDY)])[0]
+        base = runner.execute([StepSeq(1, prompt, 0, list(range(10)), params=GREEDY)])[0]
         if base.token in prompt:
             break
     assert base.token in prompt
     penal = SamplingParams(temperature=0.0, repetition_penalty=3.0)
-    runner.execute([SeqStep(2, prompt[:-1], 0, list(range(10, 20)), sample=False)])
+    runner.execute([StepSeq(2, prompt[:-1], 0, list(range(10, 20)), sample=False)])
     rec.logits.clear()
-    out = runner.execute([SeqStep(2, prompt[-1:], 39, list(range(10, 20)), params=penal,
+    out = runner.execute([StepSeq(2, prompt[-1:], 39, list(range(10, 20)), params=penal,
                                   prior_token_ids=prompt[:-1])])[0]
     logits = rec.logits[0][:runner.info.sampleable_vocab].clone()
     seen = torch.tensor(sorted(set(prompt)))

@@ -18,7 +18,6 @@ import msgspec
 import torch
 
 from drivers.model.runner import ModelRunner
-from drivers.model.step import SeqStep
 from ipc.protocol import driver as dp
 from ipc.protocol import memory as mp
 from ipc.protocol.base import Message
@@ -107,15 +106,13 @@ class RunnerBackend:
         return self.memory.reregister(req)
 
     async def execute(self, instance: str, req: dp.Execute) -> dp.Executed:
-        steps = [SeqStep(s.seq_id, s.token_ids, s.start_pos, s.block_table, s.sample, s.params,
-                         s.prior_token_ids) for s in req.steps]
         began = time.perf_counter()
 
         def run() -> list[dp.SeqOutput]:
             if req.copies:
                 self.runner.copy_blocks(req.copies)
             return [dp.SeqOutput(r.seq_id, -1 if r.token is None else r.token, r.logprob or 0.0,
-                                 list(r.top_logprobs), r.error or "") for r in self.runner.execute(steps)]
+                                 list(r.top_logprobs), r.error or "") for r in self.runner.execute(req.steps)]
 
         outputs = await anyio.to_thread.run_sync(run)
         return dp.Executed(outputs, time.perf_counter() - began)

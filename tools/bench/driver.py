@@ -31,7 +31,7 @@ import torch
 from drivers.model.catalog import DEMO_CONFIG
 from drivers.model.kv_cache import block_nbytes
 from drivers.model.runner import ModelRunner
-from drivers.model.step import SeqStep
+from ipc.protocol.driver import StepSeq
 from ipc.protocol.sampling import SamplingParams
 
 CONTEXT = 256
@@ -77,7 +77,7 @@ class RunnerBench:
         last = self.first[:batch]
         began = time.perf_counter()
         for k in range(self.steps):
-            out = r.execute([SeqStep(i, [last[i]], CONTEXT + k, tables[i], params=GREEDY)
+            out = r.execute([StepSeq(i, [last[i]], CONTEXT + k, tables[i], params=GREEDY)
                              for i in range(batch)])
             last = [res.token if res.token is not None else 0 for res in out]
         return time.perf_counter() - began
@@ -96,7 +96,7 @@ class RunnerBench:
                     continue
                 budget -= take
                 final = done + take == len(prompts[i])
-                step.append(SeqStep(i, prompts[i][done:done + take], done, tables[i],
+                step.append(StepSeq(i, prompts[i][done:done + take], done, tables[i],
                                     sample=final, params=GREEDY))
                 if not final:
                     rest.append((i, done + take))
