@@ -17,6 +17,7 @@ from typing import Any
 import msgspec
 
 from common.config.driver import DriverConfig
+from common.listen import parse_listen
 from common.configfile import child_tables, read_toml, split_error, where, with_overrides
 from ipc.errors import BadRequest, ConfigError
 from ipc.sockets import FRONT_MAX_MESSAGE_BYTES, SocketLimits
@@ -24,6 +25,10 @@ from common.config.gateway import GatewayConfig
 from common.config.memory import MemoryConfig
 from common.config.scheduler import SchedulerConfig
 from common.config.security import SecurityConfig
+
+
+# Past a child's own bound on stopping (the gateway's drain_s), before SIGKILL.
+SHUTDOWN_SLACK_S = 5.0
 
 
 class Restart(StrEnum):
@@ -56,6 +61,10 @@ class ChildSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     shutdown_timeout_s: float = 5.0
     startup_timeout_s: float = 120.0
     env: dict[str, str] = {}
+    # "HOST:PORT" the kernel binds once and hands to every instance as an
+    # inherited listening socket (LLMOS_LISTEN_FD; common/listen.py), so the
+    # instances share one accept queue that outlives any of them.
+    listen: str = ""
 
 
     @property
@@ -110,13 +119,16 @@ class KernelConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 def default_children(model: str = "", drivers: dict[str, int] | None = None, http: str = "",
-                     kv_cache_mb: float = 0, swap_mb: float = 0.0, preemption: str = "") -> list[ChildSpec]:
+                     kv_cache_mb: float = 0, swap_mb: float = 0.0, preemption: str = "",
+                     gateway: GatewayConfig | None = None) -> list[ChildSpec]:
     """What `llmos up` runs, in start order: security first (it writes
     admin.key and must be up before anyone logs in), the memory server
     before the drivers whose pools it tracks, the scheduler after both, the
-    gateway last (optional: it stops alone). The settings come from the
-    config's tables; model, kv_cache_mb, swap_mb and preemption, when given,
-    are passed as flags over them (tools that boot their own llmos)."""
+    gateway last (optional: it stops alone; `gateway.instances` of them on
+    the one port, each given `drain_s` to finish its streams when stopped).
+    The settings come from the config's tables; model, kv_cache_mb, swap_mb
+    and preemption, when given, are passed as flags over them (tools that
+    boot their own llmos)."""
     children = [ChildSpec(name="security", module="services.security"),
                 ChildSpec(name="memory", module="services.memory")]
     for name, n in (drivers or {"cpu": 1}).items():
@@ -127,8 +139,10 @@ def default_children(model: str = "", drivers: dict[str, int] | None = None, htt
     children.append(ChildSpec(name="scheduler", module="services.scheduler",
                               args=["--preemption", preemption] if preemption else []))
     if http:
+        gw = gateway or GatewayConfig()
         children.append(ChildSpec(name="gateway", module="services.gateway", args=["--listen", http],
-                                  significant=False))
+                                  significant=False, listen=http, instances=gw.instances,
+                                  shutdown_timeout_s=gw.drain_s + SHUTDOWN_SLACK_S))
     return children
 
 
@@ -166,6 +180,11 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         for c in self.children:
             if c.instances < 1:
                 raise ConfigError(f"{where(source, 'children')} child {c.name!r} needs instances >= 1")
+            if c.listen:
+                try:
+                    parse_listen(c.listen)
+                except BadRequest as exc:
+                    raise ConfigError(f"{where(source, 'children')} child {c.name!r}: {exc.message}") from None
             if c.intensity < 0 or c.period_s <= 0:
                 raise ConfigError(f"{where(source, 'children')} child {c.name!r} has a bad restart "
                                   f"intensity/period")

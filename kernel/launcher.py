@@ -5,6 +5,7 @@ cluster launcher later, behind the same interface."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from abc import ABC, abstractmethod
@@ -14,6 +15,7 @@ from typing import Protocol, cast
 import anyio
 
 from common.home import child_output_path
+from common.listen import LISTEN_FD_ENV, bind_listener
 from kernel.config import ChildSpec
 
 OUTPUT_MAX_BYTES = 4 * 1024 * 1024
@@ -51,9 +53,22 @@ class LocalLauncher(Launcher):
     def __init__(self, python: str = sys.executable, output_home: Path | None = None):
         self.python = python
         self.output_home = output_home
+        # spec.listen → its listening socket, bound at the spec's first start
+        # and held for the kernel's lifetime (common/listen.py).
+        self.listeners: dict[str, socket.socket] = {}
+
+    def listener(self, address: str) -> socket.socket:
+        sock = self.listeners.get(address)
+        if sock is None:
+            sock = self.listeners[address] = bind_listener(address)  # OSError names the address
+        return sock
 
     async def spawn(self, spec: ChildSpec, instance: str, env: dict[str, str]) -> ChildProcess:
         full_env = {**os.environ, **spec.env, **env}
+        fds: tuple[int, ...] = ()
+        if spec.listen:
+            fds = (self.listener(spec.listen).fileno(),)
+            full_env[LISTEN_FD_ENV] = str(fds[0])
         out: int | None = None
         if self.output_home is not None:
             full_env["LLMOS_LOG_STDERR"] = "0"
@@ -66,6 +81,7 @@ class LocalLauncher(Launcher):
                 stdout=out,
                 stderr=out,
                 start_new_session=True,  # a ^C to the kernel's terminal reaches the kernel only
+                pass_fds=fds,
             )
         finally:
             if out is not None:

@@ -89,11 +89,12 @@ def up_config(args: argparse.Namespace) -> Any:
         "llmos up flags" + (f" over config file {args.config}" if args.config else ""),
         **{"driver.model": args.model, "driver.kv_cache_mb": args.kv_cache_mb, "driver.dtype": args.dtype,
            "driver.swap_mb": swap_mb, "scheduler.preemption": args.preemption,
-           "scheduler.policy.name": args.policy, "scheduler.tpot_target_ms": args.autotune})
+           "scheduler.policy.name": args.policy, "scheduler.tpot_target_ms": args.autotune,
+           "gateway.instances": args.gateway_instances})
     if args.config is None or args.drivers or args.http:
         # --drivers and --http describe the children (a file's [[children]] otherwise)
         config = msgspec.structs.replace(config, children=default_children(
-            drivers=parse_drivers(args.drivers or "cpu=1"), http=args.http or ""))
+            drivers=parse_drivers(args.drivers or "cpu=1"), http=args.http or "", gateway=config.gateway))
     return config
 
 
@@ -267,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--model", help="'demo' (default) or a local Hugging Face directory")
     up.add_argument("--drivers", help="drivers to start, e.g. cpu=1 or cuda=1 (default cpu=1)")
     up.add_argument("--http", help="serve the OpenAI-compatible HTTP API on HOST:PORT, e.g. :8000")
+    up.add_argument("--gateway-instances", type=int, metavar="N",
+                    help="gateway processes sharing the HTTP port (default 2, [gateway] instances)")
     up.add_argument("--quiet", action="store_true",
                     help="print nothing but a failure (every process logs only to LLMOS_HOME/logs)")
     up.add_argument("--log-format", choices=["console", "json"], default="console",
@@ -334,10 +337,11 @@ def main(argv: list[str] | None = None) -> int:
     chaos_cli.add_arguments(chaos)
     chaos.set_defaults(fn=chaos_cli.run)
 
-    from tools import jobs_cli, security_cli
+    from tools import jobs_cli, restart, security_cli
 
     security_cli.add_commands(sub)
     jobs_cli.add_commands(sub)
+    restart.add_commands(sub)
 
     args = ap.parse_args(argv)
     fn: Callable[[argparse.Namespace], int] = args.fn

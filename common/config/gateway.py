@@ -24,6 +24,18 @@ has proved who it is, or how long it can hold it:
 - `allow_anonymous` (false): requests without an API key are refused (401)
   before their body is read; true only for a kernel run with auth off,
   where nobody has a key to send.
+
+Redundancy and restarts (docs/reliability.md, "HTTP clients"):
+
+- `instances` (2): gateway processes sharing the one listening socket the
+  kernel holds (`llmos up --gateway-instances N`); a killed one costs only
+  the connections it had accepted, and its clients resume on another.
+- `resume_grace_s` (30 s): how long a stream whose gateway instance died
+  (or a request sent with an Idempotency-Key whose client left) runs on in
+  the scheduler for its client to come back with Last-Event-ID.
+- `drain_s` (30 s): on SIGTERM an instance stops accepting and lets its
+  streams finish for at most this long; what is left is cut, to be resumed
+  on another instance.
 """
 
 from __future__ import annotations
@@ -34,6 +46,7 @@ import msgspec
 
 from common.configfile import load_table
 from ipc.errors import BadRequest
+from ipc.protocol.scheduler import MAX_LINGER_S
 
 MIB = 1 << 20
 
@@ -49,6 +62,9 @@ class GatewayConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     allow_anonymous: bool = False
     # max_tokens of a request that gives none
     default_max_tokens: int = 256
+    instances: int = 2
+    resume_grace_s: float = 30.0
+    drain_s: float = 30.0
 
     def validate(self) -> "GatewayConfig":
         checks = [
@@ -60,6 +76,9 @@ class GatewayConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
             (self.max_connections_per_client >= 0, "max_connections_per_client must be >= 0 (0: no cap)"),
             (self.keep_alive_s >= 1, "keep_alive_s must be >= 1"),
             (self.default_max_tokens >= 1, "default_max_tokens must be >= 1"),
+            (1 <= self.instances <= 64, "instances must be in [1, 64]"),
+            (0 <= self.resume_grace_s <= MAX_LINGER_S, f"resume_grace_s must be in [0, {MAX_LINGER_S:g}]"),
+            (0 <= self.drain_s <= 3600, "drain_s must be in [0, 3600]"),
         ]
         for ok, why in checks:
             if not ok:

@@ -8,8 +8,8 @@ is tested in memory with a fake one.
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 from starlette.applications import Starlette
@@ -20,20 +20,32 @@ from starlette.routing import Route
 from ipc.errors import BadRequest, Forbidden, Internal, LlmosError, NotFound, Unauthorized
 from ipc.protocol.driver import ModelDescription
 from ipc.protocol.kernel import ChildState
-from ipc.protocol.scheduler import Submit
+from ipc.protocol import kernel as kp
+from ipc.protocol.scheduler import RequestInfo, Submit
 from sdk.generate import Chunk, GenerationStream
 from services.gateway import openai as oa
 from services.gateway.backend import Stats
 from services.gateway.body import check_head, read_body
 from common.config.gateway import GatewayConfig
 from services.gateway.metrics import GatewayMetrics
+from services.gateway.resume import Resume, check_key, event_id, parse_last_event_id, request_id
 from text.chat import ChatFormatter
 
 class Backend(Protocol):
     async def authenticate(self, api_key: str) -> None: ...
+    async def principal(self, api_key: str | None) -> str: ...
     async def stream(self, api_key: str | None, submit: Submit) -> GenerationStream: ...
+    async def request_info(self, api_key: str | None, request_id: str) -> RequestInfo | None: ...
     async def model(self, api_key: str | None) -> ModelDescription: ...
     async def stats(self, api_key: str | None = None) -> Stats: ...
+    async def status(self) -> kp.StatusReply: ...
+
+
+# /health asks the kernel at most this often (a load balancer may probe many
+# times a second, from every instance).
+HEALTH_CACHE_S = 1.0
+# The services without a ready instance of which no generation can run.
+NEEDED = ("scheduler", "driver")
 
 
 def _json(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -65,10 +77,15 @@ def _api_key(request: Request) -> str | None:
     return key.strip()
 
 
-def create_app(backend: Backend, config: GatewayConfig | None = None) -> Starlette:
+def create_app(backend: Backend, config: GatewayConfig | None = None,
+               draining: Callable[[], bool] = lambda: False) -> Starlette:
+    """`draining`: true once this instance stopped accepting (SIGTERM): a
+    stream it then has to cut is left running for its client to resume
+    elsewhere, and /health says so."""
     cfg = config or GatewayConfig()
     metrics = GatewayMetrics()
     chat_formatters: dict[str, ChatFormatter] = {}
+    health_seen: list[tuple[float, kp.StatusReply]] = []
 
     async def caller(request: Request) -> str | None:
         """The caller's API key, resolved to a token, before the body is read:
@@ -99,10 +116,10 @@ def create_app(backend: Backend, config: GatewayConfig | None = None) -> Starlet
             prompt = _prompt(req.prompt, desc)
             submit = oa.to_submit(req, prompt=prompt, logprobs=req.logprobs or 0,
                                   default_max_tokens=cfg.default_max_tokens)
+            resume, keyed = await resumable(request, key, submit, req.request_id, stream=req.stream)
         except LlmosError as exc:
             return refuse("completions", exc, body_read=body_read)
-        return await _run(request, key, submit, model, chat=False, stream=req.stream,
-                          include_usage=True)
+        return await _run(key, submit, model, chat=False, stream=req.stream, resume=resume, keyed=keyed)
 
     async def chat_completions(request: Request) -> Response:
         body_read = False
@@ -125,12 +142,50 @@ def create_app(backend: Backend, config: GatewayConfig | None = None) -> Starlet
             # A template that adds its own BOS must not get a second one.
             if fmt.has_template:
                 submit.add_special_tokens = False
+            resume, keyed = await resumable(request, key, submit, req.request_id, stream=req.stream)
         except LlmosError as exc:
             return refuse("chat", exc, body_read=body_read)
-        return await _run(request, key, submit, desc.name, chat=True, stream=req.stream, include_usage=True)
+        return await _run(key, submit, desc.name, chat=True, stream=req.stream, resume=resume, keyed=keyed)
 
-    async def _run(request: Request, key: str | None, submit: Submit, model: str, *, chat: bool, stream: bool,
-                   include_usage: bool) -> Response:
+    async def resumable(request: Request, key: str | None, submit: Submit, body_id: str, *,
+                        stream: bool) -> tuple[Resume | None, bool]:
+        """Name the request (`submit.request_id`) and, for a re-sent stream,
+        where it resumes (resume.py). (Last-Event-ID, whether the client
+        sent an Idempotency-Key.)"""
+        raw_key = request.headers.get("idempotency-key")
+        idem = check_key(raw_key) if raw_key is not None else None
+        last = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
+        resume = parse_last_event_id(last) if last else None
+        if resume is not None and not stream:
+            raise BadRequest("Last-Event-ID resumes a stream: send it with \"stream\": true",
+                             detail={"field": "last-event-id"})
+        rid = request_id(await backend.principal(key), body_id=body_id, key=idem, resume=resume)
+        submit.request_id = rid
+        # A stream is left running for its client when this instance dies;
+        # a plain request only when its client can name it again.
+        submit.linger_s = cfg.resume_grace_s if stream or idem is not None else 0.0
+        if resume is not None:
+            if resume.offset > submit.max_tokens:
+                raise BadRequest(f"Last-Event-ID offset {resume.offset} is past this request's max_tokens "
+                                 f"{submit.max_tokens}", detail={"field": "last-event-id"})
+            info = await backend.request_info(key, rid)
+            if info is not None and info.state == "finished" and resume.offset > info.generated:
+                raise BadRequest(f"Last-Event-ID offset {resume.offset} is past the {info.generated} tokens "
+                                 f"request {rid[:40]!r} generated", detail={"field": "last-event-id"})
+            submit.resume_from, submit.attempt = resume.offset, 1
+        return resume, idem is not None
+
+    async def release(chunks: GenerationStream, keep: bool) -> None:
+        """Done with a generation's stream: cancel what is left of it, unless
+        its client may come back for it (an Idempotency-Key, or a stream this
+        draining instance cut)."""
+        if keep or draining():
+            await chunks.detach()
+        else:
+            await chunks.aclose()
+
+    async def _run(key: str | None, submit: Submit, model: str, *, chat: bool, stream: bool,
+                   resume: Resume | None, keyed: bool) -> Response:
         endpoint = "chat" if chat else "completions"
         try:
             chunks = await backend.stream(key, submit)
@@ -144,18 +199,19 @@ def create_app(backend: Backend, config: GatewayConfig | None = None) -> Starlet
             await chunks.aclose()
             return refuse(endpoint, exc)
         except BaseException:
-            await chunks.aclose()  # the client went away while it waited: cancel the request
+            await release(chunks, keyed)  # the client went away while it waited
             raise
         rid = first.request_id
         if not stream:
             text, last = [first.text], first
-            async with chunks:  # leaving before the end (an error, the client gone) cancels the request
-                try:
-                    async for c in chunks:
-                        text.append(c.text)
-                        last = c
-                except LlmosError as exc:
-                    return refuse(endpoint, exc)
+            try:
+                async for c in chunks:
+                    text.append(c.text)
+                    last = c
+            except LlmosError as exc:
+                return refuse(endpoint, exc)
+            finally:
+                await release(chunks, keyed)  # early (the client gone): cancelled unless keyed
             usage = last.usage
             metrics.observe_usage(usage)
             metrics.requests.labels(endpoint, 200).inc()
@@ -163,37 +219,42 @@ def create_app(backend: Backend, config: GatewayConfig | None = None) -> Starlet
                                                                  str(last.finish_reason), usage)
             return _json(body)
         metrics.requests.labels(endpoint, 200).inc()
-        return StreamingResponse(_sse(chunks, first, rid, model, chat), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
+        return StreamingResponse(_sse(chunks, first, rid, model, chat, resume, keyed),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-    async def _sse(chunks: GenerationStream, first: Chunk, rid: str, model: str,
-                   chat: bool) -> AsyncIterator[bytes]:
+    async def _sse(chunks: GenerationStream, first: Chunk, rid: str, model: str, chat: bool,
+                   resume: Resume | None, keyed: bool) -> AsyncIterator[bytes]:
+        """The events of one stream, each with the id it resumes from; a
+        resumed stream (`resume`) sends only what its client lacks."""
         created = int(time.time())
-        # Closing the stream (at the end, or when the client went away mid-stream) cancels an
-        # unfinished generation.
-        async with chunks:
-            try:
-                if chat:
-                    yield _event(oa.chat_chunk(rid, model, created, {"role": "assistant", "content": ""}, None))
-                c: Chunk | None = first
-                while c is not None:
-                    if c.text or c.finish_reason is not None:
-                        finish = str(c.finish_reason) if c.finish_reason is not None else None
-                        if chat:
-                            delta = {"content": c.text} if c.text else {}
-                            yield _event(oa.chat_chunk(rid, model, created, delta, finish))
-                        else:
-                            yield _event(oa.completion_chunk(rid, model, created, c.text, finish))
-                    if c.finish_reason is not None:
-                        metrics.observe_usage(c.usage)
-                        obj = "chat.completion.chunk" if chat else "text_completion"
-                        yield _event(oa.usage_chunk(obj, rid, model, created, c.usage))
-                        break
-                    c = await chunks.__anext__()
-                yield b"data: [DONE]\n\n"
-            except LlmosError as exc:
-                _, body, _ = oa.error_body(exc)
-                yield b"data: " + body + b"\n\n"
+        try:
+            if chat and resume is None:
+                role = {"role": "assistant", "content": ""}
+                yield _event(oa.chat_chunk(rid, model, created, role, None), event_id(rid, 0))
+            c: Chunk | None = first
+            while c is not None:
+                held = c.offset + len(c.token_ids)
+                finish = str(c.finish_reason) if c.finish_reason is not None else None
+                if (c.text or finish is not None) and not (resume is not None and resume.ended):
+                    if chat:
+                        delta = {"content": c.text} if c.text else {}
+                        body = oa.chat_chunk(rid, model, created, delta, finish)
+                    else:
+                        body = oa.completion_chunk(rid, model, created, c.text, finish)
+                    yield _event(body, event_id(rid, held, end=finish is not None))
+                if finish is not None:
+                    metrics.observe_usage(c.usage)
+                    obj = "chat.completion.chunk" if chat else "text_completion"
+                    yield _event(oa.usage_chunk(obj, rid, model, created, c.usage))
+                    break
+                c = await chunks.__anext__()
+            yield b"data: [DONE]\n\n"
+        except LlmosError as exc:
+            _, err, _ = oa.error_body(exc)
+            yield b"data: " + err + b"\n\n"
+        finally:
+            # The end, or the client gone mid-stream (cancelled unless it may come back).
+            await release(chunks, keyed)
 
     async def models(request: Request) -> Response:
         try:
@@ -205,13 +266,27 @@ def create_app(backend: Backend, config: GatewayConfig | None = None) -> Starlet
             "max_model_len": desc.max_model_len, "architecture": desc.architecture}]})
 
     async def health(request: Request) -> Response:
-        try:
-            st = (await backend.stats()).status
-        except LlmosError as exc:
-            return _json({"status": "unavailable", "error": exc.message}, 503)
+        """503 with the reason when nothing could be generated (no ready
+        scheduler or driver, no kernel) or this instance is draining; 200
+        ("degraded" while another service restarts) otherwise."""
+        if draining():
+            return _json({"status": "draining", "reason": "this gateway instance is shutting down"}, 503)
+        now = time.monotonic()
+        if health_seen and now - health_seen[0][0] < HEALTH_CACHE_S:
+            st = health_seen[0][1]
+        else:
+            try:
+                st = await backend.status()
+            except LlmosError as exc:
+                return _json({"status": "unavailable", "reason": f"the kernel did not answer: {exc.message}"}, 503)
+            health_seen[:] = [(now, st)]
+        ready = {i.service for i in st.instances if i.state == ChildState.READY}
+        missing = [f"no {name} instance is ready" for name in NEEDED if name not in ready]
+        services = {i.instance: str(i.state) for i in st.instances}
+        if missing:
+            return _json({"status": "unavailable", "reason": "; ".join(missing), "services": services}, 503)
         down = [i.instance for i in st.instances if i.state != ChildState.READY]
-        return _json({"status": "degraded" if down else "ok", "not_ready": down,
-                      "services": {i.instance: i.state for i in st.instances}}, 200)
+        return _json({"status": "degraded" if down else "ok", "not_ready": down, "services": services}, 200)
 
     async def prometheus(request: Request) -> Response:
         # Request and token counts are other tenants' activity: only a key
@@ -272,5 +347,6 @@ def _prompt(p: str | list[int | str], desc: ModelDescription) -> str | list[int]
                      detail={"field": "prompt"})
 
 
-def _event(obj: Any) -> bytes:
-    return b"data: " + oa.encode(obj) + b"\n\n"
+def _event(obj: Any, eid: bytes = b"") -> bytes:
+    """One SSE event; one without an id keeps its predecessor's (the SSE rule)."""
+    return (b"id: " + eid + b"\n" if eid else b"") + b"data: " + oa.encode(obj) + b"\n\n"

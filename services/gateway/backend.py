@@ -14,7 +14,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
-from ipc.errors import LlmosError, Unauthorized
+from ipc.errors import LlmosError, NotFound, Unauthorized
 from ipc.protocol import kernel as kp
 from ipc.protocol import memory as mp
 from ipc.protocol import scheduler as sp
@@ -75,6 +75,23 @@ class KernelBackend:
         else:
             self._conns.move_to_end(slot)
         return p
+
+    async def principal(self, api_key: str | None) -> str:
+        """Who the key is ("" for an anonymous caller, auth off)."""
+        keeper = (await self._principal(api_key)).keeper
+        return keeper.granted.principal if keeper is not None and keeper.granted is not None else ""
+
+    async def request_info(self, api_key: str | None, request_id: str) -> sp.RequestInfo | None:
+        """The caller's request `request_id` as the scheduler knows it (None:
+        it does not: never this caller's, or forgotten by a restart)."""
+        try:
+            return await (await self._principal(api_key)).call(sp.SCHEDULER, sp.RequestStatus(request_id),
+                                                                timeout=10.0)
+        except NotFound:
+            return None
+
+    async def status(self) -> kp.StatusReply:
+        return await self._system(kp.KERNEL, kp.Status())
 
     async def stream(self, api_key: str | None, submit: sp.Submit) -> GenerationStream:
         """The generation as the caller; closing it early cancels the request."""

@@ -11,7 +11,7 @@ from common.config.gateway import GatewayConfig
 from ipc.errors import Forbidden, LlmosError, Unauthorized
 from ipc.protocol import kernel as kp
 from ipc.protocol.driver import ModelDescription
-from ipc.protocol.scheduler import FinishReason, Submit, Usage
+from ipc.protocol.scheduler import FinishReason, RequestInfo, Submit, Usage
 from sdk.generate import Chunk, GenerationStream
 from services.gateway.app import create_app
 from services.gateway.backend import Stats
@@ -27,24 +27,52 @@ class FakeBackend:
         self.pieces = ["Hel", "lo", " wor", "ld"]
         self.model_dir = model_dir
         self.logins: list[str] = []
+        self.known: dict[str, RequestInfo] = {}  # request id -> what the scheduler says of it
+        self.detached: list[str] = []
+        ready = kp.ChildState.READY
+        self.instances = [kp.InstanceInfo("echo", "echo", 5, ready, restarts=2),
+                          kp.InstanceInfo("scheduler", "scheduler", 6, ready),
+                          kp.InstanceInfo("driver", "cpu", 7, ready)]
+        self.status_calls = 0
 
     async def authenticate(self, api_key: str) -> None:
         self.logins.append(api_key)
         if api_key.startswith("bad"):
             raise Unauthorized("unknown API key")
 
-    rid = "r1"
+    async def principal(self, api_key: str | None) -> str:
+        return f"tenant-of-{api_key}" if api_key else ""
+
+    async def request_info(self, api_key: str | None, request_id: str) -> RequestInfo | None:
+        return self.known.get(request_id)
+
+    async def status(self) -> kp.StatusReply:
+        self.status_calls += 1
+        return kp.StatusReply(1, 2.0, list(self.instances), kp.KernelCounters(routed=7))
 
     async def stream(self, api_key: str | None, submit: Submit) -> GenerationStream:
         self.submits.append((api_key, submit))
-        return GenerationStream(self.rid, self.chunks(submit), self.cancel)
+        stream = GenerationStream(submit.request_id, self.chunks(submit), self.cancel)
+        detach = stream.detach
+
+        async def detached() -> None:
+            if not stream._over:
+                self.detached.append(submit.request_id)
+            await detach()
+
+        stream.detach = detached  # type: ignore[method-assign]
+        return stream
 
     async def chunks(self, submit: Submit) -> AsyncIterator[Chunk]:
+        """Piece i is token i; a re-sent request gets the pieces from its resume_from."""
         if self.fail_with is not None:
             raise self.fail_with
-        for i, p in enumerate(self.pieces):
+        for i in range(submit.resume_from, len(self.pieces)):
             last = i == len(self.pieces) - 1
-            yield Chunk("r1", i, [i], p, FinishReason.LENGTH if last else None, USAGE if last else None)
+            yield Chunk(submit.request_id, i, [i], self.pieces[i], FinishReason.LENGTH if last else None,
+                        USAGE if last else None)
+        if submit.resume_from >= len(self.pieces):  # the client holds every token: only the end is left
+            yield Chunk(submit.request_id, len(self.pieces), [], "", FinishReason.LENGTH, USAGE)
 
     async def cancel(self, request_id: str) -> None:
         self.cancelled.append(request_id)
@@ -56,14 +84,14 @@ class FakeBackend:
     async def stats(self, api_key: str | None = None) -> Stats:
         if api_key is not None and not api_key.startswith("ops"):
             raise Forbidden(f"principal {api_key!r} holds no right covering Status on 'kernel'")
-        st = kp.StatusReply(1, 2.0, [kp.InstanceInfo("echo", "echo", 5, kp.ChildState.READY, restarts=2)],
-                            kp.KernelCounters(routed=7))
-        return Stats(st, None, None)
+        return Stats(await self.status(), None, None)
 
 
 KEY = {"Authorization": "Bearer k-1"}
 
 
-def client(backend: FakeBackend, config: GatewayConfig | None = None, key: str | None = "k-1") -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(backend, config)), base_url="http://t",
+def client(backend: FakeBackend, config: GatewayConfig | None = None, key: str | None = "k-1",
+           draining: bool = False) -> httpx.AsyncClient:
+    app = create_app(backend, config, lambda: draining)
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t",
                              headers={"Authorization": f"Bearer {key}"} if key else {})

@@ -49,12 +49,13 @@ async def test_streamed_completion_is_openai_sse_and_concatenates() -> None:
         r = await c.post("/v1/completions", json={"prompt": [1, 2, 3], "stream": True},
                          headers={"Authorization": "Bearer k-123"})
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
-    events = [line[len("data: "):] for line in r.text.split("\n\n") if line.startswith("data: ")]
+    events = [line[len("data: "):] for line in r.text.splitlines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
     chunks = [json.loads(e) for e in events[:-1]]
     texts = [ch["choices"][0]["text"] for ch in chunks if ch["choices"]]
     assert "".join(texts) == "Hello world"
-    assert all(ch["object"] == "text_completion" and ch["id"] == "cmpl-r1" for ch in chunks)
+    rid = b.submits[0][1].request_id
+    assert all(ch["object"] == "text_completion" and ch["id"] == f"cmpl-{rid}" for ch in chunks)
     finishes = [ch["choices"][0]["finish_reason"] for ch in chunks if ch["choices"]]
     assert finishes[-1] == "length" and set(finishes[:-1]) == {None}
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["total_tokens"] == 7
@@ -71,7 +72,7 @@ async def test_chat_uses_the_checkpoints_template(tmp_path: Path) -> None:
     async with client(b) as c:
         r = await c.post("/v1/chat/completions", json={"messages": [
             {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}], "stream": True})
-    chunks = [json.loads(line[6:]) for line in r.text.split("\n\n") if line.startswith("data: {")]
+    chunks = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     assert "".join(ch["choices"][0]["delta"].get("content", "") for ch in chunks if ch["choices"]) == "Hello world"
     assert all(ch["object"] == "chat.completion.chunk" for ch in chunks)
@@ -136,7 +137,8 @@ async def test_models_health_and_metrics() -> None:
         models = (await c.get("/v1/models")).json()
         assert models["data"][0]["id"] == "tiny" and models["object"] == "list"
         health = (await c.get("/health")).json()
-        assert health["status"] == "ok" and health["services"] == {"echo": "ready"}
+        assert health["status"] == "ok" and health["services"] == {"echo": "ready", "scheduler": "ready",
+                                                                   "cpu": "ready"}
         await c.post("/v1/completions", json={"prompt": "x"})
         text = (await c.get("/metrics", headers={"Authorization": "Bearer ops-1"})).text
     assert 'llmos_service_restarts_total{instance="echo",service="echo"} 2.0' in text
@@ -168,7 +170,8 @@ async def test_a_client_that_disconnects_mid_stream_cancels_its_request() -> Non
                 await anyio.sleep(0.01)
         port = server.servers[0].sockets[0].getsockname()[1]
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as c:
-            async with c.stream("POST", "/v1/completions", json={"prompt": "x", "stream": True}, headers=KEY) as r:
+            async with c.stream("POST", "/v1/completions", json={"prompt": "x", "stream": True,
+                                                                 "request_id": "slow-1"}, headers=KEY) as r:
                 async for line in r.aiter_lines():
                     if line.startswith("data: "):
                         break
