@@ -4,13 +4,14 @@ calls them from `submit`."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from common.config.scheduler import SchedulerConfig
 from ipc.errors import BadRequest, Overloaded, Unavailable
 from ipc.protocol import scheduler as sp
 from services.scheduler._request import Seq
+from services.scheduler.planner import PoolShape
 from text.tokenizer import Tokenizer
 
 # A text prompt longer than the model's context times this many characters
@@ -61,6 +62,22 @@ def tokenize(model: Model | None, msg: sp.Submit) -> list[int]:
     return model.tokenizer.encode(msg.prompt, add_special_tokens=msg.add_special_tokens)
 
 
+def check_fits(model: Model, shapes: Mapping[str, PoolShape], prompt: list[int], resume_ids: list[int]) -> int:
+    """The positions a sequence of this prompt may reach: the model's
+    context, or the largest driver's KV pool (a sequence must fit one on its
+    own, or it could only ever preempt itself). Checked before any loop over
+    the ids, which must then be in the model's vocabulary."""
+    room = min(model.max_model_len, max((s.num_blocks * s.block_size for s in shapes.values()),
+                                        default=model.max_model_len))
+    if len(prompt) + 1 > room:
+        what = "the model takes" if room == model.max_model_len else "the largest driver's KV cache holds"
+        raise BadRequest(f"the prompt has {len(prompt)} tokens; {what} at most "
+                         f"{room - 1} before the first generated one", detail={"field": "prompt"})
+    check_ids(model, prompt, "prompt_ids")
+    check_ids(model, resume_ids, "resume_ids")
+    return room
+
+
 def check_ids(model: Model, ids: list[int], field: str) -> None:
     n = model.num_ids
     bad = next((t for t in ids if not 0 <= t < n), None)
@@ -95,4 +112,4 @@ def check_queue_room(c: SchedulerConfig, queued: Sequence[Seq], principal: str, 
     raise Overloaded(why, detail={"retry_after_s": round(retry, 2)})
 
 
-__all__ = ["CHARS_PER_TOKEN", "Model", "check_ids", "check_prompt_size", "check_queue_room", "tokenize"]
+__all__ = ["CHARS_PER_TOKEN", "Model", "check_fits", "check_ids", "check_prompt_size", "check_queue_room", "tokenize"]

@@ -1,5 +1,6 @@
-"""Step 4 of the engine loop: one `Execute` per driver, concurrently, and
-what came back, as data for the engine to apply (it owns the requests)."""
+"""Steps 3 and 4 of the engine loop: one batched `Reserve`, then one
+`Execute` per driver, concurrently; what came back is data for the engine
+to apply (it owns the requests)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,14 @@ from dataclasses import dataclass, field
 import anyio
 
 from common.logs import get_logger
-from ipc.errors import DeadlineExceeded, LlmosError, Unavailable
+from ipc.errors import DeadlineExceeded, Error, ErrorCode, LlmosError, Unavailable
 from ipc.protocol import driver as dp
+from ipc.protocol import memory as mp
 from services.scheduler._request import Seq
+from services.scheduler._kv_quota import KvQuotas
+from services.scheduler._sessions import SessionTable
 from services.scheduler._state import EngineState
+from services.scheduler.planner import StepPlan
 
 log = get_logger()
 
@@ -49,6 +54,65 @@ class StepResult:
     refused: list[tuple[Seq, str]] = field(default_factory=list)
     # The driver failed these sequences (their requests end with an error).
     failed: list[tuple[Seq, str]] = field(default_factory=list)
+
+
+async def reserve(state: EngineState, p: StepPlan) -> tuple[list[Work], list[tuple[Seq, Error]]]:
+    """Reserve slots for the plan: the work of the sequences that got them
+    (now running), and the memory server's refusals."""
+    items = []
+    for seq, n in p.scheduled:
+        first = seq.mem_known == 0
+        items.append(mp.SeqReserve(seq.seq_id, seq.mem_known, seq.tokens[seq.mem_known:], n,
+                                   seq.tenant if first else "", (seq.pool or "") if first else ""))
+    reply = await state.memory(state.backend.reserve(mp.Reserve(items)))
+    if not isinstance(reply, mp.ReserveReply):
+        return [], []
+    work: list[Work] = []
+    refused: list[tuple[Seq, Error]] = []
+    for (seq, n), got in zip(p.scheduled, reply.seqs):
+        if got.error is not None:
+            refused.append((seq, got.error))
+            continue
+        if seq.mem_known == 0:
+            seq.num_computed = got.num_cached
+            seq.request.cached_tokens = max(seq.request.cached_tokens, got.num_cached)
+        seq.mem_known = len(seq.tokens)
+        del seq.block_table[got.table_start:]
+        seq.block_table.extend(got.blocks)
+        copies = [(got.cow_src, got.cow_dst)] if got.cow_src >= 0 else []
+        start = seq.num_computed
+        work.append(Work(seq, start, min(start + n, len(seq.tokens)), copies))
+        state.start(seq)
+    return work, refused
+
+
+def reserve_refused(state: EngineState, sessions: SessionTable, kv: KvQuotas, seq: Seq, error: Error) -> str:
+    """Take in the memory server's refusal of `seq`'s Reserve; returns why
+    the sequence must start over (counted as a failure), or "" when it just
+    waits for a later step."""
+    detail = error.detail or {}
+    if error.code == ErrorCode.OVERLOADED and detail.get("quota") == mp.KV_BLOCKS:
+        # Its tenant's quota, not the pool: plan by it from now on (the
+        # policy's own, or the memory server's config), so a sequence that
+        # can never fit is refused and the others wait in the open.
+        limit, held = detail.get("limit"), detail.get("held")
+        limit = limit if isinstance(limit, int) else -1
+        kv.learn(seq.tenant, limit)
+        if seq in state.waiting:
+            kv.mark_waiting(seq, state.shapes(), held if isinstance(held, int) else -1, limit)
+    if error.code == ErrorCode.OVERLOADED:
+        # Out of blocks (or over quota): it waits for a later step, and
+        # idle sessions' pins on its pool give way (the planner's estimate
+        # said it fit; the memory server, which also counts idle cached
+        # blocks it would reuse, says not).
+        if seq.pool is not None and seq not in state.running:
+            sessions.short_of_blocks.add(seq.pool)
+        return ""
+    if error.code == ErrorCode.NOT_FOUND and seq.mem_known == 0:
+        return ""  # the memory server does not know the pool yet
+    # The memory server lost or disagrees about the sequence: start over.
+    log.warning("scheduler.reserve_failed", seq=seq.seq_id, code=str(error.code), error=error.message)
+    return f"the memory server refused the sequence: {error.message}"
 
 
 async def execute(state: EngineState, work: list[Work], incarnations: dict[str, int]) -> StepResult:
@@ -114,4 +178,4 @@ async def _execute_on(state: EngineState, pool: str, items: list[Work], incarnat
             result.produced.append(Produced(w.seq, out.token, out.logprob))
 
 
-__all__ = ["Produced", "StepResult", "Work", "execute"]
+__all__ = ["Produced", "StepResult", "Work", "execute", "reserve", "reserve_refused"]

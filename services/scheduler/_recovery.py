@@ -14,9 +14,65 @@ from ipc.protocol import memory as mp
 from common.logs import get_logger
 from services.scheduler._request import Seq
 from services.scheduler._sessions import SessionTable
-from services.scheduler._state import EngineState
+from services.scheduler._state import DriverState, EngineState
+from services.scheduler.planner import PoolShape
 
 log = get_logger()
+
+
+class Recovery:
+    """What was lost since the last step (drivers, sequences the memory
+    server dropped, the memory server itself), recovered at the top of the
+    next one."""
+
+    def __init__(self, state: EngineState, sessions: SessionTable):
+        self.state = state
+        self.sessions = sessions
+        self._incarnations = iter(range(1, 2**62))
+        self._lost_pools: set[str] = set()
+        self._lost_seqs: set[tuple[str, int]] = set()  # (pool, seq id) the memory server dropped
+        self._reregister = False
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._lost_pools or self._lost_seqs or self._reregister)
+
+    def driver_up(self, instance: str, shape: PoolShape) -> None:
+        if instance in self.state.drivers:
+            # A restart we did not see die: whatever it held is gone.
+            self._lost_pools.add(instance)
+        self.state.drivers[instance] = DriverState(shape, next(self._incarnations))
+        self.state.wake()
+
+    def driver_down(self, instance: str) -> None:
+        d = self.state.drivers.pop(instance, None)
+        if d is None:
+            return
+        self._lost_pools.add(instance)
+        if d.scope is not None:
+            d.scope.cancel()
+        self.state.wake()
+
+    def pools_lost(self, pools: set[str]) -> None:
+        """Their KV is no longer trusted (the driver restarted mid-step)."""
+        self._lost_pools |= pools
+
+    def seqs_lost(self, pool: str, seq_ids: list[int]) -> None:
+        self._lost_seqs.update((pool, i) for i in seq_ids)
+        self.state.wake()
+
+    def memory_restarted(self) -> None:
+        self.state.memory_down = False
+        self._reregister = True
+        self.state.wake()
+
+    async def apply(self) -> None:
+        if self._lost_pools or self._lost_seqs:
+            pools, self._lost_pools = self._lost_pools, set()
+            seqs, self._lost_seqs = self._lost_seqs, set()
+            requeue_lost(self.state, self.sessions, pools, seqs)
+        if self._reregister and not self.state.memory_down:
+            self._reregister = not await reregister_live(self.state, self.sessions)
 
 
 def requeue_lost(state: EngineState, sessions: SessionTable, pools: set[str], lost: set[tuple[str, int]]) -> None:
@@ -74,4 +130,4 @@ async def reregister_live(state: EngineState, sessions: SessionTable) -> bool:
     return done
 
 
-__all__ = ["requeue_lost", "reregister_live"]
+__all__ = ["Recovery", "requeue_lost", "reregister_live"]

@@ -209,6 +209,27 @@ class Request:
         self.sink = Sink(self, emit, resume_from)
         return self.sink
 
+    def reattach(self, emit: Emit, resume_from: int) -> Sink:
+        """A re-submission of this request: a new stream, caught up now
+        rather than at the next token."""
+        sink = self.attach(emit, resume_from)
+        sink.attached = True
+        if not self.done.is_set():
+            sink.flush()
+        return sink
+
+    def replay(self, ids: list[int]) -> bool:
+        """The client holds these generated ids: take them (text state
+        included) so they are prefilled with the prompt rather than generated
+        again; True when the request ended with them."""
+        for token in ids:
+            self.seq.tokens.append(token)
+            reason = self.add_token(token)
+            if reason is not None:
+                self.finish(reason)
+                return True
+        return False
+
     def add_token(self, token: int, logprob: float = 0.0) -> FinishReason | None:
         """Record a generated id; return why the request must end now, if it must."""
         if not self.first_token:

@@ -94,6 +94,13 @@ class EngineState:
             self.waiting.append(seq)
             seq.request.state = State.WAITING
 
+    def position(self, seq: Seq) -> int:
+        """`seq`'s place in the waiting line in policy order (-1: not waiting)."""
+        if seq not in self.waiting:
+            return -1
+        now = time.monotonic()
+        return sorted(self.waiting, key=lambda s: self.policy.key(s, now)).index(seq)
+
     def remove(self, seq: Seq) -> None:
         """Out of both lines (its request ended)."""
         for line in (self.running, self.waiting):
@@ -139,13 +146,17 @@ class EngineState:
     def has_releases(self) -> bool:
         return bool(self._releases)
 
-    def take_releases(self) -> list[int]:
+    async def flush_releases(self) -> bool:
+        """Send the KV to release, if any; False when the call failed (the
+        ids are kept for the next step unless the memory server died)."""
+        if not self._releases:
+            return True
         ids, self._releases = self._releases, []
-        return ids
-
-    def put_back_releases(self, ids: list[int]) -> None:
-        """A `Release` that did not arrive: they are still held there."""
-        self._releases[:0] = ids
+        if await self.memory(self.backend.release(mp.Release(ids))) is None:
+            if not self.memory_down:
+                self._releases[:0] = ids  # still held there: try again next step
+            return False
+        return True
 
     def forget_releases(self) -> None:
         """The memory server restarted empty: it holds nothing of ours."""

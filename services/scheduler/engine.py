@@ -15,9 +15,8 @@ Each step, top to bottom:
 
 The lines, the drivers, the KV to release and the memory handle belong to
 `EngineState` (_state.py): this loop, recovery, sessions and the swap tier
-all change them through its verbs. The engine talks to the world through a
-`Backend` (the service's is IPC; tests use an in-process one), so all of
-this runs without sockets.
+change them through its verbs. The world is reached through a `Backend`
+(the service's is IPC; tests use an in-process one): no sockets here.
 """
 
 from __future__ import annotations
@@ -27,24 +26,23 @@ import uuid
 from collections import Counter, OrderedDict
 from collections.abc import Mapping
 
-from ipc.errors import BadRequest, DeadlineExceeded, Error, ErrorCode, LlmosError, NotFound, Unavailable
-from ipc.protocol import memory as mp
+from ipc.errors import BadRequest, DeadlineExceeded, LlmosError, NotFound, Unavailable
 from ipc.protocol import scheduler as sp
 from common.logs import get_logger
-from services.scheduler._admission import (CHARS_PER_TOKEN, Model, check_ids, check_prompt_size, check_queue_room,
-                                           tokenize)
-from services.scheduler._execute import Produced, Work, execute
+from services.scheduler._admission import (CHARS_PER_TOKEN, Model, check_fits, check_prompt_size,
+                                           check_queue_room, tokenize)
+from services.scheduler._execute import Produced, execute, reserve, reserve_refused
+from services.scheduler._kv_quota import KvQuotas
 from services.scheduler._request import Emit, Request, Seq, Sink, State
 from services.scheduler._sessions import SessionTable, seq_blocks
-from services.scheduler._recovery import reregister_live, requeue_lost
-from services.scheduler._state import Backend, DriverState, EngineState
+from services.scheduler._recovery import Recovery
+from services.scheduler._state import Backend, EngineState
 from services.scheduler._swap import swap_in, swap_out
 from text.stream import TextStream
 from services.scheduler.autotune import AutoTuner
 from common.config.scheduler import PreemptionMode, SchedulerConfig
-from services.scheduler.planner import BlockLedger, Limits, PoolShape, StepPlan, lifetime_blocks, plan
+from services.scheduler.planner import BlockLedger, Limits, PoolShape, StepPlan, plan
 from services.scheduler.policies import make_policy
-from services.scheduler.quotas import kv_quota_refusal
 
 log = get_logger()
 
@@ -65,22 +63,14 @@ class Engine:
         self.finished: OrderedDict[tuple[str, str], Request] = OrderedDict()
         self.sessions = SessionTable(self.state, config.session_pin_fraction)
         self._seq_ids = iter(range(1, 2**62))
-        self._incarnations = iter(range(1, 2**62))
+        self.recovery = Recovery(self.state, self.sessions)
         self._cancels: set[tuple[str, str]] = set()
-        self._lost_pools: set[str] = set()
-        self._lost_seqs: set[tuple[str, int]] = set()  # (pool, seq id) the memory server dropped
-        self._reregister = False
-        # KV-block quotas per tenant: the security policy's, and those the
-        # memory server refused a sequence by that the policy does not set
-        # (its own config); the policy's replace both.
-        self._kv_policy: dict[str, int] = {}
-        self._kv_learned: dict[str, int] = {}
+        self.kv = KvQuotas()
         # Counters for Stats and Overloaded's retry_after_s.
         self.steps = 0
         self.tokens_generated = 0
         self.preemptions = 0
         self.num_finished = 0
-        self.kv_quota_refused = 0
         self.last_step_s = 0.0
         self._tokens_per_s = 0.0
 
@@ -92,25 +82,14 @@ class Engine:
         num_blocks, block_size = meta.get("num_blocks"), meta.get("block_size")
         if not isinstance(num_blocks, int) or not isinstance(block_size, int):
             return
-        if instance in self.state.drivers:
-            # A restart we did not see die: whatever it held is gone.
-            self._lost_pools.add(instance)
-        self.state.drivers[instance] = DriverState(PoolShape(num_blocks, block_size), next(self._incarnations))
-        self.wake()
+        self.recovery.driver_up(instance, PoolShape(num_blocks, block_size))
 
     def driver_down(self, instance: str) -> None:
-        d = self.state.drivers.pop(instance, None)
-        if d is None:
-            return
-        self._lost_pools.add(instance)
-        if d.scope is not None:
-            d.scope.cancel()
-        self.wake()
+        self.recovery.driver_down(instance)
 
     def seqs_lost(self, pool: str, seq_ids: list[int]) -> None:
         """The memory server dropped these sequences with their pool."""
-        self._lost_seqs.update((pool, i) for i in seq_ids)
-        self.wake()
+        self.recovery.seqs_lost(pool, seq_ids)
 
     def memory_down(self) -> None:
         self.state.memory_lost()
@@ -120,10 +99,8 @@ class Engine:
         return self.state.memory_down
 
     def memory_restarted(self) -> None:
-        self.state.memory_down = False
-        self._kv_learned.clear()  # its config may have changed: it will say so again
-        self._reregister = True
-        self.wake()
+        self.kv.forget_learned()
+        self.recovery.memory_restarted()
 
     def wake(self) -> None:
         self.state.wake()
@@ -131,13 +108,12 @@ class Engine:
     def set_kv_quotas(self, limits: Mapping[str, int]) -> None:
         """The policy's KV-block quotas (tenant -> blocks; absent: unlimited).
         Waiting requests that no longer fit are refused at the next step."""
-        self._kv_policy = dict(limits)
-        self._kv_learned.clear()
+        self.kv.set_policy(limits)
         self.wake()
 
     @property
     def kv_quotas(self) -> dict[str, int]:
-        return {**self._kv_learned, **self._kv_policy}
+        return self.kv.limits
 
     def submit(self, msg: sp.Submit, principal: str, emit: Emit, prompt_ids: list[int] | None = None) -> Sink:
         """Admit (or re-attach) a request; the returned sink's `wait()` gives
@@ -155,31 +131,17 @@ class Engine:
             if known.prompt_ids != (prompt_ids if prompt_ids is not None else self.tokenize(msg)):
                 raise BadRequest(f"request id {key[1]!r} is in use by another prompt",
                                  detail={"field": "request_id"})
-            sink = known.attach(emit, msg.resume_from)
-            sink.attached = True
-            if not known.done.is_set():
-                sink.flush()  # catch up now rather than at its next token
-            return sink
+            return known.reattach(emit, msg.resume_from)
         model = self.model
         if model is None:
             raise Unavailable("the scheduler has no model yet (no driver is up)")
         prompt = prompt_ids if prompt_ids is not None else self.tokenize(msg)
-        # A sequence must fit one driver's KV pool on its own, or it could
-        # only ever preempt itself. Checked before any loop over the ids.
-        room = min(model.max_model_len, max((d.shape.num_blocks * d.shape.block_size
-                                             for d in self.state.drivers.values()), default=model.max_model_len))
-        if len(prompt) + 1 > room:
-            what = "the model takes" if room == model.max_model_len else "the largest driver's KV cache holds"
-            raise BadRequest(f"the prompt has {len(prompt)} tokens; {what} at most "
-                             f"{room - 1} before the first generated one", detail={"field": "prompt"})
-        check_ids(model, prompt, "prompt_ids")
-        check_ids(model, msg.resume_ids, "resume_ids")
+        room = check_fits(model, self.state.shapes(), prompt, msg.resume_ids)
         max_len = min(len(prompt) + msg.max_tokens, room)
         seq = Seq(next(self._seq_ids), list(prompt), len(prompt), tenant=principal or "default",
                   priority=msg.priority, arrival=time.monotonic(), max_len=max_len)
-        refusal = self._kv_refusal(seq, len(prompt), msg.max_tokens)
+        refusal = self.kv.refusal(seq, self.state.shapes(), len(prompt), msg.max_tokens)
         if refusal is not None:
-            self.kv_quota_refused += 1
             log.warning("scheduler.kv_quota_refused", principal=principal, error=refusal.message)
             raise refusal
         check_queue_room(self.config, [*self.state.waiting, *self.sessions.queued()], principal,
@@ -187,30 +149,15 @@ class Engine:
         stop_ids = frozenset(msg.stop_token_ids) | (frozenset() if msg.ignore_eos else model.eos_token_ids)
         req = Request(key, msg, prompt, seq, TextStream(model.tokenizer, prompt, msg.stop), stop_ids, max_len)
         sink = req.attach(emit, msg.resume_from)
-        for token in msg.resume_ids:
-            # The client holds these: replay them (text state included) and
-            # prefill them with the prompt instead of generating them again.
-            seq.tokens.append(token)
-            reason = req.add_token(token)
-            if reason is not None:
-                req.finish(reason)
-                self._remember(req)
-                return sink
+        if req.replay(msg.resume_ids):
+            self._remember(req)
+            return sink
         self.requests[key] = req
         if req.session is None:
             self.state.enqueue(seq)
             return sink
         self.sessions.arrive(req)
         return sink
-
-    def _kv_refusal(self, seq: Seq, prompt_tokens: int, max_tokens: int) -> BadRequest | None:
-        """The refusal of a sequence that needs more KV blocks than its
-        tenant's quota even alone (None: it fits, or there is no quota)."""
-        limit = self.kv_quotas.get(seq.tenant)
-        need = lifetime_blocks(seq, self.state.shapes()) if limit is not None else None
-        if limit is None or need is None or need[0] <= limit:
-            return None
-        return kv_quota_refusal(seq.tenant, limit, need[0], need[1], prompt_tokens, max_tokens)
 
     def check_prompt_size(self, msg: sp.Submit) -> None:
         """Refuse a prompt that cannot fit the model (O(1), before anything reads it)."""
@@ -254,12 +201,7 @@ class Engine:
         if req is None:
             raise NotFound(f"no request {request_id!r} (unknown, or finished long ago)",
                            detail={"request_id": request_id})
-        position = -1
-        waiting = self.state.waiting
-        if req.state == State.WAITING and req.seq in waiting:
-            now = time.monotonic()
-            order = sorted(waiting, key=lambda s: self.state.policy.key(s, now))
-            position = order.index(req.seq)
+        position = self.state.position(req.seq) if req.state == State.WAITING else -1
         return sp.RequestInfo(request_id, req.state.value, len(req.generated), len(req.prompt_ids), position,
                               req.seq.pool or "", req.finish_reason.value if req.finish_reason else "",
                               req.waiting_on if req.state == State.WAITING else "")
@@ -280,7 +222,7 @@ class Engine:
                                       seq_blocks(pinned), self.config.tpot_target_ms,
                                       self.tuner.step_s * 1e3 if self.tuner is not None else 0.0,
                                       self.config.preemption.value, st.swapped_out, st.swapped_in,
-                                      quota_waits, self.kv_quota_refused)
+                                      quota_waits, self.kv.refused)
 
     async def run(self) -> None:
         while True:
@@ -295,8 +237,8 @@ class Engine:
 
     def _has_work(self) -> bool:
         st = self.state
-        return bool(st.waiting or st.running or self._cancels or st.has_releases or self._lost_pools
-                    or self._lost_seqs or self._reregister or self.sessions.switching)
+        return bool(st.waiting or st.running or self._cancels or st.has_releases
+                    or self.recovery.pending or self.sessions.switching)
 
     async def step(self) -> bool:
         """One engine step; returns whether any sequence ran."""
@@ -319,7 +261,7 @@ class Engine:
         if victims:
             # Before any Reserve: the plan gave their device blocks away.
             await swap_out(st, victims)
-        if not await self._release():
+        if not await st.flush_releases():
             return False
         if st.memory_down or not p.scheduled:
             return False
@@ -335,13 +277,17 @@ class Engine:
                 p.scheduled = [(seq, n) for seq, n in p.scheduled if seq not in later]
             # A failed swap-in dropped KV: released before its id is
             # reserved again from token 0.
-            if st.memory_down or not await self._release():
+            if st.memory_down or not await st.flush_releases():
                 return False
-        work = await self._reserve(p)
+        work, refused = await reserve(st, p)
+        for seq, error in refused:
+            why = reserve_refused(st, self.sessions, self.kv, seq, error)
+            if why:
+                self._fail_once(seq, why)
         if not work:
             return False
         result = await execute(st, work, incarnations)
-        self._lost_pools |= result.lost_pools
+        self.recovery.pools_lost(result.lost_pools)
         for seq, why in result.refused:
             self._fail_once(seq, why)
         for seq, why in result.failed:
@@ -360,27 +306,9 @@ class Engine:
                          max_num_seqs=tuned.max_num_seqs, step_ms=round(self.tuner.step_s * 1e3, 1))
         return True
 
-    async def _release(self) -> bool:
-        """Send the KV to release, if any; False when the call failed (the
-        ids are kept for the next step unless the memory server died)."""
-        st = self.state
-        if not st.has_releases:
-            return True
-        ids = st.take_releases()
-        if await st.memory(st.backend.release(mp.Release(ids))) is None:
-            if not st.memory_down:
-                st.put_back_releases(ids)  # still held there: try again next step
-            return False
-        return True
-
     async def _apply_changes(self) -> None:
         st = self.state
-        if self._lost_pools or self._lost_seqs:
-            lost, self._lost_pools = self._lost_pools, set()
-            lost_seqs, self._lost_seqs = self._lost_seqs, set()
-            requeue_lost(st, self.sessions, lost, lost_seqs)
-        if self._reregister and not st.memory_down:
-            self._reregister = not await reregister_live(st, self.sessions)
+        await self.recovery.apply()
         if not st.memory_down:
             await self.sessions.switch()
         for key in self._cancels:
@@ -411,91 +339,12 @@ class Engine:
 
     def _quota_verdicts(self, p: StepPlan, ledger: BlockLedger) -> None:
         """Refuse the waiting sequences that can never fit their tenant's
-        KV-block quota (it was lowered, or learned from the memory server),
-        and mark those that wait for room under it."""
-        for seq in p.never_fit:
-            req = seq.request
-            need = lifetime_blocks(seq, ledger.shapes)
-            limit = ledger.quotas.get(seq.tenant, 0)
-            refusal = kv_quota_refusal(seq.tenant, limit, need[0] if need else 0, need[1] if need else 0,
-                                       len(req.prompt_ids), req.submit.max_tokens)
-            self.kv_quota_refused += 1
-            log.warning("scheduler.kv_quota_refused", request_id=req.request_id, principal=req.key[0],
-                        error=refusal.message)
+        KV-block quota, and mark those that wait for room under it."""
+        for req, refusal in self.kv.verdicts(p, ledger, self.state.waiting):
             if req.generated[len(req.submit.resume_ids):] or req.submit.resume_from:
                 self._end(req, sp.FinishReason.ERROR, message=refusal.message)  # its client holds tokens
             else:
                 self._end(req, sp.FinishReason.ERROR, error=refusal)
-        waits = {id(seq) for seq in p.quota_waits}
-        for seq in self.state.waiting:
-            if id(seq) in waits:
-                self._waiting_on_quota(seq, ledger.held[seq.tenant], ledger.quotas.get(seq.tenant, -1))
-            else:
-                seq.request.waiting_on = ""
-
-    def _waiting_on_quota(self, seq: Seq, held: int, limit: int) -> None:
-        req = seq.request
-        req.waiting_on = sp.WAITING_ON_KV_QUOTA
-        if not req.quota_logged:
-            req.quota_logged = True
-            need = lifetime_blocks(seq, self.state.shapes()) or (0, 0)
-            log.info("scheduler.waiting_on_quota", request_id=req.request_id, principal=req.key[0],
-                     tenant=seq.tenant, quota=mp.KV_BLOCKS, held=held, limit=limit, needs_blocks=need[0],
-                     block_size=need[1], msg="waits until the tenant's other requests free KV blocks")
-
-    async def _reserve(self, p: StepPlan) -> list[Work]:
-        """Reserve slots for the plan; returns the work of the sequences that got them."""
-        st = self.state
-        items = []
-        for seq, n in p.scheduled:
-            first = seq.mem_known == 0
-            items.append(mp.SeqReserve(seq.seq_id, seq.mem_known, seq.tokens[seq.mem_known:], n,
-                                       seq.tenant if first else "", (seq.pool or "") if first else ""))
-        reply = await st.memory(st.backend.reserve(mp.Reserve(items)))
-        if not isinstance(reply, mp.ReserveReply):
-            return []
-        work = []
-        for (seq, n), got in zip(p.scheduled, reply.seqs):
-            if got.error is not None:
-                self._reserve_failed(seq, got.error)
-                continue
-            if seq.mem_known == 0:
-                seq.num_computed = got.num_cached
-                seq.request.cached_tokens = max(seq.request.cached_tokens, got.num_cached)
-            seq.mem_known = len(seq.tokens)
-            del seq.block_table[got.table_start:]
-            seq.block_table.extend(got.blocks)
-            copies = [(got.cow_src, got.cow_dst)] if got.cow_src >= 0 else []
-            start = seq.num_computed
-            work.append(Work(seq, start, min(start + n, len(seq.tokens)), copies))
-            st.start(seq)
-        return work
-
-    def _reserve_failed(self, seq: Seq, error: Error) -> None:
-        detail = error.detail or {}
-        if error.code == ErrorCode.OVERLOADED and detail.get("quota") == mp.KV_BLOCKS:
-            # Its tenant's quota, not the pool: plan by it from now on (the
-            # policy's own, or the memory server's config), so a sequence that
-            # can never fit is refused and the others wait in the open.
-            limit, held = detail.get("limit"), detail.get("held")
-            if isinstance(limit, int) and limit >= 0 and seq.tenant not in self._kv_policy:
-                self._kv_learned[seq.tenant] = limit
-            if seq in self.state.waiting:
-                self._waiting_on_quota(seq, held if isinstance(held, int) else -1,
-                                       limit if isinstance(limit, int) else -1)
-        if error.code == ErrorCode.OVERLOADED:
-            # Out of blocks (or over quota): it waits for a later step, and
-            # idle sessions' pins on its pool give way (the planner's estimate
-            # said it fit; the memory server, which also counts idle cached
-            # blocks it would reuse, says not).
-            if seq.pool is not None and seq not in self.state.running:
-                self.sessions.short_of_blocks.add(seq.pool)
-            return
-        if error.code == ErrorCode.NOT_FOUND and seq.mem_known == 0:
-            return  # the memory server does not know the pool yet
-        # The memory server lost or disagrees about the sequence: start over.
-        log.warning("scheduler.reserve_failed", seq=seq.seq_id, code=str(error.code), error=error.message)
-        self._fail_once(seq, f"the memory server refused the sequence: {error.message}")
 
     def _fail_once(self, seq: Seq, why: str) -> None:
         req = seq.request
