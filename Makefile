@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test test-fast bench clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -17,6 +17,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m mypy ipc common text kernel sdk services drivers tools
 	$(PY) -m pytest -q
+
+# Everyday work: everything but the chaos, fuzz and long integration runs
+# (marked slow). CI runs `make test`.
+test-fast: $(STAMP)
+	$(PY) -m mypy ipc common text kernel sdk services drivers tools
+	$(PY) -m pytest -q -m "not slow"
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -2,13 +2,23 @@ from __future__ import annotations
 
 import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+# Async tests run on uvloop and fail if they block their loop (tests/helpers/loop_guard.py).
+pytest_plugins = ["tests.helpers.loop_guard"]
+
 
 @pytest.fixture
-def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def anyio_backend() -> tuple[str, dict[str, bool]]:
+    """For `@pytest.mark.anyio` tests: uvloop, like production."""
+    return ("asyncio", {"use_uvloop": True})
+
+
+@pytest.fixture
+def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A short LLMOS_HOME: ipc:// socket paths must stay under ~100 bytes."""
     import tempfile
 
@@ -18,24 +28,11 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
         subprocess.run(["rm", "-rf", str(d)], check=False)
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # a zombie is dead for our purposes
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny llama checkpoint with sharp (near-deterministic) weights, once
     per module. Modules that need another shape define their own."""
-    from tests.unit.model_fixtures import make_checkpoint  # torch: only where a model is needed
+    from tests.helpers.model_fixtures import make_checkpoint  # torch: only where a model is needed
 
     d = tmp_path_factory.mktemp("ckpt")
     make_checkpoint(d, "llama", sharp=True)

@@ -28,6 +28,7 @@ def test_a_down_with_no_fault_before_it_is_unexplained() -> None:
     assert [(d.instance, d.t) for d in unexplained_downs(h)] == [("scheduler", 3.0), ("security", 4.0)]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 async def test_abusive_clients_are_refused_and_honest_ones_lose_nothing(home: Path, checkpoint: Path,
                                                                         tmp_path: Path) -> None:

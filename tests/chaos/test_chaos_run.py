@@ -13,6 +13,7 @@ from tools.chaos.history import FaultKind
 from tools.chaos.run import FAULT_SERVICES, ChaosConfig, run_chaos
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 async def test_a_minute_of_faults_loses_and_duplicates_nothing(home: Path, checkpoint: Path,
                                                                tmp_path: Path) -> None:

@@ -24,6 +24,8 @@ from tools.chaos.fuzz import fuzz_held, run_fuzz
 from tools.chaos.load import load_held, run_load
 from tools.chaos.run import chaos_children
 
+pytestmark = pytest.mark.slow
+
 MAX_WAITING = 64
 # Frames per second per socket. Unpaced, on 2 shared cores, the flood starved
 # services of the kernel's heartbeats and some stopped and were restarted (see

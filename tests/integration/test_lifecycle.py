@@ -126,6 +126,7 @@ def test_the_console_is_readable_and_says_why_a_service_restarted(
     assert any(r["event"] == "supervisor.exited" and r["reason"] == "killed by SIGKILL" for r in logged)
 
 
+@pytest.mark.slow  # about 45 s: ten kernel boots
 def test_down_then_up_at_once_ten_times(home: Path) -> None:
     cfg = write_config(home / "llmos.toml", Config(kernel=KernelConfig(auth=False),
                                                    children=[ChildSpec("echo", "services.echo")]))

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import hypothesis.strategies as st
+import pytest
 from hypothesis import HealthCheck, event, settings
 from hypothesis.stateful import (
     RuleBasedStateMachine, initialize, invariant, precondition, rule,
@@ -443,3 +444,4 @@ MemoryMachine.TestCase.settings = settings(
     max_examples=500, stateful_step_count=40, deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 TestMemoryModel = MemoryMachine.TestCase
+TestMemoryModel.pytestmark = [pytest.mark.slow]  # 500 runs of 40 steps: 25-50 s on 2 cores
