@@ -39,7 +39,8 @@ from common.config.scheduler import PolicyName, PreemptionMode, SchedulerConfig,
 from services.scheduler._linger import linger
 from services.scheduler._ipc_backend import MEMORY, IpcBackend
 from services.scheduler.engine import Engine, Model
-from services.scheduler.jobs import JobRunner, JobStore
+from services.scheduler._job_store import JobStore
+from services.scheduler.jobs import JobRunner
 
 log = get_logger()
 

@@ -21,7 +21,9 @@ from ipc.protocol.sampling import SamplingParams
 from ipc.protocol.security import Quota, QuotaPolicy
 from common.config.scheduler import PolicyConfig, PolicyName, SchedulerConfig
 from services.scheduler.engine import CHARS_PER_TOKEN, Engine, Model
-from services.scheduler.jobs import JobRunner, JobStore
+from services.scheduler import _admission
+from services.scheduler._job_store import JobStore
+from services.scheduler.jobs import JobRunner
 from services.scheduler.quotas import QuotaGate
 from tests.unit.scheduler_fakes import FakeDriver, InProcessBackend
 from tests.unit.test_scheduler_engine import running
@@ -185,7 +187,7 @@ def test_prompt_ids_past_the_context_are_refused_before_any_is_looked_at(monkeyp
 
     def no_loop(*args: object) -> None:
         raise AssertionError("the ids were looped over before the length check")
-    monkeypatch.setattr(Engine, "_check_ids", staticmethod(no_loop))
+    monkeypatch.setattr(_admission, "check_ids", no_loop)
     with pytest.raises(BadRequest, match="at most 255") as info:
         engine.submit(sp.Submit(prompt_ids=[1] * 100_000), "mallory", lambda ev: None)
     assert info.value.detail["field"] == "prompt_ids" and not engine.state.waiting

@@ -16,7 +16,8 @@ from ipc.errors import BadRequest, Overloaded
 from ipc.protocol import scheduler as sp
 from ipc.protocol.sampling import SamplingParams
 from services.scheduler.engine import Engine
-from services.scheduler.jobs import JobRecord, JobRunner, JobStore, _next_run
+from services.scheduler._job_store import JobRecord, JobStore, job_dir
+from services.scheduler.jobs import JobRunner, _next_run
 from tests.unit.test_scheduler_engine import expected, running
 
 GREEDY = SamplingParams(temperature=0.0)
@@ -98,8 +99,9 @@ async def test_a_new_runner_reruns_the_interrupted_run_once_and_keeps_the_period
     request = msgspec.structs.replace(job().request, request_id="", attempt=0)
     # What a scheduler killed during run 2 leaves: run 1 recorded, run 2 begun,
     # and a torn line from a crash mid-append.
-    store.save(JobRecord(job_id="k", principal="", request=request, at_ns=now, every_s=0.1, max_runs=4,
-                         created_ns=now, next_run_ns=now + int(0.1e9), started=2, started_due_ns=now))
+    rec = JobRecord(job_id="k", principal="", request=request, at_ns=now, every_s=0.1, max_runs=4,
+                    created_ns=now, next_run_ns=now + int(0.1e9), started=2, started_due_ns=now)
+    store.write_record(job_dir(rec.principal, rec.job_id), store.encode(rec))
     store.append_run("k", sp.JobRun(1, now - int(0.1e9), now, now, "length", "x", [1]))
     with open(tmp_path / "k" / "runs.jsonl", "ab") as f:
         f.write(b'[2, 1, 2, 3, "len')
