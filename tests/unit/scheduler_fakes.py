@@ -1,6 +1,7 @@
 """In-memory stand-ins for the scheduler's tests: a driver that keeps real
-paged "KV" (the token at each slot) and a backend that calls the real
-`MemoryManager` in-process.
+paged "KV" (the token at each slot), a backend that calls the real
+`MemoryManager` in-process, and an engine running over them (`running`)
+with a client stream (`Stream`).
 
 The fake driver reads each sequence's history back from the blocks its
 block table names and derives the next token from it, so a wrong block
@@ -10,12 +11,22 @@ compare against `reference()` (the same function over the true history).
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
 import anyio
 
 from ipc.errors import Unavailable
 from ipc.protocol import driver as dp
 from ipc.protocol import memory as mp
+from ipc.protocol.base import Message
+from ipc.protocol.sampling import SamplingParams
+from ipc.protocol.scheduler import Finished, Submit, TokenDelta
+from common.config.scheduler import SchedulerConfig
 from services.memory import MemoryManager
+from services.scheduler.engine import Engine, Model
+from text.tokenizer import ByteTokenizer
 
 LETTERS = list(range(ord("a"), ord("z") + 1))
 
@@ -166,3 +177,52 @@ class InProcessBackend:
         if not d.alive:
             raise Unavailable(f"{instance} died while swapping")
         return d.swap(req)
+
+
+GREEDY = SamplingParams(temperature=0.0)
+TOK = ByteTokenizer()
+
+
+@asynccontextmanager
+async def running(config: SchedulerConfig | None = None,
+                  drivers: dict[str, FakeDriver] | None = None) -> AsyncIterator[tuple[Engine, InProcessBackend]]:
+    drivers = drivers if drivers is not None else {"cpu": FakeDriver(64)}
+    backend = InProcessBackend(drivers)
+    engine = Engine(config or SchedulerConfig(), backend)
+    for name, d in drivers.items():
+        engine.driver_up(name, d.meta)
+    engine.set_model(Model(TOK, frozenset(TOK.eos_token_ids), 256))
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(engine.run)
+        try:
+            yield engine, backend
+        finally:
+            tg.cancel_scope.cancel()
+
+
+class Stream:
+    def __init__(self, engine: Engine, **kw: Any):
+        self.events: list[Message] = []
+        kw.setdefault("params", GREEDY)
+        self.submit = Submit(**kw)
+        self.sink = engine.submit(self.submit, kw.pop("principal", ""), self.events.append)
+
+    async def result(self) -> Finished:
+        with anyio.fail_after(10):
+            return await self.sink.wait()
+
+    def tokens(self, final: Finished) -> list[int]:
+        """All generated ids, checking the offsets are contiguous."""
+        out: list[int] = list(self.submit.resume_ids)
+        for ev in [*self.events, final]:
+            assert isinstance(ev, (TokenDelta, Finished))
+            assert ev.offset == len(out), f"gap or repeat at {ev.offset} (have {len(out)})"
+            out.extend(ev.token_ids)
+        return out
+
+    def text(self, final: Finished) -> str:
+        return "".join(ev.text for ev in [*self.events, final])  # type: ignore[attr-defined]
+
+
+def expected(prompt: str, n: int) -> list[int]:
+    return reference(TOK.encode(prompt), n)

@@ -8,8 +8,7 @@ import random
 from ipc.protocol import driver as dp
 from services.scheduler.autotune import AutoTuner
 from common.config.scheduler import SchedulerConfig
-from tests.unit.scheduler_fakes import FakeDriver
-from tests.unit.test_scheduler_engine import Stream, expected, running
+from tests.unit.scheduler_fakes import FakeDriver, Stream, expected, running
 
 
 def cost(tokens: int) -> float:
