@@ -78,11 +78,13 @@ def _api_key(request: Request) -> str | None:
 
 
 def create_app(backend: Backend, config: GatewayConfig | None = None,
-               draining: Callable[[], bool] = lambda: False) -> Starlette:
+               draining: Callable[[], bool] = lambda: False, instance: str = "") -> Starlette:
     """`draining`: true once this instance stopped accepting (SIGTERM): a
     stream it then has to cut is left running for its client to resume
-    elsewhere, and /health says so."""
+    elsewhere, and /health says so. `instance` names this process in each
+    generation's `Llmos-Instance` response header (which one served it)."""
     cfg = config or GatewayConfig()
+    served_by = {"Llmos-Instance": instance} if instance else {}
     metrics = GatewayMetrics()
     chat_formatters: dict[str, ChatFormatter] = {}
     health_seen: list[tuple[float, kp.StatusReply]] = []
@@ -217,10 +219,10 @@ def create_app(backend: Backend, config: GatewayConfig | None = None,
             metrics.requests.labels(endpoint, 200).inc()
             body = (oa.chat_json if chat else oa.completion_json)(rid, model, "".join(text),
                                                                  str(last.finish_reason), usage)
-            return _json(body)
+            return _json(body, headers=served_by)
         metrics.requests.labels(endpoint, 200).inc()
         return StreamingResponse(_sse(chunks, first, rid, model, chat, resume, keyed),
-                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache", **served_by})
 
     async def _sse(chunks: GenerationStream, first: Chunk, rid: str, model: str, chat: bool,
                    resume: Resume | None, keyed: bool) -> AsyncIterator[bytes]:

@@ -20,6 +20,7 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
+import anyio
 import uvicorn
 from anyio.abc import TaskGroup
 
@@ -34,6 +35,11 @@ from common.config.gateway import GatewayConfig, load_gateway_config
 from services.gateway.connections import guarded_h11
 
 log = get_logger()
+
+# After it stops accepting, how long a draining instance waits for the
+# requests of connections it had just accepted (a client sends its request
+# right after connecting) before closing the connections that carry none.
+ACCEPTED_GRACE_S = 0.5
 
 
 class _Server(uvicorn.Server):
@@ -63,7 +69,7 @@ class GatewayService(Service):
         self.backend = KernelBackend(front_endpoint(self.home), self._system_call,
                                      allow_anonymous=self.config.allow_anonymous)
         self.draining = False
-        self.app = create_app(self.backend, self.config, lambda: self.draining)
+        self.app = create_app(self.backend, self.config, lambda: self.draining, self.instance)
         self.server: _Server | None = None
 
     async def _system_call(self, service: str, msg: Any) -> Any:
@@ -106,6 +112,11 @@ class GatewayService(Service):
         log.info("gateway.draining", connections=len(self.server.server_state.connections),
                  drain_s=self.config.drain_s)
         try:
+            for listener in self.server.servers:
+                listener.close()
+            # A connection accepted just before has its request on the way:
+            # shutdown() would close it as idle, unanswered.
+            await anyio.sleep(ACCEPTED_GRACE_S)
             await self.server.shutdown()
         finally:
             self.server.started = False  # on_stop has nothing left to shut
