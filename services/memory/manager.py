@@ -60,8 +60,6 @@ class MemoryManager:
         self._pools: dict[str, BlockPool] = {}
         self._seqs: dict[int, Sequence] = {}
 
-    # --- pools -------------------------------------------------------------
-
     def register_pool(self, req: RegisterPool) -> PoolReply:
         if req.num_blocks <= 0 or req.block_size <= 0 or req.swap_slots < 0:
             raise BadRequest(f"pool {req.pool!r}: num_blocks and block_size must be positive, "
@@ -82,8 +80,6 @@ class MemoryManager:
             del self._seqs[sid]
         pool.release_all()
         return lost
-
-    # --- the per-step call -------------------------------------------------
 
     def reserve(self, req: Reserve) -> ReserveReply:
         out: list[SeqBlocks] = []
@@ -144,8 +140,6 @@ class MemoryManager:
                 failures.append(SeqFailure(pair.child, e.to_wire()))
         return ForkReply(failures)
 
-    # --- swap tier ---------------------------------------------------------
-
     def swap_out(self, req: SwapOut) -> SwapOutReply:
         moves: dict[str, dict[int, int]] = {}
         out: list[SeqSwap] = []
@@ -168,8 +162,6 @@ class MemoryManager:
             except LlmosError as e:
                 out.append(SeqSwap(sid, error=e.to_wire()))
         return SwapInReply(out)
-
-    # --- recovery ----------------------------------------------------------
 
     def reregister(self, req: Reregister) -> ReregisterReply:
         released: list[int] = []
@@ -196,8 +188,6 @@ class MemoryManager:
             except LlmosError as e:
                 failures.append(SeqFailure(st.seq_id, e.to_wire()))
         return ReregisterReply(released, failures)
-
-    # --- policy and metrics ------------------------------------------------
 
     def set_block_quota(self, req: SetBlockQuota) -> TenantBlocks:
         # Kept even when NO_LIMIT: it then lifts the default limit for this tenant.
@@ -242,8 +232,6 @@ class MemoryManager:
             case MemoryStats():
                 return self.stats(req)
         raise BadRequest(f"the memory server does not serve {type(req).__name__}")
-
-    # --- read-only views (tests, debugging) --------------------------------
 
     def pool(self, pool_id: str) -> BlockPool:
         return self._pool(pool_id)

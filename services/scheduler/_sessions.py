@@ -96,8 +96,6 @@ class SessionTable:
     def suspended(self) -> int:
         return sum(1 for s in self.by_key.values() if s.suspended)
 
-    # -- requests -------------------------------------------------------------------
-
     def arrive(self, req: Request) -> None:
         assert req.session is not None
         s = self.by_key.get(req.session)
@@ -151,8 +149,6 @@ class SessionTable:
         if s.idle:
             self.by_key.pop(s.key, None)
 
-    # -- the client's calls ------------------------------------------------------------
-
     def get(self, principal: str, name: str) -> Session:
         s = self.by_key.get((principal, name))
         if s is None:
@@ -196,8 +192,6 @@ class SessionTable:
         info = s.info()
         self._forget_if_idle(s)
         return info
-
-    # -- pins ----------------------------------------------------------------------------
 
     def _unpin(self, s: Session) -> None:
         if s.pinned is not None:
@@ -265,8 +259,6 @@ class SessionTable:
         for x in list(self.by_key.values()):
             if x.pinned is not None and (x.pinned.pool in pools or x.pinned.tenant in tenants):
                 self._unpin(x)
-
-    # -- the world changing -------------------------------------------------------------
 
     def kv_lost(self, pools: set[str], lost: set[tuple[str, int]]) -> None:
         """Drivers (their pools) or sequences ((pool, seq id)) lost their KV."""

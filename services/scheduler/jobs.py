@@ -127,8 +127,6 @@ class JobRunner:
             self.jobs[job.key] = job
         log.info("jobs.loaded", jobs=len(self.jobs), active=sum(1 for j in self.jobs.values() if j.due_ns is not None))
 
-    # -- requests ------------------------------------------------------------------------
-
     async def submit(self, msg: sp.SubmitJob, principal: str) -> sp.JobInfo:
         msg.validate()
         job_id = msg.job_id or os.urandom(12).hex()
@@ -225,8 +223,6 @@ class JobRunner:
         data = self.store.encode(job.record)  # the state as of now, not as of the write
         async with self._save_lock:
             await anyio.to_thread.run_sync(self.store.write_record, job.dir, data)
-
-    # -- the clock ------------------------------------------------------------------------
 
     async def run(self) -> None:
         """Start every due run; sleep until the next is due or a job changes."""

@@ -344,8 +344,6 @@ class SchedulerService(Service):
                     {"owner": msg.principal[:AUDIT_STR], "job_id": msg.job_id[:AUDIT_STR]})
         return info
 
-    # -- caveats and the audit trail --------------------------------------------------
-
     def _check_restrictions(self, msg: sp.Submit, ctx: Context, op: str) -> None:
         """The caller's token caveats that depend on the request (max_tokens, session)."""
         r = ctx.restrictions

@@ -9,8 +9,6 @@ eviction, pool loss and restart happened before.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import hypothesis.strategies as st
 import pytest
 from hypothesis import HealthCheck, event, settings
@@ -24,11 +22,11 @@ from ipc.protocol.memory import (
     SeqReserve, SeqState, SetBlockQuota, SwapIn, SwapOut,
 )
 from services.memory import MemoryManager
+from tests.unit.memory_reference import TENANTS, PoolModel, ReferenceBooks, SeqModel, ceil_div
 
 POOLS = ["p0", "p1"]
 # p0 exists from the start and is picked most: sequences meet in one pool.
 SOME_POOL = st.sampled_from(["p0", "p0", "p0", "p1"])
-TENANTS = ["a", "b"]
 # Shared beginnings make prefix hits (and cross-tenant near-misses) common.
 BASES = [[1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2, 3], [1, 2, 3, 4, 4, 4, 4, 4], [0, 0, 0, 0, 0, 0]]
 TOKEN = st.integers(0, 3)
@@ -39,89 +37,12 @@ PICK = st.integers(0, 999)
 PICKS = st.lists(PICK, min_size=1, max_size=3)
 
 
-@dataclass
-class PoolModel:
-    num_blocks: int
-    bs: int
-    swap_slots: int
-    # What the driver holds: the token written in each slot of each block.
-    content: list[list[int | None]] = field(default_factory=list)
-    writer: list[str | None] = field(default_factory=list)
-    swap_content: list[list[int | None]] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.content = [[None] * self.bs for _ in range(self.num_blocks)]
-        self.writer = [None] * self.num_blocks
-        self.swap_content = [[None] * self.bs for _ in range(self.swap_slots)]
-
-
-@dataclass
-class SeqModel:
-    tenant: str
-    pool: str
-    tokens: list[int]
-    num_slots: int = 0
-    table: list[int] = field(default_factory=list)
-    swapped: bool = False
-
-
-def ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-class MemoryMachine(RuleBasedStateMachine):
+class MemoryMachine(RuleBasedStateMachine, ReferenceBooks):
     def __init__(self) -> None:
         super().__init__()
         self.m = MemoryManager()
-        self.pools: dict[str, PoolModel] = {}
-        self.seqs: dict[int, SeqModel] = {}
-        self.limits: dict[str, int] = {}
-        self.next_id = 0
-        self.dead: list[int] = []
+        self.init_books()
 
-    # --- model views ---------------------------------------------------------
-
-    def holders(self, pool: str, swapped: bool = False) -> dict[int, list[int]]:
-        out: dict[int, list[int]] = {}
-        for sid, s in self.seqs.items():
-            if s.pool == pool and s.swapped == swapped:
-                for b in s.table:
-                    out.setdefault(b, []).append(sid)
-        return out
-
-    def held(self, tenant: str) -> int:
-        return sum(1 for p in self.pools for hs in self.holders(p).values()
-                   if self.seqs[hs[0]].tenant == tenant)
-
-    def available(self, pool: str) -> int:
-        return self.pools[pool].num_blocks - len(self.holders(pool))
-
-    def quota_room(self, tenant: str) -> float:
-        limit = self.limits.get(tenant, -1)
-        return float("inf") if limit < 0 else limit - self.held(tenant)
-
-    def forget_pool(self, pool: str, lost: list[int]) -> None:
-        assert sorted(lost) == sorted(sid for sid, s in self.seqs.items() if s.pool == pool)
-        for sid in lost:
-            del self.seqs[sid]
-            self.dead.append(sid)
-        del self.pools[pool]
-
-    @staticmethod
-    def pick(ids: list[int], picks: list[int]) -> list[int]:
-        return list(dict.fromkeys(ids[p % len(ids)] for p in picks))
-
-    def new_id(self) -> int:
-        self.next_id += 1
-        return self.next_id
-
-    def check_quota(self, before: dict[str, int]) -> None:
-        for t in TENANTS:
-            limit = self.limits.get(t, -1)
-            if limit >= 0:
-                assert self.held(t) <= max(limit, before[t]), (t, self.held(t), limit)
-
-    # --- pools ---------------------------------------------------------------
 
     @initialize(num_blocks=st.integers(4, 32), bs=st.integers(1, 4), swap=st.integers(0, 16))
     def first_pools(self, num_blocks: int, bs: int, swap: int) -> None:
@@ -146,8 +67,6 @@ class MemoryMachine(RuleBasedStateMachine):
             assert pool not in self.pools and e.code == ErrorCode.NOT_FOUND and pool in e.message
             return
         self.forget_pool(pool, reply.lost)
-
-    # --- the per-step call ---------------------------------------------------
 
     @rule(new=st.lists(st.tuples(st.sampled_from(BASES), st.integers(0, 16),
                                  st.lists(TOKEN, max_size=5), st.integers(0, 8), SOME_TENANT,
@@ -294,7 +213,6 @@ class MemoryMachine(RuleBasedStateMachine):
         for c in children:
             self.seqs[c] = SeqModel(p.tenant, p.pool, list(p.tokens), p.num_slots, list(p.table))
 
-    # --- swap tier -----------------------------------------------------------
 
     @precondition(lambda self: self.seqs)
     @rule(picks=PICKS)
@@ -349,8 +267,6 @@ class MemoryMachine(RuleBasedStateMachine):
             s.swapped = False
         self.check_quota(before)
 
-    # --- policy, eviction, recovery ------------------------------------------
-
     @rule(pool=st.sampled_from(POOLS), n=st.integers(-1, 4))
     def evict(self, pool: str, n: int) -> None:
         if pool not in self.pools:
@@ -386,7 +302,6 @@ class MemoryMachine(RuleBasedStateMachine):
         reply = self.m.reregister(Reregister(states, replace=True))
         assert reply.failures == [] and reply.released == []
 
-    # --- invariants ----------------------------------------------------------
 
     @invariant()
     def blocks_agree(self) -> None:
