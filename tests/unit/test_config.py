@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from ipc.errors import BadRequest
+from common.config.gateway import GatewayConfig
+from ipc.errors import BadRequest, ConfigError
 from kernel.config import ChildSpec, Config, Restart, Strategy, load_config
 from tools.testing import write_config
 
@@ -28,8 +29,14 @@ def test_llmos_up_flags_choose_the_children() -> None:
 
     kids = default_children("/models/x", parse_drivers("cpu=2,cuda=1"), ":8000")
     assert [(c.name, c.instances) for c in kids] == [
-        ("security", 1), ("memory", 1), ("cpu", 2), ("cuda", 1), ("scheduler", 1), ("gateway", 1)]
+        ("security", 1), ("memory", 1), ("cpu", 2), ("cuda", 1), ("scheduler", 1), ("gateway", 2)]
     assert kids[-1].args == ["--listen", ":8000"] and kids[2].args[2] == "/models/x"
+    # both gateway instances accept from the one socket the kernel binds; each may drain before SIGKILL
+    assert kids[-1].listen == ":8000" and kids[-1].shutdown_timeout_s > GatewayConfig().drain_s
+    one = default_children(http=":8000", gateway=GatewayConfig(instances=1))
+    assert one[-1].instances == 1
+    with pytest.raises(ConfigError, match="listening address"):
+        Config(children=[ChildSpec("gateway", "services.gateway", listen="nowhere")]).validate()
     # the gateway is optional: it stops alone; the core escalates
     assert not kids[-1].significant and all(c.significant for c in kids[:-1])
     with pytest.raises(BadRequest, match="--drivers"):
