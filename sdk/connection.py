@@ -90,9 +90,6 @@ class Connection:
     def send_control(self, kind: Kind) -> None:
         self.send(Header(PROTOCOL_VERSION, kind, src=self.src))
 
-    def next_id(self) -> int:
-        return next(self._ids)
-
     def _on_readable(self) -> None:
         if self.closed:
             return
@@ -183,7 +180,7 @@ class Connection:
             raise Unavailable("connection is closed")
         if self.refusal is not None:
             raise self.refusal
-        msg_id = self.next_id()
+        msg_id = next(self._ids)
         deadline_ns = time.time_ns() + int(timeout * 1e9) if timeout else 0
         q: asyncio.Queue[Answer] = asyncio.Queue()
         self._calls[msg_id] = q
