@@ -74,6 +74,23 @@ def test_what_the_contract_allows() -> None:
     assert v.holds and v.greedy_faulted == 1 and v.greedy_faulted_equal == 0
 
 
+def test_an_http_stream_resumed_after_a_cut_is_one_request_and_is_counted() -> None:
+    from tools.chaos.figures import http_figures
+
+    http = lambda t, kind, **kw: Op(t, kind, "h", "c", **kw)  # noqa: E731
+    resumed = history(invoke(0, req="h", via=Via.HTTP), http(0.5, OpKind.CHUNK, text="ab"),
+                      http(1.1, OpKind.RETRY, code="stream_cut", offset=2),
+                      http(1.3, OpKind.CHUNK, offset=1, text="cd"),
+                      http(1.4, OpKind.OK, offset=2, finish_reason="length", completion_tokens=4),
+                      invoke(2, req="g", via=Via.HTTP, greedy=False), Op(2.1, OpKind.RETRY, "g", "c", code="connect"),
+                      Op(2.5, OpKind.OK, "g", "c", finish_reason="length", completion_tokens=0))
+    v = check(resumed, REF, text_of)
+    assert v.holds and v.ok == 2 and v.greedy_unfaulted_equal == 1  # "ab" + "cd": the reference
+    assert http_figures(resumed) == {"requests": 2, "connect_errors": 1, "refused_at_connect": 0,
+                                     "incomplete_streams": 0, "reconnections": 2, "resumed_streams": 1,
+                                     "retried_from_start": 1}
+
+
 def test_the_fault_schedule_is_seeded_and_covers_every_target() -> None:
     targets = {"security": "security", "memory": "memory", "cpu": "driver", "scheduler": "scheduler",
                "gateway": "gateway"}

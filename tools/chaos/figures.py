@@ -99,4 +99,34 @@ def summarize(history: History) -> dict[str, object]:
         "next_token_s": {s: quantiles(v) for s, v in nxt.items()},
         "next_token_p99_s": quantiles(all_next)["p99"],
         "next_token_p50_s": quantiles(all_next)["p50"],
+        "http": http_figures(history),
+    }
+
+
+def http_figures(history: History) -> dict[str, int]:
+    """What HTTP clients saw, following the reconnect rule: connection
+    attempts that failed (`connect_errors`), requests that ended refused at
+    connect after every retry (`refused_at_connect`) or cut
+    (`incomplete_streams`), re-sent requests (`reconnections`), and requests
+    that finished after a retry: from an offset (`resumed_streams`) or from
+    their start (`retried_from_start`)."""
+    http = {op.req for op in history.ops if op.kind == OpKind.INVOKE and op.via == Via.HTTP}
+    retries: dict[str, list[Op]] = defaultdict(list)
+    ends: dict[str, Op] = {}
+    for op in history.ops:
+        if op.req not in http:
+            continue
+        if op.kind == OpKind.RETRY:
+            retries[op.req].append(op)
+        elif op.kind in (OpKind.OK, OpKind.FAIL, OpKind.UNKNOWN):
+            ends[op.req] = op
+    finished_after_retry = [r for r in retries if r in ends and ends[r].kind == OpKind.OK]
+    return {
+        "requests": len(http),
+        "connect_errors": sum(1 for ops in retries.values() for op in ops if op.code == "connect"),
+        "refused_at_connect": sum(1 for e in ends.values() if e.kind == OpKind.FAIL and e.code == "connect"),
+        "incomplete_streams": sum(1 for e in ends.values() if e.kind == OpKind.UNKNOWN and e.code == "stream_cut"),
+        "reconnections": sum(len(ops) for ops in retries.values()),
+        "resumed_streams": sum(1 for r in finished_after_retry if any(op.offset > 0 for op in retries[r])),
+        "retried_from_start": sum(1 for r in finished_after_retry if all(op.offset == 0 for op in retries[r])),
     }

@@ -21,6 +21,7 @@ class OpKind(StrEnum):
     OK = "ok"  # the final chunk (finish_reason) arrived
     FAIL = "fail"  # the system answered an error with a code: the request did not run to an end
     UNKNOWN = "unknown"  # the client lost sight of it (an HTTP stream cut): ran or not, nobody knows
+    RETRY = "retry"  # an HTTP client sent it again (code: why; offset: the tokens it held, resumed from)
 
 
 class Via(StrEnum):

@@ -57,6 +57,7 @@ def write_report(out: Path, history: History, verdict: Verdict, cfg: "ChaosConfi
         "next_token_p99_s": figs["next_token_p99_s"],
         "next_token_p50_s": figs["next_token_p50_s"],
         "next_token_s": figs["next_token_s"],
+        "http": figs["http"],
         "kernel_restarted": verdict.kernel_restarted,
         "leaked_pids": verdict.leaked_pids,
         "peak_rss_mb": peak_rss_mb,
@@ -81,6 +82,7 @@ def summary(report: dict[str, Any]) -> str:
              "  by service        " + ", ".join(f"{s}={sum(k.values())}" for s, k in sorted(f["by_service"].items())),
              f"  requests          {r['total']}: ok {r['ok']}, failed {r['failed'] or 0}, unknown {r['unknown'] or 0}",
              f"  lost / duplicated {report['lost']} / {report['duplicated']}",
+             "  HTTP clients      " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in report["http"].items()),
              f"  greedy = reference  unfaulted {report['greedy']['unfaulted_equal_reference']}/"
              f"{report['greedy']['unfaulted']}, faulted {report['greedy']['faulted_equal_reference']}/"
              f"{report['greedy']['faulted']}"]
