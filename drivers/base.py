@@ -57,6 +57,15 @@ def cpu_list(text: str) -> set[int]:
     return cpus
 
 
+def pin(cpus: set[int]) -> None:
+    """Run every thread of this process, and any it starts later, on `cpus`."""
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), cpus)
+        except ProcessLookupError:
+            pass            # a thread that has just ended
+
+
 def driver_config(args: argparse.Namespace) -> DriverConfig:
     return load_driver_config(args.config, model=args.model, kv_cache_mb=args.kv_cache_mb,
                               block_size=args.block_size, dtype=args.dtype, threads=args.threads,
@@ -71,6 +80,12 @@ class Driver(Service):
         super().__init__(**kwargs)
         self.args = driver_args(sys.argv[1:] if argv is None else argv)
         self.config = driver_config(self.args)
+        if self.args.cpus is not None:
+            # Before torch starts its thread pool (sized from the affinity).
+            try:
+                pin(self.args.cpus)
+            except OSError as exc:
+                raise ConfigError(f"--cpus {sorted(self.args.cpus)}: {exc.strerror}") from None
         self.runner: ModelRunner | None = None
         self._step_lock = anyio.Lock()
         self._busy = False
@@ -81,12 +96,6 @@ class Driver(Service):
     def load_runner(self) -> ModelRunner:
         """Runs in a worker thread. Subclasses adjust dtype, threads, device."""
         a = self.config
-        if self.args.cpus is not None:
-            # Before the runner sizes torch's thread pool from the affinity.
-            try:
-                os.sched_setaffinity(0, self.args.cpus)
-            except OSError as exc:
-                raise BadRequest(f"--cpus {sorted(self.args.cpus)}: {exc.strerror}") from None
         host_path = None
         if a.host_slots or a.swap_mb:
             host_path = self.home / "swap" / f"{self.instance}.swap" if self.device == "cpu" else None

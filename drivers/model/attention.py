@@ -4,7 +4,7 @@ prefill chunks.
 Decodes (one new token) are attended in groups of sequences with similar
 context lengths, padded to the longest in the group. Two kernels:
 
-- "bag" (CPU default): keys and values are read straight from the pool with
+- "bag" (CPU default, every dtype): keys and values are read straight from the pool with
   `embedding_bag`, which sums weighted rows picked by index. For values the
   rows are value vectors weighted by the attention probabilities; for keys
   (stored transposed, see kv_cache.py) the rows are one head dimension of a
@@ -183,7 +183,7 @@ class PagedAttention:
         scores = F.embedding_bag(g.k_rows, keys, g.k_offsets, mode="sum",
                                  per_sample_weights=weights.view(-1))
         scores = scores.view(n, heads, group, g.width * bs).masked_fill_(g.pad, -math.inf)
-        probs = torch.softmax(scores, dim=-1)
+        probs = _softmax(scores)
         values = self.cache.v[layer].view(-1, dim)
         o = F.embedding_bag(g.v_rows, values, g.v_offsets, mode="sum",
                             per_sample_weights=probs.view(-1))
@@ -208,7 +208,7 @@ class PagedAttention:
         values.masked_fill_(g.pad.view(n, 1, span, 1), 0.0)
         qs = torch.mul(q.reshape(n * heads, group, dim), self.scale)
         scores = torch.bmm(qs, keys).view(n, heads, group, span).masked_fill_(g.pad, -math.inf)
-        probs = torch.softmax(scores, dim=-1)
+        probs = _softmax(scores)
         o = torch.bmm(probs.view(n * heads, group, span), values.view(n * heads, span, dim))
         out.copy_(o.view(n, -1))
 
@@ -225,3 +225,12 @@ class PagedAttention:
             q.view(length, self.num_heads, dim).transpose(0, 1)[None], keys[None], values[None],
             attn_mask=p.allowed, scale=self.scale, enable_gqa=True)
         out.view(length, self.num_heads, dim).copy_(o[0].transpose(0, 1))
+
+
+def _softmax(scores: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dimension computed in float32 (a 16-bit sum over
+    hundreds of positions loses the small probabilities), returned in the
+    scores' dtype for the value product."""
+    if scores.dtype == torch.float32:
+        return torch.softmax(scores, dim=-1)
+    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(scores.dtype)
