@@ -110,8 +110,6 @@ class Router:
     def detach(self) -> None:
         self.attach(ClosedPort(), ClosedPort())
 
-    # Routing.
-
     def route(self, origin: Port, ident: bytes, header: Header, payload: list[Any],
               inst: Instance | None = None) -> None:
         """A request from a client (`inst` None) or from a registered instance."""
@@ -252,8 +250,6 @@ class Router:
             self.waiting.remove(lambda dst, p: p.origin is front and p.origin_id == ident)
         log.info("kernel.client_gone", reason=reason, cancelled=cancelled)
 
-    # Registration and death.
-
     def register(self, ident: bytes, header: Header, payload: list[Any]) -> None:
         """READY from a service: checked against the boot secret."""
         back = self.back
@@ -316,8 +312,6 @@ class Router:
 
     def heartbeat(self, inst: Instance) -> None:
         self.replies.control(self.back, inst.identity, Kind.HEARTBEAT)
-
-    # Events.
 
     def publish(self, topic: str, body: Message) -> None:
         self.topics.publish(topic, kp.KERNEL, [None, codec.encode(body)], type(body).__name__)
