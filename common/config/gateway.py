@@ -62,8 +62,12 @@ class GatewayConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     allow_anonymous: bool = False
     # max_tokens of a request that gives none
     default_max_tokens: int = 256
+    # Gateway processes sharing the one listening socket the kernel holds.
     instances: int = 2
+    # How long a stream whose gateway instance died (or a request with an
+    # Idempotency-Key whose client left) runs on for its client to resume it.
     resume_grace_s: float = 30.0
+    # On SIGTERM: how long an instance lets its open streams finish.
     drain_s: float = 30.0
 
     def validate(self) -> "GatewayConfig":
