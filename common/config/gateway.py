@@ -46,9 +46,9 @@ import msgspec
 
 from common.configfile import load_table
 from ipc.errors import BadRequest
-from ipc.protocol.scheduler import MAX_LINGER_S
 
 MIB = 1 << 20
+MAX_RESUME_GRACE_S = 300.0  # the bound of Submit.linger_s (ipc/protocol/scheduler.py)
 
 
 class GatewayConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -81,7 +81,7 @@ class GatewayConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
             (self.keep_alive_s >= 1, "keep_alive_s must be >= 1"),
             (self.default_max_tokens >= 1, "default_max_tokens must be >= 1"),
             (1 <= self.instances <= 64, "instances must be in [1, 64]"),
-            (0 <= self.resume_grace_s <= MAX_LINGER_S, f"resume_grace_s must be in [0, {MAX_LINGER_S:g}]"),
+            (0 <= self.resume_grace_s <= MAX_RESUME_GRACE_S, f"resume_grace_s must be in [0, {MAX_RESUME_GRACE_S:g}]"),
             (0 <= self.drain_s <= 3600, "drain_s must be in [0, 3600]"),
         ]
         for ok, why in checks:

@@ -49,8 +49,6 @@ TokenId = Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]
 MAX_PROMPT_IDS = 1 << 20  # past any context we serve; the model's own bound is checked next
 MAX_STOP_IDS = 64
 PromptIds = Annotated[list[TokenId], msgspec.Meta(max_length=MAX_PROMPT_IDS)]
-MAX_LINGER_S = 300.0
-LingerSeconds = Annotated[float, msgspec.Meta(ge=0.0, le=MAX_LINGER_S)]
 
 
 class FinishReason(StrEnum):
@@ -99,11 +97,8 @@ class Submit(Request["Finished"]):
     # own state (a live or remembered request of this principal with this
     # id), never from what a client claims.
     attempt: NonNegative = 0
-    # Resumable: when the requester goes away (its connection died, e.g. a
-    # gateway instance was killed) the request runs on for up to this many
-    # seconds for a Submit with its id to re-attach, then is cancelled. 0:
-    # cancelled at once (an explicit Cancel always is).
-    linger_s: LingerSeconds = 0.0
+    # Seconds the request runs on once its requester is gone (a killed gateway), for a re-attach; 0: cancelled.
+    linger_s: Annotated[float, msgspec.Meta(ge=0.0, le=300.0)] = 0.0
 
     def validate(self) -> None:
         """Raise `BadRequest` naming the first field that is wrong."""
@@ -133,8 +128,6 @@ class Submit(Request["Finished"]):
         if self.resume_from and not self.request_id:
             raise BadRequest("resume_from needs the request_id of the request to resume",
                              detail={"field": "request_id"})
-        if not 0.0 <= self.linger_s <= MAX_LINGER_S:
-            raise BadRequest(f"linger_s must be in [0, {MAX_LINGER_S:g}]", detail={"field": "linger_s"})
         if self.resume_from > self.max_tokens:
             raise BadRequest(f"resume_from {self.resume_from} exceeds max_tokens {self.max_tokens}",
                              detail={"field": "resume_from"})
