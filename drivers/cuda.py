@@ -1,4 +1,5 @@
-"""`python -m drivers.cuda`: the CUDA driver (bf16/fp16 by the checkpoint; same model code)."""
+"""`python -m drivers.cuda`: the CUDA driver (dtype auto: bf16 from compute capability 8.0,
+else fp16; bf16 asked for on an older device is refused at start-up; same model code)."""
 
 from __future__ import annotations
 

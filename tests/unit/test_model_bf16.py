@@ -84,7 +84,7 @@ def test_bf16_greedy_continuation_equals_fp32_on_a_peaked_checkpoint(checkpoint:
         table = list(range(16))
         tokens = [runner.execute([StepSeq(1, prompt, 0, table, params=GREEDY)])[0].token]
         for pos in range(len(prompt), len(prompt) + 31):
-            tokens.append(runner.execute([StepSeq(1, [tokens[-1]], pos, table, params=GREEDY)])[0].token)
+            tokens.append(runner.execute([StepSeq(1, [tokens[-1] or 0], pos, table, params=GREEDY)])[0].token)
         runs[dtype] = tokens, torch.stack(rec.logits)[:, :TOKENIZER_VOCAB]
     assert runs["bfloat16"][0] == runs["float32"][0]
     # Meaningful only where every step's top-1 margin exceeds bf16's error

@@ -10,7 +10,8 @@ import torch
 from drivers.model.runner import ModelRunner
 from ipc.protocol.driver import StepSeq
 from ipc.protocol.sampling import SamplingParams
-from tests.helpers.model_fixtures import hf_logits, make_checkpoint, prefill_then_decode, recording
+from tests.helpers.model_fixtures import (
+    TOKENIZER_VOCAB, hf_logits, make_checkpoint, prefill_then_decode, recording)
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -53,3 +54,39 @@ def test_cuda_mixed_batch_sampling_and_swap(tmp_path: Path) -> None:
     b = runner.execute([StepSeq(4, [out[0].token], 5, [4, 5], params=GREEDY)])[0]
     assert (a.token, a.logprob) == (b.token, b.logprob)
     assert runner.health().ok
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_cuda_half_precision_tracks_float32(tmp_path: Path, dtype: str) -> None:
+    """16-bit weights and KV on the device: logits within 1.5x of what
+    transformers' own 16-bit run differs from its float32 (as on the CPU,
+    tests/unit/test_model_bf16.py), greedy tokens equal on a peaked model."""
+    if dtype == "bfloat16" and torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip("bf16 needs compute capability 8.0")
+    model = make_checkpoint(tmp_path, "llama", sharp=True)
+    ids = list(range(5, 35))
+    logits = {}
+    for name in ("float32", dtype):
+        runner = load(tmp_path, dtype=name)
+        assert runner.info.dtype == name and runner.cache.k.dtype == getattr(torch, name)
+        rec = recording(runner)
+        prefill_then_decode(runner, 1, ids, 17, list(range(10)), chunk=6, params=GREEDY)
+        logits[name] = torch.stack(rec.logits).cpu()[:, :TOKENIZER_VOCAB]
+    # transformers' reference on the CPU (hf_logits feeds CPU tensors).
+    ref32 = hf_logits(model, ids)[16:, :TOKENIZER_VOCAB]
+    ref16 = hf_logits(model.to(getattr(torch, dtype)), ids)[16:, :TOKENIZER_VOCAB]
+    ours = float((logits[dtype] - logits["float32"]).abs().max())
+    theirs = float((ref16 - ref32).abs().max())
+    assert ours <= 1.5 * theirs + 1e-3, (ours, theirs)
+
+
+def test_cuda_auto_picks_a_16_bit_dtype(tmp_path: Path) -> None:
+    make_checkpoint(tmp_path, "llama")
+    runner = load(tmp_path)
+    native_bf16 = torch.cuda.get_device_capability()[0] >= 8
+    assert runner.info.dtype == ("bfloat16" if native_bf16 else "float16")
+    if not native_bf16:
+        from ipc.errors import BadRequest
+
+        with pytest.raises(BadRequest, match="bfloat16 is not supported"):
+            load(tmp_path, dtype="bfloat16")
