@@ -278,8 +278,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="a preempted request's KV: recompute it (default) or swap it to host memory")
     up.add_argument("--policy", help="the scheduler's policy: fcfs, priority, round_robin, mlfq or fair (default)")
     up.add_argument("--kv-cache-mb", type=float, help="each driver's KV cache in MiB (default 256)")
-    up.add_argument("--dtype", help="the model's dtype: float32, bfloat16 or float16 (default: float32 on CPU, "
-                                    "the checkpoint's on CUDA)")
+    up.add_argument("--dtype", help="the model's dtype: auto (default: bfloat16 where the device multiplies it "
+                                    "natively, else float32 on CPU, float16 on CUDA), float32, bfloat16 or float16")
     up.add_argument("--autotune", type=float, metavar="TPOT_MS",
                     help="auto-tune the batch to this per-token latency target in ms (default off)")
     up.add_argument("--swap-mb", type=float, default=None,

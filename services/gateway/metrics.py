@@ -73,6 +73,13 @@ class _Snapshot:
             up.add_metric([i.service, i.instance], 1.0 if i.state == ChildState.READY else 0.0)
         yield restarts
         yield up
+        drivers = GaugeMetricFamily("llmos_driver_info", "1 per ready driver: its model, device and dtype",
+                                    labels=["instance", "model", "device", "dtype"])
+        for i in st.instances:
+            if i.service == "driver" and "dtype" in i.meta:
+                drivers.add_metric([i.instance, str(i.meta.get("model", "")), str(i.meta.get("device", "")),
+                                    str(i.meta["dtype"])], 1.0)
+        yield drivers
         s = self.stats.scheduler
         if s is not None:
             for name, value, doc in (("requests_running", s.running, "requests running"),

@@ -99,3 +99,18 @@ def test_cpus_flag_pins_the_driver_and_sizes_its_threads(checkpoint: Path, tmp_p
         torch.set_num_threads(len(before))
     with pytest.raises(SystemExit):
         CpuDriver(["--model", "demo", "--cpus", "3-x"], home=str(tmp_path))
+
+
+def test_metrics_show_each_drivers_dtype() -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from ipc.protocol import kernel as kp
+    from services.gateway.backend import Stats
+    from services.gateway.metrics import GatewayMetrics
+
+    cpu = kp.InstanceInfo("driver", "cpu", 7, kp.ChildState.READY, meta={"model": "demo", "device": "cpu", "dtype": "float32"})
+    status = kp.StatusReply(1, 1.0, [cpu, kp.InstanceInfo("memory", "memory", 8, kp.ChildState.READY)], kp.KernelCounters())
+    text = GatewayMetrics().render(Stats(status, None, None)).decode()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    [sample] = families["llmos_driver_info"].samples
+    assert sample.labels == {"instance": "cpu", "model": "demo", "device": "cpu", "dtype": "float32"}
