@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import anyio
 import torch
 
 from drivers.model.runner import ModelRunner
@@ -126,8 +127,13 @@ def prefill_then_decode(runner: ModelRunner, seq_id: int, ids: Sequence[int], pr
         runner.execute([StepSeq(seq_id, [ids[pos]], pos, table, **step)])
 
 
-def local_greedy(ckpt: Path, prompt: list[int], n: int) -> list[int]:
-    """`n` greedy tokens after `prompt`, from the model run here (no llmos)."""
+async def local_greedy(ckpt: Path, prompt: list[int], n: int) -> list[int]:
+    """`n` greedy tokens after `prompt`, from the model run here (no llmos),
+    in a worker thread: the test's event loop keeps serving its clients."""
+    return await anyio.to_thread.run_sync(_greedy, ckpt, prompt, n)
+
+
+def _greedy(ckpt: Path, prompt: list[int], n: int) -> list[int]:
     runner = ModelRunner.load(str(ckpt), kv_cache_bytes=2 * 2**20, num_threads=1)
     bs = runner.info.block_size
     table = list(range((len(prompt) + n) // bs + 1))

@@ -269,10 +269,10 @@ async def test_the_cli_shows_a_models_control_characters_escaped(served: Served)
         else:
             pytest.skip("no control character in 40 samples of this checkpoint")
     for extra in ((), ("--stream",)):
-        shown = subprocess.run([*LLMOS, "--home", str(served.home), "--endpoint", served.endpoint, "generate", "x",
-                                "--max-tokens", "48", "--temperature", "1", "--seed", str(seed), *extra],
-                               cwd=REPO_ROOT, capture_output=True, timeout=60,
-                               env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+        shown = await anyio.to_thread.run_sync(lambda: subprocess.run(
+            [*LLMOS, "--home", str(served.home), "--endpoint", served.endpoint, "generate", "x",
+             "--max-tokens", "48", "--temperature", "1", "--seed", str(seed), *extra],
+            cwd=REPO_ROOT, capture_output=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}))
         assert shown.returncode == 0, shown.stderr
         text = shown.stdout.decode()
         assert not RAW_CONTROL.search(text), repr(text)

@@ -37,7 +37,7 @@ async def test_driver_serves_execute_and_matches_the_model_run_locally(home: Pat
         desc = await llmos.client.call("driver", dp.DescribeModel())
         assert desc.architecture == "LlamaForCausalLM" and desc.num_blocks > 4 and desc.block_size == 16
         served = await generate(llmos, prompt, 12)
-    assert served == local_greedy(checkpoint, prompt, 12)
+    assert served == await local_greedy(checkpoint, prompt, 12)
 
 
 async def test_bad_sequences_fail_alone(home: Path, checkpoint: Path) -> None:

@@ -3,6 +3,7 @@ scheduler and the gateway as real processes, auth on."""
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 
@@ -27,9 +28,10 @@ def children(ckpt: Path, port: int) -> list[ChildSpec]:
 
 
 async def test_openai_endpoints_over_the_whole_system(home: Path, checkpoint: Path) -> None:
-    import openai
-    from prometheus_client.parser import text_string_to_metric_families
-
+    # imported here, in a worker thread: only this test needs them, and importing openai takes seconds
+    openai = await anyio.to_thread.run_sync(importlib.import_module, "openai")
+    parser = await anyio.to_thread.run_sync(importlib.import_module, "prometheus_client.parser")
+    text_string_to_metric_families = parser.text_string_to_metric_families
     port = free_port()
     async with running_llmos(home, children(checkpoint, port), auth=True, ready_timeout=120) as llmos:
         admin = llmos.client

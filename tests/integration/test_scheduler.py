@@ -45,7 +45,7 @@ async def test_generation_through_the_scheduler(home: Path, checkpoint: Path) ->
         prompt = [5, 17, 42, 99, 3, 250, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18]
         done = await c.generate(prompt, max_tokens=24, **GREEDY)
         assert done.finish_reason == FinishReason.LENGTH and done.usage.completion_tokens == 24
-        assert done.token_ids == local_greedy(checkpoint, prompt, 24)
+        assert done.token_ids == await local_greedy(checkpoint, prompt, 24)
 
         # Streaming: contiguous chunks whose text concatenates to the text of the ids.
         text_prompt = "hello world, the quick brown fox"
@@ -53,7 +53,7 @@ async def test_generation_through_the_scheduler(home: Path, checkpoint: Path) ->
         assert len(chunks) > 1 and chunks[-1].finish_reason == FinishReason.LENGTH
         ids = [t for ch in chunks for t in ch.token_ids]
         assert [ch.offset for ch in chunks] == [sum(len(x.token_ids) for x in chunks[:i]) for i in range(len(chunks))]
-        assert ids == local_greedy(checkpoint, tok.encode(text_prompt), 30)
+        assert ids == await local_greedy(checkpoint, tok.encode(text_prompt), 30)
         full = "".join(ch.text for ch in chunks)
         assert full == tok.decode(ids)
 
@@ -111,7 +111,7 @@ async def test_every_request_completes_exactly_once_through_kills(home: Path, ch
     of an undisturbed greedy run (no repeat, no gap: the SDK checks offsets)."""
     prompts = [[7 + i, 30, 41, 52, 63, 74, 85, 96, 107] for i in range(3)]
     n = 160
-    expected = [local_greedy(checkpoint, p, n) for p in prompts]
+    expected = [await local_greedy(checkpoint, p, n) for p in prompts]
     async with running_llmos(home, children(checkpoint)) as llmos:
         for target in ("cpu", "memory", "scheduler"):
             async with await AsyncClient.connect(home=home) as c:
@@ -175,4 +175,4 @@ async def test_swap_mode_preemption_keeps_outputs_exact_over_real_processes(home
     assert stats.swapped_out > 0 and stats.swapped_in == stats.swapped_out
     for i, p in enumerate(prompts):
         assert done[i].finish_reason == FinishReason.LENGTH
-        assert done[i].token_ids == local_greedy(checkpoint, p, n)
+        assert done[i].token_ids == await local_greedy(checkpoint, p, n)

@@ -26,7 +26,7 @@ async def until_runs(c: AsyncClient, job_id: str, n: int, timeout: float = 60.0)
 
 async def test_a_periodic_job_runs_again_and_again_through_a_scheduler_sigkill(home: Path, checkpoint: Path) -> None:
     prompt = [5, 17, 42, 99, 3, 250, 7]
-    want = local_greedy(checkpoint, prompt, 8)
+    want = await local_greedy(checkpoint, prompt, 8)
     async with running_llmos(home, children(checkpoint)) as llmos:
         c = llmos.client
         job = await c.jobs.submit(prompt, every=0.5, max_tokens=8, name="tick", **GREEDY)

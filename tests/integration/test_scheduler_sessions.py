@@ -28,7 +28,7 @@ async def test_suspend_and_resume_give_the_same_continuation_and_the_kv_outlives
         home: Path, checkpoint: Path) -> None:
     prompt = [9, 31, 44, 57, 68, 70, 81, 92, 103, 114, 125, 136]
     n = 160
-    want = local_greedy(checkpoint, prompt, n)
+    want = await local_greedy(checkpoint, prompt, n)
     async with running_llmos(home, children(checkpoint)) as llmos:
         c = llmos.client
         held: list[int] = []
@@ -65,5 +65,5 @@ async def test_suspend_and_resume_give_the_same_continuation_and_the_kv_outlives
         await c.call("memory", mp.EvictCached())
         second = await c.generate(prompt + want + [7, 7], max_tokens=4, session="chat", **GREEDY)
         assert second.usage.cached_tokens >= len(prompt) + n - 16
-        assert second.token_ids == local_greedy(checkpoint, prompt + want + [7, 7], 4)
+        assert second.token_ids == await local_greedy(checkpoint, prompt + want + [7, 7], 4)
         assert (await c.sessions.close("chat")).kv_where == ""
