@@ -29,5 +29,7 @@ async def test_a_minute_of_faults_loses_and_duplicates_nothing(home: Path, check
     # Every killed service came back (a READY time per service type), and clients kept being served.
     assert set(report["recovery_ready_p99_s"]) == set(FAULT_SERVICES)
     assert report["requests"]["ok"] >= 10
+    # HTTP clients that follow the reconnect rule see no gateway fault (issue 20)
+    assert report["http"]["refused_at_connect"] == 0 and report["http"]["incomplete_streams"] == 0
     assert verdict.greedy_unfaulted > 0 and verdict.greedy_unfaulted_equal == verdict.greedy_unfaulted
     assert (tmp_path / "report" / "report.json").is_file() and (tmp_path / "report" / "throughput.svg").is_file()
