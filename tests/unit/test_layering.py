@@ -34,6 +34,14 @@ def test_no_import_cycle_between_packages() -> None:
     assert not found, "package import cycles:\n" + "\n".join(" <-> ".join(c) for c in found)
 
 
+def test_no_test_module_imports_another() -> None:
+    """Shared test code lives in helper modules (tests/helpers), not in a
+    test module or conftest another test module reaches into."""
+    bad = [f"{i.path}:{i.line}: {i.importer} imports {i.module}" for i in imports(REPO_ROOT, ("tests",))
+           if i.module.rsplit(".", 1)[-1].startswith("test_") or i.module.endswith("conftest")]
+    assert not bad, "test modules importing test modules:\n" + "\n".join(bad)
+
+
 def test_no_module_over_400_lines() -> None:
     long = too_long(REPO_ROOT, (*PACKAGES, "tests"), MAX_LINES)
     assert not long, f"modules over {MAX_LINES} lines:\n" + "\n".join(long)
