@@ -22,17 +22,18 @@ With auth on (the default), commands use $LLMOS_HOME/admin.key when this user ca
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import msgspec
 
 from ipc.errors import BadRequest, LlmosError
 from ipc.protocol.kernel import ChildState
 from common.home import llmos_home
-from tools.terminal import printable
+from tools import jobs_cli, restart, security_cli
+from tools.cli_flags import add_generation_args, api_key, connect, generation_options
+from tools.terminal import print_table, printable
 
 # Subcommands that work on this machine's LLMOS_HOME (they boot llmos or read
 # its files): a remote --endpoint cannot apply to them.
@@ -40,18 +41,6 @@ LOCAL_ONLY = {"up": "boots llmos on this machine (its [kernel] front setting say
               "demo": "boots its own llmos on this machine", "chaos": "boots its own llmos on this machine",
               "logs": "reads LLMOS_HOME/logs on this machine", "audit": "reads LLMOS_HOME's audit log on this machine",
               "config": "reads files on this machine"}
-
-
-def _client(args: argparse.Namespace) -> Any:
-    from sdk.client import Client
-
-    return Client.connect(args.endpoint, home=args.home, api_key=api_key(args))
-
-
-def api_key(args: argparse.Namespace) -> str | None:
-    """--api-key, else $LLMOS_API_KEY, else None (the local operator's admin.key, if readable)."""
-    key = args.api_key if args.api_key is not None else os.environ.get("LLMOS_API_KEY")
-    return key.strip() or None if key is not None else None
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -130,7 +119,7 @@ def cmd_down(args: argparse.Namespace) -> int:
 
     if not 0 < args.timeout <= 86400:  # (nan fails this too)
         raise BadRequest(f"--timeout wants seconds in (0, 86400], got {args.timeout:g}")
-    return run_down(_client(args), llmos_home(args.home), args.timeout)
+    return run_down(connect(args), llmos_home(args.home), args.timeout)
 
 
 def _fmt_uptime(s: float) -> str:
@@ -144,7 +133,7 @@ def _fmt_uptime(s: float) -> str:
 
 
 def cmd_ps(args: argparse.Namespace) -> int:
-    with _client(args) as c:
+    with connect(args) as c:
         st = c.status()
     if args.json:
         print(msgspec.json.encode({
@@ -162,20 +151,8 @@ def cmd_ps(args: argparse.Namespace) -> int:
     return 0
 
 
-def print_table(rows: Sequence[tuple[str, ...]]) -> None:
-    rows = table_cells(rows)
-    widths = [max(len(r[k]) for r in rows) for k in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
-
-
-def table_cells(rows: Sequence[tuple[str, ...]]) -> list[tuple[str, ...]]:
-    """Cells from elsewhere (names, notes, exit reasons) as one visible line each."""
-    return [tuple(printable(c, newlines=False) for c in r) for r in rows]
-
-
 def cmd_kill(args: argparse.Namespace) -> int:
-    with _client(args) as c:
+    with connect(args) as c:
         killed = c.kill(args.service, args.signal)
     print(f"llmos: sent {args.signal} to {printable(', '.join(killed)) if killed else 'nothing (not running)'}")
     return 0
@@ -185,25 +162,9 @@ def _usage_json(usage: Any) -> dict[str, Any]:
     return msgspec.structs.asdict(usage) if usage is not None else {}
 
 
-def add_generation_args(p: argparse.ArgumentParser) -> None:
-    """The flags of one generation, shared by `generate` and `jobs submit`."""
-    p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--priority", type=int, default=0, help="lower runs first (policy 'priority')")
-    p.add_argument("--stop", action="append", help="a stop string (repeatable)")
-    p.add_argument("--session", default="", help="a conversation's name: its requests run in turn, its KV is kept")
-
-
-def generation_options(args: argparse.Namespace) -> dict[str, Any]:
-    return dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                priority=args.priority, stop=args.stop or (), session=args.session)
-
-
 def cmd_generate(args: argparse.Namespace) -> int:
     opts = generation_options(args)
-    with _client(args) as c:
+    with connect(args) as c:
         if args.stream:
             for chunk in c.stream_generate(args.prompt, **opts):
                 if args.json:
@@ -336,8 +297,6 @@ def main(argv: list[str] | None = None) -> int:
                                           "check the recovery contract, report")
     chaos_cli.add_arguments(chaos)
     chaos.set_defaults(fn=chaos_cli.run)
-
-    from tools import jobs_cli, restart, security_cli
 
     security_cli.add_commands(sub)
     jobs_cli.add_commands(sub)

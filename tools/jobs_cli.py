@@ -23,8 +23,8 @@ import msgspec
 
 from ipc.errors import BadRequest
 from ipc.protocol import scheduler as sp
-from tools.cli import _client, add_generation_args, generation_options, print_table
-from tools.terminal import printable
+from tools.cli_flags import add_generation_args, connect, generation_options
+from tools.terminal import print_table, printable
 
 SNIPPET = 40
 
@@ -73,7 +73,7 @@ def _snippet(run: sp.JobRun) -> str:
 
 def cmd_jobs_submit(args: argparse.Namespace) -> int:
     at = parse_at(args.at) if args.at is not None else None
-    with _client(args) as c:
+    with connect(args) as c:
         job = c.jobs.submit(args.prompt, at=at, every=args.every, max_runs=args.max_runs, name=args.name,
                             job_id=args.id, **generation_options(args))
     if args.json:
@@ -86,7 +86,7 @@ def cmd_jobs_submit(args: argparse.Namespace) -> int:
 def cmd_jobs_list(args: argparse.Namespace) -> int:
     if args.principal and not args.all:
         raise BadRequest("--principal lists another principal's jobs: it goes with --all")
-    with _client(args) as c:
+    with connect(args) as c:
         if args.all:
             every = sorted(c.jobs.list_all(args.principal), key=lambda j: j.created_ns)
             if args.json:
@@ -115,7 +115,7 @@ def cmd_jobs_list(args: argparse.Namespace) -> int:
 def cmd_jobs_show(args: argparse.Namespace) -> int:
     if args.last < 0:
         raise BadRequest(f"--last must be >= 0 (0: every result kept), got {args.last}")
-    with _client(args) as c:
+    with connect(args) as c:
         job = c.jobs.get(args.job_id, last=args.last)
     if args.json:
         _print_json(job)
@@ -133,7 +133,7 @@ def cmd_jobs_show(args: argparse.Namespace) -> int:
 
 
 def cmd_jobs_cancel(args: argparse.Namespace) -> int:
-    with _client(args) as c:
+    with connect(args) as c:
         job = c.jobs.cancel_any(args.principal, args.job_id) if args.principal else c.jobs.cancel(args.job_id)
     # The scheduler answers before a run in progress has ended: the job is cancelled when it has.
     state = "cancelling (its run in progress is being stopped)" if job.state == sp.JobState.RUNNING else job.state
@@ -150,7 +150,7 @@ _SESSION_CALLS: dict[str, Callable[[Any, str], sp.SessionInfo]] = {
 
 
 def cmd_sessions(args: argparse.Namespace) -> int:
-    with _client(args) as c:
+    with connect(args) as c:
         s = _SESSION_CALLS[args.sessions_cmd](c, args.name)
     if args.json:
         _print_json(s)

@@ -16,6 +16,7 @@ from typing import Any
 
 from ipc.errors import DeadlineExceeded, NotFound
 from ipc.protocol.kernel import ChildState, InstanceInfo
+from tools.cli_flags import connect
 from tools.terminal import printable
 
 POLL_S = 0.2  # a CLI polling the kernel's Status, not a test
@@ -31,9 +32,7 @@ def add_commands(sub: Any) -> None:
 
 
 def cmd_restart(args: argparse.Namespace) -> int:
-    from tools.cli import _client
-
-    with _client(args) as c:
+    with connect(args) as c:
         targets = [i for i in c.status().instances if args.service in (i.service, i.instance)]
         if not targets:
             raise NotFound(f"no service or instance named {args.service!r}")

@@ -25,13 +25,8 @@ from common.capability import RIGHTS
 from ipc.errors import BadRequest
 from common.home import llmos_home
 from ipc.protocol import security as sp
-from tools.terminal import printable
-
-
-def _client(args: argparse.Namespace) -> Any:
-    from tools.cli import _client as connect  # the global --endpoint / --api-key
-
-    return connect(args)
+from tools.cli_flags import connect
+from tools.terminal import print_table, printable
 
 
 def parse_quota(text: str) -> sp.Quota:
@@ -53,18 +48,9 @@ def _rights(text: str) -> list[str]:
     return [r.strip() for r in text.split(",") if r.strip()]
 
 
-def _table(rows: list[tuple[str, ...]]) -> None:
-    from tools.cli import table_cells  # tenants and notes come from other users: shown, never obeyed
-
-    rows = table_cells(rows)
-    widths = [max(len(r[k]) for r in rows) for k in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
-
-
 def cmd_keys_create(args: argparse.Namespace) -> int:
     quota = parse_quota(args.quota) if args.quota else None
-    with _client(args) as c:
+    with connect(args) as c:
         made: sp.KeyCreated = c.call(sp.SECURITY, sp.CreateKey(args.tenant, _rights(args.rights), quota, args.note),
                                      timeout=30)
     if args.json:
@@ -77,7 +63,7 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_list(args: argparse.Namespace) -> int:
-    with _client(args) as c:
+    with connect(args) as c:
         listing: sp.KeyList = c.call(sp.SECURITY, sp.ListKeys(), timeout=30)
     if args.json:
         print(msgspec.json.encode({
@@ -90,7 +76,7 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
     rows: list[tuple[str, ...]] = [("KEY", "TENANT", "RIGHTS", "STATE", "NOTE")]
     for k in listing.keys:
         rows.append((k.key_id, k.tenant, ",".join(k.rights), "revoked" if k.revoked else "active", k.note))
-    _table(rows)
+    print_table(rows)
     limited = [p for p in listing.principals if p.quota != sp.Quota() or p.revoked]
     if limited:
         print()
@@ -99,19 +85,19 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
             q = p.quota
             rows.append((p.name, "revoked" if p.revoked else "active", *(str(v or "-") for v in (
                 q.requests_per_min, q.tokens_per_min, q.concurrent_requests, q.kv_blocks))))
-        _table(rows)
+        print_table(rows)
     return 0
 
 
 def cmd_keys_revoke(args: argparse.Namespace) -> int:
-    with _client(args) as c:
+    with connect(args) as c:
         done: sp.Revoked = c.call(sp.SECURITY, sp.Revoke(sp.RevokeKind(args.kind), args.target), timeout=30)
     print(printable(f"llmos: {done.kind} {done.target} {'revoked' if done.changed else 'was already revoked'}"))
     return 0
 
 
 def cmd_keys_quota(args: argparse.Namespace) -> int:
-    with _client(args) as c:
+    with connect(args) as c:
         policy: sp.QuotaPolicy = c.call(sp.SECURITY, sp.SetQuota(args.tenant, parse_quota(args.quota)), timeout=30)
     print(printable(f"llmos: quota for {args.tenant} set (policy version {policy.version})"))
     return 0
@@ -162,7 +148,7 @@ def cmd_audit_tail(args: argparse.Namespace) -> int:
             rows.append((str(r["seq"]), when, r["principal"], r["action"], r["target"], r["result"]))
         except (msgspec.DecodeError, KeyError, TypeError, ValueError):
             rows.append(("?", "?", "?", "?", "(damaged line)", "?"))
-    _table(rows)
+    print_table(rows)
     return 0
 
 

@@ -11,6 +11,7 @@ character visible instead, keeping newlines and tabs.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 # C0 controls but tab and newline, DEL, C1 controls, and the bidirectional
 # overrides and isolates that reorder what is shown ("Trojan Source").
@@ -32,4 +33,16 @@ def printable(text: str, *, newlines: bool = True) -> str:
     return out if newlines else out.replace("\n", "\\n")
 
 
-__all__ = ["printable"]
+def print_table(rows: Sequence[tuple[str, ...]]) -> None:
+    rows = table_cells(rows)
+    widths = [max(len(r[k]) for r in rows) for k in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
+
+
+def table_cells(rows: Sequence[tuple[str, ...]]) -> list[tuple[str, ...]]:
+    """Cells from elsewhere (names, notes, exit reasons) as one visible line each."""
+    return [tuple(printable(c, newlines=False) for c in r) for r in rows]
+
+
+__all__ = ["print_table", "printable", "table_cells"]
