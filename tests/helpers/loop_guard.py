@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import math
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -28,12 +29,14 @@ from typing import Any
 import pytest
 import uvloop
 
-# One second: the suite's real blocking bugs (a sync socket call, torch on
-# the loop, a file read of a checkpoint) block for seconds, while a healthy
-# loop on this project's 2-core CI machines, shared with child processes and
-# other test runs, sees scheduling and GC hiccups of tens of milliseconds
-# (the slowest beat over tests/unit was well under a tenth of the bound). A
-# test that needs more says so with `@pytest.mark.loop_block(seconds)`.
+# One second: the blocks the guard found in the suite (a reference model run,
+# a CLI subprocess, importing openai, on the loop) lasted 1.6-3.7 s, while on
+# a loaded 2-core machine (child processes, other test runs) healthy tests
+# stayed under 0.11 s, and the worst, a deliberate flood through the
+# kernel's pump in one test, at 0.41 s: room for a slower machine. A
+# test that needs more says so with `@pytest.mark.loop_block(seconds)`, or
+# `loop_block()` where blocking is the point (a raw blocking socket probing
+# a kernel that runs in another process).
 BOUND_S = float(os.environ.get("LLMOS_TEST_LOOP_BLOCK_S", "1.0"))
 BEAT_S = 0.05
 
@@ -90,7 +93,8 @@ def guarded(fn: Callable[..., Any], bound_s: float) -> Callable[..., Any]:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "loop_block(seconds): this test may block its event loop that long")
+    config.addinivalue_line("markers", "loop_block(seconds): this test may block its event loop that long "
+                                       "(no seconds: as long as it likes, e.g. a raw blocking socket on purpose)")
 
 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> Mapping[str, Callable[[], Any]]:
@@ -102,4 +106,5 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         if not isinstance(item, pytest.Function) or not inspect.iscoroutinefunction(item.obj):
             continue
         mark = item.get_closest_marker("loop_block")
-        item.obj = guarded(item.obj, float(mark.args[0]) if mark else BOUND_S)
+        bound = BOUND_S if mark is None else float(mark.args[0]) if mark.args else math.inf
+        item.obj = guarded(item.obj, bound)

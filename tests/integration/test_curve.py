@@ -25,6 +25,10 @@ from sdk.client import AsyncClient
 from tools.testing import REPO_ROOT, write_config
 from tests.helpers.net import free_port
 
+# Raw CURVE sockets (blocking zmq, socket monitors) probe the kernel from the
+# test's own thread, on purpose; the kernel runs in its own process.
+pytestmark = pytest.mark.loop_block()
+
 FAILED = {zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
           zmq.EVENT_HANDSHAKE_FAILED_AUTH}
 

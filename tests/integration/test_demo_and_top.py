@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tools.testing import REPO_ROOT, leftover_sockets, running_llmos
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "COLUMNS": "120"}
@@ -47,6 +49,7 @@ def _drain_until_exit(pid: int, fd: int) -> None:
                 pass
 
 
+@pytest.mark.loop_block()  # reads `llmos top` off a pty with select(), on purpose
 async def test_llmos_top_refreshes_in_a_terminal(home: Path) -> None:
     async with running_llmos(home):
         pid, fd = pty.fork()

@@ -28,6 +28,11 @@ from sdk.client import AsyncClient
 from tools.testing import RunningLlmos, running_llmos
 from tests.helpers.audit import audit_records, wait_audit
 
+# A raw peer (a blocking zmq socket) probes the kernel from the test's own
+# thread, on purpose; the kernel runs in its own process, so only this
+# test's client waits meanwhile.
+pytestmark = pytest.mark.loop_block()
+
 
 class RawPeer:
     """A DEALER that speaks the wire by hand: any header, any body, any size."""

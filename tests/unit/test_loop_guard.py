@@ -53,11 +53,14 @@ def test_pytest_fails_a_test_that_blocks_its_loop_and_passes_one_that_awaits(tmp
         "@pytest.mark.loop_block(5)\n"
         "async def test_allowed_to_block():\n"
         "    time.sleep(0.6)\n"
+        "@pytest.mark.loop_block()\n"
+        "async def test_blocking_is_the_point():\n"
+        "    time.sleep(0.6)\n"
     )
     out = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "tests.helpers.loop_guard",
          "-o", "asyncio_mode=auto", "-o", "asyncio_default_fixture_loop_scope=function", "test_probe.py"],
         cwd=tmp_path, capture_output=True, text=True, timeout=120,
         env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "LLMOS_TEST_LOOP_BLOCK_S": "0.3"})
-    assert "1 failed, 2 passed" in out.stdout, out.stdout + out.stderr
+    assert "1 failed, 3 passed" in out.stdout, out.stdout + out.stderr
     assert "FAILED test_probe.py::test_blocks" in out.stdout and "the event loop was blocked for" in out.stdout
