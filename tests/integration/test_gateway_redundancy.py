@@ -123,6 +123,7 @@ async def test_a_stream_cut_by_a_killed_instance_resumes_exactly_on_the_other(ho
             assert r.status_code == 400
 
 
+@pytest.mark.slow  # about 30 s: every instance restarted in turn under load
 async def test_a_rolling_restart_refuses_no_connection_and_health_tells_the_truth(home: Path,
                                                                                   checkpoint: Path) -> None:
     port = free_port()
