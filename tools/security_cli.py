@@ -105,7 +105,8 @@ def cmd_keys_quota(args: argparse.Namespace) -> int:
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     from common.home import root_key_path
-    from services.security.audit import audit_path, verify_home
+    from services.security.audit import audit_path
+    from services.security.verify import verify_home
 
     home = llmos_home(args.home)
     path = audit_path(home)
@@ -128,7 +129,8 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_tail(args: argparse.Namespace) -> int:
-    from services.security.audit import audit_path, read_lines
+    from services.security.audit import audit_path
+    from services.security.verify import read_lines
 
     path = audit_path(llmos_home(args.home))
     if not path.exists():

@@ -26,7 +26,8 @@ from ipc.protocol import kernel as kp
 from ipc.protocol import security as sp
 from common.logs import get_logger
 from sdk.service import Context, Service, handler
-from services.security.audit import CHECKPOINT_S, AuditLog, AuditRecord, audit_key, audit_path, head_path
+from services.security.audit import (CHECKPOINT_S, AuditLog, AuditRecord, audit_key, audit_path, head_path,
+                                     append_kernel_event, retire_unkeyed_head)
 from common.config.security import load_security_config
 from services.security.limits import Aggregator, LoginLimiter, Summary
 from services.security.store import KeyRecord, Store
@@ -66,7 +67,7 @@ class SecurityService(Service):
     async def on_start(self) -> None:
         self.root_key = await anyio.to_thread.run_sync(load_or_create_key, root_key_path(self.home))
         self.store = await anyio.to_thread.run_sync(Store.load, self.dir / "state.json", MAX_TTL_S)
-        await anyio.to_thread.run_sync(_retire_unkeyed_head, self.home)
+        await anyio.to_thread.run_sync(retire_unkeyed_head, self.home)
         audit = AuditLog(audit_path(self.home), audit_key(self.root_key), head_path(self.home))
         audit.on_checkpoint = _log_checkpoint
         await anyio.to_thread.run_sync(audit.open)
@@ -178,23 +179,7 @@ class SecurityService(Service):
             delay = min(delay * 2, 2.0)
 
     def _on_kernel_event(self, ev: Any) -> None:
-        """The kernel's audit events: refusals (aggregated, with a count) and
-        kernel ops that acted or read privileged state."""
-        if isinstance(ev, kp.AccessDenied):
-            detail: dict[str, str | int | float | bool] = {"reason": ev.reason}
-            if ev.token_id:
-                detail["token_id"] = ev.token_id
-            if ev.dropped:
-                detail["dropped_before"] = ev.dropped
-            if ev.count != 1:
-                detail["count"] = ev.count
-            if ev.source:
-                detail["source"] = ev.source
-            # no dst: a frame for the kernel itself (READY, a control frame)
-            self._audit.append(ev.principal, "access", f"{ev.dst or kp.KERNEL}:{ev.op}", ev.code, detail)
-        elif isinstance(ev, kp.KernelOpDone):
-            self._audit.append(ev.principal, "kernel.op", f"kernel:{ev.op}", ev.outcome,
-                               {"origin": ev.origin, "target": ev.target, "at": ev.at})
+        append_kernel_event(self._audit, ev)
 
     def _on_note(self, ev: Any) -> None:
         """A refusal or privileged action decided by another service."""
@@ -395,18 +380,6 @@ def origin(ctx: Context) -> str:
     """Where a request came from: the registered instance the kernel stamped
     into `src` for the back socket, "client" for the front."""
     return ctx.header.src or "client"
-
-
-def _retire_unkeyed_head(home: Path) -> None:
-    """The unkeyed log's head ('<seq> <sha256>', beside security/audit.jsonl)
-    sits where the keyed head goes: moved aside once, with that log."""
-    head = head_path(home)
-    try:
-        fields = head.read_text().split()
-    except FileNotFoundError:
-        return
-    if len(fields) == 2 and (security_dir(home) / "audit.jsonl").exists():
-        os.replace(head, head.with_name("audit.head.unkeyed"))
 
 
 def _log_checkpoint(rec: AuditRecord) -> None:

@@ -26,7 +26,8 @@ from ipc.protocol.kernel import Ready
 from kernel.config import SupervisorConfig
 from sdk.client import AsyncClient
 from tools.testing import running_llmos
-from services.security.audit import audit_path, verify_home
+from services.security.audit import audit_path
+from services.security.verify import verify_home
 from tests.helpers.audit import audit_records, new_key, wait_audit
 
 

@@ -24,7 +24,8 @@ from ipc.protocol.echo import Echo, Identity, WhoAmI
 from kernel.config import ChildSpec
 from sdk.client import AsyncClient
 from tools.testing import running_llmos
-from services.security.audit import MAX_FIELD, audit_path, head_path, verify_home
+from services.security.audit import MAX_FIELD, audit_path, head_path
+from services.security.verify import verify_home
 from services.security.service import FAMILY_MAX_S
 from tests.helpers.audit import audit_records, new_key, wait_audit
 

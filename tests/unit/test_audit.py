@@ -13,14 +13,11 @@ from services.security.audit import (
     MAX_FIELD,
     AuditLog,
     AuditRecord,
-    Checkpoint,
     audit_key,
     read_head,
-    read_lines,
     record_mac,
-    verify_file,
-    verify_lines,
 )
+from services.security.verify import Checkpoint, read_lines, verify_file, verify_lines
 
 KEY = audit_key(b"r" * 32)
 

@@ -22,7 +22,7 @@ from ipc.protocol.memory import (
     SeqReserve, SeqState, SetBlockQuota, SwapIn, SwapOut,
 )
 from services.memory import MemoryManager
-from tests.unit.memory_reference import TENANTS, PoolModel, ReferenceBooks, SeqModel, ceil_div
+from tests.helpers.memory_reference import TENANTS, PoolModel, ReferenceBooks, SeqModel, ceil_div
 
 POOLS = ["p0", "p1"]
 # p0 exists from the start and is picked most: sequences meet in one pool.

@@ -8,7 +8,7 @@ from ipc.envelope import Kind
 from ipc.errors import ErrorCode
 from ipc.heartbeat import HEARTBEAT_EXPIRY_S, HEARTBEAT_INTERVAL_S
 from ipc.protocol import kernel as kp
-from tests.unit.router_rig import CLIENT, Rig
+from tests.helpers.router_rig import CLIENT, Rig
 
 _events = codec.decoder([kp.Subscribed, kp.ServiceUp, kp.ServiceDown])
 _replies = codec.decoder([kp.StatusReply, kp.Killed, kp.ShuttingDown])

@@ -5,7 +5,7 @@ from __future__ import annotations
 from ipc.envelope import MAX_NAME, PROTOCOL_VERSION, Header, Kind, encode_header
 from ipc.errors import ErrorCode
 from kernel.config import KernelConfig
-from tests.unit.router_rig import CLIENT, WALL_NS, Rig
+from tests.helpers.router_rig import CLIENT, WALL_NS, Rig
 
 
 def test_a_request_reaches_the_ready_instance_under_a_routing_id_and_the_reply_returns_under_the_callers() -> None:

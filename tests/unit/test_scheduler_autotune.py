@@ -8,7 +8,7 @@ import random
 from ipc.protocol import driver as dp
 from services.scheduler.autotune import AutoTuner
 from common.config.scheduler import SchedulerConfig
-from tests.unit.scheduler_fakes import FakeDriver, Stream, expected, running
+from tests.helpers.scheduler_fakes import FakeDriver, Stream, expected, running
 
 
 def cost(tokens: int) -> float:

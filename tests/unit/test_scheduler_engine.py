@@ -14,7 +14,7 @@ from ipc.protocol.sampling import SamplingParams
 from ipc.protocol.scheduler import Finished, FinishReason, Submit
 from common.config.scheduler import SchedulerConfig
 from services.scheduler.engine import Engine, Model
-from tests.unit.scheduler_fakes import GREEDY, TOK, FakeDriver, InProcessBackend, Stream, expected, reference, running
+from tests.helpers.scheduler_fakes import GREEDY, TOK, FakeDriver, InProcessBackend, Stream, expected, reference, running
 
 async def wait_blocks_free(backend: InProcessBackend) -> None:
     with anyio.fail_after(10):

@@ -18,7 +18,7 @@ from ipc.protocol.sampling import SamplingParams
 from services.scheduler.engine import Engine
 from services.scheduler._job_store import JobRecord, JobStore, job_dir
 from services.scheduler.jobs import JobRunner, _next_run
-from tests.unit.scheduler_fakes import expected, running
+from tests.helpers.scheduler_fakes import expected, running
 
 GREEDY = SamplingParams(temperature=0.0)
 

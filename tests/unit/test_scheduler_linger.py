@@ -10,7 +10,7 @@ from common.config.scheduler import SchedulerConfig
 from services.scheduler._linger import linger
 from services.scheduler.engine import Engine, Model
 from text.tokenizer import ByteTokenizer
-from tests.unit.scheduler_fakes import FakeDriver, InProcessBackend
+from tests.helpers.scheduler_fakes import FakeDriver, InProcessBackend
 
 TOK = ByteTokenizer()
 

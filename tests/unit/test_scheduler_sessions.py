@@ -12,7 +12,7 @@ from ipc.errors import Error, ErrorCode, NotFound
 from ipc.protocol import memory as mp
 from ipc.protocol.scheduler import FinishReason, SessionState
 from common.config.scheduler import SchedulerConfig
-from tests.unit.scheduler_fakes import TOK, FakeDriver, InProcessBackend, Stream, expected, reference, running
+from tests.helpers.scheduler_fakes import TOK, FakeDriver, InProcessBackend, Stream, expected, reference, running
 
 
 async def until(cond, what: str, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]

@@ -14,7 +14,7 @@ from ipc.errors import BadRequest, Error, ErrorCode
 from ipc.protocol import memory as mp
 from ipc.protocol.scheduler import FinishReason
 from common.config.scheduler import PreemptionMode, SchedulerConfig, load_scheduler_config
-from tests.unit.scheduler_fakes import TOK, FakeDriver, InProcessBackend, Stream, expected, running
+from tests.helpers.scheduler_fakes import TOK, FakeDriver, InProcessBackend, Stream, expected, running
 
 # 12 blocks of 4 slots and six 30-token sequences: they cannot all fit, so
 # the engine has to preempt.
