@@ -25,7 +25,7 @@ from services.scheduler import _admission
 from services.scheduler._job_store import JobStore
 from services.scheduler.jobs import JobRunner
 from services.scheduler.quotas import QuotaGate
-from tests.unit.scheduler_fakes import FakeDriver, InProcessBackend, running
+from tests.helpers.scheduler_fakes import FakeDriver, InProcessBackend, running
 
 GREEDY = SamplingParams(temperature=0.0)
 TOK = ByteTokenizer()
