@@ -80,5 +80,6 @@ def test_two_hundred_concurrent_streams(system: tuple[BlockingPortal, RunningLlm
     assert finished + out["outcomes"].get("overloaded", 0) == 200
     assert finished >= MAX_WAITING, "admission control refused more than its limits require"
     assert out["fd_growth"] == {}, (out["fds_before"], out["fds_after"])
-    assert set(out["peak_rss_mb"]) >= {"kernel", "scheduler", "memory", "cpu", "gateway", "security"}
+    sampled = {name.rsplit("-", 1)[0] if name.startswith("gateway-") else name for name in out["peak_rss_mb"]}
+    assert sampled >= {"kernel", "scheduler", "memory", "cpu", "gateway", "security"}, out["peak_rss_mb"]
     assert load_held(out)

@@ -132,8 +132,10 @@ async def test_quota_bypass_huge_prompt_priority_caveats_and_sessions(home: Path
                 await alice.call(sp.SCHEDULER, sp.Submit(prompt="me first", priority=-5), timeout=30)
             await tap.wait("priority", "alice", "scheduler:Submit")
             # ... yielding (priority > 0) needs none, and the admin holds it
-            assert len((await alice.generate("after you", max_tokens=2, priority=3)).token_ids) == 2
-            assert len((await llmos.client.generate("operator", max_tokens=2, priority=-5)).token_ids) == 2
+            # (ignore_eos: a sampled end of sequence would cut the count short)
+            assert len((await alice.generate("after you", max_tokens=2, priority=3, ignore_eos=True)).token_ids) == 2
+            assert len((await llmos.client.generate("operator", max_tokens=2, priority=-5,
+                                                     ignore_eos=True)).token_ids) == 2
             with pytest.raises(BadRequest, match="vocabulary"):
                 await alice.generate([1, 10**6], max_tokens=2)
             # review: ids past the context are refused before any is looked at, jobs included
