@@ -3,7 +3,8 @@ httpx client on the ASGI app (no sockets)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import httpx
 
@@ -95,3 +96,40 @@ def client(backend: FakeBackend, config: GatewayConfig | None = None, key: str |
     app = create_app(backend, config, lambda: draining)
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t",
                              headers={"Authorization": f"Bearer {key}"} if key else {})
+
+
+class SlowBackend(FakeBackend):
+    """A generation that goes on for minutes: a client always leaves it first."""
+
+    async def chunks(self, submit: Submit) -> AsyncIterator[Chunk]:
+        import anyio
+
+        for i in range(10_000):
+            yield Chunk(submit.request_id, i, [i], f"t{i} ")
+            await anyio.sleep(0.01)
+
+
+async def leave_after_first_event(backend: FakeBackend, body: dict[str, Any], headers: dict[str, str],
+                                  until: Callable[[], object]) -> None:
+    """Over a real socket (uvicorn): open a stream, read its first event, hang
+    up, then wait (bounded) until `until()` says the gateway reacted."""
+    import anyio
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(create_app(backend), host="127.0.0.1", port=0, lifespan="off",
+                                           log_level="warning"))
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(server.serve)
+        with anyio.fail_after(10):
+            while not server.started:
+                await anyio.sleep(0.01)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as c:
+            async with c.stream("POST", "/v1/completions", json=body, headers=headers) as r:
+                async for line in r.aiter_lines():
+                    if line.startswith("data: "):
+                        break
+        with anyio.fail_after(10):
+            while not until():
+                await anyio.sleep(0.01)
+        server.should_exit = True

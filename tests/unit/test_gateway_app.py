@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from common.config.gateway import GatewayConfig
 from ipc.errors import LlmosError, Overloaded, Unauthorized, Unavailable
 from ipc.protocol.scheduler import Submit
-from sdk.generate import Chunk
 from services.gateway.app import create_app
-from tests.helpers.gateway import KEY, FakeBackend, client
+from tests.helpers.gateway import KEY, FakeBackend, SlowBackend, client, leave_after_first_event
 
 
 async def test_completion_in_openai_shape() -> None:
@@ -149,36 +146,9 @@ async def test_models_health_and_metrics() -> None:
 
 async def test_a_client_that_disconnects_mid_stream_cancels_its_request() -> None:
     """Over a real socket (uvicorn): closing the SSE stream cancels the generation."""
-    import anyio
-    import uvicorn
-
-    class SlowBackend(FakeBackend):
-        rid = "slow-1"
-
-        async def chunks(self, submit: Submit) -> AsyncIterator[Chunk]:
-            for i in range(10_000):
-                yield Chunk("slow-1", i, [i], f"t{i} ")
-                await anyio.sleep(0.01)
-
     b = SlowBackend()
-    config = uvicorn.Config(create_app(b), host="127.0.0.1", port=0, lifespan="off", log_level="warning")
-    server = uvicorn.Server(config)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(server.serve)
-        with anyio.fail_after(10):
-            while not server.started:
-                await anyio.sleep(0.01)
-        port = server.servers[0].sockets[0].getsockname()[1]
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as c:
-            async with c.stream("POST", "/v1/completions", json={"prompt": "x", "stream": True,
-                                                                 "request_id": "slow-1"}, headers=KEY) as r:
-                async for line in r.aiter_lines():
-                    if line.startswith("data: "):
-                        break
-        with anyio.fail_after(10):
-            while not b.cancelled:
-                await anyio.sleep(0.01)
-        server.should_exit = True
+    await leave_after_first_event(b, {"prompt": "x", "stream": True, "request_id": "slow-1"}, KEY,
+                                  lambda: b.cancelled)
     assert b.cancelled == ["slow-1"]
 
 

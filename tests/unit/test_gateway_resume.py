@@ -4,21 +4,16 @@ Last-Event-ID and Idempotency-Key, their refusals, and /health."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 
-import anyio
-import httpx
 import pytest
-import uvicorn
 
 from common.config.gateway import GatewayConfig
 from ipc.errors import BadRequest, Forbidden
 from ipc.protocol import kernel as kp
 from ipc.protocol.scheduler import RequestInfo, Submit
-from sdk.generate import Chunk
 from services.gateway.app import create_app
 from services.gateway.resume import Resume, keyed_id, parse_last_event_id, request_id
-from tests.helpers.gateway import KEY, FakeBackend, client
+from tests.helpers.gateway import KEY, FakeBackend, SlowBackend, client, leave_after_first_event
 
 
 def events(text: str) -> list[tuple[str | None, str]]:
@@ -169,30 +164,7 @@ async def test_health_is_503_with_the_reason_when_nothing_can_generate() -> None
 
 async def test_a_keyed_stream_whose_client_leaves_is_left_running_not_cancelled() -> None:
     """Over a real socket (uvicorn), as test_gateway_app's cancel-on-disconnect."""
-
-    class SlowBackend(FakeBackend):
-        async def chunks(self, submit: Submit) -> AsyncIterator[Chunk]:
-            for i in range(10_000):
-                yield Chunk(submit.request_id, i, [i], f"t{i} ")
-                await anyio.sleep(0.01)
-
     b = SlowBackend()
-    server = uvicorn.Server(uvicorn.Config(create_app(b), host="127.0.0.1", port=0, lifespan="off",
-                                           log_level="warning"))
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(server.serve)
-        with anyio.fail_after(10):
-            while not server.started:
-                await anyio.sleep(0.01)
-        port = server.servers[0].sockets[0].getsockname()[1]
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as c:
-            async with c.stream("POST", "/v1/completions", json={"prompt": "x", "stream": True},
-                                headers={**KEY, "Idempotency-Key": "job-1"}) as r:
-                async for line in r.aiter_lines():
-                    if line.startswith("data: "):
-                        break
-        with anyio.fail_after(10):
-            while not b.detached:
-                await anyio.sleep(0.01)
-        server.should_exit = True
+    await leave_after_first_event(b, {"prompt": "x", "stream": True}, {**KEY, "Idempotency-Key": "job-1"},
+                                  lambda: b.detached)
     assert b.detached == [keyed_id("tenant-of-k-1", "job-1")] and b.cancelled == []
