@@ -18,33 +18,26 @@ class IpcBackend:
         self.timeout_s = timeout_s
 
     async def reserve(self, req: mp.Reserve) -> mp.ReserveReply:
-        reply: mp.ReserveReply = await self.service.call(MEMORY, req, timeout=self.timeout_s)
-        return reply
+        return await self.service.call(MEMORY, req, timeout=self.timeout_s)
 
     async def release(self, req: mp.Release) -> mp.ReleaseReply:
-        reply: mp.ReleaseReply = await self.service.call(MEMORY, req, timeout=self.timeout_s)
-        return reply
+        return await self.service.call(MEMORY, req, timeout=self.timeout_s)
 
     async def reregister(self, req: mp.Reregister) -> mp.ReregisterReply:
-        reply: mp.ReregisterReply = await self.service.call(MEMORY, req, timeout=self.timeout_s)
-        return reply
+        return await self.service.call(MEMORY, req, timeout=self.timeout_s)
 
     async def execute(self, instance: str, req: dp.Execute) -> dp.Executed:
         # Addressed to the instance: the block tables describe its KV only.
-        reply: dp.Executed = await self.service.call(instance, req, timeout=self.timeout_s)
-        return reply
+        return await self.service.call(instance, req, timeout=self.timeout_s)
 
     async def swap_out(self, req: mp.SwapOut) -> mp.SwapOutReply:
-        reply: mp.SwapOutReply = await self.service.call(MEMORY, req, timeout=self.timeout_s)
-        return reply
+        return await self.service.call(MEMORY, req, timeout=self.timeout_s)
 
     async def swap_in(self, req: mp.SwapIn) -> mp.SwapInReply:
-        reply: mp.SwapInReply = await self.service.call(MEMORY, req, timeout=self.timeout_s)
-        return reply
+        return await self.service.call(MEMORY, req, timeout=self.timeout_s)
 
     async def swap_blocks(self, instance: str, req: dp.SwapBlocksOut | dp.SwapBlocksIn) -> dp.Swapped:
-        reply: dp.Swapped = await self.service.call(instance, req, timeout=self.timeout_s)
-        return reply
+        return await self.service.call(instance, req, timeout=self.timeout_s)
 
 
 __all__ = ["MEMORY", "IpcBackend"]
