@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from ipc.errors import Unavailable
 from ipc.protocol import scheduler as sp
+from ipc.protocol import jobs as jp
 from sdk.generate import build_submit
 
 if TYPE_CHECKING:
@@ -40,11 +41,11 @@ class Jobs:
 
     async def submit(self, prompt: str | Sequence[int], *, at: datetime | float | None = None,
                      every: float = 0.0, max_runs: int = 0, name: str = "", job_id: str | None = None,
-                     **options: Any) -> sp.JobInfo:
+                     **options: Any) -> jp.JobInfo:
         """Run a generation at `at` (a datetime or unix seconds; None: now)
         and, with `every` (seconds), periodically, `max_runs` times (0: until
         cancelled). `options` are `generate`'s (max_tokens, temperature, ...)."""
-        msg = sp.SubmitJob(build_submit(prompt, **options), _at_ns(at), every, max_runs, name,
+        msg = jp.SubmitJob(build_submit(prompt, **options), _at_ns(at), every, max_runs, name,
                            job_id or uuid.uuid4().hex)
         for attempt in range(MAX_RESUBMITS + 1):
             try:
@@ -54,25 +55,25 @@ class Jobs:
                     raise
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def list(self) -> list[sp.JobInfo]:
-        return (await self._client.call(sp.SCHEDULER, sp.ListJobs(), timeout=10.0)).jobs
+    async def list(self) -> list[jp.JobInfo]:
+        return (await self._client.call(sp.SCHEDULER, jp.ListJobs(), timeout=10.0)).jobs
 
-    async def get(self, job_id: str, *, last: int = 0) -> sp.JobInfo:
+    async def get(self, job_id: str, *, last: int = 0) -> jp.JobInfo:
         """The job and its latest `last` results (0: every result kept), oldest first."""
-        return await self._client.call(sp.SCHEDULER, sp.GetJob(job_id, last), timeout=10.0)
+        return await self._client.call(sp.SCHEDULER, jp.GetJob(job_id, last), timeout=10.0)
 
-    async def cancel(self, job_id: str) -> sp.JobInfo:
-        return await self._client.call(sp.SCHEDULER, sp.CancelJob(job_id), timeout=10.0)
+    async def cancel(self, job_id: str) -> jp.JobInfo:
+        return await self._client.call(sp.SCHEDULER, jp.CancelJob(job_id), timeout=10.0)
 
     # Operator views over every principal's jobs: the token needs the `admin` right.
 
-    async def list_all(self, principal: str = "") -> builtins.list[sp.JobInfo]:
+    async def list_all(self, principal: str = "") -> builtins.list[jp.JobInfo]:
         """Every principal's jobs (or `principal`'s), each with its owner in `.principal`."""
-        return (await self._client.call(sp.SCHEDULER, sp.AdminList(principal), timeout=10.0)).jobs
+        return (await self._client.call(sp.SCHEDULER, jp.AdminList(principal), timeout=10.0)).jobs
 
-    async def cancel_any(self, principal: str, job_id: str) -> sp.JobInfo:
+    async def cancel_any(self, principal: str, job_id: str) -> jp.JobInfo:
         """Cancel `principal`'s job `job_id`."""
-        return await self._client.call(sp.SCHEDULER, sp.AdminCancel(principal, job_id), timeout=10.0)
+        return await self._client.call(sp.SCHEDULER, jp.AdminCancel(principal, job_id), timeout=10.0)
 
 
 __all__ = ["Jobs"]

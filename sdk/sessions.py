@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ipc.protocol import scheduler as sp
+from ipc.protocol import sessions as sessp
 from ipc.protocol.base import Request
 
 if TYPE_CHECKING:
@@ -23,21 +24,21 @@ class Sessions:
     def __init__(self, client: "AsyncClient"):
         self._client = client
 
-    async def _call(self, msg: Request[sp.SessionInfo]) -> sp.SessionInfo:
+    async def _call(self, msg: Request[sessp.SessionInfo]) -> sessp.SessionInfo:
         return await self._client.call(sp.SCHEDULER, msg, timeout=30.0)
 
-    async def suspend(self, session: str) -> sp.SessionInfo:
+    async def suspend(self, session: str) -> sessp.SessionInfo:
         """Switch the session out (its KV is swapped out at the next step)."""
-        return await self._call(sp.SuspendSession(session))
+        return await self._call(sessp.SuspendSession(session))
 
-    async def resume(self, session: str) -> sp.SessionInfo:
-        return await self._call(sp.ResumeSession(session))
+    async def resume(self, session: str) -> sessp.SessionInfo:
+        return await self._call(sessp.ResumeSession(session))
 
-    async def close(self, session: str) -> sp.SessionInfo:
-        return await self._call(sp.CloseSession(session))
+    async def close(self, session: str) -> sessp.SessionInfo:
+        return await self._call(sessp.CloseSession(session))
 
-    async def get(self, session: str) -> sp.SessionInfo:
-        return await self._call(sp.GetSession(session))
+    async def get(self, session: str) -> sessp.SessionInfo:
+        return await self._call(sessp.GetSession(session))
 
 
 __all__ = ["Sessions"]

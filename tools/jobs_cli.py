@@ -23,6 +23,8 @@ import msgspec
 
 from ipc.errors import BadRequest
 from ipc.protocol import scheduler as sp
+from ipc.protocol import jobs as jp
+from ipc.protocol import sessions as sessp
 from tools.cli_flags import add_generation_args, connect, generation_options
 from tools.terminal import print_table, printable
 
@@ -61,12 +63,12 @@ def _when(ns: int) -> str:
     return datetime.fromtimestamp(ns / 1e9).isoformat(" ", "seconds") if ns else "-"
 
 
-def _schedule(job: sp.JobInfo) -> str:
+def _schedule(job: jp.JobInfo) -> str:
     every = f"every {job.every_s:g}s" if job.every_s else "once"
     return f"{every}, {job.max_runs} runs" if job.every_s and job.max_runs else every
 
 
-def _snippet(run: sp.JobRun) -> str:
+def _snippet(run: jp.JobRun) -> str:
     text = " ".join((run.text or (f"[{run.error}]" if run.error else "")).split())
     return text if len(text) <= SNIPPET else text[:SNIPPET - 1] + "…"
 
@@ -136,12 +138,12 @@ def cmd_jobs_cancel(args: argparse.Namespace) -> int:
     with connect(args) as c:
         job = c.jobs.cancel_any(args.principal, args.job_id) if args.principal else c.jobs.cancel(args.job_id)
     # The scheduler answers before a run in progress has ended: the job is cancelled when it has.
-    state = "cancelling (its run in progress is being stopped)" if job.state == sp.JobState.RUNNING else job.state
+    state = "cancelling (its run in progress is being stopped)" if job.state == jp.JobState.RUNNING else job.state
     print(printable(f"{job.job_id}  {state} after {job.runs} run{'s' if job.runs != 1 else ''}"))
     return 0
 
 
-_SESSION_CALLS: dict[str, Callable[[Any, str], sp.SessionInfo]] = {
+_SESSION_CALLS: dict[str, Callable[[Any, str], sessp.SessionInfo]] = {
     "show": lambda c, name: c.sessions.get(name),
     "suspend": lambda c, name: c.sessions.suspend(name),
     "resume": lambda c, name: c.sessions.resume(name),

@@ -14,6 +14,7 @@ import msgspec
 
 from common.logs import get_logger
 from ipc.protocol import scheduler as sp
+from ipc.protocol import jobs as jp
 
 log = get_logger()
 
@@ -56,7 +57,7 @@ class JobStore:
         self.root = root
         self._enc = msgspec.json.Encoder()
         self._rec = msgspec.json.Decoder(JobRecord)
-        self._run = msgspec.json.Decoder(sp.JobRun)
+        self._run = msgspec.json.Decoder(jp.JobRun)
 
     def load_all(self) -> list[tuple[JobRecord, list[int], str]]:
         """Every readable job with the run numbers recorded for it and its directory."""
@@ -99,7 +100,7 @@ class JobStore:
     def remove(self, name: str) -> None:
         shutil.rmtree(self.root / name, ignore_errors=True)
 
-    def append_run(self, name: str, run: sp.JobRun) -> None:
+    def append_run(self, name: str, run: jp.JobRun) -> None:
         path = self.root / name / "runs.jsonl"
         with open(path, "ab") as f:
             f.write(self._enc.encode(run) + b"\n")
@@ -111,7 +112,7 @@ class JobStore:
             tmp.write_bytes(b"".join(self._enc.encode(r) + b"\n" for r in runs[-KEEP_RUNS:]))
             os.replace(tmp, path)
 
-    def read_runs(self, name: str, last: int = 0) -> list[sp.JobRun]:
+    def read_runs(self, name: str, last: int = 0) -> list[jp.JobRun]:
         try:
             lines = (self.root / name / "runs.jsonl").read_bytes().splitlines()
         except FileNotFoundError:

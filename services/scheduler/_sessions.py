@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 from ipc.errors import NotFound
 from ipc.protocol import scheduler as sp
+from ipc.protocol import sessions as sessp
 from common.logs import get_logger
 from services.scheduler._request import Request, Seq
 from services.scheduler._state import EngineState
@@ -52,12 +53,12 @@ class Session:
         return (self.active is None and not self.queue and self.pinned is None and self.parked is None
                 and not self.suspended)
 
-    def info(self) -> sp.SessionInfo:
+    def info(self) -> sessp.SessionInfo:
         kv = self.parked or self.pinned or (self.active.seq if self.active is not None else None)
         where = "" if kv is None or not kv.mem_known else "swap" if kv.swapped else "device"
-        state = (sp.SessionState.SUSPENDED if self.suspended
-                 else sp.SessionState.ACTIVE if self.active is not None else sp.SessionState.IDLE)
-        return sp.SessionInfo(self.key[1], state, len(self.queue),
+        state = (sessp.SessionState.SUSPENDED if self.suspended
+                 else sessp.SessionState.ACTIVE if self.active is not None else sessp.SessionState.IDLE)
+        return sessp.SessionInfo(self.key[1], state, len(self.queue),
                               self.active.request_id if self.active is not None else "",
                               kv.num_computed if kv is not None else 0, where)
 
@@ -156,7 +157,7 @@ class SessionTable:
                            detail={"session": name})
         return s
 
-    def suspend(self, principal: str, name: str) -> sp.SessionInfo:
+    def suspend(self, principal: str, name: str) -> sessp.SessionInfo:
         s = self.get(principal, name)
         if not s.suspended:
             s.suspended = True
@@ -165,7 +166,7 @@ class SessionTable:
             self.state.wake()
         return s.info()
 
-    def resume(self, principal: str, name: str) -> sp.SessionInfo:
+    def resume(self, principal: str, name: str) -> sessp.SessionInfo:
         s = self.get(principal, name)
         if s.suspended:
             s.suspended = False
@@ -174,7 +175,7 @@ class SessionTable:
             self.state.wake()
         return s.info()
 
-    def close(self, principal: str, name: str) -> sp.SessionInfo:
+    def close(self, principal: str, name: str) -> sessp.SessionInfo:
         """Release the KV the session keeps for its next request — pinned on
         the device, or parked by a suspend (in the swap tier, or on its way
         back after a resume). Its requests, if any, are not touched."""

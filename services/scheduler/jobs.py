@@ -32,6 +32,7 @@ import msgspec
 
 from ipc.errors import BadRequest, Forbidden, LlmosError, NotFound, Overloaded, Unavailable
 from ipc.protocol import scheduler as sp
+from ipc.protocol import jobs as jp
 from ipc.protocol.base import Message
 from common.logs import get_logger
 from services.scheduler._job_store import JobRecord, JobStore, job_dir
@@ -62,17 +63,17 @@ class Job:
     attempts: int = 0  # engine submissions of runs by this scheduler (each its own request id)
 
     @property
-    def state(self) -> sp.JobState:
+    def state(self) -> jp.JobState:
         r = self.record
         if r.cancelled and not self.running:
-            return sp.JobState.CANCELLED  # `error` may say by whom (a revocation, an operator)
+            return jp.JobState.CANCELLED  # `error` may say by whom (a revocation, an operator)
         if r.error and not r.cancelled:
-            return sp.JobState.FAILED
+            return jp.JobState.FAILED
         if self.running:
-            return sp.JobState.RUNNING
+            return jp.JobState.RUNNING
         if self.exhausted:
-            return sp.JobState.DONE
-        return sp.JobState.SCHEDULED
+            return jp.JobState.DONE
+        return jp.JobState.SCHEDULED
 
     @property
     def exhausted(self) -> bool:
@@ -94,10 +95,10 @@ class Job:
     def key(self) -> tuple[str, str]:
         return (self.record.principal, self.record.job_id)
 
-    def info(self, results: list[sp.JobRun] | None = None, *, owner: bool = False) -> sp.JobInfo:
+    def info(self, results: list[jp.JobRun] | None = None, *, owner: bool = False) -> jp.JobInfo:
         r = self.record
         due = self.due_ns
-        return sp.JobInfo(r.job_id, self.state, r.name, r.at_ns, r.every_s, r.max_runs, r.created_ns,
+        return jp.JobInfo(r.job_id, self.state, r.name, r.at_ns, r.every_s, r.max_runs, r.created_ns,
                           due or 0, self.finished, r.error, results or [], r.principal if owner else "")
 
 
@@ -127,7 +128,7 @@ class JobRunner:
             self.jobs[job.key] = job
         log.info("jobs.loaded", jobs=len(self.jobs), active=sum(1 for j in self.jobs.values() if j.due_ns is not None))
 
-    async def submit(self, msg: sp.SubmitJob, principal: str) -> sp.JobInfo:
+    async def submit(self, msg: jp.SubmitJob, principal: str) -> jp.JobInfo:
         msg.validate()
         job_id = msg.job_id or os.urandom(12).hex()
         if "/" in job_id or "\x00" in job_id or job_id.startswith("."):
@@ -156,28 +157,28 @@ class JobRunner:
         log.info("jobs.submitted", job_id=job_id, principal=principal, every_s=msg.every_s)
         return job.info()
 
-    def list(self, principal: str, session: str = "") -> sp.JobList:
+    def list(self, principal: str, session: str = "") -> jp.JobList:
         """`principal`'s jobs (with `session`: only that session's, for a
         token confined to it)."""
-        return sp.JobList([j.info() for j in self.jobs.values() if self._visible(j, principal, session)])
+        return jp.JobList([j.info() for j in self.jobs.values() if self._visible(j, principal, session)])
 
-    def list_all(self, principal: str = "") -> sp.JobList:
+    def list_all(self, principal: str = "") -> jp.JobList:
         """Every principal's jobs (or one's), with their owners: the operator's view."""
-        return sp.JobList([j.info(owner=True) for j in self.jobs.values()
+        return jp.JobList([j.info(owner=True) for j in self.jobs.values()
                            if not principal or j.record.principal == principal])
 
-    async def get(self, principal: str, job_id: str, last: int, session: str = "") -> sp.JobInfo:
+    async def get(self, principal: str, job_id: str, last: int, session: str = "") -> jp.JobInfo:
         job = self._job(principal, job_id, session)
         results = await anyio.to_thread.run_sync(self.store.read_runs, job.dir, last)
         return job.info(results)
 
-    async def cancel(self, principal: str, job_id: str, session: str = "", *, why: str = "") -> sp.JobInfo:
+    async def cancel(self, principal: str, job_id: str, session: str = "", *, why: str = "") -> jp.JobInfo:
         job = self._job(principal, job_id, session)
         await self._cancel(job, why)
         return job.info()
 
     async def _cancel(self, job: Job, why: str = "") -> None:
-        if not job.record.cancelled and job.state not in (sp.JobState.DONE, sp.JobState.FAILED):
+        if not job.record.cancelled and job.state not in (jp.JobState.DONE, jp.JobState.FAILED):
             job.record.cancelled = True
             if why:
                 job.record.error = job.record.error or why
@@ -270,7 +271,7 @@ class JobRunner:
         if job.due_ns is None and job.key in self.jobs:
             await self._prune(rec.principal)
 
-    async def _generate(self, job: Job, n: int, due: int) -> sp.JobRun | None:
+    async def _generate(self, job: Job, n: int, due: int) -> jp.JobRun | None:
         rec = job.record
         if rec.principal in self.revoked:
             return None  # revoked while it was due: `revoke` cancels the job
@@ -295,7 +296,7 @@ class JobRunner:
             # The request will never run (e.g. the prompt no longer fits the model).
             rec.error = exc.message
             await self._save(job)
-            return sp.JobRun(n, due, started, time.time_ns(), sp.FinishReason.ERROR.value, error=exc.message)
+            return jp.JobRun(n, due, started, time.time_ns(), sp.FinishReason.ERROR.value, error=exc.message)
         gate = self.gate
         if gate is not None and not sink.attached and not sink.request.done.is_set():
             try:
@@ -312,8 +313,8 @@ class JobRunner:
         try:
             done = await sink.wait()
         except LlmosError as exc:  # e.g. its deadline passed before the first token
-            return sp.JobRun(n, due, started, time.time_ns(), sp.FinishReason.ERROR.value, error=exc.message)
-        return sp.JobRun(n, due, started, time.time_ns(), done.finish_reason.value, "".join(text) + done.text,
+            return jp.JobRun(n, due, started, time.time_ns(), sp.FinishReason.ERROR.value, error=exc.message)
+        return jp.JobRun(n, due, started, time.time_ns(), done.finish_reason.value, "".join(text) + done.text,
                          ids + list(done.token_ids), done.usage, done.error)
 
 

@@ -29,6 +29,8 @@ from ipc.protocol import driver as dp
 from ipc.protocol import kernel as kp
 from ipc.protocol import memory as mp
 from ipc.protocol import scheduler as sp
+from ipc.protocol import jobs as jp
+from ipc.protocol import sessions as sessp
 from ipc.protocol import security as secp
 from ipc.protocol.base import op_of
 from common.logs import get_logger
@@ -282,27 +284,27 @@ class SchedulerService(Service):
         return self.engine.stats()
 
     @handler(idempotent=True)
-    async def suspend_session(self, msg: sp.SuspendSession, ctx: Context) -> sp.SessionInfo:
+    async def suspend_session(self, msg: sessp.SuspendSession, ctx: Context) -> sessp.SessionInfo:
         self._check_session(msg.session, ctx, "SuspendSession")
         return self.engine.sessions.suspend(ctx.principal, msg.session)
 
     @handler(idempotent=True)
-    async def resume_session(self, msg: sp.ResumeSession, ctx: Context) -> sp.SessionInfo:
+    async def resume_session(self, msg: sessp.ResumeSession, ctx: Context) -> sessp.SessionInfo:
         self._check_session(msg.session, ctx, "ResumeSession")
         return self.engine.sessions.resume(ctx.principal, msg.session)
 
     @handler(idempotent=True)
-    async def close_session(self, msg: sp.CloseSession, ctx: Context) -> sp.SessionInfo:
+    async def close_session(self, msg: sessp.CloseSession, ctx: Context) -> sessp.SessionInfo:
         self._check_session(msg.session, ctx, "CloseSession")
         return self.engine.sessions.close(ctx.principal, msg.session)
 
     @handler(idempotent=True)
-    async def get_session(self, msg: sp.GetSession, ctx: Context) -> sp.SessionInfo:
+    async def get_session(self, msg: sessp.GetSession, ctx: Context) -> sessp.SessionInfo:
         self._check_session(msg.session, ctx, "GetSession")
         return self.engine.sessions.get(ctx.principal, msg.session).info()
 
     @handler(idempotent=True)  # with a job_id (the SDK always sends one) a repeat is harmless
-    async def submit_job(self, msg: sp.SubmitJob, ctx: Context) -> sp.JobInfo:
+    async def submit_job(self, msg: jp.SubmitJob, ctx: Context) -> jp.JobInfo:
         self._check_restrictions(msg.request, ctx, "SubmitJob")
         if msg.request.priority < 0:
             self._refuse(ctx, "priority", "SubmitJob", Forbidden(
@@ -312,28 +314,28 @@ class SchedulerService(Service):
         return await self.jobs.submit(msg, ctx.principal)
 
     @handler(idempotent=True)
-    async def list_jobs(self, msg: sp.ListJobs, ctx: Context) -> sp.JobList:
+    async def list_jobs(self, msg: jp.ListJobs, ctx: Context) -> jp.JobList:
         return self.jobs.list(ctx.principal, ctx.restrictions.session)
 
     @handler(idempotent=True)
-    async def get_job(self, msg: sp.GetJob, ctx: Context) -> sp.JobInfo:
+    async def get_job(self, msg: jp.GetJob, ctx: Context) -> jp.JobInfo:
         return await self.jobs.get(ctx.principal, msg.job_id, msg.last, ctx.restrictions.session)
 
     @handler(idempotent=True)
-    async def cancel_job(self, msg: sp.CancelJob, ctx: Context) -> sp.JobInfo:
+    async def cancel_job(self, msg: jp.CancelJob, ctx: Context) -> jp.JobInfo:
         return await self.jobs.cancel(ctx.principal, msg.job_id, ctx.restrictions.session)
 
     # Only an admin token reaches these (the kernel's rights check: see AdminList).
 
     @handler(idempotent=True)
-    async def admin_list(self, msg: sp.AdminList, ctx: Context) -> sp.JobList:
+    async def admin_list(self, msg: jp.AdminList, ctx: Context) -> jp.JobList:
         listing = self.jobs.list_all(msg.principal)
         self._audit(ctx, "jobs.list_all", "AdminList", "ok",
                     {"owner": msg.principal[:AUDIT_STR], "jobs": len(listing.jobs)})
         return listing
 
     @handler(idempotent=True)
-    async def admin_cancel(self, msg: sp.AdminCancel, ctx: Context) -> sp.JobInfo:
+    async def admin_cancel(self, msg: jp.AdminCancel, ctx: Context) -> jp.JobInfo:
         try:
             info = await self.jobs.cancel(msg.principal, msg.job_id, why=f"cancelled by {ctx.principal!r}")
         except LlmosError as exc:

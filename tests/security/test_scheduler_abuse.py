@@ -17,6 +17,7 @@ from ipc import codec
 from common.capability import RIGHTS, rights_cover
 from ipc.errors import BadRequest, NotFound, Overloaded
 from ipc.protocol import scheduler as sp
+from ipc.protocol import jobs as jp
 from ipc.protocol.sampling import SamplingParams
 from ipc.protocol.security import Quota, QuotaPolicy
 from common.config.scheduler import PolicyConfig, PolicyName, SchedulerConfig
@@ -233,8 +234,8 @@ async def test_the_default_policy_serves_another_tenant_ahead_of_a_flood() -> No
 
 # -- #10 jobs: revocation, per-principal ids, pruning, the operator's view ----------------
 
-def periodic(job_id: str, prompt: str = "tick") -> sp.SubmitJob:
-    return sp.SubmitJob(sp.Submit(prompt, params=GREEDY, max_tokens=2, ignore_eos=True), every_s=0.1,
+def periodic(job_id: str, prompt: str = "tick") -> jp.SubmitJob:
+    return jp.SubmitJob(sp.Submit(prompt, params=GREEDY, max_tokens=2, ignore_eos=True), every_s=0.1,
                         job_id=job_id)
 
 
@@ -251,7 +252,7 @@ async def test_a_revoked_principals_jobs_stop_and_are_cancelled_for_good(tmp_pat
                     await anyio.sleep(0.01)
             await r.revoke(frozenset({"mallory"}))
             info = await r.get("mallory", "daily", 0)
-            assert info.state in (sp.JobState.CANCELLED, sp.JobState.RUNNING) and "revoked" in info.error
+            assert info.state in (jp.JobState.CANCELLED, jp.JobState.RUNNING) and "revoked" in info.error
             runs = info.runs
             bob_runs = (await r.get("bob", "daily", 0)).runs
             with anyio.fail_after(10):  # bob's job goes on ...
@@ -259,32 +260,32 @@ async def test_a_revoked_principals_jobs_stop_and_are_cancelled_for_good(tmp_pat
                     await anyio.sleep(0.01)
             # ... mallory's does not (at most the run in flight at revocation ends).
             final = await r.get("mallory", "daily", 0)
-            assert final.state == sp.JobState.CANCELLED and final.runs <= runs + 1
+            assert final.state == jp.JobState.CANCELLED and final.runs <= runs + 1
             tg.cancel_scope.cancel()
     # Still cancelled for the next scheduler.
     r2 = JobRunner(engine, JobStore(tmp_path))
     await r2.load()
-    assert (await r2.get("mallory", "daily", 0)).state == sp.JobState.CANCELLED
+    assert (await r2.get("mallory", "daily", 0)).state == jp.JobState.CANCELLED
 
 
 async def test_job_ids_are_per_principal_and_finished_jobs_are_pruned(tmp_path: Path) -> None:
     async with running() as (engine, _):
         r = JobRunner(engine, JobStore(tmp_path), max_finished=2)
         far = time.time_ns() + 10**15
-        a = await r.submit(sp.SubmitJob(sp.Submit("alice's"), at_ns=far, job_id="daily"), "alice")
+        a = await r.submit(jp.SubmitJob(sp.Submit("alice's"), at_ns=far, job_id="daily"), "alice")
         # bob's "daily" is his own: no squatting, no "in use" leak, no view of alice's
-        b = await r.submit(sp.SubmitJob(sp.Submit("bob's"), at_ns=far, job_id="daily"), "bob")
+        b = await r.submit(jp.SubmitJob(sp.Submit("bob's"), at_ns=far, job_id="daily"), "bob")
         assert a.job_id == b.job_id == "daily"
         assert [j.job_id for j in r.list("bob").jobs] == ["daily"]
         await r.cancel("bob", "daily")
-        assert (await r.get("alice", "daily", 0)).state == sp.JobState.SCHEDULED
+        assert (await r.get("alice", "daily", 0)).state == jp.JobState.SCHEDULED
         with pytest.raises(NotFound):
             await r.get("carol", "daily", 0)
         # The operator's view names the owners.
         assert sorted((j.principal, j.state) for j in r.list_all().jobs) == [
-            ("alice", sp.JobState.SCHEDULED), ("bob", sp.JobState.CANCELLED)]
+            ("alice", jp.JobState.SCHEDULED), ("bob", jp.JobState.CANCELLED)]
         for i in range(5):
-            await r.submit(sp.SubmitJob(sp.Submit(f"j{i}"), at_ns=far, job_id=f"j{i}"), "bob")
+            await r.submit(jp.SubmitJob(sp.Submit(f"j{i}"), at_ns=far, job_id=f"j{i}"), "bob")
             await r.cancel("bob", f"j{i}")
         kept = sorted(j.job_id for j in r.list("bob").jobs)
         assert kept == ["j3", "j4"]  # the two newest finished ones

@@ -15,6 +15,7 @@ import pytest
 from common import capability as cap
 from ipc.errors import BadRequest, Forbidden, NotFound, Overloaded
 from ipc.protocol import scheduler as sp
+from ipc.protocol import jobs as jp
 from ipc.protocol import security as sec
 from ipc.protocol.sampling import SamplingParams
 from sdk.client import AsyncClient
@@ -203,9 +204,9 @@ async def test_operators_see_and_cancel_every_job_and_revocation_stops_them(home
             assert owners == [("alice", "daily"), ("mallory", "daily")]
             await tap.wait("jobs.list_all", "admin", "scheduler:AdminList")
             done = await admin.jobs.cancel_any("alice", "daily")
-            assert done.state in (sp.JobState.CANCELLED, sp.JobState.RUNNING)
+            assert done.state in (jp.JobState.CANCELLED, jp.JobState.RUNNING)
             await tap.wait("jobs.cancel_any", "admin", "scheduler:AdminCancel")
-            assert (await alice.jobs.get("daily")).state in (sp.JobState.CANCELLED, sp.JobState.RUNNING)
+            assert (await alice.jobs.get("daily")).state in (jp.JobState.CANCELLED, jp.JobState.RUNNING)
 
             # #10: revoking mallory cancels her job (the policy the security server publishes names her).
             await admin.call(sec.SECURITY, sec.Revoke(sec.RevokeKind.PRINCIPAL, "mallory"))
@@ -216,7 +217,7 @@ async def test_operators_see_and_cancel_every_job_and_revocation_stops_them(home
             with anyio.fail_after(30):
                 while True:
                     mine = [j for j in await admin.jobs.list_all("mallory")]
-                    if mine and mine[0].state == sp.JobState.CANCELLED:
+                    if mine and mine[0].state == jp.JobState.CANCELLED:
                         break
                     await anyio.sleep(0.05)
             assert "revoked" in mine[0].error

@@ -14,6 +14,7 @@ import pytest
 
 from ipc.errors import BadRequest, Overloaded
 from ipc.protocol import scheduler as sp
+from ipc.protocol import jobs as jp
 from ipc.protocol.sampling import SamplingParams
 from services.scheduler.engine import Engine
 from services.scheduler._job_store import JobRecord, JobStore, job_dir
@@ -23,8 +24,8 @@ from tests.helpers.scheduler_fakes import expected, running
 GREEDY = SamplingParams(temperature=0.0)
 
 
-def job(prompt: str = "tick", max_tokens: int = 6, **kw: object) -> sp.SubmitJob:
-    return sp.SubmitJob(sp.Submit(prompt, params=GREEDY, max_tokens=max_tokens, ignore_eos=True), **kw)  # type: ignore[arg-type]
+def job(prompt: str = "tick", max_tokens: int = 6, **kw: object) -> jp.SubmitJob:
+    return jp.SubmitJob(sp.Submit(prompt, params=GREEDY, max_tokens=max_tokens, ignore_eos=True), **kw)  # type: ignore[arg-type]
 
 
 class Gate:
@@ -57,7 +58,7 @@ async def runner(engine: Engine, root: Path, gate: Gate | None = None) -> AsyncI
         tg.cancel_scope.cancel()
 
 
-async def until_runs(r: JobRunner, job_id: str, n: int, timeout: float = 10.0) -> sp.JobInfo:
+async def until_runs(r: JobRunner, job_id: str, n: int, timeout: float = 10.0) -> jp.JobInfo:
     with anyio.fail_after(timeout):
         while (info := await r.get("", job_id, 0)).runs < n:
             await anyio.sleep(0.01)
@@ -68,9 +69,9 @@ async def test_a_periodic_job_runs_on_its_period_and_keeps_every_result(tmp_path
     async with running() as (engine, _), runner(engine, tmp_path) as r:
         start = time.time_ns()
         info = await r.submit(job(every_s=0.1, max_runs=3, job_id="p"), "")
-        assert info.state in (sp.JobState.SCHEDULED, sp.JobState.RUNNING)
+        assert info.state in (jp.JobState.SCHEDULED, jp.JobState.RUNNING)
         done = await until_runs(r, "p", 3)
-        assert done.state == sp.JobState.DONE and done.next_run_ns == 0
+        assert done.state == jp.JobState.DONE and done.next_run_ns == 0
         assert [x.run for x in done.results] == [1, 2, 3]
         want = expected("tick", 6)
         assert all(x.token_ids == want and x.finish_reason == "length" for x in done.results)
@@ -89,7 +90,7 @@ async def test_a_timed_job_waits_for_its_time_and_runs_once(tmp_path: Path) -> N
         info = await r.get("", "t", 0)
         assert info.runs == 0 and info.next_run_ns == at
         done = await until_runs(r, "t", 1)
-        assert done.state == sp.JobState.DONE and len(done.results) == 1
+        assert done.state == jp.JobState.DONE and len(done.results) == 1
         assert done.results[0].started_ns >= at
 
 
@@ -102,7 +103,7 @@ async def test_a_new_runner_reruns_the_interrupted_run_once_and_keeps_the_period
     rec = JobRecord(job_id="k", principal="", request=request, at_ns=now, every_s=0.1, max_runs=4,
                     created_ns=now, next_run_ns=now + int(0.1e9), started=2, started_due_ns=now)
     store.write_record(job_dir(rec.principal, rec.job_id), store.encode(rec))
-    store.append_run("k", sp.JobRun(1, now - int(0.1e9), now, now, "length", "x", [1]))
+    store.append_run("k", jp.JobRun(1, now - int(0.1e9), now, now, "length", "x", [1]))
     with open(tmp_path / "k" / "runs.jsonl", "ab") as f:
         f.write(b'[2, 1, 2, 3, "len')
     async with running() as (engine, _), runner(engine, tmp_path) as r:
@@ -117,16 +118,16 @@ async def test_cancel_stops_a_job_and_its_run_in_flight(tmp_path: Path) -> None:
         backend.hold_steps = anyio.Event()  # the run cannot finish before it is cancelled
         await r.submit(job(max_tokens=200, every_s=0.1, job_id="c"), "")
         with anyio.fail_after(10):
-            while (await r.get("", "c", 0)).state != sp.JobState.RUNNING:
+            while (await r.get("", "c", 0)).state != jp.JobState.RUNNING:
                 await anyio.sleep(0.005)
         await r.cancel("", "c")
         backend.hold_steps.set()
         done = await until_runs(r, "c", 1)
-        assert done.state == sp.JobState.CANCELLED and done.next_run_ns == 0
+        assert done.state == jp.JobState.CANCELLED and done.next_run_ns == 0
         assert done.results[0].finish_reason == "cancelled" and len(done.results[0].token_ids) < 200
     # Still cancelled for the next scheduler.
     async with running() as (engine, _), runner(engine, tmp_path) as r2:
-        assert (await r2.get("", "c", 0)).state == sp.JobState.CANCELLED
+        assert (await r2.get("", "c", 0)).state == jp.JobState.CANCELLED
 
 
 async def test_submission_is_idempotent_by_job_id_and_checked(tmp_path: Path) -> None:

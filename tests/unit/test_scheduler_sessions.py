@@ -10,7 +10,8 @@ import pytest
 
 from ipc.errors import Error, ErrorCode, NotFound
 from ipc.protocol import memory as mp
-from ipc.protocol.scheduler import FinishReason, SessionState
+from ipc.protocol.scheduler import FinishReason
+from ipc.protocol.sessions import SessionState
 from common.config.scheduler import SchedulerConfig
 from tests.helpers.scheduler_fakes import TOK, FakeDriver, InProcessBackend, Stream, expected, reference, running
 

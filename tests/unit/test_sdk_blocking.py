@@ -17,6 +17,8 @@ from anyio.from_thread import start_blocking_portal
 from ipc.errors import NotFound
 from ipc.protocol import kernel as kp
 from ipc.protocol import scheduler as sp
+from ipc.protocol import jobs as jp
+from ipc.protocol import sessions as sessp
 from ipc.protocol.base import Message
 from sdk.client import AsyncClient, Client
 from sdk.jobs import Jobs
@@ -44,10 +46,10 @@ class FakePath:
         match msg:
             case kp.Status():
                 return kp.StatusReply(1, 2.0, [], kp.KernelCounters())
-            case sp.AdminList(principal=who):
-                return sp.JobList([sp.JobInfo("j1", sp.JobState.DONE, principal=who)])
-            case sp.SuspendSession(session=name):
-                return sp.SessionInfo(name, sp.SessionState.SUSPENDED)
+            case jp.AdminList(principal=who):
+                return jp.JobList([jp.JobInfo("j1", jp.JobState.DONE, principal=who)])
+            case sessp.SuspendSession(session=name):
+                return sessp.SessionInfo(name, sessp.SessionState.SUSPENDED)
             case sp.Cancel(request_id=rid):
                 return sp.CancelReply(rid, True)
         raise NotFound(f"no {type(msg).__name__} here")
@@ -124,7 +126,7 @@ def test_methods_the_old_sync_twins_lacked() -> None:
         events.close()
         assert path.streams_closed == 1
         assert c.jobs.list_all("alice")[0].principal == "alice"
-        assert c.sessions.suspend("chat").state == sp.SessionState.SUSPENDED
+        assert c.sessions.suspend("chat").state == sessp.SessionState.SUSPENDED
 
 
 def test_close_closes_the_async_client_once() -> None:
