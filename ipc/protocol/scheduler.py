@@ -247,3 +247,9 @@ class SchedulerStatsReply(Message):
     # tenant; and requests refused because they could never fit theirs.
     quota_waits: list[QuotaWait] = []
     kv_quota_refused: int = 0
+    # Kernel round trips the engine loop awaited since start (concurrent
+    # Executes on several drivers count once), and the encoded bytes of
+    # every Execute sent: per step, critical_rpcs / steps and
+    # execute_bytes / steps (tools/bench/steps.py).
+    critical_rpcs: int = 0
+    execute_bytes: int = 0

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import anyio
 
 from common.logs import get_logger
+from ipc import codec
 from ipc.errors import DeadlineExceeded, Error, ErrorCode, LlmosError, Unavailable
 from ipc.protocol import driver as dp
 from ipc.protocol import memory as mp
@@ -122,6 +123,7 @@ async def execute(state: EngineState, work: list[Work], incarnations: dict[str, 
     for w in work:
         by_pool.setdefault(w.seq.pool or "", []).append(w)
     result = StepResult()
+    state.critical_rpcs += 1  # the drivers' Executes run concurrently: one round trip
     async with anyio.create_task_group() as tg:
         for pool, items in by_pool.items():
             tg.start_soon(_execute_on, state, pool, items, incarnations.get(pool, -1), result)
@@ -145,10 +147,12 @@ async def _execute_on(state: EngineState, pool: str, items: list[Work], incarnat
                                 w.samples, params, prior))
         copies.extend(w.copies)
     reply: dp.Executed | None = None
+    msg = dp.Execute(steps, copies)
+    state.execute_bytes += len(codec.encode(msg))
     with anyio.CancelScope() as scope:
         d.scope = scope
         try:
-            reply = await state.backend.execute(pool, dp.Execute(steps, copies))
+            reply = await state.backend.execute(pool, msg)
         except (Unavailable, DeadlineExceeded) as exc:
             log.warning("scheduler.driver_lost", driver=pool, error=str(exc), seqs=len(items))
         except LlmosError as exc:

@@ -62,6 +62,10 @@ class EngineState:
         self.drivers: dict[str, DriverState] = {}
         self.memory_down = False
         self.swapped_out = self.swapped_in = 0  # sequences moved to / from the swap tier
+        # Round trips the loop awaited (concurrent ones count once) and the
+        # encoded bytes of every Execute sent (SchedulerStatsReply).
+        self.critical_rpcs = 0
+        self.execute_bytes = 0
         self._releases: list[int] = []
         self._memory_scope: anyio.CancelScope | None = None
         self._wake = anyio.Event()
@@ -167,6 +171,7 @@ class EngineState:
     async def memory(self, call: Awaitable[T]) -> T | None:
         """Await a memory call; None when it failed (the step is abandoned and
         planned again; a dead memory server also pauses the loop until it is back)."""
+        self.critical_rpcs += 1
         with anyio.CancelScope() as scope:
             self._memory_scope = scope
             try:

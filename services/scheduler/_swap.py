@@ -91,6 +91,7 @@ async def _copy(state: EngineState, moved: list[tuple[Seq, mp.SeqSwap]],
     for pool, (seqs, device, host) in by_pool.items():
         if not device:
             continue  # every block was still cached on the device
+        state.critical_rpcs += 1
         try:
             await state.backend.swap_blocks(pool, make(device, host))
         except LlmosError as exc:

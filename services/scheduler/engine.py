@@ -222,7 +222,7 @@ class Engine:
                                       seq_blocks(pinned), self.config.tpot_target_ms,
                                       self.tuner.step_s * 1e3 if self.tuner is not None else 0.0,
                                       self.config.preemption.value, st.swapped_out, st.swapped_in,
-                                      quota_waits, self.kv.refused)
+                                      quota_waits, self.kv.refused, st.critical_rpcs, st.execute_bytes)
 
     async def run(self) -> None:
         while True:
