@@ -67,6 +67,11 @@ class Usage(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True, gc
     queue_s: float = 0.0  # arrival to first scheduled step
     ttft_s: float = 0.0  # arrival to first token
     total_s: float = 0.0
+    # A session's turn (ipc/protocol/sessions.py): prompt tokens that came from
+    # its history (system included), and what this turn evicted from it.
+    history_tokens: int = 0
+    evicted_turns: int = 0
+    evicted_tokens: int = 0
 
 
 class Submit(Request["Finished"]):
@@ -84,7 +89,8 @@ class Submit(Request["Finished"]):
     # op the `priority` right covers.
     priority: PriorityLevel = 0
     deadline_ns: NonNegative = 0  # unix ns; 0 = none
-    # Requests of one session run one at a time, in arrival order.
+    # A turn of this principal's conversation: the prompt is the new text only,
+    # the history is the scheduler's (ipc/protocol/sessions.py).
     session: str = ""
     # Idempotency key, scoped to the principal: a Submit with the id of a
     # live or recently finished request re-attaches to it.
@@ -164,6 +170,7 @@ class Finished(Message):
     logprobs: list[float] = []
     usage: Usage = Usage()
     error: str = ""
+    turn: int = 0  # the session turn this answer was appended as (1-based; 0: none)
 
 
 class Cancel(Request["CancelReply"]):
