@@ -48,6 +48,7 @@ TokenId = Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]
 # and was killed) and 1.6M stop ids became a 135 MB frozenset per request.
 MAX_PROMPT_IDS = 1 << 20  # past any context we serve; the model's own bound is checked next
 MAX_STOP_IDS = 64
+MAX_FORK_SIZE = 256  # choices of one prompt (`Submit.fork_group`)
 PromptIds = Annotated[list[TokenId], msgspec.Meta(max_length=MAX_PROMPT_IDS)]
 
 
@@ -105,6 +106,11 @@ class Submit(Request["Finished"]):
     attempt: NonNegative = 0
     # Seconds the request runs on once its requester is gone (a killed gateway), for a re-attach; 0: cancelled.
     linger_s: Annotated[float, msgspec.Meta(ge=0.0, le=300.0)] = 0.0
+    # n > 1: the `fork_size` choices of one prompt, one Submit each (own
+    # request_id and seed) naming the same `fork_group`: the prompt's KV is
+    # computed once and the choices fork its blocks (copy-on-write).
+    fork_group: Annotated[str, msgspec.Meta(max_length=MAX_REQUEST_ID_LEN)] = ""
+    fork_size: Annotated[int, msgspec.Meta(ge=0, le=MAX_FORK_SIZE)] = 0
 
     def validate(self) -> None:
         """Raise `BadRequest` naming the first field that is wrong."""
@@ -137,6 +143,11 @@ class Submit(Request["Finished"]):
         if self.resume_from > self.max_tokens:
             raise BadRequest(f"resume_from {self.resume_from} exceeds max_tokens {self.max_tokens}",
                              detail={"field": "resume_from"})
+        if self.fork_group and not 2 <= self.fork_size <= MAX_FORK_SIZE:
+            raise BadRequest(f"fork_size must be in [2, {MAX_FORK_SIZE}] with a fork_group, got {self.fork_size}",
+                             detail={"field": "fork_size"})
+        if self.fork_group and self.session:
+            raise BadRequest("a fork_group (n > 1) cannot run in a session", detail={"field": "fork_group"})
 
 
 class PrioritySubmit(Submit):
@@ -156,6 +167,8 @@ class TokenDelta(Message):
     token_ids: list[int]
     text: str = ""
     logprobs: list[float] = []
+    # Per token, the `params.logprobs` most likely (token id, logprob), most likely first.
+    top_logprobs: list[list[tuple[int, float]]] = []
 
 
 class Finished(Message):
@@ -170,6 +183,7 @@ class Finished(Message):
     logprobs: list[float] = []
     usage: Usage = Usage()
     error: str = ""
+    top_logprobs: list[list[tuple[int, float]]] = []
     turn: int = 0  # the session turn this answer was appended as (1-based; 0: none)
 
 
