@@ -1,4 +1,5 @@
-"""`Driver`: the Service contract every device driver implements.
+"""`Driver`: a driver that runs a model (drivers/model) on a torch device
+(drivers/service.py `DriverService` is the torch-free part every driver shares).
 
 A driver loads a model (`on_start`), reports its KV capacity in READY (the
 memory server builds a block pool from it), and serves `Execute` steps. Torch
@@ -11,81 +12,25 @@ and registers under the ``llmos.drivers`` entry-point group (docs/drivers.md).
 
 from __future__ import annotations
 
-import argparse
-import os
-import sys
 import time
-from typing import Any, ClassVar
+from typing import Any
 
 import anyio
 
-from common.config.driver import DriverConfig, load_driver_config
 from drivers.model.runner import ModelRunner
+from drivers.service import DriverService, cpu_list, driver_args, driver_config, pin
 from ipc.errors import BadRequest, ConfigError
 from ipc.protocol import driver as dp
-from sdk.service import Context, Service, handler
+from sdk.service import Context, handler
+
+__all__ = ["Driver", "cpu_list", "driver_args", "driver_config", "pin"]
 
 
-def driver_args(argv: list[str]) -> argparse.Namespace:
-    """Flags over the `[driver]` table (drivers/config.py); not given: the table's."""
-    ap = argparse.ArgumentParser(prog="driver")
-    ap.add_argument("--config", help="TOML file; its [driver] table is read (default: the kernel's)")
-    ap.add_argument("--model", help="'demo' or a local Hugging Face directory")
-    ap.add_argument("--kv-cache-mb", type=float, help="device memory for KV blocks")
-    ap.add_argument("--block-size", type=int)
-    ap.add_argument("--dtype", help="auto, float32, bfloat16 or float16 (drivers/model/dtypes.py)")
-    ap.add_argument("--threads", type=int, help="torch intra-op threads (CPU; default one per CPU of --cpus)")
-    ap.add_argument("--cpus", type=cpu_list, help="pin to these CPUs, e.g. 0-7 or 0,2,4 (default: as started)")
-    ap.add_argument("--max-model-len", type=int)
-    ap.add_argument("--host-slots", type=int, help="blocks in the host swap tier")
-    ap.add_argument("--swap-mb", type=float, help="host swap tier size in MiB (instead of --host-slots)")
-    ap.add_argument("--device-index", type=int, default=0)
-    return ap.parse_args(argv)
-
-
-def cpu_list(text: str) -> set[int]:
-    """"0-3,8" -> {0, 1, 2, 3, 8}."""
-    cpus: set[int] = set()
-    try:
-        for part in text.split(","):
-            lo, _, hi = part.partition("-")
-            cpus.update(range(int(lo), int(hi or lo) + 1))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a CPU list like 0-7 or 0,2,4: {text!r}") from None
-    if not cpus:
-        raise argparse.ArgumentTypeError(f"no CPUs in {text!r}")
-    return cpus
-
-
-def pin(cpus: set[int]) -> None:
-    """Run every thread of this process, and any it starts later, on `cpus`."""
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            os.sched_setaffinity(int(tid), cpus)
-        except ProcessLookupError:
-            pass            # a thread that has just ended
-
-
-def driver_config(args: argparse.Namespace) -> DriverConfig:
-    return load_driver_config(args.config, model=args.model, kv_cache_mb=args.kv_cache_mb,
-                              block_size=args.block_size, dtype=args.dtype, threads=args.threads,
-                              max_model_len=args.max_model_len, host_slots=args.host_slots, swap_mb=args.swap_mb)
-
-
-class Driver(Service):
-    name = "driver"
-    device: ClassVar[str] = "cpu"
+class Driver(DriverService):
+    """A driver that runs a model (drivers/model) on a torch device."""
 
     def __init__(self, argv: list[str] | None = None, **kwargs: Any):
-        super().__init__(**kwargs)
-        self.args = driver_args(sys.argv[1:] if argv is None else argv)
-        self.config = driver_config(self.args)
-        if self.args.cpus is not None:
-            # Before torch starts its thread pool (sized from the affinity).
-            try:
-                pin(self.args.cpus)
-            except OSError as exc:
-                raise ConfigError(f"--cpus {sorted(self.args.cpus)}: {exc.strerror}") from None
+        super().__init__(argv, **kwargs)
         self.runner: ModelRunner | None = None
         self._step_lock = anyio.Lock()
         self._busy = False

@@ -21,7 +21,8 @@ import torch
 
 from drivers.model import catalog
 from drivers.model.attention import DecodeKernel
-from drivers.model.batch import Limits, build_batch, check_steps
+from drivers.checks import Limits, check_steps
+from drivers.model.batch import build_batch
 from drivers.model.config import ModelConfig, load_config
 from drivers.model.demo import ensure_demo
 from drivers.model.dtypes import dtype_name, resolve_dtype

@@ -24,3 +24,11 @@ def secured_children(ckpt: Path) -> list[ChildSpec]:
     """A whole llmos on `ckpt` with the security server: what tests with auth on boot."""
     return [ChildSpec("security", "services.security"), ChildSpec("memory", "services.memory"),
             driver_spec(ckpt), ChildSpec("scheduler", "services.scheduler")]
+
+
+def null_children(*driver_args: str, scheduler_args: tuple[str, ...] = ()) -> list[ChildSpec]:
+    """Memory server, the null driver (drivers/null.py, no model, with
+    `driver_args` such as --step-ms) and the scheduler."""
+    return [ChildSpec("memory", "services.memory"),
+            ChildSpec("null", "drivers", service="driver", args=["null", *driver_args]),
+            ChildSpec("scheduler", "services.scheduler", args=list(scheduler_args))]

@@ -1,0 +1,102 @@
+"""The null driver (drivers/null.py): torch-free, deterministic, and held to
+the same Execute contract as a model driver (a bad step fails alone)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from drivers.null import ALPHABET, EOS, NullDriver, continuation, next_token
+from drivers.registry import driver_class
+from ipc.errors import BadRequest, ConfigError
+from ipc.protocol import driver as dp
+from ipc.protocol.sampling import SamplingParams
+from tools.testing import REPO_ROOT
+
+
+def null(tmp_path: Path, *argv: str) -> NullDriver:
+    return NullDriver(["--num-blocks", "8", "--block-size", "4", "--max-model-len", "64", *argv],
+                      instance="null-0", home=str(tmp_path))
+
+
+def test_the_null_driver_and_the_registry_import_no_torch() -> None:
+    probe = ("import sys\n"
+             "from drivers.registry import driver_class\n"
+             "cls = driver_class('null')\n"
+             "assert cls.__module__ == 'drivers.null', cls\n"
+             "sys.exit('torch imported' if 'torch' in sys.modules else 0)\n")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_registered_like_the_model_drivers() -> None:
+    assert driver_class("null") is NullDriver
+
+
+def test_tokens_are_a_pure_function_of_last_token_and_position() -> None:
+    seen = {next_token(t, p) for t in range(258) for p in range(64)}
+    assert seen <= set(ALPHABET) and len(seen) > 10 and EOS not in seen
+    assert continuation([256, 104, 105], 40) == continuation([256, 104, 105], 40)
+    assert continuation([256, 104, 105], 40) != continuation([256, 104, 106], 40)
+    # A continuation is the same when resumed part-way (a restart recomputes).
+    whole = continuation([256, 7], 30)
+    assert continuation([256, 7, *whole[:10]], 20) == whole[10:]
+
+
+def step(seq_id: int, tokens: list[int], start: int, table: list[int], **kw: Any) -> dp.StepSeq:
+    return dp.StepSeq(seq_id, tokens, start, table, **kw)
+
+
+async def test_execute_answers_each_sequence_and_fails_bad_ones_alone(tmp_path: Path) -> None:
+    drv = null(tmp_path)
+    await drv.on_start()
+    good = step(1, [256, 104, 105], 0, [0])
+    steps = [good,
+             step(2, [300], 0, [1]),                       # out of the vocabulary
+             step(3, [5], 0, [99]),                        # not one of its blocks
+             step(4, [5] * 9, 0, [2, 3]),                  # table too short for 9 positions
+             step(5, [5], 70, list(range(8))),             # past max_model_len
+             step(6, [5], 0, [4], params=SamplingParams(top_p=0.0)),
+             step(7, [5, 6], 0, [5], sample=False),        # a prefill chunk: no token
+             step(1, [5], 3, [0])]                         # seq 1 twice
+    out = await drv.execute(dp.Execute(steps), None)  # type: ignore[arg-type]
+    assert [o.seq_id for o in out.outputs] == [s.seq_id for s in steps]
+    assert out.outputs[0].token == continuation([256, 104, 105], 1)[0] and not out.outputs[0].error
+    assert "vocabulary" in out.outputs[1].error and "block id 99" in out.outputs[2].error
+    assert "block table" in out.outputs[3].error and "context window" in out.outputs[4].error
+    assert "top_p" in out.outputs[5].error
+    assert out.outputs[6].token == -1 and not out.outputs[6].error
+    assert "more than once" in out.outputs[7].error
+    assert all(o.token == -1 for o in out.outputs[1:6])
+    health = await drv.health(dp.DriverHealth(), None)  # type: ignore[arg-type]
+    assert health.ok and health.steps == 1 and not health.busy
+    desc = await drv.describe(dp.DescribeModel(), None)  # type: ignore[arg-type]
+    assert (desc.num_blocks, desc.block_size, desc.max_model_len, desc.eos_token_ids) == (8, 4, 64, [EOS])
+    from text.tokenizer import load_tokenizer
+    assert load_tokenizer(desc.path).decode([104, 105]) == "hi"
+
+
+async def test_copies_and_swaps_are_checked(tmp_path: Path) -> None:
+    drv = null(tmp_path)
+    with pytest.raises(BadRequest, match="copy names block 8"):
+        await drv.execute(dp.Execute([], copies=[(0, 8)]), None)  # type: ignore[arg-type]
+    with pytest.raises(BadRequest, match="no host swap tier"):
+        await drv.swap_out(dp.SwapBlocksOut([0], [0]), None)  # type: ignore[arg-type]
+    tiered = null(tmp_path, "--host-slots", "2")
+    assert (await tiered.swap_out(dp.SwapBlocksOut([0, 7], [0, 1]), None)).blocks == 2  # type: ignore[arg-type]
+    with pytest.raises(BadRequest, match="host slot 2"):
+        await tiered.swap_in(dp.SwapBlocksIn([2], [0]), None)  # type: ignore[arg-type]
+    with pytest.raises(BadRequest, match="2 block ids but 1 slots"):
+        await tiered.swap_in(dp.SwapBlocksIn([0], [0, 1]), None)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("argv, field", [(["--step-ms", "nan"], "--step-ms"), (["--step-ms", "-1"], "--step-ms"),
+                                         (["--per-token-us", "inf"], "--per-token-us"),
+                                         (["--num-blocks", "0"], "--num-blocks")])
+def test_bad_flags_are_refused_naming_the_flag(tmp_path: Path, argv: list[str], field: str) -> None:
+    with pytest.raises(ConfigError, match=field):
+        null(tmp_path, *argv)
