@@ -73,6 +73,7 @@ class Usage(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True, gc
     history_tokens: int = 0
     evicted_turns: int = 0
     evicted_tokens: int = 0
+    slo: str = ""  # "met" or "missed" its objectives ("": not judged)
 
 
 class Submit(Request["Finished"]):
@@ -274,3 +275,18 @@ class SchedulerStatsReply(Message):
     # execute_bytes / steps (tools/bench/steps.py).
     critical_rpcs: int = 0
     execute_bytes: int = 0
+    # Objectives (issue 19): requests that met both their TTFT and TPOT
+    # objectives, missed one, or were refused early (predicted to miss);
+    # met per second over the last minute; the default objective; the
+    # prefill chunk in force; the tuner ("off", "learning", "tuned",
+    # "fallback"), the changes it made and its model's resets.
+    slo_met: int = 0
+    slo_missed: int = 0
+    slo_rejected: int = 0
+    goodput_rps: float = 0.0
+    ttft_objective_ms: float = 0.0
+    tpot_objective_ms: float = 0.0
+    prefill_chunk: int = 0
+    tuner: str = ""
+    tuner_changes: int = 0
+    tuner_resets: int = 0
