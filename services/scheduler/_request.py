@@ -145,7 +145,7 @@ class Sink:
         offset = min(self.sent, len(r.generated))
         text = r.text.text[start:] if start is not None else ""
         return Finished(r.request_id, r.finish_reason, offset, r.generated[offset:], text,
-                        r.logprobs[offset:], r.usage(), r.error_message)
+                        r.logprobs[offset:], r.usage(), r.error_message, turn=r.turn)
 
     async def wait(self) -> Finished:
         while True:
@@ -189,6 +189,11 @@ class Request:
         self.first_token = 0.0
         self.finished_at = 0.0
         self.cached_tokens = 0
+        # A session's turn: prompt tokens from its history, what binding it evicted
+        # (turns, tokens), and the turn number it was appended as (_sessions.py).
+        self.history_len = 0
+        self.evicted = (0, 0)
+        self.turn = 0
         self.failures = 0
         # Why it waits beyond its turn (sp.WAITING_ON_KV_QUOTA, or ""), and
         # whether that was logged (once per request).
@@ -241,7 +246,7 @@ class Request:
         else:
             self.text.feed(token)
             reason = FinishReason.STOP if self.text.stopped else None
-        if reason is None and len(self.prompt_ids) + len(self.generated) >= self.max_total:
+        if reason is None and self.history_len + len(self.prompt_ids) + len(self.generated) >= self.max_total:
             reason = FinishReason.LENGTH
         self.text_at.append(len(self.text.text))
         return reason
@@ -265,7 +270,8 @@ class Request:
 
     def usage(self) -> Usage:
         end = self.finished_at or time.monotonic()
-        return Usage(len(self.prompt_ids), len(self.generated), self.cached_tokens, self.seq.preemptions,
+        return Usage(self.history_len + len(self.prompt_ids), len(self.generated), self.cached_tokens,
+                     self.seq.preemptions,
                      max(0.0, self.first_scheduled - self.arrived) if self.first_scheduled else 0.0,
                      max(0.0, self.first_token - self.arrived) if self.first_token else 0.0,
-                     end - self.arrived)
+                     end - self.arrived, self.history_len, *self.evicted)

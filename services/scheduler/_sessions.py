@@ -17,6 +17,12 @@ request back in line, still swapped, and the engine swaps its KV in when it
 is scheduled (a pinned sequence is swapped in at once); it continues where
 it stopped. With no swap tier (or a full one) the KV is dropped and
 recomputed on resume: the same continuation, more work.
+
+Conversation (issue 18). The session keeps its history (_history.py): a
+turn's prompt is its new text; when it starts (`next`) it is bound to
+system + kept turns + new text (`bind_turn`, evicting the oldest turns past
+the context), and when it ends with stop or length its ids are appended
+(`ended`), before its answer goes out.
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ from ipc.errors import NotFound
 from ipc.protocol import scheduler as sp
 from ipc.protocol import sessions as sessp
 from common.logs import get_logger
+from services.scheduler._admission import Model
+from services.scheduler._history import Histories, bind_turn, check_turn_fits, with_history
 from services.scheduler._request import Request, Seq
 from services.scheduler._state import EngineState
 from services.scheduler._swap import swap_in, swap_out
@@ -53,14 +61,16 @@ class Session:
         return (self.active is None and not self.queue and self.pinned is None and self.parked is None
                 and not self.suspended)
 
-    def info(self) -> sessp.SessionInfo:
+    def info(self, histories: Histories | None = None) -> sessp.SessionInfo:
         kv = self.parked or self.pinned or (self.active.seq if self.active is not None else None)
         where = "" if kv is None or not kv.mem_known else "swap" if kv.swapped else "device"
         state = (sessp.SessionState.SUSPENDED if self.suspended
                  else sessp.SessionState.ACTIVE if self.active is not None else sessp.SessionState.IDLE)
-        return sessp.SessionInfo(self.key[1], state, len(self.queue),
-                              self.active.request_id if self.active is not None else "",
-                              kv.num_computed if kv is not None else 0, where)
+        info = sessp.SessionInfo(self.key[1], state, len(self.queue),
+                                 self.active.request_id if self.active is not None else "",
+                                 kv.num_computed if kv is not None else 0, where)
+        return with_history(info, histories.get(self.key) if histories is not None else None)
+
 
 
 def seq_blocks(seqs: list[Seq]) -> int:
@@ -79,6 +89,8 @@ class SessionTable:
         self._unpark: set[tuple[str, str]] = set()
         # Pools where a waiting sequence's Reserve was refused for blocks.
         self.short_of_blocks: set[str] = set()
+        self.histories = Histories()  # the service gives it a store under LLMOS_HOME
+        self.model: Model | None = None
 
     def __len__(self) -> int:
         return len(self.by_key)
@@ -97,8 +109,12 @@ class SessionTable:
     def suspended(self) -> int:
         return sum(1 for s in self.by_key.values() if s.suspended)
 
-    def arrive(self, req: Request) -> None:
+    def arrive(self, req: Request, model: Model) -> None:
+        """A turn arrives: refused (BadRequest) if its new text and the
+        session's system prompt alone cannot fit; else it waits its turn."""
         assert req.session is not None
+        self.model = model
+        check_turn_fits(self.histories.get_or_new(req.session), req.prompt_ids, self.room())
         s = self.by_key.get(req.session)
         if s is None:
             s = self.by_key[req.session] = Session(req.session)
@@ -132,6 +148,8 @@ class SessionTable:
             self._pin(s, seq)
         else:
             self.state.release(seq)
+        if s.active is req and not failed and reason in (sp.FinishReason.STOP, sp.FinishReason.LENGTH):
+            req.turn = self.histories.append(s.key, req.request_id, req.prompt_ids, req.generated)
         if s.active is req:
             s.active = None
             s.used = time.monotonic()
@@ -141,10 +159,17 @@ class SessionTable:
         """Start the session's next request if it may run now; forget an idle session."""
         if s.active is None and not s.suspended and s.parked is None and s.queue:
             req = s.active = s.queue.popleft()
+            bind_turn(self.histories, req, self.room())
             if s.pinned is not None and s.pinned.pool in self.state.drivers:
                 req.seq.pool = s.pinned.pool  # where the conversation's KV is
             self.state.enqueue(req.seq)
         self._forget_if_idle(s)
+
+    def room(self) -> int:
+        """Positions one sequence may reach: the model's context, or the largest KV pool."""
+        m = self.model
+        ctx = m.max_model_len if m is not None else 1 << 30
+        return min(ctx, max((x.num_blocks * x.block_size for x in self.state.shapes().values()), default=ctx))
 
     def _forget_if_idle(self, s: Session) -> None:
         if s.idle:
@@ -157,6 +182,16 @@ class SessionTable:
                            detail={"session": name})
         return s
 
+    def describe(self, principal: str, name: str) -> sessp.SessionInfo:
+        """The session's state and history (NotFound: neither a live session nor a history)."""
+        s = self.by_key.get((principal, name))
+        if s is not None:
+            return s.info(self.histories)
+        rec = self.histories.get((principal, name))
+        if rec is None:
+            raise NotFound(f"no session {name!r}: it has no history and no request", detail={"session": name})
+        return with_history(sessp.SessionInfo(name, sessp.SessionState.IDLE), rec)
+
     def suspend(self, principal: str, name: str) -> sessp.SessionInfo:
         s = self.get(principal, name)
         if not s.suspended:
@@ -164,7 +199,7 @@ class SessionTable:
             self._unpark.discard(s.key)
             self._park.add(s.key)
             self.state.wake()
-        return s.info()
+        return s.info(self.histories)
 
     def resume(self, principal: str, name: str) -> sessp.SessionInfo:
         s = self.get(principal, name)
@@ -173,7 +208,7 @@ class SessionTable:
             self._park.discard(s.key)
             self._unpark.add(s.key)
             self.state.wake()
-        return s.info()
+        return s.info(self.histories)
 
     def close(self, principal: str, name: str) -> sessp.SessionInfo:
         """Release the KV the session keeps for its next request — pinned on

@@ -152,11 +152,11 @@ class Engine:
         if req.replay(msg.resume_ids):
             self._remember(req)
             return sink
+        if req.session is not None:
+            self.sessions.arrive(req, model)  # refused if its new text cannot fit the session's context
         self.requests[key] = req
         if req.session is None:
             self.state.enqueue(seq)
-            return sink
-        self.sessions.arrive(req)
         return sink
 
     def check_prompt_size(self, msg: sp.Submit) -> None:

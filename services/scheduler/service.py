@@ -30,7 +30,6 @@ from ipc.protocol import kernel as kp
 from ipc.protocol import memory as mp
 from ipc.protocol import scheduler as sp
 from ipc.protocol import jobs as jp
-from ipc.protocol import sessions as sessp
 from ipc.protocol import security as secp
 from ipc.protocol.base import op_of
 from common.logs import get_logger
@@ -41,7 +40,9 @@ from common.config.scheduler import PolicyName, PreemptionMode, SchedulerConfig,
 from services.scheduler._linger import linger
 from services.scheduler._ipc_backend import MEMORY, IpcBackend
 from services.scheduler.engine import Engine, Model
+from services.scheduler._history import HistoryStore, Histories
 from services.scheduler._job_store import JobStore
+from services.scheduler._session_service import SessionHandlers
 from services.scheduler.jobs import JobRunner
 
 log = get_logger()
@@ -81,13 +82,14 @@ def scheduler_args(argv: list[str]) -> SchedulerConfig:
                                  tpot_target_ms=a.tpot_target_ms)
 
 
-class SchedulerService(Service):
+class SchedulerService(SessionHandlers, Service):
     name = sp.SCHEDULER
 
     def __init__(self, argv: list[str] | None = None, **kwargs: Any):
         super().__init__(**kwargs)
         self.config = scheduler_args(sys.argv[1:] if argv is None else argv)
         self.engine = Engine(self.config, IpcBackend(self, self.config.step_timeout_s))
+        self.engine.sessions.histories = Histories(HistoryStore(self.home / "sessions"))
         self.quotas = QuotaGate()
         self.jobs = JobRunner(self.engine, JobStore(self.home / "jobs"), max_jobs=self.config.max_jobs,
                               gate=self.quotas, max_finished=self.config.max_finished_jobs)
@@ -230,6 +232,8 @@ class SchedulerService(Service):
             self._check_restrictions(known, ctx, op_of(msg))
         msg.validate()
         await self._until_ready()
+        if msg.session:  # its history loaded; BOS only if it opens the conversation
+            msg = await self.session_turn(msg, ctx.principal, known)
         prompt_ids = await self._tokenize(msg)
         sink = self.engine.submit(msg, ctx.principal, ctx.emit, prompt_ids)
         rid = sink.request.request_id
@@ -246,6 +250,8 @@ class SchedulerService(Service):
                  attempt=msg.attempt, prompt_tokens=len(sink.request.prompt_ids), resume_from=msg.resume_from)
         try:
             done = await sink.wait()
+            if msg.session:
+                await self.turn_done(msg, ctx.principal)
             log.info("scheduler.finished", request_id=rid, reason=str(done.finish_reason),
                      tokens=done.offset + len(done.token_ids))
             return done
@@ -282,26 +288,6 @@ class SchedulerService(Service):
     @handler(idempotent=True)
     async def stats(self, msg: sp.SchedulerStats, ctx: Context) -> sp.SchedulerStatsReply:
         return self.engine.stats()
-
-    @handler(idempotent=True)
-    async def suspend_session(self, msg: sessp.SuspendSession, ctx: Context) -> sessp.SessionInfo:
-        self._check_session(msg.session, ctx, "SuspendSession")
-        return self.engine.sessions.suspend(ctx.principal, msg.session)
-
-    @handler(idempotent=True)
-    async def resume_session(self, msg: sessp.ResumeSession, ctx: Context) -> sessp.SessionInfo:
-        self._check_session(msg.session, ctx, "ResumeSession")
-        return self.engine.sessions.resume(ctx.principal, msg.session)
-
-    @handler(idempotent=True)
-    async def close_session(self, msg: sessp.CloseSession, ctx: Context) -> sessp.SessionInfo:
-        self._check_session(msg.session, ctx, "CloseSession")
-        return self.engine.sessions.close(ctx.principal, msg.session)
-
-    @handler(idempotent=True)
-    async def get_session(self, msg: sessp.GetSession, ctx: Context) -> sessp.SessionInfo:
-        self._check_session(msg.session, ctx, "GetSession")
-        return self.engine.sessions.get(ctx.principal, msg.session).info()
 
     @handler(idempotent=True)  # with a job_id (the SDK always sends one) a repeat is harmless
     async def submit_job(self, msg: jp.SubmitJob, ctx: Context) -> jp.JobInfo:

@@ -36,7 +36,7 @@ async def second_turn_cached_tokens(config: SchedulerConfig) -> tuple[int, list[
         await until(lambda: pool(backend).num_seqs == int(pinning), "the first turn released or pinned")
         backend.memory.evict_cached(mp.EvictCached())  # only what is held survives
         prompt2 = TOK.encode("turn one of a chat") + first.tokens(f1) + TOK.encode(" and more")
-        second = Stream(engine, prompt_ids=prompt2, max_tokens=8, session="chat")
+        second = Stream(engine, prompt_ids=TOK.encode(" and more"), max_tokens=8, session="chat")
         f2 = await second.result()
         return f2.usage.cached_tokens, second.tokens(f2), reference(prompt2, 8)
 
@@ -72,13 +72,17 @@ async def test_suspend_swaps_a_running_request_out_and_resume_continues_it_exact
         assert pool(backend).evictions > 0
         assert engine.request_info("", "story").generated == held.generated
         # A new request of the suspended session waits behind it.
-        later = Stream(engine, prompt="next turn", max_tokens=5, session="s")
+        later = Stream(engine, prompt_ids=TOK.encode("next turn"), max_tokens=5, session="s")
         assert engine.sessions.get("", "s").info().queued == 1
         engine.sessions.resume("", "s")
         final = await s.result()
         assert s.tokens(final) == expected("a long story", 40)
         assert final.usage.preemptions == 0 and driver.swapped_in > 0  # swapped back, not recomputed
-        assert later.tokens(await later.result()) == expected("next turn", 5)
+        # The pool holds 64 positions: the 53 of the first turn do not fit beside
+        # this one (10 + 5), so the first turn is evicted.
+        f_later = await later.result()
+        assert later.tokens(f_later) == expected("next turn", 5)
+        assert (f_later.usage.evicted_turns, f_later.usage.evicted_tokens) == (1, 53)
 
 
 async def test_without_a_swap_tier_suspend_drops_the_kv_and_resume_recomputes_it() -> None:
@@ -107,7 +111,7 @@ async def test_an_idle_sessions_pinned_kv_is_swapped_by_suspend_and_reused_after
         await until(lambda: engine.sessions.get("", "idle").info().kv_where == "device", "swapped in")
         backend.memory.evict_cached(mp.EvictCached())
         prompt2 = TOK.encode("remember this text") + first.tokens(f1) + TOK.encode("!")
-        second = Stream(engine, prompt_ids=prompt2, max_tokens=6, session="idle")
+        second = Stream(engine, prompt_ids=TOK.encode("!"), max_tokens=6, session="idle")
         f2 = await second.result()
     assert second.tokens(f2) == reference(prompt2, 6)
     assert f2.usage.cached_tokens == 28 and driver.swapped_out > 0
@@ -178,7 +182,7 @@ async def test_a_pinned_session_kv_survives_a_memory_server_restart() -> None:
         await until(lambda: pool(backend).num_seqs == 1, "the pin re-registered")
         assert engine.sessions.get("", "chat").info().kv_where == "device"
         prompt2 = TOK.encode("turn one of a chat") + first.tokens(f1) + TOK.encode(" and more")
-        second = Stream(engine, prompt_ids=prompt2, max_tokens=8, session="chat")
+        second = Stream(engine, prompt_ids=TOK.encode(" and more"), max_tokens=8, session="chat")
         f2 = await second.result()
     assert second.tokens(f2) == reference(prompt2, 8)
     assert f2.usage.cached_tokens == 28  # the first turn's 7 full blocks, adopted from the driver
