@@ -93,7 +93,16 @@ class SeqReserve(Item):
 
 
 class Reserve(Request["ReserveReply"]):
+    """Reserve slots for a step, after releasing `release` (their last
+    reserved step ran: its full blocks go to the prefix cache) and `discard`
+    (released too, but their last reserved step never ran: the blocks it
+    filled hold no KV). Releases are applied first, so one call frees a
+    finished sequence and lets another reuse its blocks, or re-reserves a
+    released id from token 0; the engine's one memory round trip per step."""
+
     seqs: list[SeqReserve]
+    release: list[int] = []
+    discard: list[int] = []
 
 
 class SeqBlocks(Item):
@@ -113,6 +122,9 @@ class SeqBlocks(Item):
 
 class ReserveReply(Message):
     seqs: list[SeqBlocks]  # one per requested sequence, in request order
+    # What the releases did (as `ReleaseReply`): an unknown id fails alone.
+    num_freed: int = 0
+    release_failures: list[SeqFailure] = []
 
 
 class Release(Request["ReleaseReply"]):

@@ -82,13 +82,18 @@ class MemoryManager:
         return lost
 
     def reserve(self, req: Reserve) -> ReserveReply:
+        freed, failures = self._release(req.release, True)
+        if req.discard:
+            more, lost = self._release(req.discard, False)
+            freed += more
+            failures += lost
         out: list[SeqBlocks] = []
         for item in req.seqs:
             try:
                 out.append(self._reserve_one(item))
             except LlmosError as e:
                 out.append(SeqBlocks(item.seq_id, error=e.to_wire()))
-        return ReserveReply(out)
+        return ReserveReply(out, freed, failures)
 
     def _reserve_one(self, item: SeqReserve) -> SeqBlocks:
         if item.num_new < 0:
@@ -117,15 +122,18 @@ class MemoryManager:
         return _allocator.reserve(seq, tokens, item.num_new, self._ledger)
 
     def release(self, req: Release) -> ReleaseReply:
+        return ReleaseReply(*self._release(req.seq_ids, req.computed))
+
+    def _release(self, seq_ids: list[int], computed: bool) -> tuple[int, list[SeqFailure]]:
         freed = 0
         failures: list[SeqFailure] = []
-        for sid in req.seq_ids:
+        for sid in seq_ids:
             seq = self._seqs.pop(sid, None)
             if seq is None:
                 failures.append(SeqFailure(sid, _unknown(sid).to_wire()))
             else:
-                freed += _allocator.release(seq, req.computed)
-        return ReleaseReply(freed, failures)
+                freed += _allocator.release(seq, computed)
+        return freed, failures
 
     def fork(self, req: Fork) -> ForkReply:
         failures: list[SeqFailure] = []

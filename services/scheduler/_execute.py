@@ -65,10 +65,15 @@ async def reserve(state: EngineState, p: StepPlan) -> tuple[list[Work], list[tup
         first = seq.mem_known == 0
         items.append(mp.SeqReserve(seq.seq_id, seq.mem_known, seq.tokens[seq.mem_known:], n,
                                    seq.tenant if first else "", (seq.pool or "") if first else ""))
-    reply = await state.memory(state.backend.reserve(mp.Reserve(items)))
+    # The KV to release rides on the same call, applied first.
+    release, discard = state.take_releases()
+    reply = await state.memory(state.backend.reserve(mp.Reserve(items, release, discard)))
     if not isinstance(reply, mp.ReserveReply):
         return [], []
+        state.untake_releases(release, discard)
     work: list[Work] = []
+    for f in reply.release_failures:
+        log.info("scheduler.release_unknown", seq=f.seq_id, error=f.error.message)
     refused: list[tuple[Seq, Error]] = []
     for (seq, n), got in zip(p.scheduled, reply.seqs):
         if got.error is not None:

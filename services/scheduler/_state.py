@@ -66,7 +66,8 @@ class EngineState:
         # encoded bytes of every Execute sent (SchedulerStatsReply).
         self.critical_rpcs = 0
         self.execute_bytes = 0
-        self._releases: list[int] = []
+        self._releases: list[int] = []  # their last reserved step ran
+        self._discards: list[int] = []  # their last reserved step never ran
         self._memory_scope: anyio.CancelScope | None = None
         self._wake = anyio.Event()
 
@@ -134,38 +135,54 @@ class EngineState:
 
     # The KV to release.
 
-    def release(self, seq: Seq) -> None:
-        """Release `seq`'s KV at the next `Release` (releasing a swapped
-        sequence frees its swap slots)."""
+    def release(self, seq: Seq, *, computed: bool = True) -> None:
+        """Release `seq`'s KV with the next memory call: folded into the next
+        `Reserve`, or a `Release` of its own when no step follows
+        (releasing a swapped sequence frees its swap slots). `computed`:
+        False when its last reserved step never ran (a failed step), so the
+        blocks that step was to fill are not offered to the prefix cache."""
         if seq.mem_known:
-            self._releases.append(seq.seq_id)
+            (self._releases if computed else self._discards).append(seq.seq_id)
 
-    def drop_kv(self, seq: Seq) -> None:
-        """Forget `seq`'s KV (released at the next `Release`); it is recomputed
-        from its tokens."""
-        self.release(seq)
+    def drop_kv(self, seq: Seq, *, computed: bool = True) -> None:
+        """Forget `seq`'s KV (released with the next memory call); it is
+        recomputed from its tokens."""
+        self.release(seq, computed=computed)
         seq.reset(keep_pool=True)
 
     @property
     def has_releases(self) -> bool:
-        return bool(self._releases)
+        return bool(self._releases or self._discards)
+
+    def take_releases(self) -> tuple[list[int], list[int]]:
+        """The KV to release now, (computed, never computed); the caller
+        sends them and hands them back (`untake_releases`) if that failed."""
+        taken = self._releases, self._discards
+        self._releases, self._discards = [], []
+        return taken
+
+    def untake_releases(self, release: list[int], discard: list[int]) -> None:
+        """The call that carried them failed: still held there, so they go
+        with the next one, unless the memory server died (it holds nothing)."""
+        if not self.memory_down:
+            self._releases[:0] = release
+            self._discards[:0] = discard
 
     async def flush_releases(self) -> bool:
-        """Send the KV to release, if any; False when the call failed (the
-        ids are kept for the next step unless the memory server died)."""
-        if not self._releases:
-            return True
-        ids, self._releases = self._releases, []
-        if await self.memory(self.backend.release(mp.Release(ids))) is None:
-            if not self.memory_down:
-                self._releases[:0] = ids  # still held there: try again next step
-            return False
+        """Send the KV to release in `Release` calls of their own (no
+        `Reserve` follows now to carry them); False when a call failed."""
+        release, discard = self.take_releases()
+        for ids, computed in ((release, True), (discard, False)):
+            if ids and await self.memory(self.backend.release(mp.Release(ids, computed))) is None:
+                self.untake_releases(release if computed else [], discard)
+                return False
         return True
 
     def forget_releases(self) -> None:
         """The memory server restarted empty: it holds nothing of ours."""
         self._releases.clear()
 
+        self._discards.clear()
     # The memory server.
 
     async def memory(self, call: Awaitable[T]) -> T | None:

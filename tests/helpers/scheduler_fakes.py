@@ -120,6 +120,9 @@ class InProcessBackend:
         self.memory = MemoryManager()
         self.memory_alive = True
         self.reserves = 0
+        # Every call the engine made, in order: ("reserve", Reserve), ("release", Release),
+        # ("execute", Execute), ...
+        self.calls: list[tuple[str, Message]] = []
         # When set, every Execute waits for this event (a driver busy for as
         # long as a test needs).
         self.hold_steps: anyio.Event | None = None
@@ -140,11 +143,13 @@ class InProcessBackend:
         await anyio.sleep(0)
         self._check_memory()
         self.reserves += 1
+        self.calls.append(("reserve", req))
         return self.memory.reserve(req)
 
     async def release(self, req: mp.Release) -> mp.ReleaseReply:
         await anyio.sleep(0)
         self._check_memory()
+        self.calls.append(("release", req))
         return self.memory.release(req)
 
     async def reregister(self, req: mp.Reregister) -> mp.ReregisterReply:
@@ -159,6 +164,7 @@ class InProcessBackend:
         d = self.drivers[instance]
         if not d.alive:
             raise Unavailable(f"{instance} died while handling Execute")
+        self.calls.append(("execute", req))
         return d.execute(req)
 
     async def swap_out(self, req: mp.SwapOut) -> mp.SwapOutReply:

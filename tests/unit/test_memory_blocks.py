@@ -224,3 +224,38 @@ def test_a_prompts_first_blocks_are_evicted_last() -> None:
     assert stats(m).evictions == 1
     # The evicted one was the deeper block: the prefix still hits its first block.
     assert new(m, 201, [1] * 9, num_new=0).num_cached == 4
+
+
+def test_a_reserve_applies_its_releases_first_and_reuses_the_blocks_in_the_same_call() -> None:
+    m = manager(num_blocks=4)
+    new(m, 1, list(range(12)))  # 3 of the 4 blocks
+    # 2 needs 3 blocks: only there once 1's are back, in the same call
+    item = SeqReserve(2, 0, list(range(50, 62)), 12, tenant="t", pool="d0")
+    reply = m.reserve(Reserve([item], release=[1]))
+    assert reply.seqs[0].error is None and len(reply.seqs[0].blocks) == 3
+    assert reply.num_freed == 3 and reply.release_failures == []
+    # a released id is reserved again from token 0 in one call
+    again = m.reserve(Reserve([SeqReserve(2, 0, [7, 8], 2, tenant="t", pool="d0")], release=[2]))
+    assert again.seqs[0].error is None and m.sequence(2).tokens.tolist() == [7, 8]
+
+
+def test_a_reserves_unknown_or_repeated_release_fails_alone() -> None:
+    m = manager()
+    new(m, 1, [1, 2, 3])
+    reply = m.reserve(Reserve([SeqReserve(1, 3, [4], 1)], release=[99, 5], discard=[99]))
+    assert reply.seqs[0].error is None
+    assert [(f.seq_id, f.error.code) for f in reply.release_failures] == [
+        (99, ErrorCode.NOT_FOUND), (5, ErrorCode.NOT_FOUND), (99, ErrorCode.NOT_FOUND)]
+    # an id released and discarded in one call: the second is the unknown one
+    reply = m.reserve(Reserve([], release=[1], discard=[1]))
+    assert [f.seq_id for f in reply.release_failures] == [1] and stats(m).used == 0
+
+
+def test_a_discarded_sequence_offers_nothing_its_last_step_was_to_fill() -> None:
+    m = manager()
+    new(m, 1, list(range(8)))  # two full blocks reserved, never computed
+    m.reserve(Reserve([], discard=[1]))
+    assert new(m, 2, list(range(8)) + [9]).num_cached == 0
+    new(m, 3, list(range(8)))
+    m.reserve(Reserve([], release=[3]))  # its step ran: both blocks cached
+    assert new(m, 4, list(range(8)) + [9]).num_cached == 8
