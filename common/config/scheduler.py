@@ -42,6 +42,65 @@ class PolicyConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     default_weight: float = 1.0
 
 
+class Objective(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A request's service-level objective: its first token within `ttft_ms`
+    of arrival, then on average one token per `tpot_ms`. A request that
+    meets both counts toward goodput. The defaults suit an interactive chat
+    (a reply starts within a second and streams faster than one reads)."""
+
+    ttft_ms: float = 1000.0
+    tpot_ms: float = 100.0
+
+
+class TunerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Online tuning toward goodput (services/scheduler/autotune.py): the
+    token budget, batch cap and prefill chunk are chosen from a step-time
+    model fitted online, with the configured ones as ceilings and as the
+    fallback while the model is unsure. `enabled = false`: the configured
+    limits, always (objectives are still judged and reported)."""
+
+    enabled: bool = True
+    objective: Objective = Objective()
+    # Per tenant (principal), then per priority ("0", "1", ...: Submit.priority),
+    # over `objective`.
+    tenants: dict[str, Objective] = {}
+    priorities: dict[str, Objective] = {}
+    # Early rejection: a request whose predicted time to first token is over
+    # its objective times this is refused `overloaded` with a retry-after
+    # (0: never; only while something waits or the batch is full).
+    reject_factor: float = 2.0
+    # A step is planned to take at most this share of the tightest running
+    # per-token objective (the rest is headroom for noise).
+    headroom: float = 0.85
+    # Steps fitted (a sliding window) and steps between decisions.
+    window: int = 64
+    every: int = 8
+    min_token_budget: int = 16
+    min_prefill_chunk: int = 32
+
+    def validate(self) -> "TunerConfig":
+        objectives = [("objective", self.objective)] + [(f"tenants.{k}", o) for k, o in self.tenants.items()] + [
+            (f"priorities.{k}", o) for k, o in self.priorities.items()]
+        for where, o in objectives:
+            if not (o.ttft_ms > 0 and o.tpot_ms > 0):
+                raise BadRequest(f"tuner.{where}: ttft_ms and tpot_ms must be > 0")
+        for k in self.priorities:
+            if not k.lstrip("-").isdigit():
+                raise BadRequest(f"tuner.priorities: {k!r} is not a priority (an integer, e.g. \"0\")")
+        checks = [(self.reject_factor >= 0, "tuner.reject_factor must be >= 0"),
+                  (0.1 <= self.headroom <= 1.0, "tuner.headroom must be within [0.1, 1]"),
+                  (self.window >= 8, "tuner.window must be >= 8"), (self.every >= 1, "tuner.every must be >= 1"),
+                  (self.min_token_budget >= 1, "tuner.min_token_budget must be >= 1"),
+                  (self.min_prefill_chunk >= 1, "tuner.min_prefill_chunk must be >= 1")]
+        for ok, why in checks:
+            if not ok:
+                raise BadRequest(why)
+        return self
+
+    def objective_for(self, tenant: str, priority: int) -> Objective:
+        return self.tenants.get(tenant) or self.priorities.get(str(priority)) or self.objective
+
+
 class SchedulerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     policy: PolicyConfig = PolicyConfig()
     # Tokens whose KV one step computes, over all sequences (chunked prefill).
@@ -62,9 +121,10 @@ class SchedulerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     step_timeout_s: float = 120.0
     # How a sequence preempted for blocks keeps its KV (see PreemptionMode).
     preemption: PreemptionMode = PreemptionMode.RECOMPUTE
-    # Auto-tuning: with a per-token latency target (ms; 0 = off), the token
-    # budget and the batch cap are chosen online from measured step times,
-    # with `token_budget` and `max_num_seqs` as ceilings.
+    # Objectives and online tuning (on by default; see TunerConfig).
+    tuner: TunerConfig = TunerConfig()
+    # Shorthand kept from before objectives (`llmos up --autotune MS`): > 0
+    # sets the default objective's tpot_ms.
     tpot_target_ms: float = 0.0
     # Sessions: the share of a pool's blocks idle sessions may keep pinned
     # for their next request (0: no pinning; the prefix cache alone).
@@ -96,7 +156,16 @@ class SchedulerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
         for ok, why in checks:
             if not ok:
                 raise BadRequest(why)
+        self.tuner.validate()
         return self
+
+    @property
+    def objectives(self) -> TunerConfig:
+        """The tuner's table with `tpot_target_ms` (when set) applied."""
+        if self.tpot_target_ms <= 0:
+            return self.tuner
+        o = msgspec.structs.replace(self.tuner.objective, tpot_ms=self.tpot_target_ms)
+        return msgspec.structs.replace(self.tuner, objective=o)
 
 
 def load_scheduler_config(path: str | Path | None, **overrides: object) -> SchedulerConfig:

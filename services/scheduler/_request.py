@@ -195,6 +195,7 @@ class Request:
         self.evicted = (0, 0)
         self.turn = 0
         self.failures = 0
+        self.slo = ""  # "met" or "missed" its objectives, once judged (_slo.py)
         # Why it waits beyond its turn (sp.WAITING_ON_KV_QUOTA, or ""), and
         # whether that was logged (once per request).
         self.waiting_on = ""
@@ -274,4 +275,4 @@ class Request:
                      self.seq.preemptions,
                      max(0.0, self.first_scheduled - self.arrived) if self.first_scheduled else 0.0,
                      max(0.0, self.first_token - self.arrived) if self.first_token else 0.0,
-                     end - self.arrived, self.history_len, *self.evicted)
+                     end - self.arrived, self.history_len, *self.evicted, slo=self.slo)

@@ -1,74 +1,277 @@
-"""Auto-tuning of the step size against a per-token latency target.
+"""Online tuning of a step's size toward goodput.
 
-A decoding sequence gets one token per step, so its per-token latency is the
-step time. Step time grows with the tokens a step computes (decodes plus
-prefill chunks): over a window of recent steps the tuner fits
-``step_s ~ a + b * tokens`` and picks the token budget that fits the target,
-``(target - a) / b``. The batch cap follows it (every sequence in a step
-costs at least one token). The configured token budget and batch cap are the
-ceilings; changes are smoothed and made every few steps, so one slow step
-(a GC pause, a busy machine) does not swing the limits.
+A decoding sequence gets one token per step, so its time per output token
+is the step time; a step's time grows with what it computes. `LatencyModel`
+fits, over a sliding window of recent steps,
 
-Pure Python with no clock of its own: the engine reports each step's size
+    step_s ~ a + b_d * decodes + b_p * prefill_tokens + b_c * context / 1000
+
+(`context`: positions attended over the step's sequences, the KV read),
+with every coefficient kept >= 0, and watches its own error: when the last
+steps all run slower (or faster) than it predicts by a wide margin — a
+slower machine, a second tenant's process, a restarted driver — it keeps
+only those steps and refits (a reset), rather than averaging the old
+machine with the new one for a whole window.
+
+`AutoTuner` turns the model into the three knobs the planner obeys. With a
+per-token objective `tpot_s` (the tightest among the running requests) and
+`headroom`, a step may take `T = headroom * tpot_s`:
+
+  - batch cap: the most decodes that fit T beside a minimal prefill chunk,
+    `(T - a - b_p * min_chunk) / (b_d + b_c * ctx)`;
+  - token budget: the decodes the batch runs plus the prefill tokens that
+    still fit T, `d + (T - a - (b_d + b_c * ctx) * d) / b_p`;
+  - prefill chunk: what the budget leaves the prefill beside those decodes.
+
+The configured limits are the ceilings, and the fallback whenever the model
+is unsure (too few steps, or a relative error over `max_rel_error`); a
+cost it never saw vary (no prefill in the window) leaves its knob at the
+ceiling. Decisions are made every `every` steps, move half way to the
+target, ignore targets within a dead band of the current value, and a move
+against the knob's last direction needs a wider band: together they keep
+the limits from oscillating (tests count the reversals).
+
+Pure Python with no clock of its own: the engine reports each step's shape
 and measured duration.
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass
 
+Vec = tuple[float, float, float, float]
+
 
 @dataclass(frozen=True, slots=True)
-class Tuned:
+class StepShape:
+    decodes: int  # sequences computing one token
+    prefill: int  # tokens of prompt (or recompute) chunks
+    context: int  # positions attended, over every sequence of the step
+
+
+@dataclass(frozen=True, slots=True)
+class Knobs:
     token_budget: int
     max_num_seqs: int
+    prefill_chunk: int
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    knobs: Knobs
+    state: str  # "tuned" or "fallback"
+    why: str
+
+
+def features(s: StepShape) -> Vec:
+    return (1.0, float(s.decodes), float(s.prefill), s.context / 1000.0)
+
+
+class LatencyModel:
+    def __init__(self, window: int = 64, *, min_samples: int = 12, max_rel_error: float = 0.35,
+                 drift_steps: int = 8, drift_ratio: float = 1.3):
+        self.samples: deque[tuple[Vec, float]] = deque(maxlen=window)
+        self.min_samples = min_samples
+        self.max_rel_error = max_rel_error
+        self.coef: Vec | None = None
+        self.rel_error = math.inf
+        self.resets = 0
+        self._drift: deque[float] = deque(maxlen=drift_steps)
+        self._drift_log = math.log(drift_ratio)
+
+    @property
+    def sure(self) -> bool:
+        return self.coef is not None and len(self.samples) >= self.min_samples and \
+            self.rel_error <= self.max_rel_error
+
+    @property
+    def prefill_known(self) -> bool:
+        """Whether a step in the window computed prefill (else b_p is a guess)."""
+        return any(x[2] > 0 for x, _ in self.samples)
+
+    def predict(self, shape: StepShape) -> float:
+        return self._predict(features(shape))
+
+    def _predict(self, x: Vec) -> float:
+        c = self.coef or (0.0, 0.0, 0.0, 0.0)
+        return sum(ci * xi for ci, xi in zip(c, x))
+
+    def add(self, shape: StepShape, step_s: float) -> float | None:
+        """Record a step; returns measured / predicted when the recent steps
+        show a lasting change (the window was cut to them and refitted)."""
+        x = features(shape)
+        self.samples.append((x, step_s))
+        pred = self._predict(x)
+        if self.coef is None or pred <= 0:
+            return None
+        self._drift.append(math.log(step_s / pred))
+        if len(self._drift) < (self._drift.maxlen or 0):
+            return None
+        mean = sum(self._drift) / len(self._drift)
+        if abs(mean) < self._drift_log or not all((d > 0) == (mean > 0) for d in self._drift):
+            return None
+        recent = list(self.samples)[-len(self._drift):]
+        self.samples.clear()
+        self.samples.extend(recent)
+        self._drift.clear()
+        self.resets += 1
+        self.fit()
+        return math.exp(mean)
+
+    def fit(self) -> None:
+        """Least squares with the coefficients kept >= 0: a feature whose
+        coefficient comes out negative (noise, or a feature that did not
+        vary) is dropped and the rest refitted."""
+        if len(self.samples) < 4:
+            return
+        active = [0, 1, 2, 3]
+        while active:
+            coef = _solve(self.samples, active)
+            if coef is None:
+                return
+            worst = min(active, key=lambda i: coef[i])
+            if coef[worst] >= 0:
+                break
+            active.remove(worst)
+        self.coef = coef
+        ys = [y for _, y in self.samples]
+        sq = sum((y - self._predict(x)) ** 2 for x, y in self.samples)
+        mean = sum(ys) / len(ys)
+        self.rel_error = math.sqrt(sq / len(ys)) / mean if mean > 0 else math.inf
+
+
+def _solve(samples: deque[tuple[Vec, float]], active: list[int]) -> Vec | None:
+    """Ridge-stabilised normal equations over the `active` features
+    (columns scaled to unit RMS, so a feature that never varies is split
+    evenly with the intercept instead of blowing up)."""
+    n = len(active)
+    scale = [math.sqrt(sum(x[i] ** 2 for x, _ in samples) / len(samples)) or 1.0 for i in active]
+    a = [[0.0] * (n + 1) for _ in range(n)]
+    for x, y in samples:
+        z = [x[i] / s for i, s in zip(active, scale)]
+        for r in range(n):
+            for c in range(n):
+                a[r][c] += z[r] * z[c]
+            a[r][n] += z[r] * y
+    ridge = 1e-6 * max(1.0, max(a[r][r] for r in range(n)))
+    for r in range(n):
+        a[r][r] += ridge
+    for col in range(n):  # Gauss-Jordan with partial pivoting
+        piv = max(range(col, n), key=lambda r: abs(a[r][col]))
+        if abs(a[piv][col]) < 1e-15:
+            return None
+        a[col], a[piv] = a[piv], a[col]
+        for r in range(n):
+            if r != col:
+                f = a[r][col] / a[col][col]
+                a[r] = [v - f * w for v, w in zip(a[r], a[col])]
+    out = [0.0, 0.0, 0.0, 0.0]
+    for r, i in enumerate(active):
+        out[i] = a[r][n] / a[r][r] / scale[r]
+    return (out[0], out[1], out[2], out[3])
 
 
 class AutoTuner:
-    def __init__(self, target_s: float, max_budget: int, max_seqs: int, *, min_budget: int = 16,
-                 window: int = 32, every: int = 8):
-        self.target_s = target_s
-        self.max_budget = max_budget
-        self.max_seqs = max_seqs
-        self.min_budget = min(min_budget, max_budget)
+    def __init__(self, ceiling: Knobs, *, headroom: float = 0.85, window: int = 64, every: int = 8,
+                 min_budget: int = 16, min_chunk: int = 32):
+        self.ceiling = ceiling
+        self.headroom = headroom
         self.every = every
-        self.samples: deque[tuple[int, float]] = deque(maxlen=window)
-        self.budget = float(max_budget)
-        self.step_s = 0.0  # smoothed step time, for Stats
+        self.min_budget = min(min_budget, ceiling.token_budget)
+        self.min_chunk = min(min_chunk, ceiling.prefill_chunk)
+        self.model = LatencyModel(window)
+        self.knobs = ceiling
+        self.state = "learning"
+        self.step_s = 0.0  # smoothed, for Stats
+        self.decodes = 0.0  # smoothed decodes per step, and context per decode
+        self.context = 0.0
+        self.changes = 0
+        self.reversals = 0
+        self._values = {"token_budget": float(ceiling.token_budget), "max_num_seqs": float(ceiling.max_num_seqs)}
+        self._last_move: dict[str, tuple[int, int]] = {}  # knob -> (direction, decision number)
+        self._decisions = 0
         self._since = 0
 
-    def observe(self, tokens: int, step_s: float) -> Tuned | None:
-        """A step computed `tokens` tokens in `step_s` seconds; returns new
-        limits when it is time to change them."""
-        if tokens <= 0 or step_s <= 0:
-            return None
-        self.samples.append((tokens, step_s))
+    def observe(self, shape: StepShape, step_s: float, tpot_s: float) -> tuple[Decision | None, float | None]:
+        """A step of `shape` took `step_s`; `tpot_s`: the tightest per-token
+        objective of the running requests. Returns new knobs when they
+        change, and measured / predicted when the model was reset."""
+        if step_s <= 0 or shape.decodes + shape.prefill <= 0:
+            return None, None
         self.step_s = step_s if not self.step_s else 0.8 * self.step_s + 0.2 * step_s
+        self.decodes = 0.9 * self.decodes + 0.1 * shape.decodes
+        if shape.decodes:
+            self.context = 0.9 * self.context + 0.1 * (shape.context / (shape.decodes + (shape.prefill > 0)))
+        shift = self.model.add(shape, step_s)
         self._since += 1
-        if self._since < self.every or len(self.samples) < 4:
-            return None
+        if self._since < self.every:
+            return None, shift
         self._since = 0
-        a, b = self._fit()
-        wanted = (self.target_s - a) / b if self.target_s > a else self.min_budget
-        # Half way each time: converges in a few updates without oscillating.
-        self.budget = max(self.min_budget, min(self.max_budget, 0.5 * self.budget + 0.5 * wanted))
-        budget = int(self.budget)
-        return Tuned(budget, max(1, min(self.max_seqs, budget)))
+        self.model.fit()
+        return self._decide(tpot_s), shift
 
-    def _fit(self) -> tuple[float, float]:
-        """Least squares of step time on tokens; proportional (a = 0) when the
-        steps were too alike in size to tell a slope from noise."""
-        n = len(self.samples)
-        mt = sum(t for t, _ in self.samples) / n
-        ms = sum(s for _, s in self.samples) / n
-        var = sum((t - mt) ** 2 for t, _ in self.samples)
-        if var > n * (0.1 * mt) ** 2:
-            b = sum((t - mt) * (s - ms) for t, s in self.samples) / var
-            a = ms - b * mt
-            if b > 0 and a >= 0:
-                return a, b
-        return 0.0, ms / mt
+    def _decide(self, tpot_s: float) -> Decision | None:
+        self._decisions += 1
+        m = self.model
+        if m.coef is None or len(m.samples) < m.min_samples:
+            return None  # learning (or just reset): hold the current limits
+        if not m.sure:
+            self.state = "fallback"
+            return self._set(self.ceiling, "fallback", jump=True, why=f"model unsure: its error is {m.rel_error:.0%} over "
+                             f"{len(m.samples)} steps; back to the configured limits")
+        a, bd, bp, bc = m.coef
+        t = self.headroom * tpot_s
+        per_decode = bd + bc * self.context / 1000.0
+        c = self.ceiling
+        seqs = c.max_num_seqs if per_decode <= 0 else int((t - a - bp * self.min_chunk) / per_decode)
+        seqs = max(1, min(c.max_num_seqs, seqs))
+        d = min(max(1.0, self.decodes), seqs)
+        if not m.prefill_known or bp <= 0:
+            budget = c.token_budget
+        else:
+            budget = int(d + (t - a - per_decode * d) / bp)
+        budget = max(self.min_budget, math.ceil(d), min(c.token_budget, budget))
+        target = Knobs(min(budget, c.token_budget), seqs, c.prefill_chunk)
+        old = self.knobs
+        pred = m.predict(StepShape(round(d), max(0, old.token_budget - round(d)), round(self.context * d)))
+        why = (f"a full step ({round(d)} decodes + {max(0, old.token_budget - round(d))} prefill tokens) is "
+               f"predicted at {pred * 1e3:.0f} ms; the target is {t * 1e3:.0f} ms "
+               f"({self.headroom:.0%} of a {tpot_s * 1e3:.0f} ms per-token objective)")
+        self.state = "tuned"
+        return self._set(target, "tuned", why)
+
+    def _set(self, target: Knobs, state: str, why: str, jump: bool = False) -> Decision | None:
+        new = {}
+        for name, want in (("token_budget", target.token_budget), ("max_num_seqs", target.max_num_seqs)):
+            v = self._values[name]
+            direction = (want > v) - (want < v)
+            last = self._last_move.get(name)
+            # Down (toward meeting the objective) on a small band, up on a
+            # wider one, and against the knob's last move a wider one still.
+            band = 0.3 if last and last[0] == -direction and self._decisions - last[1] <= 16 else \
+                0.05 if direction < 0 else 0.15
+            if direction and (jump or abs(want - v) > max(1.0, band * v)):
+                nv = v + 0.5 * (want - v)
+                v = float(want) if jump or abs(want - nv) < 1.0 else nv
+                if last and last[0] == -direction:
+                    self.reversals += 1
+                self._last_move[name] = (direction, self._decisions)
+                self._values[name] = v
+            new[name] = max(1, round(v))
+        # The chunk follows the two: what a budget below its ceiling leaves
+        # beside a full batch of decodes (at the ceiling, the configured chunk).
+        budget, seqs = new["token_budget"], new["max_num_seqs"]
+        c = self.ceiling
+        chunk = c.prefill_chunk if budget >= c.token_budget else \
+            max(self.min_chunk, min(c.prefill_chunk, budget - seqs))
+        knobs = Knobs(budget, seqs, chunk)
+        if knobs == self.knobs:
+            return None
+        self.knobs = knobs
+        self.changes += 1
+        return Decision(knobs, state, why)
 
 
-__all__ = ["AutoTuner", "Tuned"]
+__all__ = ["AutoTuner", "Decision", "Knobs", "LatencyModel", "StepShape", "features"]

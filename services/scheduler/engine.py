@@ -39,7 +39,7 @@ from services.scheduler._recovery import Recovery
 from services.scheduler._state import Backend, EngineState
 from services.scheduler._swap import swap_in, swap_out
 from text.stream import TextStream
-from services.scheduler.autotune import AutoTuner
+from services.scheduler._tuning import Tuning
 from common.config.scheduler import PreemptionMode, SchedulerConfig
 from services.scheduler.planner import BlockLedger, Limits, PoolShape, StepPlan, plan
 from services.scheduler.policies import make_policy
@@ -55,8 +55,7 @@ class Engine:
         self.config = config
         self.state = EngineState(backend, make_policy(config.policy))
         self.limits = Limits(config.token_budget, config.max_num_seqs, config.prefill_chunk)
-        self.tuner = (AutoTuner(config.tpot_target_ms / 1e3, config.token_budget, config.max_num_seqs)
-                      if config.tpot_target_ms > 0 else None)
+        self.tuning = Tuning(config)  # objectives, the online tuner (self.limits), early rejection
         self.clock = time.monotonic  # step durations (tests substitute a model of the device)
         self.model: Model | None = None
         self.requests: dict[tuple[str, str], Request] = {}
@@ -148,6 +147,7 @@ class Engine:
                          len(prompt) + len(msg.resume_ids), self._tokens_per_s)
         stop_ids = frozenset(msg.stop_token_ids) | (frozenset() if msg.ignore_eos else model.eos_token_ids)
         req = Request(key, msg, prompt, seq, TextStream(model.tokenizer, prompt, msg.stop), stop_ids, max_len)
+        self.tuning.admit(req, self.state, self.limits)  # Overloaded when predicted to miss its objective
         sink = req.attach(emit, msg.resume_from)
         if req.replay(msg.resume_ids):
             self._remember(req)
@@ -215,14 +215,13 @@ class Engine:
         quota_waits = [sp.QuotaWait(t, n, ledger.held[t], quotas.get(t, -1)) for t, n in sorted(on_quota.items())]
         loads = [sp.DriverLoad(i, d.shape.num_blocks, ledger.free[i], sum(1 for s in st.running if s.pool == i))
                  for i, d in sorted(st.drivers.items())]
-        return sp.SchedulerStatsReply(st.policy.name.value, len(st.waiting), len(st.running),
+        return self.tuning.stats(sp.SchedulerStatsReply(st.policy.name.value, len(st.waiting), len(st.running),
                                       self.limits.token_budget, self.limits.max_num_seqs, self.steps,
                                       self.tokens_generated, self.preemptions, self.num_finished, loads,
                                       self.last_step_s, len(self.sessions), self.sessions.suspended(),
-                                      seq_blocks(pinned), self.config.tpot_target_ms,
-                                      self.tuner.step_s * 1e3 if self.tuner is not None else 0.0,
+                                      seq_blocks(pinned), 0.0, 0.0,  # tpot_target_ms, step_ms: tuning's
                                       self.config.preemption.value, st.swapped_out, st.swapped_in,
-                                      quota_waits, self.kv.refused, st.critical_rpcs, st.execute_bytes)
+                                      quota_waits, self.kv.refused, st.critical_rpcs, st.execute_bytes), self.limits)
 
     async def run(self) -> None:
         while True:
@@ -297,13 +296,7 @@ class Engine:
         self.last_step_s = self.clock() - t0
         if self.last_step_s > 0:
             self._tokens_per_s = 0.8 * self._tokens_per_s + 0.2 * (p.num_tokens / self.last_step_s)
-        if self.tuner is not None:
-            tuned = self.tuner.observe(sum(w.end - w.start for w in work), self.last_step_s)
-            if tuned is not None and (tuned.token_budget, tuned.max_num_seqs) != (self.limits.token_budget,
-                                                                               self.limits.max_num_seqs):
-                self.limits = Limits(tuned.token_budget, tuned.max_num_seqs, self.config.prefill_chunk)
-                log.info("scheduler.autotuned", token_budget=tuned.token_budget,
-                         max_num_seqs=tuned.max_num_seqs, step_ms=round(self.tuner.step_s * 1e3, 1))
+        self.limits = self.tuning.after_step(work, self.last_step_s, st, self.limits)
         return True
 
     async def _apply_changes(self) -> None:

@@ -192,13 +192,13 @@ def test_config_example_has_every_setting_and_decodes_back_to_the_defaults(
     p = tmp_path / "example.toml"
     p.write_text(text)
     assert load_config(p) == Config()
-    for table in ("kernel", "kernel.limits", "supervisor", "scheduler", "scheduler.policy", "memory", "gateway",
-                  "security", "driver"):
+    for table in ("kernel", "kernel.limits", "supervisor", "scheduler", "scheduler.policy", "scheduler.tuner",
+                  "scheduler.tuner.objective", "memory", "gateway", "security", "driver"):
         assert f"[{table}]" in text
     for table in ("scheduler", "memory", "gateway", "security", "driver"):
         for f in msgspec.structs.fields(type(getattr(Config(), table))):
-            if f.name == "policy":
-                continue  # a table of its own: [scheduler.policy]
+            if isinstance(getattr(getattr(Config(), table), f.name), msgspec.Struct):
+                continue  # a table of its own: [scheduler.policy], [scheduler.tuner]
             assert f"\n{f.name} = " in text, f"{table}.{f.name} missing from the example"
     assert "# one of: fcfs, priority, round_robin, mlfq, fair" in text
     assert main(["config", "check", str(p)]) == 0

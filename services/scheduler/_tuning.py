@@ -1,0 +1,110 @@
+"""The engine's one door to objectives and tuning: `admit` (judge a new
+request when it ends, or refuse it early), `after_step` (feed the step to
+the tuner, return the limits to plan the next one with) and `stats` (the
+fields SchedulerStatsReply carries about them).
+
+Every change of a knob is logged (`scheduler.tuner_changed`, with the old
+and new values and why), as are model resets (`scheduler.tuner_reset`:
+steps ran that much slower or faster than predicted) and, at most once per
+`LOG_EVERY_S`, early rejections (`scheduler.slo_rejected`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable
+
+import msgspec
+
+from common.config.scheduler import SchedulerConfig
+from common.logs import get_logger
+from ipc.errors import Overloaded
+from ipc.protocol import scheduler as sp
+from services.scheduler._execute import Work
+from services.scheduler._request import Request
+from services.scheduler._slo import SloBook, predict_ttft
+from services.scheduler._state import EngineState
+from services.scheduler.autotune import AutoTuner, Knobs, StepShape
+from services.scheduler.planner import Limits
+
+log = get_logger()
+
+LOG_EVERY_S = 5.0
+
+
+def step_shape(work: Iterable[Work]) -> StepShape:
+    decodes = prefill = context = 0
+    for w in work:
+        n = w.end - w.start
+        if n == 1:  # a decode (a one-token prefill chunk is rare enough to count as one)
+            decodes += 1
+        else:
+            prefill += n
+        context += w.end
+    return StepShape(decodes, prefill, context)
+
+
+class Tuning:
+    def __init__(self, config: SchedulerConfig):
+        self.cfg = config.objectives
+        self.ceiling = Limits(config.token_budget, config.max_num_seqs, config.prefill_chunk)
+        self.slo = SloBook(self.cfg)
+        self.tuner = AutoTuner(Knobs(config.token_budget, config.max_num_seqs, config.prefill_chunk),
+                               headroom=self.cfg.headroom, window=self.cfg.window, every=self.cfg.every,
+                               min_budget=self.cfg.min_token_budget, min_chunk=self.cfg.min_prefill_chunk) \
+            if self.cfg.enabled else None
+        self._logged_reject = -math.inf
+
+    def admit(self, req: Request, state: EngineState, limits: Limits) -> None:
+        """Track `req`'s objectives, or raise Overloaded when the tuner's model
+        predicts its first token past `reject_factor` times its objective."""
+        o = self.slo.objective(req)
+        factor = self.cfg.reject_factor
+        if self.tuner is not None and factor > 0 and self.tuner.model.sure:
+            est = predict_ttft(self.tuner.model, req.seq, state.running, state.waiting, limits,
+                               state.policy.name)
+            if est is not None and est * 1e3 > factor * o.ttft_ms:
+                self.slo.rejected += 1
+                retry = min(30.0, max(0.5, est - o.ttft_ms / 1e3))
+                now = time.monotonic()
+                if now - self._logged_reject >= LOG_EVERY_S:
+                    self._logged_reject = now
+                    log.info("scheduler.slo_rejected", rejected=self.slo.rejected, estimated_ttft_s=round(est, 2),
+                             ttft_objective_ms=o.ttft_ms, waiting=len(state.waiting), running=len(state.running))
+                raise Overloaded(f"at the current load this request's first token is predicted in {est:.1f} s; "
+                                 f"its objective is {o.ttft_ms / 1e3:g} s",
+                                 detail={"retry_after_s": round(retry, 2), "estimated_ttft_s": round(est, 2),
+                                         "ttft_objective_s": o.ttft_ms / 1e3})
+        self.slo.track(req)
+
+    def after_step(self, work: list[Work], step_s: float, state: EngineState, limits: Limits) -> Limits:
+        if self.tuner is None:
+            return limits
+        tpot_s = self.slo.tightest_tpot_s(state.running)
+        if not math.isfinite(tpot_s):
+            tpot_s = self.cfg.objective.tpot_ms / 1e3
+        decision, shift = self.tuner.observe(step_shape(work), step_s, tpot_s)
+        if shift is not None:
+            log.info("scheduler.tuner_reset", ratio=round(shift, 2),
+                     why=f"the last steps ran {shift:.2f}x the time the model predicted: refitted on them")
+        if decision is None:
+            return limits
+        k = decision.knobs
+        log.info("scheduler.tuner_changed", state=decision.state, why=decision.why,
+                 token_budget=[limits.token_budget, k.token_budget], max_num_seqs=[limits.max_num_seqs, k.max_num_seqs],
+                 prefill_chunk=[limits.prefill_chunk, k.prefill_chunk])
+        return Limits(k.token_budget, k.max_num_seqs, k.prefill_chunk)
+
+    def stats(self, reply: sp.SchedulerStatsReply, limits: Limits) -> sp.SchedulerStatsReply:
+        t = self.tuner
+        o = self.cfg.objective
+        return msgspec.structs.replace(
+            reply, tpot_target_ms=o.tpot_ms if t else 0.0, step_ms=t.step_s * 1e3 if t else 0.0,
+            slo_met=self.slo.met, slo_missed=self.slo.missed, slo_rejected=self.slo.rejected,
+            goodput_rps=self.slo.goodput(), ttft_objective_ms=o.ttft_ms, tpot_objective_ms=o.tpot_ms,
+            prefill_chunk=limits.prefill_chunk, tuner=t.state if t else "off", tuner_changes=t.changes if t else 0,
+            tuner_resets=t.model.resets if t else 0)
+
+
+__all__ = ["Tuning", "step_shape"]
