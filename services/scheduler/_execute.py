@@ -43,6 +43,7 @@ class Produced:
     seq: Seq
     token: int
     logprob: float
+    top_logprobs: list[tuple[int, float]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -184,7 +185,7 @@ async def _execute_on(state: EngineState, pool: str, items: list[Work], incarnat
             continue
         w.seq.num_computed = w.end
         if w.samples and out.token >= 0:
-            result.produced.append(Produced(w.seq, out.token, out.logprob))
+            result.produced.append(Produced(w.seq, out.token, out.logprob, out.top_logprobs))
 
 
 __all__ = ["Produced", "StepResult", "Work", "execute", "reserve", "reserve_refused"]

@@ -36,6 +36,9 @@ class IpcBackend:
     async def swap_in(self, req: mp.SwapIn) -> mp.SwapInReply:
         return await self.service.call(MEMORY, req, timeout=self.timeout_s)
 
+    async def fork(self, req: mp.Fork) -> mp.ForkReply:
+        return await self.service.call(MEMORY, req, timeout=self.timeout_s)
+
     async def swap_blocks(self, instance: str, req: dp.SwapBlocksOut | dp.SwapBlocksIn) -> dp.Swapped:
         return await self.service.call(instance, req, timeout=self.timeout_s)
 

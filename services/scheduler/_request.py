@@ -124,7 +124,8 @@ class Sink:
         if start is None:
             return
         ids = r.generated[self.sent:]
-        delta = TokenDelta(r.request_id, self.sent, ids, r.text.text[start:], r.logprobs[self.sent:])
+        delta = TokenDelta(r.request_id, self.sent, ids, r.text.text[start:], r.logprobs[self.sent:],
+                           r.top_logprobs[self.sent:])
         self.sent = len(r.generated)
         self.sent_text = len(r.text.text)
         self.emit(delta)
@@ -145,7 +146,7 @@ class Sink:
         offset = min(self.sent, len(r.generated))
         text = r.text.text[start:] if start is not None else ""
         return Finished(r.request_id, r.finish_reason, offset, r.generated[offset:], text,
-                        r.logprobs[offset:], r.usage(), r.error_message, turn=r.turn)
+                        r.logprobs[offset:], r.usage(), r.error_message, r.top_logprobs[offset:], turn=r.turn)
 
     async def wait(self) -> Finished:
         while True:
@@ -177,6 +178,7 @@ class Request:
         self.max_total = max_total  # prompt + generated tokens allowed
         self.generated: list[int] = []
         self.logprobs: list[float] = []
+        self.top_logprobs: list[list[tuple[int, float]]] = []  # per token, when params.logprobs > 0
         self.text_at: list[int] = []  # released text length after each generated token
         self.state = State.WAITING
         self.finish_reason: FinishReason | None = None
@@ -236,12 +238,15 @@ class Request:
                 return True
         return False
 
-    def add_token(self, token: int, logprob: float = 0.0) -> FinishReason | None:
+    def add_token(self, token: int, logprob: float = 0.0,
+                  top: list[tuple[int, float]] | None = None) -> FinishReason | None:
         """Record a generated id; return why the request must end now, if it must."""
         if not self.first_token:
             self.first_token = time.monotonic()
         self.generated.append(token)
         self.logprobs.append(logprob)
+        if self.submit.params.logprobs:
+            self.top_logprobs.append(top or [])
         if token in self.stop_ids:
             reason: FinishReason | None = FinishReason.STOP
         else:

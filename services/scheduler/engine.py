@@ -31,6 +31,7 @@ from ipc.protocol import scheduler as sp
 from common.logs import get_logger
 from services.scheduler._admission import (CHARS_PER_TOKEN, Model, check_fits, check_prompt_size,
                                            check_queue_room, tokenize)
+from services.scheduler._fanout import ForkGroups
 from services.scheduler._execute import Produced, execute, reserve, reserve_refused
 from services.scheduler._kv_quota import KvQuotas
 from services.scheduler._request import Emit, Request, Seq, Sink, State
@@ -62,6 +63,7 @@ class Engine:
         self.finished: OrderedDict[tuple[str, str], Request] = OrderedDict()
         self.sessions = SessionTable(self.state, config.session_pin_fraction)
         self._seq_ids = iter(range(1, 2**62))
+        self.fanout = ForkGroups(self.state, lambda: next(self._seq_ids))  # n > 1: choices fork a prompt's KV
         self.recovery = Recovery(self.state, self.sessions)
         self._cancels: set[tuple[str, str]] = set()
         self.kv = KvQuotas()
@@ -155,7 +157,7 @@ class Engine:
         if req.session is not None:
             self.sessions.arrive(req, model)  # refused if its new text cannot fit the session's context
         self.requests[key] = req
-        if req.session is None:
+        if req.session is None and not self.fanout.arrive(req, model.tokenizer):
             self.state.enqueue(seq)
         return sink
 
@@ -237,7 +239,7 @@ class Engine:
     def _has_work(self) -> bool:
         st = self.state
         return bool(st.waiting or st.running or self._cancels or st.has_releases
-                    or self.recovery.pending or self.sessions.switching)
+                    or self.recovery.pending or self.sessions.switching or self.fanout.pending)
 
     async def step(self) -> bool:
         """One engine step; returns whether any sequence ran."""
@@ -304,6 +306,7 @@ class Engine:
         await self.recovery.apply()
         if not st.memory_down:
             await self.sessions.switch()
+            await self.fanout.apply()
         for key in self._cancels:
             req = self.requests.get(key)
             if req is not None:
@@ -355,7 +358,7 @@ class Engine:
                 continue
             seq.tokens.append(out.token)
             self.tokens_generated += 1
-            reason = req.add_token(out.token, out.logprob)
+            reason = req.add_token(out.token, out.logprob, out.top_logprobs)
             if reason is not None:
                 self._end(req, reason)
             elif req.sink is not None:
@@ -365,7 +368,7 @@ class Engine:
              message: str = "") -> None:
         """Finish a request for good: free its blocks, answer its client,
         start the next request of its session."""
-        if req.done.is_set():
+        if req.done.is_set() or self.fanout.ended(req, reason):  # a fork group's prefix: kept for its choices
             return
         seq = req.seq
         if not self.sessions.queued_behind(req):  # else it never arrived

@@ -177,6 +177,11 @@ class InProcessBackend:
         self._check_memory()
         return self.memory.swap_in(req)
 
+    async def fork(self, req: mp.Fork) -> mp.ForkReply:
+        await anyio.sleep(0)
+        self._check_memory()
+        return self.memory.fork(req)
+
     async def swap_blocks(self, instance: str, req: dp.SwapBlocksOut | dp.SwapBlocksIn) -> dp.Swapped:
         await anyio.sleep(0)
         d = self.drivers[instance]

@@ -124,6 +124,9 @@ class RunnerBackend:
     async def swap_in(self, req: mp.SwapIn) -> mp.SwapInReply:
         return self.memory.swap_in(req)
 
+    async def fork(self, req: mp.Fork) -> mp.ForkReply:
+        return self.memory.fork(req)
+
     async def swap_blocks(self, instance: str, req: dp.SwapBlocksOut | dp.SwapBlocksIn) -> dp.Swapped:
         if isinstance(req, dp.SwapBlocksOut):
             await anyio.to_thread.run_sync(self.runner.swap_out_to_host, req.block_ids, req.slots)
