@@ -9,7 +9,7 @@
     llmos kill SERVICE [--signal SIGKILL]      kill a service (the supervisor restarts it)
     llmos generate "PROMPT" [--stream] [--json] generate text through the scheduler
     llmos jobs submit|list|show|cancel         timed and periodic generations (tools/jobs_cli.py)
-    llmos sessions show|suspend|resume|close   a conversation's state and KV (`generate --session`)
+    llmos sessions list|show|open|fork|suspend|resume|close   conversations the OS keeps (`generate --session`)
     llmos demo                                 boot, show it serving, survive a kill, stop
     llmos chaos [--duration S] [--out DIR]     faults under load, checked and reported (tools/chaos)
           [--abuse [--kernel-rss-bound-mb N]]   ...with abusive clients that must all be refused

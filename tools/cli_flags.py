@@ -30,7 +30,8 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--priority", type=int, default=0, help="lower runs first (policy 'priority')")
     p.add_argument("--stop", action="append", help="a stop string (repeatable)")
-    p.add_argument("--session", default="", help="a conversation's name: its requests run in turn, its KV is kept")
+    p.add_argument("--session", default="",
+                   help="a conversation's name: send only the new text; the scheduler keeps the history and its KV")
 
 
 def generation_options(args: argparse.Namespace) -> dict[str, Any]:

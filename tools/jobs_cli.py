@@ -6,7 +6,12 @@ from the command line (over `Client.jobs` and `Client.sessions`).
     llmos jobs list --all [--principal P] [--json] every principal's jobs (admin; audited)
     llmos jobs show ID [--last N] [--json]         the job and its latest N results
     llmos jobs cancel ID [--principal P]           with --principal: P's job (admin; audited)
-    llmos sessions show|suspend|resume|close NAME [--json]
+    llmos sessions list [--json]                   the caller's conversations: turns, tokens, KV
+    llmos sessions show NAME [--json]              state, KV, and each turn's tokens and text
+    llmos sessions open NAME [--system TEXT] [--max-context N] [--replace]
+    llmos sessions fork NAME INTO [--turns N]      a new conversation from NAME's history
+    llmos sessions suspend|resume NAME             switch its KV out to the swap tier / back
+    llmos sessions close NAME [--keep-history]     free its KV and delete its history
 
 Times are shown in local time; `--at` takes ISO 8601 (a time without an
 offset is local) or unix seconds.
@@ -143,24 +148,54 @@ def cmd_jobs_cancel(args: argparse.Namespace) -> int:
     return 0
 
 
-_SESSION_CALLS: dict[str, Callable[[Any, str], sessp.SessionInfo]] = {
-    "show": lambda c, name: c.sessions.get(name),
-    "suspend": lambda c, name: c.sessions.suspend(name),
-    "resume": lambda c, name: c.sessions.resume(name),
-    "close": lambda c, name: c.sessions.close(name),
-}
+def _session_rows(s: sessp.SessionInfo) -> list[tuple[str, str]]:
+    where = {"device": "on the device", "swap": "in the host swap tier"}.get(s.kv_where, s.kv_where)
+    kv = f"{s.kv_tokens} positions, {where}" if s.kv_where else "none held"
+    evicted = f"{s.evicted_turns} turns, {s.evicted_tokens} tokens" if s.evicted_turns else "none"
+    return [("session", printable(s.session)), ("state", s.state), ("queued", str(s.queued)),
+            ("active request", printable(s.active_request) or "-"), ("kv", kv),
+            ("turns", str(s.turns)), ("history", f"{s.history_tokens} tokens ({s.system_tokens} system)"),
+            ("context limit", str(s.max_context) if s.max_context else "the model's"), ("evicted", evicted)]
 
 
 def cmd_sessions(args: argparse.Namespace) -> int:
+    cmd = args.sessions_cmd
     with connect(args) as c:
-        s = _SESSION_CALLS[args.sessions_cmd](c, args.name)
+        if cmd == "list":
+            listing = c.sessions.list()
+            if args.json:
+                _print_json(sessp.SessionList(listing))
+                return 0
+            print_table([("session", "state", "turns", "tokens", "kv")] +
+                        [(printable(s.session), s.state, str(s.turns), str(s.history_tokens),
+                          f"{s.kv_tokens} {s.kv_where}" if s.kv_where else "-") for s in listing])
+            return 0
+        if cmd == "show":
+            shown = c.sessions.show(args.name)
+            if args.json:
+                _print_json(shown)
+                return 0
+            print_table(_session_rows(shown.info))
+            if shown.system_text:
+                print(f"\nsystem: {printable(shown.system_text)}")
+            for t in shown.turns:
+                print(f"\nturn {t.turn}  {printable(t.request_id)}  prompt {t.prompt_tokens} tokens, "
+                      f"output {t.output_tokens} tokens")
+                print(f"  > {printable(t.prompt_text)}")
+                print(f"  < {printable(t.output_text)}")
+            return 0
+        if cmd == "open":
+            s = c.sessions.open(args.name, system=args.system, max_context=args.max_context, replace=args.replace)
+        elif cmd == "fork":
+            s = c.sessions.fork(args.name, args.into, turns=args.turns)
+        elif cmd == "close":
+            s = c.sessions.close(args.name, keep_history=args.keep_history)
+        else:
+            s = getattr(c.sessions, cmd)(args.name)
     if args.json:
         _print_json(s)
         return 0
-    where = {"device": "on the device", "swap": "in the host swap tier"}.get(s.kv_where, s.kv_where)
-    kv = f"{s.kv_tokens} positions, {where}" if s.kv_where else "none held"
-    print_table([("session", s.session), ("state", s.state), ("queued", str(s.queued)),
-                 ("active request", s.active_request or "-"), ("kv", kv)])
+    print_table(_session_rows(s))
     return 0
 
 
@@ -195,10 +230,25 @@ def add_commands(sub: Any) -> None:
 
     sessions = sub.add_parser("sessions", help="conversations (`generate --session NAME`) and their KV")
     ss = sessions.add_subparsers(dest="sessions_cmd", required=True)
-    for name, what in (("show", "state, queue and where its KV is"),
+    p = ss.add_parser("list", help="your conversations: turns, tokens, KV")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_sessions)
+    for name, what in (("show", "state, KV, and each turn's tokens and text"),
+                       ("open", "start a conversation with a system prompt or a context limit"),
+                       ("fork", "a new conversation from this one's history"),
                        ("suspend", "switch it out: KV to the swap tier, its requests wait"),
-                       ("resume", "switch it back in"), ("close", "the conversation is over: free its KV")):
+                       ("resume", "switch it back in"),
+                       ("close", "the conversation is over: free its KV and delete its history")):
         p = ss.add_parser(name, help=what)
         p.add_argument("name")
         p.add_argument("--json", action="store_true")
         p.set_defaults(fn=cmd_sessions)
+        if name == "open":
+            p.add_argument("--system", default="", help="a system prompt, kept through eviction")
+            p.add_argument("--max-context", type=int, default=0, help="a token limit below the model's context")
+            p.add_argument("--replace", action="store_true", help="start an existing session over")
+        elif name == "fork":
+            p.add_argument("into", help="the new session's name")
+            p.add_argument("--turns", type=int, default=-1, help="copy only the first N turns")
+        elif name == "close":
+            p.add_argument("--keep-history", action="store_true", help="free the KV only")
