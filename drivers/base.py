@@ -18,6 +18,7 @@ from typing import Any
 import anyio
 
 from drivers.model.runner import ModelRunner
+from drivers.seq_table import SeqTable
 from drivers.service import DriverService, cpu_list, driver_args, driver_config, pin
 from ipc.errors import BadRequest, ConfigError
 from ipc.protocol import driver as dp
@@ -33,6 +34,7 @@ class Driver(DriverService):
         super().__init__(argv, **kwargs)
         self.runner: ModelRunner | None = None
         self._step_lock = anyio.Lock()
+        self.seqs = SeqTable()  # each running sequence as the scheduler last sent it
         self._busy = False
 
     def device_name(self) -> str:
@@ -89,15 +91,21 @@ class Driver(DriverService):
         async with self._step_lock:
             self._busy = True
             began = time.perf_counter()
+            # Deltas made whole from what this driver keeps (seq_table.py).
+            steps, resend = self.seqs.expand(msg)
             try:
                 if msg.copies:
                     await anyio.to_thread.run_sync(runner.copy_blocks, msg.copies)
-                results = await anyio.to_thread.run_sync(runner.execute, msg.steps)
+                results = await anyio.to_thread.run_sync(runner.execute, steps)
+            except BaseException:
+                self.seqs.record(steps, ["the step failed"] * len(steps))
+                raise
             finally:
                 self._busy = False
+            self.seqs.record(steps, [r.error for r in results])
         outputs = [dp.SeqOutput(r.seq_id, -1 if r.token is None else r.token, r.logprob or 0.0,
                                 list(r.top_logprobs), r.error or "") for r in results]
-        return dp.Executed(outputs, time.perf_counter() - began)
+        return dp.Executed(outputs + resend, time.perf_counter() - began)
 
     @handler
     async def swap_out(self, msg: dp.SwapBlocksOut, ctx: Context) -> dp.Swapped:

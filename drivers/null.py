@@ -27,6 +27,7 @@ from typing import Any
 import anyio
 
 from drivers.checks import Limits, check_steps
+from drivers.seq_table import SeqTable
 from drivers.service import DriverService
 from ipc.errors import BadRequest, ConfigError
 from ipc.protocol import driver as dp
@@ -82,6 +83,7 @@ class NullDriver(DriverService):
         self._lock = anyio.Lock()
         self._busy = False
         self.steps = self.tokens = 0
+        self.seqs = SeqTable()  # each running sequence as the scheduler last sent it
         self.last_step_s = 0.0
 
     async def on_start(self) -> None:
@@ -103,8 +105,12 @@ class NullDriver(DriverService):
             self._busy = True
             try:
                 # The checks and outputs count within the simulated time.
-                outputs = [self._one(s, err) for s, err in zip(msg.steps, check_steps(msg.steps, self.limits))]
-                n_tokens = sum(len(s.token_ids) for s in msg.steps)
+                steps, resend = self.seqs.expand(msg)  # deltas made whole (seq_table.py)
+                errors = check_steps(steps, self.limits)
+                outputs = [self._one(s, err) for s, err in zip(steps, errors)]
+                self.seqs.record(steps, errors)
+                outputs += resend
+                n_tokens = sum(len(s.token_ids) for s in steps)
                 simulated = self.args.step_ms / 1e3 + n_tokens * self.args.per_token_us / 1e6
                 await anyio.sleep_until(began_loop + simulated)
             finally:

@@ -127,9 +127,16 @@ class AsyncClient:
     async def generate(self, prompt: str | Sequence[int], **options: Any) -> Completion:
         """Generate a completion (options: see `sdk.generate.build_submit`:
         max_tokens, temperature, top_p, top_k, seed, params, stop,
-        stop_token_ids, priority, timeout, session, request_id, ignore_eos).
+        stop_token_ids, priority, timeout, session, request_id, ignore_eos,
+        logprobs).
         Survives a scheduler restart without a repeated or missing token."""
         return await gen.generate(self._path, gen.build_submit(prompt, **options))
+
+    async def generate_n(self, prompt: str | Sequence[int], n: int, **options: Any) -> list[Completion]:
+        """`n` completions of one prompt (options as `generate`; with a
+        `seed`, choice i samples with seed + i). The prompt is computed once
+        and the choices share its KV blocks (copy-on-write)."""
+        return await gen.generate_n(self._path, gen.build_submit(prompt, **options), n)
 
     def stream_generate(self, prompt: str | Sequence[int], **options: Any) -> GenerationStream:
         """Like `generate`, as chunks while they are produced; the last one

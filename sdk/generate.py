@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -25,11 +25,11 @@ from typing import Protocol
 import anyio
 import msgspec
 
-from ipc.errors import DeadlineExceeded, Internal, LlmosError, Overloaded, Unavailable
+from ipc.errors import BadRequest, DeadlineExceeded, Internal, LlmosError, Overloaded, Unavailable
 from ipc.protocol.base import Message, ReplyT, Request
-from ipc.protocol.sampling import SamplingParams
-from ipc.protocol.scheduler import (SCHEDULER, Cancel, Finished, FinishReason, PrioritySubmit, Submit, TokenDelta,
-                                    Usage)
+from ipc.protocol.sampling import MAX_SEED, SamplingParams
+from ipc.protocol.scheduler import (MAX_FORK_SIZE, SCHEDULER, Cancel, Finished, FinishReason, PrioritySubmit, Submit,
+                                    TokenDelta, Usage)
 
 # A request is given up on (`Unavailable` to the caller) only after this many
 # re-submissions in a row without a new token AND this long without one: the
@@ -59,6 +59,9 @@ class Chunk:
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
     error: str = ""
+    # Per token: its log-probability, and (with `logprobs` N > 0) the N most likely (id, logprob).
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -70,17 +73,21 @@ class Completion:
     usage: Usage
     error: str = ""
     chunks: int = field(default=0, repr=False)  # streamed pieces it arrived in
+    logprobs: list[float] = field(default_factory=list, repr=False)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list, repr=False)
 
 
 def build_submit(prompt: str | Sequence[int], *, max_tokens: int = 256, temperature: float = 1.0,
                  top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
                  params: SamplingParams | None = None, stop: Sequence[str] = (),
                  stop_token_ids: Sequence[int] = (), priority: int = 0, timeout: float | None = None,
-                 session: str = "", request_id: str | None = None, ignore_eos: bool = False) -> Submit:
+                 session: str = "", request_id: str | None = None, ignore_eos: bool = False,
+                 logprobs: int = 0) -> Submit:
     """The Submit for these options: a `PrioritySubmit` (the op the `priority`
-    right covers) when `priority` < 0 asks to run ahead of the default."""
+    right covers) when `priority` < 0 asks to run ahead of the default.
+    `logprobs` N > 0: each token's N most likely alternatives too."""
     if params is None:
-        params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+        params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, logprobs=logprobs)
     text, ids = (prompt, []) if isinstance(prompt, str) else ("", list(prompt))
     kind = PrioritySubmit if priority < 0 else Submit
     return kind(text, ids, params, max_tokens, list(stop), list(stop_token_ids), ignore_eos, priority,
@@ -206,9 +213,10 @@ async def _chunks(conn: RequestPath, submit: Submit, max_resubmits: int, patienc
                     held.extend(ev.token_ids)
                     if isinstance(ev, Finished):
                         yield Chunk(ev.request_id, ev.offset, list(ev.token_ids), ev.text, ev.finish_reason,
-                                    ev.usage, ev.error)
+                                    ev.usage, ev.error, list(ev.logprobs), list(ev.top_logprobs))
                         return
-                    yield Chunk(ev.request_id, ev.offset, list(ev.token_ids), ev.text)
+                    yield Chunk(ev.request_id, ev.offset, list(ev.token_ids), ev.text,
+                                logprobs=list(ev.logprobs), top_logprobs=list(ev.top_logprobs))
         except (Unavailable, Overloaded) as exc:
             if isinstance(exc, Overloaded):
                 if not attempt:
@@ -240,19 +248,62 @@ async def _chunks(conn: RequestPath, submit: Submit, max_resubmits: int, patienc
 
 async def generate(conn: RequestPath, submit: Submit, *, max_resubmits: int = MAX_RESUBMITS,
                    patience_s: float = RESUBMIT_PATIENCE_S, backoff_s: float = RESUBMIT_BACKOFF_S) -> Completion:
-    text: list[str] = []
-    ids: list[int] = []
-    chunks = 0
     async with stream_generate(conn, submit, max_resubmits=max_resubmits, patience_s=patience_s,
                                backoff_s=backoff_s) as stream:
-        async for c in stream:
-            chunks += 1
-            text.append(c.text)
-            ids.extend(c.token_ids)
-            if c.finish_reason is not None:
-                return Completion(c.request_id, "".join(text), ids, c.finish_reason, c.usage or Usage(), c.error,
-                                  chunks=chunks)
-    raise Internal("the generation stream ended without a finish reason")  # pragma: no cover
+        return await collect(stream)
 
 
-__all__ = ["Chunk", "Completion", "GenerationStream", "RequestPath", "build_submit", "generate", "stream_generate"]
+async def collect(stream: AsyncIterator[Chunk]) -> Completion:
+    """Read a generation's chunks to the end, as one `Completion`."""
+    text: list[str] = []
+    ids: list[int] = []
+    logprobs: list[float] = []
+    tops: list[list[tuple[int, float]]] = []
+    chunks = 0
+    async for c in stream:
+        chunks += 1
+        text.append(c.text)
+        ids.extend(c.token_ids)
+        logprobs.extend(c.logprobs)
+        tops.extend(c.top_logprobs)
+        if c.finish_reason is not None:
+            return Completion(c.request_id, "".join(text), ids, c.finish_reason, c.usage or Usage(), c.error,
+                              chunks=chunks, logprobs=logprobs, top_logprobs=tops)
+    raise Internal("the generation stream ended without a finish reason")
+
+
+def fork_submits(submit: Submit, n: int) -> list[Submit]:
+    """The `n` choices of `submit`, one Submit each: request ids
+    ``<id>.<i>``, one `fork_group` (the scheduler computes the prompt once
+    and the choices fork its KV), and with a seed, seed + i (repeatable,
+    and distinct choices). n == 1: `submit` itself."""
+    if n == 1:
+        return [submit]
+    if not 1 <= n <= MAX_FORK_SIZE:
+        raise BadRequest(f"n must be in [1, {MAX_FORK_SIZE}], got {n}", detail={"field": "n"})
+    seed = submit.params.seed
+
+    def params(i: int) -> SamplingParams:
+        return submit.params if seed is None else msgspec.structs.replace(submit.params, seed=(seed + i) % (MAX_SEED + 1))
+
+    return [msgspec.structs.replace(submit, request_id=f"{submit.request_id}.{i}", fork_group=submit.request_id,
+                                    fork_size=n, params=params(i)) for i in range(n)]
+
+
+async def generate_n(conn: RequestPath, submit: Submit, n: int) -> list[Completion]:
+    """`n` choices of one prompt, computed once and forked (`fork_submits`),
+    in choice order."""
+    subs = fork_submits(submit, n)
+    out: list[Completion | None] = [None] * n
+
+    async def one(i: int) -> None:
+        out[i] = await generate(conn, subs[i])
+
+    async with anyio.create_task_group() as tg:
+        for i in range(n):
+            tg.start_soon(one, i)
+    return [c for c in out if c is not None]
+
+
+__all__ = ["Chunk", "Completion", "GenerationStream", "RequestPath", "build_submit", "collect", "fork_submits", "generate",
+           "generate_n", "stream_generate"]

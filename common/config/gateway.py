@@ -21,6 +21,9 @@ has proved who it is, or how long it can hold it:
   and closed at once. Behind a reverse proxy every client has the proxy's
   address: raise or switch off the per-client cap there.
 - `keep_alive_s` (5 s): an idle keep-alive connection is closed.
+- `max_n` (16): the most choices (`n`, `best_of`) one completion may ask
+  for; they share the prompt's KV, but each holds its own generated blocks
+  and decode slot. At most 256 (the scheduler's fork-group bound).
 - `allow_anonymous` (false): requests without an API key are refused (401)
   before their body is read; true only for a kernel run with auth off,
   where nobody has a key to send.
@@ -62,6 +65,7 @@ class GatewayConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     allow_anonymous: bool = False
     # max_tokens of a request that gives none
     default_max_tokens: int = 256
+    max_n: int = 16  # choices per completion (n, best_of)
     # Gateway processes sharing the one listening socket the kernel holds.
     instances: int = 2
     # How long a stream whose gateway instance died (or a request with an
@@ -80,6 +84,7 @@ class GatewayConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
             (self.max_connections_per_client >= 0, "max_connections_per_client must be >= 0 (0: no cap)"),
             (self.keep_alive_s >= 1, "keep_alive_s must be >= 1"),
             (self.default_max_tokens >= 1, "default_max_tokens must be >= 1"),
+            (1 <= self.max_n <= 256, "max_n must be in [1, 256]"),
             (1 <= self.instances <= 64, "instances must be in [1, 64]"),
             (0 <= self.resume_grace_s <= MAX_RESUME_GRACE_S, f"resume_grace_s must be in [0, {MAX_RESUME_GRACE_S:g}]"),
             (0 <= self.drain_s <= 3600, "drain_s must be in [0, 3600]"),

@@ -6,15 +6,20 @@ which blocks a sequence owns and the scheduler sends one `Execute` per step.
 
 from __future__ import annotations
 
+import msgspec
+
 from ipc.protocol.base import Message, Request
 from ipc.protocol.sampling import SamplingParams
 
 DRIVER = "driver"
 
 
-class StepSeq(Message):
-    """One sequence's share of a step; the model runner consumes it as it
-    arrives (drivers/model/runner.py `execute`).
+class StepSeq(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    """One sequence's share of a step, in full (untagged: its place in
+    `Execute.steps` says what it is); the model runner consumes it as it
+    arrives (drivers/model/runner.py `execute`). The driver keeps it
+    (drivers/seq_table.py) so later steps of the sequence come as a
+    `StepDelta`.
 
     token_ids: the new tokens, at positions start_pos, start_pos + 1, ...: a
         prefill chunk, or the one token sampled last step.
@@ -37,20 +42,52 @@ class StepSeq(Message):
     prior_token_ids: list[int] = []
 
 
+class StepDelta(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    """The next step of a sequence the driver holds (it got a `StepSeq`
+    earlier from this scheduler): only what changed, so a steady decode's
+    share does not grow with its context.
+
+    token_ids: the new tokens, at positions start_pos, ...; start_pos must
+        be where the driver's copy of the sequence ends.
+    table_start, blocks: the block table becomes table[:table_start] +
+        blocks (new blocks appended; a copy-on-write replaces the last).
+    The sampling parameters, and the history a repetition penalty reads,
+    are the driver's copy.
+    """
+
+    seq_id: int
+    token_ids: list[int]
+    start_pos: int
+    table_start: int
+    blocks: list[int] = []
+    sample: bool = True
+
+
 class Execute(Request["Executed"]):
-    """Run one batched step. `copies` are (src, dst) block copies the memory
+    """Run one batched step: `steps` in full (sequences new to this driver,
+    or sent again), `deltas` for those it holds. `drop`: sequences to
+    forget first (ended, preempted, moved). `epoch`: the scheduler's; a
+    driver that sees a new one forgets every sequence (a restarted
+    scheduler reuses ids). `copies` are (src, dst) block copies the memory
     server asked for (copy-on-write), done before the forward pass."""
 
-    steps: list[StepSeq]
+    steps: list[StepSeq] = []
     copies: list[tuple[int, int]] = []
+    deltas: list[StepDelta] = []
+    drop: list[int] = []
+    epoch: str = ""
 
 
-class SeqOutput(Message):
+class SeqOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
     seq_id: int
     token: int = -1  # -1: no token (a non-final prefill chunk, or an error)
     logprob: float = 0.0
     top_logprobs: list[tuple[int, float]] = []
     error: str = ""
+    # The driver holds no copy of the sequence a delta named (it restarted,
+    # or never got it, or the delta does not fit its copy): nothing ran;
+    # send the sequence in full (`StepSeq`) next step.
+    resend: bool = False
 
 
 class Executed(Message):

@@ -74,6 +74,9 @@ class Usage(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True, gc
     evicted_turns: int = 0
     evicted_tokens: int = 0
     slo: str = ""  # "met" or "missed" its objectives ("": not judged)
+    # n > 1: prompt tokens this choice took from its fork group's prefix,
+    # computed once for the group (not counted in cached_tokens).
+    forked_tokens: int = 0
 
 
 class Submit(Request["Finished"]):

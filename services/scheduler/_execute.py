@@ -86,6 +86,7 @@ async def reserve(state: EngineState, p: StepPlan) -> tuple[list[Work], list[tup
         seq.mem_known = len(seq.tokens)
         del seq.block_table[got.table_start:]
         seq.block_table.extend(got.blocks)
+        seq.table_synced = min(seq.table_synced, got.table_start)
         copies = [(got.cow_src, got.cow_dst)] if got.cow_src >= 0 else []
         start = seq.num_computed
         work.append(Work(seq, start, min(start + n, len(seq.tokens)), copies))
@@ -144,16 +145,22 @@ async def _execute_on(state: EngineState, pool: str, items: list[Work], incarnat
     if d.incarnation != incarnation:
         result.lost_pools.add(pool)  # restarted since the plan: its KV is gone
         return
-    steps, copies = [], []
+    steps, deltas, copies = [], [], []
+    key = (pool, incarnation)
     for w in items:
         seq = w.seq
-        params = seq.request.submit.params
-        prior = seq.tokens[:w.start] if params.repetition_penalty != 1.0 else []
-        steps.append(dp.StepSeq(seq.seq_id, seq.tokens[w.start:w.end], w.start, list(seq.block_table),
-                                w.samples, params, prior))
+        tokens = seq.tokens[w.start:w.end]
+        if seq.driver_key == key and seq.driver_pos == w.start:
+            # The driver holds it: only what changed.
+            deltas.append(dp.StepDelta(seq.seq_id, tokens, w.start, seq.table_synced,
+                                       seq.block_table[seq.table_synced:], w.samples))
+        else:
+            params = seq.request.submit.params
+            prior = seq.tokens[:w.start] if params.repetition_penalty != 1.0 else []
+            steps.append(dp.StepSeq(seq.seq_id, tokens, w.start, list(seq.block_table), w.samples, params, prior))
         copies.extend(w.copies)
     reply: dp.Executed | None = None
-    msg = dp.Execute(steps, copies)
+    msg = dp.Execute(steps, copies, deltas, state.driver_drops.pop(pool, []), state.epoch)
     state.execute_bytes += len(codec.encode(msg))
     with anyio.CancelScope() as scope:
         d.scope = scope
@@ -175,15 +182,24 @@ async def _execute_on(state: EngineState, pool: str, items: list[Work], incarnat
     # connection, in order), and bump the incarnation.
     if reply is None or incarnation != d.incarnation or state.drivers.get(pool) is not d:
         result.lost_pools.add(pool)
+        for w in items:
+            w.seq.driver_key = None
         return
     outputs = {o.seq_id: o for o in reply.outputs}
     for w in items:
         out = outputs.get(w.seq.seq_id)
+        w.seq.driver_key = None  # until it ran there
+        if out is not None and out.resend:
+            # The driver does not hold it (restarted, or lost it): nothing
+            # ran; it goes in full next step, its slots already reserved.
+            log.info("scheduler.driver_resend", driver=pool, seq=w.seq.seq_id, why=out.error)
+            continue
         if out is None or out.error:
             why = out.error if out is not None else "the driver returned no output"
             result.failed.append((w.seq, f"driver {pool}: {why}"))
             continue
         w.seq.num_computed = w.end
+        w.seq.driver_key, w.seq.driver_pos, w.seq.table_synced = key, w.end, len(w.seq.block_table)
         if w.samples and out.token >= 0:
             result.produced.append(Produced(w.seq, out.token, out.logprob, out.top_logprobs))
 

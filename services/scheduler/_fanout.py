@@ -140,7 +140,8 @@ class ForkGroups:
         for m in live:
             if m.seq.seq_id not in failed:
                 _take_kv(m.seq, prefix)
-                m.cached_tokens = prefix.num_computed
+                m.cached_tokens = g.prefix.cached_tokens  # what the prefix found in the prefix cache
+                m.forked_tokens = prefix.num_computed - g.prefix.cached_tokens
                 self.forked += 1
         self._dissolve(g)
 

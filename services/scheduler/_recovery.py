@@ -126,6 +126,7 @@ async def reregister_live(state: EngineState, sessions: SessionTable) -> bool:
     for seq in by_id.values():
         bs = state.drivers[seq.pool or ""].shape.block_size
         del seq.block_table[-(-seq.num_computed // bs):]
+        state.forget_on_driver(seq)  # sent in full again (its table was cut)
     log.info("scheduler.reregistered", seqs=len(states), failed=len(failed))
     return done
 

@@ -191,6 +191,7 @@ class Request:
         self.first_token = 0.0
         self.finished_at = 0.0
         self.cached_tokens = 0
+        self.forked_tokens = 0  # prompt tokens taken from a fork group's prefix (_fanout.py)
         # A session's turn: prompt tokens from its history, what binding it evicted
         # (turns, tokens), and the turn number it was appended as (_sessions.py).
         self.history_len = 0
@@ -280,4 +281,5 @@ class Request:
                      self.seq.preemptions,
                      max(0.0, self.first_scheduled - self.arrived) if self.first_scheduled else 0.0,
                      max(0.0, self.first_token - self.arrived) if self.first_token else 0.0,
-                     end - self.arrived, self.history_len, *self.evicted, slo=self.slo)
+                     end - self.arrived, self.history_len, *self.evicted, slo=self.slo,
+                     forked_tokens=self.forked_tokens)

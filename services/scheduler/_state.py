@@ -12,6 +12,7 @@ before its id is reserved again from token 0.
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
@@ -69,6 +70,10 @@ class EngineState:
         self.execute_bytes = 0
         self._releases: list[int] = []  # their last reserved step ran
         self._discards: list[int] = []  # their last reserved step never ran
+        # Per pool, sequences its driver is to forget (with its next Execute),
+        # and this scheduler's epoch (a driver forgets all on a new one).
+        self.driver_drops: dict[str, list[int]] = {}
+        self.epoch = uuid.uuid4().hex[:12]
         self._memory_scope: anyio.CancelScope | None = None
         self._wake = anyio.Event()
 
@@ -144,6 +149,14 @@ class EngineState:
         blocks that step was to fill are not offered to the prefix cache."""
         if seq.mem_known:
             (self._releases if computed else self._discards).append(seq.seq_id)
+        self.forget_on_driver(seq)
+
+    def forget_on_driver(self, seq: Seq) -> None:
+        """Its driver's copy is stale (KV released, swapped, re-registered):
+        dropped with the next Execute there, and sent in full if it runs again."""
+        if seq.driver_key is not None:
+            self.driver_drops.setdefault(seq.driver_key[0], []).append(seq.seq_id)
+            seq.driver_key = None
 
     def drop_kv(self, seq: Seq, *, computed: bool = True) -> None:
         """Forget `seq`'s KV (released with the next memory call); it is

@@ -103,6 +103,7 @@ async def _copy(state: EngineState, moved: list[tuple[Seq, mp.SeqSwap]],
     done = []
     for seq, got in moved:
         if seq not in failed:
+            state.forget_on_driver(seq)  # its table is another now
             seq.block_table, seq.swapped = list(got.blocks), swapped
             done.append(seq)
     return done

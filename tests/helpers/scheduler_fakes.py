@@ -17,6 +17,7 @@ from typing import Any
 
 import anyio
 
+from drivers.seq_table import SeqTable
 from ipc.errors import Unavailable
 from ipc.protocol import driver as dp
 from ipc.protocol import memory as mp
@@ -57,6 +58,7 @@ class FakeDriver:
         self.steps = 0
         self.batch_sizes: list[int] = []
         self.tokens_per_step: list[int] = []
+        self.table = SeqTable()  # what it keeps of each sequence between steps
 
     @property
     def meta(self) -> dict[str, str | int | float | bool]:
@@ -65,6 +67,7 @@ class FakeDriver:
     def restart(self) -> None:
         self.kv.clear()
         self.host.clear()
+        self.table = SeqTable()
         self.alive = True
 
     def swap(self, req: dp.SwapBlocksOut | dp.SwapBlocksIn) -> dp.Swapped:
@@ -86,8 +89,9 @@ class FakeDriver:
         bs = self.block_size
         for src, dst in req.copies:
             self.kv[dst] = list(self.kv.get(src, [None] * bs))
-        outputs = []
-        for s in req.steps:
+        outputs: list[dp.SeqOutput] = []
+        steps, resend = self.table.expand(req)  # as a real driver does (drivers/seq_table.py)
+        for s in steps:
             end = s.start_pos + len(s.token_ids)
             if len(s.block_table) * bs < end or any(not 0 <= b < self.num_blocks for b in s.block_table):
                 outputs.append(dp.SeqOutput(s.seq_id, error="block table too short or out of range"))
@@ -108,10 +112,11 @@ class FakeDriver:
                 self.kv.setdefault(s.block_table[p // bs], [None] * bs)[p % bs] = t
             token = next_token(history + list(s.token_ids)) if s.sample else -1
             outputs.append(dp.SeqOutput(s.seq_id, token))
+        self.table.record(steps, [o.error for o in outputs])
         self.steps += 1
-        self.batch_sizes.append(len(req.steps))
-        self.tokens_per_step.append(sum(len(s.token_ids) for s in req.steps))
-        return dp.Executed(outputs)
+        self.batch_sizes.append(len(steps))
+        self.tokens_per_step.append(sum(len(s.token_ids) for s in steps))
+        return dp.Executed(outputs + resend)
 
 
 class InProcessBackend:

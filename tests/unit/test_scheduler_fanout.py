@@ -47,7 +47,7 @@ async def test_n_choices_compute_the_prompt_once_and_each_equals_a_lone_request(
     for s, f in zip(streams, finals):
         assert f.finish_reason == FinishReason.LENGTH
         assert s.tokens(f) == expected(PROMPT, MAX_TOKENS)
-        assert f.usage.prompt_tokens == p and f.usage.cached_tokens == p - 1
+        assert f.usage.prompt_tokens == p and f.usage.forked_tokens == p - 1 and f.usage.cached_tokens == 0
 
 
 async def test_a_choice_that_arrives_after_the_fork_runs_alone_and_still_answers() -> None:

@@ -1,0 +1,75 @@
+"""What a driver keeps of each sequence between steps (drivers/seq_table.py):
+deltas made whole, and a `resend` for every delta it cannot make whole."""
+
+from __future__ import annotations
+
+import msgspec
+
+from drivers.seq_table import SeqTable
+from ipc import codec
+from ipc.protocol import driver as dp
+from ipc.protocol.sampling import SamplingParams
+
+PENALTY = SamplingParams(temperature=0.0, repetition_penalty=1.3)
+
+
+def run(table: SeqTable, msg: dp.Execute, errors: dict[int, str] | None = None) -> tuple[list[dp.StepSeq], list[int]]:
+    """Expand and record as a driver does; returns the whole steps and the ids answered resend."""
+    steps, resend = table.expand(msg)
+    seen = [msgspec.structs.replace(s, prior_token_ids=list(s.prior_token_ids)) for s in steps]  # as run
+    table.record(steps, [(errors or {}).get(s.seq_id) for s in steps])
+    assert all(o.resend and o.error for o in resend)
+    return seen, [o.seq_id for o in resend]
+
+
+def test_a_delta_is_made_whole_from_the_kept_copy_with_its_history() -> None:
+    t = SeqTable()
+    steps, _ = run(t, dp.Execute([dp.StepSeq(7, [1, 2, 3, 4, 5], 0, [3, 9], True, PENALTY, [])], epoch="e"))
+    steps, resend = run(t, dp.Execute(deltas=[dp.StepDelta(7, [11], 5, 2, [4])], epoch="e"))
+    (s,) = steps
+    assert resend == [] and (s.seq_id, s.token_ids, s.start_pos, s.block_table) == (7, [11], 5, [3, 9, 4])
+    assert s.params == PENALTY and s.prior_token_ids == [1, 2, 3, 4, 5]
+    # a copy-on-write replaces the last block
+    (s,), _ = run(t, dp.Execute(deltas=[dp.StepDelta(7, [12], 6, 2, [8])], epoch="e"))
+    assert s.block_table == [3, 9, 8] and s.prior_token_ids == [1, 2, 3, 4, 5, 11]
+
+
+def test_unknown_desynchronised_or_out_of_range_deltas_are_answered_resend_and_run_nothing() -> None:
+    t = SeqTable()
+    run(t, dp.Execute([dp.StepSeq(1, [1, 2], 0, [0]), dp.StepSeq(2, [1, 2], 0, [1]),
+                       dp.StepSeq(3, [1, 2], 0, [2])], epoch="e"))
+    steps, resend = run(t, dp.Execute(deltas=[
+        dp.StepDelta(99, [5], 0, 0),        # never sent
+        dp.StepDelta(1, [5], 7, 1),         # starts past where the copy ends
+        dp.StepDelta(2, [5], 2, 5, [4]),    # table_start past the copy's table
+        dp.StepDelta(3, [5], 2, -1),        # negative table_start
+    ], epoch="e"))
+    assert steps == [] and resend == [99, 1, 2, 3]
+    # each is forgotten: a later good-looking delta for it is refused too
+    assert run(t, dp.Execute(deltas=[dp.StepDelta(1, [5], 2, 1)], epoch="e"))[1] == [1]
+
+
+def test_a_failed_step_a_drop_and_a_new_epoch_each_forget_the_sequence() -> None:
+    t = SeqTable()
+    run(t, dp.Execute([dp.StepSeq(1, [1], 0, [0]), dp.StepSeq(2, [1], 0, [1]), dp.StepSeq(3, [1], 0, [2])],
+                      epoch="e"), errors={2: "bad"})
+    assert sorted(t.seqs) == [1, 3]
+    assert run(t, dp.Execute(deltas=[dp.StepDelta(1, [2], 1, 1), dp.StepDelta(3, [2], 1, 1)], drop=[3],
+                             epoch="e"))[1] == [3]
+    # a restarted scheduler (new epoch) reuses ids: nothing old is trusted
+    assert run(t, dp.Execute(deltas=[dp.StepDelta(1, [3], 2, 1)], epoch="f"))[1] == [1] and len(t) == 0
+
+
+def test_a_full_step_replaces_what_the_driver_kept() -> None:
+    t = SeqTable()
+    run(t, dp.Execute([dp.StepSeq(1, [1, 2, 3], 0, [0], True, PENALTY, [])], epoch="e"))
+    run(t, dp.Execute([dp.StepSeq(1, [9], 4, [5, 6], True, PENALTY, [7, 7, 7, 7])], epoch="e"))
+    (s,), _ = run(t, dp.Execute(deltas=[dp.StepDelta(1, [8], 5, 2)], epoch="e"))
+    assert s.block_table == [5, 6] and s.prior_token_ids == [7, 7, 7, 7, 9]
+
+
+def test_the_wire_structs_are_untagged_arrays() -> None:
+    d = codec.encode(dp.StepDelta(5, [42], 100, 7))
+    assert len(d) <= 10 and b"seq_id" not in d  # [5, [42], 100, 7, [], true]: no names, no tag
+    out = codec.encode(dp.SeqOutput(5, 42))
+    assert len(out) <= 16 and b"SeqOutput" not in out
