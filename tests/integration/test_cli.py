@@ -139,7 +139,7 @@ def test_sessions_show_suspend_resume_close(served: Path) -> None:
     assert gen.returncode == 0, gen.stderr
 
     def show() -> Any:
-        return as_json(llmos(served, "sessions", "show", "chat", "--json"))
+        return as_json(llmos(served, "sessions", "show", "chat", "--json"))["info"]
 
     idle = poll(show, lambda s: s["state"] == "idle", "the turn to end")
     assert idle["kv_where"] == "device" and idle["kv_tokens"] > 0  # kept for the next turn
@@ -161,3 +161,24 @@ def test_sessions_show_suspend_resume_close(served: Path) -> None:
     for name in ("chat", "ghost"):  # closed and idle: forgotten; never existed
         bad = llmos(served, "sessions", "show", name)
         assert bad.returncode == 1 and f"no session {name!r}" in bad.stderr
+
+
+def test_a_three_turn_conversation_from_the_command_line_sends_only_the_new_text(served: Path) -> None:
+    total = 0  # tokens of the conversation so far
+    for text in ("Hi there.", " How are you?", " Tell me more."):
+        out = llmos(served, "generate", text, "--session", "talk", "--max-tokens", "5", "--temperature", "0",
+                    "--json")
+        assert out.returncode == 0, out.stderr
+        u = as_json(out)["usage"]
+        assert u["history_tokens"] == total and u["prompt_tokens"] > total
+        assert u["cached_tokens"] >= total - 16  # the history's KV, but for its last partial block
+        total = u["prompt_tokens"] + u["completion_tokens"]
+    shown = as_json(llmos(served, "sessions", "show", "talk", "--json"))
+    assert [t["turn"] for t in shown["turns"]] == [1, 2, 3] and shown["info"]["history_tokens"] == total
+    assert shown["turns"][1]["prompt_text"] == " How are you?"
+    table = llmos(served, "sessions", "show", "talk")
+    assert table.returncode == 0 and "turn 3" in table.stdout and "> How are you?" in table.stdout.replace("  ", " ")
+    listed = as_json(llmos(served, "sessions", "list", "--json"))
+    assert {s["session"]: s["turns"] for s in listed["sessions"]}["talk"] == 3
+    assert llmos(served, "sessions", "close", "talk").returncode == 0
+    assert llmos(served, "sessions", "show", "talk").returncode == 1

@@ -1,6 +1,6 @@
 """Sessions over real processes: suspend swaps a running generation's KV to
 the driver's host tier, resume brings it back and the continuation is the
-undisturbed greedy one; the conversation's KV is kept for its next turn."""
+undisturbed greedy one; the conversation (and its KV) is kept for its next turn."""
 
 from __future__ import annotations
 
@@ -60,10 +60,12 @@ async def test_suspend_and_resume_give_the_same_continuation_and_the_kv_outlives
         assert held == want  # swapped back in, continued exactly
         assert finals[0].usage.preemptions == 0
 
-        # The next turn extends the conversation: its KV was kept (pinned)
-        # even though the prefix cache was emptied in between.
+        # The next turn sends only its new text; the scheduler holds the
+        # history, and its KV was kept (pinned) even though the prefix cache
+        # was emptied in between.
         await c.call("memory", mp.EvictCached())
-        second = await c.generate(prompt + want + [7, 7], max_tokens=4, session="chat", **GREEDY)
+        second = await c.generate([7, 7], max_tokens=4, session="chat", **GREEDY)
+        assert second.usage.history_tokens == len(prompt) + n
         assert second.usage.cached_tokens >= len(prompt) + n - 16
         assert second.token_ids == await local_greedy(checkpoint, prompt + want + [7, 7], 4)
         assert (await c.sessions.close("chat")).kv_where == ""
