@@ -70,11 +70,11 @@ async def reserve(state: EngineState, p: StepPlan) -> tuple[list[Work], list[tup
     release, discard = state.take_releases()
     reply = await state.memory(state.backend.reserve(mp.Reserve(items, release, discard)))
     if not isinstance(reply, mp.ReserveReply):
-        return [], []
         state.untake_releases(release, discard)
-    work: list[Work] = []
+        return [], []
     for f in reply.release_failures:
         log.info("scheduler.release_unknown", seq=f.seq_id, error=f.error.message)
+    work: list[Work] = []
     refused: list[tuple[Seq, Error]] = []
     for (seq, n), got in zip(p.scheduled, reply.seqs):
         if got.error is not None:

@@ -58,6 +58,12 @@ class Seq:
     block_table: list[int] = field(default_factory=list)
     pool: str | None = None
     swapped: bool = False
+    # What its driver keeps of it (drivers/seq_table.py): sent in full to
+    # this (pool, incarnation), positions [0, driver_pos) and the first
+    # `table_synced` entries of block_table; None: send it in full next.
+    driver_key: tuple[str, int] | None = None
+    driver_pos: int = 0
+    table_synced: int = 0
     # Policy state.
     ticket: int = field(default_factory=next_ticket)
     quantum_used: int = 0
@@ -88,6 +94,7 @@ class Seq:
         self.mem_known = 0
         self.block_table = []
         self.swapped = False
+        self.driver_key = None
         if not keep_pool:
             self.pool = None
 

@@ -32,13 +32,13 @@ from common.logs import get_logger
 from services.scheduler._admission import (CHARS_PER_TOKEN, Model, check_fits, check_prompt_size,
                                            check_queue_room, tokenize)
 from services.scheduler._fanout import ForkGroups
-from services.scheduler._execute import Produced, execute, reserve, reserve_refused
+from services.scheduler._execute import Produced, execute
 from services.scheduler._kv_quota import KvQuotas
 from services.scheduler._request import Emit, Request, Seq, Sink, State
 from services.scheduler._sessions import SessionTable, seq_blocks
 from services.scheduler._recovery import Recovery
 from services.scheduler._state import Backend, EngineState
-from services.scheduler._swap import swap_in, swap_out
+from services.scheduler._step import reserve_plan
 from text.stream import TextStream
 from services.scheduler._tuning import Tuning
 from common.config.scheduler import PreemptionMode, SchedulerConfig
@@ -259,39 +259,17 @@ class Engine:
         victims = [seq for seq in p.preempted if self._preempt(seq)]
         self.sessions.hand_over(p)
         self.sessions.relieve_pressure(p, ledger, self.limits.prefill_chunk)
-        if victims:
-            # Before any Reserve: the plan gave their device blocks away.
-            await swap_out(st, victims)
-        if not await st.flush_releases():
-            return False
-        if st.memory_down or not p.scheduled:
-            return False
-        swapped = [seq for seq, _ in p.scheduled if seq.swapped]
-        if swapped:
-            later = set(await swap_in(st, swapped))
-            for seq in swapped:
-                if not seq.swapped and seq.mem_known:
-                    # Back on device blocks: running from now on, whatever
-                    # its Reserve says, so every plan counts those blocks.
-                    st.start(seq)
-            if later:  # fewer free blocks than the plan thought: they wait
-                p.scheduled = [(seq, n) for seq, n in p.scheduled if seq not in later]
-            # A failed swap-in dropped KV: released before its id is
-            # reserved again from token 0.
-            if st.memory_down or not await st.flush_releases():
-                return False
-        work, refused = await reserve(st, p)
-        for seq, error in refused:
-            why = reserve_refused(st, self.sessions, self.kv, seq, error)
-            if why:
-                self._fail_once(seq, why)
+        work, failed = await reserve_plan(st, self.sessions, self.kv, p, victims)
+        for seq, why in failed:
+            self._fail_once(seq, why)
         if not work:
             return False
         result = await execute(st, work, incarnations)
         self.recovery.pools_lost(result.lost_pools)
         for seq, why in result.refused:
-            self._fail_once(seq, why)
+            self._fail_once(seq, why, computed=False)
         for seq, why in result.failed:
+            self.state.drop_kv(seq, computed=False)  # what the step wrote is not trusted
             self._end(seq.request, sp.FinishReason.ERROR, message=why)
         self._deliver(result.produced)
         self.steps += 1
@@ -342,13 +320,14 @@ class Engine:
             else:
                 self._end(req, sp.FinishReason.ERROR, error=refusal)
 
-    def _fail_once(self, seq: Seq, why: str) -> None:
+    def _fail_once(self, seq: Seq, why: str, *, computed: bool = True) -> None:
         req = seq.request
         req.failures += 1
         if req.failures >= MAX_FAILURES:
+            self.state.drop_kv(seq, computed=computed)
             self._end(req, sp.FinishReason.ERROR, message=why)
             return
-        self.state.drop_kv(seq)
+        self.state.drop_kv(seq, computed=computed)
         self.state.requeue(seq)
 
     def _deliver(self, produced: list[Produced]) -> None:
