@@ -2,7 +2,7 @@
 
     llmos up [--home DIR] [--config FILE]     boot in the foreground (a readable status; --log-format json)
           [--model DIR] [--drivers cpu=1] [--http :8000] [--policy fair] [--kv-cache-mb 256]
-          [--dtype float32] [--autotune TPOT_MS]   ...flags over the config file
+          [--dtype float32] [--ttft-ms MS] [--tpot-ms MS] [--no-autotune]   ...flags over the config file
     llmos config example | check FILE          every setting with its default, as TOML; check a file
     llmos down [--timeout S]                   stop a running llmos, return once it has stopped
     llmos ps [--json]                          services and their state
@@ -79,6 +79,7 @@ def up_config(args: argparse.Namespace) -> Any:
         **{"driver.model": args.model, "driver.kv_cache_mb": args.kv_cache_mb, "driver.dtype": args.dtype,
            "driver.swap_mb": swap_mb, "scheduler.preemption": args.preemption,
            "scheduler.policy.name": args.policy, "scheduler.tpot_target_ms": args.autotune,
+           "scheduler.tuner.objective.ttft_ms": args.ttft_ms, "scheduler.tuner.enabled": args.no_autotune,
            "gateway.instances": args.gateway_instances})
     if args.config is None or args.drivers or args.http:
         # --drivers and --http describe the children (a file's [[children]] otherwise)
@@ -241,8 +242,12 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--kv-cache-mb", type=float, help="each driver's KV cache in MiB (default 256)")
     up.add_argument("--dtype", help="the model's dtype: auto (default: bfloat16 where the device multiplies it "
                                     "natively, else float32 on CPU, float16 on CUDA), float32, bfloat16 or float16")
-    up.add_argument("--autotune", type=float, metavar="TPOT_MS",
-                    help="auto-tune the batch to this per-token latency target in ms (default off)")
+    up.add_argument("--ttft-ms", type=float, metavar="MS",
+                    help="the default time-to-first-token objective (default 1000, [scheduler.tuner.objective])")
+    up.add_argument("--tpot-ms", "--autotune", type=float, metavar="MS", dest="autotune",
+                    help="the default time-per-output-token objective the tuner plans steps for (default 100)")
+    up.add_argument("--no-autotune", action="store_const", const=False, default=None,
+                    help="keep the configured token budget, batch cap and prefill chunk (the tuner is on by default)")
     up.add_argument("--swap-mb", type=float, default=None,
                     help="each driver's host swap tier in MiB (default 512 with --preemption swap, else none)")
     up.set_defaults(fn=cmd_up)

@@ -1,6 +1,6 @@
 """`llmos top`: a live view of a running llmos, refreshed once a second —
-services (state, pid, restarts, CPU, RSS), the queue and running batch, KV
-usage and tokens/s. `--once` prints one frame and exits."""
+services (state, pid, restarts, CPU, RSS), the queue and running batch,
+goodput and the tuner, KV usage and tokens/s. `--once` prints one frame and exits."""
 
 from __future__ import annotations
 
@@ -85,6 +85,7 @@ async def frame(client: AsyncClient, prev: Sample | None, local: bool = True) ->
         t.add_row(sched.policy, str(sched.waiting), str(sched.running), str(sched.token_budget),
                   str(sched.max_num_seqs), str(sched.preemptions), swapped, rate)
         parts.append(t)
+        parts.append(tuner_view(sched))
         if sched.quota_waits or sched.kv_quota_refused:
             parts.append(quota_view(sched))
     if mem is not None:
@@ -100,6 +101,19 @@ async def frame(client: AsyncClient, prev: Sample | None, local: bool = True) ->
     counters.add_row(*(str(x) for x in (c.routed, c.replies, c.rejected, c.dropped, c.resent, c.cancelled)))
     parts.append(counters)
     return Group(*parts), Sample(now, cpu, tokens)
+
+
+def tuner_view(sched: sp.SchedulerStatsReply) -> Table:
+    """Objectives and the tuner: goodput (requests that met both objectives,
+    per second over the last minute), the verdicts so far, and the limits
+    the tuner holds (services/scheduler/autotune.py)."""
+    t = Table("OBJECTIVE TTFT/TPOT", "GOODPUT/S", "MET", "MISSED", "REFUSED EARLY", "TUNER", "STEP MS",
+              "PREFILL CHUNK", "CHANGES", title="objectives and tuning", title_justify="left")
+    objective = f"{sched.ttft_objective_ms:.0f}/{sched.tpot_objective_ms:.0f} ms"
+    t.add_row(objective, f"{sched.goodput_rps:.2f}", str(sched.slo_met), str(sched.slo_missed),
+              str(sched.slo_rejected), sched.tuner or "off", f"{sched.step_ms:.1f}", str(sched.prefill_chunk),
+              str(sched.tuner_changes))
+    return t
 
 
 def quota_view(sched: sp.SchedulerStatsReply) -> Table:

@@ -82,19 +82,37 @@ class _Snapshot:
         yield drivers
         s = self.stats.scheduler
         if s is not None:
-            for name, value, doc in (("requests_running", s.running, "requests running"),
-                                     ("requests_waiting", s.waiting, "requests waiting"),
-                                     ("token_budget", s.token_budget, "tokens per step"),
-                                     ("max_num_seqs", s.max_num_seqs, "sequences per step")):
+            gauges: tuple[tuple[str, float, str], ...] = (
+                ("requests_running", s.running, "requests running"),
+                ("requests_waiting", s.waiting, "requests waiting"),
+                ("token_budget", s.token_budget, "tokens per step"),
+                ("max_num_seqs", s.max_num_seqs, "sequences per step"),
+                ("prefill_chunk", s.prefill_chunk, "prefill tokens per sequence per step"),
+                ("goodput", s.goodput_rps, "requests per second that met their objectives, over the last minute"),
+                ("ttft_objective_seconds", s.ttft_objective_ms / 1e3, "default time-to-first-token objective"),
+                ("tpot_objective_seconds", s.tpot_objective_ms / 1e3, "default time-per-output-token objective"),
+                ("step_seconds", s.step_ms / 1e3, "smoothed step time (tuner on)"))
+            for name, level, doc in gauges:
                 g = GaugeMetricFamily(f"llmos_scheduler_{name}", f"Scheduler: {doc}")
-                g.add_metric([], value)
+                g.add_metric([], level)
                 yield g
             for name, value, doc in (("preemptions", s.preemptions, "preemptions"),
                                      ("tokens_generated", s.tokens_generated, "tokens generated"),
-                                     ("steps", s.steps, "engine steps")):
+                                     ("steps", s.steps, "engine steps"),
+                                     ("tuner_changes", s.tuner_changes, "limit changes the tuner made"),
+                                     ("tuner_resets", s.tuner_resets, "step-time model resets (speed changes)")):
                 m = CounterMetricFamily(f"llmos_scheduler_{name}", f"Scheduler: {doc}")
                 m.add_metric([], value)
                 yield m
+            slo = CounterMetricFamily("llmos_scheduler_slo_requests",
+                                      "Requests by verdict on their objectives (rejected: refused early)",
+                                      labels=["verdict"])
+            for verdict, n in (("met", s.slo_met), ("missed", s.slo_missed), ("rejected", s.slo_rejected)):
+                slo.add_metric([verdict], n)
+            yield slo
+            tuner = GaugeMetricFamily("llmos_scheduler_tuner_state", "1 for the tuner's state", labels=["state"])
+            tuner.add_metric([s.tuner or "off"], 1.0)
+            yield tuner
         mem = self.stats.memory
         if mem is not None:
             usage = GaugeMetricFamily("llmos_kv_blocks", "KV blocks by state", labels=["pool", "state"])

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from common.config.gateway import GatewayConfig
+from common.config.scheduler import Objective
 from ipc.errors import BadRequest, ConfigError
 from kernel.config import ChildSpec, Config, Restart, Strategy, load_config
 from tools.testing import write_config
@@ -153,7 +154,11 @@ def test_up_flags_set_the_tables_and_a_bad_flag_is_named() -> None:
     assert cfg.scheduler.policy.name == "priority" and cfg.scheduler.tpot_target_ms == 40.0
     assert cfg.driver.kv_cache_mb == 64.0 and cfg.driver.dtype == "bfloat16"
     assert up_config(_up_args("--preemption", "swap")).driver.swap_mb == 512.0
+    assert up_config(_up_args()).scheduler.tuner.enabled  # on by default
+    tuned = up_config(_up_args("--ttft-ms", "500", "--tpot-ms", "80", "--no-autotune")).scheduler
+    assert not tuned.tuner.enabled and tuned.objectives.objective == Objective(ttft_ms=500, tpot_ms=80)
     for bad, fragment in [(("--policy", "lottery"), "[scheduler] policy.name"),
+                          (("--ttft-ms", "0"), "[scheduler] tuner.objective: ttft_ms and tpot_ms must be > 0"),
                           (("--kv-cache-mb", "0"), "[driver] kv_cache_mb"),
                           (("--dtype", "int4"), "[driver] dtype"),
                           (("--autotune", "-5"), "[scheduler] tpot_target_ms")]:

@@ -13,28 +13,12 @@ import pytest
 
 from common.config.scheduler import Objective, SchedulerConfig, TunerConfig, load_scheduler_config
 from ipc.errors import BadRequest, ConfigError, Overloaded
-from ipc.protocol import driver as dp
 from ipc.protocol.scheduler import Submit
-from services.scheduler.engine import Engine
-from tests.helpers.scheduler_fakes import GREEDY, FakeDriver, InProcessBackend, Stream, expected, running
+from tests.helpers.modelled_device import modelled
+from tests.helpers.scheduler_fakes import GREEDY, FakeDriver, Stream, expected, running
 
 LOOSE = Objective(ttft_ms=60_000, tpot_ms=60_000)
 STRICT = Objective(ttft_ms=1e-6, tpot_ms=1e-6)  # no request can meet it
-
-
-def modelled(engine: Engine, backend: InProcessBackend, fixed_s: float, per_token_s: float) -> list[float]:
-    """The engine's clock advances by a modelled device's step time:
-    `fixed_s` + `per_token_s` per token computed (returns the clock's cell)."""
-    now = [0.0]
-    engine.clock = lambda: now[0]
-    execute = backend.execute
-
-    async def timed(instance: str, req: dp.Execute) -> dp.Executed:
-        now[0] += fixed_s + per_token_s * sum(len(s.token_ids) for s in req.steps)
-        return await execute(instance, req)
-
-    backend.execute = timed  # type: ignore[method-assign]
-    return now
 
 
 async def until(cond: Callable[[], bool]) -> None:
