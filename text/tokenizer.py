@@ -155,6 +155,8 @@ class IncrementalDetokenizer:
 
     def flush(self) -> str:
         """At the end of a sequence: whatever was held back, as decoded."""
+        if self._read == len(self._ids):
+            return ""  # nothing held back: nothing to decode
         prefix_text = self._tok.decode(self._ids[self._prefix:self._read])
         text = self._tok.decode(self._ids[self._prefix:])
         self._ids, self._prefix, self._read = [], 0, 0

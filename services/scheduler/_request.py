@@ -187,6 +187,7 @@ class Request:
         self.logprobs: list[float] = []
         self.top_logprobs: list[list[tuple[int, float]]] = []  # per token, when params.logprobs > 0
         self.text_at: list[int] = []  # released text length after each generated token
+        self.text_done = False  # the text was finished with the id that ended it (feed_text)
         self.state = State.WAITING
         self.finish_reason: FinishReason | None = None
         self.error: LlmosError | None = None  # answered as an error instead of `Finished`
@@ -248,28 +249,44 @@ class Request:
 
     def add_token(self, token: int, logprob: float = 0.0,
                   top: list[tuple[int, float]] | None = None) -> FinishReason | None:
-        """Record a generated id; return why the request must end now, if it must."""
+        """Record a generated id and its text on this thread (a replay); return
+        why the request must end now, if it must. The engine's steps split
+        this: `record` on the loop, `feed_text` in a worker (_text.py)."""
+        self.record(token, logprob, top)
+        self.feed_text(token)
+        return self.end_reason(token)
+
+    def record(self, token: int, logprob: float = 0.0, top: list[tuple[int, float]] | None = None) -> None:
         if not self.first_token:
             self.first_token = time.monotonic()
         self.generated.append(token)
         self.logprobs.append(logprob)
         if self.submit.params.logprobs:
             self.top_logprobs.append(top or [])
-        if token in self.stop_ids:
-            reason: FinishReason | None = FinishReason.STOP
-        else:
+
+    def feed_text(self, token: int) -> None:
+        """The recorded id's text (detokenizing: off the event loop); the
+        text is finished here too when the id ends the request."""
+        if token not in self.stop_ids:
             self.text.feed(token)
-            reason = FinishReason.STOP if self.text.stopped else None
-        if reason is None and self.history_len + len(self.prompt_ids) + len(self.generated) >= self.max_total:
-            reason = FinishReason.LENGTH
         self.text_at.append(len(self.text.text))
-        return reason
+        if self.end_reason(token) is not None and not self.text.stopped:
+            self.text.finish()
+            self.text_done = True
+
+    def end_reason(self, token: int) -> FinishReason | None:
+        """Why the request must end after the recorded and fed id `token`."""
+        if token in self.stop_ids or self.text.stopped:
+            return FinishReason.STOP
+        if self.history_len + len(self.prompt_ids) + len(self.generated) >= self.max_total:
+            return FinishReason.LENGTH
+        return None
 
     def finish(self, reason: FinishReason, *, error: LlmosError | None = None, message: str = "") -> None:
         if self.done.is_set():
             return
-        if reason != FinishReason.STOP or not self.text.stopped:
-            self.text.finish()
+        if not self.text_done and (reason != FinishReason.STOP or not self.text.stopped):
+            self.text.finish()  # (an end not caused by an id: a window of a few ids)
         self.finish_reason = reason
         self.error = error
         self.error_message = message

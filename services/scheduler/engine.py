@@ -38,6 +38,7 @@ from services.scheduler._request import Emit, Request, Seq, Sink, State
 from services.scheduler._sessions import SessionTable, seq_blocks
 from services.scheduler._recovery import Recovery
 from services.scheduler._state import Backend, EngineState
+from services.scheduler._text import feed_step
 from services.scheduler._step import reserve_plan
 from text.stream import TextStream
 from services.scheduler._tuning import Tuning
@@ -271,7 +272,7 @@ class Engine:
         for seq, why in result.failed:
             self.state.drop_kv(seq, computed=False)  # what the step wrote is not trusted
             self._end(seq.request, sp.FinishReason.ERROR, message=why)
-        self._deliver(result.produced)
+        await self._deliver(result.produced)
         self.steps += 1
         self.last_step_s = self.clock() - t0
         if self.last_step_s > 0:
@@ -330,14 +331,18 @@ class Engine:
         self.state.drop_kv(seq, computed=computed)
         self.state.requeue(seq)
 
-    def _deliver(self, produced: list[Produced]) -> None:
-        for out in produced:
-            seq, req = out.seq, out.seq.request
+    async def _deliver(self, produced: list[Produced]) -> None:
+        live = [out for out in produced if not out.seq.request.done.is_set()]
+        for out in live:
+            out.seq.tokens.append(out.token)
+            self.tokens_generated += 1
+            out.seq.request.record(out.token, out.logprob, out.top_logprobs)
+        await feed_step([(out.seq.request, out.token) for out in live])  # text: in a worker thread (_text.py)
+        for out in live:
+            req = out.seq.request
             if req.done.is_set():
                 continue
-            seq.tokens.append(out.token)
-            self.tokens_generated += 1
-            reason = req.add_token(out.token, out.logprob, out.top_logprobs)
+            reason = req.end_reason(out.token)
             if reason is not None:
                 self._end(req, reason)
             elif req.sink is not None:

@@ -287,7 +287,9 @@ class JobRunner:
 
         started = time.time_ns()
         try:
-            sink = self.engine.submit(request, rec.principal, collect)
+            # Its text is tokenized in a worker thread, never on the loop (_text.py).
+            ids_in = None if request.prompt_ids else await anyio.to_thread.run_sync(self.engine.tokenize, request)
+            sink = self.engine.submit(request, rec.principal, collect, ids_in)
         except (Overloaded, Unavailable) as exc:
             job.retry_ns = time.time_ns() + int(RETRY_S * 1e9)
             log.warning("jobs.deferred", job_id=rec.job_id, run=n, error=exc.message)

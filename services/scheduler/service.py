@@ -52,9 +52,6 @@ READY_WAIT_S = 30.0
 # After the memory server's ServiceUp, how long to wait for its MemoryRestarted
 # before re-registering anyway.
 MEMORY_GRACE_S = 5.0
-# Prompts up to this many characters are tokenized on the event loop (a
-# worker thread costs more than they do); longer ones in a worker thread.
-INLINE_TOKENIZE_CHARS = 4096
 # With a security server up at boot, jobs wait this long for its policy (and
 # its revocations) before the first run.
 POLICY_WAIT_S = 10.0
@@ -268,10 +265,11 @@ class SchedulerService(SessionHandlers, Service):
             raise
 
     async def _tokenize(self, msg: sp.Submit) -> list[int]:
-        """The prompt's ids: its size is checked first (O(1)), and a long one
-        is tokenized in a worker thread so the loop keeps serving."""
-        if msg.prompt_ids or len(msg.prompt) <= INLINE_TOKENIZE_CHARS:
-            return self.engine.tokenize(msg)
+        """The prompt's ids: its size is checked first (O(1)); text, however
+        short, is tokenized in a worker thread so the loop never does
+        (services/scheduler/_text.py says why)."""
+        if msg.prompt_ids:
+            return self.engine.tokenize(msg)  # a copy of the ids: no tokenizer
         self.engine.check_prompt_size(msg)
         return await anyio.to_thread.run_sync(self.engine.tokenize, msg)
 
