@@ -12,9 +12,13 @@ from ipc.errors import BadRequest, DeadlineExceeded, Overloaded
 from ipc.protocol import memory as mp
 from ipc.protocol.sampling import SamplingParams
 from ipc.protocol.scheduler import Finished, FinishReason, Submit
-from common.config.scheduler import SchedulerConfig
+from common.config.scheduler import SchedulerConfig, TunerConfig
 from services.scheduler.engine import Engine, Model
 from tests.helpers.scheduler_fakes import GREEDY, TOK, FakeDriver, InProcessBackend, Stream, expected, reference, running
+
+# The tests whose point is what given limits do (chunk sizes, preemption at a
+# batch of 8) keep them fixed: the tuner (on by default) may only lower them.
+FIXED = TunerConfig(enabled=False)
 
 async def wait_blocks_free(backend: InProcessBackend) -> None:
     with anyio.fail_after(10):
@@ -36,7 +40,7 @@ async def test_greedy_generation_streams_contiguous_deltas_equal_to_the_referenc
 
 async def test_many_requests_with_few_blocks_preempt_and_still_match_the_reference() -> None:
     # 12 blocks of 4 slots: a handful of 30-token sequences cannot all fit.
-    config = SchedulerConfig(token_budget=16, max_num_seqs=8, prefill_chunk=8)
+    config = SchedulerConfig(token_budget=16, max_num_seqs=8, prefill_chunk=8, tuner=FIXED)
     async with running(config, {"cpu": FakeDriver(12)}) as (engine, backend):
         prompts = [f"prompt number {i}" for i in range(6)]
         streams = [Stream(engine, prompt=p, max_tokens=14, request_id=f"r{i}") for i, p in enumerate(prompts)]
@@ -50,7 +54,7 @@ async def test_many_requests_with_few_blocks_preempt_and_still_match_the_referen
 
 
 async def test_long_prompts_are_prefilled_in_chunks_within_the_budget() -> None:
-    config = SchedulerConfig(token_budget=8, prefill_chunk=8)
+    config = SchedulerConfig(token_budget=8, prefill_chunk=8, tuner=FIXED)
     async with running(config) as (engine, backend):
         prompt = "a long prompt that needs several prefill chunks"
         s = Stream(engine, prompt=prompt, max_tokens=3)
@@ -256,7 +260,7 @@ async def test_a_sequence_is_placed_only_on_a_pool_that_can_hold_it_whole() -> N
     # "small" holds 24 positions, "big" 256. While big is busy, small has
     # more free blocks — but a 46-position request placed there could only
     # ever preempt itself (a sequence stays on its pool).
-    config = SchedulerConfig(token_budget=64, max_num_seqs=8, prefill_chunk=64)
+    config = SchedulerConfig(token_budget=64, max_num_seqs=8, prefill_chunk=64, tuner=FIXED)
     drivers = {"small": FakeDriver(6), "big": FakeDriver(64)}
     async with running(config, drivers) as (engine, _):
         busy = [Stream(engine, prompt=f"{i}" + "x" * 55, max_tokens=12, request_id=f"busy{i}") for i in range(4)]
@@ -340,7 +344,7 @@ async def test_a_tenants_growing_requests_share_its_quota_without_deadlock() -> 
     # Two requests of 4 blocks each under a quota of 6: both start with one
     # block, then grow into each other. The less important one is preempted
     # for the other (before, both held their blocks and waited forever).
-    config = SchedulerConfig(token_budget=64, max_num_seqs=8, prefill_chunk=64)
+    config = SchedulerConfig(token_budget=64, max_num_seqs=8, prefill_chunk=64, tuner=FIXED)
     async with running(config) as (engine, backend):
         engine.set_kv_quotas({"alice": 6})
         streams = [TenantStream(engine, "alice", prompt_ids=[i, 2, 3, 4], max_tokens=12, request_id=f"r{i}")
