@@ -1,0 +1,180 @@
+"""What the steps benchmark drives: the scheduler on the null driver through
+the whole OS (kernel with auth on, security, memory server, null driver and
+scheduler as processes; requests through the SDK), and the same engine in
+this process with the memory manager and the null driver's own handler
+(no kernel, sockets or codec). Torch-free, both."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, Protocol
+
+import anyio
+
+from common.config.scheduler import SchedulerConfig, load_scheduler_config
+from drivers.null import NullDriver
+from ipc.protocol import driver as dp
+from ipc.protocol import memory as mp
+from ipc.protocol import scheduler as sp
+from ipc.protocol.base import Message
+from ipc.protocol.sampling import SamplingParams
+from kernel.config import ChildSpec
+from services.memory import MemoryManager
+from services.scheduler.engine import Engine, Model
+from text.tokenizer import load_tokenizer
+from tools.testing import running_llmos
+
+GREEDY = SamplingParams(temperature=0.0)
+POOL = "null"
+
+
+def scheduler_toml(max_seqs: int) -> str:
+    """Room for every sequence at once, one tenant's flood allowed (the bench
+    is one tenant), and the online tuner off: the limits stay as set and
+    nothing is refused early."""
+    return (f"[scheduler]\ntoken_budget = 8192\nmax_num_seqs = {max_seqs}\nmax_waiting = 2048\n"
+            "max_waiting_tokens = 16000000\nmax_waiting_share = 1.0\n\n"
+            "[scheduler.tuner]\nenabled = false\nreject_factor = 0.0\n")
+
+
+def null_args(step_ms: float, num_blocks: int) -> list[str]:
+    return ["--step-ms", str(step_ms), "--num-blocks", str(num_blocks), "--max-model-len", "65536"]
+
+
+class Target(Protocol):
+    name: str
+
+    def stream(self, prompt: list[int] | str, max_tokens: int, rid: str) -> AsyncIterator[int]:
+        """The number of tokens of each chunk, as it arrives."""
+        ...
+
+    async def cancel(self, rid: str) -> None: ...
+
+    async def stats(self) -> sp.SchedulerStatsReply: ...
+
+
+class OsTarget:
+    name = "os"
+
+    def __init__(self, client: Any):
+        self.client = client
+
+    async def stream(self, prompt: list[int] | str, max_tokens: int, rid: str) -> AsyncIterator[int]:
+        async for chunk in self.client.stream_generate(prompt, max_tokens=max_tokens, params=GREEDY,
+                                                       ignore_eos=True, request_id=rid):
+            yield len(chunk.token_ids)
+
+    async def cancel(self, rid: str) -> None:
+        await self.client.cancel(rid)
+
+    async def stats(self) -> sp.SchedulerStatsReply:
+        return await self.client.scheduler_stats()  # type: ignore[no-any-return]
+
+
+@asynccontextmanager
+async def booted_os(home: Path, step_ms: float, max_seqs: int, num_blocks: int) -> AsyncIterator[OsTarget]:
+    """`llmos up`'s processes with auth on, the null driver simulating
+    `step_ms` steps, the scheduler configured by `scheduler_toml`."""
+    home.mkdir(parents=True, exist_ok=True)
+    cfg = home / "steps-scheduler.toml"
+    cfg.write_text(scheduler_toml(max_seqs))
+    children = [ChildSpec("security", "services.security"), ChildSpec("memory", "services.memory"),
+                ChildSpec("null", "drivers", service="driver", args=["null", *null_args(step_ms, num_blocks)]),
+                ChildSpec("scheduler", "services.scheduler", args=["--config", str(cfg)])]
+    async with running_llmos(home, children, auth=True, ready_timeout=120.0) as llmos:
+        target = OsTarget(llmos.client)
+        with anyio.fail_after(60):  # until the scheduler has learned the model
+            while True:
+                try:
+                    async for _ in target.stream([256, 1, 2], 1, f"probe-{time.monotonic_ns()}"):
+                        pass
+                    break
+                except Exception:  # noqa: BLE001 - Unavailable until a driver is described
+                    await anyio.sleep(0.2)
+        yield target
+
+
+class NullBackend:
+    """The engine's backend in this process: the memory manager's calls
+    directly, and the null driver's own Execute handler (its checks, its
+    tokens, its simulated step time) without the wire."""
+
+    def __init__(self, driver: NullDriver):
+        self.driver = driver
+        self.memory = MemoryManager()
+        lim = driver.limits
+        self.memory.register_pool(mp.RegisterPool(POOL, lim.num_blocks, lim.block_size, 0))
+
+    def __getattr__(self, op: str) -> Callable[[Message], Any]:
+        # reserve, release, reregister, swap_out, swap_in, fork, ...: whatever
+        # the engine's Backend asks the memory server, the manager answers.
+        method = getattr(self.memory, op)
+
+        async def call(req: Message) -> Any:
+            return method(req)
+        return call
+
+    async def execute(self, instance: str, req: dp.Execute) -> dp.Executed:
+        return await self.driver.execute(req, None)  # type: ignore[arg-type]
+
+    async def swap_blocks(self, instance: str, req: dp.SwapBlocksOut | dp.SwapBlocksIn) -> dp.Swapped:
+        return dp.Swapped(len(req.block_ids))
+
+
+class InProcTarget:
+    name = "inproc"
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    async def stream(self, prompt: list[int] | str, max_tokens: int, rid: str) -> AsyncIterator[int]:
+        send, recv = anyio.create_memory_object_stream[int](10_000)
+
+        def emit(msg: Message) -> None:
+            if isinstance(msg, sp.TokenDelta):
+                send.send_nowait(len(msg.token_ids))
+
+        submit = sp.Submit(prompt=prompt if isinstance(prompt, str) else "",
+                           prompt_ids=prompt if isinstance(prompt, list) else [], params=GREEDY,
+                           max_tokens=max_tokens, ignore_eos=True, request_id=rid)
+        # As the service does: text is tokenized in a worker thread.
+        ids = await anyio.to_thread.run_sync(self.engine.tokenize, submit)
+        sink = self.engine.submit(submit, "", emit, ids)
+        async with anyio.create_task_group() as tg:
+            async def finish() -> None:
+                done = await sink.wait()
+                send.send_nowait(len(done.token_ids))
+                send.close()
+            tg.start_soon(finish)
+            async for n in recv:
+                yield n
+
+    async def cancel(self, rid: str) -> None:
+        self.engine.cancel("", rid)
+
+    async def stats(self) -> sp.SchedulerStatsReply:
+        return self.engine.stats()
+
+
+@asynccontextmanager
+async def inproc_engine(home: Path, step_ms: float, max_seqs: int, num_blocks: int) -> AsyncIterator[InProcTarget]:
+    home.mkdir(parents=True, exist_ok=True)
+    cfg = home / "steps-scheduler.toml"
+    cfg.write_text(scheduler_toml(max_seqs))
+    config: SchedulerConfig = load_scheduler_config(cfg)
+    driver = NullDriver(null_args(step_ms, num_blocks), instance=POOL, home=str(home))
+    await driver.on_start()
+    engine = Engine(config, NullBackend(driver))  # type: ignore[arg-type]
+    engine.driver_up(POOL, driver.ready_meta())
+    tok = load_tokenizer(driver.model_dir)
+    engine.set_model(Model(tok, frozenset(tok.eos_token_ids), driver.limits.max_model_len))
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(engine.run)
+        yield InProcTarget(engine)
+        tg.cancel_scope.cancel()
+
+
+__all__ = ["InProcTarget", "OsTarget", "Target", "booted_os", "inproc_engine"]
