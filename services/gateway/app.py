@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Callable
+
+import anyio
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -21,15 +23,18 @@ from ipc.errors import BadRequest, Forbidden, Internal, LlmosError, NotFound, Un
 from ipc.protocol.driver import ModelDescription
 from ipc.protocol.kernel import ChildState
 from ipc.protocol import kernel as kp
-from ipc.protocol.scheduler import RequestInfo, Submit
-from sdk.generate import Chunk, GenerationStream
+from ipc.protocol.scheduler import RequestInfo, Submit, Usage
+from sdk.generate import Chunk, GenerationStream, fork_submits
+from services.gateway import choices
 from services.gateway import openai as oa
+from services.gateway.choices import Pieces, Shape
 from services.gateway.backend import Stats
 from services.gateway.body import check_head, read_body
 from common.config.gateway import GatewayConfig
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.resume import Resume, check_key, event_id, parse_last_event_id, request_id
 from text.chat import ChatFormatter
+from text.tokenizer import load_tokenizer
 
 class Backend(Protocol):
     async def authenticate(self, api_key: str) -> None: ...
@@ -87,6 +92,7 @@ def create_app(backend: Backend, config: GatewayConfig | None = None,
     served_by = {"Llmos-Instance": instance} if instance else {}
     metrics = GatewayMetrics()
     chat_formatters: dict[str, ChatFormatter] = {}
+    token_pieces: dict[str, Pieces] = {}
     health_seen: list[tuple[float, kp.StatusReply]] = []
 
     async def caller(request: Request) -> str | None:
@@ -118,10 +124,12 @@ def create_app(backend: Backend, config: GatewayConfig | None = None,
             prompt = _prompt(req.prompt, desc)
             submit = oa.to_submit(req, prompt=prompt, logprobs=req.logprobs or 0,
                                   default_max_tokens=cfg.default_max_tokens)
+            shape = Shape(False, model, *oa.check_n(req, req.best_of, cfg.max_n),
+                          pieces=await pieces_of(desc) if req.logprobs is not None else None)
             resume, keyed = await resumable(request, key, submit, req.request_id, stream=req.stream)
         except LlmosError as exc:
             return refuse("completions", exc, body_read=body_read)
-        return await _run(key, submit, model, chat=False, stream=req.stream, resume=resume, keyed=keyed)
+        return await _run(key, submit, shape, stream=req.stream, resume=resume, keyed=keyed)
 
     async def chat_completions(request: Request) -> Response:
         body_read = False
@@ -144,10 +152,20 @@ def create_app(backend: Backend, config: GatewayConfig | None = None,
             # A template that adds its own BOS must not get a second one.
             if fmt.has_template:
                 submit.add_special_tokens = False
+            shape = Shape(True, desc.name, *oa.check_n(req, None, cfg.max_n),
+                          pieces=await pieces_of(desc) if req.logprobs else None)
             resume, keyed = await resumable(request, key, submit, req.request_id, stream=req.stream)
         except LlmosError as exc:
             return refuse("chat", exc, body_read=body_read)
-        return await _run(key, submit, desc.name, chat=True, stream=req.stream, resume=resume, keyed=keyed)
+        return await _run(key, submit, shape, stream=req.stream, resume=resume, keyed=keyed)
+
+    async def pieces_of(desc: ModelDescription) -> Pieces:
+        """The served model's token texts, for logprobs (its tokenizer loaded once, off the loop)."""
+        got = token_pieces.get(desc.path)
+        if got is None:
+            tok = await anyio.to_thread.run_sync(load_tokenizer, desc.path)
+            got = token_pieces[desc.path] = Pieces(tok)
+        return got
 
     async def resumable(request: Request, key: str | None, submit: Submit, body_id: str, *,
                         stream: bool) -> tuple[Resume | None, bool]:
@@ -186,16 +204,33 @@ def create_app(backend: Backend, config: GatewayConfig | None = None,
         else:
             await chunks.aclose()
 
-    async def _run(key: str | None, submit: Submit, model: str, *, chat: bool, stream: bool,
-                   resume: Resume | None, keyed: bool) -> Response:
-        endpoint = "chat" if chat else "completions"
+    async def _run(key: str | None, submit: Submit, shape: Shape, *, stream: bool, resume: Resume | None,
+                   keyed: bool) -> Response:
+        endpoint = "chat" if shape.chat else "completions"
         try:
-            chunks = await backend.stream(key, submit)
+            if resume is not None and shape.runs > 1:
+                raise BadRequest("Last-Event-ID resumes a stream of one choice (n = 1)", detail={"field": "n"})
+            streams = [await backend.stream(key, s) for s in fork_submits(submit, shape.runs)]
         except LlmosError as exc:
             return refuse(endpoint, exc)
+        rid = submit.request_id
+        if not stream:
+            try:
+                # Each stream's first chunk arrives once it was admitted, so
+                # admission errors (429, 401, 403, 503) are ordinary HTTP errors.
+                results = await choices.gather(streams, lambda c: release(c, keyed))
+            except LlmosError as exc:
+                return refuse(endpoint, exc)
+            for c in results:
+                metrics.observe_usage(c.usage)
+            metrics.requests.labels(endpoint, 200).inc()
+            return _json(shape.body(rid, results), headers=served_by)
+        if len(streams) > 1:
+            metrics.requests.labels(endpoint, 200).inc()
+            return StreamingResponse(_sse_many(streams, shape, rid, keyed), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", **served_by})
+        chunks = streams[0]
         try:
-            # The first chunk arrives only once the request was admitted, so
-            # admission errors (429, 401, 403, 503) are ordinary HTTP errors.
             first = await chunks.__anext__()
         except LlmosError as exc:
             await chunks.aclose()
@@ -203,51 +238,28 @@ def create_app(backend: Backend, config: GatewayConfig | None = None,
         except BaseException:
             await release(chunks, keyed)  # the client went away while it waited
             raise
-        rid = first.request_id
-        if not stream:
-            text, last = [first.text], first
-            try:
-                async for c in chunks:
-                    text.append(c.text)
-                    last = c
-            except LlmosError as exc:
-                return refuse(endpoint, exc)
-            finally:
-                await release(chunks, keyed)  # early (the client gone): cancelled unless keyed
-            usage = last.usage
-            metrics.observe_usage(usage)
-            metrics.requests.labels(endpoint, 200).inc()
-            body = (oa.chat_json if chat else oa.completion_json)(rid, model, "".join(text),
-                                                                 str(last.finish_reason), usage)
-            return _json(body, headers=served_by)
         metrics.requests.labels(endpoint, 200).inc()
-        return StreamingResponse(_sse(chunks, first, rid, model, chat, resume, keyed),
+        return StreamingResponse(_sse(chunks, first, rid, shape, resume, keyed),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache", **served_by})
 
-    async def _sse(chunks: GenerationStream, first: Chunk, rid: str, model: str, chat: bool,
-                   resume: Resume | None, keyed: bool) -> AsyncIterator[bytes]:
+    async def _sse(chunks: GenerationStream, first: Chunk, rid: str, shape: Shape, resume: Resume | None,
+                   keyed: bool) -> AsyncIterator[bytes]:
         """The events of one stream, each with the id it resumes from; a
         resumed stream (`resume`) sends only what its client lacks."""
-        created = int(time.time())
         try:
-            if chat and resume is None:
-                role = {"role": "assistant", "content": ""}
-                yield _event(oa.chat_chunk(rid, model, created, role, None), event_id(rid, 0))
+            if shape.chat and resume is None:
+                yield _event(shape.chunk(rid, 0, first, 0, first=True), event_id(rid, 0))
             c: Chunk | None = first
+            offset = 0  # text_offset of the next token (completions' logprobs)
             while c is not None:
                 held = c.offset + len(c.token_ids)
                 finish = str(c.finish_reason) if c.finish_reason is not None else None
                 if (c.text or finish is not None) and not (resume is not None and resume.ended):
-                    if chat:
-                        delta = {"content": c.text} if c.text else {}
-                        body = oa.chat_chunk(rid, model, created, delta, finish)
-                    else:
-                        body = oa.completion_chunk(rid, model, created, c.text, finish)
-                    yield _event(body, event_id(rid, held, end=finish is not None))
+                    yield _event(shape.chunk(rid, 0, c, offset), event_id(rid, held, end=finish is not None))
+                    offset += len(c.text)
                 if finish is not None:
                     metrics.observe_usage(c.usage)
-                    obj = "chat.completion.chunk" if chat else "text_completion"
-                    yield _event(oa.usage_chunk(obj, rid, model, created, c.usage))
+                    yield _event(shape.usage_chunk(rid, [c.usage]))
                     break
                 c = await chunks.__anext__()
             yield b"data: [DONE]\n\n"
@@ -257,6 +269,27 @@ def create_app(backend: Backend, config: GatewayConfig | None = None,
         finally:
             # The end, or the client gone mid-stream (cancelled unless it may come back).
             await release(chunks, keyed)
+
+    async def _sse_many(streams: list[GenerationStream], shape: Shape, rid: str, keyed: bool) -> AsyncIterator[bytes]:
+        """n > 1 choices streamed as their tokens come, each event naming its
+        choice's index; no Last-Event-ID resume."""
+        usages: list[Usage | None] = [None] * len(streams)
+        offsets = [0] * len(streams)
+        if shape.chat:
+            for i in range(len(streams)):
+                yield _event(shape.chunk(rid, i, Chunk(rid, 0, [], ""), 0, first=True))
+        async for i, c in choices.merged(streams, lambda s: release(s, keyed)):
+            if isinstance(c, LlmosError):
+                yield b"data: " + oa.error_body(c)[1] + b"\n\n"
+                return
+            if c.text or c.finish_reason is not None:
+                yield _event(shape.chunk(rid, i, c, offsets[i]))
+                offsets[i] += len(c.text)
+            if c.finish_reason is not None:
+                metrics.observe_usage(c.usage)
+                usages[i] = c.usage
+        yield _event(shape.usage_chunk(rid, usages))
+        yield b"data: [DONE]\n\n"
 
     async def models(request: Request) -> Response:
         try:

@@ -8,7 +8,6 @@ type-checked, and a wrong one is a 400 naming it. llmos extras: `priority`,
 from __future__ import annotations
 
 import re
-import time
 import uuid
 from typing import Annotated, Any
 
@@ -59,6 +58,7 @@ class CompletionRequest(_Common, kw_only=True):
     prompt: str | list[TokenId | str]
     logprobs: Logprobs | None = None
     echo: bool = False
+    best_of: Count | None = None
 
 
 class ContentPart(msgspec.Struct):
@@ -141,9 +141,24 @@ def short(value: str, limit: int = 40) -> str:
     return repr(value[:limit] + "..." if len(value) > limit else value)
 
 
+def check_n(req: _Common, best_of: int | None, max_n: int) -> tuple[int, int]:
+    """(n, best_of) of a request, within this server's `max_n`; a refusal names the field."""
+    if req.n > max_n:
+        raise BadRequest(f"n must be at most {max_n} (this server's max_n), got {req.n}", detail={"field": "n"})
+    runs = req.n if best_of is None else best_of
+    if best_of is not None and not req.n <= best_of <= max_n:
+        raise BadRequest(f"best_of must be in [n, {max_n}] (n = {req.n}; {max_n}: this server's max_n), got "
+                         f"{best_of}", detail={"field": "best_of"})
+    if runs > req.n and req.stream:
+        raise BadRequest("best_of > n cannot be streamed (the best are known at the end)",
+                         detail={"field": "best_of"})
+    if runs > 1 and req.session_id:
+        raise BadRequest("n > 1 cannot run in a session (a session's turns are one conversation)",
+                         detail={"field": "n"})
+    return req.n, runs
+
+
 def to_submit(req: _Common, *, prompt: str | list[int], logprobs: int, default_max_tokens: int) -> Submit:
-    if req.n != 1:
-        raise BadRequest("n > 1 is not supported yet; send n requests", detail={"field": "n"})
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     max_tokens = req.max_tokens if req.max_tokens is not None else default_max_tokens
     params = SamplingParams(temperature=req.temperature, top_k=req.top_k, top_p=req.top_p, min_p=req.min_p,
@@ -186,40 +201,3 @@ def error_body(exc: LlmosError) -> tuple[int, bytes, dict[str, str]]:
     if status == 429:
         headers["Retry-After"] = str(max(1, round(float(retry)))) if retry is not None else "1"
     return status, body, headers
-
-
-# -- responses ------------------------------------------------------------------
-
-
-def usage_json(u: Any) -> dict[str, int]:
-    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-            "total_tokens": u.prompt_tokens + u.completion_tokens}
-
-
-def completion_json(rid: str, model: str, text: str, finish: str, usage: Any) -> dict[str, Any]:
-    return {"id": f"cmpl-{rid}", "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}],
-            "usage": usage_json(usage)}
-
-
-def completion_chunk(rid: str, model: str, created: int, text: str, finish: str | None) -> dict[str, Any]:
-    return {"id": f"cmpl-{rid}", "object": "text_completion", "created": created, "model": model,
-            "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}]}
-
-
-def chat_json(rid: str, model: str, text: str, finish: str, usage: Any) -> dict[str, Any]:
-    return {"id": f"chatcmpl-{rid}", "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                         "finish_reason": finish}],
-            "usage": usage_json(usage)}
-
-
-def chat_chunk(rid: str, model: str, created: int, delta: dict[str, str], finish: str | None) -> dict[str, Any]:
-    return {"id": f"chatcmpl-{rid}", "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
-
-
-def usage_chunk(obj: str, rid: str, model: str, created: int, usage: Any) -> dict[str, Any]:
-    prefix = "chatcmpl" if obj.startswith("chat") else "cmpl"
-    return {"id": f"{prefix}-{rid}", "object": obj, "created": created, "model": model, "choices": [],
-            "usage": usage_json(usage)}

@@ -65,13 +65,19 @@ class FakeBackend:
         return stream
 
     async def chunks(self, submit: Submit) -> AsyncIterator[Chunk]:
-        """Piece i is token i; a re-sent request gets the pieces from its resume_from."""
+        """Piece i is token 65 + i ("A"...), of logprob -0.1 (i + 1) + 0.01 j
+        where j is the choice's index in its fork group (its last piece ends
+        in "#j" then); a re-sent request gets the pieces from its resume_from."""
         if self.fail_with is not None:
             raise self.fail_with
+        j = int(submit.request_id.rsplit(".", 1)[1]) if submit.fork_group else 0
         for i in range(submit.resume_from, len(self.pieces)):
             last = i == len(self.pieces) - 1
-            yield Chunk(submit.request_id, i, [i], self.pieces[i], FinishReason.LENGTH if last else None,
-                        USAGE if last else None)
+            lp = -0.1 * (i + 1) + 0.01 * j
+            top = [(65 + i, lp), (97 + i, lp - 1.0)][:submit.params.logprobs]
+            yield Chunk(submit.request_id, i, [65 + i], self.pieces[i] + (f"#{j}" if last and submit.fork_group else ""),
+                        FinishReason.LENGTH if last else None, USAGE if last else None, logprobs=[lp],
+                        top_logprobs=[top] if submit.params.logprobs else [])
         if submit.resume_from >= len(self.pieces):  # the client holds every token: only the end is left
             yield Chunk(submit.request_id, len(self.pieces), [], "", FinishReason.LENGTH, USAGE)
 
