@@ -38,6 +38,7 @@ from common.logs import get_logger
 from services.scheduler._admission import Model
 from services.scheduler._history import Histories, bind_turn, check_turn_fits, with_history
 from services.scheduler._request import Request, Seq
+from services.scheduler._session_fork import adopt_pins
 from services.scheduler._state import EngineState
 from services.scheduler._swap import swap_in, swap_out
 from services.scheduler.planner import BlockLedger, StepPlan
@@ -329,6 +330,7 @@ class SessionTable:
     async def switch(self) -> None:
         """Suspend and resume sessions as asked (a resume that finds no free
         blocks is tried again next step)."""
+        await adopt_pins(self)
         for key in list(self._park):
             self._park.discard(key)
             s = self.by_key.get(key)

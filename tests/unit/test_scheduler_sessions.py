@@ -44,9 +44,10 @@ async def second_turn_cached_tokens(config: SchedulerConfig) -> tuple[int, list[
 async def test_a_session_keeps_its_kv_pinned_for_its_next_request() -> None:
     cached, got, want = await second_turn_cached_tokens(SchedulerConfig())
     assert got == want
-    # 18 prompt + 12 generated tokens: the 7 full blocks (28 tokens) of the
-    # first turn were held through the eviction.
-    assert cached == 28
+    # 19 prompt + 12 generated tokens, held through the eviction: the second
+    # turn forks the pin (its partial last block too), so every position the
+    # first turn computed is reused: all but its last generated token (30).
+    assert cached == 30
     cached, got, want = await second_turn_cached_tokens(SchedulerConfig(session_pin_fraction=0.0))
     assert got == want and cached == 0  # without pinning, the eviction took them
 
@@ -185,7 +186,7 @@ async def test_a_pinned_session_kv_survives_a_memory_server_restart() -> None:
         second = Stream(engine, prompt_ids=TOK.encode(" and more"), max_tokens=8, session="chat")
         f2 = await second.result()
     assert second.tokens(f2) == reference(prompt2, 8)
-    assert f2.usage.cached_tokens == 28  # the first turn's 7 full blocks, adopted from the driver
+    assert f2.usage.cached_tokens == 30  # the first turn's computed positions, adopted from the driver
 
 
 async def test_a_pin_gives_way_when_the_memory_server_refuses_a_waiting_request_blocks() -> None:
