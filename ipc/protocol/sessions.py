@@ -11,8 +11,10 @@ The scheduler keeps the session's token history and runs the turn on
     system_ids + history (turn 1 prompt + turn 1 output + ... ) + this prompt
 
 so a client never re-sends history. The KV of that prefix is the session's
-pinned KV (or prefix-cache hits): ``Usage.cached_tokens`` shows how much of
-it was not recomputed. A turn's text is tokenized with special tokens (BOS)
+pinned KV, forked into the new turn (copy-on-write), or else prefix-cache
+hits (full blocks only): ``Usage.cached_tokens`` shows how much of it was
+not recomputed — with the pin, the whole history but its last token (the
+last turn's final token was sampled, never fed). A turn's text is tokenized with special tokens (BOS)
 only when it opens the conversation (no system prompt, empty history, no
 turn in flight); later turns are tokenized without them.
 Turns of one session run one at a time in arrival order: a concurrent
@@ -25,6 +27,11 @@ are appended to the history as one turn, persisted, and only then is
 appended — cancelled, deadline, error, or no session). History is
 token-level: re-sending the whole history as ``prompt_ids`` of a plain
 Submit gives the same answer (greedy).
+
+**Chat format.** The scheduler keeps token ids; it applies no chat
+template. A caller speaking messages (the gateway) renders each turn's
+increment itself (user message + the assistant prefix) and sends it as the
+turn's text; the system prompt is `OpenSession.system` (kept through eviction).
 
 **Usage** (ipc.protocol.scheduler.Usage, fields at the end):
 ``prompt_tokens`` counts the whole prompt (system + kept history + new
