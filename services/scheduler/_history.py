@@ -143,6 +143,7 @@ class Histories:
         self.version: dict[Key, int] = {}  # bumped on each change
         self.saved: dict[Key, int] = {}  # the version on disk
         self._lock = anyio.Lock()
+        self._wake: anyio.Event | None = None  # set on a change, for `flush_forever`
 
     async def ensure(self, key: Key) -> HistoryRec | None:
         """Load the stored history of `key` (off the loop), if not in memory."""
@@ -171,6 +172,16 @@ class Histories:
 
     def changed(self, key: Key) -> None:
         self.version[key] = self.version.get(key, 0) + 1
+        if self._wake is not None:
+            self._wake.set()
+
+    async def flush_forever(self) -> None:
+        """Write what changed outside a client's turn (a job's turn, an
+        eviction by a turn that then failed) soon after it changed."""
+        while True:
+            self._wake = anyio.Event()
+            await self.persist_all()
+            await self._wake.wait()
 
     def append(self, key: Key, request_id: str, prompt_ids: list[int], output_ids: list[int]) -> int:
         rec = self.get_or_new(key)

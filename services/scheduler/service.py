@@ -102,6 +102,7 @@ class SchedulerService(SessionHandlers, Service):
 
     async def background(self, tg: TaskGroup) -> None:
         self._tg = tg
+        tg.start_soon(self.engine.sessions.histories.flush_forever)  # sessions' history to disk
         services = self.subscribe(kp.SERVICES_TOPIC)
         await services.__anext__()  # Subscribed: no ServiceUp/Down is missed from here on
         memory = self.subscribe(mp.MEMORY_TOPIC)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import anyio
 import msgspec
 import pytest
 
@@ -104,3 +105,16 @@ async def test_turns_send_only_the_new_text_over_the_engine() -> None:
         assert engine.sessions.describe("", "chat").turns == 3
         # Another principal's "chat" is another conversation.
         assert engine.sessions.histories.get(("bob", "chat")) is None
+
+
+async def test_changes_outside_a_clients_turn_reach_the_disk(tmp_path: Path) -> None:
+    h = Histories(HistoryStore(tmp_path))
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(h.flush_forever)
+        await anyio.sleep(0)  # waiting for a change
+        h.append(("p", "job-chat"), "run-1", [1], [2, 3])  # a job's turn: no client awaits its write
+        with anyio.fail_after(10):
+            while (rec := HistoryStore(tmp_path).load(("p", "job-chat"))) is None:
+                await anyio.sleep(0.01)
+        tg.cancel_scope.cancel()
+    assert rec.ids() == [1, 2, 3]
