@@ -57,8 +57,17 @@ def completion_logprobs(pieces: Pieces, ids: Sequence[int], lps: Sequence[float]
     for t in tokens:
         offsets.append(text_offset)
         text_offset += len(t)
-    top = [{pieces(t): lp for t, lp in alts} for _, alts in zip_longest(ids, tops[:len(ids)], fillvalue=())]
+    top = [_alternatives(pieces, alts) for _, alts in zip_longest(ids, tops[:len(ids)], fillvalue=())]
     return {"tokens": tokens, "token_logprobs": list(lps[:len(ids)]), "top_logprobs": top, "text_offset": offsets}
+
+
+def _alternatives(pieces: Pieces, alts: Sequence[tuple[int, float]]) -> dict[str, float]:
+    """Text -> logprob, most likely first; tokens whose texts coincide (half
+    a UTF-8 character decodes alone to U+FFFD) keep the likelier one."""
+    out: dict[str, float] = {}
+    for t, lp in alts:
+        out.setdefault(pieces(t), lp)
+    return out
 
 
 def chat_logprobs(pieces: Pieces, ids: Sequence[int], lps: Sequence[float], tops: Tops) -> dict[str, Any]:
