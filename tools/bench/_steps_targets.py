@@ -47,8 +47,9 @@ def null_args(step_ms: float, num_blocks: int) -> list[str]:
 class Target(Protocol):
     name: str
 
-    def stream(self, prompt: list[int] | str, max_tokens: int, rid: str) -> AsyncIterator[int]:
-        """The number of tokens of each chunk, as it arrives."""
+    async def stream(self, prompt: list[int] | str, max_tokens: int, rid: str,
+                     on_chunk: Callable[[int], None]) -> None:
+        """Generate; `on_chunk(tokens)` as each chunk arrives; return at the end."""
         ...
 
     async def cancel(self, rid: str) -> None: ...
@@ -62,10 +63,11 @@ class OsTarget:
     def __init__(self, client: Any):
         self.client = client
 
-    async def stream(self, prompt: list[int] | str, max_tokens: int, rid: str) -> AsyncIterator[int]:
+    async def stream(self, prompt: list[int] | str, max_tokens: int, rid: str,
+                     on_chunk: Callable[[int], None]) -> None:
         async for chunk in self.client.stream_generate(prompt, max_tokens=max_tokens, params=GREEDY,
                                                        ignore_eos=True, request_id=rid):
-            yield len(chunk.token_ids)
+            on_chunk(len(chunk.token_ids))
 
     async def cancel(self, rid: str) -> None:
         await self.client.cancel(rid)
@@ -89,8 +91,7 @@ async def booted_os(home: Path, step_ms: float, max_seqs: int, num_blocks: int) 
         with anyio.fail_after(60):  # until the scheduler has learned the model
             while True:
                 try:
-                    async for _ in target.stream([256, 1, 2], 1, f"probe-{time.monotonic_ns()}"):
-                        pass
+                    await target.stream([256, 1, 2], 1, f"probe-{time.monotonic_ns()}", lambda n: None)
                     break
                 except Exception:  # noqa: BLE001 - Unavailable until a driver is described
                     await anyio.sleep(0.2)
@@ -130,12 +131,13 @@ class InProcTarget:
     def __init__(self, engine: Engine):
         self.engine = engine
 
-    async def stream(self, prompt: list[int] | str, max_tokens: int, rid: str) -> AsyncIterator[int]:
-        send, recv = anyio.create_memory_object_stream[int](10_000)
-
+    async def stream(self, prompt: list[int] | str, max_tokens: int, rid: str,
+                     on_chunk: Callable[[int], None]) -> None:
+        # Called from the engine's step, as the OS path's scheduler emits
+        # (no queue: the client side costs next to nothing here).
         def emit(msg: Message) -> None:
             if isinstance(msg, sp.TokenDelta):
-                send.send_nowait(len(msg.token_ids))
+                on_chunk(len(msg.token_ids))
 
         submit = sp.Submit(prompt=prompt if isinstance(prompt, str) else "",
                            prompt_ids=prompt if isinstance(prompt, list) else [], params=GREEDY,
@@ -143,14 +145,8 @@ class InProcTarget:
         # As the service does: text is tokenized in a worker thread.
         ids = await anyio.to_thread.run_sync(self.engine.tokenize, submit)
         sink = self.engine.submit(submit, "", emit, ids)
-        async with anyio.create_task_group() as tg:
-            async def finish() -> None:
-                done = await sink.wait()
-                send.send_nowait(len(done.token_ids))
-                send.close()
-            tg.start_soon(finish)
-            async for n in recv:
-                yield n
+        done = await sink.wait()
+        on_chunk(len(done.token_ids))
 
     async def cancel(self, rid: str) -> None:
         self.engine.cancel("", rid)

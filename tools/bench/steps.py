@@ -38,7 +38,7 @@ from __future__ import annotations
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
@@ -77,9 +77,10 @@ async def saturate(target: Target, batch: int, context: int, window_s: float, rn
     seen = [0] * batch
 
     async def consume(i: int) -> None:
+        def got(n: int) -> None:
+            seen[i] += n
         try:
-            async for n in target.stream(prompt(rng, context), max_tokens, rids[i]):
-                seen[i] += n
+            await target.stream(prompt(rng, context), max_tokens, rids[i], got)
         except Exception:  # noqa: BLE001 - cancelled at the end of the window
             pass
 
@@ -122,8 +123,7 @@ async def long_prompt_stall(target: Target, step_ms: float, prompt_tokens: int, 
 
     async def consume(i: int) -> None:
         try:
-            async for _ in target.stream(prompt(rng, 64), 60_000, rids[i]):
-                arrivals[i].append(time.perf_counter())
+            await target.stream(prompt(rng, 64), 60_000, rids[i], lambda n: arrivals[i].append(time.perf_counter()))
         except Exception:  # noqa: BLE001 - cancelled at the end
             pass
 
@@ -136,8 +136,7 @@ async def long_prompt_stall(target: Target, step_ms: float, prompt_tokens: int, 
                 await anyio.sleep(0.05)
         await anyio.sleep(0.3)
         b0 = time.perf_counter()
-        async for _ in target.stream(text, 1, f"long-{uuid.uuid4().hex[:8]}"):
-            pass
+        await target.stream(text, 1, f"long-{uuid.uuid4().hex[:8]}", lambda n: None)
         b1 = time.perf_counter()
         await anyio.sleep(0.2)
         baseline_lo = time.perf_counter()
