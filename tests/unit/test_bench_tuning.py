@@ -1,0 +1,52 @@
+"""The tuning benchmark's workloads, verdicts and figures (no timing asserted)."""
+
+from __future__ import annotations
+
+import math
+import random
+
+from tools.bench._serve_load import Timing
+from tools.bench.tuning import CHAT, DOC, FULL, OBJECTIVES, QUICK, Outcome, Run, bursty, figures, ramp, ratio, steady
+
+
+def test_the_three_workloads_have_their_shapes() -> None:
+    for plan in (QUICK, FULL):
+        chat = steady(plan, random.Random(1))
+        assert all(0 <= r.at < plan.seconds and 32 <= len(r.prompt) <= 256 for r in chat)
+        burst = bursty(plan, random.Random(1))
+        longs = [r for r in burst if len(r.prompt) >= 900]
+        assert len(longs) >= plan.burst_size * 2 and all(r.max_tokens <= 16 and r.priority == DOC for r in longs)
+        assert all(r.priority == CHAT for r in burst if r not in longs)
+        assert [r.index for r in burst] == list(range(len(burst))) and burst == sorted(burst, key=lambda r: r.at)
+        up = ramp(plan, random.Random(1))
+        first = sum(1 for r in up if r.at < plan.seconds / 2)
+        assert len(up) - first > 2 * first  # the rate climbs: most arrivals come late
+
+
+def test_a_request_meets_its_objectives_only_when_served_in_time() -> None:
+    fast = Outcome(Timing(submitted=0.0, first=0.5, last=0.5 + 9 * 0.05, tokens=10))
+    slow_start = Outcome(Timing(submitted=0.0, first=1.5, last=1.58, tokens=2))
+    slow_stream = Outcome(Timing(submitted=0.0, first=0.2, last=0.2 + 9 * 0.2, tokens=10))
+    assert fast.met and not slow_start.met and not slow_stream.met
+    assert not Outcome(fast.timing, refused=True).met and not Outcome(fast.timing, gave_up=True).met
+    assert not Outcome().met
+    # A document's first token may take 10 s.
+    assert Outcome(slow_start.timing, OBJECTIVES[DOC]).met
+
+
+def run(setting: str, workload: str, goodput: float, ttft: float = 100.0, tpot: float = 20.0) -> Run:
+    return Run(setting, workload, 10, int(goodput * 10), 0, 0, goodput, ttft, tpot, 512, 64, 0)
+
+
+def test_figures_pick_the_best_static_setting_per_workload_with_hindsight() -> None:
+    runs = []
+    for w, best in (("steady", "static 128x16"), ("bursty", "static 512x64"), ("ramp", "static 128x16")):
+        runs += [run("tuner", w, 0.9, ttft=110.0, tpot=18.0), run("static 512x64", w, 0.5),
+                 run("static 128x16", w, 0.5)]
+        next(r for r in runs[-2:] if r.setting == best).goodput_rps = 1.0
+    figs = figures(runs)
+    assert figs["steady.goodput_ratio_vs_best_static"] == 0.9
+    assert figs["steady.goodput_ratio_vs_default_static"] == 0.9 / 0.5
+    assert figs["bursty.goodput_ratio_vs_default_static"] == 0.9
+    assert math.isclose(figs["ramp.ttft_p50_ratio"], 1.1) and math.isclose(figs["ramp.tpot_p50_ratio"], 0.9)
+    assert ratio(0.0, 0.0) == 1.0 and ratio(1.0, 0.0) == math.inf

@@ -1,0 +1,322 @@
+"""Tuning: the online tuner (on by default) against static settings, on SLO
+goodput, through the OS path.
+
+    python -m tools.bench.tuning [--quick] [--json PATH]
+
+The demo model, greedy, EOS ignored, requests streamed through the SDK to
+`llmos up`'s processes (kernel, memory server, CPU driver, scheduler; auth
+off). Three workloads, each replayed against every setting:
+
+* steady    - interactive chat: Poisson arrivals, prompts of 32-192 tokens,
+              replies of 32-96;
+* bursty    - streaming chats (replies of 48-128 tokens) into which bursts
+              of documents (prompts of 900-1,200 tokens, replies of 8-16)
+              land;
+* ramp      - chat whose arrival rate climbs linearly from light to well
+              past what a 2-core machine serves (overload).
+
+The rates are sized for a quiet 2-core CPU machine (about 330 generated
+tokens/s at saturation through the OS path: docs/benchmarks.md, Serve).
+
+Settings: the tuner (the default: the [scheduler] limits as ceilings) and
+a sweep of static settings, token budget x batch cap with the tuner off
+(today's default static setting, 512 x 64, among them). The system boots
+once; each setting restarts the scheduler alone with its table.
+
+Objectives (the scheduler's own, by priority, and what is judged here):
+chat (priority 0) the default, a first token within 1 s and 100 ms per
+token after it; documents (priority 1; ignored by the fair policy's order)
+a first token within 10 s. A request meets its objective when the client
+saw both. Goodput is met requests per second of the workload's arrival
+window. A request refused (`overloaded`: early rejection or a full queue)
+or given up on (no first token within `GIVE_UP_X` times its TTFT
+objective: the user has left; closing the stream cancels it) is not met.
+
+Figures, per workload:
+* goodput_ratio_vs_best_static: the tuner's goodput / the best static
+  setting's, that setting chosen per workload with hindsight;
+* goodput_ratio_vs_default_static: / today's default static setting's;
+* ttft_p50_ratio, tpot_p50_ratio: the tuner's medians / the default static
+  setting's, over the requests each served (the middle must not pay for
+  the tail).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import anyio
+import msgspec
+
+import drivers  # noqa: F401  (first: OpenMP waits passively in this process too, as in a driver)
+from common.config.scheduler import Objective
+from common.home import llmos_home
+from ipc.errors import LlmosError, Overloaded
+from ipc.protocol.sampling import SamplingParams
+from kernel.config import ChildSpec, default_children
+from sdk.client import AsyncClient
+from tools.bench._serve_load import Req, Timing, random_ids
+from tools.bench.common import parser, percentile, print_table, write_result
+from tools.testing import running_llmos
+
+GREEDY = SamplingParams(temperature=0.0)
+CHAT, DOC = 0, 1  # priorities
+OBJECTIVES = {CHAT: Objective(), DOC: Objective(ttft_ms=10_000, tpot_ms=100)}
+GIVE_UP_X = 5.0
+DEFAULT = (512, 64)  # today's default static setting: token budget, batch cap
+
+
+@dataclass(frozen=True)
+class Plan:
+    seconds: float  # each workload's arrival window
+    chat_rate: float  # steady chat, arrivals per second
+    burst_every_s: float
+    burst_size: int
+    ramp: tuple[float, float]  # arrivals per second at the start and the end
+    sweep: tuple[tuple[int, int], ...]  # static (token budget, batch cap)
+
+
+FULL = Plan(40.0, 1.5, 5.0, 2, (0.5, 8.0),
+            tuple((b, s) for b in (128, 256, 512) for s in (16, 32, 64)))
+QUICK = Plan(10.0, 1.5, 5.0, 2, (0.5, 8.0), ((128, 16), (512, 16), DEFAULT))
+
+
+def steady(plan: Plan, rng: random.Random) -> list[Req]:
+    return _poisson(rng, plan.seconds, lambda t: plan.chat_rate, (32, 192), (32, 96))
+
+
+def bursty(plan: Plan, rng: random.Random) -> list[Req]:
+    chats = _poisson(rng, plan.seconds, lambda t: plan.chat_rate * 2 / 3, (32, 128), (48, 128))
+    longs = [Req(0, random_ids(rng, rng.randint(900, 1200)), rng.randint(8, 16), at + 0.05 * k, DOC)
+             for at in _range(plan.burst_every_s / 2, plan.seconds, plan.burst_every_s)
+             for k in range(plan.burst_size)]
+    return _indexed(sorted(chats + longs, key=lambda r: r.at))
+
+
+def ramp(plan: Plan, rng: random.Random) -> list[Req]:
+    lo, hi = plan.ramp
+    return _poisson(rng, plan.seconds, lambda t: lo + (hi - lo) * t / plan.seconds, (32, 192), (32, 64))
+
+
+WORKLOADS = {"steady": steady, "bursty": bursty, "ramp": ramp}
+
+
+def _poisson(rng: random.Random, seconds: float, rate: object, prompt: tuple[int, int],
+             output: tuple[int, int]) -> list[Req]:
+    out, at = [], 0.0
+    while at < seconds:
+        out.append(Req(0, random_ids(rng, rng.randint(*prompt)), rng.randint(*output), at))
+        at += rng.expovariate(rate(at))  # type: ignore[operator]
+    return _indexed(out)
+
+
+def _range(start: float, stop: float, step: float) -> list[float]:
+    return [start + i * step for i in range(int((stop - start) / step) + 1) if start + i * step < stop]
+
+
+def _indexed(reqs: list[Req]) -> list[Req]:
+    return [Req(i, r.prompt, r.max_tokens, r.at, r.priority) for i, r in enumerate(reqs)]
+
+
+@dataclass
+class Outcome:
+    timing: Timing = field(default_factory=Timing)
+    objective: Objective = OBJECTIVES[CHAT]
+    refused: bool = False
+    gave_up: bool = False
+
+    @property
+    def met(self) -> bool:
+        t, o = self.timing, self.objective
+        if self.refused or self.gave_up or not t.tokens:
+            return False
+        return t.ttft * 1e3 <= o.ttft_ms and (t.tpot or 0.0) * 1e3 <= o.tpot_ms
+
+
+@dataclass
+class Run:
+    setting: str
+    workload: str
+    requests: int
+    met: int
+    refused: int
+    gave_up: int
+    goodput_rps: float
+    ttft_p50_ms: float
+    tpot_p50_ms: float
+    token_budget: int  # at the end (the tuner's choice)
+    max_num_seqs: int
+    tuner_changes: int
+
+
+async def serve(client: AsyncClient, req: Req, out: Outcome) -> None:
+    give_up = GIVE_UP_X * out.objective.ttft_ms / 1e3
+    out.timing.submitted = time.perf_counter()
+    try:
+        with anyio.move_on_after(give_up) as scope:
+            async with client.stream_generate(req.prompt, max_tokens=req.max_tokens, params=GREEDY,
+                                              ignore_eos=True, priority=req.priority) as stream:
+                async for chunk in stream:
+                    if chunk.token_ids and not out.timing.tokens:
+                        scope.deadline = math.inf  # it started: the user stays
+                    out.timing.got(len(chunk.token_ids))
+        out.gave_up = scope.cancelled_caught
+    except Overloaded:
+        out.refused = True
+
+
+async def replay(client: AsyncClient, workload: list[Req]) -> list[Outcome]:
+    outcomes = [Outcome(objective=OBJECTIVES[r.priority]) for r in workload]
+    began = time.perf_counter()
+    async with anyio.create_task_group() as tg:
+        for req, out in zip(workload, outcomes):
+            delay = began + req.at - time.perf_counter()
+            if delay > 0:
+                await anyio.sleep(delay)  # the arrival schedule is the workload
+            tg.start_soon(serve, client, req, out)
+    return outcomes
+
+
+def scheduler_table(path: Path, budget: int, seqs: int, tuner: bool) -> None:
+    doc = OBJECTIVES[DOC]
+    path.write_text(f"[scheduler]\ntoken_budget = {budget}\nmax_num_seqs = {seqs}\nprefill_chunk = 512\n"
+                    f"[scheduler.tuner]\nenabled = {'true' if tuner else 'false'}\n"
+                    f'[scheduler.tuner.priorities."{DOC}"]\nttft_ms = {doc.ttft_ms}\ntpot_ms = {doc.tpot_ms}\n')
+
+
+@asynccontextmanager
+async def booted(home: Path, table: Path) -> AsyncIterator[AsyncClient]:
+    """`llmos up`'s children (auth off), the scheduler's table from `table`."""
+    children: list[ChildSpec] = []
+    for c in default_children("demo", {"cpu": 1}, kv_cache_mb=512):
+        if c.name in ("security", "echo"):
+            continue
+        if c.name == "scheduler":
+            c = msgspec.structs.replace(c, args=["--config", str(table)])
+        children.append(c)
+    async with running_llmos(home, children, ready_timeout=300.0) as llmos:
+        yield llmos.client
+
+
+async def restart_scheduler(client: AsyncClient, budget: int, tuner: bool) -> None:
+    """Stop the scheduler (the supervisor starts it again, reading its table
+    anew) and wait until the new one answers with the new setting."""
+    await client.kill("scheduler", "SIGTERM")
+    with anyio.fail_after(120):
+        while True:
+            try:
+                st = await client.scheduler_stats()
+                if st.steps == 0 and st.token_budget == budget and (st.tuner != "off") == tuner:
+                    return
+            except LlmosError:
+                pass  # not back yet
+            await anyio.sleep(0.2)
+
+
+async def idle(client: AsyncClient) -> None:
+    """Wait (bounded) until nothing runs or waits: the next workload starts clean."""
+    with anyio.move_on_after(120):
+        while True:
+            st = await client.scheduler_stats()
+            if not st.running and not st.waiting:
+                return
+            await anyio.sleep(0.2)
+
+
+async def run_setting(client: AsyncClient, plan: Plan, setting: str, workloads: dict[str, list[Req]]) -> list[Run]:
+    await client.generate(list(range(32, 96)), max_tokens=4, params=GREEDY, ignore_eos=True)  # warm up
+    runs = []
+    for name, workload in workloads.items():
+        outcomes = await replay(client, workload)
+        await idle(client)
+        st = await client.scheduler_stats()
+        served = [o.timing for o in outcomes if o.timing.tokens]
+        met = sum(o.met for o in outcomes)
+        runs.append(Run(setting, name, len(outcomes), met, sum(o.refused for o in outcomes),
+                        sum(o.gave_up for o in outcomes), met / plan.seconds,
+                        percentile([t.ttft * 1e3 for t in served], 50),
+                        percentile([x * 1e3 for t in served if (x := t.tpot) is not None], 50),
+                        st.token_budget, st.max_num_seqs, st.tuner_changes))
+        r = runs[-1]
+        print(f"  {setting:>14} {name:>7}: {r.met}/{r.requests} met, {r.refused} refused, {r.gave_up} gave up, "
+              f"limits at the end {r.token_budget}x{r.max_num_seqs}", file=sys.stderr, flush=True)
+    return runs
+
+
+def ratio(a: float, b: float) -> float:
+    if b > 0:
+        return a / b
+    return 1.0 if a <= 0 else math.inf
+
+
+def figures(runs: list[Run]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    default = f"static {DEFAULT[0]}x{DEFAULT[1]}"
+    for w in WORKLOADS:
+        mine = {r.setting: r for r in runs if r.workload == w}
+        tuner, base = mine["tuner"], mine[default]
+        best = max(r.goodput_rps for s, r in mine.items() if s != "tuner")
+        out[f"{w}.goodput_ratio_vs_best_static"] = ratio(tuner.goodput_rps, best)
+        out[f"{w}.goodput_ratio_vs_default_static"] = ratio(tuner.goodput_rps, base.goodput_rps)
+        out[f"{w}.ttft_p50_ratio"] = ratio(tuner.ttft_p50_ms, base.ttft_p50_ms)
+        out[f"{w}.tpot_p50_ratio"] = ratio(tuner.tpot_p50_ms, base.tpot_p50_ms)
+        out[f"{w}.tuner_goodput_rps"] = tuner.goodput_rps
+    return out
+
+
+async def main_async(home: Path, quick: bool) -> tuple[list[Run], dict[str, float]]:
+    plan = QUICK if quick else FULL
+    rng = random.Random(19)
+    workloads = {name: make(plan, rng) for name, make in WORKLOADS.items()}
+    settings = [("tuner", *DEFAULT, True)] + [(f"static {b}x{s}", b, s, False) for b, s in plan.sweep]
+    table = home / "scheduler.toml"
+    scheduler_table(table, *settings[0][1:])
+    runs: list[Run] = []
+    async with booted(home, table) as client:
+        for i, (setting, budget, seqs, tuner) in enumerate(settings):
+            if i:
+                scheduler_table(table, budget, seqs, tuner)
+                await restart_scheduler(client, budget, tuner)
+            runs += await run_setting(client, plan, setting, workloads)
+    return runs, figures(runs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = parser(__doc__.splitlines()[0] if __doc__ else "tuning")
+    ap.add_argument("--home", type=Path, help="LLMOS_HOME for the runs (default: $LLMOS_HOME/bench/tuning)")
+    args = ap.parse_args(argv)
+    home = (args.home or llmos_home() / "bench" / "tuning").resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    print(f"tuning bench ({'quick' if args.quick else 'full'}), home {home}", file=sys.stderr)
+    runs, figs = anyio.run(main_async, home, args.quick, backend="asyncio", backend_options={"use_uvloop": True})
+    rows = [("setting", "workload", "met/requests", "refused", "gave up", "goodput/s", "TTFT p50 ms",
+             "TPOT p50 ms", "budget x cap (end)")]
+    for r in runs:
+        rows.append((r.setting, r.workload, f"{r.met}/{r.requests}", str(r.refused), str(r.gave_up),
+                     f"{r.goodput_rps:.2f}", f"{r.ttft_p50_ms:.0f}", f"{r.tpot_p50_ms:.1f}",
+                     f"{r.token_budget}x{r.max_num_seqs}"))
+    chat, doc = OBJECTIVES[CHAT], OBJECTIVES[DOC]
+    print_table(f"goodput: chat TTFT <= {chat.ttft_ms:.0f} ms, documents <= {doc.ttft_ms:.0f} ms; "
+                f"TPOT <= {chat.tpot_ms:.0f} ms", rows)
+    fig_rows: list[tuple[str, ...]] = [("workload", "vs best static", "vs default static", "TTFT p50 ratio",
+                                        "TPOT p50 ratio")]
+    for w in WORKLOADS:
+        fig_rows.append((w, *(f"{figs[f'{w}.{k}']:.2f}" for k in ("goodput_ratio_vs_best_static",
+                                                                   "goodput_ratio_vs_default_static",
+                                                                   "ttft_p50_ratio", "tpot_p50_ratio"))))
+    print_table("the tuner against static settings (goodput ratios; medians tuner / default static)", fig_rows)
+    write_result(args.json, "tuning", figs, {"quick": args.quick, "runs": [asdict(r) for r in runs],
+                                             "objectives": {str(k): msgspec.to_builtins(o)
+                                                            for k, o in OBJECTIVES.items()}})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
