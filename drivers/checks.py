@@ -51,13 +51,16 @@ def check_steps(steps: Sequence[StepSeq], limits: Limits) -> list[str | None]:
 
 
 def _check(s: StepSeq, lim: Limits) -> str | None:
+    # Every scan is a builtin over the whole list (map, min, max, set): run
+    # on every sequence of every step, a Python loop per id or block cost a
+    # driver 5 ms a step at 256 sequences.
     if not isinstance(s, StepSeq):
         return f"expected a StepSeq, got {type(s).__name__}"
     try:
-        ids = [operator.index(t) for t in s.token_ids]
-        table = [operator.index(b) for b in s.block_table]
+        ids = list(map(operator.index, s.token_ids))
+        table = list(map(operator.index, s.block_table))
         start = operator.index(s.start_pos)
-        prior = ([operator.index(t) for t in s.prior_token_ids]
+        prior = (list(map(operator.index, s.prior_token_ids))
                  if s.params.repetition_penalty != 1.0 else [])
     except TypeError:
         return "token ids, block ids and start_pos must be integers"
@@ -69,10 +72,10 @@ def _check(s: StepSeq, lim: Limits) -> str | None:
     if end > lim.max_model_len:
         return (f"sequence of {end} tokens exceeds the context window of "
                 f"{lim.max_model_len} tokens")
-    bad = next((t for t in ids if not 0 <= t < lim.vocab_size), None)
+    bad = _outside(ids, lim.vocab_size)
     if bad is not None:
         return f"token id {bad} is out of the vocabulary [0, {lim.vocab_size})"
-    bad = next((b for b in table if not 0 <= b < lim.num_blocks), None)
+    bad = _outside(table, lim.num_blocks)
     if bad is not None:
         return f"block id {bad} is not one of this driver's blocks [0, {lim.num_blocks})"
     needed = -(-end // lim.block_size)
@@ -89,7 +92,14 @@ def _check(s: StepSeq, lim: Limits) -> str | None:
         if len(prior) != start:
             return (f"repetition_penalty needs prior_token_ids for all {start} earlier "
                     f"positions, got {len(prior)}")
-        bad = next((t for t in prior if not 0 <= t < lim.vocab_size), None)
+        bad = _outside(prior, lim.vocab_size)
         if bad is not None:
             return f"prior token id {bad} is out of the vocabulary [0, {lim.vocab_size})"
     return None
+
+
+def _outside(xs: list[int], hi: int) -> int | None:
+    """The first of `xs` not in [0, hi), or None."""
+    if not xs or (min(xs) >= 0 and max(xs) < hi):
+        return None
+    return next(x for x in xs if not 0 <= x < hi)
