@@ -10,16 +10,23 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NoReturn
 
 from common.config.driver import DriverConfig, load_driver_config
 from ipc.errors import ConfigError
 from sdk.service import Service
 
 
-def driver_parser() -> argparse.ArgumentParser:
+class _Flags(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # A bad flag is the same on every restart: ConfigError exits EX_CONFIG
+        # with this line (sdk/service.py), and `llmos up` refuses it first.
+        raise ConfigError(f"{self.prog}: {message}")
+
+
+def driver_parser(prog: str = "driver") -> argparse.ArgumentParser:
     """Flags over the `[driver]` table (common/config/driver.py); not given: the table's."""
-    ap = argparse.ArgumentParser(prog="driver")
+    ap = _Flags(prog=prog)
     ap.add_argument("--config", help="TOML file; its [driver] table is read (default: the kernel's)")
     ap.add_argument("--model", help="'demo' or a local Hugging Face directory")
     ap.add_argument("--kv-cache-mb", type=float, help="device memory for KV blocks")
@@ -89,4 +96,4 @@ class DriverService(Service):
 
     @classmethod
     def parser(cls) -> argparse.ArgumentParser:
-        return driver_parser()
+        return driver_parser(f"driver {cls.device}")

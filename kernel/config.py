@@ -120,7 +120,7 @@ class KernelConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 def default_children(model: str = "", drivers: dict[str, int] | None = None, http: str = "",
                      kv_cache_mb: float = 0, swap_mb: float = 0.0, preemption: str = "",
-                     gateway: GatewayConfig | None = None) -> list[ChildSpec]:
+                     gateway: GatewayConfig | None = None, driver_args: list[str] | None = None) -> list[ChildSpec]:
     """What `llmos up` runs, in start order: security first (it writes
     admin.key and must be up before anyone logs in), the memory server
     before the drivers whose pools it tracks, the scheduler after both, the
@@ -128,14 +128,16 @@ def default_children(model: str = "", drivers: dict[str, int] | None = None, htt
     the one port, each given `drain_s` to finish its streams when stopped).
     The settings come from the config's tables; model, kv_cache_mb, swap_mb
     and preemption, when given, are passed as flags over them (tools that
-    boot their own llmos)."""
+    boot their own llmos); `driver_args` go to every driver as given (its
+    own flags, e.g. the null driver's --step-ms)."""
     children = [ChildSpec(name="security", module="services.security"),
                 ChildSpec(name="memory", module="services.memory")]
     for name, n in (drivers or {"cpu": 1}).items():
         children.append(ChildSpec(name=name, module="drivers", service="driver", instances=n,
                                   args=[name, *(["--model", model] if model else []),
                                         *(["--kv-cache-mb", str(kv_cache_mb)] if kv_cache_mb else []),
-                                        *(["--swap-mb", str(swap_mb)] if swap_mb > 0 else [])]))
+                                        *(["--swap-mb", str(swap_mb)] if swap_mb > 0 else []),
+                                        *(driver_args or [])]))
     children.append(ChildSpec(name="scheduler", module="services.scheduler",
                               args=["--preemption", preemption] if preemption else []))
     if http:

@@ -22,6 +22,7 @@ With auth on (the default), commands use $LLMOS_HOME/admin.key when this user ca
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -81,11 +82,26 @@ def up_config(args: argparse.Namespace) -> Any:
            "scheduler.policy.name": args.policy, "scheduler.tpot_target_ms": args.autotune,
            "scheduler.tuner.objective.ttft_ms": args.ttft_ms, "scheduler.tuner.enabled": args.no_autotune,
            "gateway.instances": args.gateway_instances})
-    if args.config is None or args.drivers or args.http:
-        # --drivers and --http describe the children (a file's [[children]] otherwise)
+    try:
+        driver_args = shlex.split(args.driver_args or "")
+    except ValueError as exc:  # an unclosed quote
+        raise BadRequest(f"--driver-args {args.driver_args!r}: {exc}") from None
+    if driver_args:
+        check_driver_args(parse_drivers(args.drivers or "cpu=1"), driver_args)
+    if args.config is None or args.drivers or args.http or args.driver_args:
+        # --drivers, --driver-args and --http describe the children (a file's [[children]] otherwise)
         config = msgspec.structs.replace(config, children=default_children(
-            drivers=parse_drivers(args.drivers or "cpu=1"), http=args.http or "", gateway=config.gateway))
+            drivers=parse_drivers(args.drivers or "cpu=1"), http=args.http or "", gateway=config.gateway,
+            driver_args=driver_args))
     return config
+
+
+def check_driver_args(drivers: dict[str, int], flags: list[str]) -> None:
+    """Every driver named takes `flags` (ConfigError naming the flag), before anything starts."""
+    from drivers.registry import driver_class
+
+    for name in drivers:
+        driver_class(name).parser().parse_args(flags)
 
 
 def parse_drivers(spec: str) -> dict[str, int]:
@@ -229,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--config", help="TOML config file")
     up.add_argument("--model", help="'demo' (default) or a local Hugging Face directory")
     up.add_argument("--drivers", help="drivers to start, e.g. cpu=1 or cuda=1 (default cpu=1)")
+    up.add_argument("--driver-args", metavar="FLAGS",
+                    help="more flags for every driver, e.g. --drivers null=1 --driver-args='--step-ms 5'")
     up.add_argument("--http", help="serve the OpenAI-compatible HTTP API on HOST:PORT, e.g. :8000")
     up.add_argument("--gateway-instances", type=int, metavar="N",
                     help="gateway processes sharing the HTTP port (default 2, [gateway] instances)")

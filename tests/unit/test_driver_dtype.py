@@ -97,7 +97,7 @@ def test_cpus_flag_pins_the_driver_and_sizes_its_threads(checkpoint: Path, tmp_p
     finally:
         pin(before)
         torch.set_num_threads(len(before))
-    with pytest.raises(SystemExit):
+    with pytest.raises(ConfigError, match="argument --cpus: not a CPU list"):
         CpuDriver(["--model", "demo", "--cpus", "3-x"], home=str(tmp_path))
 
 

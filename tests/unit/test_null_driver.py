@@ -100,3 +100,35 @@ async def test_copies_and_swaps_are_checked(tmp_path: Path) -> None:
 def test_bad_flags_are_refused_naming_the_flag(tmp_path: Path, argv: list[str], field: str) -> None:
     with pytest.raises(ConfigError, match=field):
         null(tmp_path, *argv)
+
+
+def test_llmos_up_passes_driver_args_and_refuses_bad_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    import tools.cli as cli
+
+    seen: list[Any] = []
+
+    def fake_up(args: Any) -> int:
+        seen.append(cli.up_config(args))
+        return 0
+
+    monkeypatch.setattr(cli, "cmd_up", fake_up)
+    assert cli.main(["up", "--drivers", "null=2", "--driver-args=--step-ms 5 --num-blocks 64"]) == 0
+    (null_child,) = [c for c in seen[0].children if c.service == "driver"]
+    assert null_child.instances == 2 and null_child.args[0] == "null"
+    drv = NullDriver(null_child.args[1:], instance="null-0", home="/tmp/unused-llmos-home")
+    assert (drv.args.step_ms, drv.limits.num_blocks) == (5.0, 64)
+    for bad, fragment in [("--step-ms", "expected one argument"), ("--step-ms five", "invalid float"),
+                          ("--warp 9", "unrecognized arguments: --warp 9"), ("'--step-ms 5", "No closing quotation")]:
+        with pytest.raises((ConfigError, BadRequest), match=fragment):
+            cli.up_config(cli_namespace(cli, "--drivers", "null=1", f"--driver-args={bad}"))
+
+
+def cli_namespace(cli: Any, *flags: str) -> Any:
+    captured: list[Any] = []
+    real = cli.cmd_up
+    cli.cmd_up = captured.append
+    try:
+        cli.main(["up", *flags])
+    finally:
+        cli.cmd_up = real
+    return captured[0]
