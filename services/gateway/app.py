@@ -1,5 +1,6 @@
 """The HTTP surface: OpenAI's /v1/completions, /v1/chat/completions (SSE
-streaming in OpenAI's chunk format), /v1/models, plus /health and /metrics.
+streaming in OpenAI's chunk format; n, best_of and logprobs in choices.py),
+/v1/responses (responses.py), /v1/models, plus /health and /metrics.
 
 The app talks to a backend object only (`KernelBackend` in production), so it
 is tested in memory with a fake one.
@@ -28,6 +29,7 @@ from sdk.generate import Chunk, GenerationStream, fork_submits
 from services.gateway import choices
 from services.gateway import openai as oa
 from services.gateway.choices import Pieces, Shape
+from services.gateway.responses_http import routes as responses_routes
 from services.gateway.backend import Stats
 from services.gateway.body import check_head, read_body
 from common.config.gateway import GatewayConfig
@@ -40,6 +42,7 @@ class Backend(Protocol):
     async def authenticate(self, api_key: str) -> None: ...
     async def principal(self, api_key: str | None) -> str: ...
     async def stream(self, api_key: str | None, submit: Submit) -> GenerationStream: ...
+    async def call(self, api_key: str | None, service: str, msg: Any) -> Any: ...
     async def request_info(self, api_key: str | None, request_id: str) -> RequestInfo | None: ...
     async def model(self, api_key: str | None) -> ModelDescription: ...
     async def stats(self, api_key: str | None = None) -> Stats: ...
@@ -141,9 +144,7 @@ def create_app(backend: Backend, config: GatewayConfig | None = None,
             del body
             desc = await backend.model(key)
             _check_model(req.model, desc)
-            fmt = chat_formatters.get(desc.path)
-            if fmt is None:
-                fmt = chat_formatters[desc.path] = ChatFormatter.for_model(desc.path)
+            fmt = formatter(desc)
             prompt = fmt.render(oa.chat_turns(req.messages))
             if req.max_completion_tokens is not None and req.max_tokens is None:
                 req.max_tokens = req.max_completion_tokens
@@ -158,6 +159,12 @@ def create_app(backend: Backend, config: GatewayConfig | None = None,
         except LlmosError as exc:
             return refuse("chat", exc, body_read=body_read)
         return await _run(key, submit, shape, stream=req.stream, resume=resume, keyed=keyed)
+
+    def formatter(desc: ModelDescription) -> ChatFormatter:
+        fmt = chat_formatters.get(desc.path)
+        if fmt is None:
+            fmt = chat_formatters[desc.path] = ChatFormatter.for_model(desc.path)
+        return fmt
 
     async def pieces_of(desc: ModelDescription) -> Pieces:
         """The served model's token texts, for logprobs (its tokenizer loaded once, off the loop)."""
@@ -350,6 +357,8 @@ def create_app(backend: Backend, config: GatewayConfig | None = None,
         Route("/v1/models", models, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/metrics", prometheus, methods=["GET"]),
+        *responses_routes(backend, cfg, metrics, caller=caller, refuse=refuse, formatter=formatter,
+                          check_model=_check_model),
     ])
 
 

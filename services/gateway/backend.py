@@ -97,6 +97,11 @@ class KernelBackend:
         """The generation as the caller; closing it early cancels the request."""
         return stream_generate(await self._principal(api_key), submit)
 
+    async def call(self, api_key: str | None, service: str, msg: Any, timeout: float = 30.0) -> Any:
+        """A request as the caller (the kernel checks the caller's rights: the
+        Responses API's session ops need the `session` right)."""
+        return await (await self._principal(api_key)).call(service, msg, timeout=timeout)
+
     async def model(self, api_key: str | None) -> ModelDescription:
         if api_key is not None:
             await self._principal(api_key)  # an unknown key is refused before anything else

@@ -99,6 +99,8 @@ class SessionHandlers:
         key = (ctx.principal, msg.session)
         rec = await self.engine.sessions.histories.ensure(key)
         info = self._info(key)
+        if rec is not None and self.engine.model is None:
+            await self._until_ready()  # just restarted: the turns are decoded with the model's tokenizer
         model = self.engine.model
         if rec is None or model is None:
             return sessp.SessionHistory(info)

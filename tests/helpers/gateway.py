@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 
 from common.config.gateway import GatewayConfig
-from ipc.errors import Forbidden, LlmosError, Unauthorized
+from ipc.errors import Forbidden, LlmosError, NotFound, Unauthorized
 from ipc.protocol import kernel as kp
 from ipc.protocol.driver import ModelDescription
 from ipc.protocol.scheduler import FinishReason, RequestInfo, Submit, Usage
@@ -80,6 +80,9 @@ class FakeBackend:
                         top_logprobs=[top] if submit.params.logprobs else [])
         if submit.resume_from >= len(self.pieces):  # the client holds every token: only the end is left
             yield Chunk(submit.request_id, len(self.pieces), [], "", FinishReason.LENGTH, USAGE)
+
+    async def call(self, api_key: str | None, service: str, msg: Any) -> Any:
+        raise NotFound(f"no session {getattr(msg, 'session', '')!r}")  # the Responses API's tests: none stored
 
     async def cancel(self, request_id: str) -> None:
         self.cancelled.append(request_id)
