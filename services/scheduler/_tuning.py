@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import msgspec
 
@@ -34,6 +34,8 @@ LOG_EVERY_S = 5.0
 
 
 def step_shape(work: Iterable[Work]) -> StepShape:
+    """Decodes, prefill tokens, and positions attended summed over the
+    tokens computed (a chunk's tokens attend to (start + end) / 2 on average)."""
     decodes = prefill = context = 0
     for w in work:
         n = w.end - w.start
@@ -41,12 +43,12 @@ def step_shape(work: Iterable[Work]) -> StepShape:
             decodes += 1
         else:
             prefill += n
-        context += w.end
+        context += n * (w.start + w.end + 1) // 2
     return StepShape(decodes, prefill, context)
 
 
 class Tuning:
-    def __init__(self, config: SchedulerConfig):
+    def __init__(self, config: SchedulerConfig, clock: Callable[[], float] = time.monotonic):
         self.cfg = config.objectives
         self.ceiling = Limits(config.token_budget, config.max_num_seqs, config.prefill_chunk)
         self.slo = SloBook(self.cfg)
@@ -55,6 +57,8 @@ class Tuning:
                                min_budget=self.cfg.min_token_budget, min_chunk=self.cfg.min_prefill_chunk) \
             if self.cfg.enabled else None
         self._logged_reject = -math.inf
+        self.clock = clock
+        self._last_end = 0.0
 
     def admit(self, req: Request, state: EngineState, limits: Limits) -> None:
         """Track `req`'s objectives, or raise Overloaded when the tuner's model
@@ -84,7 +88,7 @@ class Tuning:
         tpot_s = self.slo.tightest_tpot_s(state.running)
         if not math.isfinite(tpot_s):
             tpot_s = self.cfg.objective.tpot_ms / 1e3
-        decision, shift = self.tuner.observe(step_shape(work), step_s, tpot_s)
+        decision, shift = self.tuner.observe(step_shape(work), self._cycle(step_s), tpot_s)
         if shift is not None:
             log.info("scheduler.tuner_reset", ratio=round(shift, 2),
                      why=f"the last steps ran {shift:.2f}x the time the model predicted: refitted on them")
@@ -95,6 +99,14 @@ class Tuning:
                  token_budget=[limits.token_budget, k.token_budget], max_num_seqs=[limits.max_num_seqs, k.max_num_seqs],
                  prefill_chunk=[limits.prefill_chunk, k.prefill_chunk])
         return Limits(k.token_budget, k.max_num_seqs, k.prefill_chunk)
+
+    def _cycle(self, step_s: float) -> float:
+        """The time a streaming client sees between tokens: from the last
+        step's end to this one's, when the loop went straight on (its own
+        work between steps counts); the step alone after an idle pause."""
+        now = self.clock()
+        gap, self._last_end = now - self._last_end, now
+        return gap if step_s <= gap <= 1.5 * step_s + 0.02 else step_s
 
     def stats(self, reply: sp.SchedulerStatsReply, limits: Limits) -> sp.SchedulerStatsReply:
         t = self.tuner

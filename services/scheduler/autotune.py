@@ -6,12 +6,13 @@ fits, over a sliding window of recent steps,
 
     step_s ~ a + b_d * decodes + b_p * prefill_tokens + b_c * context / 1000
 
-(`context`: positions attended over the step's sequences, the KV read),
-with every coefficient kept >= 0, and watches its own error: when the last
-steps all run slower (or faster) than it predicts by a wide margin — a
-slower machine, a second tenant's process, a restarted driver — it keeps
-only those steps and refits (a reset), rather than averaging the old
-machine with the new one for a whole window.
+(`context`: positions attended, summed over the tokens the step computes —
+the KV read, and a prefill chunk's attention, which grows with its
+position), with every coefficient kept >= 0, and watches its own error:
+when the last steps all run slower (or faster) than it predicts by a wide
+margin — a slower machine, a second tenant's process, a restarted driver —
+it rescales the older steps by that ratio and refits (a reset), rather than
+averaging the old machine with the new one for a whole window.
 
 `AutoTuner` turns the model into the three knobs the planner obeys. With a
 per-token objective `tpot_s` (the tightest among the running requests) and
@@ -48,7 +49,7 @@ Vec = tuple[float, float, float, float]
 class StepShape:
     decodes: int  # sequences computing one token
     prefill: int  # tokens of prompt (or recompute) chunks
-    context: int  # positions attended, over every sequence of the step
+    context: int  # positions attended, summed over the tokens computed
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +62,7 @@ class Knobs:
 @dataclass(frozen=True, slots=True)
 class Decision:
     knobs: Knobs
-    state: str  # "tuned" or "fallback"
+    state: str  # "tuned", "fallback" or "infeasible"
     why: str
 
 
@@ -71,25 +72,33 @@ def features(s: StepShape) -> Vec:
 
 class LatencyModel:
     def __init__(self, window: int = 64, *, min_samples: int = 12, max_rel_error: float = 0.35,
-                 drift_steps: int = 8, drift_ratio: float = 1.3):
+                 drift_steps: int = 12, drift_ratio: float = 1.4):
         self.samples: deque[tuple[Vec, float]] = deque(maxlen=window)
         self.min_samples = min_samples
         self.max_rel_error = max_rel_error
         self.coef: Vec | None = None
         self.rel_error = math.inf
         self.resets = 0
+        self._sure = False
         self._drift: deque[float] = deque(maxlen=drift_steps)
         self._drift_log = math.log(drift_ratio)
 
     @property
     def sure(self) -> bool:
-        return self.coef is not None and len(self.samples) >= self.min_samples and \
-            self.rel_error <= self.max_rel_error
+        """Enough steps and a small error; once sure, it stays so until the
+        error passes 1.5x `max_rel_error` (no flapping at the threshold)."""
+        return self.coef is not None and len(self.samples) >= self.min_samples and self._sure
 
     @property
     def prefill_known(self) -> bool:
         """Whether a step in the window computed prefill (else b_p is a guess)."""
         return any(x[2] > 0 for x, _ in self.samples)
+
+    def small_step_s(self) -> float | None:
+        """The median time of the window's steps of one or two decodes and
+        no prefill (None: fewer than 4 such steps)."""
+        small = sorted(y for x, y in self.samples if x[1] <= 2 and x[2] == 0)
+        return small[len(small) // 2] if len(small) >= 4 else None
 
     def predict(self, shape: StepShape) -> float:
         return self._predict(features(shape))
@@ -100,7 +109,10 @@ class LatencyModel:
 
     def add(self, shape: StepShape, step_s: float) -> float | None:
         """Record a step; returns measured / predicted when the recent steps
-        show a lasting change (the window was cut to them and refitted)."""
+        all ran slower (or all faster) than predicted by `drift_ratio` or
+        more: the machine's speed changed, so the older steps are rescaled
+        by that ratio (their shape still tells the costs apart) and the
+        model refitted."""
         x = features(shape)
         self.samples.append((x, step_s))
         pred = self._predict(x)
@@ -112,13 +124,15 @@ class LatencyModel:
         mean = sum(self._drift) / len(self._drift)
         if abs(mean) < self._drift_log or not all((d > 0) == (mean > 0) for d in self._drift):
             return None
-        recent = list(self.samples)[-len(self._drift):]
+        ratio = math.exp(mean)
+        n_old = len(self.samples) - len(self._drift)
+        rescaled = [(x, y * ratio if i < n_old else y) for i, (x, y) in enumerate(self.samples)]
         self.samples.clear()
-        self.samples.extend(recent)
+        self.samples.extend(rescaled)
         self._drift.clear()
         self.resets += 1
         self.fit()
-        return math.exp(mean)
+        return ratio
 
     def fit(self) -> None:
         """Least squares with the coefficients kept >= 0: a feature whose
@@ -140,6 +154,10 @@ class LatencyModel:
         sq = sum((y - self._predict(x)) ** 2 for x, y in self.samples)
         mean = sum(ys) / len(ys)
         self.rel_error = math.sqrt(sq / len(ys)) / mean if mean > 0 else math.inf
+        if self.rel_error <= self.max_rel_error:
+            self._sure = True
+        elif self.rel_error > 1.5 * self.max_rel_error:
+            self._sure = False
 
 
 def _solve(samples: deque[tuple[Vec, float]], active: list[int]) -> Vec | None:
@@ -219,12 +237,22 @@ class AutoTuner:
             return None  # learning (or just reset): hold the current limits
         if not m.sure:
             self.state = "fallback"
-            return self._set(self.ceiling, "fallback", jump=True, why=f"model unsure: its error is {m.rel_error:.0%} over "
-                             f"{len(m.samples)} steps; back to the configured limits")
+            why = f"model unsure: its error is {m.rel_error:.0%} over {len(m.samples)} steps; the configured limits"
+            return self._set(self.ceiling, "fallback", why, jump=True)
         a, bd, bp, bc = m.coef
         t = self.headroom * tpot_s
         per_decode = bd + bc * self.context / 1000.0
         c = self.ceiling
+        # An objective no setting meets (steps of one or two decodes took
+        # longer, measured, not extrapolated): shrinking the batch would only
+        # cost throughput, so the configured limits serve best effort, until
+        # such steps fit 90% of it.
+        one = m.small_step_s()
+        if one is not None and (one > t or (self.state == "infeasible" and one > 0.9 * t)):
+            self.state = "infeasible"
+            why = (f"steps of one or two decodes took {one * 1e3:.0f} ms, over the {t * 1e3:.0f} ms target: "
+                   f"no setting meets a {tpot_s * 1e3:.0f} ms per-token objective; the configured limits")
+            return self._set(c, "infeasible", why, jump=True)
         seqs = c.max_num_seqs if per_decode <= 0 else int((t - a - bp * self.min_chunk) / per_decode)
         seqs = max(1, min(c.max_num_seqs, seqs))
         d = min(max(1.0, self.decodes), seqs)

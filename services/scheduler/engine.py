@@ -57,7 +57,7 @@ class Engine:
         self.config = config
         self.state = EngineState(backend, make_policy(config.policy))
         self.limits = Limits(config.token_budget, config.max_num_seqs, config.prefill_chunk)
-        self.tuning = Tuning(config)  # objectives, the online tuner (self.limits), early rejection
+        self.tuning = Tuning(config, lambda: self.clock())  # objectives, the tuner (self.limits), early rejection
         self.clock = time.monotonic  # step durations (tests substitute a model of the device)
         self.model: Model | None = None
         self.requests: dict[tuple[str, str], Request] = {}

@@ -35,10 +35,10 @@ def workload(knobs: Knobs, rng: random.Random, demand: int = 200) -> StepShape:
 
 
 def drive(tuner: AutoTuner, device: Device, steps: int, rng: random.Random, tpot_s: float = 0.1,
-          trace: list[Knobs] | None = None) -> Knobs:
+          trace: list[Knobs] | None = None, demand: int = 200) -> Knobs:
     knobs = tuner.knobs
     for _ in range(steps):
-        shape = workload(knobs, rng)
+        shape = workload(knobs, rng, demand)
         decision, _ = tuner.observe(shape, device.step_s(shape, rng), tpot_s)
         if decision is not None:
             knobs = decision.knobs
@@ -129,3 +129,15 @@ def test_noise_alone_does_not_make_it_hunt() -> None:
 def reversals(values: list[int]) -> int:
     moves = [b - a for a, b in zip(values, values[1:]) if b != a]
     return sum(1 for m, n in zip(moves, moves[1:]) if (m > 0) != (n > 0))
+
+
+def test_an_objective_no_setting_meets_keeps_the_configured_limits() -> None:
+    # Steps of one or two decodes take about 5 ms: a 4 ms objective is out
+    # of reach whatever the batch, and shrinking it would only cost
+    # throughput; at 20 ms the tuner tunes again.
+    tuner = AutoTuner(CEILING)
+    rng = random.Random(7)
+    light = drive(tuner, Device(), 300, rng, tpot_s=0.004, demand=2)
+    assert light == CEILING and tuner.state == "infeasible"
+    assert drive(tuner, Device(), 300, rng, tpot_s=0.020, demand=2) != CEILING
+    assert tuner.state == "tuned"
