@@ -12,7 +12,8 @@ import pytest
 
 from common.config.gateway import GatewayConfig
 from text.tokenizer import BYTE_TOKENIZER_FILE
-from tests.helpers.gateway import FakeBackend, client
+from ipc.errors import Overloaded
+from tests.helpers.gateway import KEY, FakeBackend, SlowBackend, client, leave_after_first_event
 
 
 @pytest.fixture
@@ -138,3 +139,18 @@ async def test_a_resumed_stream_of_several_choices_is_refused(backend: FakeBacke
                          headers={"Last-Event-ID": last})
     assert r.status_code == 400 and r.json()["error"]["param"] == "n"
     assert len(backend.submits) == 1
+
+
+async def test_a_client_that_leaves_a_stream_of_choices_cancels_every_choice() -> None:
+    """Over a real socket (uvicorn): closing the SSE stream of n = 3 cancels all three generations."""
+    b = SlowBackend()
+    await leave_after_first_event(b, {"prompt": "x", "stream": True, "n": 3, "request_id": "slow-n"}, KEY,
+                                  lambda: len(b.cancelled) == 3)
+    assert sorted(b.cancelled) == [s.request_id for _, s in b.submits] and len(set(b.cancelled)) == 3
+
+
+async def test_a_choice_that_fails_fails_the_request_and_cancels_the_rest(backend: FakeBackend) -> None:
+    backend.fail_with = Overloaded("the queue is full", detail={"retry_after_s": 2.0})
+    async with client(backend) as c:
+        r = await c.post("/v1/completions", json={"prompt": "x", "n": 3})
+    assert r.status_code == 429 and r.headers["retry-after"] == "2"
