@@ -119,6 +119,9 @@ class SchedulerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     remember_finished: int = 4096
     # A step whose driver does not answer in time counts as that driver lost.
     step_timeout_s: float = 120.0
+    # Reserve the next step's decode slots while a step runs, so the memory
+    # round trip leaves the critical path (docs/scheduler.md, "The step").
+    overlap: bool = True
     # How a sequence preempted for blocks keeps its KV (see PreemptionMode).
     preemption: PreemptionMode = PreemptionMode.RECOMPUTE
     # Objectives and online tuning (on by default; see TunerConfig).

@@ -15,11 +15,12 @@ Copies (copy-on-write, swap out, swap in) must be done by the pool's driver
 before the forward pass that follows, in the order the replies were issued:
 every destination block was free when it was named, so issue order is safe.
 
-Slots never run ahead of the tokens: after a Reserve a sequence has
-``min(slots before + num_new, tokens known)`` slots, where for a sequence's
-first allocation "slots before" is `num_cached`. The KV of those slots is
-assumed written once the step runs; its full blocks become shareable (prefix
-cache) at the sequence's next Reserve, SwapOut, Fork or Release.
+Slots run at most `ahead` slots past the tokens: after a Reserve a sequence
+has ``min(slots before + num_new, max(slots before, tokens known + ahead))``
+slots, where for a sequence's first allocation "slots before" is
+`num_cached`. The KV of those slots is assumed written once the step runs;
+its full blocks become shareable (prefix cache) at the sequence's next
+Reserve (within its `computed`), SwapOut, Fork or Release.
 """
 
 from __future__ import annotations
@@ -90,6 +91,18 @@ class SeqReserve(Item):
     tenant: str = ""
     pool: str = ""
     cache_salt: str = ""
+    # Slots may run this many tokens past those known (at most MAX_AHEAD): a
+    # decode's next slot reserved while the step that samples its token still
+    # runs (the scheduler's overlap); the token comes with the next Reserve.
+    ahead: NonNegative = 0
+    # Positions whose KV the caller knows is written (-1: every slot reserved
+    # before this call). While a step may still run on the last slots, only
+    # the blocks within `computed` are offered to the prefix cache.
+    computed: int = -1
+
+
+# The most slots a SeqReserve may reserve past the tokens known.
+MAX_AHEAD = 8
 
 
 class Reserve(Request["ReserveReply"]):

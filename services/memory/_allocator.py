@@ -17,10 +17,12 @@ from services.memory._sequence import Sequence
 from services.memory._tenants import TenantLedger
 
 
-def reserve(seq: Sequence, new_tokens: array, num_new: int, ledger: TenantLedger) -> SeqBlocks:
+def reserve(seq: Sequence, new_tokens: array, num_new: int, ledger: TenantLedger, ahead: int = 0,
+            computed: int = -1) -> SeqBlocks:
     """Append `new_tokens` and reserve slots for the next `num_new` tokens
-    whose KV the step computes; on the first allocation serve what the
-    prefix cache holds first."""
+    whose KV the step computes, up to `ahead` of them not known yet; on the
+    first allocation serve what the prefix cache holds first. `computed`
+    (-1: all slots) bounds what is offered to the prefix cache."""
     if seq.swapped:
         raise BadRequest(f"sequence {seq.seq_id!r} is swapped out; swap it in first")
     pool = seq.pool
@@ -41,8 +43,8 @@ def reserve(seq: Sequence, new_tokens: array, num_new: int, ledger: TenantLedger
         held = len(blocks)
         needed = 0
     target = base + num_new
-    if target > known:
-        target = max(base, known)
+    if target > known + ahead:
+        target = max(base, known + ahead)
     grow = -(-target // bs) - held
     if not first:
         cow = target > base and base % bs != 0 and pool.ref[blocks[-1]] > 1
@@ -67,7 +69,7 @@ def reserve(seq: Sequence, new_tokens: array, num_new: int, ledger: TenantLedger
             pool.prompt_tokens += known
             pool.hit_tokens += base
     else:
-        seq.commit()
+        seq.commit(computed)
     cow_src = cow_dst = -1
     if cow:
         cow_src = blocks[-1]

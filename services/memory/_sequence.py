@@ -32,15 +32,16 @@ class Sequence:
         self.keys: list[bytes] = keys if keys is not None else []
         self.swapped = swapped
 
-    def commit(self) -> None:
+    def commit(self, computed: int = -1) -> None:
         """Key the blocks that became full and computed since the last call
-        and offer them to the prefix cache. Only for a resident sequence."""
+        and offer them to the prefix cache. Only for a resident sequence.
+        `computed` (-1: every slot): positions known to hold their KV."""
         bs = self.pool.block_size
         keys = self.keys
         done = len(keys)
         if self.num_slots < (done + 1) * bs:
             return  # the usual case: no block filled up since the last call
-        limit = min(self.num_slots, len(self.tokens)) // bs
+        limit = min(self.num_slots, len(self.tokens), self.num_slots if computed < 0 else computed) // bs
         if done >= limit:
             return
         parent = keys[-1] if keys else self.root

@@ -12,6 +12,7 @@ from array import array
 
 from ipc.errors import BadRequest, LlmosError, NotFound
 from ipc.protocol.memory import (
+    MAX_AHEAD,
     NO_LIMIT,
     DropPool,
     EvictCached,
@@ -98,6 +99,12 @@ class MemoryManager:
     def _reserve_one(self, item: SeqReserve) -> SeqBlocks:
         if item.num_new < 0:
             raise BadRequest(f"sequence {item.seq_id!r}: num_new must not be negative")
+        if not 0 <= item.ahead <= MAX_AHEAD:
+            raise BadRequest(f"sequence {item.seq_id!r}: ahead must be within [0, {MAX_AHEAD}], "
+                             f"not {item.ahead}", detail={"seq_id": item.seq_id, "field": "ahead"})
+        if item.computed < -1:
+            raise BadRequest(f"sequence {item.seq_id!r}: computed must be >= -1, not {item.computed}",
+                             detail={"seq_id": item.seq_id, "field": "computed"})
         tokens = _tokens(item.seq_id, item.tokens)
         seq = self._seqs.get(item.seq_id)
         if seq is None:
@@ -107,7 +114,7 @@ class MemoryManager:
                                detail={"seq_id": item.seq_id})
             seq = Sequence(item.seq_id, item.tenant, self._pool(item.pool),
                            root_key(item.tenant, item.cache_salt), array("q"))
-            reply = _allocator.reserve(seq, tokens, item.num_new, self._ledger)
+            reply = _allocator.reserve(seq, tokens, item.num_new, self._ledger, item.ahead, item.computed)
             self._seqs[item.seq_id] = seq
             return reply
         if item.start != len(seq.tokens):
@@ -119,7 +126,7 @@ class MemoryManager:
         if item.pool and item.pool != seq.pool.pool_id:
             raise BadRequest(f"sequence {item.seq_id!r} lives in pool {seq.pool.pool_id!r}, "
                              f"not {item.pool!r}", detail={"seq_id": item.seq_id})
-        return _allocator.reserve(seq, tokens, item.num_new, self._ledger)
+        return _allocator.reserve(seq, tokens, item.num_new, self._ledger, item.ahead, item.computed)
 
     def release(self, req: Release) -> ReleaseReply:
         return ReleaseReply(*self._release(req.seq_ids, req.computed))

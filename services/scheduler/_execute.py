@@ -17,7 +17,6 @@ from services.scheduler._request import Seq
 from services.scheduler._kv_quota import KvQuotas
 from services.scheduler._sessions import SessionTable
 from services.scheduler._state import EngineState
-from services.scheduler.planner import StepPlan
 
 log = get_logger()
 
@@ -58,14 +57,19 @@ class StepResult:
     failed: list[tuple[Seq, str]] = field(default_factory=list)
 
 
-async def reserve(state: EngineState, p: StepPlan) -> tuple[list[Work], list[tuple[Seq, Error]]]:
-    """Reserve slots for the plan: the work of the sequences that got them
-    (now running), and the memory server's refusals."""
+async def reserve(state: EngineState, scheduled: list[tuple[Seq, int]]) -> tuple[list[Work], list[tuple[Seq, Error]]]:
+    """Reserve slots for `scheduled` (sequence, tokens to compute): the work
+    of the sequences that got them (now running), and the memory server's
+    refusals."""
     items = []
-    for seq, n in p.scheduled:
+    for seq, n in scheduled:
         first = seq.mem_known == 0
-        items.append(mp.SeqReserve(seq.seq_id, seq.mem_known, seq.tokens[seq.mem_known:], n,
-                                   seq.tenant if first else "", (seq.pool or "") if first else ""))
+        num_new = n
+        if seq.ahead is not None:  # it holds one slot past mem_known already
+            num_new = max(0, seq.num_computed + n - seq.mem_known - 1)
+        items.append(mp.SeqReserve(seq.seq_id, seq.mem_known, seq.tokens[seq.mem_known:], num_new,
+                                   seq.tenant if first else "", (seq.pool or "") if first else "",
+                                   computed=-1 if first else seq.num_computed))
     # The KV to release rides on the same call, applied first.
     release, discard = state.take_releases()
     reply = await state.memory(state.backend.reserve(mp.Reserve(items, release, discard)))
@@ -76,10 +80,11 @@ async def reserve(state: EngineState, p: StepPlan) -> tuple[list[Work], list[tup
         log.info("scheduler.release_unknown", seq=f.seq_id, error=f.error.message)
     work: list[Work] = []
     refused: list[tuple[Seq, Error]] = []
-    for (seq, n), got in zip(p.scheduled, reply.seqs):
+    for (seq, n), got in zip(scheduled, reply.seqs):
         if got.error is not None:
             refused.append((seq, got.error))
             continue
+        seq.ahead = None
         if seq.mem_known == 0:
             seq.num_computed = got.num_cached
             seq.request.cached_tokens = max(seq.request.cached_tokens, got.num_cached)

@@ -103,7 +103,10 @@ async def reregister_live(state: EngineState, sessions: SessionTable) -> bool:
             continue
         bs = state.drivers[seq.pool].shape.block_size
         blocks = seq.block_table[:-(-seq.num_computed // bs)]
-        states.append(mp.SeqState(seq.seq_id, seq.tenant, seq.pool, seq.tokens[:seq.mem_known], "",
+        # Its tokens up to what was computed at least: a step may have run on
+        # a slot reserved ahead (_overlap.py) before its token was sent.
+        known = max(seq.mem_known, seq.num_computed)
+        states.append(mp.SeqState(seq.seq_id, seq.tenant, seq.pool, seq.tokens[:known], "",
                                   blocks, seq.num_computed))
         by_id[seq.seq_id] = seq
     for seq in state.waiting:
@@ -126,6 +129,8 @@ async def reregister_live(state: EngineState, sessions: SessionTable) -> bool:
     for seq in by_id.values():
         bs = state.drivers[seq.pool or ""].shape.block_size
         del seq.block_table[-(-seq.num_computed // bs):]
+        seq.mem_known = max(seq.mem_known, seq.num_computed)
+        seq.ahead = None  # a slot reserved ahead died with the old server
         state.forget_on_driver(seq)  # sent in full again (its table was cut)
     log.info("scheduler.reregistered", seqs=len(states), failed=len(failed))
     return done

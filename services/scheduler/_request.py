@@ -37,6 +37,16 @@ def next_ticket() -> int:
     return next(_tickets)
 
 
+@dataclass(frozen=True, slots=True)
+class Ahead:
+    """A slot reserved ahead: for the step after the one that samples its
+    token, on `pool`'s driver `incarnation`, after the block `copies`."""
+
+    pool: str
+    incarnation: int
+    copies: tuple[tuple[int, int], ...] = ()
+
+
 @dataclass(eq=False)
 class Seq:
     # The sequence's id on both wires (the driver's `StepSeq.seq_id`, the
@@ -64,6 +74,10 @@ class Seq:
     driver_key: tuple[str, int] | None = None
     driver_pos: int = 0
     table_synced: int = 0
+    # Reserved while the last step ran (the overlap, _overlap.py): the memory
+    # server holds one slot past `mem_known` for it, good for the next step on
+    # this driver incarnation; None: the next step reserves as usual.
+    ahead: Ahead | None = None
     # Policy state.
     ticket: int = field(default_factory=next_ticket)
     quantum_used: int = 0
@@ -95,6 +109,7 @@ class Seq:
         self.block_table = []
         self.swapped = False
         self.driver_key = None
+        self.ahead = None
         if not keep_pool:
             self.pool = None
 

@@ -147,6 +147,8 @@ class EngineState:
         (releasing a swapped sequence frees its swap slots). `computed`:
         False when its last reserved step never ran (a failed step), so the
         blocks that step was to fill are not offered to the prefix cache."""
+        if seq.ahead is not None and seq.num_computed < seq.mem_known:
+            computed = False  # its slots run past its KV (a step sent back): cache nothing of it
         if seq.mem_known:
             (self._releases if computed else self._discards).append(seq.seq_id)
         self.forget_on_driver(seq)
@@ -199,10 +201,12 @@ class EngineState:
         self._discards.clear()
     # The memory server.
 
-    async def memory(self, call: Awaitable[T]) -> T | None:
+    async def memory(self, call: Awaitable[T], *, critical: bool = True) -> T | None:
         """Await a memory call; None when it failed (the step is abandoned and
-        planned again; a dead memory server also pauses the loop until it is back)."""
-        self.critical_rpcs += 1
+        planned again; a dead memory server also pauses the loop until it is back).
+        `critical`: counted in `critical_rpcs` (False: the caller counts it,
+        the overlapped Reserve only when the drivers waited on it)."""
+        self.critical_rpcs += critical
         with anyio.CancelScope() as scope:
             self._memory_scope = scope
             try:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from services.scheduler._execute import Work, reserve, reserve_refused
 from services.scheduler._kv_quota import KvQuotas
+from services.scheduler._overlap import take_covered
 from services.scheduler._request import Seq
 from services.scheduler._sessions import SessionTable
 from services.scheduler._state import EngineState
@@ -20,21 +21,26 @@ from services.scheduler._swap import swap_in, swap_out
 from services.scheduler.planner import StepPlan
 
 
-async def reserve_plan(state: EngineState, sessions: SessionTable, kv: KvQuotas, p: StepPlan,
-                       victims: list[Seq]) -> tuple[list[Work], list[tuple[Seq, str]]]:
+async def reserve_plan(state: EngineState, sessions: SessionTable, kv: KvQuotas, p: StepPlan, victims: list[Seq],
+                       incarnations: dict[str, int]) -> tuple[list[Work], list[tuple[Seq, str]]]:
     """Swap out the plan's swap victims, swap in the swapped sequences it
     runs, and reserve its slots (with the releases). Returns the work that
     got slots, and the sequences that must start over, with why (each
-    counts a failure); no work when the step is abandoned."""
+    counts a failure); no work when the step is abandoned. The decodes whose
+    slots were reserved while the last step ran (_overlap.py) need no call:
+    when they are all the plan runs, the releases wait for the Reserve that
+    overlaps this step."""
     if victims:
         # Before any Reserve: the plan gave their device blocks away.
         await swap_out(state, victims)
     if state.memory_down:
         return [], []
-    if not p.scheduled:
-        await state.flush_releases()  # no Reserve to carry them: free the blocks now
-        return [], []
-    swapped = [seq for seq, _ in p.scheduled if seq.swapped]
+    covered, scheduled = take_covered(state, p.scheduled, incarnations)
+    if not scheduled:
+        if not covered:
+            await state.flush_releases()  # no Reserve to carry them: free the blocks now
+        return covered, []
+    swapped = [seq for seq, _ in scheduled if seq.swapped]
     if swapped:
         # A swap-in needs the released blocks before the Reserve.
         if not await state.flush_releases():
@@ -47,17 +53,20 @@ async def reserve_plan(state: EngineState, sessions: SessionTable, kv: KvQuotas,
                 state.start(seq)
         if later:  # fewer free blocks than the plan thought: they wait
             p.scheduled = [(seq, n) for seq, n in p.scheduled if seq not in later]
+            scheduled = [(seq, n) for seq, n in scheduled if seq not in later]
         if state.memory_down:
             return [], []
         # A failed swap-in dropped KV: its release rides on the Reserve,
         # applied before the id is reserved again from token 0.
-    work, refused = await reserve(state, p)
+    work, refused = await reserve(state, scheduled)
+    if state.memory_down:
+        return [], []  # abandoned; the covered decodes keep their slots for the next try
     failed = []
     for seq, error in refused:
         why = reserve_refused(state, sessions, kv, seq, error)
         if why:
             failed.append((seq, why))
-    return work, failed
+    return covered + work, failed
 
 
 __all__ = ["reserve_plan"]

@@ -32,13 +32,14 @@ from common.logs import get_logger
 from services.scheduler._admission import (CHARS_PER_TOKEN, Model, check_fits, check_prompt_size,
                                            check_queue_room, tokenize)
 from services.scheduler._fanout import ForkGroups
-from services.scheduler._execute import Produced, execute
+from services.scheduler._execute import Produced
 from services.scheduler._kv_quota import KvQuotas
 from services.scheduler._request import Emit, Request, Seq, Sink, State
 from services.scheduler._sessions import SessionTable, seq_blocks
 from services.scheduler._recovery import Recovery
 from services.scheduler._state import Backend, EngineState
 from services.scheduler._text import feed_step
+from services.scheduler._overlap import execute_step
 from services.scheduler._step import reserve_plan
 from text.stream import TextStream
 from services.scheduler._tuning import Tuning
@@ -260,12 +261,12 @@ class Engine:
         victims = [seq for seq in p.preempted if self._preempt(seq)]
         self.sessions.hand_over(p)
         self.sessions.relieve_pressure(p, ledger, self.limits.prefill_chunk)
-        work, failed = await reserve_plan(st, self.sessions, self.kv, p, victims)
+        work, failed = await reserve_plan(st, self.sessions, self.kv, p, victims, incarnations)
         for seq, why in failed:
             self._fail_once(seq, why)
         if not work:
             return False
-        result = await execute(st, work, incarnations)
+        result = await execute_step(st, work, incarnations, self.config.overlap, self.kv_quotas)  # + next Reserve
         self.recovery.pools_lost(result.lost_pools)
         for seq, why in result.refused:
             self._fail_once(seq, why, computed=False)

@@ -11,6 +11,7 @@ from ipc.protocol import driver as dp
 from ipc.protocol import memory as mp
 from ipc.protocol.sampling import SamplingParams
 from ipc.protocol.scheduler import FinishReason
+from common.config.scheduler import SchedulerConfig
 from tests.helpers.scheduler_fakes import FakeDriver, InProcessBackend, Stream, expected, running
 
 
@@ -21,7 +22,8 @@ async def blocks_free(backend: InProcessBackend) -> None:
 
 
 async def test_each_step_makes_one_memory_call_and_finished_blocks_go_with_the_next_one() -> None:
-    async with running() as (engine, backend):
+    # the plain step (no overlap): its Reserve on the critical path
+    async with running(SchedulerConfig(overlap=False)) as (engine, backend):
         streams = [Stream(engine, prompt=f"prompt {i}", max_tokens=n, request_id=f"r{i}")
                    for i, n in enumerate((3, 7, 12))]
         finals = [await s.result() for s in streams]
