@@ -19,10 +19,17 @@ per-token objective `tpot_s` (the tightest among the running requests) and
 `headroom`, a step may take `T = headroom * tpot_s`:
 
   - batch cap: the most decodes that fit T beside a minimal prefill chunk,
-    `(T - a - b_p * min_chunk) / (b_d + b_c * ctx)`;
+    `(T - a - p * min_chunk) / k`, with `k = b_d + b_c * ctx` (a decode at
+    the context per decode) and `p = b_p + b_c * pos` (a prefill token at the
+    mean position of recent prefill tokens);
   - token budget: the decodes the batch runs plus the prefill tokens that
-    still fit T, `d + (T - a - (b_d + b_c * ctx) * d) / b_p`;
+    still fit T, `d + (T - a - k * d) / p`;
   - prefill chunk: what the budget leaves the prefill beside those decodes.
+
+Neither goes below what the window's steps were measured to do within T
+(a group of at least 3 steps of that many decodes, or tokens, with a median
+time within T): a fit extrapolated from noisy steps does not overrule what
+the machine was seen to do.
 
 The configured limits are the ceilings, and the fallback whenever the model
 is unsure (too few steps, or a relative error over `max_rel_error`); a
@@ -40,6 +47,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 Vec = tuple[float, float, float, float]
@@ -50,6 +58,7 @@ class StepShape:
     decodes: int  # sequences computing one token
     prefill: int  # tokens of prompt (or recompute) chunks
     context: int  # positions attended, summed over the tokens computed
+    prefill_context: int = 0  # the part of `context` from prefill tokens
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +73,11 @@ class Decision:
     knobs: Knobs
     state: str  # "tuned", "fallback" or "infeasible"
     why: str
+
+
+def _ewma(avg: float, x: float) -> float:
+    """Smoothed over about ten steps; the first value stands alone."""
+    return x if not avg else 0.9 * avg + 0.1 * x
 
 
 def features(s: StepShape) -> Vec:
@@ -99,6 +113,15 @@ class LatencyModel:
         no prefill (None: fewer than 4 such steps)."""
         small = sorted(y for x, y in self.samples if x[1] <= 2 and x[2] == 0)
         return small[len(small) // 2] if len(small) >= 4 else None
+
+    def measured_floor(self, t: float, key: Callable[[Vec], int]) -> int:
+        """The largest `key` (decodes, or tokens in buckets of 16) among
+        groups of at least 3 window steps whose median time was within `t`
+        (0: none): what the machine was seen to do, which no fit overrules."""
+        groups: dict[int, list[float]] = {}
+        for x, y in self.samples:
+            groups.setdefault(key(x), []).append(y)
+        return max((k for k, ys in groups.items() if len(ys) >= 3 and sorted(ys)[len(ys) // 2] <= t), default=0)
 
     def predict(self, shape: StepShape) -> float:
         return self._predict(features(shape))
@@ -193,7 +216,7 @@ def _solve(samples: deque[tuple[Vec, float]], active: list[int]) -> Vec | None:
 
 class AutoTuner:
     def __init__(self, ceiling: Knobs, *, headroom: float = 0.85, window: int = 64, every: int = 8,
-                 min_budget: int = 16, min_chunk: int = 32):
+                 min_budget: int = 16, min_chunk: int = 32, warmup: int = 4):
         self.ceiling = ceiling
         self.headroom = headroom
         self.every = every
@@ -203,14 +226,16 @@ class AutoTuner:
         self.knobs = ceiling
         self.state = "learning"
         self.step_s = 0.0  # smoothed, for Stats
-        self.decodes = 0.0  # smoothed decodes per step, and context per decode
+        self.decodes = 0.0  # smoothed: decodes per step, context per decode, position per prefill token
         self.context = 0.0
+        self.prefill_pos = 0.0
         self.changes = 0
         self.reversals = 0
         self._values = {"token_budget": float(ceiling.token_budget), "max_num_seqs": float(ceiling.max_num_seqs)}
         self._last_move: dict[str, tuple[int, int]] = {}  # knob -> (direction, decision number)
         self._decisions = 0
         self._since = 0
+        self._warmup = warmup
 
     def observe(self, shape: StepShape, step_s: float, tpot_s: float) -> tuple[Decision | None, float | None]:
         """A step of `shape` took `step_s`; `tpot_s`: the tightest per-token
@@ -218,10 +243,15 @@ class AutoTuner:
         change, and measured / predicted when the model was reset."""
         if step_s <= 0 or shape.decodes + shape.prefill <= 0:
             return None, None
+        if self._warmup > 0:  # a process's first steps pay one-off costs (allocations, caches)
+            self._warmup -= 1
+            return None, None
         self.step_s = step_s if not self.step_s else 0.8 * self.step_s + 0.2 * step_s
-        self.decodes = 0.9 * self.decodes + 0.1 * shape.decodes
+        self.decodes = _ewma(self.decodes, shape.decodes)
         if shape.decodes:
-            self.context = 0.9 * self.context + 0.1 * (shape.context / (shape.decodes + (shape.prefill > 0)))
+            self.context = _ewma(self.context, (shape.context - shape.prefill_context) / shape.decodes)
+        if shape.prefill:
+            self.prefill_pos = _ewma(self.prefill_pos, shape.prefill_context / shape.prefill)
         shift = self.model.add(shape, step_s)
         self._since += 1
         if self._since < self.every:
@@ -242,6 +272,7 @@ class AutoTuner:
         a, bd, bp, bc = m.coef
         t = self.headroom * tpot_s
         per_decode = bd + bc * self.context / 1000.0
+        per_prefill = bp + bc * self.prefill_pos / 1000.0  # a prefill token, its attention included
         c = self.ceiling
         # An objective no setting meets (steps of one or two decodes took
         # longer, measured, not extrapolated): shrinking the batch would only
@@ -253,17 +284,20 @@ class AutoTuner:
             why = (f"steps of one or two decodes took {one * 1e3:.0f} ms, over the {t * 1e3:.0f} ms target: "
                    f"no setting meets a {tpot_s * 1e3:.0f} ms per-token objective; the configured limits")
             return self._set(c, "infeasible", why, jump=True)
-        seqs = c.max_num_seqs if per_decode <= 0 else int((t - a - bp * self.min_chunk) / per_decode)
-        seqs = max(1, min(c.max_num_seqs, seqs))
+        seqs = c.max_num_seqs if per_decode <= 0 else int((t - a - per_prefill * self.min_chunk) / per_decode)
+        # Never below what steps of the window were measured to do within T.
+        seqs = max(1, min(c.max_num_seqs, max(seqs, m.measured_floor(t, lambda x: int(x[1])))))
         d = min(max(1.0, self.decodes), seqs)
-        if not m.prefill_known or bp <= 0:
+        if not m.prefill_known or per_prefill <= 0:
             budget = c.token_budget
         else:
-            budget = int(d + (t - a - per_decode * d) / bp)
+            budget = int(d + (t - a - per_decode * d) / per_prefill)
+        budget = max(budget, m.measured_floor(t, lambda x: int(x[1] + x[2]) // 16 * 16))
         budget = max(self.min_budget, math.ceil(d), min(c.token_budget, budget))
         target = Knobs(min(budget, c.token_budget), seqs, c.prefill_chunk)
         old = self.knobs
-        pred = m.predict(StepShape(round(d), max(0, old.token_budget - round(d)), round(self.context * d)))
+        p = max(0, old.token_budget - round(d))
+        pred = m.predict(StepShape(round(d), p, round(self.context * d + self.prefill_pos * p)))
         why = (f"a full step ({round(d)} decodes + {max(0, old.token_budget - round(d))} prefill tokens) is "
                f"predicted at {pred * 1e3:.0f} ms; the target is {t * 1e3:.0f} ms "
                f"({self.headroom:.0%} of a {tpot_s * 1e3:.0f} ms per-token objective)")

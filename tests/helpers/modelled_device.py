@@ -10,15 +10,15 @@ from tests.helpers.scheduler_fakes import InProcessBackend
 
 
 def modelled(engine: Engine, backend: InProcessBackend, fixed_s: float, per_token_s: float) -> list[float]:
-    """The engine's clock advances by `fixed_s` + `per_token_s` per token
-    id a step sends; returns the clock's cell (a test may slow the device by
-    changing the costs through `speed`)."""
+    """The engine's clock advances by `fixed_s` + `per_token_s` per token a
+    step computes (new sequences' and deltas' alike); returns the clock's cell."""
     now = [0.0]
     engine.clock = lambda: now[0]
     execute = backend.execute
 
     async def timed(instance: str, req: dp.Execute) -> dp.Executed:
-        now[0] += fixed_s + per_token_s * sum(len(s.token_ids) for s in req.steps)
+        computed = sum(len(s.token_ids) for s in req.steps) + sum(len(d.token_ids) for d in req.deltas)
+        now[0] += fixed_s + per_token_s * computed
         return await execute(instance, req)
 
     backend.execute = timed  # type: ignore[method-assign]
