@@ -131,6 +131,10 @@ class InProcessBackend:
         # When set, every Execute waits for this event (a driver busy for as
         # long as a test needs).
         self.hold_steps: anyio.Event | None = None
+        # Event-loop turns each Execute takes (a device busy for a while, so
+        # what overlaps it comes back first).
+        self.execute_turns = 0
+        self.held = 0  # Executes waiting on hold_steps now
         for name, d in drivers.items():
             self.memory.register_pool(mp.RegisterPool(name, d.num_blocks, d.block_size, d.host_slots))
 
@@ -165,11 +169,17 @@ class InProcessBackend:
     async def execute(self, instance: str, req: dp.Execute) -> dp.Executed:
         await anyio.sleep(0)
         if self.hold_steps is not None:
-            await self.hold_steps.wait()
+            self.held += 1
+            try:
+                await self.hold_steps.wait()
+            finally:
+                self.held -= 1
         d = self.drivers[instance]
         if not d.alive:
             raise Unavailable(f"{instance} died while handling Execute")
         self.calls.append(("execute", req))
+        for _ in range(self.execute_turns):
+            await anyio.sleep(0)
         return d.execute(req)
 
     async def swap_out(self, req: mp.SwapOut) -> mp.SwapOutReply:
