@@ -31,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     except HomeLocked as exc:
         print(f"llmos: {exc.message}", file=sys.stderr)
         return 1
+    except LlmosError as exc:  # the ray launcher chosen without Ray installed
+        print(f"llmos: {exc.message}", file=sys.stderr)
+        return 2
 
 
 def boot(config: Config, home: Path, config_path: Path | None = None, *, console: Console | None = None,
@@ -40,11 +43,16 @@ def boot(config: Config, home: Path, config_path: Path | None = None, *, console
     terminal is the console's, so children's output goes under logs/."""
     import anyio
 
-    from kernel.launcher import LocalLauncher
+    from kernel.launcher import Launcher, LocalLauncher
     from kernel.main import run_kernel
 
     with KernelLock.acquire(home):
-        launcher = LocalLauncher(output_home=home if children_to_files else None)
+        launcher: Launcher
+        if config.launcher.kind == "ray":
+            from kernel.ray_launcher import RayLauncher  # Ray only when chosen
+            launcher = RayLauncher(config.launcher)
+        else:
+            launcher = LocalLauncher(output_home=home if children_to_files else None)
         rc = anyio.run(run_kernel, config, home, launcher, config_path, console, backend="asyncio",
                        backend_options={"use_uvloop": True})
     return int(rc)

@@ -25,6 +25,7 @@ from common.config.gateway import GatewayConfig
 from common.config.memory import MemoryConfig
 from common.config.scheduler import SchedulerConfig
 from common.config.security import SecurityConfig
+from common.config.launcher import LauncherConfig
 
 
 # Past a child's own bound on stopping (the gateway's drain_s), before SIGKILL.
@@ -65,7 +66,12 @@ class ChildSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     # inherited listening socket (LLMOS_LISTEN_FD; common/listen.py), so the
     # instances share one accept queue that outlives any of them.
     listen: str = ""
-
+    # Placement, read by the Ray launcher only (kernel/ray_launcher.py):
+    # what each instance's actor asks of a node (custom resources such as
+    # {"llmos_driver": 1}, GPUs), or one node by its Ray node id.
+    resources: dict[str, float] = {}
+    num_gpus: float = 0.0
+    node_id: str = ""
 
     @property
     def service_name(self) -> str:
@@ -166,6 +172,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     gateway: GatewayConfig = GatewayConfig()
     security: SecurityConfig = SecurityConfig()
     driver: DriverConfig = DriverConfig()
+    launcher: LauncherConfig = LauncherConfig()
 
     def validate(self, source: str | Path | None = None) -> "Config":
         """Every table's own checks, and the children's; `ConfigError` naming
@@ -175,6 +182,10 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
                 getattr(self, table).validate()
             except BadRequest as exc:
                 raise ConfigError(f"{where(source, table)} {exc.message}") from None
+        try:
+            self.launcher.validate()
+        except BadRequest as exc:
+            raise ConfigError(f"{where(source, 'launcher')} {exc.message}") from None
         names = [c.name for c in self.children]
         dup = {n for n in names if names.count(n) > 1}
         if dup:
@@ -187,6 +198,8 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
                     parse_listen(c.listen)
                 except BadRequest as exc:
                     raise ConfigError(f"{where(source, 'children')} child {c.name!r}: {exc.message}") from None
+            if c.num_gpus < 0 or any(v < 0 for v in c.resources.values()):
+                raise ConfigError(f"{where(source, 'children')} child {c.name!r} asks for negative resources")
             if c.intensity < 0 or c.period_s <= 0:
                 raise ConfigError(f"{where(source, 'children')} child {c.name!r} has a bad restart "
                                   f"intensity/period")

@@ -3,6 +3,7 @@
     llmos up [--home DIR] [--config FILE]     boot in the foreground (a readable status; --log-format json)
           [--model DIR] [--drivers cpu=1] [--http :8000] [--policy fair] [--kv-cache-mb 256]
           [--dtype float32] [--ttft-ms MS] [--tpot-ms MS] [--no-autotune]   ...flags over the config file
+          [--launcher ray [--ray-address auto]]   children placed on a Ray cluster (docs/scale-out.md)
     llmos config example | check FILE          every setting with its default, as TOML; check a file
     llmos down [--timeout S]                   stop a running llmos, return once it has stopped
     llmos ps [--json]                          services and their state
@@ -81,7 +82,8 @@ def up_config(args: argparse.Namespace) -> Any:
            "driver.swap_mb": swap_mb, "scheduler.preemption": args.preemption,
            "scheduler.policy.name": args.policy, "scheduler.tpot_target_ms": args.autotune,
            "scheduler.tuner.objective.ttft_ms": args.ttft_ms, "scheduler.tuner.enabled": args.no_autotune,
-           "gateway.instances": args.gateway_instances})
+           "gateway.instances": args.gateway_instances, "launcher.kind": args.launcher,
+           "launcher.address": args.ray_address})
     try:
         driver_args = shlex.split(args.driver_args or "")
     except ValueError as exc:  # an unclosed quote
@@ -268,6 +270,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="keep the configured token budget, batch cap and prefill chunk (the tuner is on by default)")
     up.add_argument("--swap-mb", type=float, default=None,
                     help="each driver's host swap tier in MiB (default 512 with --preemption swap, else none)")
+    up.add_argument("--launcher", choices=["local", "ray"],
+                    help="start children as local subprocesses (default) or place them on a Ray cluster "
+                         "(pip install -e '.[ray]'; docs/scale-out.md)")
+    up.add_argument("--ray-address", metavar="ADDR",
+                    help="the Ray cluster for --launcher ray: auto (default), HOST:PORT or ray://HOST:10001")
     up.set_defaults(fn=cmd_up)
 
     cfg = sub.add_parser("config", help="the config file: a sample with every setting, or a check")

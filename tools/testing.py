@@ -21,6 +21,7 @@ from typing import Any, AsyncIterator, Callable
 import anyio
 import msgspec
 
+from common.config.launcher import LauncherConfig
 from common.configfile import toml_value
 from ipc.errors import LlmosError
 from common.home import admin_key_path, front_endpoint, run_dir
@@ -70,7 +71,7 @@ def _to_toml(raw: dict[str, Any]) -> str:
     val = toml_value
 
     lines: list[str] = []
-    for section in ("kernel", "supervisor"):
+    for section in ("kernel", "supervisor", "launcher"):
         lines.append(f"[{section}]")
         for k, v in raw.get(section, {}).items():
             lines.append(f"{k} = {val(v)}")
@@ -85,7 +86,7 @@ def _to_toml(raw: dict[str, Any]) -> str:
 async def running_llmos(home: Path, children: list[ChildSpec] | None = None,
                         supervisor: SupervisorConfig | None = None, kernel: KernelConfig | None = None,
                         ready_timeout: float = 60.0, expect_exit: bool = False,
-                        auth: bool = False) -> AsyncIterator[RunningLlmos]:
+                        auth: bool = False, launcher: LauncherConfig | None = None) -> AsyncIterator[RunningLlmos]:
     """`auth` turns the kernel's capability check on (off by default here, on in
     `llmos up`); with it the default children are security and echo, and
     `client` is the local admin (logged in with admin.key)."""
@@ -95,7 +96,8 @@ async def running_llmos(home: Path, children: list[ChildSpec] | None = None,
         if auth:
             children.insert(0, ChildSpec("security", "services.security"))
     config = Config(kernel=msgspec.structs.replace(kernel or KernelConfig(), auth=auth),
-                    supervisor=supervisor or SupervisorConfig(), children=children)
+                    supervisor=supervisor or SupervisorConfig(), children=children,
+                    launcher=launcher or LauncherConfig())
     cfg = write_config(home / "llmos.toml", config)
     log = open(home / "kernel.stderr", "ab")  # noqa: SIM115 - closed below
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}

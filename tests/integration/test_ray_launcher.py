@@ -1,0 +1,146 @@
+"""The Ray launcher (kernel/ray_launcher.py) on a one-host Ray cluster: null
+drivers placed by Ray on two simulated nodes generate what the local
+launcher generates, and every request finishes exactly once, with the same
+tokens, through a SIGKILLed driver, a SIGSTOPped (hung) one and a node lost
+mid-generation. One cluster for the module (it takes seconds to start)."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from drivers.null import continuation
+from ipc.protocol.kernel import ChildState
+from ipc.protocol.scheduler import FinishReason
+from sdk.client import AsyncClient
+from tests.helpers.ray_cluster import (add_driver_node, gone, launcher, null_children_on_nodes, placements,
+                                       start_cluster)
+from tests.helpers.stacks import null_children
+from text.tokenizer import ByteTokenizer
+from tools.testing import RunningLlmos, running_llmos
+
+pytest.importorskip("ray")
+pytestmark = pytest.mark.slow
+
+GREEDY = dict(temperature=0.0, ignore_eos=True)
+PROMPTS = ["scale out", "on ray nodes", "two drivers", "one model", "every request", "exactly once"]
+N = 160
+DRIVER_ARGS = ("--step-ms", "10", "--block-size", "4")
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Any]:
+    c = start_cluster(nodes=2)
+    try:
+        yield c
+    finally:
+        c.shutdown()
+
+
+def expected() -> list[list[int]]:
+    tok = ByteTokenizer()
+    return [continuation(tok.encode(p), N) for p in PROMPTS]
+
+
+async def generate_all(c: AsyncClient) -> list[list[int]]:
+    out: list[list[int]] = [[] for _ in PROMPTS]
+
+    async def one(i: int) -> None:
+        done = await c.generate(PROMPTS[i], max_tokens=N, **GREEDY)
+        assert done.finish_reason == FinishReason.LENGTH
+        out[i] = done.token_ids
+    async with anyio.create_task_group() as tg:
+        for i in range(len(PROMPTS)):
+            tg.start_soon(one, i)
+    return out
+
+
+async def streams_through(llmos: RunningLlmos, fault: Any) -> list[list[int]]:
+    """Stream every prompt; once each has tokens, run `fault()`; return what each stream held."""
+    held: list[list[int]] = [[] for _ in PROMPTS]
+    finals = [0] * len(PROMPTS)
+    progressed = anyio.Event()
+
+    async def run(i: int) -> None:
+        async for ch in llmos.client.stream_generate(PROMPTS[i], max_tokens=N, **GREEDY):
+            held[i].extend(ch.token_ids)
+            if ch.finish_reason is not None:
+                finals[i] += 1
+            if all(len(h) >= 8 for h in held):
+                progressed.set()
+    async with anyio.create_task_group() as tg:
+        for i in range(len(PROMPTS)):
+            tg.start_soon(run, i)
+        with anyio.fail_after(60):
+            await progressed.wait()
+        at_fault = [len(h) for h in held]
+        await fault()
+    assert all(k < N for k in at_fault), "the fault came after the requests ended"
+    assert finals == [1] * len(PROMPTS), "a request did not finish exactly once"
+    return held
+
+
+def drivers(st: Any) -> dict[str, Any]:
+    return {i.instance: i for i in st.instances if i.service == "driver"}
+
+
+async def restarted(llmos: RunningLlmos, instance: str, old_pid: int, timeout: float = 120) -> int:
+    st = await llmos.wait_for(lambda s: llmos.instance(s, instance).pid not in (0, old_pid)
+                              and llmos.instance(s, instance).state == ChildState.READY, timeout,
+                              f"{instance} restarted")
+    return llmos.instance(st, instance).pid
+
+
+async def test_two_nodes_generate_like_local_through_a_kill_and_a_hang(home: Path, cluster: Any) -> None:
+    want = expected()
+    async with running_llmos(home / "local", null_children(*DRIVER_ARGS)) as local:
+        assert await generate_all(local.client) == want
+    async with running_llmos(home / "ray", null_children_on_nodes(2, *DRIVER_ARGS), launcher=launcher(cluster),
+                             ready_timeout=180) as llmos:
+        assert await generate_all(llmos.client) == want
+        pids = {name: i.pid for name, i in drivers(await llmos.status()).items()}
+        where = await anyio.to_thread.run_sync(placements, llmos.home)
+        # One driver on each simulated node, each a real process the chaos tester can signal.
+        assert len({where[pid] for pid in pids.values()}) == 2
+        assert {where[pid] for pid in pids.values()} <= {n.node_id for n in cluster.list_all_nodes()}
+
+        async def sigkill() -> None:
+            os.kill(pids["null-0"], signal.SIGKILL)
+            await restarted(llmos, "null-0", pids["null-0"])
+        assert await streams_through(llmos, sigkill) == want
+
+        async def sigstop() -> None:  # a hang: only the kernel's heartbeats catch it
+            os.kill(pids["null-1"], signal.SIGSTOP)
+            await restarted(llmos, "null-1", pids["null-1"])
+        assert await streams_through(llmos, sigstop) == want
+        assert await anyio.to_thread.run_sync(gone, pids["null-1"])
+        st = drivers(await llmos.status())
+        assert st["null-0"].restarts == 1 and st["null-1"].restarts == 1
+
+
+async def test_node_lost_mid_generation(home: Path, cluster: Any) -> None:
+    want = expected()
+    async with running_llmos(home, null_children_on_nodes(2, *DRIVER_ARGS), launcher=launcher(cluster),
+                             ready_timeout=180) as llmos:
+        pids = {name: i.pid for name, i in drivers(await llmos.status()).items()}
+        where = await anyio.to_thread.run_sync(placements, llmos.home)
+        node = next(n for n in cluster.list_all_nodes() if n.node_id == where[pids["null-1"]])
+
+        async def lose_node() -> None:
+            await anyio.to_thread.run_sync(lambda: cluster.remove_node(node, allow_graceful=False))
+            # The lost node's driver has nowhere to go until a node with room joins.
+            await anyio.to_thread.run_sync(add_driver_node, cluster)
+            await restarted(llmos, "null-1", pids["null-1"], timeout=180)
+        assert await streams_through(llmos, lose_node) == want
+        # Its process went with its node, and the restart landed on another one.
+        assert await anyio.to_thread.run_sync(gone, pids["null-1"])
+        new_pid = drivers(await llmos.status())["null-1"].pid
+        where = await anyio.to_thread.run_sync(placements, llmos.home)
+        assert where[new_pid] != node.node_id
+        assert drivers(await llmos.status())["null-0"].pid == pids["null-0"]
