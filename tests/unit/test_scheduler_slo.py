@@ -10,6 +10,7 @@ from pathlib import Path
 
 import anyio
 import pytest
+from structlog.testing import capture_logs
 
 from common.config.scheduler import Objective, SchedulerConfig, TunerConfig, load_scheduler_config
 from ipc.errors import BadRequest, ConfigError, Overloaded
@@ -140,3 +141,30 @@ def test_objectives_load_from_toml_and_a_bad_one_names_its_table(tmp_path: Path)
     with pytest.raises(ConfigError, match=r"tuner\.objective\.ttft_ms"):
         load_scheduler_config(bad)
     assert load_scheduler_config(None, tpot_target_ms=40.0).objectives.objective.tpot_ms == 40.0
+
+
+async def test_a_tenant_with_a_tighter_objective_makes_the_tuner_plan_for_it() -> None:
+    # On a device of 10 ms + 0.5 ms per token, the default (60 s per token)
+    # keeps the configured limits; a tenant that wants 40 ms per token
+    # arrives and the steps are planned for it (34 ms: about 50 tokens);
+    # when its requests are done, the limits go back up.
+    tuner = TunerConfig(objective=LOOSE, tenants={"fast": Objective(ttft_ms=60_000, tpot_ms=40)})
+    config = SchedulerConfig(token_budget=256, max_num_seqs=32, prefill_chunk=256, tuner=tuner)
+    with capture_logs() as logs:
+        async with running(config, {"cpu": FakeDriver(1024)}) as (engine, backend):
+            modelled(engine, backend, 0.010, 0.0005)
+            first = [Stream(engine, prompt=f"{i} " + "long prompt text " * 8, max_tokens=40) for i in range(8)]
+            for s in first:
+                await s.result()
+            before = engine.stats()
+            events: list[object] = []
+            sinks = [engine.submit(Submit(prompt=f"fast {i} " + "long prompt text " * 8, max_tokens=60,
+                                          params=GREEDY), "fast", events.append) for i in range(8)]
+            with anyio.fail_after(10):
+                for sink in sinks:
+                    await sink.wait()
+    assert before.token_budget == 256 and before.tuner_changes == 0
+    changes = [e for e in logs if e["event"] == "scheduler.tuner_changed"]
+    for_fast = [e for e in changes if "a 40 ms per-token objective" in e["why"]]
+    assert for_fast and min(e["token_budget"][1] for e in for_fast) <= 64
+    assert changes[-1]["token_budget"][1] > 64 and "60000 ms per-token" in changes[-1]["why"]
