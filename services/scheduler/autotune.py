@@ -94,14 +94,22 @@ class LatencyModel:
         self.rel_error = math.inf
         self.resets = 0
         self._sure = False
+        self._steps = 0
+        self._reset_at: deque[int] = deque(maxlen=2)
         self._drift: deque[float] = deque(maxlen=drift_steps)
         self._drift_log = math.log(drift_ratio)
 
     @property
     def sure(self) -> bool:
         """Enough steps and a small error; once sure, it stays so until the
-        error passes 1.5x `max_rel_error` (no flapping at the threshold)."""
-        return self.coef is not None and len(self.samples) >= self.min_samples and self._sure
+        error passes 1.5x `max_rel_error` (no flapping at the threshold). A
+        machine whose speed needed two resets within one window is not
+        steady enough to plan on: unsure until the older reset leaves it."""
+        return self.coef is not None and len(self.samples) >= self.min_samples and self._sure and not self.unsteady
+
+    @property
+    def unsteady(self) -> bool:
+        return len(self._reset_at) == 2 and self._steps - self._reset_at[0] < (self.samples.maxlen or 0)
 
     @property
     def prefill_known(self) -> bool:
@@ -138,6 +146,7 @@ class LatencyModel:
         model refitted."""
         x = features(shape)
         self.samples.append((x, step_s))
+        self._steps += 1
         pred = self._predict(x)
         if self.coef is None or pred <= 0:
             return None
@@ -154,6 +163,7 @@ class LatencyModel:
         self.samples.extend(rescaled)
         self._drift.clear()
         self.resets += 1
+        self._reset_at.append(self._steps)
         self.fit()
         return ratio
 
@@ -267,7 +277,9 @@ class AutoTuner:
             return None  # learning (or just reset): hold the current limits
         if not m.sure:
             self.state = "fallback"
-            why = f"model unsure: its error is {m.rel_error:.0%} over {len(m.samples)} steps; the configured limits"
+            why = (f"model unsure: the machine's speed changed twice within {m.samples.maxlen} steps"
+                   if m.unsteady else f"model unsure: its error is {m.rel_error:.0%} over {len(m.samples)} steps")
+            why += "; the configured limits"
             return self._set(self.ceiling, "fallback", why, jump=True)
         a, bd, bp, bc = m.coef
         t = self.headroom * tpot_s

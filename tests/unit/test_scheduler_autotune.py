@@ -141,3 +141,15 @@ def test_an_objective_no_setting_meets_keeps_the_configured_limits() -> None:
     assert light == CEILING and tuner.state == "infeasible"
     assert drive(tuner, Device(), 300, rng, tpot_s=0.020, demand=2) != CEILING
     assert tuner.state == "tuned"
+
+
+def test_a_machine_whose_speed_keeps_changing_gets_the_configured_limits() -> None:
+    # Another process on the cores comes and goes every 20 steps: speed
+    # 1x, 2.5x, 1x, ... No model of this machine holds; the tuner serves
+    # the configured limits instead of chasing it.
+    tuner = AutoTuner(CEILING)
+    rng = random.Random(8)
+    assert drive(tuner, Device(), 300, rng) != CEILING
+    for i in range(20):
+        knobs = drive(tuner, Device(2.5 if i % 2 == 0 else 1.0), 20, rng)
+    assert tuner.model.unsteady and tuner.state == "fallback" and knobs == CEILING
