@@ -8,9 +8,11 @@ Each step, top to bottom:
   2. plan (planner.py): who runs, how many tokens, whom to preempt —
      by recompute (the KV is released) or, with `preemption = "swap"`, by
      moving the KV to the host swap tier (_swap.py);
-  3. one `Release` (finished and preempted sequences), swap-ins of the
-     swapped sequences the plan runs, one batched `Reserve`;
-  4. one `Execute` per driver, concurrently;
+  3. the memory work (_step.py): swap-ins of the swapped sequences the plan
+     runs, one batched `Reserve` carrying the releases — none when every
+     decode's slot was reserved while the last step ran;
+  4. one `Execute` per driver, concurrently, and beside them the next
+     step's `Reserve` (the overlap, _overlap.py);
   5. new tokens to their requests, at most one `TokenDelta` per client.
 
 The lines, the drivers, the KV to release and the memory handle belong to
