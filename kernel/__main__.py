@@ -51,6 +51,7 @@ def boot(config: Config, home: Path, config_path: Path | None = None, *, console
         if config.launcher.kind == "ray":
             from kernel.ray_launcher import RayLauncher  # Ray only when chosen
             launcher = RayLauncher(config.launcher)
+            launcher.connect()  # before the loop starts: ray.init held it for seconds from a thread
         else:
             launcher = LocalLauncher(output_home=home if children_to_files else None)
         rc = anyio.run(run_kernel, config, home, launcher, config_path, console, backend="asyncio",

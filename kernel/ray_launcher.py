@@ -142,11 +142,17 @@ class RayLauncher(Launcher):
         self._cls: Any = None
 
     def connect(self) -> None:
-        """`ray.init` (blocking: call it in a thread, once, before any spawn)."""
+        """`ray.init`: call it before the event loop starts (from a worker
+        thread it kept the loop from running for seconds); `spawn` calls it
+        in a thread if nobody did."""
         ray = self.ray
         if not ray.is_initialized():
-            ray.init(address=self.config.address, namespace=self.config.namespace,
-                     log_to_driver=False, logging_level="warning")
+            try:
+                ray.init(address=self.config.address, namespace=self.config.namespace,
+                         log_to_driver=False, logging_level="warning")
+            except (ConnectionError, ValueError, RuntimeError) as exc:
+                raise ConfigError(f"[launcher] address {self.config.address!r}: cannot join the Ray "
+                                  f"cluster: {exc}") from None
         self._cls = ray.remote(_Incarnation)
 
     async def spawn(self, spec: ChildSpec, instance: str, env: dict[str, str]) -> ChildProcess:
