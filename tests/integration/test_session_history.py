@@ -128,6 +128,24 @@ async def test_the_history_survives_a_scheduler_sigkill_and_names_are_never_path
         assert got.token_ids == await local_greedy(checkpoint, history + new, n)
         assert got.usage.cached_tokens <= len(history)  # what was recomputed shows
         assert (await c.sessions.get(hostile)).turns == 3
+        history += new + got.token_ids
+
+        # Killed in the middle of a turn: the SDK re-submits it with the ids it
+        # holds; the turn is bound to the same history and appended once.
+        new, long = ids(11, 5), 120
+        held: list[int] = []
+        pid = llmos.instance(await llmos.status(), "scheduler").pid
+        async for chunk in c.stream_generate(new, max_tokens=long, session=hostile, request_id="mid", **GREEDY):
+            held += chunk.token_ids
+            if len(held) >= 8 and llmos.instance(await llmos.status(), "scheduler").pid == pid:
+                assert await c.kill("scheduler") == ["scheduler"]
+            if chunk.finish_reason is not None:
+                assert chunk.usage is not None and chunk.usage.history_tokens == len(history)
+        assert llmos.instance(await llmos.status(), "scheduler").pid != pid
+        assert held == await local_greedy(checkpoint, history + new, long)
+        history += new + held
+        last = await c.generate(ids(13, 3), max_tokens=4, session=hostile, **GREEDY)
+        assert last.usage.history_tokens == len(history) and (await c.sessions.get(hostile)).turns == 5
         assert [s.session for s in await c.sessions.list()] == [hostile]
     files = [p for p in (home / "sessions").rglob("*") if p.is_file()]
     assert len(files) == 1 and files[0].parent.parent == home / "sessions"
