@@ -234,7 +234,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="llmos", description="An operating system for language models.")
     ap.add_argument("--home", help="LLMOS_HOME (default ~/.llmos)")
     ap.add_argument("--endpoint", help="the kernel to talk to, e.g. tcp://host:5555 (default: the one under "
@@ -331,8 +331,11 @@ def main(argv: list[str] | None = None) -> int:
     security_cli.add_commands(sub)
     jobs_cli.add_commands(sub)
     restart.add_commands(sub)
+    return ap
 
-    args = ap.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     fn: Callable[[argparse.Namespace], int] = args.fn
     if args.endpoint is not None and args.cmd in LOCAL_ONLY:
         print(f"llmos: --endpoint does not apply to `llmos {args.cmd}`: it {LOCAL_ONLY[args.cmd]}", file=sys.stderr)
