@@ -163,11 +163,11 @@ class SessionHandlers:
         await table.histories.ensure(key)
         info = self._info(key)  # NotFound: neither a live session nor a history
         if key in table.by_key:
-            info = table.close(*key)
-        if not msg.keep_history:
-            await table.histories.delete(key)
-            info = msgspec.structs.replace(info, turns=0, history_tokens=0, system_tokens=0)
-        return info
+            info = table.close(*key)  # the KV released (the counts without the history)
+        if msg.keep_history:
+            return self._info(key)
+        await table.histories.delete(key)
+        return msgspec.structs.replace(info, turns=0, history_tokens=0, system_tokens=0, max_context=0)
 
     @handler(idempotent=True)
     async def suspend_session(self, msg: sessp.SuspendSession, ctx: Context) -> sessp.SessionInfo:

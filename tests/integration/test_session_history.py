@@ -174,3 +174,46 @@ async def test_another_tenant_cannot_read_continue_or_close_a_session(home: Path
             a2 = await alice.generate(ids(3, 4), max_tokens=6, session="chat", **GREEDY)
             assert a2.usage.history_tokens == 8 + len(a1.token_ids)
             assert (await alice.sessions.get("chat")).turns == 2
+
+
+async def test_open_fork_list_and_close(home: Path, checkpoint: Path) -> None:
+    system = ids(100, 6)
+    async with running_llmos(home, children(checkpoint)) as llmos:
+        c = llmos.client
+        assert (await c.sessions.open("text", system="You are terse.")).system_tokens > 0
+        opened = await c.sessions.open("base", system_ids=system)
+        assert (opened.turns, opened.system_tokens, opened.history_tokens) == (0, 6, 6)
+        with pytest.raises(BadRequest, match="exists") as exc:
+            await c.sessions.open("base")
+        assert exc.value.detail["field"] == "session"
+        with pytest.raises(BadRequest, match="outside this model's vocabulary"):
+            await c.sessions.open("bad", system_ids=[10**6])
+        history = list(system)
+        for k in range(2):
+            new = ids(k, 5)
+            got = await c.generate(new, max_tokens=6, session="base", **GREEDY)
+            assert got.token_ids == await local_greedy(checkpoint, history + new, 6)
+            history += new + got.token_ids
+        turn1 = history[:6 + 5 + 6]
+        forked = await c.sessions.fork("base", "branch", turns=1)
+        assert (forked.turns, forked.history_tokens) == (1, len(turn1))
+        new = ids(50, 4)
+        got = await c.generate(new, max_tokens=6, session="branch", **GREEDY)
+        assert got.token_ids == await local_greedy(checkpoint, turn1 + new, 6)
+        assert got.usage.history_tokens == len(turn1)
+        assert [t.turn for t in (await c.sessions.show("branch")).turns] == [1, 2]
+        with pytest.raises(BadRequest, match="exists"):
+            await c.sessions.fork("base", "branch")
+        with pytest.raises(BadRequest, match="has 2 turns, not 5"):
+            await c.sessions.fork("base", "other", turns=5)
+        with pytest.raises(NotFound):
+            await c.sessions.fork("ghost", "other")
+        assert [s.session for s in await c.sessions.list()] == ["base", "branch", "text"]
+        kept = await c.sessions.close("base", keep_history=True)
+        assert kept.turns == 2 and kept.kv_where == ""
+        assert (await c.sessions.get("base")).history_tokens == len(history)
+        await c.sessions.close("base")
+        assert [s.session for s in await c.sessions.list()] == ["branch", "text"]
+        # replace starts a session over
+        again = await c.sessions.open("branch", replace=True)
+        assert (again.turns, again.history_tokens) == (0, 0)
