@@ -21,7 +21,8 @@ tokens/s at saturation through the OS path: docs/benchmarks.md, Serve).
 Settings: the tuner (the default: the [scheduler] limits as ceilings) and
 a sweep of static settings, token budget x batch cap with the tuner off
 (today's default static setting, 512 x 64, among them). The system boots
-once; each setting restarts the scheduler alone with its table.
+once; each workload is served by every setting in turn, the scheduler
+restarted alone with the setting's table before each.
 
 Objectives (the scheduler's own, by priority, and what is judged here):
 chat (priority 0) the default, a first token within 1 s and 100 ms per
@@ -230,24 +231,20 @@ async def idle(client: AsyncClient) -> None:
             await anyio.sleep(0.2)
 
 
-async def run_setting(client: AsyncClient, plan: Plan, setting: str, workloads: dict[str, list[Req]]) -> list[Run]:
+async def run_one(client: AsyncClient, plan: Plan, setting: str, name: str, workload: list[Req]) -> Run:
     await client.generate(list(range(32, 96)), max_tokens=4, params=GREEDY, ignore_eos=True)  # warm up
-    runs = []
-    for name, workload in workloads.items():
-        outcomes = await replay(client, workload)
-        await idle(client)
-        st = await client.scheduler_stats()
-        served = [o.timing for o in outcomes if o.timing.tokens]
-        met = sum(o.met for o in outcomes)
-        runs.append(Run(setting, name, len(outcomes), met, sum(o.refused for o in outcomes),
-                        sum(o.gave_up for o in outcomes), met / plan.seconds,
-                        percentile([t.ttft * 1e3 for t in served], 50),
-                        percentile([x * 1e3 for t in served if (x := t.tpot) is not None], 50),
-                        st.token_budget, st.max_num_seqs, st.tuner_changes))
-        r = runs[-1]
-        print(f"  {setting:>14} {name:>7}: {r.met}/{r.requests} met, {r.refused} refused, {r.gave_up} gave up, "
-              f"limits at the end {r.token_budget}x{r.max_num_seqs}", file=sys.stderr, flush=True)
-    return runs
+    outcomes = await replay(client, workload)
+    await idle(client)
+    st = await client.scheduler_stats()
+    served = [o.timing for o in outcomes if o.timing.tokens]
+    met = sum(o.met for o in outcomes)
+    r = Run(setting, name, len(outcomes), met, sum(o.refused for o in outcomes), sum(o.gave_up for o in outcomes),
+            met / plan.seconds, percentile([t.ttft * 1e3 for t in served], 50),
+            percentile([x * 1e3 for t in served if (x := t.tpot) is not None], 50),
+            st.token_budget, st.max_num_seqs, st.tuner_changes)
+    print(f"  {setting:>14} {name:>7}: {r.met}/{r.requests} met, {r.refused} refused, {r.gave_up} gave up, "
+          f"limits at the end {r.token_budget}x{r.max_num_seqs}", file=sys.stderr, flush=True)
+    return r
 
 
 def ratio(a: float, b: float) -> float:
@@ -280,11 +277,17 @@ async def main_async(home: Path, quick: bool) -> tuple[list[Run], dict[str, floa
     scheduler_table(table, *settings[0][1:])
     runs: list[Run] = []
     async with booted(home, table) as client:
-        for i, (setting, budget, seqs, tuner) in enumerate(settings):
-            if i:
-                scheduler_table(table, budget, seqs, tuner)
-                await restart_scheduler(client, budget, tuner)
-            runs += await run_setting(client, plan, setting, workloads)
+        # Workload by workload, every setting in turn (each with a fresh
+        # scheduler): a machine whose load drifts (others' work) biases one
+        # workload's comparison less than a whole setting run apart.
+        first = True
+        for name, workload in workloads.items():
+            for setting, budget, seqs, tuner in settings:
+                if not first:
+                    scheduler_table(table, budget, seqs, tuner)
+                    await restart_scheduler(client, budget, tuner)
+                first = False
+                runs.append(await run_one(client, plan, setting, name, workload))
     return runs, figures(runs)
 
 
