@@ -34,19 +34,16 @@ LOG_EVERY_S = 5.0
 
 
 def step_shape(work: Iterable[Work]) -> StepShape:
-    """Decodes, prefill tokens, and positions attended summed over the
-    tokens computed (a chunk's tokens attend to (start + end) / 2 on average)."""
-    decodes = prefill = context = prefill_context = 0
+    """Decodes, prefill tokens, and the KV positions the decodes read."""
+    decodes = prefill = context = 0
     for w in work:
         n = w.end - w.start
-        attended = n * (w.start + w.end + 1) // 2
         if n == 1:  # a decode (a one-token prefill chunk is rare enough to count as one)
             decodes += 1
+            context += w.end
         else:
             prefill += n
-            prefill_context += attended
-        context += attended
-    return StepShape(decodes, prefill, context, prefill_context)
+    return StepShape(decodes, prefill, context)
 
 
 class Tuning:

@@ -6,9 +6,10 @@ fits, over a sliding window of recent steps,
 
     step_s ~ a + b_d * decodes + b_p * prefill_tokens + b_c * context / 1000
 
-(`context`: positions attended, summed over the tokens the step computes —
-the KV read, and a prefill chunk's attention, which grows with its
-position), with every coefficient kept >= 0, and watches its own error:
+(`context`: the KV positions the step's decodes read — their context
+lengths; a prefill chunk's attention is small beside its other work at
+these sizes and left in `b_p`), with every coefficient kept >= 0, and
+watches its own error:
 when the last steps all run slower (or faster) than it predicts by a wide
 margin — a slower machine, a second tenant's process, a restarted driver —
 it rescales the older steps by that ratio and refits (a reset), rather than
@@ -20,8 +21,7 @@ per-token objective `tpot_s` (the tightest among the running requests) and
 
   - batch cap: the most decodes that fit T beside a minimal prefill chunk,
     `(T - a - p * min_chunk) / k`, with `k = b_d + b_c * ctx` (a decode at
-    the context per decode) and `p = b_p + b_c * pos` (a prefill token at the
-    mean position of recent prefill tokens);
+    the context per decode) and `p = b_p` (a prefill token);
   - token budget: the decodes the batch runs plus the prefill tokens that
     still fit T, `d + (T - a - k * d) / p`;
   - prefill chunk: what the budget leaves the prefill beside those decodes.
@@ -57,8 +57,7 @@ Vec = tuple[float, float, float, float]
 class StepShape:
     decodes: int  # sequences computing one token
     prefill: int  # tokens of prompt (or recompute) chunks
-    context: int  # positions attended, summed over the tokens computed
-    prefill_context: int = 0  # the part of `context` from prefill tokens
+    context: int  # KV positions the decodes read (their context lengths, summed)
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,9 +235,8 @@ class AutoTuner:
         self.knobs = ceiling
         self.state = "learning"
         self.step_s = 0.0  # smoothed, for Stats
-        self.decodes = 0.0  # smoothed: decodes per step, context per decode, position per prefill token
+        self.decodes = 0.0  # smoothed: decodes per step, context per decode
         self.context = 0.0
-        self.prefill_pos = 0.0
         self.changes = 0
         self.reversals = 0
         self._values = {"token_budget": float(ceiling.token_budget), "max_num_seqs": float(ceiling.max_num_seqs)}
@@ -259,9 +257,7 @@ class AutoTuner:
         self.step_s = step_s if not self.step_s else 0.8 * self.step_s + 0.2 * step_s
         self.decodes = _ewma(self.decodes, shape.decodes)
         if shape.decodes:
-            self.context = _ewma(self.context, (shape.context - shape.prefill_context) / shape.decodes)
-        if shape.prefill:
-            self.prefill_pos = _ewma(self.prefill_pos, shape.prefill_context / shape.prefill)
+            self.context = _ewma(self.context, shape.context / shape.decodes)
         shift = self.model.add(shape, step_s)
         self._since += 1
         if self._since < self.every:
@@ -284,7 +280,7 @@ class AutoTuner:
         a, bd, bp, bc = m.coef
         t = self.headroom * tpot_s
         per_decode = bd + bc * self.context / 1000.0
-        per_prefill = bp + bc * self.prefill_pos / 1000.0  # a prefill token, its attention included
+        per_prefill = bp
         c = self.ceiling
         # An objective no setting meets (steps of one or two decodes took
         # longer, measured, not extrapolated): shrinking the batch would only
@@ -309,7 +305,7 @@ class AutoTuner:
         target = Knobs(min(budget, c.token_budget), seqs, c.prefill_chunk)
         old = self.knobs
         p = max(0, old.token_budget - round(d))
-        pred = m.predict(StepShape(round(d), p, round(self.context * d + self.prefill_pos * p)))
+        pred = m.predict(StepShape(round(d), p, round(self.context * d)))
         why = (f"a full step ({round(d)} decodes + {max(0, old.token_budget - round(d))} prefill tokens) is "
                f"predicted at {pred * 1e3:.0f} ms; the target is {t * 1e3:.0f} ms "
                f"({self.headroom:.0%} of a {tpot_s * 1e3:.0f} ms per-token objective)")
