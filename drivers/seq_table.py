@@ -9,6 +9,10 @@ starts empty: a delta for a sequence it does not hold, or one that does
 not fit its copy, is answered `resend` (nothing ran) and the scheduler
 sends that sequence in full next step. A sequence whose step failed is
 forgotten, so its next step comes in full too.
+
+A kept copy is one that ran, so it passed the driver's checks
+(drivers/checks.py): `expand_trusted` says so for each step it makes whole
+(`Trust`), and the checks then look only at what the delta added.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from drivers.checks import Trust
 from ipc.protocol import driver as dp
 from ipc.protocol.sampling import SamplingParams
 
@@ -27,12 +32,14 @@ class Kept:
     params: SamplingParams
     # Every token up to pos, kept only when a repetition penalty reads it.
     history: list[int] = field(default_factory=list)
+    history_checked: bool = False  # found in the vocabulary by a check
 
 
 class SeqTable:
     def __init__(self) -> None:
         self.epoch = ""
         self.seqs: dict[int, Kept] = {}
+        self._made: dict[int, Kept] = {}  # the last expand's deltas: seq_id -> the copy made whole
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -41,45 +48,68 @@ class SeqTable:
         """The step's sequences in full (`msg.steps`, then the deltas made
         whole from the kept copies), and a `resend` answer for each delta
         that cannot be made whole."""
+        steps, _, resend = self.expand_trusted(msg)
+        return steps, resend
+
+    def expand_trusted(self, msg: dp.Execute) -> tuple[list[dp.StepSeq], list[Trust | None], list[dp.SeqOutput]]:
+        """`expand`, with what the checks already vouch for in each step
+        (`check_steps`' `trust`: None for a step sent in full)."""
         if msg.epoch != self.epoch:
             self.seqs.clear()  # another scheduler: its ids are not the old one's
             self.epoch = msg.epoch
+        seqs = self.seqs
         for seq_id in msg.drop:
-            self.seqs.pop(seq_id, None)
+            seqs.pop(seq_id, None)
         steps = list(msg.steps)
+        trust: list[Trust | None] = [None] * len(steps)
         resend: list[dp.SeqOutput] = []
-        full = {s.seq_id for s in msg.steps}
+        full = {s.seq_id for s in msg.steps} if msg.steps else ()
+        made = self._made = {}
         for d in msg.deltas:
-            kept = self.seqs.get(d.seq_id) if d.seq_id not in full else None
-            why = _misfit(d, kept)
-            if why:
-                self.seqs.pop(d.seq_id, None)
-                resend.append(dp.SeqOutput(d.seq_id, error=why, resend=True))
+            seq_id = d.seq_id
+            kept = seqs.get(seq_id) if seq_id not in full else None
+            if kept is None or d.start_pos != kept.pos or not 0 <= d.table_start <= len(kept.table):
+                seqs.pop(seq_id, None)
+                resend.append(dp.SeqOutput(seq_id, error=_misfit(d, kept), resend=True))
                 continue
-            assert kept is not None
-            table = kept.table[:d.table_start] + d.blocks if d.blocks or d.table_start < len(kept.table) \
-                else kept.table
-            prior = kept.history if kept.params.repetition_penalty != 1.0 else []
-            steps.append(dp.StepSeq(d.seq_id, d.token_ids, d.start_pos, table, d.sample, kept.params, prior))
-        return steps, resend
+            kept_table = kept.table
+            table = kept_table[:d.table_start] + d.blocks if d.blocks or d.table_start < len(kept_table) \
+                else kept_table
+            penalised = kept.params.repetition_penalty != 1.0
+            steps.append(dp.StepSeq(seq_id, d.token_ids, d.start_pos, table, d.sample, kept.params,
+                                    kept.history if penalised else []))
+            trust.append((d.table_start, kept.pos, kept.history_checked or not penalised))
+            made[seq_id] = kept
+        return steps, trust, resend
 
     def record(self, steps: Sequence[dp.StepSeq], errors: Sequence[str | None]) -> None:
         """After the step: keep each sequence that ran, forget each that
         failed (its next step comes in full)."""
+        made, self._made = self._made, {}
+        seqs = self.seqs
         for s, error in zip(steps, errors):
+            seq_id = s.seq_id
             if error:
-                self.seqs.pop(s.seq_id, None)
+                seqs.pop(seq_id, None)
+                continue
+            end = s.start_pos + len(s.token_ids)
+            kept = made.get(seq_id)
+            if kept is not None and seqs.get(seq_id) is kept:
+                # Made whole from this copy: it moves on in place (a
+                # penalised history grows by the step's checked tokens).
+                kept.table = s.block_table
+                kept.pos = end
+                if kept.params.repetition_penalty != 1.0:
+                    kept.history.extend(s.token_ids)
+                    kept.history_checked = kept.history_checked or s.sample
                 continue
             history: list[int] = []
-            if s.params.repetition_penalty != 1.0:
-                kept = self.seqs.get(s.seq_id)
-                if kept is not None and s.prior_token_ids is kept.history:
-                    history = kept.history  # a delta: built on the kept copy
-                    history.extend(s.token_ids)
-                else:
-                    history = [*s.prior_token_ids, *s.token_ids]
-            # The step's own lists (decoded for it, or built by `expand`).
-            self.seqs[s.seq_id] = Kept(s.block_table, s.start_pos + len(s.token_ids), s.params, history)
+            penalised = s.params.repetition_penalty != 1.0
+            if penalised:
+                history = [*s.prior_token_ids, *s.token_ids]
+            # The step's own lists (decoded for it). Its history was checked
+            # when the step sampled (drivers/checks.py).
+            seqs[seq_id] = Kept(s.block_table, end, s.params, history, penalised and s.sample)
 
 
 def _misfit(d: dp.StepDelta, kept: Kept | None) -> str:

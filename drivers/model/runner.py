@@ -21,7 +21,7 @@ import torch
 
 from drivers.model import catalog
 from drivers.model.attention import DecodeKernel
-from drivers.checks import Limits, check_steps
+from drivers.checks import Limits, Trust, check_steps
 from drivers.model.batch import build_batch
 from drivers.model.config import ModelConfig, load_config
 from drivers.model.demo import ensure_demo
@@ -152,18 +152,20 @@ class ModelRunner:
         return cls(model, path, config, weights, tokenizer, cache, max_model_len=limit,
                    decode_kernel=kernel, host_tier=tier)
 
-    def execute(self, steps: Sequence[StepSeq]) -> list[SeqResult]:
+    def execute(self, steps: Sequence[StepSeq], trust: Sequence[Trust | None] | None = None) -> list[SeqResult]:
         """Run one step for every sequence in `steps` in a single forward pass:
         write their new tokens' keys and values into their blocks and sample
         the next token of each with `sample=True`. Results come in the order
         of `steps`. An invalid step fails only its own sequence (see
-        `SeqResult.error`); nothing is written for it."""
+        `SeqResult.error`); nothing is written for it. `trust`: what earlier
+        checks vouch for in each step (drivers/seq_table.py), so only what
+        is new is checked."""
         for s in steps:
             if not isinstance(s, StepSeq):
                 raise InvalidStep(f"execute takes StepSeq values, got {type(s).__name__}")
         with self._lock, torch.inference_mode():
             began = time.perf_counter()
-            errors = check_steps(steps, self.limits)
+            errors = check_steps(steps, self.limits, trust)
             valid = [i for i, e in enumerate(errors) if e is None]
             results = [SeqResult(s.seq_id, error=e) for s, e in zip(steps, errors)]
             if valid:

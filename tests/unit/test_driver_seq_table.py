@@ -3,8 +3,11 @@ deltas made whole, and a `resend` for every delta it cannot make whole."""
 
 from __future__ import annotations
 
+import random
+
 import msgspec
 
+from drivers.checks import Limits, check_steps
 from drivers.seq_table import SeqTable
 from ipc import codec
 from ipc.protocol import driver as dp
@@ -73,3 +76,54 @@ def test_the_wire_structs_are_untagged_arrays() -> None:
     assert len(d) <= 10 and b"seq_id" not in d  # [5, [42], 100, 7, [], true]: no names, no tag
     out = codec.encode(dp.SeqOutput(5, 42))
     assert len(out) <= 16 and b"SeqOutput" not in out
+
+
+def test_a_step_made_whole_is_checked_as_a_full_check_would_in_bulk_or_not() -> None:
+    # Random walks of full steps and deltas, good and bad (tokens or blocks out
+    # of range, a block listed twice, a table too short, a history out of the
+    # vocabulary, a duplicate id, two writing one block): checking only what
+    # each delta adds (the driver's way) says exactly what a full check says.
+    lim = Limits(vocab_size=10, max_model_len=24, num_blocks=40, block_size=4)
+    rng = random.Random(15)
+    for walk in range(120):
+        t = SeqTable()
+        held: dict[int, tuple[int, list[int]]] = {}  # seq_id -> (pos, table), as the scheduler sees it
+        for _ in range(12):
+            steps, deltas = [], []
+            for sid in rng.sample(range(6), rng.randint(1, 6)):
+                pos, table = held.get(sid, (0, []))
+                n = 1 if pos and rng.random() < 0.8 else rng.randint(1, 6)
+                ids = [rng.randrange(10) for _ in range(n)]
+                if rng.random() < 0.05:
+                    ids[-1] = rng.choice([10, -1])
+                need = -(-(pos + n) // 4)
+                new = [rng.randrange(40) for _ in range(max(0, need - len(table)))]
+                cut = len(table)
+                if table and rng.random() < 0.1:  # copy-on-write of the last block
+                    cut -= 1
+                    new.insert(0, rng.randrange(40))
+                if new and rng.random() < 0.15:  # out of range, listed twice, or another's
+                    others = [b for o, (_, tb) in held.items() if o != sid for b in tb[-1:]]
+                    new[-1] = rng.choice([40, *table[:cut], *others])
+                if new and rng.random() < 0.05:
+                    new.pop()  # too short
+                sample = rng.random() < 0.8
+                whole = table[:cut] + new
+                if sid not in held or rng.random() < 0.1:
+                    params = PENALTY if sid % 2 else SamplingParams(temperature=0.0)
+                    prior = [rng.randrange(11 if rng.random() < 0.1 else 10) for _ in range(pos)]
+                    steps.append(dp.StepSeq(sid, ids, pos, list(whole), sample, params, prior))
+                else:
+                    deltas.append(dp.StepDelta(sid, ids, pos, cut, new, sample))
+                held[sid] = (pos + n, whole)
+            if rng.random() < 0.1 and deltas:
+                deltas.append(deltas[0])
+            whole_steps, trust, resend = t.expand_trusted(dp.Execute(steps, [], deltas, [], "e"))
+            errors = check_steps(whole_steps, lim, trust)
+            assert errors == check_steps(whole_steps, lim), walk
+            t.record(whole_steps, errors)
+            for o in resend:
+                held.pop(o.seq_id, None)
+            for s, e in zip(whole_steps, errors):
+                if e:
+                    held.pop(s.seq_id, None)
