@@ -121,6 +121,13 @@ class LatencyModel:
         small = sorted(y for x, y in self.samples if x[1] <= 2 and x[2] == 0)
         return small[len(small) // 2] if len(small) >= 4 else None
 
+    @property
+    def decodes_varied(self) -> bool:
+        """Whether the window's decode counts span 4 or more (else the fixed
+        cost and a decode's cannot be told apart)."""
+        counts = [x[1] for x, _ in self.samples]
+        return bool(counts) and max(counts) - min(counts) >= 4
+
     def measured_floor(self, t: float, key: Callable[[Vec], int]) -> int:
         """The largest `key` (decodes, or tokens in buckets of 16) among
         groups of at least 3 window steps whose median time was within `t`
@@ -283,13 +290,16 @@ class AutoTuner:
         per_prefill = bp
         c = self.ceiling
         # An objective no setting meets (steps of one or two decodes took
-        # longer, measured, not extrapolated): shrinking the batch would only
-        # cost throughput, so the configured limits serve best effort, until
-        # such steps fit 90% of it.
-        one = m.small_step_s()
+        # longer — measured; or predicted, where the window's decode counts
+        # varied enough to tell the fixed cost from a decode's): shrinking
+        # the batch would only cost throughput, so the configured limits
+        # serve best effort, until such a step fits 90% of it.
+        one, how = m.small_step_s(), "took"
+        if one is None and m.decodes_varied:
+            one, how = a + per_decode, "are predicted at"
         if one is not None and (one > t or (self.state == "infeasible" and one > 0.9 * t)):
             self.state = "infeasible"
-            why = (f"steps of one or two decodes took {one * 1e3:.0f} ms, over the {t * 1e3:.0f} ms target: "
+            why = (f"steps of one decode {how} {one * 1e3:.0f} ms, over the {t * 1e3:.0f} ms target: "
                    f"no setting meets a {tpot_s * 1e3:.0f} ms per-token objective; the configured limits")
             return self._set(c, "infeasible", why, jump=True)
         seqs = c.max_num_seqs if per_decode <= 0 else int((t - a - per_prefill * self.min_chunk) / per_decode)
