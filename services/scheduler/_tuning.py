@@ -64,7 +64,10 @@ class Tuning:
         predicts its first token past `reject_factor` times its objective."""
         o = self.slo.objective(req)
         factor = self.cfg.reject_factor
-        if self.tuner is not None and factor > 0 and self.tuner.model.sure:
+        # Only on a model it plans with: not while learning or unsure, nor
+        # when no setting meets the objective (everyone misses it; refusing
+        # would only turn slow answers into none).
+        if self.tuner is not None and factor > 0 and self.tuner.model.sure and self.tuner.state == "tuned":
             est = predict_ttft(self.tuner.model, req.seq, state.running, state.waiting, limits,
                                state.policy.name)
             if est is not None and est * 1e3 > factor * o.ttft_ms:
