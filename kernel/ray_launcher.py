@@ -20,7 +20,7 @@ The child's environment (the boot secret among it) goes in the `start`
 call's arguments, straight to the actor's worker: not in the actor's
 creation options or a runtime_env, which Ray keeps in its GCS and shows in
 its dashboard; the child's `/proc/PID/environ` is readable by its own user
-only. The child dies with its actor (PR_SET_PDEATHSIG): an incarnation whose
+only. The child dies with its actor (PR_SET_PDEATHSIG, kernel/ray_child.py): an incarnation whose
 node or actor is gone never lingers to answer for its successor.
 
 Ray is imported here only, and only when this launcher is chosen.
@@ -29,7 +29,6 @@ Ray is imported here only, and only when this launcher is chosen.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import itertools
 import os
 import signal
@@ -49,7 +48,6 @@ log = get_logger()
 
 RAY_MISSING = ("the ray launcher needs Ray: pip install -e '.[ray]' (or pip install ray), "
                "or use [launcher] kind = \"local\"")
-PR_SET_PDEATHSIG = 1
 ACTOR_THREADS = 4  # run (waits) + signals + node queries
 
 
@@ -59,13 +57,6 @@ def import_ray() -> Any:
     except ImportError:
         raise ConfigError(RAY_MISSING) from None
     return ray
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the forked child
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except OSError:
-        pass
 
 
 class _Incarnation:
@@ -79,11 +70,10 @@ class _Incarnation:
 
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
         full_env.update(env)
-        # PDEATHSIG: the child is SIGKILLed when the actor's worker dies
-        # (its node lost, ray.kill); the actor's threads live as long as it.
-        self.proc = subprocess.Popen([sys.executable, "-m", module, *args], env=full_env,
-                                     stdin=subprocess.DEVNULL, start_new_session=True,
-                                     preexec_fn=_die_with_parent)
+        # kernel.ray_child: the child is SIGKILLed when the actor's worker
+        # dies (its node lost, ray.kill); the actor's threads live as long as it.
+        self.proc = subprocess.Popen([sys.executable, "-m", "kernel.ray_child", str(os.getpid()), module, *args],
+                                     env=full_env, stdin=subprocess.DEVNULL, start_new_session=True)
         return self.proc.pid, ray.get_runtime_context().get_node_id()
 
     def run(self) -> int:
@@ -160,8 +150,11 @@ class RayLauncher(Launcher):
             await anyio.to_thread.run_sync(self.connect)
         ray = self.ray
         name = f"{instance}#{next(self._seq)}"
+        # SPREAD: a spec's instances go to different nodes where the resources
+        # allow (data parallel drivers should not all share one host's fate).
         options: dict[str, Any] = dict(name=name, max_restarts=0, max_concurrency=ACTOR_THREADS,
-                                       num_cpus=0, num_gpus=spec.num_gpus, resources=dict(spec.resources))
+                                       num_cpus=0, num_gpus=spec.num_gpus, resources=dict(spec.resources),
+                                       scheduling_strategy="SPREAD")
         if spec.node_id:
             from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
             options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(spec.node_id, soft=False)

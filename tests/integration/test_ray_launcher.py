@@ -26,7 +26,8 @@ from tools.raysim import launcher, null_children_on_nodes, placements, start_clu
 from tools.testing import RunningLlmos, running_llmos
 
 pytest.importorskip("ray")
-pytestmark = pytest.mark.slow
+# The module's cluster starts within its first test's time (seconds to tens of seconds).
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 PROMPTS = ["scale out", "on ray nodes", "two drivers", "one model", "every request", "exactly once"]
