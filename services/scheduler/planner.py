@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import sys
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from services.scheduler._request import Seq
@@ -56,6 +56,27 @@ class StepPlan:
         return sum(n for _, n in self.scheduled)
 
 
+class _Held(Counter[str]):
+    """Blocks per tenant, each counted on first read (`count(tenant)`, plus
+    what the ledger `add`ed before), then kept up to date by the ledger."""
+
+    def __init__(self, count: Callable[[str], int]):
+        super().__init__()
+        self._count = count
+        self._added: dict[str, int] = {}
+
+    def __missing__(self, tenant: str) -> int:
+        n = self[tenant] = self._count(tenant) + self._added.pop(tenant, 0)
+        return n
+
+    def add(self, tenant: str, blocks: int) -> None:
+        """`blocks` more for `tenant`, without counting it now."""
+        if tenant in self:
+            self[tenant] += blocks
+        else:
+            self._added[tenant] = self._added.get(tenant, 0) + blocks
+
+
 class BlockLedger:
     """Free device blocks per pool as the scheduler can know them: the pool's
     size minus the distinct blocks its live sequences hold (the scheduler is
@@ -65,20 +86,27 @@ class BlockLedger:
     server has the last word and a refused sequence just waits a step.
 
     With `quotas` (tenant -> KV blocks over every pool) it also counts the
-    distinct blocks each tenant holds, as the memory server does."""
+    distinct blocks each tenant holds, as the memory server does.
+
+    Built every step, so it costs one C-level set union per pool: a
+    tenant's count is only taken when read (a tenant under a quota), and
+    the per-block reference counts only when a preemption releases blocks."""
 
     def __init__(self, pools: Mapping[str, PoolShape], seqs: Iterable[Seq],
                  quotas: Mapping[str, int] | None = None):
         self.shapes = dict(pools)
         self.quotas = dict(quotas or {})
-        self.refs: dict[str, Counter[int]] = {p: Counter() for p in self.shapes}
-        self.tenant_refs: dict[str, Counter[tuple[str, int]]] = {}
-        for s in seqs:
-            if s.pool in self.refs:
-                self.refs[s.pool].update(s.block_table)
-                self.tenant_refs.setdefault(s.tenant, Counter()).update((s.pool, b) for b in s.block_table)
-        self.free = {p: shape.num_blocks - len(self.refs[p]) for p, shape in self.shapes.items()}
-        self.held: Counter[str] = Counter({t: len(refs) for t, refs in self.tenant_refs.items()})
+        self._seqs = [s for s in seqs if s.pool in self.shapes]
+        self.free = {p: shape.num_blocks - len(set().union(*(s.block_table for s in self._seqs if s.pool == p)))
+                     for p, shape in self.shapes.items()}
+        self.held = _Held(self._tenant_blocks)
+        self._refs: dict[str, Counter[int]] | None = None  # pool -> block -> holders, once released
+        self._tenant_refs: dict[str, Counter[tuple[str, int]]] = {}
+
+    def _tenant_blocks(self, tenant: str) -> int:
+        """The distinct (pool, block) pairs `tenant`'s sequences hold."""
+        return sum(len(set().union(*(s.block_table for s in self._seqs if s.pool == p and s.tenant == tenant)))
+                   for p in self.shapes)
 
     def needed(self, seq: Seq, n: int, pool: str) -> int:
         """New device blocks `seq` needs to compute `n` more tokens on `pool`
@@ -106,14 +134,23 @@ class BlockLedger:
 
     def take(self, pool: str, blocks: int, tenant: str = "") -> None:
         self.free[pool] -= blocks
-        self.held[tenant] += blocks
+        self.held.add(tenant, blocks)
 
     def release(self, seq: Seq) -> None:
         pool = seq.pool or ""
-        refs = self.refs.get(pool)
-        if refs is None:
+        if pool not in self.shapes:
             return
-        mine = self.tenant_refs.get(seq.tenant, Counter())
+        if self._refs is None:
+            self._refs = {p: Counter() for p in self.shapes}
+            for s in self._seqs:
+                self._refs[s.pool or ""].update(s.block_table)
+        refs = self._refs[pool]
+        mine = self._tenant_refs.get(seq.tenant)
+        if mine is None:
+            mine = self._tenant_refs[seq.tenant] = Counter()
+            for s in self._seqs:
+                if s.tenant == seq.tenant:
+                    mine.update((s.pool or "", b) for b in s.block_table)
         for b in seq.block_table:
             refs[b] -= 1
             if refs[b] == 0:
