@@ -13,16 +13,18 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import msgspec
 import pytest
 
 from drivers.null import continuation
 from ipc.protocol.kernel import ChildState
+from kernel.config import ChildSpec
 from ipc.protocol.scheduler import FinishReason
 from sdk.client import AsyncClient
 from tests.helpers.ray_cluster import gone
 from tests.helpers.stacks import null_children
 from text.tokenizer import ByteTokenizer
-from tools.raysim import launcher, null_children_on_nodes, placements, start_cluster
+from tools.raysim import HEAD_SHARE, launcher, null_children_on_nodes, placements, start_cluster
 from tools.testing import RunningLlmos, running_llmos
 
 pytest.importorskip("ray")
@@ -145,3 +147,18 @@ async def test_node_lost_mid_generation(home: Path, cluster: Any) -> None:
         where = await anyio.to_thread.run_sync(placements, llmos.home)
         assert where[new_pid] != node.node_id
         assert drivers(await llmos.status())["null-0"].pid == pids["null-0"]
+
+
+async def test_a_child_no_node_can_take_is_refused_by_name(home: Path, cluster: Any) -> None:
+    """A driver asking for a resource no node offers: each start fails after
+    the placement timeout naming what it asked for, and past the child's
+    intensity the kernel stops with that reason."""
+    children = [ChildSpec("memory", "services.memory", resources=HEAD_SHARE),
+                ChildSpec("null", "drivers", service="driver", args=["null"], intensity=1, period_s=600,
+                          resources={"llmos_tpu_pod": 1})]
+    cfg = msgspec.structs.replace(launcher(cluster), placement_timeout_s=1.0)
+    async with running_llmos(home, children, launcher=cfg, expect_exit=True, ready_timeout=180) as llmos:
+        rc = await anyio.to_thread.run_sync(lambda: llmos.kernel.wait(120))
+    assert rc == 1
+    err = (home / "kernel.stderr").read_text()
+    assert "Ray placed no actor for null within 1s" in err and "llmos_tpu_pod" in err
