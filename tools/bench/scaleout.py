@@ -21,7 +21,7 @@ from __future__ import annotations
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -58,14 +58,22 @@ def driver_args(plan: Plan) -> tuple[str, ...]:
     return ("--step-ms", f"{plan.step_ms:g}", "--block-size", "16")
 
 
+def scheduler_args(drivers: int) -> tuple[str, ...]:
+    """The scheduler's step limits are over all drivers together (one step
+    plans every pool): K drivers get K times the defaults (64 sequences,
+    512 tokens), as an operator running data parallel would set them."""
+    return ("--max-seqs", str(64 * drivers), "--token-budget", str(512 * drivers))
+
+
 async def throughput(home: Path, plan: Plan, drivers: int, cluster: Any | None) -> tuple[float, bool]:
     """Decode tokens/s of `drivers` null drivers under seqs_per_driver streams each;
     and whether every output was the null driver's."""
     tok = ByteTokenizer()
     ps = prompts(drivers * plan.seqs_per_driver)
     kw: dict[str, Any] = {"launcher": launcher(cluster)} if cluster is not None else {}
-    async with running_llmos(home, null_children_on_nodes(drivers, *driver_args(plan)), ready_timeout=600,
-                             **kw) as llmos:
+    async with running_llmos(home, null_children_on_nodes(drivers, *driver_args(plan),
+                                                          scheduler_args=scheduler_args(drivers)),
+                             ready_timeout=600, **kw) as llmos:
         c = llmos.client
         await c.generate("warm up", max_tokens=4, **GREEDY)
         outs: list[list[int]] = [[] for _ in ps]
@@ -88,8 +96,9 @@ async def node_loss(home: Path, plan: Plan, cluster: Any, drivers: int = 4) -> t
     tok = ByteTokenizer()
     ps = prompts(drivers * plan.seqs_per_driver)
     tokens = max(plan.tokens, 150)
-    async with running_llmos(home, null_children_on_nodes(drivers, *driver_args(plan)), ready_timeout=600,
-                             launcher=launcher(cluster)) as llmos:
+    async with running_llmos(home, null_children_on_nodes(drivers, *driver_args(plan),
+                                                          scheduler_args=scheduler_args(drivers)),
+                             ready_timeout=600, launcher=launcher(cluster)) as llmos:
         c = llmos.client
         held: list[list[int]] = [[] for _ in ps]
         finals = [0] * len(ps)
@@ -170,8 +179,13 @@ def run_all(plan: Plan) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = parser(__doc__.splitlines()[0])
+    ap.add_argument("--step-ms", type=float, help="the null drivers' simulated step time (default 20)")
     args = ap.parse_args(argv)
     plan = QUICK if args.quick else FULL
+    if args.step_ms is not None:
+        if not 0 < args.step_ms <= 10_000:
+            ap.error("--step-ms must be in (0, 10000]")
+        plan = replace(plan, step_ms=args.step_ms)
     t0 = time.perf_counter()
     f = run_all(plan)
     rows = [("drivers", "ray tok/s", "ray efficiency", "local tok/s", "local efficiency")]
