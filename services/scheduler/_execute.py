@@ -33,8 +33,9 @@ class Work:
 
     @property
     def samples(self) -> bool:
-        """The step reaches the sequence's last token: a token is sampled."""
-        return self.end == len(self.seq.tokens)
+        """The step reaches the sequence's last token: a token is sampled
+        (but not by a finished turn's epilogue, _session_epilogue.py)."""
+        return self.end == len(self.seq.tokens) and not self.seq.epilogue
 
 
 @dataclass(slots=True, frozen=True)

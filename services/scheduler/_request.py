@@ -78,6 +78,9 @@ class Seq:
     # server holds one slot past `mem_known` for it, good for the next step on
     # this driver incarnation; None: the next step reserves as usual.
     ahead: Ahead | None = None
+    # A session turn that ended: its final token's KV is computed without
+    # sampling, for its pin (_session_epilogue.py).
+    epilogue: bool = False
     # Policy state.
     ticket: int = field(default_factory=next_ticket)
     quantum_used: int = 0

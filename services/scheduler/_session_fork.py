@@ -5,10 +5,11 @@ blocks and the turn finds only the history's FULL blocks in the prefix cache
 forked from the pinned one (memory `Fork`: the blocks are shared, the partly
 filled last block is copied on first write) before the step is planned, so
 every position the last turn computed is reused: the turn's
-`cached_tokens` is the whole history but its last generated token (which
-was sampled, never fed). Only when the history is unchanged in front of the
-pin (no eviction) and the pin is on the device; otherwise, and when the
-memory server refuses the fork, the turn goes the prefix-cache way."""
+`cached_tokens` is the whole history, its last generated token included
+(the turn's epilogue computed its KV, _session_epilogue.py). Only when the
+history is unchanged in front of the pin (no eviction) and the pin is on
+the device; otherwise, and when the memory server refuses the fork, the
+turn goes the prefix-cache way."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ async def adopt_pins(table: SessionTable) -> None:
     pairs = []
     for s in table.by_key.values():
         req, pin = s.active, s.pinned
-        if req is None or pin is None or s.suspended or pin.swapped or not pin.mem_known:
+        if req is None or pin is None or s.suspended or pin.swapped or not pin.mem_known or pin.epilogue:
             continue
         seq = req.seq
         n = pin.num_computed

@@ -22,7 +22,8 @@ Conversation (issue 18). The session keeps its history (_history.py): a
 turn's prompt is its new text; when it starts (`next`) it is bound to
 system + kept turns + new text (`bind_turn`, evicting the oldest turns past
 the context), and when it ends with stop or length its ids are appended
-(`ended`), before its answer goes out.
+(`ended`), before its answer goes out; the pin then gets the KV of the
+turn's final token before the next turn starts (_session_epilogue.py).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from common.logs import get_logger
 from services.scheduler._admission import Model
 from services.scheduler._history import Histories, bind_turn, check_turn_fits, with_history
 from services.scheduler._request import Request, Seq
+from services.scheduler._session_epilogue import arm, epilogue_blocks, in_flight, settle_epilogues
 from services.scheduler._session_fork import adopt_pins
 from services.scheduler._state import EngineState
 from services.scheduler._swap import swap_in, swap_out
@@ -92,14 +94,17 @@ class SessionTable:
         self.short_of_blocks: set[str] = set()
         self.histories = Histories()  # the service gives it a store under LLMOS_HOME
         self.model: Model | None = None
+        # Pins whose final token's KV is to be computed, and those a step computes now.
+        self.epilogues: list[tuple[Session, Seq, int]] = []  # (session, pin, steps tried)
+        self.flying: list[tuple[Session, Seq, int]] = []
 
     def __len__(self) -> int:
         return len(self.by_key)
 
     @property
     def switching(self) -> bool:
-        """A suspend or resume waits for the next step."""
-        return bool(self._park or self._unpark)
+        """A suspend or resume (or a turn's epilogue) waits for the next step."""
+        return bool(self._park or self._unpark or self.epilogues or self.flying)
 
     def queued(self) -> list[Seq]:
         return [r.seq for s in self.by_key.values() for r in s.queue]
@@ -158,7 +163,8 @@ class SessionTable:
 
     def next(self, s: Session) -> None:
         """Start the session's next request if it may run now; forget an idle session."""
-        if s.active is None and not s.suspended and s.parked is None and s.queue:
+        if (s.active is None and not s.suspended and s.parked is None and s.queue
+                and (s.pinned is None or not s.pinned.epilogue)):
             req = s.active = s.queue.popleft()
             bind_turn(self.histories, req, self.room())
             if s.pinned is not None and s.pinned.pool in self.state.drivers:
@@ -232,7 +238,8 @@ class SessionTable:
 
     def _unpin(self, s: Session) -> None:
         if s.pinned is not None:
-            self.state.release(s.pinned)  # its full blocks stay in the prefix cache
+            # Its full blocks stay in the prefix cache (not while its epilogue may write one).
+            self.state.release(s.pinned, computed=not in_flight(self, s.pinned))
             s.pinned = None
             self.state.wake()
         self._forget_if_idle(s)
@@ -245,7 +252,7 @@ class SessionTable:
             s.pinned = None
         d = self.state.drivers.get(seq.pool or "")
         limit = int(self.pin_fraction * d.shape.num_blocks) if d is not None else 0
-        need = len(set(seq.block_table))
+        need = epilogue_blocks(self, seq)
         if need > limit:
             self.state.release(seq)
             return
@@ -259,6 +266,7 @@ class SessionTable:
             self._unpin(x)
         s.pinned = seq
         s.used = time.monotonic()
+        arm(self, s, seq)
 
     def hand_over(self, p: StepPlan) -> None:
         """A session's new request is about to get its first blocks: release the
@@ -330,6 +338,7 @@ class SessionTable:
     async def switch(self) -> None:
         """Suspend and resume sessions as asked (a resume that finds no free
         blocks is tried again next step)."""
+        settle_epilogues(self)  # before a pin is forked
         await adopt_pins(self)
         for key in list(self._park):
             self._park.discard(key)
@@ -376,6 +385,7 @@ async def unpark(table: SessionTable, s: Session) -> bool:
         state.unpark(seq)
     elif seq is not None and seq.mem_known:
         s.pinned = seq
+        arm(table, s, seq)  # if its epilogue had not run when it was suspended
     log.info("scheduler.resumed", session=s.key[1])
     table.next(s)
     return True

@@ -37,6 +37,7 @@ from services.scheduler._fanout import ForkGroups
 from services.scheduler._execute import Produced
 from services.scheduler._kv_quota import KvQuotas
 from services.scheduler._request import Emit, Request, Seq, Sink, State
+from services.scheduler._session_epilogue import schedule_epilogues
 from services.scheduler._sessions import SessionTable, seq_blocks
 from services.scheduler._recovery import Recovery
 from services.scheduler._state import Backend, EngineState
@@ -263,6 +264,7 @@ class Engine:
         victims = [seq for seq in p.preempted if self._preempt(seq)]
         self.sessions.hand_over(p)
         self.sessions.relieve_pressure(p, ledger, self.limits.prefill_chunk)
+        schedule_epilogues(self.sessions, p, ledger)  # finished turns' final tokens, for their pins
         work, failed = await reserve_plan(st, self.sessions, self.kv, p, victims, incarnations)
         for seq, why in failed:
             self._fail_once(seq, why)

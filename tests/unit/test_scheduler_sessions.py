@@ -45,9 +45,9 @@ async def test_a_session_keeps_its_kv_pinned_for_its_next_request() -> None:
     cached, got, want = await second_turn_cached_tokens(SchedulerConfig())
     assert got == want
     # 19 prompt + 12 generated tokens, held through the eviction: the second
-    # turn forks the pin (its partial last block too), so every position the
-    # first turn computed is reused: all but its last generated token (30).
-    assert cached == 30
+    # turn forks the pin (its partial last block too), so every position of
+    # the history is reused, the last generated token's too (its epilogue): 31.
+    assert cached == 31
     cached, got, want = await second_turn_cached_tokens(SchedulerConfig(session_pin_fraction=0.0))
     assert got == want and cached == 0  # without pinning, the eviction took them
 
@@ -115,7 +115,7 @@ async def test_an_idle_sessions_pinned_kv_is_swapped_by_suspend_and_reused_after
         second = Stream(engine, prompt_ids=TOK.encode("!"), max_tokens=6, session="idle")
         f2 = await second.result()
     assert second.tokens(f2) == reference(prompt2, 6)
-    assert f2.usage.cached_tokens == 28 and driver.swapped_out > 0
+    assert f2.usage.cached_tokens == 29 and driver.swapped_out > 0  # the whole history, its last token too
 
 
 @pytest.mark.parametrize("resumed", [False, True])
@@ -186,7 +186,7 @@ async def test_a_pinned_session_kv_survives_a_memory_server_restart() -> None:
         second = Stream(engine, prompt_ids=TOK.encode(" and more"), max_tokens=8, session="chat")
         f2 = await second.result()
     assert second.tokens(f2) == reference(prompt2, 8)
-    assert f2.usage.cached_tokens == 30  # the first turn's computed positions, adopted from the driver
+    assert f2.usage.cached_tokens == 31  # the whole history's positions, adopted from the driver
 
 
 async def test_a_pin_gives_way_when_the_memory_server_refuses_a_waiting_request_blocks() -> None:
