@@ -75,7 +75,10 @@ class TunerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     # Steps fitted (a sliding window) and steps between decisions.
     window: int = 64
     every: int = 8
-    min_token_budget: int = 16
+    # The least the tuner lowers the token budget to: below it a long
+    # prompt's prefill crawls (a 1,000-token one over 8+ steps) and its
+    # first token pays more than the decodes gain.
+    min_token_budget: int = 128
     min_prefill_chunk: int = 32
 
     def validate(self) -> "TunerConfig":

@@ -303,14 +303,18 @@ class AutoTuner:
                    f"no setting meets a {tpot_s * 1e3:.0f} ms per-token objective; the configured limits")
             return self._set(c, "infeasible", why, jump=True)
         seqs = c.max_num_seqs if per_decode <= 0 else int((t - a - per_prefill * self.min_chunk) / per_decode)
-        # Never below what steps of the window were measured to do within T.
-        seqs = max(1, min(c.max_num_seqs, max(seqs, m.measured_floor(t, lambda x: int(x[1])))))
+        # Never lowered past what steps of the window were measured to do
+        # within T (the floor only stops a fall: it never raises a knob, or
+        # groups entering and leaving the window would swing it).
+        cur = self.knobs
+        seqs = max(seqs, min(cur.max_num_seqs, m.measured_floor(t, lambda x: int(x[1]))))
+        seqs = max(1, min(c.max_num_seqs, seqs))
         d = min(max(1.0, self.decodes), seqs)
         if not m.prefill_known or per_prefill <= 0:
             budget = c.token_budget
         else:
             budget = int(d + (t - a - per_decode * d) / per_prefill)
-        budget = max(budget, m.measured_floor(t, lambda x: int(x[1] + x[2]) // 16 * 16))
+        budget = max(budget, min(cur.token_budget, m.measured_floor(t, lambda x: int(x[1] + x[2]) // 16 * 16)))
         budget = max(self.min_budget, math.ceil(d), min(c.token_budget, budget))
         target = Knobs(min(budget, c.token_budget), seqs, c.prefill_chunk)
         old = self.knobs

@@ -59,7 +59,7 @@ async def test_the_engine_obeys_the_limits_it_tuned_on_a_modelled_device() -> No
     # 10 ms + 0.5 ms per token computed; 50 ms per token planned at 85%: a
     # step of about 65 tokens, where the configured budget is 256.
     config = SchedulerConfig(token_budget=256, max_num_seqs=32, prefill_chunk=256,
-                             tuner=TunerConfig(objective=Objective(ttft_ms=60_000, tpot_ms=50)))
+                             tuner=TunerConfig(objective=Objective(ttft_ms=60_000, tpot_ms=50), min_token_budget=16))
     async with running(config, {"cpu": FakeDriver(1024)}) as (engine, backend):
         modelled(engine, backend, 0.010, 0.0005)
         prompts = [f"{i} " + "long prompt text " * 8 for i in range(12)]
@@ -148,7 +148,7 @@ async def test_a_tenant_with_a_tighter_objective_makes_the_tuner_plan_for_it() -
     # keeps the configured limits; a tenant that wants 40 ms per token
     # arrives and the steps are planned for it (34 ms: about 50 tokens);
     # when its requests are done, the limits go back up.
-    tuner = TunerConfig(objective=LOOSE, tenants={"fast": Objective(ttft_ms=60_000, tpot_ms=40)})
+    tuner = TunerConfig(objective=LOOSE, tenants={"fast": Objective(ttft_ms=60_000, tpot_ms=40)}, min_token_budget=16)
     config = SchedulerConfig(token_budget=256, max_num_seqs=32, prefill_chunk=256, tuner=tuner)
     with capture_logs() as logs:
         async with running(config, {"cpu": FakeDriver(1024)}) as (engine, backend):
@@ -168,3 +168,18 @@ async def test_a_tenant_with_a_tighter_objective_makes_the_tuner_plan_for_it() -
     for_fast = [e for e in changes if "a 40 ms per-token objective" in e["why"]]
     assert for_fast and min(e["token_budget"][1] for e in for_fast) <= 64
     assert changes[-1]["token_budget"][1] > 64 and "60000 ms per-token" in changes[-1]["why"]
+
+
+async def test_by_default_the_budget_is_never_lowered_past_min_token_budget() -> None:
+    # The model wants about 65 tokens a step; the default floor (128) keeps
+    # a long prompt's prefill from crawling.
+    config = SchedulerConfig(token_budget=256, max_num_seqs=32, prefill_chunk=256,
+                             tuner=TunerConfig(objective=Objective(ttft_ms=60_000, tpot_ms=50)))
+    async with running(config, {"cpu": FakeDriver(1024)}) as (engine, backend):
+        modelled(engine, backend, 0.010, 0.0005)
+        streams = [Stream(engine, prompt=f"{i} " + "long prompt text " * 8, max_tokens=60) for i in range(16)]
+        for s in streams:
+            await s.result()
+        stats = engine.stats()
+    assert config.tuner.min_token_budget == 128
+    assert stats.tuner == "tuned" and stats.tuner_changes >= 1 and 128 <= stats.token_budget <= 140
