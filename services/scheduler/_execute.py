@@ -38,7 +38,7 @@ class Work:
         return self.end == len(self.seq.tokens) and not self.seq.epilogue
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class Produced:
     seq: Seq
     token: int
@@ -154,17 +154,21 @@ async def _execute_on(state: EngineState, pool: str, items: list[Work], incarnat
     steps, deltas, copies = [], [], []
     key = (pool, incarnation)
     for w in items:
-        seq = w.seq
-        tokens = seq.tokens[w.start:w.end]
-        if seq.driver_key == key and seq.driver_pos == w.start:
+        seq, start, end = w.seq, w.start, w.end
+        all_tokens = seq.tokens
+        samples = end == len(all_tokens) and not seq.epilogue  # (a turn's epilogue: _session_epilogue.py)
+        if seq.driver_key == key and seq.driver_pos == start:
             # The driver holds it: only what changed.
-            deltas.append(dp.StepDelta(seq.seq_id, tokens, w.start, seq.table_synced,
-                                       seq.block_table[seq.table_synced:], w.samples))
+            synced = seq.table_synced
+            deltas.append(dp.StepDelta(seq.seq_id, all_tokens[start:end], start, synced,
+                                       seq.block_table[synced:], samples))
         else:
             params = seq.request.submit.params
-            prior = seq.tokens[:w.start] if params.repetition_penalty != 1.0 else []
-            steps.append(dp.StepSeq(seq.seq_id, tokens, w.start, list(seq.block_table), w.samples, params, prior))
-        copies.extend(w.copies)
+            prior = all_tokens[:start] if params.repetition_penalty != 1.0 else []
+            steps.append(dp.StepSeq(seq.seq_id, all_tokens[start:end], start, list(seq.block_table), samples,
+                                    params, prior))
+        if w.copies:
+            copies.extend(w.copies)
     reply: dp.Executed | None = None
     msg = dp.Execute(steps, copies, deltas, state.driver_drops.pop(pool, []), state.epoch)
     state.execute_bytes += len(codec.encode(msg))
@@ -192,22 +196,24 @@ async def _execute_on(state: EngineState, pool: str, items: list[Work], incarnat
             w.seq.driver_key = None
         return
     outputs = {o.seq_id: o for o in reply.outputs}
+    produced = result.produced
     for w in items:
-        out = outputs.get(w.seq.seq_id)
-        w.seq.driver_key = None  # until it ran there
+        seq, end = w.seq, w.end
+        out = outputs.get(seq.seq_id)
+        seq.driver_key = None  # until it ran there
         if out is not None and out.resend:
             # The driver does not hold it (restarted, or lost it): nothing
             # ran; it goes in full next step, its slots already reserved.
-            log.info("scheduler.driver_resend", driver=pool, seq=w.seq.seq_id, why=out.error)
+            log.info("scheduler.driver_resend", driver=pool, seq=seq.seq_id, why=out.error)
             continue
         if out is None or out.error:
             why = out.error if out is not None else "the driver returned no output"
-            result.failed.append((w.seq, f"driver {pool}: {why}"))
+            result.failed.append((seq, f"driver {pool}: {why}"))
             continue
-        w.seq.num_computed = w.end
-        w.seq.driver_key, w.seq.driver_pos, w.seq.table_synced = key, w.end, len(w.seq.block_table)
-        if w.samples and out.token >= 0:
-            result.produced.append(Produced(w.seq, out.token, out.logprob, out.top_logprobs))
+        seq.num_computed = end
+        seq.driver_key, seq.driver_pos, seq.table_synced = key, end, len(seq.block_table)
+        if out.token >= 0 and end == len(seq.tokens):
+            produced.append(Produced(seq, out.token, out.logprob, out.top_logprobs))
 
 
 __all__ = ["Produced", "StepResult", "Work", "execute", "reserve", "reserve_refused"]

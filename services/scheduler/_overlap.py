@@ -44,13 +44,15 @@ def take_covered(state: EngineState, scheduled: list[tuple[Seq, int]], incarnati
     covered: list[Work] = []
     rest: list[tuple[Seq, int]] = []
     running = {id(s) for s in state.running}
+    drivers = state.drivers
     for seq, n in scheduled:
         a = seq.ahead
         if (a is not None and a.pool == seq.pool and incarnations.get(a.pool, -1) == a.incarnation
-                and a.pool in state.drivers and not seq.swapped and id(seq) in running
+                and a.pool in drivers and not seq.swapped and id(seq) in running
                 and 0 < n and seq.num_computed + n <= seq.mem_known + 1):
             start = seq.num_computed
-            covered.append(Work(seq, start, min(start + n, len(seq.tokens)), list(a.copies)))
+            end = start + n
+            covered.append(Work(seq, start, min(end, len(seq.tokens)), list(a.copies) if a.copies else []))
             if a.copies:  # done once
                 seq.ahead = Ahead(a.pool, a.incarnation)
         else:
@@ -60,16 +62,18 @@ def take_covered(state: EngineState, scheduled: list[tuple[Seq, int]], incarnati
 
 def _ahead_items(state: EngineState, work: list[Work], quotas: Mapping[str, int]) -> list[tuple[Seq, mp.SeqReserve]]:
     items = []
+    drivers = state.drivers
     for w in work:
         seq = w.seq
-        d = state.drivers.get(seq.pool or "")
-        if (d is None or not w.samples or seq.request.session is not None or seq.swapped or not seq.mem_known
-                or (seq.max_len and len(seq.tokens) + 1 >= seq.max_len)):
-            continue  # nothing follows it in the next step, or not as a decode
-        if seq.tenant in quotas and len(seq.tokens) >= len(seq.block_table) * d.shape.block_size:
+        tokens = seq.tokens
+        d = drivers.get(seq.pool or "")
+        if (d is None or w.end != len(tokens) or seq.request.submit.session or seq.swapped or not seq.mem_known
+                or (seq.max_len and len(tokens) + 1 >= seq.max_len)):
+            continue  # nothing follows it in the next step, or not as a decode (a session's turn: see above)
+        if quotas and seq.tenant in quotas and len(tokens) >= len(seq.block_table) * d.shape.block_size:
             continue  # a new block under its tenant's quota: the planner decides who gets it
-        items.append((seq, mp.SeqReserve(seq.seq_id, seq.mem_known, seq.tokens[seq.mem_known:], 1,
-                                         ahead=1, computed=seq.num_computed)))
+        known = seq.mem_known
+        items.append((seq, mp.SeqReserve(seq.seq_id, known, tokens[known:], 1, ahead=1, computed=seq.num_computed)))
     return items
 
 
@@ -93,15 +97,25 @@ async def reserve_ahead(state: EngineState, work: list[Work],
 
 
 def apply_ahead(replies: list[tuple[Seq, mp.SeqBlocks]], incarnations: dict[str, int]) -> None:
+    plain: dict[str | None, Ahead] = {}  # per pool, the slot with no copy (immutable: shared)
     for seq, got in replies:
-        if got.error is not None or seq.pool is None:
+        pool = seq.pool
+        if got.error is not None or pool is None:
             continue  # it reserves as usual next step (and learns why then)
         seq.mem_known = len(seq.tokens)
-        del seq.block_table[got.table_start:]
-        seq.block_table.extend(got.blocks)
-        seq.table_synced = min(seq.table_synced, got.table_start)
-        copies = ((got.cow_src, got.cow_dst),) if got.cow_src >= 0 else ()
-        seq.ahead = Ahead(seq.pool, incarnations.get(seq.pool, -1), copies)
+        table, start = seq.block_table, got.table_start
+        if got.blocks or start < len(table):
+            del table[start:]
+            table.extend(got.blocks)
+        if start < seq.table_synced:
+            seq.table_synced = start
+        if got.cow_src >= 0:
+            seq.ahead = Ahead(pool, incarnations.get(pool, -1), ((got.cow_src, got.cow_dst),))
+        else:
+            a = plain.get(pool)
+            if a is None:
+                a = plain[pool] = Ahead(pool, incarnations.get(pool, -1))
+            seq.ahead = a
 
 
 async def execute_step(state: EngineState, work: list[Work], incarnations: dict[str, int], overlap: bool,

@@ -222,6 +222,11 @@ def plan(running: Iterable[Seq], waiting: Iterable[Seq], policy: Policy, ledger:
         pool: str = seq.pool or ""
         n = min(seq.remaining, limits.prefill_chunk, budget)
         need = ledger.needed(seq, n, pool)
+        if need == 0 and ledger.free[pool] >= 0:  # within its blocks (a decode, mostly): nothing to take
+            out.scheduled.append((seq, n))
+            budget -= n
+            i += 1
+            continue
         while need > ledger.free[pool] or not ledger.quota_allows(seq.tenant, need):
             # Short of the pool's blocks: the victim is on the pool; short of
             # the tenant's quota: it is one of the tenant's own.
@@ -263,9 +268,10 @@ def plan(running: Iterable[Seq], waiting: Iterable[Seq], policy: Policy, ledger:
             ledger.take(pool, need, seq.tenant)
             out.scheduled.append((seq, n))
             budget -= n
-    started = {id(seq) for seq, _ in out.scheduled}
-    out.quota_waits = [w for w in wait if id(w) not in started and w.tenant in ledger.quotas and (
-        w.tenant in held_back or not ledger.quota_allows(w.tenant, _first_need(w, ledger, limits)))]
+    if wait and ledger.quotas:
+        started = {id(seq) for seq, _ in out.scheduled}
+        out.quota_waits = [w for w in wait if id(w) not in started and w.tenant in ledger.quotas and (
+            w.tenant in held_back or not ledger.quota_allows(w.tenant, _first_need(w, ledger, limits)))]
     for seq, n in out.scheduled:
         policy.charge(seq, n, now)
     for seq in out.preempted:
