@@ -13,10 +13,12 @@ The scheduler keeps the session's token history and runs the turn on
 so a client never re-sends history. The KV of that prefix is the session's
 pinned KV, forked into the new turn (copy-on-write), or else prefix-cache
 hits (full blocks only): ``Usage.cached_tokens`` shows how much of it was
-not recomputed — with the pin, the whole history but its last token (the
-last turn's final token was sampled, never fed). A turn's text is tokenized with special tokens (BOS)
-only when it opens the conversation (no system prompt, empty history, no
-turn in flight); later turns are tokenized without them.
+not recomputed — with the pin, the whole history (the last turn's final
+token was sampled, never fed: the pin computes its KV in one more step
+after the answer, and the next turn starts once it is done). A turn's text
+is tokenized with special tokens (BOS) only when it opens the conversation
+(no system prompt, empty history, no turn in flight); later turns are
+tokenized without them.
 Turns of one session run one at a time in arrival order: a concurrent
 Submit queues behind the running turn and sees its output in its history.
 

@@ -141,7 +141,8 @@ def test_sessions_show_suspend_resume_close(served: Path) -> None:
     def show() -> Any:
         return as_json(llmos(served, "sessions", "show", "chat", "--json"))["info"]
 
-    idle = poll(show, lambda s: s["state"] == "idle", "the turn to end")
+    # the turn ended, and its pin holds the whole history's KV (the last token's by its epilogue)
+    idle = poll(show, lambda s: s["state"] == "idle" and s["kv_tokens"] == s["history_tokens"], "the turn to end")
     assert idle["kv_where"] == "device" and idle["kv_tokens"] > 0  # kept for the next turn
     table = llmos(served, "sessions", "show", "chat")
     assert table.returncode == 0 and "on the device" in table.stdout
@@ -171,7 +172,7 @@ def test_a_three_turn_conversation_from_the_command_line_sends_only_the_new_text
         assert out.returncode == 0, out.stderr
         u = as_json(out)["usage"]
         assert u["history_tokens"] == total and u["prompt_tokens"] > total
-        assert u["cached_tokens"] == max(0, total - 1)  # the history's KV: all but its last token, never fed
+        assert u["cached_tokens"] == total  # the history's KV, its last token's too (the turn's epilogue)
         total = u["prompt_tokens"] + u["completion_tokens"]
     shown = as_json(llmos(served, "sessions", "show", "talk", "--json"))
     assert [t["turn"] for t in shown["turns"]] == [1, 2, 3] and shown["info"]["history_tokens"] == total

@@ -39,9 +39,9 @@ async def test_three_turns_send_only_the_new_text_and_reuse_the_historys_kv(home
             assert got.token_ids == await local_greedy(checkpoint, full, n)
             u = got.usage
             assert (u.prompt_tokens, u.history_tokens, u.evicted_turns) == (len(full), len(history), 0)
-            # The history's KV, pinned between turns and forked into this one,
-            # is reused whole: all but its last token (sampled, never fed).
-            assert u.cached_tokens == max(0, len(history) - 1)
+            # The history's KV, pinned between turns (its last token's too, by
+            # the turn's epilogue) and forked into this one, is reused whole.
+            assert u.cached_tokens == len(history)
             history = full + got.token_ids
         # The same answer as re-sending the whole history, through the scheduler.
         plain = await c.generate(history[:-n], max_tokens=n, **GREEDY)
