@@ -42,13 +42,16 @@ def wants_epilogue(table: SessionTable, seq: Seq) -> bool:
             and 0 < seq.mem_known == seq.num_computed == len(seq.tokens) - 1)
 
 
-def epilogue_blocks(table: SessionTable, seq: Seq) -> int:
-    """Blocks `seq` holds once its epilogue ran (its pin's share of the budget)."""
+def epilogue_blocks(table: SessionTable, seq: Seq, limit: int) -> int:
+    """Blocks `seq` holds as a pin: with the block its epilogue may add when
+    that is within `limit` (the pin budget; else the epilogue finds out in
+    its step whether the pool has it)."""
     held = len(set(seq.block_table))
     d = table.state.drivers.get(seq.pool or "")
     if d is None or not wants_epilogue(table, seq):
         return held
-    return max(held, -(-len(seq.tokens) // d.shape.block_size))
+    after = max(held, -(-len(seq.tokens) // d.shape.block_size))
+    return after if after <= limit else held
 
 
 def arm(table: SessionTable, s: Session, seq: Seq, tries: int = 0) -> None:

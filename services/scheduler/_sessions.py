@@ -252,7 +252,7 @@ class SessionTable:
             s.pinned = None
         d = self.state.drivers.get(seq.pool or "")
         limit = int(self.pin_fraction * d.shape.num_blocks) if d is not None else 0
-        need = epilogue_blocks(self, seq)
+        need = epilogue_blocks(self, seq, limit)
         if need > limit:
             self.state.release(seq)
             return

@@ -173,3 +173,23 @@ async def test_a_driver_restart_during_the_epilogue_drops_the_pin() -> None:
     history = FIRST + s.tokens(f1)
     assert second.tokens(f2) == reference(history + SECOND, 6)
     assert f2.usage.cached_tokens == 0
+
+
+async def test_an_epilogue_its_tenants_quota_has_no_block_for_is_skipped_and_the_pin_stays() -> None:
+    prompt = TOK.encode("12345678")  # 9 ids: with 4 generated, 12 positions computed fill 3 blocks of 4
+    async with running() as (engine, backend):
+        engine.set_kv_quotas({"default": 3})  # the last token's position would need a 4th
+        s = Stream(engine, prompt_ids=prompt, max_tokens=4, session="chat")
+        f1 = await s.result()
+        await until(lambda: settled(engine), "the epilogue skipped")
+        seq = s.sink.request.seq
+        assert len(seq.tokens) == 13 and len(seq.block_table) == 3 and not seq.epilogue
+        assert engine.sessions.describe("", "chat").kv_tokens == 12  # pinned as it was
+        assert all(item(ex, seq.seq_id) is None or item(ex, seq.seq_id).sample  # type: ignore[union-attr]
+                   for ex in executes(backend))  # no step ran without sampling
+        engine.set_kv_quotas({})
+        second = Stream(engine, prompt_ids=SECOND, max_tokens=6, session="chat")
+        f2 = await second.result()
+    history = prompt + s.tokens(f1)
+    assert second.tokens(f2) == reference(history + SECOND, 6)
+    assert f2.usage.cached_tokens == len(history) - 1  # the last token recomputed by this turn
