@@ -193,3 +193,28 @@ async def test_an_epilogue_its_tenants_quota_has_no_block_for_is_skipped_and_the
     history = prompt + s.tokens(f1)
     assert second.tokens(f2) == reference(history + SECOND, 6)
     assert f2.usage.cached_tokens == len(history) - 1  # the last token recomputed by this turn
+
+
+async def test_a_session_suspended_before_its_epilogue_ran_runs_it_after_resume() -> None:
+    async with running(None, {"cpu": FakeDriver(64, host_slots=64)}) as (engine, backend):
+        backend.hold_steps = anyio.Event()
+        s = Stream(engine, prompt_ids=FIRST, max_tokens=6, session="chat")
+        req = s.sink.request
+        with anyio.fail_after(10):  # up to the step that samples the last token, held
+            while not (len(req.generated) == 5 and backend.held):
+                if backend.held and backend.hold_steps is not None:
+                    backend.hold_steps.set()
+                    backend.hold_steps = anyio.Event()
+                await anyio.sleep(0)
+        engine.sessions.suspend("", "chat")  # applied at the top of the next step, before its epilogue
+        let_go(backend)
+        f1 = await s.result()
+        await until(lambda: engine.sessions.get("", "chat").info().kv_where == "swap", "swapped out")
+        assert engine.sessions.describe("", "chat").kv_tokens == len(FIRST) + 5  # its last token has no KV yet
+        engine.sessions.resume("", "chat")
+        await until(lambda: engine.sessions.describe("", "chat").kv_tokens == len(FIRST) + 6, "its epilogue ran")
+        second = Stream(engine, prompt_ids=SECOND, max_tokens=6, session="chat")
+        f2 = await second.result()
+    history = FIRST + s.tokens(f1)
+    assert second.tokens(f2) == reference(history + SECOND, 6)
+    assert f2.usage.cached_tokens == len(history)
