@@ -2,9 +2,11 @@
 turn's final token (one position, no sample) after the answer went out, so
 the next turn reuses the whole history; a next turn that arrives first waits
 for it; a failed epilogue or a driver restart drops the pin and the next turn
-recomputes (its cached_tokens shows it). Over the real engine loop and
-memory manager with the fake paged drivers, which derive each token from the
-KV they read back, so unwritten or stale KV changes the answer."""
+recomputes (its cached_tokens shows it); one without a block under its
+tenant's quota is skipped (the pin stays); a suspend before it defers it to
+the resume. Over the real engine loop and memory manager with the fake
+paged drivers, which derive each token from the KV they read back, so
+unwritten or stale KV changes the answer."""
 
 from __future__ import annotations
 
