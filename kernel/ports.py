@@ -43,5 +43,7 @@ class Children(Protocol):
 
     def describe(self) -> list[kp.InstanceInfo]: ...
 
+    def admits(self, instance: str, secret: str) -> bool: ...
+
 
 __all__ = ["Children", "ClosedPort", "Port"]

@@ -260,7 +260,8 @@ class Router:
         except BadRequest as exc:
             self.replies.reject(back, "back", [ident], exc, header)
             return
-        if not hmac.compare_digest(ready.secret.encode(), self._secret):
+        if not (hmac.compare_digest(ready.secret.encode(), self._secret)  # per incarnation from the supervisor
+                or (self.children is not None and self.children.admits(ready.instance, ready.secret))):
             self.replies.reject(back, "back", [ident], Unauthorized("wrong boot secret"), header)
             return
         for old in (self.registry.by_identity.get(ident), self.registry.by_name.get(ready.instance)):

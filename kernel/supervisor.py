@@ -15,6 +15,8 @@ cap (MINIX 3's reincarnation server).
 
 from __future__ import annotations
 
+import hmac
+import secrets
 import signal
 import time
 from collections import deque
@@ -52,6 +54,10 @@ class Child:
     # fault of this child, ends the current process.
     sibling_restart: bool = False
     stopping: bool = False
+    # The boot secret of the running incarnation (its READY must carry it):
+    # a fresh one per start, "" once it exited, so a replaced or dead
+    # incarnation's secret registers nothing.
+    secret: str = ""
 
 
 class ExitKind(StrEnum):
@@ -182,7 +188,9 @@ class Supervisor:
                 return
             child.state = ChildState.STARTING
             self._bump()
-            env = {**self.env, "LLMOS_SERVICE": spec.name, "LLMOS_INSTANCE": child.instance}
+            child.secret = secrets.token_hex(32)
+            env = {**self.env, "LLMOS_SERVICE": spec.name, "LLMOS_INSTANCE": child.instance,
+                   "LLMOS_BOOT_SECRET": child.secret}
             reason_file = exit_reason_path(self.env, child.instance)
             if reason_file is not None:
                 await anyio.to_thread.run_sync(_fresh, reason_file)
@@ -199,6 +207,7 @@ class Supervisor:
                     exit = Exit(ExitKind.CONFIG, exit.code,
                                 await anyio.to_thread.run_sync(read_exit_reason, reason_file))
             reason = str(exit)
+            child.secret = ""
             child.last_exit = reason
             self.on_exit(child.instance, reason)
             if child.stopping:
@@ -274,6 +283,14 @@ class Supervisor:
         self.escalation = self.escalation or reason
         self._bump()
         self.on_escalate(reason)
+
+    def admits(self, instance: str, secret: str) -> bool:
+        """Whether a READY for `instance` with `secret` comes from a current
+        incarnation: a supervised instance's own, any other name's from some
+        running child (a service a child started itself)."""
+        mine = [c.secret for c in self.children if c.instance == instance]
+        live = mine or [c.secret for c in self.children]
+        return any(s and hmac.compare_digest(s.encode(), secret.encode()) for s in live)
 
     def kill(self, target: str, sig_name: str = "SIGKILL") -> list[str]:
         try:

@@ -77,6 +77,9 @@ class FakeChildren:
     def describe(self) -> list[kp.InstanceInfo]:
         return []
 
+    def admits(self, instance: str, secret: str) -> bool:
+        return False  # the rig's services register with the kernel's own secret
+
 
 class Rig:
     def __init__(self, config: KernelConfig | None = None, services: Sequence[str] = ("echo",)):
