@@ -47,7 +47,7 @@ from services.scheduler._step import reserve_plan
 from text.stream import TextStream
 from services.scheduler._tuning import Tuning
 from common.config.scheduler import PreemptionMode, SchedulerConfig
-from services.scheduler.planner import BlockLedger, Limits, PoolShape, StepPlan, plan
+from services.scheduler.planner import BlockCounts, BlockLedger, Limits, PoolShape, StepPlan, plan
 from services.scheduler.policies import make_policy
 
 log = get_logger()
@@ -72,6 +72,7 @@ class Engine:
         self.recovery = Recovery(self.state, self.sessions)
         self._cancels: set[tuple[str, str]] = set()
         self.kv = KvQuotas()
+        self._block_counts = BlockCounts()  # the ledger's, kept from step to step
         # Counters for Stats and Overloaded's retry_after_s.
         self.steps = 0
         self.tokens_generated = 0
@@ -258,7 +259,7 @@ class Engine:
         # step's memory calls and copies).
         incarnations = {i: d.incarnation for i, d in st.drivers.items()}
         t0 = self.clock()
-        ledger = BlockLedger(st.shapes(), [*st.running, *self.sessions.pinned()], self.kv_quotas)
+        ledger = BlockLedger(st.shapes(), [*st.running, *self.sessions.pinned()], self.kv_quotas, self._block_counts)
         p = plan(st.running, st.waiting, st.policy, ledger, self.limits, began)
         self._quota_verdicts(p, ledger)
         victims = [seq for seq in p.preempted if self._preempt(seq)]

@@ -77,6 +77,58 @@ class _Held(Counter[str]):
             self._added[tenant] = self._added.get(tenant, 0) + blocks
 
 
+class BlockCounts:
+    """The distinct blocks per pool that a set of sequences holds, kept from
+    one step to the next: `distinct` updates it from the sequences whose
+    block table changed since (a C-level list compare tells; a decode that
+    took no block is that compare alone, one that took a block or copied
+    one on write adds and removes only its table's tail), so a ledger built
+    every step does not hash every block of every context again."""
+
+    def __init__(self) -> None:
+        self._refs: dict[str, Counter[int]] = {}  # pool -> block -> holders
+        # id(seq) -> (the sequence, its pool and block table as counted)
+        self._counted: dict[int, tuple[Seq, str, list[int]]] = {}
+
+    def distinct(self, seqs: Iterable[Seq]) -> dict[str, int]:
+        """pool -> distinct blocks `seqs` hold (each sequence's table on its pool)."""
+        counted = self._counted
+        now: set[int] = set()
+        for s in seqs:
+            key, table, pool = id(s), s.block_table, s.pool or ""
+            if key in now:
+                continue
+            now.add(key)
+            old = counted.get(key)
+            if old is not None and old[1] == pool and old[2] == table:
+                continue
+            refs = self._refs.setdefault(pool, Counter())
+            prev = old[2] if old is not None and old[1] == pool else []
+            n = len(prev)
+            if n and table[:n - 1] == prev[:n - 1]:
+                # Only the tail changed (a block taken, a copy on write).
+                self._drop(pool, prev[n - 1:])
+                refs.update(table[n - 1:])
+            else:
+                if old is not None:
+                    self._drop(old[1], old[2])
+                refs.update(table)
+            counted[key] = (s, pool, list(table))
+        for key in [k for k in counted if k not in now]:
+            _, pool, table = counted.pop(key)
+            self._drop(pool, table)
+        return {p: len(refs) for p, refs in self._refs.items()}
+
+    def _drop(self, pool: str, blocks: list[int]) -> None:
+        refs = self._refs[pool]
+        for b in blocks:
+            n = refs[b] - 1
+            if n:
+                refs[b] = n
+            else:
+                del refs[b]
+
+
 class BlockLedger:
     """Free device blocks per pool as the scheduler can know them: the pool's
     size minus the distinct blocks its live sequences hold (the scheduler is
@@ -88,17 +140,23 @@ class BlockLedger:
     With `quotas` (tenant -> KV blocks over every pool) it also counts the
     distinct blocks each tenant holds, as the memory server does.
 
-    Built every step, so it costs one C-level set union per pool: a
-    tenant's count is only taken when read (a tenant under a quota), and
-    the per-block reference counts only when a preemption releases blocks."""
+    Built every step, so it costs one C-level set union per pool, or with
+    `counts` (kept by the caller from step to step) only the tables that
+    changed: a tenant's count is only taken when read (a tenant under a
+    quota), and the per-block reference counts only when a preemption
+    releases blocks."""
 
     def __init__(self, pools: Mapping[str, PoolShape], seqs: Iterable[Seq],
-                 quotas: Mapping[str, int] | None = None):
+                 quotas: Mapping[str, int] | None = None, counts: BlockCounts | None = None):
         self.shapes = dict(pools)
         self.quotas = dict(quotas or {})
         self._seqs = [s for s in seqs if s.pool in self.shapes]
-        self.free = {p: shape.num_blocks - len(set().union(*(s.block_table for s in self._seqs if s.pool == p)))
-                     for p, shape in self.shapes.items()}
+        if counts is not None:  # kept from the last step by the caller
+            held = counts.distinct(self._seqs)
+            self.free = {p: shape.num_blocks - held.get(p, 0) for p, shape in self.shapes.items()}
+        else:
+            self.free = {p: shape.num_blocks - len(set().union(*(s.block_table for s in self._seqs if s.pool == p)))
+                         for p, shape in self.shapes.items()}
         self.held = _Held(self._tenant_blocks)
         self._refs: dict[str, Counter[int]] | None = None  # pool -> block -> holders, once released
         self._tenant_refs: dict[str, Counter[tuple[str, int]]] = {}
