@@ -197,8 +197,8 @@ class EngineState:
     def forget_releases(self) -> None:
         """The memory server restarted empty: it holds nothing of ours."""
         self._releases.clear()
-
         self._discards.clear()
+
     # The memory server.
 
     async def memory(self, call: Awaitable[T], *, critical: bool = True) -> T | None:
