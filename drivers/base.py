@@ -23,6 +23,7 @@ from drivers.service import DriverService, cpu_list, driver_args, driver_config,
 from ipc.errors import BadRequest, ConfigError
 from ipc.protocol import driver as dp
 from sdk.service import Context, handler
+from text.shipped import read_tokenizer_files
 
 __all__ = ["Driver", "cpu_list", "driver_args", "driver_config", "pin"]
 
@@ -36,6 +37,7 @@ class Driver(DriverService):
         self._step_lock = anyio.Lock()
         self.seqs = SeqTable()  # each running sequence as the scheduler last sent it
         self._busy = False
+        self._tokenizer_files: dict[str, str] = {}
 
     def device_name(self) -> str:
         return self.device
@@ -57,6 +59,8 @@ class Driver(DriverService):
     async def on_start(self) -> None:
         try:
             self.runner = await anyio.to_thread.run_sync(self.load_runner)
+            # Read with the weights: the scheduler and gateway get them over the wire.
+            self._tokenizer_files = await anyio.to_thread.run_sync(read_tokenizer_files, self.runner.info.path)
         except BadRequest as exc:
             # No such device, a dtype the device cannot run, a checkpoint that
             # does not load, a pool smaller than one block: the same again on
@@ -124,7 +128,8 @@ class Driver(DriverService):
         i = self._runner().info
         return dp.ModelDescription(i.name, i.architecture, i.path, i.vocab_size, i.sampleable_vocab,
                                    i.max_model_len, i.num_blocks, i.block_size, list(i.eos_token_ids),
-                                   i.bos_token_id, i.dtype, i.device, i.num_params, i.host_slots)
+                                   i.bos_token_id, i.dtype, i.device, i.num_params, i.host_slots,
+                                   tokenizer_files=self._tokenizer_files)
 
     @handler(idempotent=True)
     async def health(self, msg: dp.DriverHealth, ctx: Context) -> dp.DriverHealthReply:

@@ -35,6 +35,7 @@ from sdk.service import Context, handler
 from text.tokenizer import BYTE_TOKENIZER_FILE
 
 BOS, EOS, VOCAB = 256, 257, 258          # the byte tokenizer's ids
+BYTE_SPEC = {"type": "byte", "bos_token_id": BOS, "eos_token_id": EOS}
 ALPHABET = b"abcdefghijklmnopqrstuvwxyz     "
 DEFAULT_MAX_MODEL_LEN = 131_072
 
@@ -88,8 +89,7 @@ class NullDriver(DriverService):
 
     async def on_start(self) -> None:
         self.model_dir.mkdir(parents=True, exist_ok=True)
-        spec = {"type": "byte", "bos_token_id": BOS, "eos_token_id": EOS}
-        (self.model_dir / BYTE_TOKENIZER_FILE).write_text(json.dumps(spec))
+        (self.model_dir / BYTE_TOKENIZER_FILE).write_text(json.dumps(BYTE_SPEC))
 
     def ready_meta(self) -> dict[str, str | int | float | bool]:
         lim = self.limits
@@ -160,7 +160,7 @@ class NullDriver(DriverService):
         lim = self.limits
         return dp.ModelDescription("null", "null", str(self.model_dir), VOCAB, 256, lim.max_model_len,
                                    lim.num_blocks, lim.block_size, [EOS], BOS, "none", "null", 0,
-                                   self.host_slots)
+                                   self.host_slots, tokenizer_files={BYTE_TOKENIZER_FILE: json.dumps(BYTE_SPEC)})
 
     @handler(idempotent=True)
     async def health(self, msg: dp.DriverHealth, ctx: Context) -> dp.DriverHealthReply:

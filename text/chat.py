@@ -43,11 +43,24 @@ class ChatFormatter:
             return cls(None, {})
         path = Path(model_dir) / "tokenizer_config.json"
         try:
-            cfg = json.loads(path.read_text())
+            text = path.read_text()
         except (FileNotFoundError, NotADirectoryError):
             return cls(None, {})
-        except (OSError, json.JSONDecodeError) as exc:
+        except OSError as exc:
             raise BadRequest(f"{path} is unreadable: {exc}") from None
+        return cls.from_config(text, str(path))
+
+    @classmethod
+    def from_config(cls, text: str | None, origin: str) -> "ChatFormatter":
+        """From a tokenizer_config.json's contents (None: no template)."""
+        if text is None:
+            return cls(None, {})
+        try:
+            cfg = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise BadRequest(f"{origin} is unreadable: {exc}") from None
+        if not isinstance(cfg, dict):
+            raise BadRequest(f"{origin}: expected a JSON object, got {type(cfg).__name__}")
         special = {k: _token_text(cfg.get(k)) for k in ("bos_token", "eos_token")}
         return cls(cfg.get("chat_template") if isinstance(cfg.get("chat_template"), str) else None, special)
 

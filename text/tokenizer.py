@@ -75,12 +75,15 @@ class HFTokenizer(Tokenizer):
     """A Hugging Face fast tokenizer (tokenizer.json)."""
 
     def __init__(self, path: str | Path, *, eos_token_ids: Sequence[int] = (),
-                 bos_token_id: int | None = None, special: dict[str, Any] | None = None):
+                 bos_token_id: int | None = None, special: dict[str, Any] | None = None,
+                 text: str | None = None):
+        """`text`: the tokenizer.json's contents, sent over the wire (then
+        `path` only names where they came from in errors)."""
         from tokenizers import Tokenizer as _Tok  # kept local: only this class needs it
 
         self.path = Path(path)
         try:
-            self._tok = _Tok.from_file(str(self.path))
+            self._tok = _Tok.from_str(text) if text is not None else _Tok.from_file(str(self.path))
         except Exception as exc:  # tokenizers raises a bare Exception on bad files
             raise CheckpointError(f"{self.path}: not a valid tokenizer.json ({exc})",
                                   detail={"file": str(self.path)}) from None

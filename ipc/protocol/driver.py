@@ -132,6 +132,12 @@ class ModelDescription(Message):
     device: str
     num_params: int
     host_slots: int
+    # What the scheduler and gateway need of the model's tokenizer, carried
+    # here so they never read `path` (no shared filesystem): file name ->
+    # contents, for tokenizer.json, tokenizer_config.json (special tokens,
+    # the chat template) or the byte tokenizer's llmos_tokenizer.json
+    # (text/shipped.py, bounded by MAX_TOKENIZER_BYTES there).
+    tokenizer_files: dict[str, str] = {}
 
 
 class DriverHealth(Request["DriverHealthReply"]):

@@ -28,15 +28,14 @@ from ipc.protocol.scheduler import RequestInfo, Submit, Usage
 from sdk.generate import Chunk, GenerationStream, fork_submits
 from services.gateway import choices
 from services.gateway import openai as oa
-from services.gateway.choices import Pieces, Shape
+from services.gateway.choices import Shape
 from services.gateway.responses_http import routes as responses_routes
 from services.gateway.backend import Stats
 from services.gateway.body import check_head, read_body
 from common.config.gateway import GatewayConfig
 from services.gateway.metrics import GatewayMetrics
+from services.gateway.model_text import ModelText
 from services.gateway.resume import Resume, check_key, event_id, parse_last_event_id, request_id
-from text.chat import ChatFormatter
-from text.tokenizer import load_tokenizer
 
 class Backend(Protocol):
     async def authenticate(self, api_key: str) -> None: ...
@@ -94,8 +93,6 @@ def create_app(backend: Backend, config: GatewayConfig | None = None,
     cfg = config or GatewayConfig()
     served_by = {"Llmos-Instance": instance} if instance else {}
     metrics = GatewayMetrics()
-    chat_formatters: dict[str, ChatFormatter] = {}
-    token_pieces: dict[str, Pieces] = {}
     health_seen: list[tuple[float, kp.StatusReply]] = []
 
     async def caller(request: Request) -> str | None:
@@ -160,19 +157,8 @@ def create_app(backend: Backend, config: GatewayConfig | None = None,
             return refuse("chat", exc, body_read=body_read)
         return await _run(key, submit, shape, stream=req.stream, resume=resume, keyed=keyed)
 
-    def formatter(desc: ModelDescription) -> ChatFormatter:
-        fmt = chat_formatters.get(desc.path)
-        if fmt is None:
-            fmt = chat_formatters[desc.path] = ChatFormatter.for_model(desc.path)
-        return fmt
-
-    async def pieces_of(desc: ModelDescription) -> Pieces:
-        """The served model's token texts, for logprobs (its tokenizer loaded once, off the loop)."""
-        got = token_pieces.get(desc.path)
-        if got is None:
-            tok = await anyio.to_thread.run_sync(load_tokenizer, desc.path)
-            got = token_pieces[desc.path] = Pieces(tok)
-        return got
+    model_text = ModelText()  # from the driver's description, never its path (model_text.py)
+    formatter, pieces_of = model_text.formatter, model_text.pieces
 
     async def resumable(request: Request, key: str | None, submit: Submit, body_id: str, *,
                         stream: bool) -> tuple[Resume | None, bool]:

@@ -23,7 +23,7 @@ from typing import Any, NoReturn
 import anyio
 from anyio.abc import TaskGroup
 
-from text.tokenizer import load_tokenizer
+from text.shipped import tokenizer_from_files
 from ipc.errors import Forbidden, LlmosError, Unavailable
 from ipc.protocol import driver as dp
 from ipc.protocol import kernel as kp
@@ -164,8 +164,9 @@ class SchedulerService(SessionHandlers, Service):
                 try:
                     desc: dp.ModelDescription = await self.call(instance, dp.DescribeModel(), timeout=30)
                     tok = await anyio.to_thread.run_sync(
-                        lambda: load_tokenizer(desc.path, eos_token_ids=desc.eos_token_ids,
-                                               bos_token_id=desc.bos_token_id))
+                        lambda: tokenizer_from_files(desc.tokenizer_files, f"driver {instance}",
+                                                     eos_token_ids=desc.eos_token_ids,
+                                                     bos_token_id=desc.bos_token_id))
                 except LlmosError as exc:
                     log.warning("scheduler.describe_failed", driver=instance, error=str(exc))
                     continue

@@ -4,6 +4,7 @@ httpx client on the ASGI app (no sockets)."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -16,6 +17,8 @@ from ipc.protocol.scheduler import FinishReason, RequestInfo, Submit, Usage
 from sdk.generate import Chunk, GenerationStream
 from services.gateway.app import create_app
 from services.gateway.backend import Stats
+from text.shipped import SHIPPED_FILES
+from text.tokenizer import BYTE_TOKENIZER_FILE
 
 USAGE = Usage(prompt_tokens=3, completion_tokens=4, ttft_s=0.01, total_s=0.05)
 
@@ -27,6 +30,13 @@ class FakeBackend:
         self.fail_with: LlmosError | None = None
         self.pieces = ["Hel", "lo", " wor", "ld"]
         self.model_dir = model_dir
+        # What a driver sends of its tokenizer (the gateway never reads model_dir).
+        # The directory's tokenizer files, the byte tokenizer where it has none.
+        root = Path(model_dir) if model_dir else None
+        self.tokenizer_files = {n: (root / n).read_text() for n in SHIPPED_FILES
+                                if root is not None and (root / n).is_file()}
+        if "tokenizer.json" not in self.tokenizer_files:
+            self.tokenizer_files[BYTE_TOKENIZER_FILE] = '{"type": "byte"}'
         self.logins: list[str] = []
         self.known: dict[str, RequestInfo] = {}  # request id -> what the scheduler says of it
         self.detached: list[str] = []
@@ -89,7 +99,7 @@ class FakeBackend:
 
     async def model(self, api_key: str | None) -> ModelDescription:
         return ModelDescription("tiny", "LlamaForCausalLM", self.model_dir, 300, 280, 256, 64, 16, [257], 256,
-                                "float32", "cpu", 1000, 0)
+                                "float32", "cpu", 1000, 0, tokenizer_files=self.tokenizer_files)
 
     async def stats(self, api_key: str | None = None) -> Stats:
         if api_key is not None and not api_key.startswith("ops"):
