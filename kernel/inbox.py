@@ -13,10 +13,14 @@ from __future__ import annotations
 from typing import Any
 
 from ipc.curve import peer_key
-from ipc.envelope import Header, Kind, decode_header, split_route
-from ipc.errors import BadRequest, Unauthorized
+from ipc.envelope import PROTOCOL_VERSION, Header, Kind, decode_header, split_route
+from ipc.errors import BadRequest, LlmosError, Unauthorized
 from kernel.ports import Port
 from kernel.routing import Router, source
+
+
+# What an audit record names for a frame whose header did not parse.
+_MALFORMED = Header(PROTOCOL_VERSION, Kind.REQUEST, dst="kernel", op="(malformed frame)")
 
 
 class Inbox:
@@ -33,8 +37,21 @@ class Inbox:
             return ident, payload, decode_header(payload[0])
         except BadRequest as exc:
             msg_id = exc.detail.get("msg_id", 0)
-            self._replies.reject(port, side, frames, exc, msg_id=msg_id if isinstance(msg_id, int) else 0)
+            msg_id = msg_id if isinstance(msg_id, int) else 0
+            if side == "back":
+                self._refuse_back(frames, exc, None, msg_id)
+            else:
+                self._replies.reject(port, side, frames, exc, msg_id=msg_id)
             return None
+
+    def _refuse_back(self, frames: list[Any], exc: LlmosError, header: Header | None, msg_id: int = 0) -> None:
+        """Refuse a frame on the back socket, and audit it: a peer there that
+        is not a registered service (malformed frames, a forged or a replaced
+        incarnation's boot secret, another's identity) is an attack."""
+        self._replies.reject(self.router.back, "back", frames, exc, header, msg_id)
+        if self.router.guard is not None:
+            ident = bytes(frames[0]) if frames else b""
+            self.router.guard.note(header or _MALFORMED, exc, f"back:{ident.hex()}")
 
     def on_front(self, frames: list[Any]) -> None:
         """One message from a client."""
@@ -72,17 +89,17 @@ class Inbox:
         inst = router.registry.by_identity.get(ident)
         kind = header.kind
         if kind == Kind.READY:
-            router.register(ident, header, payload)
+            refused = router.register(ident, header, payload)
+            if refused is not None:
+                self._refuse_back(frames, refused, header)
             return
         if inst is None:
-            self._replies.reject(back, "back", frames,
-                                 Unauthorized("not registered: send READY with the boot secret first"), header)
+            self._refuse_back(frames, Unauthorized("not registered: send READY with the boot secret first"), header)
             # A stale instance the kernel already declared dead must stop, not linger.
             self._replies.control(back, ident, Kind.DISCONNECT)
             return
         if inst.peer_key and peer_key(payload[0]) != inst.peer_key:
-            self._replies.reject(back, "back", frames,
-                                 Unauthorized(f"{inst.name} registered with another CURVE key"), header)
+            self._refuse_back(frames, Unauthorized(f"{inst.name} registered with another CURVE key"), header)
             return
         inst.last_seen = router.clock()
         if kind == Kind.REPLY or kind == Kind.ERROR:

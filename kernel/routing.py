@@ -250,20 +250,19 @@ class Router:
             self.waiting.remove(lambda dst, p: p.origin is front and p.origin_id == ident)
         log.info("kernel.client_gone", reason=reason, cancelled=cancelled)
 
-    def register(self, ident: bytes, header: Header, payload: list[Any]) -> None:
-        """READY from a service: checked against the boot secret."""
+    def register(self, ident: bytes, header: Header, payload: list[Any]) -> LlmosError | None:
+        """READY from a service: checked against the boot secret. A refusal
+        is returned, for the inbox to answer and audit."""
         back = self.back
         try:
             if len(payload) < 2:
                 raise BadRequest("READY without a body")
             ready: kp.Ready = codec.decode_body(_ready_decoder, payload[1], "READY body")
         except BadRequest as exc:
-            self.replies.reject(back, "back", [ident], exc, header)
-            return
+            return exc
         if not (hmac.compare_digest(ready.secret.encode(), self._secret)  # per incarnation from the supervisor
                 or (self.children is not None and self.children.admits(ready.instance, ready.secret))):
-            self.replies.reject(back, "back", [ident], Unauthorized("wrong boot secret"), header)
-            return
+            return Unauthorized("wrong boot secret")
         for old in (self.registry.by_identity.get(ident), self.registry.by_name.get(ready.instance)):
             if old is not None:
                 self.instance_down(old, "replaced by a new registration")
@@ -279,6 +278,7 @@ class Router:
         self.publish(kp.SERVICES_TOPIC, kp.ServiceUp(inst.service, inst.name, inst.pid, inst.meta))
         for p in list(self.waiting.take((inst.service, inst.name))):
             self._dispatch(p)
+        return None
 
     def instance_down(self, which: Instance | str, reason: str) -> bool:
         """Forget a dead instance; re-send or fail what it held; tell

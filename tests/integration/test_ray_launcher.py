@@ -2,7 +2,9 @@
 drivers placed by Ray on two simulated nodes generate what the local
 launcher generates, and every request finishes exactly once, with the same
 tokens, through a SIGKILLed driver, a SIGSTOPped (hung) one and a node lost
-mid-generation. One cluster for the module (it takes seconds to start)."""
+mid-generation; a remote peer with a replaced incarnation's or a forged boot
+secret, or malformed frames, is refused and audited. One cluster for the
+module (it takes seconds to start)."""
 
 from __future__ import annotations
 
@@ -16,12 +18,18 @@ import anyio
 import msgspec
 import pytest
 
+from common.home import back_endpoint
 from drivers.null import continuation
+from ipc import codec
+from ipc.envelope import PROTOCOL_VERSION, Header, Kind
+from ipc.protocol import kernel as kp
 from ipc.protocol.kernel import ChildState
 from kernel.config import ChildSpec
 from ipc.protocol.scheduler import FinishReason
 from sdk.client import AsyncClient
+from tests.helpers.audit import wait_audit
 from tests.helpers.ray_cluster import gone
+from tests.helpers.raw_peer import RawPeer
 from tests.helpers.stacks import null_children
 from text.tokenizer import ByteTokenizer
 from tools.raysim import HEAD_SHARE, launcher, null_children_on_nodes, placements, start_cluster
@@ -164,3 +172,51 @@ async def test_a_child_no_node_can_take_is_refused_by_name(home: Path, cluster: 
     err = (home / "kernel.stderr").read_text()
     assert "null restarted more than 1 times" in err
     assert "Ray placed no actor for null within 10s" in err and "llmos_tpu_pod" in err
+
+
+def boot_secret_of(pid: int) -> str:
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+    return env[b"LLMOS_BOOT_SECRET"].decode()
+
+
+def attack(endpoint: str, name: str, stale: str) -> list[tuple[str, str]]:
+    """From a peer of our own on the back socket: a replaced incarnation's
+    secret, a forged one, malformed frames and an unregistered request.
+    The (code, message) of each refusal."""
+    peer = RawPeer(endpoint)
+    ready = Header(PROTOCOL_VERSION, Kind.READY)
+    try:
+        for secret in (stale, "forged-secret"):
+            peer.send(ready, codec.encode(kp.Ready("driver", name, os.getpid(), secret, ["Step"])))
+        peer.send(ready)                                     # READY without a body
+        peer.send(ready, b"\xc1 not msgpack")                # a body that does not decode
+        peer.send_raw([b"", b"\x93\xff garbage header"])     # a header that does not decode
+        peer.send(Header(PROTOCOL_VERSION, Kind.REQUEST, dst="memory", op="MemoryStats"), b"\x80")
+        return [(err.code, err.message) for _, err in (peer.recv() for _ in range(6))]
+    finally:
+        peer.close()
+
+
+async def test_an_unauthorised_or_malformed_remote_peer_is_refused_and_audited(home: Path, cluster: Any) -> None:
+    children = [ChildSpec("security", "services.security", resources=HEAD_SHARE),
+                *null_children_on_nodes(1, *DRIVER_ARGS)]
+    async with running_llmos(home, children, auth=True, launcher=launcher(cluster), ready_timeout=180) as llmos:
+        name, old = next((n, i.pid) for n, i in drivers(await llmos.status()).items())
+        stale = await anyio.to_thread.run_sync(boot_secret_of, old)
+        os.kill(old, signal.SIGKILL)
+        new = await restarted(llmos, name, old)
+        refusals = await anyio.to_thread.run_sync(attack, back_endpoint(home), name, stale)
+        codes = [code for code, _ in refusals]
+        assert codes == ["unauthorized", "unauthorized", "bad_request", "bad_request", "bad_request",
+                         "unauthorized"], refusals
+        assert all("boot secret" in msg for _, msg in refusals[:2]) and "not registered" in refusals[5][1]
+        # Each refusal is in the audit log, with the peer it came from.
+        for code, msg in refusals:
+            await wait_audit(home, lambda r, code=code, msg=msg: (  # type: ignore[misc]
+                r["action"] == "access" and r["result"] == code and r["detail"].get("reason") == msg
+                and str(r["detail"].get("source", "")).startswith("back:")), msg)
+        # Nothing registered in the honest driver's place; honest requests still finish.
+        st = llmos.instance(await llmos.status(), name)
+        assert st.pid == new and st.state == ChildState.READY and st.restarts == 1
+        assert await generate_all(llmos.client) == expected()
