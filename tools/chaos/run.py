@@ -15,7 +15,7 @@ from typing import Any
 import anyio
 import msgspec
 
-from text.tokenizer import load_tokenizer
+from text.shipped import tokenizer_from_files
 from ipc.protocol import security as sec
 from ipc.protocol.driver import DRIVER, DescribeModel, ModelDescription
 from kernel.config import ChildSpec, default_children, echo_child
@@ -181,7 +181,8 @@ async def _reference(client: AsyncClient) -> Reference:
 def _text_checker(desc: ModelDescription) -> Any:
     """The text a request's tokens must read as: the scheduler's own text
     stream run over them in one go, independent of chunking and restarts."""
-    tok = load_tokenizer(desc.path, eos_token_ids=desc.eos_token_ids, bos_token_id=desc.bos_token_id)
+    tok = tokenizer_from_files(desc.tokenizer_files, f"model {desc.name!r}", eos_token_ids=desc.eos_token_ids,
+                               bos_token_id=desc.bos_token_id)  # as the driver sent it: no shared disk
     prompts = [tok.encode(p) for p in wl.PROMPTS]
 
     def text_of(prompt: int, ids: list[int]) -> str:
