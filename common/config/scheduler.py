@@ -67,8 +67,11 @@ class TunerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     priorities: dict[str, Objective] = {}
     # Early rejection: a request whose predicted time to first token is over
     # its objective times this is refused `overloaded` with a retry-after
-    # (0: never; only while something waits or the batch is full).
-    reject_factor: float = 2.0
+    # (only while something waits or the batch is full). 0, the default:
+    # never; a late request is queued and its status carries the estimate
+    # (RequestInfo.estimated_ttft_s) — on your own machine a slow answer
+    # usually beats none; a shared service sets 2.
+    reject_factor: float = 0.0
     # A step is planned to take at most this share of the tightest running
     # per-token objective (the rest is headroom for noise).
     headroom: float = 0.85

@@ -216,6 +216,10 @@ class RequestInfo(Message):
     # Why a waiting request is not starting, when it is something other than
     # its turn: WAITING_ON_KV_QUOTA (its tenant's kv_blocks quota is in use).
     waiting_on: str = ""
+    # A waiting request's predicted seconds to its first token at the current
+    # load (the tuner's latency model); -1 when there is no estimate (not
+    # waiting, tuner off or still learning).
+    estimated_ttft_s: float = -1.0
 
 
 # RequestInfo.waiting_on: the tenant's other sequences hold its KV-block quota.

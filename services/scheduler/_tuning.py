@@ -22,7 +22,7 @@ from common.logs import get_logger
 from ipc.errors import Overloaded
 from ipc.protocol import scheduler as sp
 from services.scheduler._execute import Work
-from services.scheduler._request import Request
+from services.scheduler._request import Request, Seq
 from services.scheduler._slo import SloBook, predict_ttft
 from services.scheduler._state import EngineState
 from services.scheduler.autotune import AutoTuner, Knobs, StepShape
@@ -83,6 +83,18 @@ class Tuning:
                                  detail={"retry_after_s": round(retry, 2), "estimated_ttft_s": round(est, 2),
                                          "ttft_objective_s": o.ttft_ms / 1e3})
         self.slo.track(req)
+
+    def estimate_ttft(self, seq: Seq, state: EngineState, limits: Limits) -> float:
+        """Seconds until waiting `seq` gets its first token, at the current
+        load and limits, from the model the tuner plans with; -1 when there
+        is none (tuner off, learning or unsure)."""
+        if self.tuner is None or not self.tuner.model.sure:
+            return -1.0
+        now = time.monotonic()
+        line = sorted(state.waiting, key=lambda s: state.policy.key(s, now))  # as EngineState.position orders it
+        ahead = line[:line.index(seq)] if seq in line else line
+        est = predict_ttft(self.tuner.model, seq, state.running, ahead, limits, state.policy.name)
+        return round(est or 0.0, 3)
 
     def after_step(self, work: list[Work], step_s: float, state: EngineState, limits: Limits) -> Limits:
         if self.tuner is None:

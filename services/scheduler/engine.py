@@ -209,10 +209,12 @@ class Engine:
         if req is None:
             raise NotFound(f"no request {request_id!r} (unknown, or finished long ago)",
                            detail={"request_id": request_id})
-        position = self.state.position(req.seq) if req.state == State.WAITING else -1
+        waiting = req.state == State.WAITING
+        position = self.state.position(req.seq) if waiting else -1
+        estimate = self.tuning.estimate_ttft(req.seq, self.state, self.limits) if waiting else -1.0
         return sp.RequestInfo(request_id, req.state.value, len(req.generated), len(req.prompt_ids), position,
                               req.seq.pool or "", req.finish_reason.value if req.finish_reason else "",
-                              req.waiting_on if req.state == State.WAITING else "")
+                              req.waiting_on if waiting else "", estimate)
 
     def stats(self) -> sp.SchedulerStatsReply:
         st = self.state

@@ -84,7 +84,8 @@ async def test_the_engine_obeys_the_limits_it_tuned_on_a_modelled_device() -> No
 async def test_a_request_predicted_to_miss_its_first_token_objective_is_refused_early() -> None:
     # Two slots, both taken by long replies: a third request would wait
     # about 200 steps of ~11 ms; its objective is 100 ms (refused past 200).
-    config = SchedulerConfig(max_num_seqs=2, tuner=TunerConfig(objective=Objective(ttft_ms=100, tpot_ms=1000)))
+    config = SchedulerConfig(max_num_seqs=2, tuner=TunerConfig(objective=Objective(ttft_ms=100, tpot_ms=1000),
+                                                               reject_factor=2.0))
     async with running(config, {"cpu": FakeDriver(1024)}) as (engine, backend):
         modelled(engine, backend, 0.010, 0.0005)
         long = [Stream(engine, prompt=f"long reply {i}", max_tokens=240, ignore_eos=True) for i in range(2)]
@@ -101,6 +102,27 @@ async def test_a_request_predicted_to_miss_its_first_token_objective_is_refused_
     assert float(detail["estimated_ttft_s"]) > 0.2 and float(detail["retry_after_s"]) >= 0.5
     assert detail["ttft_objective_s"] == 0.1 and "predicted" in refused.value.message
     assert stats.slo_rejected == 1 and after.usage.slo == "met"
+
+
+async def test_by_default_a_late_request_is_queued_and_its_status_carries_the_estimate() -> None:
+    # As above, but with the default reject_factor (0): the third request
+    # waits its turn, its status predicts the wait, and it finishes.
+    config = SchedulerConfig(max_num_seqs=2, tuner=TunerConfig(objective=Objective(ttft_ms=100, tpot_ms=1000)))
+    async with running(config, {"cpu": FakeDriver(1024)}) as (engine, backend):
+        modelled(engine, backend, 0.010, 0.0005)
+        long = [Stream(engine, prompt=f"long reply {i}", max_tokens=240, ignore_eos=True) for i in range(2)]
+        await until(lambda: engine.steps >= 24)
+        assert engine.tuning.tuner is not None and engine.tuning.tuner.model.sure
+        late = Stream(engine, prompt="one more", max_tokens=5, request_id="late")
+        info = engine.request_info("", "late")
+        assert info.state == "waiting" and info.estimated_ttft_s > 0.2, info
+        for s in long:
+            await s.result()
+        done = await late.result()
+        finished = engine.request_info("", "late")
+        stats = engine.stats()
+    assert done.usage.slo == "missed" and stats.slo_rejected == 0
+    assert finished.estimated_ttft_s == -1.0
 
 
 async def test_with_the_tuner_off_the_limits_stay_and_nothing_is_refused_early() -> None:
