@@ -22,6 +22,7 @@ import anyio
 import msgspec
 
 from common.config.launcher import LauncherConfig
+from common.config.scheduler import SchedulerConfig, TunerConfig
 from common.configfile import toml_value
 from ipc.errors import LlmosError
 from common.home import admin_key_path, front_endpoint, run_dir
@@ -71,10 +72,18 @@ def _to_toml(raw: dict[str, Any]) -> str:
     val = toml_value
 
     lines: list[str] = []
-    for section in ("kernel", "supervisor", "launcher"):
-        lines.append(f"[{section}]")
-        for k, v in raw.get(section, {}).items():
-            lines.append(f"{k} = {val(v)}")
+
+    def table(name: str, items: dict[str, Any]) -> None:
+        lines.append(f"[{name}]")
+        for k, v in items.items():
+            if not isinstance(v, dict):
+                lines.append(f"{k} = {val(v)}")
+        for k, v in items.items():
+            if isinstance(v, dict):
+                table(f"{name}.{k}", v)
+
+    for section in ("kernel", "supervisor", "launcher", "scheduler"):
+        table(section, raw.get(section, {}))
     for child in raw.get("children", []):
         lines.append("[[children]]")
         for k, v in child.items():
@@ -82,14 +91,22 @@ def _to_toml(raw: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# The configured limits always (the tuner off): for tests whose point is what
+# those limits do, which the tuner would move with the machine's speed.
+FIXED_LIMITS = SchedulerConfig(tuner=TunerConfig(enabled=False))
+
+
 @asynccontextmanager
 async def running_llmos(home: Path, children: list[ChildSpec] | None = None,
                         supervisor: SupervisorConfig | None = None, kernel: KernelConfig | None = None,
                         ready_timeout: float = 60.0, expect_exit: bool = False,
-                        auth: bool = False, launcher: LauncherConfig | None = None) -> AsyncIterator[RunningLlmos]:
+                        auth: bool = False, launcher: LauncherConfig | None = None,
+                        scheduler: SchedulerConfig | None = None) -> AsyncIterator[RunningLlmos]:
     """`auth` turns the kernel's capability check on (off by default here, on in
     `llmos up`); with it the default children are security and echo, and
-    `client` is the local admin (logged in with admin.key)."""
+    `client` is the local admin (logged in with admin.key). `scheduler` is the
+    [scheduler] table (`FIXED_LIMITS`: the tuner off, for tests whose point is
+    what the configured limits do)."""
     home.mkdir(parents=True, exist_ok=True)
     if children is None:
         children = [ChildSpec("echo", "services.echo")]
@@ -97,7 +114,7 @@ async def running_llmos(home: Path, children: list[ChildSpec] | None = None,
             children.insert(0, ChildSpec("security", "services.security"))
     config = Config(kernel=msgspec.structs.replace(kernel or KernelConfig(), auth=auth),
                     supervisor=supervisor or SupervisorConfig(), children=children,
-                    launcher=launcher or LauncherConfig())
+                    launcher=launcher or LauncherConfig(), scheduler=scheduler or SchedulerConfig())
     cfg = write_config(home / "llmos.toml", config)
     log = open(home / "kernel.stderr", "ab")  # noqa: SIM115 - closed below
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}

@@ -22,7 +22,7 @@ from ipc.protocol import scheduler as sp
 from ipc.protocol import security as sec
 from sdk.client import AsyncClient
 from sdk.generate import Completion
-from tools.testing import running_llmos
+from tools.testing import FIXED_LIMITS, running_llmos
 from tests.helpers.stacks import secured_children
 from tests.helpers.model_fixtures import make_checkpoint
 from tools.top import frame
@@ -55,7 +55,7 @@ def quota_lines(home: Path) -> list[dict[str, object]]:
 
 async def test_over_quota_is_refused_at_once_and_a_fitting_one_waits_visibly(home: Path, checkpoint: Path) -> None:
     children = secured_children(checkpoint)
-    async with running_llmos(home, children, auth=True) as llmos:
+    async with running_llmos(home, children, auth=True, scheduler=FIXED_LIMITS) as llmos:
         admin = llmos.client
         carol_key = (await admin.call(sec.SECURITY, sec.CreateKey("carol", ["generate"],
                                                                   quota=sec.Quota(kv_blocks=QUOTA)))).api_key
