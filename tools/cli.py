@@ -76,12 +76,14 @@ def up_config(args: argparse.Namespace) -> Any:
     swap_mb = args.swap_mb
     if swap_mb is None and args.preemption == "swap" and config.driver.swap_mb == 0 and not config.driver.host_slots:
         swap_mb = 512.0  # swapping needs a tier to swap to
+    # --tpot-ms (--autotune) turns the tuner on; --no-autotune keeps it off whatever else is given.
+    tuner_on = args.no_autotune if args.no_autotune is not None else (True if args.autotune is not None else None)
     config = config.with_settings(
         "llmos up flags" + (f" over config file {args.config}" if args.config else ""),
         **{"driver.model": args.model, "driver.kv_cache_mb": args.kv_cache_mb, "driver.dtype": args.dtype,
            "driver.swap_mb": swap_mb, "scheduler.preemption": args.preemption,
            "scheduler.policy.name": args.policy, "scheduler.tpot_target_ms": args.autotune,
-           "scheduler.tuner.objective.ttft_ms": args.ttft_ms, "scheduler.tuner.enabled": args.no_autotune,
+           "scheduler.tuner.objective.ttft_ms": args.ttft_ms, "scheduler.tuner.enabled": tuner_on,
            "gateway.instances": args.gateway_instances, "launcher.kind": args.launcher,
            "launcher.address": args.ray_address})
     try:
@@ -265,9 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--ttft-ms", type=float, metavar="MS",
                     help="the default time-to-first-token objective (default 1000, [scheduler.tuner.objective])")
     up.add_argument("--tpot-ms", "--autotune", type=float, metavar="MS", dest="autotune",
-                    help="the default time-per-output-token objective the tuner plans steps for (default 100)")
+                    help="turn the tuner on, planning steps for this time-per-output-token objective (default 100)")
     up.add_argument("--no-autotune", action="store_const", const=False, default=None,
-                    help="keep the configured token budget, batch cap and prefill chunk (the tuner is on by default)")
+                    help="keep the configured token budget, batch cap and prefill chunk (the default: tuner off)")
     up.add_argument("--swap-mb", type=float, default=None,
                     help="each driver's host swap tier in MiB (default 512 with --preemption swap, else none)")
     up.add_argument("--launcher", choices=["local", "ray"],

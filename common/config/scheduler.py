@@ -59,7 +59,7 @@ class TunerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     fallback while the model is unsure. `enabled = false`: the configured
     limits, always (objectives are still judged and reported)."""
 
-    enabled: bool = True
+    enabled: bool = False
     objective: Objective = Objective()
     # Per tenant (principal), then per priority ("0", "1", ...: Submit.priority),
     # over `objective`.

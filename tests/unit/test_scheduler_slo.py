@@ -29,7 +29,7 @@ async def until(cond: Callable[[], bool]) -> None:
 
 
 async def test_each_request_is_judged_by_its_tenants_or_prioritys_objective() -> None:
-    tuner = TunerConfig(objective=LOOSE, tenants={"strict": STRICT}, priorities={"3": STRICT})
+    tuner = TunerConfig(enabled=True, objective=LOOSE, tenants={"strict": STRICT}, priorities={"3": STRICT})
     async with running(SchedulerConfig(tuner=tuner)) as (engine, _):
         loose = [Stream(engine, prompt=f"chat {i}", max_tokens=5) for i in range(3)]
         by_priority = Stream(engine, prompt="urgent", max_tokens=5, priority=3)
@@ -47,7 +47,7 @@ async def test_each_request_is_judged_by_its_tenants_or_prioritys_objective() ->
 
 
 async def test_a_cancelled_request_is_not_judged() -> None:
-    async with running(SchedulerConfig(tuner=TunerConfig(objective=STRICT))) as (engine, _):
+    async with running(SchedulerConfig(tuner=TunerConfig(enabled=True, objective=STRICT))) as (engine, _):
         s = Stream(engine, prompt="going away", max_tokens=200, ignore_eos=True, request_id="gone")
         assert engine.cancel("", "gone")
         final = await s.result()
@@ -59,7 +59,8 @@ async def test_the_engine_obeys_the_limits_it_tuned_on_a_modelled_device() -> No
     # 10 ms + 0.5 ms per token computed; 50 ms per token planned at 85%: a
     # step of about 65 tokens, where the configured budget is 256.
     config = SchedulerConfig(token_budget=256, max_num_seqs=32, prefill_chunk=256,
-                             tuner=TunerConfig(objective=Objective(ttft_ms=60_000, tpot_ms=50), min_token_budget=16))
+                             tuner=TunerConfig(enabled=True, objective=Objective(ttft_ms=60_000, tpot_ms=50),
+                                               min_token_budget=16))
     async with running(config, {"cpu": FakeDriver(1024)}) as (engine, backend):
         modelled(engine, backend, 0.010, 0.0005)
         prompts = [f"{i} " + "long prompt text " * 8 for i in range(12)]
@@ -84,7 +85,8 @@ async def test_the_engine_obeys_the_limits_it_tuned_on_a_modelled_device() -> No
 async def test_a_request_predicted_to_miss_its_first_token_objective_is_refused_early() -> None:
     # Two slots, both taken by long replies: a third request would wait
     # about 200 steps of ~11 ms; its objective is 100 ms (refused past 200).
-    config = SchedulerConfig(max_num_seqs=2, tuner=TunerConfig(objective=Objective(ttft_ms=100, tpot_ms=1000),
+    config = SchedulerConfig(max_num_seqs=2, tuner=TunerConfig(enabled=True,
+                                                               objective=Objective(ttft_ms=100, tpot_ms=1000),
                                                                reject_factor=2.0))
     async with running(config, {"cpu": FakeDriver(1024)}) as (engine, backend):
         modelled(engine, backend, 0.010, 0.0005)
@@ -107,7 +109,8 @@ async def test_a_request_predicted_to_miss_its_first_token_objective_is_refused_
 async def test_by_default_a_late_request_is_queued_and_its_status_carries_the_estimate() -> None:
     # As above, but with the default reject_factor (0): the third request
     # waits its turn, its status predicts the wait, and it finishes.
-    config = SchedulerConfig(max_num_seqs=2, tuner=TunerConfig(objective=Objective(ttft_ms=100, tpot_ms=1000)))
+    config = SchedulerConfig(max_num_seqs=2,
+                             tuner=TunerConfig(enabled=True, objective=Objective(ttft_ms=100, tpot_ms=1000)))
     async with running(config, {"cpu": FakeDriver(1024)}) as (engine, backend):
         modelled(engine, backend, 0.010, 0.0005)
         long = [Stream(engine, prompt=f"long reply {i}", max_tokens=240, ignore_eos=True) for i in range(2)]
@@ -139,12 +142,12 @@ async def test_with_the_tuner_off_the_limits_stay_and_nothing_is_refused_early()
 
 
 @pytest.mark.parametrize("tuner, field", [
-    (TunerConfig(objective=Objective(ttft_ms=0)), "tuner.objective"),
-    (TunerConfig(tenants={"t": Objective(tpot_ms=-1)}), "tuner.tenants.t"),
-    (TunerConfig(priorities={"high": Objective()}), "tuner.priorities"),
-    (TunerConfig(reject_factor=-1), "tuner.reject_factor"),
-    (TunerConfig(headroom=0), "tuner.headroom"),
-    (TunerConfig(window=2), "tuner.window"),
+    (TunerConfig(enabled=True, objective=Objective(ttft_ms=0)), "tuner.objective"),
+    (TunerConfig(enabled=True, tenants={"t": Objective(tpot_ms=-1)}), "tuner.tenants.t"),
+    (TunerConfig(enabled=True, priorities={"high": Objective()}), "tuner.priorities"),
+    (TunerConfig(enabled=True, reject_factor=-1), "tuner.reject_factor"),
+    (TunerConfig(enabled=True, headroom=0), "tuner.headroom"),
+    (TunerConfig(enabled=True, window=2), "tuner.window"),
 ])
 def test_bad_objectives_and_tuner_settings_are_refused_by_name(tuner: TunerConfig, field: str) -> None:
     with pytest.raises(BadRequest, match=field.replace(".", r"\.")):
@@ -170,7 +173,8 @@ async def test_a_tenant_with_a_tighter_objective_makes_the_tuner_plan_for_it() -
     # keeps the configured limits; a tenant that wants 40 ms per token
     # arrives and the steps are planned for it (34 ms: about 50 tokens);
     # when its requests are done, the limits go back up.
-    tuner = TunerConfig(objective=LOOSE, tenants={"fast": Objective(ttft_ms=60_000, tpot_ms=40)}, min_token_budget=16)
+    tuner = TunerConfig(enabled=True, objective=LOOSE, tenants={"fast": Objective(ttft_ms=60_000, tpot_ms=40)},
+                        min_token_budget=16)
     config = SchedulerConfig(token_budget=256, max_num_seqs=32, prefill_chunk=256, tuner=tuner)
     with capture_logs() as logs:
         async with running(config, {"cpu": FakeDriver(1024)}) as (engine, backend):
@@ -196,7 +200,7 @@ async def test_by_default_the_budget_is_never_lowered_past_min_token_budget() ->
     # The model wants about 65 tokens a step; the default floor (128) keeps
     # a long prompt's prefill from crawling.
     config = SchedulerConfig(token_budget=256, max_num_seqs=32, prefill_chunk=256,
-                             tuner=TunerConfig(objective=Objective(ttft_ms=60_000, tpot_ms=50)))
+                             tuner=TunerConfig(enabled=True, objective=Objective(ttft_ms=60_000, tpot_ms=50)))
     async with running(config, {"cpu": FakeDriver(1024)}) as (engine, backend):
         modelled(engine, backend, 0.010, 0.0005)
         streams = [Stream(engine, prompt=f"{i} " + "long prompt text " * 8, max_tokens=60) for i in range(16)]

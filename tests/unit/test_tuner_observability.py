@@ -19,7 +19,8 @@ from tools.top import tuner_view
 
 async def test_each_change_is_logged_with_why_and_shows_in_metrics_and_top() -> None:
     config = SchedulerConfig(token_budget=256, max_num_seqs=32, prefill_chunk=256,
-                             tuner=TunerConfig(objective=Objective(ttft_ms=60_000, tpot_ms=50), min_token_budget=16))
+                             tuner=TunerConfig(enabled=True, objective=Objective(ttft_ms=60_000, tpot_ms=50),
+                                               min_token_budget=16))
     with capture_logs() as logs:
         async with running(config, {"cpu": FakeDriver(1024)}) as (engine, backend):
             modelled(engine, backend, 0.010, 0.0005)

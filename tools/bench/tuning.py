@@ -1,4 +1,4 @@
-"""Tuning: the online tuner (on by default) against static settings, on SLO
+"""Tuning: the online tuner (opt-in: [scheduler.tuner] enabled) against static settings, on SLO
 goodput, through the OS path.
 
     python -m tools.bench.tuning [--quick] [--json PATH]
