@@ -15,10 +15,13 @@ from ipc.protocol.base import Message
 
 
 class RawPeer:
-    def __init__(self, endpoint: str, identity: bytes | None = None):
+    """A DEALER that speaks the wire by hand: any header, any body, any size."""
+
+    def __init__(self, endpoint: str, identity: bytes | None = None, rcvhwm: int = 1000):
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.RCVHWM, rcvhwm)
         if identity:
             self.sock.setsockopt(zmq.IDENTITY, identity)
         self.sock.connect(endpoint)

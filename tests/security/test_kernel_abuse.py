@@ -15,61 +15,23 @@ import pytest
 import zmq
 
 from ipc import codec
-from ipc.envelope import MAX_NAME, PROTOCOL_VERSION, Header, Kind, decode_header, encode_header
+from ipc.envelope import MAX_NAME, PROTOCOL_VERSION, Header, Kind, encode_header
 from ipc.errors import BadRequest, Error, Forbidden
 from common.home import back_endpoint, front_endpoint
 from ipc.protocol import kernel as kp
 from ipc.protocol import security as sp
 from ipc.protocol.echo import Echo, EchoReply
-from ipc.protocol.base import Message
 from ipc.protocol.kernel import KERNEL
 from kernel.config import ChildSpec, KernelConfig, Restart
 from sdk.client import AsyncClient
 from tools.testing import RunningLlmos, running_llmos
 from tests.helpers.audit import audit_records, wait_audit
+from tests.helpers.raw_peer import RawPeer
 
 # A raw peer (a blocking zmq socket) probes the kernel from the test's own
 # thread, on purpose; the kernel runs in its own process, so only this
 # test's client waits meanwhile.
 pytestmark = pytest.mark.loop_block()
-
-
-class RawPeer:
-    """A DEALER that speaks the wire by hand: any header, any body, any size."""
-
-    def __init__(self, endpoint: str, identity: bytes | None = None, rcvhwm: int = 1000):
-        self.ctx = zmq.Context()
-        self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.RCVHWM, rcvhwm)
-        if identity:
-            self.sock.setsockopt(zmq.IDENTITY, identity)
-        self.sock.connect(endpoint)
-        self.ids = 0
-
-    def send(self, header: Header, *body: bytes) -> int:
-        self.ids += 1
-        header = msgspec.structs.replace(header, msg_id=self.ids)
-        self.sock.send_multipart([b"", encode_header(header), *body])
-        return self.ids
-
-    def send_raw(self, frames: list[bytes]) -> None:
-        self.sock.send_multipart(frames, copy=True)
-
-    def recv(self, timeout_s: float = 15.0) -> tuple[Header, Any]:
-        """The next answer (control frames such as DISCONNECT are skipped)."""
-        while True:
-            assert self.sock.poll(int(timeout_s * 1000)), "no answer from the kernel"
-            frames = self.sock.recv_multipart()
-            header = decode_header(frames[1])
-            if len(frames) >= 3:
-                break
-        dec = codec.error_decoder if header.kind == Kind.ERROR else codec.decoder(Message._registry.values())
-        return header, codec.decode_body(dec, frames[2], "reply")
-
-    def close(self) -> None:
-        self.sock.close(0)
-        self.ctx.term()
 
 
 def request(dst: str, op: str, token: bytes = b"", **kw: Any) -> Header:
