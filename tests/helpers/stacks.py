@@ -26,6 +26,11 @@ def secured_children(ckpt: Path) -> list[ChildSpec]:
             driver_spec(ckpt), ChildSpec("scheduler", "services.scheduler")]
 
 
+def gateway_children(ckpt: Path, port: int) -> list[ChildSpec]:
+    """`secured_children` and one gateway instance on 127.0.0.1:`port`."""
+    return [*secured_children(ckpt), ChildSpec("gateway", "services.gateway", args=["--listen", f"127.0.0.1:{port}"])]
+
+
 def null_children(*driver_args: str, scheduler_args: tuple[str, ...] = ()) -> list[ChildSpec]:
     """Memory server, the null driver (drivers/null.py, no model, with
     `driver_args` such as --step-ms) and the scheduler."""

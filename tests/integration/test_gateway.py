@@ -12,19 +12,10 @@ import httpx
 import pytest
 
 from ipc.protocol import security as sec
-from kernel.config import ChildSpec
 from sdk.client import AsyncClient
 from tools.testing import running_llmos
 from tests.helpers.net import free_port
-
-
-def children(ckpt: Path, port: int) -> list[ChildSpec]:
-    return [ChildSpec("security", "services.security"),
-            ChildSpec("memory", "services.memory"),
-            ChildSpec("cpu", "drivers", service="driver",
-                      args=["cpu", "--model", str(ckpt), "--kv-cache-mb", "2", "--threads", "1"]),
-            ChildSpec("scheduler", "services.scheduler"),
-            ChildSpec("gateway", "services.gateway", args=["--listen", f"127.0.0.1:{port}"])]
+from tests.helpers.stacks import gateway_children
 
 
 async def test_openai_endpoints_over_the_whole_system(home: Path, checkpoint: Path) -> None:
@@ -33,7 +24,7 @@ async def test_openai_endpoints_over_the_whole_system(home: Path, checkpoint: Pa
     parser = await anyio.to_thread.run_sync(importlib.import_module, "prometheus_client.parser")
     text_string_to_metric_families = parser.text_string_to_metric_families
     port = free_port()
-    async with running_llmos(home, children(checkpoint, port), auth=True, ready_timeout=120) as llmos:
+    async with running_llmos(home, gateway_children(checkpoint, port), auth=True, ready_timeout=120) as llmos:
         admin = llmos.client
         key = (await admin.call(sec.SECURITY, sec.CreateKey("alice", ["generate"]))).api_key
         sdk_greedy = await admin.generate("Hello there", max_tokens=8, temperature=0.0)

@@ -14,24 +14,15 @@ import pytest
 
 from ipc.protocol import driver as dp
 from ipc.protocol import security as sec
-from kernel.config import ChildSpec
 from tools.testing import running_llmos
 from tests.helpers.net import free_port
-
-
-def children(ckpt: Path, port: int) -> list[ChildSpec]:
-    return [ChildSpec("security", "services.security"),
-            ChildSpec("memory", "services.memory"),
-            ChildSpec("cpu", "drivers", service="driver",
-                      args=["cpu", "--model", str(ckpt), "--kv-cache-mb", "2", "--threads", "1"]),
-            ChildSpec("scheduler", "services.scheduler"),
-            ChildSpec("gateway", "services.gateway", args=["--listen", f"127.0.0.1:{port}"])]
+from tests.helpers.stacks import gateway_children
 
 
 async def test_n_choices_share_one_prompt_computation_and_carry_logprobs(home: Path, checkpoint: Path) -> None:
     openai = await anyio.to_thread.run_sync(importlib.import_module, "openai")
     port = free_port()
-    async with running_llmos(home, children(checkpoint, port), auth=True, ready_timeout=120) as llmos:
+    async with running_llmos(home, gateway_children(checkpoint, port), auth=True, ready_timeout=120) as llmos:
         admin = llmos.client
         key = (await admin.call(sec.SECURITY, sec.CreateKey("alice", ["generate"]))).api_key
         oai = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0, timeout=120)

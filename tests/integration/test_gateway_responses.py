@@ -13,18 +13,9 @@ import anyio
 import pytest
 
 from ipc.protocol import security as sec
-from kernel.config import ChildSpec
 from tools.testing import running_llmos
 from tests.helpers.net import free_port
-
-
-def children(ckpt: Path, port: int) -> list[ChildSpec]:
-    return [ChildSpec("security", "services.security"),
-            ChildSpec("memory", "services.memory"),
-            ChildSpec("cpu", "drivers", service="driver",
-                      args=["cpu", "--model", str(ckpt), "--kv-cache-mb", "2", "--threads", "1"]),
-            ChildSpec("scheduler", "services.scheduler"),
-            ChildSpec("gateway", "services.gateway", args=["--listen", f"127.0.0.1:{port}"])]
+from tests.helpers.stacks import gateway_children
 
 
 def total(r: Any) -> int:
@@ -34,7 +25,7 @@ def total(r: Any) -> int:
 async def test_a_chain_of_responses_is_a_session_the_os_keeps(home: Path, checkpoint: Path) -> None:
     openai = await anyio.to_thread.run_sync(importlib.import_module, "openai")
     port = free_port()
-    async with running_llmos(home, children(checkpoint, port), auth=True, ready_timeout=120) as llmos:
+    async with running_llmos(home, gateway_children(checkpoint, port), auth=True, ready_timeout=120) as llmos:
         admin = llmos.client
         keys = [(await admin.call(sec.SECURITY, sec.CreateKey(who, ["generate", "session"]))).api_key
                 for who in ("alice", "bob")]
