@@ -138,6 +138,12 @@ class InProcessBackend:
         for name, d in drivers.items():
             self.memory.register_pool(mp.RegisterPool(name, d.num_blocks, d.block_size, d.host_slots))
 
+    def let_go(self) -> None:
+        """Release the held Executes and stop holding new ones."""
+        assert self.hold_steps is not None
+        self.hold_steps.set()
+        self.hold_steps = None
+
     def restart_memory(self) -> None:
         self.memory = MemoryManager()
         for name, d in self.drivers.items():

@@ -50,12 +50,6 @@ async def wait_held(backend: InProcessBackend, steps: int) -> None:
             await anyio.sleep(0)
 
 
-def let_go(backend: InProcessBackend) -> None:
-    assert backend.hold_steps is not None
-    backend.hold_steps.set()
-    backend.hold_steps = None
-
-
 async def test_greedy_output_is_unchanged_and_a_steady_step_awaits_one_round_trip() -> None:
     results = {}
     for overlap in (False, True):
@@ -152,7 +146,7 @@ async def test_a_driver_restart_throws_the_overlapped_reservation_away() -> None
         engine.driver_up("cpu", drivers["cpu"].meta)
         backend.memory.register_pool(mp.RegisterPool("cpu", 64, 4))
         n, r = len(executes(backend)), len(reserves(backend))
-        let_go(backend)
+        backend.let_go()
         final = await s.result()
     assert s.tokens(final) == expected("restart me", 20)
     # (the Reserve that overlapped the lost step was sent before the restart)
@@ -174,7 +168,7 @@ async def test_a_memory_restart_throws_the_overlapped_reservation_away() -> None
         backend.restart_memory()
         engine.memory_restarted()
         n, r = len(executes(backend)), len(reserves(backend))
-        let_go(backend)
+        backend.let_go()
         final = await s.result()
         await blocks_free(backend)
     assert s.tokens(final) == expected("memory restarts", 20)

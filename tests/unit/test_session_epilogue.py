@@ -50,12 +50,6 @@ async def finish_with_epilogue_held(backend: InProcessBackend, s: Stream) -> Non
             await anyio.sleep(0)
 
 
-def let_go(backend: InProcessBackend) -> None:
-    assert backend.hold_steps is not None
-    backend.hold_steps.set()
-    backend.hold_steps = None
-
-
 def settled(engine: Engine) -> bool:
     return not engine.sessions.epilogues and not engine.sessions.flying
 
@@ -70,7 +64,7 @@ async def test_the_epilogue_computes_exactly_the_final_token_without_sampling_af
         assert s.tokens(final) == reference(FIRST, 7) and final.usage.completion_tokens == 7
         assert seq.epilogue and seq.num_computed == len(seq.tokens) - 1
         n = len(executes(backend))
-        let_go(backend)
+        backend.let_go()
         await until(lambda: settled(engine), "the epilogue ran")
         epilogue = item(executes(backend)[n], seq.seq_id)
         assert epilogue is not None
@@ -103,7 +97,7 @@ async def test_a_next_turn_that_arrives_before_the_epilogue_ran_waits_for_it() -
         # and a third queues behind the second
         third = Stream(engine, prompt_ids=TOK.encode(" third", add_special_tokens=False), max_tokens=4,
                        session="chat")
-        let_go(backend)
+        backend.let_go()
         f2, f3 = await second.result(), await third.result()
     history = FIRST + s.tokens(f1)
     assert second.tokens(f2) == reference(history + SECOND, 6)
@@ -128,7 +122,7 @@ async def test_a_failed_epilogue_drops_the_pin_and_the_next_turn_recomputes() ->
                                 for o in got.outputs])
 
         driver.execute = execute  # type: ignore[method-assign]
-        let_go(backend)
+        backend.let_go()
         await until(lambda: settled(engine), "the epilogue settled")
         driver.execute = real  # type: ignore[method-assign]
         assert engine.sessions.describe("", "chat").kv_tokens == 0  # the pin went with its KV
@@ -168,7 +162,7 @@ async def test_a_driver_restart_during_the_epilogue_drops_the_pin() -> None:
         driver.restart()  # while the epilogue's Execute waits
         backend.memory.register_pool(mp.RegisterPool("cpu", driver.num_blocks, driver.block_size))
         engine.driver_up("cpu", driver.meta)  # a restart the engine did not see die
-        let_go(backend)
+        backend.let_go()
         await until(lambda: settled(engine), "the epilogue settled")
         second = Stream(engine, prompt_ids=SECOND, max_tokens=6, session="chat")
         f2 = await second.result()
@@ -209,7 +203,7 @@ async def test_a_session_suspended_before_its_epilogue_ran_runs_it_after_resume(
                     backend.hold_steps = anyio.Event()
                 await anyio.sleep(0)
         engine.sessions.suspend("", "chat")  # applied at the top of the next step, before its epilogue
-        let_go(backend)
+        backend.let_go()
         f1 = await s.result()
         await until(lambda: engine.sessions.get("", "chat").info().kv_where == "swap", "swapped out")
         assert engine.sessions.describe("", "chat").kv_tokens == len(FIRST) + 5  # its last token has no KV yet
