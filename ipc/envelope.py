@@ -6,6 +6,7 @@ frame until the service that owns its type decodes it.
 
 from __future__ import annotations
 
+import re
 from enum import IntEnum
 from typing import Annotated, Sequence
 
@@ -14,7 +15,9 @@ from msgspec import Meta
 
 from ipc.errors import BadRequest
 
-PROTOCOL_VERSION = 1
+# 2: Kind.EVENTS (issue 15), a batch of events for several calls in one
+# frame; a peer of version 1 would drop it unread, so it is refused instead.
+PROTOCOL_VERSION = 2
 
 # Anything that travels as one frame: bytes from us, zmq.Frame / memoryview from zmq.
 FrameLike = bytes | memoryview | bytearray
@@ -28,6 +31,9 @@ class Kind(IntEnum):
     HEARTBEAT = 5
     READY = 6
     DISCONNECT = 7
+    # Several calls' events in one frame (`EventBatch`, header msg_id 0):
+    # a service sends one per loop tick, the kernel one per requester.
+    EVENTS = 8
 
 
 # Bounds on what a header may carry, checked as it is decoded. Header strings
@@ -71,6 +77,61 @@ _decode_header = msgspec.msgpack.Decoder(Header).decode
 
 def encode_header(header: Header) -> bytes:
     return _encode_header(header)
+
+
+# Events in one EVENTS frame; a service flushes well before (sdk/service.py).
+MAX_BATCH = 4096
+
+
+class BatchedEvent(msgspec.Struct, array_like=True, gc=False):
+    """One event of a batch: the call it answers (the msg id its receiver
+    knows: the kernel's routing id from a service, the requester's own id
+    from the kernel), its op, and its encoded body (opaque to the kernel)."""
+
+    msg_id: Annotated[int, Meta(ge=1, le=_I64)]
+    op: Annotated[str, Meta(min_length=1, max_length=MAX_OP)]
+    body: bytes
+
+
+class EventBatch(msgspec.Struct, array_like=True, gc=False):
+    """The body of a `Kind.EVENTS` frame. Each call's events keep their order
+    within a batch and from batch to batch."""
+
+    events: Annotated[list[BatchedEvent], Meta(min_length=1, max_length=MAX_BATCH)]
+
+
+_encode_batch = msgspec.msgpack.Encoder().encode
+_decode_batch = msgspec.msgpack.Decoder(EventBatch).decode
+
+
+def encode_event_batch(events: list[BatchedEvent]) -> bytes:
+    return _encode_batch(EventBatch(events))
+
+
+def decode_event_batch(payload: Sequence[FrameLike]) -> EventBatch:
+    """The batch in an EVENTS frame's body (`payload`: the frames after the
+    header); raises `BadRequest` naming what is wrong."""
+    if len(payload) != 1:
+        raise BadRequest(f"an EVENTS frame carries exactly one body frame, got {len(payload)}")
+    try:
+        return _decode_batch(payload[0])
+    except msgspec.ValidationError as exc:
+        raise BadRequest(f"malformed event batch: {_name_batch_fields(str(exc))}") from None
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"undecodable event batch: {exc}") from None
+
+
+def _name_batch_fields(message: str) -> str:
+    """`$[0][3][1]` -> `events[3].op`: the batch is array-like on the wire."""
+    names = BatchedEvent.__struct_fields__
+
+    def name(m: re.Match[str]) -> str:
+        at, field = m.group(1), m.group(2)
+        return "`events" + (f"[{at}]" if at else "") + (f".{names[int(field)]}" if field else "") + "`"
+    return _BATCH_PATH.sub(name, message)
+
+
+_BATCH_PATH = re.compile(r"`\$\[0\](?:\[(\d+)\](?:\[([0-2])\])?)?`")
 
 
 class _Ids(msgspec.Struct, array_like=True):

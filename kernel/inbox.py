@@ -15,6 +15,7 @@ from typing import Any
 from ipc.curve import peer_key
 from ipc.envelope import PROTOCOL_VERSION, Header, Kind, decode_header, split_route
 from ipc.errors import BadRequest, LlmosError, Unauthorized
+from kernel.events import answer_events
 from kernel.ports import Port
 from kernel.routing import Router, source
 
@@ -109,6 +110,10 @@ class Inbox:
                 router.answer(inst, header, payload, final=False)
             else:
                 router.topics.publish(header.dst, inst.name, payload, header.op)
+        elif kind == Kind.EVENTS:
+            refused = answer_events(router, inst, header, payload)
+            if refused is not None:
+                self._refuse_back(frames, refused, header)
         elif kind == Kind.REQUEST:
             router.route(back, ident, header, payload, inst)
         elif kind == Kind.DISCONNECT:

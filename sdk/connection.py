@@ -31,7 +31,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from ipc import codec
 from ipc.curve import CurveClient
-from ipc.envelope import PROTOCOL_VERSION, Header, Kind, decode_header, encode_header
+from ipc.envelope import PROTOCOL_VERSION, Header, Kind, decode_event_batch, decode_header, encode_header
 from ipc.errors import BadRequest, DeadlineExceeded, Error, Internal, LlmosError, Unauthorized, Unavailable
 from ipc.heartbeat import HEARTBEAT_EXPIRY_S, HEARTBEAT_INTERVAL_S
 from ipc.protocol.base import Message, ReplyT, Request, op_of
@@ -133,6 +133,8 @@ class Connection:
                 q.put_nowait((header, frames[2:]))
             elif kind == Kind.ERROR:
                 log.warning("conn.unsolicited_error", body=_describe_error(frames[2:]))
+        elif kind == Kind.EVENTS:
+            self._dispatch_events(header, frames[2:])
         elif kind == Kind.REQUEST:
             if self.on_request is not None:
                 self.on_request(header, frames[2:])
@@ -142,6 +144,20 @@ class Connection:
                     self.on_cancel(header.msg_id)
             elif self.on_disconnect is not None:
                 self.on_disconnect()
+
+    def _dispatch_events(self, header: Header, payload: list[Any]) -> None:
+        """Several calls' events in one frame: each to its call, in order, as
+        if it had come alone (a call that is gone drops its own, as above)."""
+        try:
+            batch = decode_event_batch(payload)
+        except BadRequest as exc:
+            log.warning("conn.malformed_events", error=exc.message)
+            return
+        calls, src = self._calls, header.src
+        for ev in batch.events:
+            q = calls.get(ev.msg_id)
+            if q is not None:
+                q.put_nowait((Header(PROTOCOL_VERSION, Kind.EVENT, ev.msg_id, src=src, op=ev.op), [ev.body]))
 
     def _request_header(self, dst: str, msg: Message, deadline_ns: int, msg_id: int, trace_id: str,
                         kind: Kind) -> Header:

@@ -14,6 +14,7 @@ request, and a clean shutdown on SIGTERM, DISCONNECT or a silent kernel.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 import signal
@@ -29,17 +30,20 @@ from anyio.abc import TaskGroup
 
 from ipc import codec
 from common.capability import Restrictions
-from ipc.envelope import PROTOCOL_VERSION, Header, Kind
+from ipc.envelope import MAX_BATCH, PROTOCOL_VERSION, BatchedEvent, Header, Kind, encode_event_batch
 from ipc.errors import EX_CONFIG, BadRequest, ConfigError, DeadlineExceeded, Internal, LlmosError, Unavailable
 from ipc.heartbeat import HEARTBEAT_EXPIRY_S, HEARTBEAT_INTERVAL_S
 from common.home import back_endpoint, llmos_home
 from ipc.protocol import kernel as kp
 from ipc.protocol.base import Message, ReplyT, Request, op_of, reply_type
-from sdk.auth import tcp_keys
+from sdk.auth import service_keys
 from sdk.connection import Connection
 from common.logs import configure, get_logger
 
 log = get_logger()
+
+# A batch of events is sent once it holds this many bytes of bodies.
+_BATCH_BYTES = 1 << 20
 
 HandlerFn = Callable[[Any, Any, "Context"], Awaitable[Message | None]]
 
@@ -98,8 +102,10 @@ class Context:
         return self._service.instance
 
     def emit(self, event: Message, buffers: tuple[Any, ...] = ()) -> None:
-        """Stream an event to the requester before the final reply."""
-        self._service._send_answer(self.header, Kind.EVENT, event, buffers)
+        """Stream an event to the requester before the final reply. Events
+        of the same loop tick leave together, one frame for all the calls
+        (`Kind.EVENTS`); one with `buffers` goes alone, in its order."""
+        self._service._emit(self.header, event, buffers)
 
 
 class Service:
@@ -132,6 +138,11 @@ class Service:
         self._parent = os.getppid()
         # msg id → the cancel scope of the handler serving it
         self._running: dict[int, anyio.CancelScope] = {}
+        # Events emitted this loop tick, sent as one frame at its end (or
+        # before anything that must follow them: a reply, an event with
+        # buffers, a full batch).
+        self._events: list[BatchedEvent] = []
+        self._events_bytes = 0
 
     async def on_start(self) -> None:
         """Before READY: load what the service needs. Failing here exits non-zero."""
@@ -193,7 +204,7 @@ class Service:
         # peer take over a connected identity, so a restarted instance must
         # not need its predecessor's connection to be gone first.
         conn = Connection(self.back, identity=f"{self.instance}.{secrets.token_hex(4)}".encode(),
-                          src=self.instance, curve=tcp_keys(self.back, self.home, "service"))
+                          src=self.instance, curve=service_keys(self.back, self.home))
         self._conn = conn
         conn.on_request = self._on_request
         conn.on_disconnect = lambda: self.stop("kernel said DISCONNECT")
@@ -296,7 +307,35 @@ class Service:
             return
         self._send_answer(header, Kind.REPLY, reply)
 
+    def _emit(self, req: Header, event: Message, buffers: tuple[Any, ...]) -> None:
+        if buffers:
+            self._send_answer(req, Kind.EVENT, event, buffers)
+            return
+        body = codec.encode(event)
+        events = self._events
+        events.append(BatchedEvent(req.msg_id, op_of(event), body))
+        self._events_bytes += len(body)
+        if len(events) == 1:
+            asyncio.get_running_loop().call_soon(self._flush_events)
+        elif len(events) >= MAX_BATCH or self._events_bytes >= _BATCH_BYTES:
+            self._flush_events()
+
+    def _flush_events(self) -> None:
+        events = self._events
+        if not events:
+            return
+        self._events, self._events_bytes = [], 0
+        conn = self._conn
+        if conn is None:
+            return
+        if len(events) == 1:
+            ev = events[0]
+            conn.send(Header(PROTOCOL_VERSION, Kind.EVENT, ev.msg_id, src=self.instance, op=ev.op), ev.body)
+        else:
+            conn.send(Header(PROTOCOL_VERSION, Kind.EVENTS, 0, src=self.instance), encode_event_batch(events))
+
     def _send_answer(self, req: Header, kind: Kind, body: Any, buffers: tuple[Any, ...] = ()) -> None:
+        self._flush_events()  # a call's events go before its reply (and before a later event of its own)
         conn = self._conn
         if conn is None:
             return

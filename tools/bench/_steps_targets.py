@@ -6,6 +6,7 @@ this process with the memory manager and the null driver's own handler
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -56,6 +57,21 @@ class Target(Protocol):
 
     async def stats(self) -> sp.SchedulerStatsReply: ...
 
+    async def pids(self) -> dict[str, int]:
+        """The processes whose CPU the step costs, by role."""
+        ...
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of every thread of `pid` so far (Linux /proc;
+    nan where it cannot be read)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
 
 class OsTarget:
     name = "os"
@@ -74,6 +90,12 @@ class OsTarget:
 
     async def stats(self) -> sp.SchedulerStatsReply:
         return await self.client.scheduler_stats()  # type: ignore[no-any-return]
+
+    async def pids(self) -> dict[str, int]:
+        st = await self.client.status()
+        roles = {"scheduler": "scheduler", "memory": "memory", "null": "driver", "security": "security"}
+        found = {roles[i.instance]: i.pid for i in st.instances if i.instance in roles}
+        return {"kernel": st.pid, **found, "client": os.getpid()}
 
 
 @asynccontextmanager
@@ -154,6 +176,9 @@ class InProcTarget:
     async def stats(self) -> sp.SchedulerStatsReply:
         return self.engine.stats()
 
+    async def pids(self) -> dict[str, int]:
+        return {"inproc": os.getpid()}
+
 
 @asynccontextmanager
 async def inproc_engine(home: Path, step_ms: float, max_seqs: int, num_blocks: int) -> AsyncIterator[InProcTarget]:
@@ -173,4 +198,4 @@ async def inproc_engine(home: Path, step_ms: float, max_seqs: int, num_blocks: i
         tg.cancel_scope.cancel()
 
 
-__all__ = ["InProcTarget", "OsTarget", "Target", "booted_os", "inproc_engine"]
+__all__ = ["InProcTarget", "OsTarget", "Target", "booted_os", "cpu_seconds", "inproc_engine"]

@@ -28,7 +28,11 @@ critical_rpcs, execute_bytes) are read at both ends. Figures:
 * long_prompt_stall_ms: the largest gap between chunks of 16 streams (5 ms
   steps) while a 30,000-token text prompt arrives, minus the step time;
   long_prompt_baseline_ms: the same over an equal window with no prompt
-  arriving (the machine's own noise).
+  arriving (the machine's own noise);
+* cpu_ms_per_step: per process (kernel, scheduler, memory, driver,
+  security, client; in process: the one process), milliseconds of CPU
+  (user + system, all threads, /proc) per step over the same window, at
+  0 ms b64 / b256 and 5 ms b64: where a step's time goes.
 
 The client (this process) shares the machine's cores with the OS it drives.
 """
@@ -45,7 +49,7 @@ from typing import Any
 
 import anyio
 
-from tools.bench._steps_targets import Target, booted_os, inproc_engine
+from tools.bench._steps_targets import Target, booted_os, cpu_seconds, inproc_engine
 from tools.bench.common import parser, print_table, write_result
 
 TARGETS = {"rpcs_per_step_b64": "<= 1.05", "rpcs_per_step_b256": "<= 1.05", "busy_frac_5ms_b64": ">= 0.95",
@@ -94,8 +98,11 @@ async def saturate(target: Target, batch: int, context: int, window_s: float, rn
                     break
                 await anyio.sleep(0.05)
         await anyio.sleep(0.3)
+        pids = await target.pids()
         s0, t0 = await target.stats(), time.perf_counter()
+        c0 = {role: cpu_seconds(pid) for role, pid in pids.items()}
         await anyio.sleep(window_s)
+        c1 = {role: cpu_seconds(pid) for role, pid in pids.items()}
         s1, t1 = await target.stats(), time.perf_counter()
         for rid in rids:
             await target.cancel(rid)
@@ -108,6 +115,7 @@ async def saturate(target: Target, batch: int, context: int, window_s: float, rn
         out["rpcs_per_step"] = (rpcs - s0.critical_rpcs) / steps if rpcs is not None else float("nan")
         nbytes = getattr(s1, "execute_bytes", None)
         out["execute_bytes_per_step"] = (nbytes - s0.execute_bytes) / steps if nbytes is not None else float("nan")
+        out.update({f"cpu_ms_{role}": (c1[role] - c0[role]) * 1e3 / steps for role in pids})
     return out
 
 
@@ -163,6 +171,8 @@ async def run_target(boot: Boot, home: Path, quick: bool) -> dict[str, float]:
                 f[f"rpcs_per_step_b{batch}"] = r.get("rpcs_per_step", float("nan"))
             if batch == 256:
                 f[f"execute_bytes_per_step_b256_ctx{ctx}"] = r.get("execute_bytes_per_step", float("nan"))
+            if ctx == 256:
+                f.update({f"cpu_ms_per_step_0ms_b{batch}_{k[7:]}": v for k, v in r.items() if k.startswith("cpu_ms_")})
             if (batch, ctx) == (256, 256):
                 f["overhead_ms_per_step_b256"] = 1e3 / r["steps_per_s"]
                 f["steps_per_s_0ms_b256"] = r["steps_per_s"]
@@ -174,6 +184,9 @@ async def run_target(boot: Boot, home: Path, quick: bool) -> dict[str, float]:
             print(f"  {t.name} {step_ms:g} ms b64: {r}", flush=True)
             f[f"busy_frac_{step_ms:g}ms_b64"] = r["steps_per_s"] * step_ms / 1e3
             if step_ms == 5.0:
+                f["steps_per_s_5ms_b64"] = r["steps_per_s"]
+                f.update({f"cpu_ms_per_step_5ms_b64_{k[7:]}": v for k, v in r.items() if k.startswith("cpu_ms_")})
+            if step_ms == 5.0:
                 s = await long_prompt_stall(t, step_ms, 30_000, rng)
                 print(f"  {t.name} long prompt: {s}", flush=True)
                 f.update(s)
@@ -184,6 +197,22 @@ def fmt(v: float | None) -> str:
     if v is None or v != v:
         return "n/a"
     return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"
+
+
+CPU_SETTINGS = ("5ms_b64", "0ms_b64", "0ms_b256")
+ROLES = ("kernel", "scheduler", "memory", "driver", "security", "client", "inproc")
+
+
+def cpu_rows(results: dict[str, dict[str, float]]) -> list[tuple[str, ...]]:
+    rows: list[tuple[str, ...]] = [("process", *(f"{t} {c}" for t in results for c in CPU_SETTINGS))]
+    for role in ROLES:
+        cells = [results[t].get(f"cpu_ms_per_step_{c}_{role}") for t in results for c in CPU_SETTINGS]
+        if any(v is not None for v in cells):
+            rows.append((role, *(fmt(v) for v in cells)))
+    wall = [1e3 / results[t][k] if results[t].get(k) else None
+            for t in results for k in ("steps_per_s_5ms_b64", "steps_per_s_0ms_b64", "steps_per_s_0ms_b256")]
+    rows.append(("(wall per step)", *(fmt(v) for v in wall)))
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -205,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [("figure", "os", "inproc", "target")]
     rows += [(n, fmt(results["os"].get(n)), fmt(results["inproc"].get(n)), TARGETS.get(n, "")) for n in names]
     print_table("engine steps on the null driver (issue 15)", rows)
+    print_table("CPU per step, ms, by process (user + system, all threads)", cpu_rows(results))
     extra: dict[str, Any] = {"inproc": results["inproc"], "targets": TARGETS, "quick": args.quick}
     write_result(args.json, "steps", results["os"], extra)
     return 0
