@@ -14,6 +14,7 @@ import anyio
 
 from common.logs import get_logger
 from ipc.heartbeat import HEARTBEAT_EXPIRY_S, HEARTBEAT_INTERVAL_S
+from kernel.keys import audit_refusals
 from kernel.routing import Router
 
 log = get_logger()
@@ -65,6 +66,7 @@ class Liveness:
     def tick(self, now: float) -> None:
         r = self._router
         r.replies.end_tick()
+        audit_refusals(r.keyring, r.guard)
         r.publish_audit()
         for inst in list(r.registry.by_identity.values()):
             if now - inst.last_seen > HEARTBEAT_EXPIRY_S:

@@ -14,6 +14,7 @@ from pathlib import Path
 import anyio
 
 from common.curvekeys import ensure_keys
+from ipc.curve import KeyRing
 from ipc.errors import LlmosError, Unavailable
 from common.home import admin_key_path, back_endpoint, front_endpoint, logs_dir, pid_file, run_dir
 from ipc.sockets import prepare_ipc_path
@@ -60,13 +61,16 @@ async def run_kernel(config: Config, home: Path, launcher: Launcher | None = Non
             return 2
     if front.startswith("tcp://") or back.startswith("tcp://"):
         kernel.curve = await anyio.to_thread.run_sync(ensure_keys, home)
+        # The keys admitted on each socket, and a keypair issued to each child incarnation.
+        kernel.router.keyring = await anyio.to_thread.run_sync(KeyRing, kernel.curve)
     supervisor = Supervisor(
         config.supervisor, config.children, launcher or LocalLauncher(),
         env={"LLMOS_HOME": str(home), "LLMOS_BACK": back, "LLMOS_FRONT": front, "LLMOS_BOOT_SECRET": secret,
              **({"LLMOS_CONFIG": str(config_path.resolve())} if config_path else {}),
              **config.child_env(config_path.resolve() if config_path else None)},
         on_exit=partial(_on_exit, kernel, console),
-        on_escalate=lambda reason: kernel.request_shutdown(f"escalation: {reason}"))
+        on_escalate=lambda reason: kernel.request_shutdown(f"escalation: {reason}"),
+        keyring=kernel.router.keyring if back.startswith("tcp://") else None)
     kernel.router.children = supervisor
     kernel.router.registry.known.update(supervisor.service_names)
     kernel.router.registry.instance_names.update(c.instance for c in supervisor.children)

@@ -15,7 +15,7 @@ import zmq
 from anyio.abc import TaskStatus
 
 from common.logs import get_logger
-from ipc.curve import BACK_DOMAIN, FRONT_DOMAIN, CurveServer, start_zap
+from ipc.curve import BACK_DOMAIN, FRONT_DOMAIN, CurveServer, KeyRing, start_zap
 from ipc.sockets import bind_router, ipc_path_id, remove_ipc_path
 from kernel.config import KernelConfig
 from kernel.guard import Guard
@@ -40,7 +40,9 @@ class Kernel:
 
     async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-        zap = start_zap(ctx, self.curve) if self.curve is not None else None
+        if self.curve is not None and self.router.keyring is None:
+            self.router.keyring = KeyRing(self.curve)
+        zap = start_zap(ctx, self.router.keyring) if self.router.keyring is not None else None
         pump = Pump(Inbox(self.router),
                     bind_router(ctx, self.front_endpoint, self.config.front_limits, self.curve, FRONT_DOMAIN),
                     bind_router(ctx, self.back_endpoint, self.config.limits, self.curve, BACK_DOMAIN))

@@ -28,7 +28,7 @@ import msgspec
 from common.capability import RevocationList
 from common.logs import get_logger
 from ipc import codec
-from ipc.curve import peer_key
+from ipc.curve import KeyRing, peer_key
 from ipc.envelope import Header, Kind, encode_header
 from ipc.errors import BadRequest, DeadlineExceeded, LlmosError, NotFound, Overloaded, Unauthorized, Unavailable
 from ipc.protocol import kernel as kp
@@ -37,6 +37,7 @@ from kernel import ops
 from kernel.clients import ClientBook
 from kernel.config import KernelConfig
 from kernel.guard import Guard
+from kernel.keys import key_refusal
 from kernel.ports import Children, ClosedPort, Port
 from kernel.registry import Instance, Registry
 from kernel.replies import Replies
@@ -46,7 +47,7 @@ from kernel.waiting import WaitQueues
 log = get_logger()
 
 _EMPTY = b""
-HUNG = "missed heartbeats"
+HUNG, REPLACED = "missed heartbeats", "replaced by a new registration"
 _OP_AUDIT_BACKLOG = 1024
 _ready_decoder = codec.decoder([kp.Ready])
 _kernel_ops = codec.decoder([kp.Status, kp.Subscribe, kp.Kill, kp.Shutdown, kp.SetRevocations])
@@ -82,6 +83,7 @@ class Router:
         self.registry = Registry()
         self.guard = guard  # None: no capability check (auth off)
         self.children: Children | None = None
+        self.keyring: KeyRing | None = None  # tcp://: the CURVE keys issued to children (ipc/curve.py)
         self.on_shutdown = on_shutdown
         self.pending: dict[int, Pending] = {}
         self.waiting: WaitQueues[Pending] = WaitQueues(config.wait_queue_limit, config.wait_timeout_s,
@@ -263,9 +265,11 @@ class Router:
         if not (hmac.compare_digest(ready.secret.encode(), self._secret)  # per incarnation from the supervisor
                 or (self.children is not None and self.children.admits(ready.instance, ready.secret))):
             return Unauthorized("wrong boot secret")
+        if (refused := key_refusal(self.keyring, ready.instance, peer_key(payload[0]))) is not None:
+            return refused
         for old in (self.registry.by_identity.get(ident), self.registry.by_name.get(ready.instance)):
             if old is not None:
-                self.instance_down(old, "replaced by a new registration")
+                self.instance_down(old, REPLACED)
         now = self.clock()
         inst = Instance(ready.service, ready.instance, ident, ready.pid, frozenset(ready.ops),
                         frozenset(ready.idempotent_ops), dict(ready.meta), last_seen=now, registered_at=now,
@@ -287,6 +291,8 @@ class Router:
         if inst is None or self.registry.by_identity.get(inst.identity) is not inst:
             return False
         self.registry.remove(inst)
+        if self.keyring is not None and reason != REPLACED:  # its key stops working (issue() revoked a replaced one's)
+            self.keyring.revoke(inst.name, inst.peer_key)
         log.warning("kernel.instance_down", service=inst.service, instance=inst.name, reason=reason)
         for rid in sorted(inst.outstanding):
             p = self.pending.pop(rid, None)

@@ -28,6 +28,7 @@ from typing import Callable
 
 import anyio
 
+from ipc.curve import CURVE_PUBLIC_ENV, CURVE_SECRET_ENV, CURVE_SERVER_ENV, KeyRing
 from ipc.errors import EX_CONFIG, BadRequest, NotFound
 from common.home import run_dir
 from ipc.protocol import kernel as kp
@@ -127,8 +128,12 @@ def read_exit_reason(path: Path | None) -> str:
 class Supervisor:
     def __init__(self, config: SupervisorConfig, children: list[ChildSpec], launcher: Launcher,
                  env: dict[str, str], on_exit: Callable[[str, str], None],
-                 on_escalate: Callable[[str], None]):
+                 on_escalate: Callable[[str], None], keyring: KeyRing | None = None):
+        """`keyring`: with a tcp:// back socket, each incarnation is issued a
+        CURVE keypair of its own (ipc/curve.py), in its environment with its
+        boot secret, and its key is revoked when it exits."""
         self.config = config
+        self.keyring = keyring
         self.launcher = launcher
         self.env = env
         self.on_exit = on_exit  # (instance, reason): the kernel forgets it at once
@@ -191,6 +196,11 @@ class Supervisor:
             child.secret = secrets.token_hex(32)
             env = {**self.env, "LLMOS_SERVICE": spec.name, "LLMOS_INSTANCE": child.instance,
                    "LLMOS_BOOT_SECRET": child.secret}
+            key = b""
+            if self.keyring is not None:
+                key, key_secret = self.keyring.issue(child.instance)
+                env |= {CURVE_PUBLIC_ENV: key.decode(), CURVE_SECRET_ENV: key_secret.decode(),
+                        CURVE_SERVER_ENV: self.keyring.server_public.decode()}
             reason_file = exit_reason_path(self.env, child.instance)
             if reason_file is not None:
                 await anyio.to_thread.run_sync(_fresh, reason_file)
@@ -208,6 +218,8 @@ class Supervisor:
                                 await anyio.to_thread.run_sync(read_exit_reason, reason_file))
             reason = str(exit)
             child.secret = ""
+            if self.keyring is not None:
+                self.keyring.revoke(child.instance, key)
             child.last_exit = reason
             self.on_exit(child.instance, reason)
             if child.stopping:

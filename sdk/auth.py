@@ -14,16 +14,21 @@ the llmos home can), the way a unix socket trusts its owner.
 
 from __future__ import annotations
 
+import os
 import time
+from collections.abc import Mapping
 from contextlib import aclosing
 from pathlib import Path
 from typing import AsyncGenerator
 
+import zmq
+import zmq.utils.z85
+
 import anyio
 
 from common.curvekeys import client_keys
-from ipc.curve import CurveClient
-from ipc.errors import DeadlineExceeded, Unavailable
+from ipc.curve import CURVE_PUBLIC_ENV, CURVE_SECRET_ENV, CURVE_SERVER_ENV, CurveClient
+from ipc.errors import ConfigError, DeadlineExceeded, Unavailable
 from common.home import admin_key_path
 from ipc.protocol import security as sp
 from ipc.protocol.base import Message, ReplyT, Request
@@ -44,6 +49,31 @@ def tcp_keys(endpoint: str, home: Path, name: str = "local") -> CurveClient | No
     except (FileNotFoundError, OSError) as exc:
         raise Unavailable(f"{endpoint} needs CURVE keys, and {home} has none usable ({exc}); "
                           f"see ipc/curve.py") from None
+
+
+def service_keys(endpoint: str, home: Path, env: Mapping[str, str] = os.environ) -> CurveClient | None:
+    """A service's CURVE keys for the back socket: the keypair the kernel
+    issued to this incarnation and the kernel's public key, from the
+    environment it was started with (nothing on this host's disk); a
+    service the kernel did not start uses `$LLMOS_HOME`'s `service` keypair.
+    None for ipc://. ConfigError naming the variables when they are malformed."""
+    if not endpoint.startswith("tcp://"):
+        return None
+    names = (CURVE_PUBLIC_ENV, CURVE_SECRET_ENV, CURVE_SERVER_ENV)
+    handed = [env.get(n, "") for n in names]
+    if not any(handed):
+        return tcp_keys(endpoint, home, "service")
+    try:
+        if not all(len(k) == 40 and len(zmq.utils.z85.decode(k)) == 32 for k in handed):
+            raise ValueError
+        matched = zmq.curve_public(handed[1].encode()) == handed[0].encode()
+    except (ValueError, KeyError, TypeError, zmq.ZMQError):
+        matched = False
+    if not matched:
+        raise ConfigError(f"{', '.join(names)}: the CURVE keys handed to this service must each be 40 Z85 "
+                          f"characters, the public key the secret key's")
+    public, secret, server = (k.encode() for k in handed)
+    return CurveClient(public, secret, server)
 
 
 def read_admin_key(home: Path) -> str | None:

@@ -17,11 +17,15 @@ from ipc.protocol.base import Message
 class RawPeer:
     """A DEALER that speaks the wire by hand: any header, any body, any size."""
 
-    def __init__(self, endpoint: str, identity: bytes | None = None, rcvhwm: int = 1000):
+    def __init__(self, endpoint: str, identity: bytes | None = None, rcvhwm: int = 1000,
+                 curve: tuple[bytes, bytes, bytes] | None = None):
+        """`curve`: (public, secret, server public) keys, Z85, for a tcp:// CURVE endpoint."""
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.RCVHWM, rcvhwm)
+        if curve is not None:
+            self.sock.curve_publickey, self.sock.curve_secretkey, self.sock.curve_serverkey = curve
         if identity:
             self.sock.setsockopt(zmq.IDENTITY, identity)
         self.sock.connect(endpoint)

@@ -14,53 +14,19 @@ import anyio
 import pytest
 import zmq
 import zmq.auth
-from zmq.utils.monitor import recv_monitor_message
 
 from common.curvekeys import curve_dir
-from ipc.envelope import PROTOCOL_VERSION, Header, Kind, encode_header
 from ipc.errors import LlmosError
 from ipc.protocol.echo import Echo, EchoReply
 from kernel.config import ChildSpec, Config, KernelConfig
 from sdk.client import AsyncClient
 from tools.testing import REPO_ROOT, write_config
+from tests.helpers.curve_probe import FAILED, handshake_events
 from tests.helpers.net import free_port
 
 # Raw CURVE sockets (blocking zmq, socket monitors) probe the kernel from the
 # test's own thread, on purpose; the kernel runs in its own process.
 pytestmark = pytest.mark.loop_block()
-
-FAILED = {zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
-          zmq.EVENT_HANDSHAKE_FAILED_AUTH}
-
-
-def handshake_events(endpoint: str, setup: object = None, limit_s: float = 20.0) -> set[int]:
-    """Connect a DEALER (configured by `setup`), send a request, and collect
-    monitor events until the handshake succeeds or fails."""
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    if callable(setup):
-        setup(sock)
-    mon = sock.get_monitor_socket()
-    seen: set[int] = set()
-    try:
-        sock.connect(endpoint)
-        sock.send_multipart([b"", encode_header(Header(PROTOCOL_VERSION, Kind.HEARTBEAT))])
-        end = time.monotonic() + limit_s
-        while not (seen & (FAILED | {zmq.EVENT_HANDSHAKE_SUCCEEDED})):
-            assert time.monotonic() < end, f"no handshake outcome; events {seen}"
-            if mon.poll(200):
-                seen.add(recv_monitor_message(mon)["event"])
-        answered = sock.poll(500)
-        if zmq.EVENT_HANDSHAKE_SUCCEEDED not in seen:
-            assert not answered, "a client that failed the handshake got an answer"
-        return seen
-    finally:
-        sock.disable_monitor()
-        mon.close()
-        sock.close()
-        ctx.term()
-
 
 @pytest.fixture
 def tcp_kernel(home: Path):  # type: ignore[no-untyped-def]
