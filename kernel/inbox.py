@@ -112,8 +112,8 @@ class Inbox:
                 router.topics.publish(header.dst, inst.name, payload, header.op)
         elif kind == Kind.EVENTS:
             refused = answer_events(router, inst, header, payload)
-            if refused is not None:
-                self._refuse_back(frames, refused, header)
+            if refused is not None:  # (audited as an op named EVENTS: the frame's own op is empty)
+                self._refuse_back(frames, refused, Header(PROTOCOL_VERSION, Kind.EVENTS, op="EVENTS"))
         elif kind == Kind.REQUEST:
             router.route(back, ident, header, payload, inst)
         elif kind == Kind.DISCONNECT:
