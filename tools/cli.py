@@ -76,7 +76,8 @@ def up_config(args: argparse.Namespace) -> Any:
     swap_mb = args.swap_mb
     if swap_mb is None and args.preemption == "swap" and config.driver.swap_mb == 0 and not config.driver.host_slots:
         swap_mb = 512.0  # swapping needs a tier to swap to
-    # --tpot-ms (--autotune) turns the tuner on; --no-autotune keeps it off whatever else is given.
+    # The tuner is on unless the config file or --no-autotune turns it off; --tpot-ms (--autotune) sets
+    # its per-token objective (and turns it on over a config file's `enabled = false`).
     tuner_on = args.no_autotune if args.no_autotune is not None else (True if args.autotune is not None else None)
     config = config.with_settings(
         "llmos up flags" + (f" over config file {args.config}" if args.config else ""),
@@ -267,9 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--ttft-ms", type=float, metavar="MS",
                     help="the default time-to-first-token objective (default 1000, [scheduler.tuner.objective])")
     up.add_argument("--tpot-ms", "--autotune", type=float, metavar="MS", dest="autotune",
-                    help="turn the tuner on, planning steps for this time-per-output-token objective (default 100)")
+                    help="the default time-per-output-token objective the tuner plans steps for (default 100)")
     up.add_argument("--no-autotune", action="store_const", const=False, default=None,
-                    help="keep the configured token budget, batch cap and prefill chunk (the default: tuner off)")
+                    help="turn the tuner off: the configured token budget, batch cap and prefill chunk, always")
     up.add_argument("--swap-mb", type=float, default=None,
                     help="each driver's host swap tier in MiB (default 512 with --preemption swap, else none)")
     up.add_argument("--launcher", choices=["local", "ray"],

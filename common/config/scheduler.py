@@ -53,13 +53,15 @@ class Objective(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
 
 
 class TunerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """Online tuning toward goodput (services/scheduler/autotune.py): the
-    token budget, batch cap and prefill chunk are chosen from a step-time
-    model fitted online, with the configured ones as ceilings and as the
-    fallback while the model is unsure. `enabled = false`: the configured
-    limits, always (objectives are still judged and reported)."""
+    """Online tuning toward goodput (services/scheduler/autotune.py), on by
+    default: each step's token budget, batch cap and prefill chunk start
+    from the configured ones and depart from them only where a step-time
+    model fitted online predicts a request would otherwise miss an
+    objective it can still meet; the configured limits while the model is
+    unsure. `enabled = false`: the configured limits, always (objectives
+    are still judged and reported)."""
 
-    enabled: bool = False
+    enabled: bool = True
     objective: Objective = Objective()
     # Per tenant (principal), then per priority ("0", "1", ...: Submit.priority),
     # over `objective`.
@@ -75,13 +77,13 @@ class TunerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     # A step is planned to take at most this share of the tightest running
     # per-token objective (the rest is headroom for noise).
     headroom: float = 0.85
-    # Steps fitted (a sliding window) and steps between decisions.
+    # Steps fitted (a sliding window) and steps between refits (the limits are planned every step).
     window: int = 64
     every: int = 8
-    # The least the tuner lowers the token budget to: below it a long
-    # prompt's prefill crawls (a 1,000-token one over 8+ steps) and its
-    # first token pays more than the decodes gain.
-    min_token_budget: int = 128
+    # The least the tuner lowers a step's token budget to (while prompts
+    # wait): below it a long prompt's prefill crawls (a 1,000-token one over
+    # 8+ steps) and its first token pays more than the decodes gain.
+    min_token_budget: int = 64
     min_prefill_chunk: int = 32
 
     def validate(self) -> "TunerConfig":

@@ -35,6 +35,7 @@ class SloBook:
         self._met_at: deque[float] = deque()
         self._since = clock()
         self.tpot_s: dict[int, float] = {}  # live sequence id -> its per-token objective
+        self.ttft_s: dict[int, float] = {}  # and its first-token one
 
     def objective(self, req: Request) -> Objective:
         return self.cfg.objective_for(req.key[0], req.submit.priority)
@@ -42,11 +43,14 @@ class SloBook:
     def track(self, req: Request) -> None:
         """Judge `req` when it ends; until then its objective counts toward
         the tightest one the tuner plans steps for."""
-        self.tpot_s[req.seq.seq_id] = self.objective(req).tpot_ms / 1e3
+        o = self.objective(req)
+        self.tpot_s[req.seq.seq_id] = o.tpot_ms / 1e3
+        self.ttft_s[req.seq.seq_id] = o.ttft_ms / 1e3
         req.on_finish.append(lambda: self.judge(req))
 
     def judge(self, req: Request) -> None:
         self.tpot_s.pop(req.seq.seq_id, None)
+        self.ttft_s.pop(req.seq.seq_id, None)
         if req.finish_reason == FinishReason.CANCELLED or req.finish_reason is None:
             return
         met = verdict(req, self.objective(req))
@@ -56,10 +60,6 @@ class SloBook:
             self._met_at.append(self.clock())
         else:
             self.missed += 1
-
-    def tightest_tpot_s(self, running: Iterable[Seq]) -> float:
-        return min((self.tpot_s.get(s.seq_id, math.inf) for s in running),
-                   default=math.inf) if self.tpot_s else math.inf
 
     def goodput(self) -> float:
         """Requests that met their objectives per second, over the last minute."""

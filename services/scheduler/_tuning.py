@@ -3,8 +3,10 @@ request when it ends, or refuse it early), `after_step` (feed the step to
 the tuner, return the limits to plan the next one with) and `stats` (the
 fields SchedulerStatsReply carries about them).
 
-Every change of a knob is logged (`scheduler.tuner_changed`, with the old
-and new values and why), as are model resets (`scheduler.tuner_reset`:
+The tuner plans every step (autotune.py); a change is logged
+(`scheduler.tuner_changed`, with the old and new values and why) when the
+tuner's state changes or a knob moves by more than a quarter from the
+values last logged — and counted in `tuner_changes` — as are model resets (`scheduler.tuner_reset`:
 steps ran that much slower or faster than predicted) and, at most once per
 `LOG_EVERY_S`, early rejections (`scheduler.slo_rejected`).
 """
@@ -25,7 +27,7 @@ from services.scheduler._execute import Work
 from services.scheduler._request import Request, Seq
 from services.scheduler._slo import SloBook, predict_ttft
 from services.scheduler._state import EngineState
-from services.scheduler.autotune import AutoTuner, Knobs, StepShape
+from services.scheduler.autotune import AutoTuner, Decision, Demand, Knobs, StepShape, View
 from services.scheduler.planner import Limits
 
 log = get_logger()
@@ -58,6 +60,11 @@ class Tuning:
         self._logged_reject = -math.inf
         self.clock = clock
         self._last_end = 0.0
+        self.changes = 0
+        self._logged: Decision | None = None
+        # Live sequence id -> [arrived, first decode seen, tokens then] on
+        # the engine's clock (the time its TPOT slack is counted on).
+        self._times: dict[int, list[float]] = {}
 
     def admit(self, req: Request, state: EngineState, limits: Limits) -> None:
         """Track `req`'s objectives, or raise Overloaded when the tuner's model
@@ -67,7 +74,7 @@ class Tuning:
         # Only on a model it plans with: not while learning or unsure, nor
         # when no setting meets the objective (everyone misses it; refusing
         # would only turn slow answers into none).
-        if self.tuner is not None and factor > 0 and self.tuner.model.sure and self.tuner.state == "tuned":
+        if self.tuner is not None and factor > 0 and self.tuner.model.sure and self.tuner.state in ("configured", "tuned"):
             est = predict_ttft(self.tuner.model, req.seq, state.running, state.waiting, limits,
                                state.policy.name)
             if est is not None and est * 1e3 > factor * o.ttft_ms:
@@ -83,6 +90,8 @@ class Tuning:
                                  detail={"retry_after_s": round(retry, 2), "estimated_ttft_s": round(est, 2),
                                          "ttft_objective_s": o.ttft_ms / 1e3})
         self.slo.track(req)
+        self._times[req.seq.seq_id] = [self.clock(), 0.0, 0.0]
+        req.on_finish.append(lambda: self._forget(req.seq.seq_id))
 
     def estimate_ttft(self, seq: Seq, state: EngineState, limits: Limits) -> float:
         """Seconds until waiting `seq` gets its first token, at the current
@@ -97,22 +106,71 @@ class Tuning:
         return round(est or 0.0, 3)
 
     def after_step(self, work: list[Work], step_s: float, state: EngineState, limits: Limits) -> Limits:
+        """Feed the step to the model; the limits to plan the next step with."""
         if self.tuner is None:
             return limits
-        tpot_s = self.slo.tightest_tpot_s(state.running)
-        if not math.isfinite(tpot_s):
-            tpot_s = self.cfg.objective.tpot_ms / 1e3
-        decision, shift = self.tuner.observe(step_shape(work), self._cycle(step_s), tpot_s)
+        shift = self.tuner.observe(step_shape(work), self._cycle(step_s))
         if shift is not None:
             log.info("scheduler.tuner_reset", ratio=round(shift, 2),
                      why=f"the last steps ran {shift:.2f}x the time the model predicted: refitted on them")
-        if decision is None:
-            return limits
+        decision = self.tuner.plan(self.view(state, limits))
+        self._log(decision)
         k = decision.knobs
-        log.info("scheduler.tuner_changed", state=decision.state, why=decision.why,
-                 token_budget=[limits.token_budget, k.token_budget], max_num_seqs=[limits.max_num_seqs, k.max_num_seqs],
-                 prefill_chunk=[limits.prefill_chunk, k.prefill_chunk])
         return Limits(k.token_budget, k.max_num_seqs, k.prefill_chunk)
+
+    def view(self, state: EngineState, limits: Limits) -> View:
+        """The load: each decoding request's allowance (the step time that
+        spends its TPOT slack evenly over the tokens it may still generate),
+        each prompt's first-token deadline, on the engine's clock."""
+        now = self.clock()
+        decodes = context = 0
+        allowances: list[float] = []
+        demands: list[Demand] = []
+        default = self.cfg.objective
+        for s in state.running:
+            t = self._times.get(s.seq_id)
+            tpot = self.slo.tpot_s.get(s.seq_id, default.tpot_ms / 1e3)
+            if s.remaining > 1 or not s.num_generated:
+                demands.append(Demand(self._deadline(s, t, now), s.remaining, True))
+                continue
+            decodes += 1
+            context += len(s.tokens)
+            if t is None:
+                continue
+            if not t[1]:
+                t[1], t[2] = now, s.num_generated
+            left = max(1, s.max_len - len(s.tokens)) if s.max_len else 1
+            done = s.num_generated - t[2]
+            allowances.append((tpot * (done + left) - (now - t[1])) / left)
+        for s in state.waiting:
+            demands.append(Demand(self._deadline(s, self._times.get(s.seq_id), now), s.remaining, False))
+        return View(decodes, context, tuple(allowances), tuple(demands), len(state.running), len(state.waiting),
+                    min(self.slo.tpot_s.values(), default=default.tpot_ms / 1e3))
+
+    def _forget(self, seq_id: int) -> None:
+        self._times.pop(seq_id, None)
+
+    def _deadline(self, s: Seq, t: list[float] | None, now: float) -> float:
+        if t is None or s.num_generated:
+            return 0.0  # unknown, or it had its first token (a recompute): no deadline to plan for
+        return t[0] + self.slo.ttft_s.get(s.seq_id, self.cfg.objective.ttft_ms / 1e3) - now
+
+    def _log(self, d: Decision) -> None:
+        """Log (and count) a change of state, or of a knob by over a quarter."""
+        last = self._logged
+        if last is not None and last.state == d.state and all(
+                abs(new - old) <= 0.25 * old for new, old in zip(_values(d.knobs), _values(last.knobs))):
+            return
+        if last is None and d.state == "learning":
+            self._logged = d
+            return
+        old = last.knobs if last is not None else self.tuner.ceiling if self.tuner else d.knobs
+        self._logged = d
+        self.changes += 1
+        log.info("scheduler.tuner_changed", state=d.state, why=d.why,
+                 token_budget=[old.token_budget, d.knobs.token_budget],
+                 max_num_seqs=[old.max_num_seqs, d.knobs.max_num_seqs],
+                 prefill_chunk=[old.prefill_chunk, d.knobs.prefill_chunk])
 
     def _cycle(self, step_s: float) -> float:
         """The time a streaming client sees between tokens: from the last
@@ -129,8 +187,12 @@ class Tuning:
             reply, tpot_target_ms=o.tpot_ms if t else 0.0, step_ms=t.step_s * 1e3 if t else 0.0,
             slo_met=self.slo.met, slo_missed=self.slo.missed, slo_rejected=self.slo.rejected,
             goodput_rps=self.slo.goodput(), ttft_objective_ms=o.ttft_ms, tpot_objective_ms=o.tpot_ms,
-            prefill_chunk=limits.prefill_chunk, tuner=t.state if t else "off", tuner_changes=t.changes if t else 0,
+            prefill_chunk=limits.prefill_chunk, tuner=t.state if t else "off", tuner_changes=self.changes,
             tuner_resets=t.model.resets if t else 0)
+
+
+def _values(k: Knobs) -> tuple[int, int, int]:
+    return k.token_budget, k.max_num_seqs, k.prefill_chunk
 
 
 __all__ = ["Tuning", "step_shape"]

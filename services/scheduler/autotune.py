@@ -1,4 +1,4 @@
-"""Online tuning of a step's size toward goodput.
+"""Online tuning of each step toward goodput.
 
 A decoding sequence gets one token per step, so its time per output token
 is the step time; a step's time grows with what it computes. `LatencyModel`
@@ -9,35 +9,41 @@ fits, over a sliding window of recent steps,
 (`context`: the KV positions the step's decodes read — their context
 lengths; a prefill chunk's attention is small beside its other work at
 these sizes and left in `b_p`), with every coefficient kept >= 0, and
-watches its own error:
-when the last steps all run slower (or faster) than it predicts by a wide
-margin — a slower machine, a second tenant's process, a restarted driver —
-it rescales the older steps by that ratio and refits (a reset), rather than
-averaging the old machine with the new one for a whole window.
+watches its own error: when the last steps all run slower (or faster) than
+it predicts by a wide margin — a slower machine, a second tenant's process,
+a restarted driver — it rescales the older steps by that ratio and refits
+(a reset), rather than averaging the old machine with the new one for a
+whole window.
 
-`AutoTuner` turns the model into the three knobs the planner obeys. With a
-per-token objective `tpot_s` (the tightest among the running requests) and
-`headroom`, a step may take `T = headroom * tpot_s`:
+`AutoTuner.plan` chooses the next step's limits from the model and a
+`View` of the load. It starts from the configured limits and departs from
+them only where the model predicts that the configured step would make a
+request miss an objective it can still meet:
 
-  - batch cap: the most decodes that fit T beside a minimal prefill chunk,
-    `(T - a - p * min_chunk) / k`, with `k = b_d + b_c * ctx` (a decode at
-    the context per decode) and `p = b_p` (a prefill token);
-  - token budget: the decodes the batch runs plus the prefill tokens that
-    still fit T, `d + (T - a - k * d) / p`;
-  - prefill chunk: what the budget leaves the prefill beside those decodes.
+  - token budget: a running request's per-token objective is a mean over
+    its reply, so one that ran ahead of it can absorb a slower step; its
+    allowance is the step time that spends its slack evenly over the
+    tokens it has left. When the configured step (the decodes plus as much
+    prefill as the budget takes) is predicted over `headroom` times the
+    tightest allowance, the prefill is cut to what fits it — but never
+    below what the waiting prompts need to make their first-token
+    deadlines (earliest deadline first: the prefill rate that finishes
+    each prefix of them in time), nor below `min_budget`;
+  - prefill chunk: when a waiting request's first-token deadline comes
+    before a running prompt's prefill would leave it room, one
+    sequence's chunk is cut so the urgent prompts fit beside it;
+  - batch cap: when admitting the waiting requests would make the step
+    (at the decodes it would then run) miss the tightest allowance, the
+    cap stops at the most decodes that fit it — never below the requests
+    already running (a cap under them would stall their streams).
 
-Neither goes below what the window's steps were measured to do within T
-(a group of at least 3 steps of that many decodes, or tokens, with a median
-time within T): a fit extrapolated from noisy steps does not overrule what
-the machine was seen to do.
-
-The configured limits are the ceilings, and the fallback whenever the model
-is unsure (too few steps, or a relative error over `max_rel_error`); a
-cost it never saw vary (no prefill in the window) leaves its knob at the
-ceiling. Decisions are made every `every` steps, move half way to the
-target, ignore targets within a dead band of the current value, and a move
-against the knob's last direction needs a wider band: together they keep
-the limits from oscillating (tests count the reversals).
+A request already past saving (its allowance under a step of decodes
+alone) is not planned for: cutting the others' steps would not save it.
+While the model is unsure (too few steps, a large error, a machine whose
+speed keeps changing) or a cost it needs never varied, the configured
+limits stand. Each plan is a function of the load and the model alone: a
+steady load gets the same limits step after step (no oscillation), and a
+model reset follows a change of machine speed within `drift_steps`.
 
 Pure Python with no clock of its own: the engine reports each step's shape
 and measured duration.
@@ -230,132 +236,164 @@ def _solve(samples: deque[tuple[Vec, float]], active: list[int]) -> Vec | None:
     return (out[0], out[1], out[2], out[3])
 
 
+@dataclass(frozen=True, slots=True)
+class Demand:
+    """Prefill a sequence still needs before its first token."""
+
+    deadline_s: float  # until its first-token objective passes (<= 0: passed)
+    tokens: int
+    running: bool  # in the batch (its prompt part-computed), else waiting
+
+
+@dataclass(frozen=True, slots=True)
+class View:
+    """The load the next step is planned for."""
+
+    decodes: int  # running sequences that decode next step
+    context: int  # their context lengths, summed
+    allowances: tuple[float, ...]  # per decode: the step time its TPOT objective allows (slack spread)
+    demands: tuple[Demand, ...]  # prefill wanted, running and waiting
+    running: int  # sequences in the batch
+    waiting: int
+    tpot_s: float = math.inf  # the tightest per-token objective, running or waiting
+
+
 class AutoTuner:
     def __init__(self, ceiling: Knobs, *, headroom: float = 0.85, window: int = 64, every: int = 8,
-                 min_budget: int = 16, min_chunk: int = 32, warmup: int = 4):
+                 min_budget: int = 64, min_chunk: int = 32, warmup: int = 4):
         self.ceiling = ceiling
         self.headroom = headroom
         self.every = every
         self.min_budget = min(min_budget, ceiling.token_budget)
         self.min_chunk = min(min_chunk, ceiling.prefill_chunk)
         self.model = LatencyModel(window)
-        self.knobs = ceiling
         self.state = "learning"
         self.step_s = 0.0  # smoothed, for Stats
-        self.decodes = 0.0  # smoothed: decodes per step, context per decode
-        self.context = 0.0
-        self.changes = 0
-        self.reversals = 0
-        self._values = {"token_budget": float(ceiling.token_budget), "max_num_seqs": float(ceiling.max_num_seqs)}
-        self._last_move: dict[str, tuple[int, int]] = {}  # knob -> (direction, decision number)
-        self._decisions = 0
+        self.context = 0.0  # smoothed context per decode
         self._since = 0
         self._warmup = warmup
+        self._most = 0
+        self._prefill_per_s = 0.0  # prefill tokens per second of the window's steps
 
-    def observe(self, shape: StepShape, step_s: float, tpot_s: float) -> tuple[Decision | None, float | None]:
-        """A step of `shape` took `step_s`; `tpot_s`: the tightest per-token
-        objective of the running requests. Returns new knobs when they
-        change, and measured / predicted when the model was reset."""
+    def observe(self, shape: StepShape, step_s: float) -> float | None:
+        """A step of `shape` took `step_s`: returns measured / predicted
+        when the model was reset (the machine's speed changed)."""
         if step_s <= 0 or shape.decodes + shape.prefill <= 0:
-            return None, None
+            return None
         if self._warmup > 0:  # a process's first steps pay one-off costs (allocations, caches)
             self._warmup -= 1
-            return None, None
+            return None
         self.step_s = step_s if not self.step_s else 0.8 * self.step_s + 0.2 * step_s
-        self.decodes = _ewma(self.decodes, shape.decodes)
         if shape.decodes:
             self.context = _ewma(self.context, shape.context / shape.decodes)
         shift = self.model.add(shape, step_s)
         self._since += 1
-        if self._since < self.every:
-            return None, shift
-        self._since = 0
-        self.model.fit()
-        return self._decide(tpot_s), shift
+        if self._since >= self.every:
+            self._since = 0
+            self.model.fit()
+            total = sum(y for _, y in self.model.samples)
+            self._prefill_per_s = sum(x[2] for x, _ in self.model.samples) / total if total > 0 else 0.0
+        return shift
 
-    def _decide(self, tpot_s: float) -> Decision | None:
-        self._decisions += 1
-        m = self.model
+    def plan(self, view: View) -> Decision:
+        c, m = self.ceiling, self.model
         if m.coef is None or len(m.samples) < m.min_samples:
-            return None  # learning (or just reset): hold the current limits
+            return self._to(c, "learning" if not m.resets else "fallback", "learning the step time; the configured limits")
         if not m.sure:
-            self.state = "fallback"
             why = (f"model unsure: the machine's speed changed twice within {m.samples.maxlen} steps"
                    if m.unsteady else f"model unsure: its error is {m.rel_error:.0%} over {len(m.samples)} steps")
-            why += "; the configured limits"
-            return self._set(self.ceiling, "fallback", why, jump=True)
+            return self._to(c, "fallback", why + "; the configured limits")
         a, bd, bp, bc = m.coef
-        t = self.headroom * tpot_s
+        d = view.decodes
+        base = a + bd * d + bc * view.context / 1000.0
+        # The requests still able to meet their objective at steps of decodes alone.
+        live = [x for x in view.allowances if x >= base]
+        allow = self.headroom * min(live, default=math.inf)
+        budget, seqs, chunk = c.token_budget, c.max_num_seqs, c.prefill_chunk
+        reasons: list[str] = []
+        wanted = sum(x.tokens for x in view.demands)
+        room = max(0, c.token_budget - d)
+        static_p = min(room, wanted)
+        cost_known = m.prefill_known and bp > 0
+        if static_p and cost_known and base + bp * static_p > allow:
+            need = self._needed(view.demands, base, bp)
+            p = max(int((allow - base) / bp), need, self.min_budget - d, self.min_chunk)
+            if p < static_p:
+                budget = max(1, d + p)
+                reasons.append(f"a step of {d} decodes + {static_p} prefill tokens is predicted at "
+                               f"{(base + bp * static_p) * 1e3:.0f} ms, over the {allow * 1e3:.0f} ms the running "
+                               f"requests' objectives allow (their slack spread; a {view.tpot_s * 1e3:.0f} ms "
+                               f"per-token objective at the tightest): {p} prefill tokens"
+                               + (" (what the prompts' first-token deadlines need)" if need >= p else ""))
+        if cost_known:
+            cut = self._chunk_for_deadlines(view.demands, base, bp, budget - d)
+            if cut is not None and cut < chunk:
+                chunk = cut
+                reasons.append(f"a prefill chunk of {cut}: a waiting prompt's first-token deadline comes first")
+        # The batch cap binds on admissions only (never below the batch): a
+        # burst of arrivals between two steps is not all let in at once.
         per_decode = bd + bc * self.context / 1000.0
-        per_prefill = bp
-        c = self.ceiling
-        # An objective no setting meets (steps of one or two decodes took
-        # longer — measured; or predicted, where the window's decode counts
-        # varied enough to tell the fixed cost from a decode's): shrinking
-        # the batch would only cost throughput, so the configured limits
-        # serve best effort, until such a step fits 90% of it.
-        one, how = m.small_step_s(), "took"
-        if one is None and m.decodes_varied:
-            one, how = a + per_decode, "are predicted at"
-        if one is not None and (one > t or (self.state == "infeasible" and one > 0.9 * t)):
-            self.state = "infeasible"
-            why = (f"steps of one decode {how} {one * 1e3:.0f} ms, over the {t * 1e3:.0f} ms target: "
-                   f"no setting meets a {tpot_s * 1e3:.0f} ms per-token objective; the configured limits")
-            return self._set(c, "infeasible", why, jump=True)
-        seqs = c.max_num_seqs if per_decode <= 0 else int((t - a - per_prefill * self.min_chunk) / per_decode)
-        # Never lowered past what steps of the window were measured to do
-        # within T (the floor only stops a fall: it never raises a knob, or
-        # groups entering and leaving the window would swing it).
-        cur = self.knobs
-        seqs = max(seqs, min(cur.max_num_seqs, m.measured_floor(t, lambda x: int(x[1]))))
-        seqs = max(1, min(c.max_num_seqs, seqs))
-        d = min(max(1.0, self.decodes), seqs)
-        if not m.prefill_known or per_prefill <= 0:
-            budget = c.token_budget
-        else:
-            budget = int(d + (t - a - per_decode * d) / per_prefill)
-        budget = max(budget, min(cur.token_budget, m.measured_floor(t, lambda x: int(x[1] + x[2]) // 16 * 16)))
-        budget = max(self.min_budget, math.ceil(d), min(c.token_budget, budget))
-        target = Knobs(min(budget, c.token_budget), seqs, c.prefill_chunk)
-        old = self.knobs
-        p = max(0, old.token_budget - round(d))
-        pred = m.predict(StepShape(round(d), p, round(self.context * d)))
-        why = (f"a full step ({round(d)} decodes + {max(0, old.token_budget - round(d))} prefill tokens) is "
-               f"predicted at {pred * 1e3:.0f} ms; the target is {t * 1e3:.0f} ms "
-               f"({self.headroom:.0%} of a {tpot_s * 1e3:.0f} ms per-token objective)")
-        self.state = "tuned"
-        return self._set(target, "tuned", why)
+        if per_decode > 0 and math.isfinite(view.tpot_s):
+            t = self.headroom * view.tpot_s
+            most = self._most_decodes(t, a, per_decode, bp if cost_known else 0.0)
+            if abs(most - self._most) <= max(1, self._most // 10):
+                most = self._most  # refits move it by a decode or two: no hunting
+            self._most = most
+            # Set only as the load nears it (a margin for arrivals before the next plan).
+            if most < c.max_num_seqs and view.running + view.waiting + max(2, most // 4) >= most:
+                seqs = max(1, view.running, most)
+                if seqs < c.max_num_seqs:
+                    reasons.append(f"more than {most} decodes (beside the least prefill a step takes) are "
+                                   f"predicted over {t * 1e3:.0f} ms a step ({self.headroom:.0%} of a "
+                                   f"{view.tpot_s * 1e3:.0f} ms per-token objective): admissions stop at {seqs}")
+        # Each running prompt's chunk within the prefill share, so that prompts
+        # ordered before the decodes never take their tokens (a stalled stream).
+        prefilling = sum(1 for x in view.demands if x.running)
+        if budget < c.token_budget or chunk < c.prefill_chunk:
+            chunk = min(chunk, max(self.min_chunk, (budget - d) // max(1, prefilling)))
+        knobs = Knobs(budget, seqs, min(chunk, budget))
+        if knobs == c:
+            return self._to(c, "configured", "no objective at risk at the configured limits")
+        return self._to(knobs, "tuned", "; ".join(reasons))
 
-    def _set(self, target: Knobs, state: str, why: str, jump: bool = False) -> Decision | None:
-        new = {}
-        for name, want in (("token_budget", target.token_budget), ("max_num_seqs", target.max_num_seqs)):
-            v = self._values[name]
-            direction = (want > v) - (want < v)
-            last = self._last_move.get(name)
-            # Down (toward meeting the objective) on a small band, up on a
-            # wider one, and against the knob's last move a wider one still.
-            band = 0.3 if last and last[0] == -direction and self._decisions - last[1] <= 16 else \
-                0.05 if direction < 0 else 0.15
-            if direction and (jump or abs(want - v) > max(1.0, band * v)):
-                nv = v + 0.5 * (want - v)
-                v = float(want) if jump or abs(want - nv) < 1.0 else nv
-                if last and last[0] == -direction:
-                    self.reversals += 1
-                self._last_move[name] = (direction, self._decisions)
-                self._values[name] = v
-            new[name] = max(1, round(v))
-        # The chunk follows the two: what a budget below its ceiling leaves
-        # beside a full batch of decodes (at the ceiling, the configured chunk).
-        budget, seqs = new["token_budget"], new["max_num_seqs"]
-        c = self.ceiling
-        chunk = c.prefill_chunk if budget >= c.token_budget else \
-            max(self.min_chunk, min(c.prefill_chunk, budget - seqs))
-        knobs = Knobs(budget, seqs, chunk)
-        if knobs == self.knobs:
+    def _most_decodes(self, t: float, a: float, per_decode: float, bp: float) -> int:
+        """The most decodes whose steps are predicted within `t` on average
+        (a per-token objective is a mean): the window's share of time spent
+        on prefill, `f`, is taken out of every step, `a + per_decode * n <=
+        t * (1 - f)`."""
+        f = min(0.9, bp * self._prefill_per_s)
+        return max(0, int((t * (1 - f) - a) / per_decode))
+
+    def _needed(self, demands: tuple[Demand, ...], base: float, bp: float) -> int:
+        """The least prefill per step that brings every waiting or running
+        prompt whose first-token deadline can still be met to its first
+        token in time, earliest deadline first: over `t` seconds, steps of
+        `p` prefill tokens compute `p * t / (base + bp * p)` tokens."""
+        need, total = 0, 0
+        for x in sorted(demands, key=lambda x: x.deadline_s):
+            total += x.tokens
+            usable = self.headroom * x.deadline_s - base  # its first token comes a step after its prefill
+            if usable <= total * bp:
+                continue  # not even one step of all of it meets this deadline: not planned for
+            need = max(need, math.ceil(total * base / (usable - total * bp)))
+        return need
+
+    def _chunk_for_deadlines(self, demands: tuple[Demand, ...], base: float, bp: float, room: int) -> int | None:
+        """A chunk under `room` when a running prompt taking the whole room
+        would keep a waiting prompt past its first-token deadline."""
+        running = [x for x in demands if x.running]
+        if not running or room <= self.min_chunk:
             return None
-        self.knobs = knobs
-        self.changes += 1
+        ahead = sum(x.tokens for x in running)
+        done_s = math.ceil(ahead / room) * (base + bp * room)  # the running prompts' prefill at full room
+        urgent = sum(x.tokens for x in demands if not x.running and 0 < x.deadline_s * self.headroom < done_s)
+        if not urgent:
+            return None
+        return max(self.min_chunk, room - urgent)
+
+    def _to(self, knobs: Knobs, state: str, why: str) -> Decision:
+        self.state = state
         return Decision(knobs, state, why)
 
 
-__all__ = ["AutoTuner", "Decision", "Knobs", "LatencyModel", "StepShape", "features"]
+__all__ = ["AutoTuner", "Decision", "Demand", "Knobs", "LatencyModel", "StepShape", "View", "features"]

@@ -236,8 +236,9 @@ class Stream:
     def __init__(self, engine: Engine, **kw: Any):
         self.events: list[Message] = []
         kw.setdefault("params", GREEDY)
+        principal = kw.pop("principal", "")
         self.submit = Submit(**kw)
-        self.sink = engine.submit(self.submit, kw.pop("principal", ""), self.events.append)
+        self.sink = engine.submit(self.submit, principal, self.events.append)
 
     async def result(self) -> Finished:
         with anyio.fail_after(10):

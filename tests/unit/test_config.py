@@ -154,7 +154,8 @@ def test_up_flags_set_the_tables_and_a_bad_flag_is_named() -> None:
     assert cfg.scheduler.policy.name == "priority" and cfg.scheduler.tpot_target_ms == 40.0
     assert cfg.driver.kv_cache_mb == 64.0 and cfg.driver.dtype == "bfloat16"
     assert up_config(_up_args("--preemption", "swap")).driver.swap_mb == 512.0
-    assert not up_config(_up_args()).scheduler.tuner.enabled  # off by default (docs/benchmarks.md says why)
+    assert up_config(_up_args()).scheduler.tuner.enabled  # on by default
+    assert not up_config(_up_args("--no-autotune")).scheduler.tuner.enabled
     assert up_config(_up_args("--tpot-ms", "80")).scheduler.tuner.enabled
     tuned = up_config(_up_args("--ttft-ms", "500", "--tpot-ms", "80", "--no-autotune")).scheduler
     assert not tuned.tuner.enabled and tuned.objectives.objective == Objective(ttft_ms=500, tpot_ms=80)

@@ -83,7 +83,7 @@ async def booted_os(home: Path, config: SchedulerConfig, kv_cache_mb: int,
         if c.name == "scheduler":
             c = msgspec.structs.replace(c, args=scheduler_args(config))
         children.append(c)
-    async with running_llmos(home, children, ready_timeout=300.0) as llmos:
+    async with running_llmos(home, children, ready_timeout=300.0, scheduler=config) as llmos:  # its [scheduler.tuner]
         yield OsTarget(llmos.client)
 
 

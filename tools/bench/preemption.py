@@ -48,7 +48,7 @@ from common.home import llmos_home
 from ipc.protocol import driver as dp
 from ipc.protocol import memory as mp
 from ipc.protocol import scheduler as sp
-from common.config.scheduler import PolicyConfig, PolicyName, PreemptionMode, SchedulerConfig
+from common.config.scheduler import PolicyConfig, PolicyName, PreemptionMode, SchedulerConfig, TunerConfig
 from tools.bench._serve_load import Req, Summary, drive, mixed_workload, sequentially, summarize
 from tools.bench._serve_targets import OsTarget, booted_os
 from tools.bench.common import parser, print_table, write_result
@@ -75,7 +75,7 @@ QUICK = Plan(16, (192, 256), (96, 128), reps=1)
 
 def config(mode: PreemptionMode) -> SchedulerConfig:
     return SchedulerConfig(policy=PolicyConfig(name=PolicyName.FCFS), token_budget=512, max_num_seqs=64,
-                           preemption=mode)
+                           preemption=mode, tuner=TunerConfig(enabled=False))  # fixed limits: the modes compared
 
 
 def blocks_for(req: Req, block_size: int = BLOCK_SIZE) -> int:

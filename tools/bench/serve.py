@@ -46,7 +46,7 @@ import anyio
 
 import drivers  # noqa: F401  (first: OpenMP waits passively in this process too, as in a driver)
 from common.home import llmos_home
-from common.config.scheduler import PolicyConfig, PolicyName, SchedulerConfig
+from common.config.scheduler import PolicyConfig, PolicyName, SchedulerConfig, TunerConfig
 from tools.bench._serve_load import Req, Summary, Timing, drive, mixed_workload, random_ids, sequentially, summarize
 from tools.bench._serve_targets import OsTarget, booted_os, hf_static, inproc_engine
 from tools.bench.common import parser, percentile, print_table, write_result
@@ -67,7 +67,9 @@ class Plan:
 
 FULL = Plan(200, 8.0, (16, 512), (16, 256), probes=20, load_extra=32)
 QUICK = Plan(32, 32.0, (16, 128), (16, 64), probes=5, load_extra=8)
-CONFIG = SchedulerConfig(policy=PolicyConfig(name=PolicyName.PRIORITY), token_budget=512, max_num_seqs=64)
+# Fixed limits (the tuner off): the figures compare paths, not settings.
+CONFIG = SchedulerConfig(policy=PolicyConfig(name=PolicyName.PRIORITY), token_budget=512, max_num_seqs=64,
+                         tuner=TunerConfig(enabled=False))
 
 
 def warmup() -> list[Req]:
