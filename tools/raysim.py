@@ -22,10 +22,13 @@ DRIVER = {"llmos_driver": 1.0}
 def start_cluster(nodes: int, drivers_per_node: int = 1) -> Any:
     """A head and `nodes` driver nodes, each with room for `drivers_per_node`
     drivers. The caller stays out of Ray (no ray.init): the kernel it boots
-    is the cluster's only Ray driver."""
+    is the cluster's only Ray driver. Call it on the main thread; nodes may
+    then be added and removed from any thread (no node registers exit or
+    signal hooks, which only the main thread may: the caller must
+    `shutdown()` the cluster, in a `finally`)."""
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, connect=False,
+    cluster = Cluster(initialize_head=True, connect=False, shutdown_at_exit=False,
                       head_node_args={"num_cpus": 2, "resources": HEAD, "include_dashboard": False,
                                       # a lost node is declared dead in ~2 s, not Ray's default ~15 s
                                       "_system_config": {"health_check_period_ms": 500,

@@ -25,7 +25,8 @@ async def test_a_minute_of_faults_loses_and_duplicates_nothing(home: Path, check
     assert report["lost"] == 0 and report["duplicated"] == 0
     assert report["faults"]["total"] >= 20
     assert set(report["faults"]["by_service"]) == set(FAULT_SERVICES)
-    assert {f.kind for f in result.history.faults if f.t >= 0} == set(FaultKind)
+    # Every kind but the node fault (the Ray launcher's: tests/integration/test_ray_chaos.py).
+    assert {f.kind for f in result.history.faults if f.t >= 0} == set(FaultKind) - {FaultKind.NODE}
     # Every killed service came back (a READY time per service type), and clients kept being served.
     assert set(report["recovery_ready_p99_s"]) == set(FAULT_SERVICES)
     assert report["requests"]["ok"] >= 10

@@ -30,6 +30,12 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                          "replies, login floods, quota bypass, malformed frames): each must be refused")
     ap.add_argument("--kernel-rss-bound-mb", type=float, default=None,
                     help="with --abuse: the run fails if the kernel's RSS peaks above this (default 200)")
+    ap.add_argument("--launcher", choices=("local", "ray"), default="local",
+                    help="'ray': boot on a simulated Ray cluster on this host (a head and --nodes driver nodes, "
+                         "one driver each) and add the node fault (needs Ray: pip install -e '.[ray]')")
+    ap.add_argument("--nodes", type=int, default=2, help="with --launcher ray: driver nodes (default 2)")
+    ap.add_argument("--node-faults-per-minute", type=float, default=None,
+                    help="with --launcher ray: driver nodes removed (no graceful stop) and replaced (default 4)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -39,15 +45,31 @@ def run(args: argparse.Namespace) -> int:
     from tools.chaos.report import summary
     from tools.chaos.run import ChaosConfig, run_chaos
 
+    node_faults = _node_faults(args)
     cfg = ChaosConfig(duration_s=args.duration, seed=args.seed, model=args.model, clients=args.clients,
                       http_clients=-1, faults_per_minute=args.faults_per_minute, attach=args.attach,
-                      command="llmos " + shlex.join(sys.argv[1:]), abuse=_abuse_config(args, AbuseConfig))
+                      command="llmos " + shlex.join(sys.argv[1:]), abuse=_abuse_config(args, AbuseConfig),
+                      node_faults_per_minute=node_faults)
     if args.attach:
         home = llmos_home(args.home)
     else:
         # A private LLMOS_HOME (short: ipc socket paths are limited) unless one is given.
         home = Path(args.home).resolve() if args.home else Path(tempfile.mkdtemp(prefix="llmos-chaos-", dir="/tmp"))
-    result = anyio.run(run_chaos, home, cfg, args.out, backend="asyncio", backend_options={"use_uvloop": True})
+    cluster = None
+    if args.launcher == "ray":
+        from kernel.ray_launcher import import_ray
+        from tools.chaos.nodes import SimNodes
+        from tools.raysim import start_cluster
+
+        import_ray()  # says how to get Ray when it is missing
+        cluster = start_cluster(args.nodes)  # on the main thread, before the event loop
+    try:
+        nodes = SimNodes(cluster, args.nodes) if cluster is not None else None
+        result = anyio.run(run_chaos, home, cfg, args.out, nodes, backend="asyncio",
+                           backend_options={"use_uvloop": True})
+    finally:
+        if cluster is not None:
+            cluster.shutdown()
     print(summary(result.report))
     print(f"  report: {args.out / 'report.json'}, {args.out / 'throughput.svg'}")
     holds = bool(result.report["holds"])
@@ -57,6 +79,24 @@ def run(args: argparse.Namespace) -> int:
         else:
             print(f"  logs kept in {home}")
     return 0 if holds else 1
+
+
+def _node_faults(args: argparse.Namespace) -> float:
+    """Node faults per minute: only on the Ray launcher (4 by default there)."""
+    from tools.chaos.nodes import NODE_FAULT_NEEDS_RAY
+
+    if args.launcher != "ray":
+        if args.node_faults_per_minute:
+            raise SystemExit(NODE_FAULT_NEEDS_RAY)
+        return 0.0
+    if args.attach:
+        raise SystemExit("--launcher ray boots llmos on a simulated Ray cluster: it cannot --attach")
+    if not 1 <= args.nodes <= 16:
+        raise SystemExit(f"--nodes must be in [1, 16], not {args.nodes}")
+    per_minute = 4.0 if args.node_faults_per_minute is None else args.node_faults_per_minute
+    if not 0 <= per_minute <= 60:
+        raise SystemExit(f"--node-faults-per-minute must be in [0, 60], not {per_minute:g}")
+    return per_minute
 
 
 def _abuse_config(args: argparse.Namespace, cls: type[AbuseConfig]) -> AbuseConfig | None:

@@ -1,5 +1,6 @@
 """Fault injection on a seeded schedule: SIGKILL, and SIGSTOP/SIGCONT (a
-paused process, or one hung long enough that the kernel declares it dead).
+paused process, or one hung long enough that the kernel declares it dead);
+on the Ray launcher, the loss of a driver's node (tools/chaos/nodes.py).
 
 The schedule is a pure function of (seed, duration, targets). Firing it
 respects the system's own rules so the run measures recovery rather than
@@ -14,15 +15,19 @@ import os
 import random
 import signal
 from collections.abc import AsyncIterator, Sequence
+from typing import TYPE_CHECKING
 
 import anyio
 from anyio.abc import TaskStatus
 
-from ipc.errors import LlmosError
+from ipc.errors import BadRequest, LlmosError
 from ipc.heartbeat import HEARTBEAT_EXPIRY_S
 from ipc.protocol import kernel as kp
 from sdk.client import AsyncClient
 from tools.chaos.history import Fault, FaultKind, History, ServiceEvent
+
+if TYPE_CHECKING:
+    from tools.chaos.nodes import SimNodes
 
 # Per instance: at most one fault per MIN_GAP_S, so at most 4 restarts in the
 # supervisor's default 10 s period (escalation needs more than 5).
@@ -32,6 +37,9 @@ HANG_S = HEARTBEAT_EXPIRY_S * 2  # well past it: the kernel kills the process fi
 KIND_WEIGHTS = {FaultKind.KILL: 0.6, FaultKind.PAUSE: 0.25, FaultKind.HANG: 0.15}
 READY_WAIT_S = 60.0  # a target not READY by then: the fault is skipped (and says so)
 MIN_UP_S = 1.0  # a target is hit again only after serving this long since its restart
+# Around a node fault its target takes no other fault: a node is replaced in
+# seconds (Ray notices, a node joins, the driver boots on it).
+NODE_GAP_S = 10.0
 
 
 def plan_faults(seed: int, duration_s: float, targets: dict[str, str], per_minute: float = 30.0,
@@ -61,6 +69,26 @@ def plan_faults(seed: int, duration_s: float, targets: dict[str, str], per_minut
         last[inst] = t + stop_s
         faults.append(Fault(round(t, 3), inst, targets[inst], kind, round(stop_s, 3)))
     return faults
+
+
+def add_node_faults(plan: Sequence[Fault], seed: int, duration_s: float, targets: dict[str, str],
+                    per_minute: float, warmup_s: float = 5.0, tail_s: float = 10.0) -> list[Fault]:
+    """`plan` with node faults on the driver targets, evenly spaced (at least
+    one when `per_minute` > 0 and the run has room), each driver in turn;
+    a signal fault on a node fault's target within `NODE_GAP_S` of it is
+    dropped. Sorted by planned time."""
+    drivers = sorted(i for i, s in targets.items() if s == "driver")
+    span = duration_s - warmup_s - tail_s
+    if per_minute <= 0 or not drivers or span <= 0:
+        return sorted(plan, key=lambda f: f.planned_s)
+    rng = random.Random(f"node/{seed}")
+    rng.shuffle(drivers)
+    n = max(1, int(per_minute * span / 60))
+    nodes = [Fault(round(warmup_s + (k + rng.uniform(0.3, 0.7)) * span / n, 3), drivers[k % len(drivers)], "driver",
+                   FaultKind.NODE) for k in range(n)]
+    kept = [f for f in plan if not any(f.instance == g.instance and g.planned_s - MIN_GAP_S <= f.planned_s
+                                       <= g.planned_s + NODE_GAP_S for g in nodes)]
+    return sorted([*kept, *nodes], key=lambda f: f.planned_s)
 
 
 class Tracker:
@@ -132,21 +160,27 @@ class Tracker:
         return None
 
 
-async def inject(plan: Sequence[Fault], tracker: Tracker, history: History) -> None:
+async def inject(plan: Sequence[Fault], tracker: Tracker, history: History, nodes: SimNodes | None = None) -> None:
     """Fire `plan` at its planned times (each recorded in the history). Each
     target has its own task, so one slow to recover delays no other; a
     fault fires only once its target has been READY for `MIN_UP_S`, and is
-    skipped when that does not happen before the target's next planned fault."""
+    skipped when that does not happen before the target's next planned fault.
+    `nodes`: the simulated cluster node faults remove nodes from (none: a
+    node fault in the plan is refused, BadRequest)."""
+    if nodes is None and any(f.kind == FaultKind.NODE for f in plan):
+        from tools.chaos.nodes import NODE_FAULT_NEEDS_RAY
+
+        raise BadRequest(NODE_FAULT_NEEDS_RAY)
     history.faults.extend(plan)
     by_target: dict[str, list[Fault]] = {}
     for f in plan:
         by_target.setdefault(f.instance, []).append(f)
     async with anyio.create_task_group() as tg:
         for faults in by_target.values():
-            tg.start_soon(_inject_target, faults, tracker, history)
+            tg.start_soon(_inject_target, faults, tracker, history, nodes)
 
 
-async def _inject_target(faults: list[Fault], tracker: Tracker, history: History) -> None:
+async def _inject_target(faults: list[Fault], tracker: Tracker, history: History, nodes: SimNodes | None) -> None:
     for k, f in enumerate(faults):
         delay = f.planned_s - history.now()
         if delay > 0:
@@ -157,6 +191,13 @@ async def _inject_target(faults: list[Fault], tracker: Tracker, history: History
             f.note = "skipped: its target was still recovering from the previous fault"
             continue
         f.pid, f.t = pid, history.now()
+        if f.kind == FaultKind.NODE:
+            assert nodes is not None  # inject refused the plan otherwise
+            try:
+                f.node = await nodes.lose_node_of(pid)
+            except BadRequest as exc:
+                f.t, f.note = -1.0, f"skipped: {exc.message}"
+            continue
         try:
             os.kill(pid, signal.SIGKILL if f.kind == FaultKind.KILL else signal.SIGSTOP)
         except ProcessLookupError:

@@ -31,11 +31,11 @@ def fault_counts(faults: Sequence[Fault]) -> dict[str, dict[str, int]]:
 
 
 def ready_times(faults: Sequence[Fault]) -> dict[str, dict[str, list[float]]]:
-    """kind → service → seconds from the signal to the replacement's READY
-    (a hang's include the kernel's heartbeat expiry)."""
+    """kind → service → seconds from the signal (or the node's removal) to the
+    replacement's READY (a hang's include the kernel's heartbeat expiry)."""
     out: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for f in faults:
-        if f.t >= 0 and f.ready_t >= 0 and f.kind in (FaultKind.KILL, FaultKind.HANG):
+        if f.t >= 0 and f.ready_t >= 0 and f.kind in (FaultKind.KILL, FaultKind.HANG, FaultKind.NODE):
             out[f.kind][f.service].append(f.ready_t - f.t)
     return out
 

@@ -56,6 +56,7 @@ class FaultKind(StrEnum):
     KILL = "kill"  # SIGKILL
     PAUSE = "pause"  # SIGSTOP, SIGCONT before the kernel's heartbeat expiry
     HANG = "hang"  # SIGSTOP past the expiry: the kernel declares it dead and kills it
+    NODE = "node"  # the Ray node the target runs on removed (a host lost), another one added
 
 
 class Fault(msgspec.Struct, omit_defaults=True):
@@ -69,6 +70,7 @@ class Fault(msgspec.Struct, omit_defaults=True):
     cont_t: float = -1.0  # when SIGCONT was sent
     ready_t: float = -1.0  # when a new instance registered (ServiceUp), if one did
     new_pid: int = 0
+    node: str = ""  # a node fault: the Ray node id removed
     note: str = ""
 
 

@@ -22,13 +22,14 @@ from kernel.config import ChildSpec, default_children, echo_child
 from sdk.client import AsyncClient
 from tools.testing import running_llmos
 from text.stream import TextStream
-from ipc.errors import LlmosError
+from ipc.errors import BadRequest, LlmosError
 from tools.chaos import faults as fx
 from tools.chaos import workload as wl
 from tools.chaos.abuse import AbuseConfig, AbuseMix
 from tools.chaos.abuse import prepare as prepare_abuse
 from tools.chaos.checker import Reference, Verdict, check
 from tools.chaos.history import History
+from tools.chaos.nodes import NODE_FAULT_NEEDS_RAY, SimNodes, on_nodes
 from tools.chaos.procs import Sampler, alive, leaked
 from tools.chaos.report import write_report
 
@@ -51,6 +52,7 @@ class ChaosConfig:
     boot_timeout_s: float = 600.0
     command: str = ""
     abuse: AbuseConfig | None = None  # abusive clients beside the honest ones (tools/chaos/abuse.py)
+    node_faults_per_minute: float = 0.0  # driver nodes lost (the Ray launcher only: tools/chaos/nodes.py)
 
 
 @dataclass
@@ -75,7 +77,13 @@ def chaos_children(model: str, kv_cache_mb: int, http: str) -> list[ChildSpec]:
             for c in default_children(model, {"cpu": 1}, http, kv_cache_mb=kv_cache_mb)] + [echo_child()]
 
 
-async def run_chaos(home: Path, cfg: ChaosConfig, out: Path) -> ChaosResult:
+async def run_chaos(home: Path, cfg: ChaosConfig, out: Path, nodes: SimNodes | None = None) -> ChaosResult:
+    """`nodes`: boot on that simulated Ray cluster (the Ray launcher) rather
+    than as local subprocesses; node faults need it."""
+    if nodes is None and cfg.node_faults_per_minute > 0:
+        raise BadRequest(NODE_FAULT_NEEDS_RAY)
+    if nodes is not None and cfg.attach:
+        raise BadRequest("a chaos run attached to a running llmos cannot boot it on a simulated Ray cluster")
     out.mkdir(parents=True, exist_ok=True)
     async with AsyncExitStack() as stack:
         kernel_proc = None
@@ -83,9 +91,13 @@ async def run_chaos(home: Path, cfg: ChaosConfig, out: Path) -> ChaosResult:
             admin = await stack.enter_async_context(await AsyncClient.connect(home=home))
         else:
             http = f"127.0.0.1:{_free_port()}" if "gateway" in cfg.services else ""
+            children = chaos_children(cfg.model, cfg.kv_cache_mb, http)
+            if nodes is not None:
+                nodes.home = home
+                children = on_nodes(children, nodes.drivers)
             llmos = await stack.enter_async_context(running_llmos(
-                home, chaos_children(cfg.model, cfg.kv_cache_mb, http), auth=True,
-                ready_timeout=cfg.boot_timeout_s))
+                home, children, auth=True, ready_timeout=cfg.boot_timeout_s,
+                launcher=nodes.launcher() if nodes is not None else None))
             admin, kernel_proc = llmos.client, llmos.kernel
         status = await admin.status()
         kernel_pid = status.pid
@@ -108,8 +120,9 @@ async def run_chaos(home: Path, cfg: ChaosConfig, out: Path) -> ChaosResult:
         reference = await _reference(clients[cfg.tenants[0]])
         text_of = _text_checker(desc)
 
-        plan = fx.plan_faults(cfg.seed, cfg.duration_s, fx.targets_of(status, cfg.services),
-                              cfg.faults_per_minute)
+        targets = fx.targets_of(status, cfg.services)
+        plan = fx.add_node_faults(fx.plan_faults(cfg.seed, cfg.duration_s, targets, cfg.faults_per_minute),
+                                  cfg.seed, cfg.duration_s, targets, cfg.node_faults_per_minute)
         sampler = Sampler(lambda: {"kernel": kernel_pid, **tracker.ready})
         stop = anyio.Event()
         history.t0 = time.monotonic()
@@ -120,7 +133,7 @@ async def run_chaos(home: Path, cfg: ChaosConfig, out: Path) -> ChaosResult:
                 tg.start_soon(mix.sample_rss)
             with anyio.move_on_after(cfg.duration_s + cfg.drain_s):
                 async with anyio.create_task_group() as work:
-                    work.start_soon(fx.inject, plan, tracker, history)
+                    work.start_soon(fx.inject, plan, tracker, history, nodes)
                     if mix is not None:
                         work.start_soon(mix.run, stop, history.t0)
                     for i in range(cfg.clients):
