@@ -24,7 +24,8 @@ run ahead of.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Coroutine, Mapping
+from typing import Any
 
 import anyio
 
@@ -119,13 +120,14 @@ def apply_ahead(replies: list[tuple[Seq, mp.SeqBlocks]], incarnations: dict[str,
 
 
 async def execute_step(state: EngineState, work: list[Work], incarnations: dict[str, int], overlap: bool,
-                       quotas: Mapping[str, int]) -> StepResult:
+                       quotas: Mapping[str, int], beside: Callable[[], Coroutine[Any, Any, None]] | None = None) -> StepResult:
     """Run `work` on the drivers (`execute`) and, with `overlap`, reserve
     the next step's decode slots meanwhile (a new block under a tenant's
     `quotas` is left to the next plan). The overlapped Reserve counts in
     `critical_rpcs` only when it came back after the step (the loop then
-    waited on it with the drivers idle)."""
-    if not overlap:
+    waited on it with the drivers idle). `beside`: the last step's work that
+    can wait (_text.py `TextLater`), run meanwhile too."""
+    if not overlap and beside is None:
         return await execute(state, work, incarnations)
     result = StepResult()
     replies: list[tuple[Seq, mp.SeqBlocks]] = []
@@ -144,8 +146,11 @@ async def execute_step(state: EngineState, work: list[Work], incarnations: dict[
             state.critical_rpcs += executed
 
     async with anyio.create_task_group() as tg:
-        tg.start_soon(run)
-        tg.start_soon(reserve)
+        tg.start_soon(run)  # first: the Execute leaves before anything else is done
+        if overlap:
+            tg.start_soon(reserve)
+        if beside is not None:
+            tg.start_soon(beside)
     # Applied before the engine reads the result: a sequence the step
     # failed is then reset with its slot (discarded, not cached).
     apply_ahead(replies, incarnations)

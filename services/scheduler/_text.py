@@ -16,10 +16,21 @@ While the thread runs, nothing else may touch these requests' text: the
 engine awaits it within its own step (cancels wait for the next step), and
 a stream re-attached meanwhile sees ids whose text is not released yet,
 which `Sink` already allows (text lags ids, never the other way).
+
+Off the critical path too (`TextLater`): a request whose end the ids alone
+decide (no stop strings, not a session's turn) and that did not end with
+this step's id has its text fed, and its `TokenDelta` sent, while the next
+step runs on the drivers (`execute_step`'s `beside`): the driver waits on
+neither. Its stream sees the delta a plan later; nothing else changes. The
+engine settles what is left before anything could end such a request
+first (a cancel, a deadline, a recovery, a failed reservation) and before
+it waits for work, so a request's text is always fed in order and complete
+when it finishes.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import anyio
@@ -37,3 +48,48 @@ async def feed_step(batch: Sequence[tuple[Request, int]]) -> None:
     worker-thread call; a request the id ends has its text finished too."""
     if batch:
         await anyio.to_thread.run_sync(_feed, batch)
+
+
+class TextLater:
+    """Step N's text for the requests that can wait for it (see above)."""
+
+    def __init__(self) -> None:
+        self.batch: list[tuple[Request, int]] = []
+
+    def __bool__(self) -> bool:
+        return bool(self.batch)
+
+    def split(self, live: Sequence[tuple[Request, int]]) -> list[tuple[Request, int]]:
+        """Keep the ids whose text can wait; return the rest, to feed now
+        (those that end, or could end, by their text or with this id)."""
+        now = []
+        later = self.batch
+        for req, token in live:
+            if req.submit.stop or req.session is not None or req.end_reason(token) is not None:
+                now.append((req, token))
+            else:
+                later.append((req, token))
+        return now
+
+    def requests(self) -> set[int]:
+        """The ids (`id()`) of the requests whose text waits."""
+        return {id(req) for req, _ in self.batch}
+
+    def due(self, urgent: bool) -> bool:
+        """Text waits and must be fed before the step goes on: `urgent` (the
+        engine is about to apply what could end a request), or a waiting
+        request's deadline passed."""
+        if not self.batch:
+            return False
+        wall = time.time_ns()
+        return urgent or any(0 < req.submit.deadline_ns <= wall for req, _ in self.batch)
+
+    async def settle(self) -> None:
+        """Feed what waits (in a worker thread) and send each request's delta."""
+        batch, self.batch = self.batch, []
+        if not batch:
+            return
+        await feed_step(batch)
+        for req, _ in batch:
+            if not req.done.is_set() and req.sink is not None:
+                req.sink.flush()

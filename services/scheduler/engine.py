@@ -41,7 +41,7 @@ from services.scheduler._session_epilogue import schedule_epilogues
 from services.scheduler._sessions import SessionTable, seq_blocks
 from services.scheduler._recovery import Recovery
 from services.scheduler._state import Backend, EngineState
-from services.scheduler._text import feed_step
+from services.scheduler._text import TextLater, feed_step
 from services.scheduler._overlap import execute_step
 from services.scheduler._step import reserve_plan
 from text.stream import TextStream
@@ -73,6 +73,7 @@ class Engine:
         self._cancels: set[tuple[str, str]] = set()
         self.kv = KvQuotas()
         self._block_counts = BlockCounts()  # the ledger's, kept from step to step
+        self.text_later = TextLater()  # last step's text that waits for the next Execute (_text.py)
         # Counters for Stats and Overloaded's retry_after_s.
         self.steps = 0
         self.tokens_generated = 0
@@ -236,6 +237,7 @@ class Engine:
     async def run(self) -> None:
         while True:
             if not self._has_work():
+                await self.text_later.settle()
                 await self.state.wait()
                 continue
             if not await self.step():
@@ -252,8 +254,11 @@ class Engine:
     async def step(self) -> bool:
         """One engine step; returns whether any sequence ran."""
         st = self.state
+        if self.text_later.due(self.recovery.pending or self.sessions.switching or self.fanout.pending):
+            await self.text_later.settle()  # before anything could end those requests (and below)
         await self._apply_changes()
         if st.memory_down or self.model is None:
+            await self.text_later.settle()
             return False
         began = time.monotonic()
         # The drivers as planned: a block table is only good on the
@@ -269,11 +274,14 @@ class Engine:
         self.sessions.relieve_pressure(p, ledger, self.limits.prefill_chunk)
         schedule_epilogues(self.sessions, p, ledger)  # finished turns' final tokens, for their pins
         work, failed = await reserve_plan(st, self.sessions, self.kv, p, victims, incarnations)
+        if failed or not work:
+            await self.text_later.settle()
         for seq, why in failed:
             self._fail_once(seq, why)
         if not work:
             return False
-        result = await execute_step(st, work, incarnations, self.config.overlap, self.kv_quotas)  # + next Reserve
+        result = await execute_step(st, work, incarnations, self.config.overlap, self.kv_quotas,  # + next Reserve
+                                    self.text_later.settle if self.text_later else None)
         self.recovery.pools_lost(result.lost_pools)
         for seq, why in result.refused:
             self._fail_once(seq, why, computed=False)
@@ -294,6 +302,8 @@ class Engine:
         if not st.memory_down:
             await self.sessions.switch()
             await self.fanout.apply()
+        if self._cancels and self.text_later:
+            await self.text_later.settle()
         for key in self._cancels:
             req = self.requests.get(key)
             if req is not None:
@@ -345,10 +355,12 @@ class Engine:
             out.seq.tokens.append(out.token)
             self.tokens_generated += 1
             out.seq.request.record(out.token, out.logprob, out.top_logprobs)
-        await feed_step([(out.seq.request, out.token) for out in live])  # text: in a worker thread (_text.py)
+        now = self.text_later.split([(out.seq.request, out.token) for out in live])  # the rest: beside the next step
+        await feed_step(now)  # text: in a worker thread (_text.py)
+        waits = self.text_later.requests()
         for out in live:
             req = out.seq.request
-            if req.done.is_set():
+            if req.done.is_set() or id(req) in waits:
                 continue
             reason = req.end_reason(out.token)
             if reason is not None:
