@@ -273,7 +273,6 @@ class AutoTuner:
         self._since = 0
         self._warmup = warmup
         self._most = 0
-        self._prefill_per_s = 0.0  # prefill tokens per second of the window's steps
 
     def observe(self, shape: StepShape, step_s: float) -> float | None:
         """A step of `shape` took `step_s`: returns measured / predicted
@@ -291,8 +290,6 @@ class AutoTuner:
         if self._since >= self.every:
             self._since = 0
             self.model.fit()
-            total = sum(y for _, y in self.model.samples)
-            self._prefill_per_s = sum(x[2] for x, _ in self.model.samples) / total if total > 0 else 0.0
         return shift
 
     def plan(self, view: View) -> Decision:
@@ -339,8 +336,10 @@ class AutoTuner:
             if abs(most - self._most) <= max(1, self._most // 10):
                 most = self._most  # refits move it by a decode or two: no hunting
             self._most = most
-            # Set only as the load nears it (a margin for arrivals before the next plan).
-            if most < c.max_num_seqs and view.running + view.waiting + max(2, most // 4) >= most:
+            # Set only as the load nears it (a margin for arrivals before the
+            # next plan), and only where a batch meets the objective at all (a
+            # cap of none would queue everyone for nothing).
+            if 2 <= most < c.max_num_seqs and view.running + view.waiting + max(2, most // 4) >= most:
                 seqs = max(1, view.running, most)
                 if seqs < c.max_num_seqs:
                     reasons.append(f"more than {most} decodes (beside the least prefill a step takes) are "
@@ -349,20 +348,22 @@ class AutoTuner:
         # Each running prompt's chunk within the prefill share, so that prompts
         # ordered before the decodes never take their tokens (a stalled stream).
         prefilling = sum(1 for x in view.demands if x.running)
-        if budget < c.token_budget or chunk < c.prefill_chunk:
-            chunk = min(chunk, max(self.min_chunk, (budget - d) // max(1, prefilling)))
+        if prefilling and d and budget - d < prefilling * chunk:
+            fair = max(self.min_chunk, (budget - d) // prefilling)
+            if fair < chunk:
+                chunk = fair
+                if not reasons:
+                    reasons.append(f"a prefill chunk of {fair}: {prefilling} prompts ordered before {d} decodes "
+                                   "would take their tokens (a stalled stream)")
         knobs = Knobs(budget, seqs, min(chunk, budget))
         if knobs == c:
             return self._to(c, "configured", "no objective at risk at the configured limits")
         return self._to(knobs, "tuned", "; ".join(reasons))
 
     def _most_decodes(self, t: float, a: float, per_decode: float, bp: float) -> int:
-        """The most decodes whose steps are predicted within `t` on average
-        (a per-token objective is a mean): the window's share of time spent
-        on prefill, `f`, is taken out of every step, `a + per_decode * n <=
-        t * (1 - f)`."""
-        f = min(0.9, bp * self._prefill_per_s)
-        return max(0, int((t * (1 - f) - a) / per_decode))
+        """The most decodes whose step, beside a minimal prefill chunk, is
+        predicted within `t`."""
+        return max(0, int((t - a - bp * self.min_chunk) / per_decode))
 
     def _needed(self, demands: tuple[Demand, ...], base: float, bp: float) -> int:
         """The least prefill per step that brings every waiting or running
