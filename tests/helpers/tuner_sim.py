@@ -113,7 +113,7 @@ class Sim:
         return reqs
 
     def _plan(self, k: Knobs, waiting: list[Req]) -> list[tuple[Req, int]]:
-        budget, out = k.token_budget, []
+        budget, out = k.token_budget, list[tuple[Req, int]]()
         for r in self.running:
             if budget <= 0 or len(out) >= k.max_num_seqs:
                 break
