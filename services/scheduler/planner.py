@@ -7,7 +7,8 @@ token budget and the sequence cap; when a pool has too few free blocks the
 least important running sequence on it is preempted (possibly the one being
 planned). Then waiting sequences, in policy order, while budget, cap and
 blocks last; a new sequence is placed on the driver with the most free
-blocks and stays there. When the batch is full, a waiting sequence may first
+blocks per sequence it runs (its free blocks less those its queued prefill
+will take, over its batch: `BlockLedger.placement`) and stays there. When the batch is full, a waiting sequence may first
 displace a running one if the policy says so (`Policy.yields_to`), and the
 running ones the waiting head outranks may sit out the step in which it
 starts (`Policy.defers`: its first token is not slowed by their decodes).
@@ -158,6 +159,8 @@ class BlockLedger:
             self.free = {p: shape.num_blocks - len(set().union(*(s.block_table for s in self._seqs if s.pool == p)))
                          for p, shape in self.shapes.items()}
         self.held = _Held(self._tenant_blocks)
+        # pool -> [sequences running, blocks their queued prefill will take] (`count_load`)
+        self._load: dict[str, list[int]] = {p: [0, 0] for p in self.shapes}
         self._refs: dict[str, Counter[int]] | None = None  # pool -> block -> holders, once released
         self._tenant_refs: dict[str, Counter[tuple[str, int]]] = {}
 
@@ -220,13 +223,35 @@ class BlockLedger:
                     del mine[(pool, b)]
                     self.held[seq.tenant] -= 1
 
+    def count_load(self, running: Iterable[Seq]) -> None:
+        """The load `placement` weighs: sequences running per pool, and the
+        blocks their queued prefill (tokens not yet computed) will take."""
+        self._load = {p: [0, 0] for p in self.shapes}
+        for seq in running:
+            self.placed(seq)
+
+    def placed(self, seq: Seq) -> None:
+        """`seq` runs on its pool from now on (counted in its load)."""
+        load = self._load.get(seq.pool or "")
+        if load is not None:
+            load[0] += 1
+            if seq.remaining > 1:
+                load[1] += self.needed(seq, seq.remaining, seq.pool or "")
+
     def placement(self, max_len: int = 0) -> str | None:
-        """The pool with the most free blocks among those that can hold a
-        sequence of `max_len` positions whole (ties: by name, for
-        determinism); a sequence stays where it is placed, and one on a pool
-        too small for it could only ever preempt itself."""
+        """Where a new sequence goes, among the pools that can hold `max_len`
+        positions whole (on one too small it could only preempt itself): the
+        most free blocks per sequence run, (free - queued prefill blocks) /
+        (running + 1) — KV and load together (Llumnix's "freeness"): a pool
+        with free blocks but a full batch does not take every newcomer.
+        Ties: most free blocks, then by name. A sequence stays there."""
         fits = [p for p in sorted(self.free) if self.shapes[p].num_blocks * self.shapes[p].block_size >= max_len]
-        return max(fits or sorted(self.free), key=lambda p: self.free[p], default=None)
+
+        def freeness(pool: str) -> tuple[float, int]:
+            running, prefill = self._load[pool]
+            room = self.free[pool] - prefill  # short of blocks, more load is worse, not better:
+            return (room / (running + 1) if room >= 0 else room * (running + 1)), self.free[pool]
+        return max(fits or sorted(self.free), key=freeness, default=None)
 
 
 def lifetime_blocks(seq: Seq, shapes: Mapping[str, PoolShape]) -> tuple[int, int] | None:
@@ -246,6 +271,7 @@ def plan(running: Iterable[Seq], waiting: Iterable[Seq], policy: Policy, ledger:
          limits: Limits, now: float) -> StepPlan:
     out = StepPlan()
     run = sorted((s for s in running if s.pool in ledger.shapes), key=lambda s: policy.key(s, now))
+    ledger.count_load(run)
     wait: list[Seq] = []
     for s in sorted(waiting, key=lambda s: policy.key(s, now)):
         (out.never_fit if ledger.never_fits(s) else wait).append(s)
@@ -324,6 +350,7 @@ def plan(running: Iterable[Seq], waiting: Iterable[Seq], policy: Policy, ledger:
                 break  # keep the line's order: no one overtakes the head
             seq.pool = pool
             ledger.take(pool, need, seq.tenant)
+            ledger.placed(seq)
             out.scheduled.append((seq, n))
             budget -= n
     if wait and ledger.quotas:
