@@ -137,6 +137,12 @@ async def execute(state: EngineState, work: list[Work], incarnations: dict[str, 
         by_pool.setdefault(w.seq.pool or "", []).append(w)
     result = StepResult()
     state.critical_rpcs += 1  # the drivers' Executes run concurrently: one round trip
+    if len(by_pool) == 1:
+        # Awaited here, not in a task: the Execute leaves before this task
+        # first yields, ahead of whatever else the loop has to run.
+        [(pool, items)] = by_pool.items()
+        await _execute_on(state, pool, items, incarnations.get(pool, -1), result)
+        return result
     async with anyio.create_task_group() as tg:
         for pool, items in by_pool.items():
             tg.start_soon(_execute_on, state, pool, items, incarnations.get(pool, -1), result)
