@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import shutil
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -62,6 +63,8 @@ def run(args: argparse.Namespace) -> int:
         from tools.raysim import start_cluster
 
         import_ray()  # says how to get Ray when it is missing
+        # Its nodes have no exit hooks (tools/raysim.py): a SIGTERM ends the run through the `finally` below.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
         cluster = start_cluster(args.nodes)  # on the main thread, before the event loop
     try:
         nodes = SimNodes(cluster, args.nodes) if cluster is not None else None

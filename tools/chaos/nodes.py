@@ -30,9 +30,13 @@ NODE_FAULT_NEEDS_RAY = ("the node fault needs the Ray launcher (llmos chaos --la
 
 def on_nodes(children: list[ChildSpec], drivers: int) -> list[ChildSpec]:
     """The chaos children placed on a simulated cluster: `drivers` driver
-    instances, one a driver node; every other service on the head."""
+    instances, one a driver node; every other service on the head, a
+    listening one (the gateway) as one instance: the kernel hands its
+    listening socket only to local children, so on Ray each instance binds
+    the port itself and a second one on the same host could not."""
     return [msgspec.structs.replace(c, instances=drivers, resources=dict(raysim.DRIVER)) if c.service == "driver"
-            else msgspec.structs.replace(c, resources=dict(raysim.HEAD_SHARE)) for c in children]
+            else msgspec.structs.replace(c, resources=dict(raysim.HEAD_SHARE),
+                                         instances=1 if c.listen else c.instances) for c in children]
 
 
 class SimNodes:
