@@ -331,7 +331,7 @@ class AutoTuner:
         # burst of arrivals between two steps is not all let in at once.
         per_decode = bd + bc * self.context / 1000.0
         if per_decode > 0 and math.isfinite(view.tpot_s):
-            t = self.headroom * view.tpot_s
+            t = view.tpot_s  # no headroom: a wrong "no" is a first token surely late
             most = self._most_decodes(t, a, per_decode, bp if cost_known else 0.0)
             if abs(most - self._most) <= max(1, self._most // 10):
                 most = self._most  # refits move it by a decode or two: no hunting
@@ -380,17 +380,21 @@ class AutoTuner:
         return need
 
     def _chunk_for_deadlines(self, demands: tuple[Demand, ...], base: float, bp: float, room: int) -> int | None:
-        """A chunk under `room` when a running prompt taking the whole room
-        would keep a waiting prompt past its first-token deadline."""
-        running = [x for x in demands if x.running]
-        if not running or room <= self.min_chunk:
+        """A chunk that leaves short prompts room beside the long ones (over
+        half the room) when the long ones, taking the whole room, would keep
+        a short one past its first-token deadline: the room less the urgent
+        prompts' tokens, shared by the long ones (each step still computes
+        about the room's worth of prefill)."""
+        short = room // 2
+        long = [x for x in demands if x.tokens > short]
+        if not long or room <= self.min_chunk:
             return None
-        ahead = sum(x.tokens for x in running)
-        done_s = math.ceil(ahead / room) * (base + bp * room)  # the running prompts' prefill at full room
-        urgent = sum(x.tokens for x in demands if not x.running and 0 < x.deadline_s * self.headroom < done_s)
+        done_s = math.ceil(sum(x.tokens for x in long) / room) * (base + bp * room)
+        urgent = sum(x.tokens for x in demands if x.tokens <= short and 0 < x.deadline_s * self.headroom < done_s)
         if not urgent:
             return None
-        return max(self.min_chunk, room - urgent)
+        # Never under an even share of the room: the step still fills it.
+        return max(self.min_chunk, room // len(demands), (room - urgent) // len(long))
 
     def _to(self, knobs: Knobs, state: str, why: str) -> Decision:
         self.state = state

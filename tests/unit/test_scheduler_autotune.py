@@ -120,13 +120,14 @@ def test_on_a_machine_too_slow_for_any_objective_it_never_does_worse_than_the_co
 
 
 def test_a_steady_load_gets_the_same_plan_step_after_step() -> None:
-    # The same load every step (8 chats part-way through their replies, a
-    # document prefilling, a chat waiting), noisy steps: once sure, the
-    # plan does not move (refits do not make it hunt).
+    # The same load every step (8 chats part-way through their replies,
+    # with slack for 200 ms steps; a document prefilling, a chat waiting),
+    # noisy steps: once sure, the plan does not move (refits do not make it
+    # hunt).
     tuner = AutoTuner(CEILING)
     rng = random.Random(7)
     device = Device(noise=0.1)
-    view = View(8, 8 * 300, (0.1,) * 8, (Demand(8.0, 1500, True), Demand(0.9, 120, False)), 9, 1, 0.1)
+    view = View(8, 8 * 300, (0.2,) * 8, (Demand(8.0, 1500, True), Demand(0.9, 120, False)), 9, 1, 0.1)
     plans = []
     for i in range(600):
         shape = StepShape(rng.randint(4, 12), rng.choice([0, 64, 128, 256]), rng.randint(1000, 4000))
@@ -136,8 +137,10 @@ def test_a_steady_load_gets_the_same_plan_step_after_step() -> None:
     assert tuner.state == "tuned" and len(set(k.max_num_seqs for k in settled)) <= 2
     budgets = [k.token_budget for k in settled]
     assert (max(budgets) - min(budgets)) <= 0.2 * min(budgets), (min(budgets), max(budgets))
-    # The chunk leaves the waiting chat room beside the document.
-    assert all(k.prefill_chunk <= k.token_budget - 8 - 120 or k.prefill_chunk == 32 for k in settled)
+    # Where the step has room for it, the chunk leaves the waiting chat its
+    # tokens beside the document.
+    roomy = [k for k in settled if k.token_budget - 8 >= 2 * 120]
+    assert roomy and all(k.prefill_chunk <= k.token_budget - 8 - 120 for k in roomy)
 
 
 def test_an_unsure_model_falls_back_to_the_configured_limits() -> None:
