@@ -7,6 +7,7 @@ this process with the memory manager and the null driver's own handler
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -29,6 +30,7 @@ from text.tokenizer import load_tokenizer
 from tools.testing import running_llmos
 
 GREEDY = SamplingParams(temperature=0.0)
+SCHEDULER_SWITCH_INTERVAL_S = 0.0005
 POOL = "null"
 
 
@@ -192,10 +194,15 @@ async def inproc_engine(home: Path, step_ms: float, max_seqs: int, num_blocks: i
     engine.driver_up(POOL, driver.ready_meta())
     tok = load_tokenizer(driver.model_dir)
     engine.set_model(Model(tok, frozenset(tok.eos_token_ids), driver.limits.max_model_len))
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(engine.run)
-        yield InProcTarget(engine)
-        tg.cancel_scope.cancel()
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(SCHEDULER_SWITCH_INTERVAL_S)  # as services/scheduler/__main__.py sets it
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(engine.run)
+            yield InProcTarget(engine)
+            tg.cancel_scope.cancel()
+    finally:
+        sys.setswitchinterval(interval)
 
 
 __all__ = ["InProcTarget", "OsTarget", "Target", "booted_os", "cpu_seconds", "inproc_engine"]
