@@ -343,8 +343,8 @@ class AutoTuner:
                 seqs = max(1, view.running, most)
                 if seqs < c.max_num_seqs:
                     reasons.append(f"more than {most} decodes (beside the least prefill a step takes) are "
-                                   f"predicted over {t * 1e3:.0f} ms a step ({self.headroom:.0%} of a "
-                                   f"{view.tpot_s * 1e3:.0f} ms per-token objective): admissions stop at {seqs}")
+                                   f"predicted over the {t * 1e3:.0f} ms per-token objective: admissions stop at "
+                                   f"{seqs}")
         # Each running prompt's chunk within the prefill share, so that prompts
         # ordered before the decodes never take their tokens (a stalled stream).
         prefilling = sum(1 for x in view.demands if x.running)
