@@ -3,8 +3,9 @@ drivers placed by Ray on two simulated nodes generate what the local
 launcher generates, and every request finishes exactly once, with the same
 tokens, through a SIGKILLed driver, a SIGSTOPped (hung) one and a node lost
 mid-generation; a remote peer with a replaced incarnation's or a forged boot
-secret, or malformed frames, is refused and audited. One cluster for the
-module (it takes seconds to start)."""
+secret, or malformed frames, is refused and audited; over a tcp:// back
+socket each remote child registers under the CURVE key handed to it. One
+cluster for the module (it takes seconds to start)."""
 
 from __future__ import annotations
 
@@ -17,17 +18,20 @@ from typing import Any
 import anyio
 import msgspec
 import pytest
+import zmq.auth
 
+from common.curvekeys import curve_dir
 from common.home import back_endpoint
 from drivers.null import continuation
 from ipc import codec
 from ipc.envelope import PROTOCOL_VERSION, Header, Kind
 from ipc.protocol import kernel as kp
 from ipc.protocol.kernel import ChildState
-from kernel.config import ChildSpec
+from kernel.config import ChildSpec, KernelConfig
 from ipc.protocol.scheduler import FinishReason
 from sdk.client import AsyncClient
 from tests.helpers.audit import wait_audit
+from tests.helpers.net import free_port
 from tests.helpers.ray_cluster import gone
 from tests.helpers.raw_peer import RawPeer
 from tests.helpers.stacks import null_children
@@ -174,10 +178,13 @@ async def test_a_child_no_node_can_take_is_refused_by_name(home: Path, cluster: 
     assert "Ray placed no actor for null within 10s" in err and "llmos_tpu_pod" in err
 
 
-def boot_secret_of(pid: int) -> str:
+def environ_of(pid: int) -> dict[bytes, bytes]:
     with open(f"/proc/{pid}/environ", "rb") as f:
-        env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
-    return env[b"LLMOS_BOOT_SECRET"].decode()
+        return dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+
+
+def boot_secret_of(pid: int) -> str:
+    return environ_of(pid)[b"LLMOS_BOOT_SECRET"].decode()
 
 
 def attack(endpoint: str, name: str, stale: str) -> list[tuple[str, str]]:
@@ -219,4 +226,23 @@ async def test_an_unauthorised_or_malformed_remote_peer_is_refused_and_audited(h
         # Nothing registered in the honest driver's place; honest requests still finish.
         st = llmos.instance(await llmos.status(), name)
         assert st.pid == new and st.state == ChildState.READY and st.restarts == 1
+        assert await generate_all(llmos.client) == expected()
+
+
+async def test_remote_children_register_over_curve_with_the_keys_handed_to_them(home: Path, cluster: Any) -> None:
+    """A tcp:// back socket: each child placed by Ray gets a CURVE keypair of
+    its own in its start call (not Ray's options) and registers under it;
+    no child has the shared service keypair; a replacement gets a new one."""
+    back = f"tcp://127.0.0.1:{free_port()}"
+    async with running_llmos(home, null_children_on_nodes(1, *DRIVER_ARGS), launcher=launcher(cluster),
+                             kernel=KernelConfig(back=back), ready_timeout=180) as llmos:
+        keys = {i.instance: environ_of(i.pid).get(b"LLMOS_CURVE_PUBLIC") for i in (await llmos.status()).instances}
+        assert all(keys.values()) and len(set(keys.values())) == len(keys), keys
+        shared, _ = zmq.auth.load_certificate(curve_dir(home) / "service.key")
+        assert shared not in keys.values()
+        assert await generate_all(llmos.client) == expected()
+        name, old = next((n, i.pid) for n, i in drivers(await llmos.status()).items())
+        os.kill(old, signal.SIGKILL)
+        new = await restarted(llmos, name, old)
+        assert environ_of(new).get(b"LLMOS_CURVE_PUBLIC") not in (None, keys[name])
         assert await generate_all(llmos.client) == expected()
