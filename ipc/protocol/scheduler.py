@@ -285,8 +285,8 @@ class SchedulerStatsReply(Message):
     # Objectives (issue 19): requests that met both their TTFT and TPOT
     # objectives, missed one, or were refused early (predicted to miss);
     # met per second over the last minute; the default objective; the
-    # prefill chunk in force; the tuner ("off", "learning", "tuned",
-    # "fallback"), the changes it made and its model's resets.
+    # prefill chunk in force; the tuner ("off", "learning", "fallback",
+    # "configured", "tuned"), the changes it made and its model's resets.
     slo_met: int = 0
     slo_missed: int = 0
     slo_rejected: int = 0
