@@ -65,10 +65,9 @@ async def reserve(state: EngineState, scheduled: list[tuple[Seq, int]]) -> tuple
     items = []
     for seq, n in scheduled:
         first = seq.mem_known == 0
-        num_new = n
-        if seq.ahead is not None:  # it holds one slot past mem_known already
-            num_new = max(0, seq.num_computed + n - seq.mem_known - 1)
-        items.append(mp.SeqReserve(seq.seq_id, seq.mem_known, seq.tokens[seq.mem_known:], num_new,
+        # `n` past the slots it holds: the memory server caps the slots at the
+        # tokens it then knows (ahead = 0), however many it held already.
+        items.append(mp.SeqReserve(seq.seq_id, seq.mem_known, seq.tokens[seq.mem_known:], n,
                                    seq.tenant if first else "", (seq.pool or "") if first else "",
                                    computed=-1 if first else seq.num_computed))
     # The KV to release rides on the same call, applied first.

@@ -1,18 +1,23 @@
 """The overlap (issue 15): step N+1's memory round trip runs while step N
 runs on the drivers.
 
-A decode's next slot is known before its token is: while step N computes
-position p and samples token p+1, the `Reserve` it would have made next
-step is sent at once, with `ahead=1` (the memory server reserves the slot
-for a token it does not know yet; the token goes with the next Reserve)
-and `computed` (only blocks whose KV is written are offered to the prefix
-cache, since step N still writes the last one). The releases pending ride
-on it as on any Reserve. When step N returns and its tokens are in, step
-N+1's decodes run on that slot with no memory call on the critical path
-(`take_covered`); new and prefilling sequences reserve as before.
+A decode's next slots are known before its tokens are: while step N
+computes position p and samples token p+1, a decode whose slots end before
+p+1 sends the `Reserve` it would have made next step at once, for up to
+`AHEAD` (the memory server's MAX_AHEAD) positions past the tokens it knows
+(`ahead=k`: slots for tokens not known yet; the tokens go with its next
+Reserve, so the memory server's view lags by up to k tokens) and
+`computed` (only blocks whose KV is written are offered to the prefix
+cache). `Seq.ahead.until` is where its slots end. A steady decode so
+calls the memory server once in k steps; the releases pending ride on the
+next call, made for them alone when no decode needs one. When step N
+returns, step N+1's decodes whose slots reach run with no memory call on
+the critical path (`take_covered`); new and prefilling sequences reserve
+as before. No slot is reserved past the last position a sequence computes
+(its max length), nor into a new block under its tenant's KV quota.
 
-An overlapped slot is only used by the step right after, on the driver
-incarnation it was reserved for, with the memory server that reserved it:
+Overlapped slots are only used on the driver incarnation they were
+reserved for, with the memory server that reserved them:
 a failed step discards the sequence (reset clears `Seq.ahead`), a lost or
 restarted driver's sequences are reset, a restarted memory server's are
 re-registered without it (_recovery.py), and a sequence that finishes in
@@ -33,6 +38,10 @@ from common.logs import get_logger
 from ipc.protocol import memory as mp
 from services.scheduler._execute import StepResult, Work, execute
 from services.scheduler._request import Ahead, Seq
+
+# Slots a decode reserves ahead at once (the memory server's MAX_AHEAD): a
+# steady decode then makes one memory call in that many steps, not each.
+AHEAD = mp.MAX_AHEAD
 from services.scheduler._state import EngineState
 
 log = get_logger()
@@ -50,12 +59,12 @@ def take_covered(state: EngineState, scheduled: list[tuple[Seq, int]], incarnati
         a = seq.ahead
         if (a is not None and a.pool == seq.pool and incarnations.get(a.pool, -1) == a.incarnation
                 and a.pool in drivers and not seq.swapped and id(seq) in running
-                and 0 < n and seq.num_computed + n <= seq.mem_known + 1):
+                and 0 < n and seq.num_computed + n <= a.until):
             start = seq.num_computed
             end = start + n
             covered.append(Work(seq, start, min(end, len(seq.tokens)), list(a.copies) if a.copies else []))
             if a.copies:  # done once
-                seq.ahead = Ahead(a.pool, a.incarnation)
+                seq.ahead = Ahead(a.pool, a.incarnation, (), a.until)
         else:
             rest.append((seq, n))
     return covered, rest
@@ -67,19 +76,28 @@ def _ahead_items(state: EngineState, work: list[Work], quotas: Mapping[str, int]
     for w in work:
         seq = w.seq
         tokens = seq.tokens
+        n = len(tokens)  # step N samples token n; step N+1 computes position n
         d = drivers.get(seq.pool or "")
-        if (d is None or w.end != len(tokens) or seq.request.submit.session or seq.swapped or not seq.mem_known
-                or (seq.max_len and len(tokens) + 1 >= seq.max_len)):
+        a = seq.ahead
+        if a is not None and a.until > n and d is not None and a.pool == seq.pool and a.incarnation == d.incarnation:
+            continue  # its slots reach past the next step already: no item
+        if d is None or w.end != n or seq.request.submit.session or seq.swapped or not seq.mem_known:
             continue  # nothing follows it in the next step, or not as a decode (a session's turn: see above)
-        if quotas and seq.tenant in quotas and len(tokens) >= len(seq.block_table) * d.shape.block_size:
-            continue  # a new block under its tenant's quota: the planner decides who gets it
+        k = AHEAD if not seq.max_len else min(AHEAD, seq.max_len - 1 - n)  # its last token is never computed
+        if quotas and seq.tenant in quotas:
+            k = min(k, len(seq.block_table) * d.shape.block_size - n)  # a new block under its tenant's quota:
+        if k < 1:                                                      # the planner decides who gets it
+            continue
         known = seq.mem_known
-        items.append((seq, mp.SeqReserve(seq.seq_id, known, tokens[known:], 1, ahead=1, computed=seq.num_computed)))
+        # Slots for positions [0, n + k): the memory server holds at least
+        # `num_computed`, so `n + k - num_computed` more always reach them.
+        items.append((seq, mp.SeqReserve(seq.seq_id, known, tokens[known:], n + k - seq.num_computed, ahead=k,
+                                         computed=seq.num_computed)))
     return items
 
 
 async def reserve_ahead(state: EngineState, work: list[Work],
-                        quotas: Mapping[str, int]) -> list[tuple[Seq, mp.SeqBlocks]] | None:
+                        quotas: Mapping[str, int]) -> list[tuple[Seq, mp.SeqReserve, mp.SeqBlocks]] | None:
     """Reserve the next step's slots of `work`'s decodes, with the releases
     pending; the replies, applied once the step is back (`apply_ahead`).
     None: there was nothing to send."""
@@ -94,29 +112,23 @@ async def reserve_ahead(state: EngineState, work: list[Work],
         return []
     for f in reply.release_failures:
         log.info("scheduler.release_unknown", seq=f.seq_id, error=f.error.message)
-    return [(seq, got) for (seq, _), got in zip(items, reply.seqs)]
+    return [(seq, item, got) for (seq, item), got in zip(items, reply.seqs)]
 
 
-def apply_ahead(replies: list[tuple[Seq, mp.SeqBlocks]], incarnations: dict[str, int]) -> None:
-    plain: dict[str | None, Ahead] = {}  # per pool, the slot with no copy (immutable: shared)
-    for seq, got in replies:
+def apply_ahead(replies: list[tuple[Seq, mp.SeqReserve, mp.SeqBlocks]], incarnations: dict[str, int]) -> None:
+    for seq, item, got in replies:
         pool = seq.pool
         if got.error is not None or pool is None:
             continue  # it reserves as usual next step (and learns why then)
-        seq.mem_known = len(seq.tokens)
+        seq.mem_known = known = item.start + len(item.tokens)
         table, start = seq.block_table, got.table_start
         if got.blocks or start < len(table):
             del table[start:]
             table.extend(got.blocks)
         if start < seq.table_synced:
             seq.table_synced = start
-        if got.cow_src >= 0:
-            seq.ahead = Ahead(pool, incarnations.get(pool, -1), ((got.cow_src, got.cow_dst),))
-        else:
-            a = plain.get(pool)
-            if a is None:
-                a = plain[pool] = Ahead(pool, incarnations.get(pool, -1))
-            seq.ahead = a
+        copies = ((got.cow_src, got.cow_dst),) if got.cow_src >= 0 else ()
+        seq.ahead = Ahead(pool, incarnations.get(pool, -1), copies, known + item.ahead)
 
 
 async def execute_step(state: EngineState, work: list[Work], incarnations: dict[str, int], overlap: bool,
@@ -130,7 +142,7 @@ async def execute_step(state: EngineState, work: list[Work], incarnations: dict[
     if not overlap and beside is None:
         return await execute(state, work, incarnations)
     result = StepResult()
-    replies: list[tuple[Seq, mp.SeqBlocks]] = []
+    replies: list[tuple[Seq, mp.SeqReserve, mp.SeqBlocks]] = []
     executed = False
 
     async def run() -> None:

@@ -39,12 +39,14 @@ def next_ticket() -> int:
 
 @dataclass(frozen=True, slots=True)
 class Ahead:
-    """A slot reserved ahead: for the step after the one that samples its
-    token, on `pool`'s driver `incarnation`, after the block `copies`."""
+    """Slots reserved ahead: for the steps after the one that samples its
+    token, on `pool`'s driver `incarnation`, after the block `copies`; the
+    memory server holds slots for positions [0, `until`)."""
 
     pool: str
     incarnation: int
     copies: tuple[tuple[int, int], ...] = ()
+    until: int = 0
 
 
 @dataclass(eq=False)
@@ -74,9 +76,9 @@ class Seq:
     driver_key: tuple[str, int] | None = None
     driver_pos: int = 0
     table_synced: int = 0
-    # Reserved while the last step ran (the overlap, _overlap.py): the memory
-    # server holds one slot past `mem_known` for it, good for the next step on
-    # this driver incarnation; None: the next step reserves as usual.
+    # Reserved while a step ran (the overlap, _overlap.py): the memory server
+    # holds slots up to `ahead.until`, past `mem_known`, good for the next
+    # steps on this driver incarnation; None: the next step reserves as usual.
     ahead: Ahead | None = None
     # A session turn that ended: its final token's KV is computed without
     # sampling, for its pin (_session_epilogue.py).
