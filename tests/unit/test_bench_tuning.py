@@ -6,7 +6,8 @@ import math
 import random
 
 from tools.bench._serve_load import Timing
-from tools.bench.tuning import CHAT, DOC, FULL, OBJECTIVES, QUICK, Outcome, Run, bursty, figures, ramp, ratio, steady
+from tools.bench.tuning import (CHAT, DOC, FULL, OBJECTIVES, QUICK, Outcome, Run, bursty, figures, ramp, ratio, salted,
+                                steady)
 
 
 def test_the_three_workloads_have_their_shapes() -> None:
@@ -50,3 +51,11 @@ def test_figures_pick_the_best_static_setting_per_workload_with_hindsight() -> N
     assert figs["bursty.goodput_ratio_vs_default_static"] == 0.9
     assert math.isclose(figs["ramp.ttft_p50_ratio"], 1.1) and math.isclose(figs["ramp.tpot_p50_ratio"], 0.9)
     assert ratio(0.0, 0.0) == 1.0 and ratio(1.0, 0.0) == math.inf
+
+
+def test_each_arm_gets_prompts_no_earlier_arm_cached() -> None:
+    work = bursty(QUICK, random.Random(1))
+    one, two = salted(work, 1), salted(work, 2)
+    assert all(a.prompt[0] == 1 and b.prompt[0] == 2 and a.prompt[1:] == b.prompt[1:] == r.prompt[1:]
+               and (a.at, a.max_tokens, a.priority) == (r.at, r.max_tokens, r.priority)
+               for a, b, r in zip(one, two, work))

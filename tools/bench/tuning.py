@@ -249,9 +249,17 @@ async def warm_up(client: AsyncClient) -> None:
             tg.start_soon(lambda: client.generate(random_ids(rng, 96), max_tokens=32, params=GREEDY, ignore_eos=True))
 
 
-async def run_one(client: AsyncClient, plan: Plan, setting: str, name: str, workload: list[Req]) -> Run:
+def salted(workload: list[Req], salt: int) -> list[Req]:
+    """The workload with each prompt's first token replaced by `salt`: the
+    same lengths and arrivals, but no prompt shares a cached prefix with an
+    earlier arm's (the memory server's prefix cache would hand every arm
+    after the first the documents' prefill for free)."""
+    return [Req(r.index, [salt, *r.prompt[1:]], r.max_tokens, r.at, r.priority) for r in workload]
+
+
+async def run_one(client: AsyncClient, plan: Plan, setting: str, name: str, workload: list[Req], salt: int) -> Run:
     await client.generate(list(range(32, 96)), max_tokens=4, params=GREEDY, ignore_eos=True)  # warm up
-    outcomes = await replay(client, workload)
+    outcomes = await replay(client, salted(workload, salt))
     await idle(client)
     st = await client.scheduler_stats()
     served = [o.timing for o in outcomes if o.timing.tokens]
@@ -316,7 +324,7 @@ async def main_async(home: Path, quick: bool, only: list[str] | None = None) -> 
                     scheduler_table(table, budget, seqs, tuner)
                     await restart_scheduler(client, budget, tuner)
                 first = False
-                runs.append(await run_one(client, plan, setting, name, workload))
+                runs.append(await run_one(client, plan, setting, name, workload, salt=len(runs) + 1))
     return runs, figures(runs)
 
 
