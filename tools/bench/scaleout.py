@@ -180,12 +180,19 @@ def run_all(plan: Plan) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     ap = parser(__doc__.splitlines()[0])
     ap.add_argument("--step-ms", type=float, help="the null drivers' simulated step time (default 20)")
+    ap.add_argument("--streams-per-driver", type=int,
+                    help="concurrent streams per driver (default 8); fewer shows the per-driver cost apart "
+                         "from the per-token one (docs/scale-out.md, where the time goes)")
     args = ap.parse_args(argv)
     plan = QUICK if args.quick else FULL
     if args.step_ms is not None:
         if not 0 < args.step_ms <= 10_000:
             ap.error("--step-ms must be in (0, 10000]")
         plan = replace(plan, step_ms=args.step_ms)
+    if args.streams_per_driver is not None:
+        if not 1 <= args.streams_per_driver <= 256:
+            ap.error("--streams-per-driver must be in [1, 256]")
+        plan = replace(plan, seqs_per_driver=args.streams_per_driver)
     t0 = time.perf_counter()
     f = run_all(plan)
     rows = [("drivers", "ray tok/s", "ray efficiency", "local tok/s", "local efficiency")]
