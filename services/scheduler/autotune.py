@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass
 
 Vec = tuple[float, float, float, float]
@@ -120,28 +119,6 @@ class LatencyModel:
     def prefill_known(self) -> bool:
         """Whether a step in the window computed prefill (else b_p is a guess)."""
         return any(x[2] > 0 for x, _ in self.samples)
-
-    def small_step_s(self) -> float | None:
-        """The median time of the window's steps of one or two decodes and
-        no prefill (None: fewer than 4 such steps)."""
-        small = sorted(y for x, y in self.samples if x[1] <= 2 and x[2] == 0)
-        return small[len(small) // 2] if len(small) >= 4 else None
-
-    @property
-    def decodes_varied(self) -> bool:
-        """Whether the window's decode counts span 4 or more (else the fixed
-        cost and a decode's cannot be told apart)."""
-        counts = [x[1] for x, _ in self.samples]
-        return bool(counts) and max(counts) - min(counts) >= 4
-
-    def measured_floor(self, t: float, key: Callable[[Vec], int]) -> int:
-        """The largest `key` (decodes, or tokens in buckets of 16) among
-        groups of at least 3 window steps whose median time was within `t`
-        (0: none): what the machine was seen to do, which no fit overrules."""
-        groups: dict[int, list[float]] = {}
-        for x, y in self.samples:
-            groups.setdefault(key(x), []).append(y)
-        return max((k for k, ys in groups.items() if len(ys) >= 3 and sorted(ys)[len(ys) // 2] <= t), default=0)
 
     def predict(self, shape: StepShape) -> float:
         return self._predict(features(shape))
