@@ -75,7 +75,7 @@ class Knobs:
 @dataclass(frozen=True, slots=True)
 class Decision:
     knobs: Knobs
-    state: str  # "tuned", "fallback" or "infeasible"
+    state: str  # "learning", "fallback", "configured" or "tuned"
     why: str
 
 
@@ -329,8 +329,7 @@ class AutoTuner:
             fair = max(self.min_chunk, (budget - d) // prefilling)
             if fair < chunk:
                 chunk = fair
-                if not reasons:
-                    reasons.append(f"a prefill chunk of {fair}: {prefilling} prompts ordered before {d} decodes "
+                reasons.append(f"a prefill chunk of {fair}: {prefilling} prompts ordered before {d} decodes "
                                    "would take their tokens (a stalled stream)")
         knobs = Knobs(budget, seqs, min(chunk, budget))
         if knobs == c:
