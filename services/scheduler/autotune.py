@@ -291,7 +291,10 @@ class AutoTuner:
         cost_known = m.prefill_known and bp > 0
         if static_p and cost_known and base + bp * static_p > allow:
             need = self._needed(view.demands, base, bp)
-            p = max(int((allow - base) / bp), need, self.min_budget - d, self.min_chunk)
+            # Short waiting prompts (chats) start in this step all the same: a
+            # one-off cost, where waiting behind the cut would cost their first token.
+            short = min(room, sum(x.tokens for x in view.demands if not x.running and x.tokens <= room // 2))
+            p = max(int((allow - base) / bp) + short, need, self.min_budget - d, self.min_chunk)
             if p < static_p:
                 budget = max(1, d + p)
                 reasons.append(f"a step of {d} decodes + {static_p} prefill tokens is predicted at "
@@ -300,7 +303,7 @@ class AutoTuner:
                                f"per-token objective at the tightest): {p} prefill tokens"
                                + (" (what the prompts' first-token deadlines need)" if need >= p else ""))
         if cost_known:
-            cut = self._chunk_for_deadlines(view.demands, base, bp, budget - d)
+            cut = self._chunk_for_deadlines(view.demands, base, bp, budget - d, budget < c.token_budget)
             if cut is not None and cut < chunk:
                 chunk = cut
                 reasons.append(f"a prefill chunk of {cut}: a waiting prompt's first-token deadline comes first")
@@ -355,7 +358,8 @@ class AutoTuner:
             need = max(need, math.ceil(total * base / (usable - total * bp)))
         return need
 
-    def _chunk_for_deadlines(self, demands: tuple[Demand, ...], base: float, bp: float, room: int) -> int | None:
+    def _chunk_for_deadlines(self, demands: tuple[Demand, ...], base: float, bp: float, room: int,
+                             cut: bool) -> int | None:
         """A chunk that leaves short prompts room beside the long ones (over
         half the room) when the long ones, taking the whole room, would keep
         a short one past its first-token deadline: the room less the urgent
@@ -366,7 +370,8 @@ class AutoTuner:
         if not long or room <= self.min_chunk:
             return None
         done_s = math.ceil(sum(x.tokens for x in long) / room) * (base + bp * room)
-        urgent = sum(x.tokens for x in demands if x.tokens <= short and 0 < x.deadline_s * self.headroom < done_s)
+        urgent = sum(x.tokens for x in demands if x.tokens <= short and (
+            0 < x.deadline_s * self.headroom < done_s or (cut and not x.running)))
         if not urgent:
             return None
         # Never under an even share of the room: the step still fills it.
