@@ -45,7 +45,10 @@ def test_figures_pick_the_best_static_setting_per_workload_with_hindsight() -> N
         runs += [run("tuner", w, 0.9, ttft=110.0, tpot=18.0), run("static 512x64", w, 0.5),
                  run("static 128x16", w, 0.5)]
         next(r for r in runs[-2:] if r.setting == best).goodput_rps = 1.0
+    for r in runs:
+        r.chat_ttft_p50_ms, r.chat_tpot_p50_ms = (60.0, 30.0) if r.setting == "tuner" else (50.0, 40.0)
     figs = figures(runs)
+    assert figs["bursty.chat_ttft_p50_ratio"] == 1.2 and figs["bursty.chat_tpot_p50_ratio"] == 0.75
     assert figs["steady.goodput_ratio_vs_best_static"] == 0.9
     assert figs["steady.goodput_ratio_vs_default_static"] == 0.9 / 0.5
     assert figs["bursty.goodput_ratio_vs_default_static"] == 0.9
