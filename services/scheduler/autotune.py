@@ -311,7 +311,7 @@ class AutoTuner:
         # burst of arrivals between two steps is not all let in at once.
         per_decode = bd + bc * self.context / 1000.0
         if per_decode > 0 and math.isfinite(view.tpot_s):
-            t = view.tpot_s  # no headroom: a wrong "no" is a first token surely late
+            t = (1 + self.headroom) / 2 * view.tpot_s  # half the headroom: a wrong "no" costs a first token
             most = self._most_decodes(t, a, per_decode, bp if cost_known else 0.0)
             if abs(most - self._most) <= max(1, self._most // 10):
                 most = self._most  # refits move it by a decode or two: no hunting
@@ -323,8 +323,8 @@ class AutoTuner:
                 seqs = max(1, view.running, most)
                 if seqs < c.max_num_seqs:
                     reasons.append(f"more than {most} decodes (beside the least prefill a step takes) are "
-                                   f"predicted over the {t * 1e3:.0f} ms per-token objective: admissions stop at "
-                                   f"{seqs}")
+                                   f"predicted over {t * 1e3:.0f} ms a step (a {view.tpot_s * 1e3:.0f} ms per-token "
+                                   f"objective): admissions stop at {seqs}")
         # Each running prompt's chunk within the prefill share, so that prompts
         # ordered before the decodes never take their tokens (a stalled stream).
         prefilling = sum(1 for x in view.demands if x.running)
