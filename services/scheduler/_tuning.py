@@ -74,7 +74,8 @@ class Tuning:
         # Only on a model it plans with: not while learning or unsure, nor
         # when no setting meets the objective (everyone misses it; refusing
         # would only turn slow answers into none).
-        if self.tuner is not None and factor > 0 and self.tuner.model.sure and self.tuner.state in ("configured", "tuned"):
+        planning = self.tuner is not None and self.tuner.model.sure and self.tuner.state in ("configured", "tuned")
+        if self.tuner is not None and factor > 0 and planning:
             est = predict_ttft(self.tuner.model, req.seq, state.running, state.waiting, limits,
                                state.policy.name)
             if est is not None and est * 1e3 > factor * o.ttft_ms:

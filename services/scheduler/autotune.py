@@ -272,7 +272,8 @@ class AutoTuner:
     def plan(self, view: View) -> Decision:
         c, m = self.ceiling, self.model
         if m.coef is None or len(m.samples) < m.min_samples:
-            return self._to(c, "learning" if not m.resets else "fallback", "learning the step time; the configured limits")
+            state = "learning" if not m.resets else "fallback"
+            return self._to(c, state, "learning the step time; the configured limits")
         if not m.sure:
             why = (f"model unsure: the machine's speed changed twice within {m.samples.maxlen} steps"
                    if m.unsteady else f"model unsure: its error is {m.rel_error:.0%} over {len(m.samples)} steps")

@@ -30,7 +30,8 @@ class Device:
     per_kpos: float = 0.002
 
     def step_s(self, s: StepShape, rng: random.Random) -> float:
-        base = self.fixed + self.per_decode * s.decodes + self.per_prefill * s.prefill + self.per_kpos * s.context / 1000
+        base = (self.fixed + self.per_decode * s.decodes + self.per_prefill * s.prefill
+                + self.per_kpos * s.context / 1000)
         return self.speed * base * rng.uniform(1 - self.noise, 1 + self.noise)
 
 
