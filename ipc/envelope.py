@@ -108,6 +108,15 @@ def encode_event_batch(events: list[BatchedEvent]) -> bytes:
     return _encode_batch(EventBatch(events))
 
 
+def events_message(events: list[BatchedEvent], src: str) -> tuple[Header, bytes]:
+    """The header and body that carry `events` (at least one) from `src`:
+    a lone event goes as a plain EVENT, several as one EVENTS batch."""
+    if len(events) == 1:
+        ev = events[0]
+        return Header(PROTOCOL_VERSION, Kind.EVENT, ev.msg_id, src=src, op=ev.op), ev.body
+    return Header(PROTOCOL_VERSION, Kind.EVENTS, 0, src=src), encode_event_batch(events)
+
+
 def decode_event_batch(payload: Sequence[FrameLike]) -> EventBatch:
     """The batch in an EVENTS frame's body (`payload`: the frames after the
     header); raises `BadRequest` naming what is wrong."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ipc.envelope import PROTOCOL_VERSION, BatchedEvent, Header, Kind, decode_event_batch, encode_event_batch, encode_header
+from ipc.envelope import BatchedEvent, Header, decode_event_batch, encode_header, events_message
 from ipc.errors import BadRequest, LlmosError, Unauthorized
 from kernel.ports import Port
 from kernel.registry import Instance
@@ -53,14 +53,8 @@ def answer_events(router: Router, inst: Instance, header: Header, payload: list[
     counters.dropped += late
     src = inst.name
     for port, ident, events in out.values():
-        if len(events) == 1:
-            ev = events[0]
-            frames = [ident, _EMPTY, encode_header(Header(PROTOCOL_VERSION, Kind.EVENT, ev.msg_id, src=src, op=ev.op)),
-                      ev.body]
-        else:
-            frames = [ident, _EMPTY, encode_header(Header(PROTOCOL_VERSION, Kind.EVENTS, 0, src=src)),
-                      encode_event_batch(events)]
-        if not port.send(frames):
+        header, body = events_message(events, src)
+        if not port.send([ident, _EMPTY, encode_header(header), body]):
             counters.dropped += len(events)
     if foreign:
         counters.dropped += len(foreign)

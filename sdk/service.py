@@ -30,7 +30,7 @@ from anyio.abc import TaskGroup
 
 from ipc import codec
 from common.capability import Restrictions
-from ipc.envelope import MAX_BATCH, PROTOCOL_VERSION, BatchedEvent, Header, Kind, encode_event_batch
+from ipc.envelope import MAX_BATCH, PROTOCOL_VERSION, BatchedEvent, Header, Kind, events_message
 from ipc.errors import EX_CONFIG, BadRequest, ConfigError, DeadlineExceeded, Internal, LlmosError, Unavailable
 from ipc.heartbeat import HEARTBEAT_EXPIRY_S, HEARTBEAT_INTERVAL_S
 from common.home import back_endpoint, llmos_home
@@ -328,11 +328,7 @@ class Service:
         conn = self._conn
         if conn is None:
             return
-        if len(events) == 1:
-            ev = events[0]
-            conn.send(Header(PROTOCOL_VERSION, Kind.EVENT, ev.msg_id, src=self.instance, op=ev.op), ev.body)
-        else:
-            conn.send(Header(PROTOCOL_VERSION, Kind.EVENTS, 0, src=self.instance), encode_event_batch(events))
+        conn.send(*events_message(events, self.instance))
 
     def _send_answer(self, req: Header, kind: Kind, body: Any, buffers: tuple[Any, ...] = ()) -> None:
         self._flush_events()  # a call's events go before its reply (and before a later event of its own)
