@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 
 import msgspec
 
-from common.config.scheduler import SchedulerConfig
+from common.config.scheduler import PolicyName, SchedulerConfig
 from common.logs import get_logger
 from ipc.errors import Overloaded
 from ipc.protocol import scheduler as sp
@@ -65,6 +65,7 @@ class Tuning:
         # Live sequence id -> [arrived, first decode seen, tokens then] on
         # the engine's clock (the time its TPOT slack is counted on).
         self._times: dict[int, list[float]] = {}
+        self._arrival = (0.0, 0.0)  # arrivals' prompt tokens and max_tokens, smoothed
 
     def admit(self, req: Request, state: EngineState, limits: Limits) -> None:
         """Track `req`'s objectives, or raise Overloaded when the tuner's model
@@ -92,6 +93,9 @@ class Tuning:
                                          "ttft_objective_s": o.ttft_ms / 1e3})
         self.slo.track(req)
         self._times[req.seq.seq_id] = [self.clock(), 0.0, 0.0]
+        prompt, reply = self._arrival
+        n, out = float(req.seq.remaining), float(_left(req.seq))
+        self._arrival = (n, out) if not reply else (0.9 * prompt + 0.1 * n, 0.9 * reply + 0.1 * out)
         req.on_finish.append(lambda: self._forget(req.seq.seq_id))
 
     def estimate_ttft(self, seq: Seq, state: EngineState, limits: Limits) -> float:
@@ -117,7 +121,8 @@ class Tuning:
         decision = self.tuner.plan(self.view(state, limits))
         self._log(decision)
         k = decision.knobs
-        return Limits(k.token_budget, k.max_num_seqs, k.prefill_chunk)
+        late = self._late(state) if k.late_last else frozenset()
+        return Limits(k.token_budget, k.max_num_seqs, k.prefill_chunk, late)
 
     def view(self, state: EngineState, limits: Limits) -> View:
         """The load: each decoding request's allowance (the step time that
@@ -126,13 +131,14 @@ class Tuning:
         now = self.clock()
         decodes = context = 0
         allowances: list[float] = []
+        lefts: list[int] = []
         demands: list[Demand] = []
         default = self.cfg.objective
         for s in state.running:
             t = self._times.get(s.seq_id)
             tpot = self.slo.tpot_s.get(s.seq_id, default.tpot_ms / 1e3)
             if s.remaining > 1 or not s.num_generated:
-                demands.append(Demand(self._deadline(s, t, now), s.remaining, True))
+                demands.append(Demand(self._deadline(s, t, now), s.remaining, True, _left(s), tpot))
                 continue
             decodes += 1
             context += len(s.tokens)
@@ -140,13 +146,27 @@ class Tuning:
                 continue
             if not t[1]:
                 t[1], t[2] = now, s.num_generated
-            left = max(1, s.max_len - len(s.tokens)) if s.max_len else 1
+            left = _left(s)
             done = s.num_generated - t[2]
             allowances.append((tpot * (done + left) - (now - t[1])) / left)
+            lefts.append(left)
         for s in state.waiting:
-            demands.append(Demand(self._deadline(s, self._times.get(s.seq_id), now), s.remaining, False))
+            demands.append(Demand(self._deadline(s, self._times.get(s.seq_id), now), s.remaining, False, _left(s),
+                                  self.slo.tpot_s.get(s.seq_id, default.tpot_ms / 1e3)))
         return View(decodes, context, tuple(allowances), tuple(demands), len(state.running), len(state.waiting),
-                    min(self.slo.tpot_s.values(), default=default.tpot_ms / 1e3))
+                    min(self.slo.tpot_s.values(), default=default.tpot_ms / 1e3), tuple(lefts), self._arrival)
+
+    def _late(self, state: EngineState) -> frozenset[int]:
+        """Waiting requests past their first-token objective, to start after
+        the rest — under first-come-first-served and fair share only (fair
+        share charges a tenant for what runs, so one whose request waits is
+        first later; a priority order is the operator's), and never a
+        preempted one (it had its first token)."""
+        if state.policy.name not in (PolicyName.FCFS, PolicyName.FAIR):
+            return frozenset()
+        now = self.clock()
+        return frozenset(s.seq_id for s in state.waiting if not s.num_generated and s.seq_id in self._times
+                         and self._deadline(s, self._times[s.seq_id], now) <= 0)
 
     def _forget(self, seq_id: int) -> None:
         self._times.pop(seq_id, None)
@@ -194,6 +214,11 @@ class Tuning:
 
 def _values(k: Knobs) -> tuple[int, int, int]:
     return k.token_budget, k.max_num_seqs, k.prefill_chunk
+
+
+def _left(s: Seq) -> int:
+    """The tokens `s` may still generate (to its max_tokens; 1 when unknown)."""
+    return max(1, s.max_len - len(s.tokens)) if s.max_len else 1
 
 
 __all__ = ["Tuning", "step_shape"]

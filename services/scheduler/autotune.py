@@ -70,6 +70,9 @@ class Knobs:
     token_budget: int
     max_num_seqs: int
     prefill_chunk: int
+    # Admit the waiting requests whose first-token objective has passed
+    # after those that can still meet theirs (the line's order otherwise).
+    late_last: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,6 +223,8 @@ class Demand:
     deadline_s: float  # until its first-token objective passes (<= 0: passed)
     tokens: int
     running: bool  # in the batch (its prompt part-computed), else waiting
+    output: int = 1  # tokens it may generate (its max_tokens)
+    tpot_s: float = math.inf  # its per-token objective
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,12 +238,15 @@ class View:
     running: int  # sequences in the batch
     waiting: int
     tpot_s: float = math.inf  # the tightest per-token objective, running or waiting
+    left: tuple[int, ...] = ()  # per allowance: the tokens that decode may still generate (its max_tokens)
+    arrival: tuple[float, float] = (0.0, 0.0)  # recent arrivals' mean prompt tokens and max_tokens (0: none yet)
 
 
 class AutoTuner:
     def __init__(self, ceiling: Knobs, *, headroom: float = 0.85, window: int = 64, every: int = 8,
-                 min_budget: int = 64, min_chunk: int = 32, warmup: int = 4):
+                 min_budget: int = 64, min_chunk: int = 32, warmup: int = 4, late_last: bool = True):
         self.ceiling = ceiling
+        self.late_last = late_last
         self.headroom = headroom
         self.every = every
         self.min_budget = min(min_budget, ceiling.token_budget)
@@ -249,7 +257,6 @@ class AutoTuner:
         self.context = 0.0  # smoothed context per decode
         self._since = 0
         self._warmup = warmup
-        self._most = 0
 
     def observe(self, shape: StepShape, step_s: float) -> float | None:
         """A step of `shape` took `step_s`: returns measured / predicted
@@ -284,13 +291,15 @@ class AutoTuner:
         # The requests still able to meet their objective at steps of decodes alone.
         live = [x for x in view.allowances if x >= base]
         allow = self.headroom * min(live, default=math.inf)
-        budget, seqs, chunk = c.token_budget, c.max_num_seqs, c.prefill_chunk
+        budget, seqs, chunk, late_last = c.token_budget, c.max_num_seqs, c.prefill_chunk, False
         reasons: list[str] = []
         wanted = sum(x.tokens for x in view.demands)
         room = max(0, c.token_budget - d)
         static_p = min(room, wanted)
         cost_known = m.prefill_known and bp > 0
-        if static_p and cost_known and base + bp * static_p > allow:
+        # Only a step predicted over the allowance by more than the model's
+        # own error: within it, the prediction does not say a request misses.
+        if static_p and cost_known and (base + bp * static_p) / (1 + m.rel_error) > allow:
             need = self._needed(view.demands, base, bp)
             # Short waiting prompts (chats) start in this step all the same: a
             # one-off cost, where waiting behind the cut would cost their first token.
@@ -308,42 +317,100 @@ class AutoTuner:
             if cut is not None and cut < chunk:
                 chunk = cut
                 reasons.append(f"a prefill chunk of {cut}: a waiting prompt's first-token deadline comes first")
-        # The batch cap binds on admissions only (never below the batch): a
-        # burst of arrivals between two steps is not all let in at once.
-        per_decode = bd + bc * self.context / 1000.0
-        if per_decode > 0 and math.isfinite(view.tpot_s):
-            t = (1 + self.headroom) / 2 * view.tpot_s  # half the headroom: a wrong "no" costs a first token
-            most = self._most_decodes(t, a, per_decode, bp if cost_known else 0.0)
-            if abs(most - self._most) <= max(1, self._most // 10):
-                most = self._most  # refits move it by a decode or two: no hunting
-            self._most = most
-            # Set only as the load nears it (a margin for arrivals before the
-            # next plan), and only where a batch meets the objective at all (a
-            # cap of none would queue everyone for nothing).
-            if 2 <= most < c.max_num_seqs and view.running + view.waiting + max(2, most // 4) >= most:
-                seqs = max(1, view.running, most)
-                if seqs < c.max_num_seqs:
-                    reasons.append(f"more than {most} decodes (beside the least prefill a step takes) are "
-                                   f"predicted over {t * 1e3:.0f} ms a step (a {view.tpot_s * 1e3:.0f} ms per-token "
-                                   f"objective): admissions stop at {seqs}")
+        # The batch cap binds on admissions only (never below the batch), and
+        # is set only as the load nears it.
+        if bd + bc > 0:
+            most = self._admits(view, a, bd + bc * self.context / 1000.0, bp if cost_known else 0.0, base)
+            if most is not None and max(view.running, most) < c.max_num_seqs:
+                seqs = max(view.running, most)
+                reasons.append(f"a batch over {seqs} is predicted to make a request miss its per-token "
+                               "objective (projected until the replies end): admissions stop there")
+        # Those whose first-token objective passed start after those that can
+        # still meet theirs, while not all of them start this step.
+        late = sum(1 for x in view.demands if not x.running and x.deadline_s <= 0)
+        if self.late_last and 0 < late < view.waiting and view.running + view.waiting > seqs:
+            late_last = True
+            reasons.append(f"{late} waiting requests past their first-token objective start after the "
+                           f"{view.waiting - late} that can still meet theirs")
         # Each running prompt's chunk within the prefill share, so that prompts
         # ordered before the decodes never take their tokens (a stalled stream).
         prefilling = sum(1 for x in view.demands if x.running)
-        if prefilling and d and budget - d < prefilling * chunk:
+        if prefilling and d and budget - d < sum(min(x.tokens, chunk) for x in view.demands if x.running):
             fair = max(self.min_chunk, (budget - d) // prefilling)
             if fair < chunk:
                 chunk = fair
                 reasons.append(f"a prefill chunk of {fair}: {prefilling} prompts ordered before {d} decodes "
                                    "would take their tokens (a stalled stream)")
-        knobs = Knobs(budget, seqs, min(chunk, budget))
+        knobs = Knobs(budget, seqs, min(chunk, budget), late_last)
         if knobs == c:
             return self._to(c, "configured", "no objective at risk at the configured limits")
         return self._to(knobs, "tuned", "; ".join(reasons))
 
-    def _most_decodes(self, t: float, a: float, per_decode: float, bp: float) -> int:
-        """The most decodes whose step, beside a minimal prefill chunk, is
-        predicted within `t`."""
-        return max(0, int((t - a - bp * self.min_chunk) / per_decode))
+    def _admits(self, view: View, a: float, per_decode: float, bp: float, base: float) -> int | None:
+        """The batch size at which admitting the next waiting request (in the
+        line's order) is predicted to make a request miss its per-token
+        objective, or None when admitting them all is not.
+
+        The batch is projected over each request's remaining tokens, the
+        replies ending at their max_tokens: over its next r steps a request
+        sees r * a + per_decode * sum(min(left_i, r)) + bp * (the prefill
+        queued in the batch), which must stay within (1 + headroom) / 2 of
+        its slack (its allowance times r; a newcomer's objective times its
+        reply). A request already predicted to miss before any admission is
+        not protected (holding others back would not save it), nor is a
+        newcomer's own objective when no batch at all would meet it."""
+        margin = (1 + self.headroom) / 2  # half the headroom: a wrong "no" costs a first token
+        # Members: [steps left, slack left in seconds, time projected so far].
+        members: list[list[float]] = []
+        lefts: list[int] = []
+        for i, allow in enumerate(view.allowances):
+            r = view.left[i] if i < len(view.left) else 1
+            lefts.append(r)
+            if allow >= base:
+                members.append([r, margin * allow * r, 0.0])
+        pending = 0
+        for x in view.demands:
+            if x.running:
+                pending += x.tokens
+                lefts.append(x.output)
+                if math.isfinite(x.tpot_s):
+                    members.append([x.output, margin * x.tpot_s * x.output, 0.0])
+
+        def project(m: list[float]) -> float:
+            r = m[0]
+            return r * a + per_decode * sum(min(n, r) for n in lefts) + bp * pending
+
+        for m in members:
+            m[2] = project(m)
+        members = [m for m in members if m[2] <= m[1]]  # predicted to meet it now: protected
+        batch = view.running
+        # In the order they would start (those past their first-token
+        # objective last), then arrivals like the recent ones, as many as
+        # could come before the cap would bind (a margin for arrivals between plans).
+        line = sorted((x for x in view.demands if not x.running), key=lambda x: x.deadline_s <= 0)
+        near = view.running + view.waiting + max(2, (view.running + view.waiting) // 3)
+        if view.arrival[1] >= 1 and math.isfinite(view.tpot_s):
+            typical = Demand(math.inf, int(view.arrival[0]), False, int(view.arrival[1]), view.tpot_s)
+            line += [typical] * max(0, near - view.running - len(line))
+        for x in line:
+            if batch >= self.ceiling.max_num_seqs:
+                return None
+            r, p = x.output, x.tokens
+            if any(m[2] + per_decode * min(r, m[0]) + bp * p > m[1] for m in members):
+                return batch
+            new = [r, margin * x.tpot_s * r, 0.0] if math.isfinite(x.tpot_s) else None
+            if new is not None:
+                new[2] = project(new) + r * per_decode  # its own decodes; its prefill precedes its first token
+                if new[2] > new[1] and r * (a + per_decode) <= new[1]:
+                    return batch  # it would miss now, and meets in a smaller batch: it waits for one
+            for m in members:
+                m[2] += per_decode * min(r, m[0]) + bp * p
+            if new is not None and new[2] <= new[1]:
+                members.append(new)
+            lefts.append(r)
+            pending += p
+            batch += 1
+        return None
 
     def _needed(self, demands: tuple[Demand, ...], base: float, bp: float) -> int:
         """The least prefill per step that brings every waiting or running

@@ -43,6 +43,7 @@ class Limits:
     token_budget: int
     max_num_seqs: int
     prefill_chunk: int
+    late: frozenset[int] = frozenset()  # waiting sequence ids that start after the rest (the tuner's choice)
 
 
 @dataclass
@@ -275,6 +276,8 @@ def plan(running: Iterable[Seq], waiting: Iterable[Seq], policy: Policy, ledger:
     wait: list[Seq] = []
     for s in sorted(waiting, key=lambda s: policy.key(s, now)):
         (out.never_fit if ledger.never_fits(s) else wait).append(s)
+    if limits.late:
+        wait.sort(key=lambda s: s.seq_id in limits.late)
     # Only a waiting sequence its tenant's quota lets start may displace or
     # defer running ones (those it would displace are mostly other tenants').
     startable = [w for w in wait if w.tenant not in ledger.quotas

@@ -75,6 +75,7 @@ class Sim:
     waiting: list[Req] = field(default_factory=list)
     knobs: Knobs | None = None
     stalled: int = 0  # running requests a step left out (a cap or budget under the batch)
+    arrival: tuple[float, float] = (0.0, 0.0)  # arrivals' mean prompt and output, smoothed (as Tuning keeps it)
 
     def run(self, reqs: list[Req], until: float = math.inf) -> list[Req]:
         """Serve `reqs` (with those still in the line or waiting from an
@@ -84,7 +85,10 @@ class Sim:
         knobs = self.knobs or self.ceiling
         while (line or waiting or self.running) and self.now < until:
             while line and line[0].at <= self.now:
-                waiting.append(line.pop(0))
+                r = line.pop(0)
+                waiting.append(r)
+                p, o = self.arrival
+                self.arrival = (r.prompt, r.output) if not o else (0.9 * p + 0.1 * r.prompt, 0.9 * o + 0.1 * r.output)
             if not waiting and not self.running:
                 self.now = line[0].at
                 continue
@@ -122,6 +126,8 @@ class Sim:
             out.append((r, n))
             budget -= n
         self.stalled += len(self.running) - len(out)
+        if k.late_last:  # those past their first-token objective start last
+            waiting.sort(key=lambda r: r.at + r.ttft_s <= self.now)
         while waiting and budget > 0 and len(self.running) < k.max_num_seqs:
             r = waiting.pop(0)
             self.running.append(r)
@@ -132,10 +138,11 @@ class Sim:
 
     def view(self, waiting: list[Req]) -> View:
         decodes = context = 0
-        allowances, demands = [], []
+        allowances, demands, lefts = [], [], []
         for r in self.running:
             if r.computed < r.prompt or not r.generated:
-                demands.append(Demand(r.at + r.ttft_s - self.now, r.remaining, True))
+                demands.append(Demand(r.at + r.ttft_s - self.now, r.remaining, True, r.output - r.generated,
+                                      r.tpot_s))
                 continue
             decodes += 1
             context += r.prompt + r.generated
@@ -144,10 +151,11 @@ class Sim:
             left = max(1, r.output - r.generated)
             done = r.generated - r.base
             allowances.append((r.tpot_s * (done + left) - (self.now - r.first_decode)) / left)
+            lefts.append(left)
         for r in waiting:
-            demands.append(Demand(r.at + r.ttft_s - self.now, r.remaining, False))
+            demands.append(Demand(r.at + r.ttft_s - self.now, r.remaining, False, r.output, r.tpot_s))
         return View(decodes, context, tuple(allowances), tuple(demands), len(self.running), len(waiting),
-                    min((r.tpot_s for r in [*self.running, *waiting]), default=0.1))
+                    min((r.tpot_s for r in [*self.running, *waiting]), default=0.1), tuple(lefts), self.arrival)
 
 
 def chats(rng: random.Random, seconds: float, rate: float, prompt: tuple[int, int] = (32, 128),
