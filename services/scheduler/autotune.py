@@ -51,6 +51,7 @@ and measured duration.
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections import deque
 from dataclasses import dataclass
@@ -349,7 +350,8 @@ class AutoTuner:
     def _admits(self, view: View, a: float, per_decode: float, bp: float, base: float) -> int | None:
         """The batch size at which admitting the next waiting request (in the
         line's order) is predicted to make a request miss its per-token
-        objective, or None when admitting them all is not.
+        objective, or None when admitting them all is not — then, as the load
+        nears it, arrivals like the recent ones.
 
         The batch is projected over each request's remaining tokens, the
         replies ending at their max_tokens: over its next r steps a request
@@ -375,42 +377,64 @@ class AutoTuner:
                 lefts.append(x.output)
                 if math.isfinite(x.tpot_s):
                     members.append([x.output, margin * x.tpot_s * x.output, 0.0])
+        lefts.sort()
+        prefix = [0]
+        for n in lefts:
+            prefix.append(prefix[-1] + n)
 
-        def project(m: list[float]) -> float:
-            r = m[0]
-            return r * a + per_decode * sum(min(n, r) for n in lefts) + bp * pending
+        def project(r: float) -> float:  # over the next r steps, the batch as it is
+            k = bisect.bisect_left(lefts, r)
+            return r * a + per_decode * (prefix[k] + r * (len(lefts) - k)) + bp * pending
 
         for m in members:
-            m[2] = project(m)
+            m[2] = project(m[0])
         members = [m for m in members if m[2] <= m[1]]  # predicted to meet it now: protected
         batch = view.running
-        # In the order they would start (those past their first-token
-        # objective last), then arrivals like the recent ones, as many as
-        # could come before the cap would bind (a margin for arrivals between plans).
-        line = sorted((x for x in view.demands if not x.running), key=lambda x: x.deadline_s <= 0)
-        near = view.running + view.waiting + max(2, (view.running + view.waiting) // 3)
-        if view.arrival[1] >= 1 and math.isfinite(view.tpot_s):
-            typical = Demand(math.inf, int(view.arrival[0]), False, int(view.arrival[1]), view.tpot_s)
-            line += [typical] * max(0, near - view.running - len(line))
-        for x in line:
+        added: list[Demand] = []  # admitted in the projection so far
+
+        def own(x: Demand) -> float:  # a newcomer's projection: the batch, those admitted before it, itself
+            r = x.output
+            return (project(r) + per_decode * (sum(min(y.output, r) for y in added) + r)
+                    + bp * sum(y.tokens for y in added))
+
+        # In the order they would start: those past their first-token objective last.
+        for x in sorted((x for x in view.demands if not x.running), key=lambda x: x.deadline_s <= 0):
             if batch >= self.ceiling.max_num_seqs:
                 return None
             r, p = x.output, x.tokens
             if any(m[2] + per_decode * min(r, m[0]) + bp * p > m[1] for m in members):
                 return batch
-            new = [r, margin * x.tpot_s * r, 0.0] if math.isfinite(x.tpot_s) else None
-            if new is not None:
-                new[2] = project(new) + r * per_decode  # its own decodes; its prefill precedes its first token
+            new: list[float] | None = None
+            if math.isfinite(x.tpot_s):
+                new = [r, margin * x.tpot_s * r, own(x)]
                 if new[2] > new[1] and r * (a + per_decode) <= new[1]:
                     return batch  # it would miss now, and meets in a smaller batch: it waits for one
             for m in members:
                 m[2] += per_decode * min(r, m[0]) + bp * p
             if new is not None and new[2] <= new[1]:
                 members.append(new)
-            lefts.append(r)
-            pending += p
+            added.append(x)
             batch += 1
-        return None
+        # Then arrivals like the recent ones, as many as may come before the
+        # next plans (a margin over the load): each adds the same to every
+        # projection, so the most that fit is a bound per member.
+        near = view.running + view.waiting + max(2, (view.running + view.waiting) // 3)
+        if view.arrival[1] < 1 or not math.isfinite(view.tpot_s) or batch >= min(near, self.ceiling.max_num_seqs):
+            return None
+        r, p = max(1, round(view.arrival[1])), round(view.arrival[0])
+        typical = Demand(math.inf, p, False, r, view.tpot_s)
+        most = near - batch
+        for m in members:
+            inc = per_decode * min(r, m[0]) + bp * p
+            if inc > 0:
+                most = min(most, int((m[1] - m[2]) / inc))
+        slack = margin * view.tpot_s * r
+        first, inc = own(typical), per_decode * r + bp * p  # the j-th of them ends at first + (j - 1) * inc
+        if first > slack and r * (a + per_decode) <= slack:
+            most = 0
+        elif first <= slack:
+            most = min(most, 1 + int((slack - first) / inc) if inc > 0 else most)
+        return None if batch + most >= near else batch + max(0, most)
 
     def _needed(self, demands: tuple[Demand, ...], base: float, bp: float) -> int:
         """The least prefill per step that brings every waiting or running
