@@ -106,7 +106,7 @@ class Driver(DriverService):
                 raise
             finally:
                 self._busy = False
-            self.seqs.record(steps, [r.error for r in results])
+            self.seqs.record(steps, [r.error for r in results], [r.token for r in results])
         outputs = [dp.SeqOutput(r.seq_id, -1 if r.token is None else r.token, r.logprob or 0.0,
                                 list(r.top_logprobs), r.error or "") for r in results]
         return dp.Executed(outputs + resend, time.perf_counter() - began)

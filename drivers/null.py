@@ -109,7 +109,7 @@ class NullDriver(DriverService):
                 steps, trust, resend = self.seqs.expand_trusted(msg)
                 errors = check_steps(steps, self.limits, trust)
                 outputs = [self._one(s, err) for s, err in zip(steps, errors)]
-                self.seqs.record(steps, errors)
+                self.seqs.record(steps, errors, [o.token for o in outputs])
                 outputs += resend
                 n_tokens = sum(len(s.token_ids) for s in steps)
                 simulated = self.args.step_ms / 1e3 + n_tokens * self.args.per_token_us / 1e6

@@ -13,6 +13,13 @@ forgotten, so its next step comes in full too.
 A kept copy is one that ran, so it passed the driver's checks
 (drivers/checks.py): `expand_trusted` says so for each step it makes whole
 (`Trust`), and the checks then look only at what the delta added.
+
+Async scheduling: the scheduler sends step N+1 before step N's reply, so a
+decode's N+1 delta is a `chain` one with no tokens; its input is the token
+this driver sampled for it in step N (`Kept.last`, from `record`'s
+`tokens`). A driver runs its Executes one at a time in arrival order, so N
+is recorded before N+1 is made whole; a chain delta that meets no sampled
+token (N failed, or ran elsewhere) is answered `resend`, like any misfit.
 """
 
 from __future__ import annotations
@@ -33,6 +40,9 @@ class Kept:
     # Every token up to pos, kept only when a repetition penalty reads it.
     history: list[int] = field(default_factory=list)
     history_checked: bool = False  # found in the vocabulary by a check
+    # The token its last step sampled (-1: none): the input of a `chain`
+    # delta, sent before the scheduler knew it (async scheduling).
+    last: int = -1
 
 
 class SeqTable:
@@ -68,37 +78,45 @@ class SeqTable:
         for d in msg.deltas:
             seq_id = d.seq_id
             kept = seqs.get(seq_id) if seq_id not in full else None
-            if kept is None or d.start_pos != kept.pos or not 0 <= d.table_start <= len(kept.table):
+            if (kept is None or d.start_pos != kept.pos or not 0 <= d.table_start <= len(kept.table)
+                    or (d.chain and (kept.last < 0 or d.token_ids))):
                 seqs.pop(seq_id, None)
                 resend.append(dp.SeqOutput(seq_id, error=_misfit(d, kept), resend=True))
                 continue
+            token_ids = [kept.last] if d.chain else d.token_ids
             kept_table = kept.table
             table = kept_table[:d.table_start] + d.blocks if d.blocks or d.table_start < len(kept_table) \
                 else kept_table
             penalised = kept.params.repetition_penalty != 1.0
-            steps.append(dp.StepSeq(seq_id, d.token_ids, d.start_pos, table, d.sample, kept.params,
+            steps.append(dp.StepSeq(seq_id, token_ids, d.start_pos, table, d.sample, kept.params,
                                     kept.history if penalised else []))
             trust.append((d.table_start, kept.pos, kept.history_checked or not penalised))
             made[seq_id] = kept
         return steps, trust, resend
 
-    def record(self, steps: Sequence[dp.StepSeq], errors: Sequence[str | None]) -> None:
+    def record(self, steps: Sequence[dp.StepSeq], errors: Sequence[str | None],
+               tokens: Sequence[int | None] = ()) -> None:
         """After the step: keep each sequence that ran, forget each that
-        failed (its next step comes in full)."""
+        failed (its next step comes in full). `tokens`: what each step
+        sampled (None or -1: nothing), the input of its next `chain` delta;
+        not given, no sequence can be chained."""
         made, self._made = self._made, {}
         seqs = self.seqs
-        for s, error in zip(steps, errors):
+        sampled = list(tokens) + [None] * (len(steps) - len(tokens))
+        for s, error, token in zip(steps, errors, sampled):
             seq_id = s.seq_id
             if error:
                 seqs.pop(seq_id, None)
                 continue
             end = s.start_pos + len(s.token_ids)
+            last = token if token is not None and token >= 0 and s.sample else -1
             kept = made.get(seq_id)
             if kept is not None and seqs.get(seq_id) is kept:
                 # Made whole from this copy: it moves on in place (a
                 # penalised history grows by the step's checked tokens).
                 kept.table = s.block_table
                 kept.pos = end
+                kept.last = last
                 if kept.params.repetition_penalty != 1.0:
                     kept.history.extend(s.token_ids)
                     kept.history_checked = kept.history_checked or s.sample
@@ -109,7 +127,7 @@ class SeqTable:
                 history = [*s.prior_token_ids, *s.token_ids]
             # The step's own lists (decoded for it). Its history was checked
             # when the step sampled (drivers/checks.py).
-            seqs[seq_id] = Kept(s.block_table, end, s.params, history, penalised and s.sample)
+            seqs[seq_id] = Kept(s.block_table, end, s.params, history, penalised and s.sample, last)
 
 
 def _misfit(d: dp.StepDelta, kept: Kept | None) -> str:
@@ -121,6 +139,11 @@ def _misfit(d: dp.StepDelta, kept: Kept | None) -> str:
     if not 0 <= d.table_start <= len(kept.table):
         return (f"seq_id {d.seq_id}: table_start {d.table_start} is outside this driver's copy of "
                 f"{len(kept.table)} blocks: send it in full")
+    if d.chain and d.token_ids:
+        return f"seq_id {d.seq_id}: a chain delta carries no tokens (its input is the one sampled here)"
+    if d.chain:
+        return (f"seq_id {d.seq_id}: a chain delta, but this driver's last step of it sampled no token: "
+                "send it in full")
     return ""
 
 

@@ -130,6 +130,11 @@ class SchedulerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     # Reserve the next step's decode slots while a step runs, so the memory
     # round trip leaves the critical path (docs/scheduler.md, "The step").
     overlap: bool = True
+    # Async scheduling: while step N runs, step N+1 (the same decodes, their
+    # slots reserved ahead) goes to the driver, which feeds each the token it
+    # sampled in N; a sequence that ended in N has its N+1 token dropped
+    # (docs/scheduler.md, "Async steps"). Needs `overlap`.
+    async_steps: bool = True
     # How a sequence preempted for blocks keeps its KV (see PreemptionMode).
     preemption: PreemptionMode = PreemptionMode.RECOMPUTE
     # Objectives and online tuning (on by default; see TunerConfig).

@@ -61,6 +61,11 @@ class StepDelta(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
     table_start: int
     blocks: list[int] = []
     sample: bool = True
+    # Async scheduling (docs/scheduler.md, "Async steps"): sent before the
+    # step that samples its input returned, so `token_ids` is empty and the
+    # input is the token this driver sampled for the sequence in its last
+    # step (drivers/seq_table.py `Kept.last`); no such token: `resend`.
+    chain: bool = False
 
 
 class Execute(Request["Executed"]):

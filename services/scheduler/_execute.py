@@ -16,7 +16,7 @@ from ipc.protocol import memory as mp
 from services.scheduler._request import Seq
 from services.scheduler._kv_quota import KvQuotas
 from services.scheduler._sessions import SessionTable
-from services.scheduler._state import EngineState
+from services.scheduler._state import DriverState, EngineState
 
 log = get_logger()
 
@@ -30,12 +30,15 @@ class Work:
     start: int
     end: int
     copies: list[tuple[int, int]]
+    # Async scheduling: sent before the step that samples its input came
+    # back; the driver feeds it the token it sampled (drivers/seq_table.py).
+    chain: bool = False
 
     @property
     def samples(self) -> bool:
         """The step reaches the sequence's last token: a token is sampled
         (but not by a finished turn's epilogue, _session_epilogue.py)."""
-        return self.end == len(self.seq.tokens) and not self.seq.epilogue
+        return self.chain or self.end == len(self.seq.tokens) and not self.seq.epilogue
 
 
 @dataclass(slots=True)
@@ -128,97 +131,171 @@ def reserve_refused(state: EngineState, sessions: SessionTable, kv: KvQuotas, se
     return f"the memory server refused the sequence: {error.message}"
 
 
+@dataclass(slots=True, eq=False)
+class Sent:
+    """One driver's share of a step: its `Execute`, and once back, the reply
+    (None: the driver was lost) or why the live driver refused it whole."""
+
+    pool: str
+    driver: DriverState
+    incarnation: int
+    items: list[Work]
+    msg: dp.Execute
+    memory_generation: int  # the memory server's when it was sent (chained steps)
+    reply: dp.Executed | None = None
+    refused: str = ""
+
+
 async def execute(state: EngineState, work: list[Work], incarnations: dict[str, int]) -> StepResult:
     """Run `work` on the drivers, each pool's part on the incarnation of its
     driver that the plan saw."""
-    by_pool: dict[str, list[Work]] = {}
-    for w in work:
-        by_pool.setdefault(w.seq.pool or "", []).append(w)
     result = StepResult()
+    sents = prepare(state, work, incarnations, result)
     state.critical_rpcs += 1  # the drivers' Executes run concurrently: one round trip
-    if len(by_pool) == 1:
-        # Awaited here, not in a task: the Execute leaves before this task
-        # first yields, ahead of whatever else the loop has to run.
-        [(pool, items)] = by_pool.items()
-        await _execute_on(state, pool, items, incarnations.get(pool, -1), result)
-        return result
-    async with anyio.create_task_group() as tg:
-        for pool, items in by_pool.items():
-            tg.start_soon(_execute_on, state, pool, items, incarnations.get(pool, -1), result)
+    await send_all(state, sents)
+    for sent in sents:
+        apply(state, sent, result)
     return result
 
 
-async def _execute_on(state: EngineState, pool: str, items: list[Work], incarnation: int,
-                      result: StepResult) -> None:
-    d = state.drivers.get(pool)
-    if d is None:
-        return  # died since the plan; the engine re-queues them
-    if d.incarnation != incarnation:
-        result.lost_pools.add(pool)  # restarted since the plan: its KV is gone
+def prepare(state: EngineState, work: list[Work], incarnations: dict[str, int], result: StepResult) -> list[Sent]:
+    """Each pool's `Execute` for `work`. What the driver will hold once it
+    ran is recorded now (`Seq.driver_key`, `driver_pos`, `table_synced`), so
+    a step chained after this one (async scheduling) is built on it; the
+    reply undoes it where the step did not run (`apply`)."""
+    by_pool: dict[str, list[Work]] = {}
+    for w in work:
+        by_pool.setdefault(w.seq.pool or "", []).append(w)
+    sents = []
+    for pool, items in by_pool.items():
+        incarnation = incarnations.get(pool, -1)
+        d = state.drivers.get(pool)
+        if d is None:
+            continue  # died since the plan; the engine re-queues them
+        if d.incarnation != incarnation:
+            result.lost_pools.add(pool)  # restarted since the plan: its KV is gone
+            continue
+        steps, deltas, copies = [], [], []
+        key = (pool, incarnation)
+        for w in items:
+            seq, start, end = w.seq, w.start, w.end
+            all_tokens = seq.tokens
+            if w.chain:
+                # Its input is the token the driver sampled for it in the step before.
+                synced = seq.table_synced
+                deltas.append(dp.StepDelta(seq.seq_id, [], start, synced, seq.block_table[synced:], True, True))
+            elif seq.driver_key == key and seq.driver_pos == start:
+                # The driver holds it: only what changed.
+                samples = end == len(all_tokens) and not seq.epilogue  # (a turn's epilogue: _session_epilogue.py)
+                synced = seq.table_synced
+                deltas.append(dp.StepDelta(seq.seq_id, all_tokens[start:end], start, synced,
+                                           seq.block_table[synced:], samples))
+            else:
+                samples = end == len(all_tokens) and not seq.epilogue
+                params = seq.request.submit.params
+                prior = all_tokens[:start] if params.repetition_penalty != 1.0 else []
+                steps.append(dp.StepSeq(seq.seq_id, all_tokens[start:end], start, list(seq.block_table), samples,
+                                        params, prior))
+            if w.copies:
+                copies.extend(w.copies)
+            seq.driver_key, seq.driver_pos, seq.table_synced = key, end, len(seq.block_table)
+        msg = dp.Execute(steps, copies, deltas, state.driver_drops.pop(pool, []), state.epoch)
+        state.execute_bytes += len(codec.encode(msg))
+        sents.append(Sent(pool, d, incarnation, items, msg, state.memory_generation))
+    return sents
+
+
+async def send_all(state: EngineState, sents: list[Sent]) -> None:
+    """Send each `Sent` and await the replies, concurrently."""
+    if len(sents) == 1:
+        # Awaited here, not in a task: the Execute leaves before this task
+        # first yields, ahead of whatever else the loop has to run.
+        await _send(state, sents[0])
         return
-    steps, deltas, copies = [], [], []
-    key = (pool, incarnation)
-    for w in items:
-        seq, start, end = w.seq, w.start, w.end
-        all_tokens = seq.tokens
-        samples = end == len(all_tokens) and not seq.epilogue  # (a turn's epilogue: _session_epilogue.py)
-        if seq.driver_key == key and seq.driver_pos == start:
-            # The driver holds it: only what changed.
-            synced = seq.table_synced
-            deltas.append(dp.StepDelta(seq.seq_id, all_tokens[start:end], start, synced,
-                                       seq.block_table[synced:], samples))
-        else:
-            params = seq.request.submit.params
-            prior = all_tokens[:start] if params.repetition_penalty != 1.0 else []
-            steps.append(dp.StepSeq(seq.seq_id, all_tokens[start:end], start, list(seq.block_table), samples,
-                                    params, prior))
-        if w.copies:
-            copies.extend(w.copies)
-    reply: dp.Executed | None = None
-    msg = dp.Execute(steps, copies, deltas, state.driver_drops.pop(pool, []), state.epoch)
-    state.execute_bytes += len(codec.encode(msg))
+    async with anyio.create_task_group() as tg:
+        for sent in sents:
+            tg.start_soon(_send, state, sent)
+
+
+async def _send(state: EngineState, sent: Sent) -> None:
+    pool, d = sent.pool, sent.driver
     with anyio.CancelScope() as scope:
-        d.scope = scope
+        d.scopes.add(scope)
         try:
-            reply = await state.backend.execute(pool, msg)
+            sent.reply = await state.backend.execute(pool, sent.msg)
         except (Unavailable, DeadlineExceeded) as exc:
-            log.warning("scheduler.driver_lost", driver=pool, error=str(exc), seqs=len(items))
+            log.warning("scheduler.driver_lost", driver=pool, error=str(exc), seqs=len(sent.items))
         except LlmosError as exc:
             # A live driver refused the whole step: count it against the
             # sequences, so a poisonous one cannot loop forever.
             log.error("scheduler.step_refused", driver=pool, error=str(exc))
-            result.refused.extend((w.seq, f"driver {pool} refused the step: {exc}") for w in items)
-            return
+            sent.refused = f"driver {pool} refused the step: {exc}"
         finally:
-            d.scope = None
+            d.scopes.discard(scope)
+
+
+def apply(state: EngineState, sent: Sent, result: StepResult) -> None:
+    """Take in one driver's reply. A chained step's outputs (async
+    scheduling) count only for the sequences whose step before ran as
+    planned and that still run: a sequence that ended, failed or was reset
+    meanwhile, or any after the memory server restarted, has its output
+    dropped (never streamed) and goes in full next time."""
+    pool, d, incarnation, items = sent.pool, sent.driver, sent.incarnation, sent.items
+    running = {id(s) for s in state.running} if any(w.chain for w in items) else set()
+    if sent.refused:
+        result.refused.extend((w.seq, sent.refused) for w in items if _current(state, w, sent, running))
+        return
     # The reply is only good if the driver that ran it is the one whose KV
     # the block tables describe: a restarted driver would answer from empty
     # blocks. Its ServiceDown/ServiceUp reach us before its reply (one
     # connection, in order), and bump the incarnation.
+    reply = sent.reply
     if reply is None or incarnation != d.incarnation or state.drivers.get(pool) is not d:
-        result.lost_pools.add(pool)
+        # (A chained step's driver restarted after the step before reported
+        # it: the recovery has it already, and may have started others there.)
+        if reply is None and state.drivers.get(pool) is d or not any(w.chain for w in items):
+            result.lost_pools.add(pool)
         for w in items:
-            w.seq.driver_key = None
+            if _current(state, w, sent, running):
+                w.seq.driver_key = None
         return
     outputs = {o.seq_id: o for o in reply.outputs}
     produced = result.produced
     for w in items:
         seq, end = w.seq, w.end
+        if not _current(state, w, sent, running):
+            continue
         out = outputs.get(seq.seq_id)
-        seq.driver_key = None  # until it ran there
         if out is not None and out.resend:
             # The driver does not hold it (restarted, or lost it): nothing
             # ran; it goes in full next step, its slots already reserved.
             log.info("scheduler.driver_resend", driver=pool, seq=seq.seq_id, why=out.error)
+            seq.driver_key = None
             continue
         if out is None or out.error:
+            seq.driver_key = None
             why = out.error if out is not None else "the driver returned no output"
             result.failed.append((seq, f"driver {pool}: {why}"))
             continue
         seq.num_computed = end
-        seq.driver_key, seq.driver_pos, seq.table_synced = key, end, len(seq.block_table)
         if out.token >= 0 and end == len(seq.tokens):
             produced.append(Produced(seq, out.token, out.logprob, out.top_logprobs))
 
 
-__all__ = ["Produced", "StepResult", "Work", "execute", "reserve", "reserve_refused"]
+def _current(state: EngineState, w: Work, sent: Sent, running: set[int]) -> bool:
+    """Whether `w`'s outcome still applies: always for a planned step; for
+    a chained one, while its sequence runs on from where the step before
+    left it, with the memory server that reserved its slot."""
+    if not w.chain:
+        return True
+    seq = w.seq
+    if (seq.request.done.is_set() or seq.num_computed != w.start or seq.pool != sent.pool
+            or sent.memory_generation != state.memory_generation or id(seq) not in running):
+        if not seq.request.done.is_set() and seq.driver_key == (sent.pool, sent.incarnation):
+            seq.driver_key = None  # the driver's copy moved on without us
+        return False
+    return True
+
+
+__all__ = ["Produced", "Sent", "StepResult", "Work", "apply", "execute", "prepare", "reserve", "reserve_refused",
+           "send_all"]

@@ -30,19 +30,22 @@ run ahead of.
 from __future__ import annotations
 
 from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
+from anyio.abc import TaskGroup
 
 from common.logs import get_logger
 from ipc.protocol import memory as mp
-from services.scheduler._execute import StepResult, Work, execute
+from services.scheduler._execute import Sent, StepResult, Work, apply, execute, prepare, send_all
 from services.scheduler._request import Ahead, Seq
 
 # Slots a decode reserves ahead at once (the memory server's MAX_AHEAD): a
 # steady decode then makes one memory call in that many steps, not each.
 AHEAD = mp.MAX_AHEAD
 from services.scheduler._state import EngineState
+from services.scheduler.planner import Limits
 
 log = get_logger()
 
@@ -70,7 +73,8 @@ def take_covered(state: EngineState, scheduled: list[tuple[Seq, int]], incarnati
     return covered, rest
 
 
-def _ahead_items(state: EngineState, work: list[Work], quotas: Mapping[str, int]) -> list[tuple[Seq, mp.SeqReserve]]:
+def _ahead_items(state: EngineState, work: list[Work], quotas: Mapping[str, int],
+                 margin: int) -> list[tuple[Seq, mp.SeqReserve]]:
     items = []
     drivers = state.drivers
     for w in work:
@@ -79,9 +83,11 @@ def _ahead_items(state: EngineState, work: list[Work], quotas: Mapping[str, int]
         n = len(tokens)  # step N samples token n; step N+1 computes position n
         d = drivers.get(seq.pool or "")
         a = seq.ahead
-        if a is not None and a.until > n and d is not None and a.pool == seq.pool and a.incarnation == d.incarnation:
-            continue  # its slots reach past the next step already: no item
-        if d is None or w.end != n or seq.request.submit.session or seq.swapped or not seq.mem_known:
+        if (a is not None and a.until > n + margin and d is not None and a.pool == seq.pool
+                and a.incarnation == d.incarnation):
+            continue  # its slots reach past the next step (and `margin` more) already: no item
+        if (d is None or w.end != n or seq.request.submit.session or seq.swapped or not seq.mem_known
+                or seq.request.done.is_set()):
             continue  # nothing follows it in the next step, or not as a decode (a session's turn: see above)
         k = AHEAD if not seq.max_len else min(AHEAD, seq.max_len - 1 - n)  # its last token is never computed
         if quotas and seq.tenant in quotas:
@@ -96,12 +102,14 @@ def _ahead_items(state: EngineState, work: list[Work], quotas: Mapping[str, int]
     return items
 
 
-async def reserve_ahead(state: EngineState, work: list[Work],
-                        quotas: Mapping[str, int]) -> list[tuple[Seq, mp.SeqReserve, mp.SeqBlocks]] | None:
+async def reserve_ahead(state: EngineState, work: list[Work], quotas: Mapping[str, int], *,
+                        margin: int = 0) -> list[tuple[Seq, mp.SeqReserve, mp.SeqBlocks]] | None:
     """Reserve the next step's slots of `work`'s decodes, with the releases
     pending; the replies, applied once the step is back (`apply_ahead`).
+    `margin`: renew also when the slots end within that many steps after
+    the next (async scheduling sends step N+2 before this Reserve is back).
     None: there was nothing to send."""
-    items = _ahead_items(state, work, quotas)
+    items = _ahead_items(state, work, quotas, margin)
     release, discard = state.take_releases()
     if not items and not release and not discard:
         return None
@@ -131,42 +139,129 @@ def apply_ahead(replies: list[tuple[Seq, mp.SeqReserve, mp.SeqBlocks]], incarnat
         seq.ahead = Ahead(pool, incarnations.get(pool, -1), copies, known + item.ahead)
 
 
+@dataclass(eq=False)
+class InFlight:
+    """Step N+1, sent while step N runs (async scheduling): the decodes of
+    step N, each fed by its driver the token it samples in N. The engine
+    adopts it as its next step (`execute_step`'s `flying`)."""
+
+    work: list[Work]
+    incarnations: dict[str, int]
+    sents: list[Sent]
+    result: StepResult
+    done: anyio.Event = field(default_factory=anyio.Event)
+
+    async def fly(self, state: EngineState) -> None:
+        """Send it and await the replies (a task of the engine's)."""
+        try:
+            await send_all(state, self.sents)
+        finally:
+            self.done.set()
+
+
+def chain_work(state: EngineState, work: list[Work], incarnations: dict[str, int]) -> list[Work] | None:
+    """Step N+1 for step N's `work`, to send before N returns: each decode
+    one position on, its input the token N samples. None when the step
+    after is not that (a prefill chunk that samples nothing, a session's
+    turn, a slot not reserved ahead, a driver that will not hold it): the
+    next plan decides. A sequence whose last token N samples is left out."""
+    nxt: list[Work] = []
+    running = {id(s) for s in state.running}
+    drivers = state.drivers
+    for w in work:
+        seq = w.seq
+        req = seq.request
+        if req.done.is_set() or id(seq) not in running:
+            continue  # ended: nothing follows
+        if not w.samples or req.submit.session or seq.swapped or seq.epilogue:
+            return None
+        pos = w.end  # step N+1 computes position `pos`, its token the one N samples
+        if seq.max_len and pos + 1 >= seq.max_len:
+            continue  # N samples its last token
+        pool = seq.pool or ""
+        incarnation = incarnations.get(pool, -1)
+        a = seq.ahead
+        d = drivers.get(pool)
+        if (a is None or a.copies or a.pool != pool or a.incarnation != incarnation or pos >= a.until
+                or d is None or d.incarnation != incarnation or seq.driver_key != (pool, incarnation)
+                or seq.driver_pos != pos or len(seq.block_table) * d.shape.block_size <= pos):
+            return None
+        nxt.append(Work(seq, pos, pos + 1, [], chain=True))
+    return nxt or None
+
+
+def send_next(state: EngineState, tg: TaskGroup, work: list[Work], incarnations: dict[str, int],
+              limits: Limits) -> InFlight | None:
+    """Send step N+1 (`chain_work`) behind step N, its Executes awaited in
+    `tg`, when it fits `limits`; None: the next step is planned as usual."""
+    if state.memory_down:
+        return None
+    nxt = chain_work(state, work, incarnations)
+    if nxt is None or len(nxt) > limits.max_num_seqs or len(nxt) > limits.token_budget:
+        return None
+    result = StepResult()
+    flying = InFlight(nxt, incarnations, prepare(state, nxt, incarnations, result), result)
+    tg.start_soon(flying.fly, state)
+    return flying
+
+
 async def execute_step(state: EngineState, work: list[Work], incarnations: dict[str, int], overlap: bool,
-                       quotas: Mapping[str, int], beside: Callable[[], Coroutine[Any, Any, None]] | None = None) -> StepResult:
+                       quotas: Mapping[str, int], beside: Callable[[], Coroutine[Any, Any, None]] | None = None,
+                       *, flying: InFlight | None = None,
+                       chain: Callable[[list[Work]], InFlight | None] | None = None) -> StepResult:
     """Run `work` on the drivers (`execute`) and, with `overlap`, reserve
     the next step's decode slots meanwhile (a new block under a tenant's
     `quotas` is left to the next plan). The overlapped Reserve counts in
     `critical_rpcs` only when it came back after the step (the loop then
     waited on it with the drivers idle). `beside`: the last step's work that
-    can wait (_text.py `TextLater`), run meanwhile too."""
-    if not overlap and beside is None:
+    can wait (_text.py `TextLater`), run meanwhile too.
+
+    Async scheduling: `flying` is this step, already sent while the last one
+    ran (its replies are applied here, not before); `chain` is called once
+    this step's Executes are built, to send the next one behind them. The
+    Reserve then counts in `critical_rpcs` only when it came back after that
+    one too (the driver had nothing queued)."""
+    if not overlap and beside is None and flying is None and chain is None:
         return await execute(state, work, incarnations)
-    result = StepResult()
+    if flying is not None:
+        result, sents = flying.result, flying.sents
+    else:
+        result = StepResult()
+        sents = prepare(state, work, incarnations, result)
+    state.critical_rpcs += 1  # the drivers' Executes run concurrently: one round trip
     replies: list[tuple[Seq, mp.SeqReserve, mp.SeqBlocks]] = []
     executed = False
+    nxt: InFlight | None = None
 
     async def run() -> None:
-        nonlocal result, executed
-        result = await execute(state, work, incarnations)
+        nonlocal executed
+        if flying is not None:
+            await flying.done.wait()
+        else:
+            await send_all(state, sents)
         executed = True
 
     async def reserve() -> None:
         nonlocal replies
-        got = await reserve_ahead(state, work, quotas)
+        got = await reserve_ahead(state, work, quotas, margin=1 if chain is not None else 0)
         if got is not None:
             replies = got
-            state.critical_rpcs += executed
+            state.critical_rpcs += executed and (nxt is None or nxt.done.is_set())
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(run)  # first: the Execute leaves before anything else is done
+        if chain is not None:
+            nxt = chain(work)  # step N+1, behind this one on each driver
         if overlap:
             tg.start_soon(reserve)
         if beside is not None:
             tg.start_soon(beside)
+    for sent in sents:
+        apply(state, sent, result)
     # Applied before the engine reads the result: a sequence the step
     # failed is then reset with its slot (discarded, not cached).
     apply_ahead(replies, incarnations)
     return result
 
 
-__all__ = ["apply_ahead", "execute_step", "reserve_ahead", "take_covered"]
+__all__ = ["InFlight", "apply_ahead", "chain_work", "execute_step", "reserve_ahead", "take_covered"]

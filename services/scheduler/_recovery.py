@@ -49,8 +49,8 @@ class Recovery:
         if d is None:
             return
         self._lost_pools.add(instance)
-        if d.scope is not None:
-            d.scope.cancel()
+        for scope in d.scopes:
+            scope.cancel()
         self.state.wake()
 
     def pools_lost(self, pools: set[str]) -> None:
@@ -63,6 +63,7 @@ class Recovery:
 
     def memory_restarted(self) -> None:
         self.state.memory_down = False
+        self.state.memory_generation += 1
         self._reregister = True
         self.state.wake()
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Awaitable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
 import anyio
@@ -52,7 +52,8 @@ class DriverState:
     # Bumped each time a driver of this name comes up: a block table is only
     # good on the incarnation it was planned for.
     incarnation: int
-    scope: anyio.CancelScope | None = None  # the step in flight on it
+    # The steps in flight on it (two with async scheduling).
+    scopes: set[anyio.CancelScope] = field(default_factory=set)
 
 
 class EngineState:
@@ -63,6 +64,9 @@ class EngineState:
         self.running: list[Seq] = []
         self.drivers: dict[str, DriverState] = {}
         self.memory_down = False
+        # Bumped when the memory server is lost or restarts: a step chained
+        # before that (async scheduling) used slots the new one never gave.
+        self.memory_generation = 0
         self.swapped_out = self.swapped_in = 0  # sequences moved to / from the swap tier
         # Round trips the loop awaited (concurrent ones count once) and the
         # encoded bytes of every Execute sent (SchedulerStatsReply).
@@ -223,6 +227,7 @@ class EngineState:
     def memory_lost(self) -> None:
         """The memory server died: the call in flight is abandoned."""
         self.memory_down = True
+        self.memory_generation += 1
         if self._memory_scope is not None:
             self._memory_scope.cancel()
 

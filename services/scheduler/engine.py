@@ -12,7 +12,9 @@ Each step, top to bottom:
      runs, one batched `Reserve` carrying the releases — none when every
      decode's slot was reserved while the last step ran;
   4. one `Execute` per driver, concurrently, and beside them the next
-     step's `Reserve` (the overlap, _overlap.py);
+     step's `Reserve` (the overlap, _overlap.py) and, with `async_steps`,
+     the next step itself when it is the same decodes one token on (it is
+     then this loop's next step 4: steps 2-3 are skipped);
   5. new tokens to their requests, at most one `TokenDelta` per client.
 
 The lines, the drivers, the KV to release and the memory handle belong to
@@ -25,24 +27,28 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from collections.abc import Mapping
 
-from ipc.errors import BadRequest, DeadlineExceeded, LlmosError, NotFound, Unavailable
+import anyio
+from anyio.abc import TaskGroup
+
+from ipc.errors import BadRequest, DeadlineExceeded, LlmosError, Unavailable
 from ipc.protocol import scheduler as sp
 from common.logs import get_logger
 from services.scheduler._admission import (CHARS_PER_TOKEN, Model, check_fits, check_prompt_size,
                                            check_queue_room, tokenize)
 from services.scheduler._fanout import ForkGroups
-from services.scheduler._execute import Produced
+from services.scheduler._execute import Produced, Work
 from services.scheduler._kv_quota import KvQuotas
-from services.scheduler._request import Emit, Request, Seq, Sink, State
+from services.scheduler._request import Emit, Request, Seq, Sink
 from services.scheduler._session_epilogue import schedule_epilogues
-from services.scheduler._sessions import SessionTable, seq_blocks
+from services.scheduler._sessions import SessionTable
 from services.scheduler._recovery import Recovery
 from services.scheduler._state import Backend, EngineState
 from services.scheduler._text import TextLater, feed_step
-from services.scheduler._overlap import execute_step
+from services.scheduler._engine_info import engine_stats, request_info
+from services.scheduler._overlap import InFlight, execute_step, send_next
 from services.scheduler._step import reserve_plan
 from text.stream import TextStream
 from services.scheduler._tuning import Tuning
@@ -74,13 +80,11 @@ class Engine:
         self.kv = KvQuotas()
         self._block_counts = BlockCounts()  # the ledger's, kept from step to step
         self.text_later = TextLater()  # last step's text that waits for the next Execute (_text.py)
+        self._flying: InFlight | None = None  # async scheduling: the next step, sent while this one runs
+        self._tg: TaskGroup | None = None  # where its Executes are awaited (run()'s; None: no async steps)
         # Counters for Stats and Overloaded's retry_after_s.
-        self.steps = 0
-        self.tokens_generated = 0
-        self.preemptions = 0
-        self.num_finished = 0
-        self.last_step_s = 0.0
-        self._tokens_per_s = 0.0
+        self.steps = self.tokens_generated = self.preemptions = self.num_finished = 0
+        self.last_step_s = self._tokens_per_s = 0.0
 
     def set_model(self, model: Model) -> None:
         self.model = model
@@ -205,36 +209,16 @@ class Engine:
         return None if known is None else known.session
 
     def request_info(self, principal: str, request_id: str) -> sp.RequestInfo:
-        key = (principal, request_id)
-        req = self.requests.get(key) or self.finished.get(key)
-        if req is None:
-            raise NotFound(f"no request {request_id!r} (unknown, or finished long ago)",
-                           detail={"request_id": request_id})
-        waiting = req.state == State.WAITING
-        position = self.state.position(req.seq) if waiting else -1
-        estimate = self.tuning.estimate_ttft(req.seq, self.state, self.limits) if waiting else -1.0
-        return sp.RequestInfo(request_id, req.state.value, len(req.generated), len(req.prompt_ids), position,
-                              req.seq.pool or "", req.finish_reason.value if req.finish_reason else "",
-                              req.waiting_on if waiting else "", estimate)
+        return request_info(self, principal, request_id)
 
     def stats(self) -> sp.SchedulerStatsReply:
-        st = self.state
-        pinned = self.sessions.pinned()
-        quotas = self.kv_quotas
-        ledger = BlockLedger(st.shapes(), [*st.running, *pinned], quotas)
-        on_quota = Counter(s.tenant for s in st.waiting if s.request.waiting_on == sp.WAITING_ON_KV_QUOTA)
-        quota_waits = [sp.QuotaWait(t, n, ledger.held[t], quotas.get(t, -1)) for t, n in sorted(on_quota.items())]
-        loads = [sp.DriverLoad(i, d.shape.num_blocks, ledger.free[i], sum(1 for s in st.running if s.pool == i))
-                 for i, d in sorted(st.drivers.items())]
-        return self.tuning.stats(sp.SchedulerStatsReply(st.policy.name.value, len(st.waiting), len(st.running),
-                                      self.limits.token_budget, self.limits.max_num_seqs, self.steps,
-                                      self.tokens_generated, self.preemptions, self.num_finished, loads,
-                                      self.last_step_s, len(self.sessions), self.sessions.suspended(),
-                                      seq_blocks(pinned), 0.0, 0.0,  # tpot_target_ms, step_ms: tuning's
-                                      self.config.preemption.value, st.swapped_out, st.swapped_in,
-                                      quota_waits, self.kv.refused, st.critical_rpcs, st.execute_bytes), self.limits)
+        return engine_stats(self)
 
     async def run(self) -> None:
+        async with anyio.create_task_group() as self._tg:  # owns a step sent ahead's Executes (async scheduling)
+            await self._loop()
+
+    async def _loop(self) -> None:
         while True:
             if not self._has_work():
                 await self.text_later.settle()
@@ -248,7 +232,7 @@ class Engine:
 
     def _has_work(self) -> bool:
         st = self.state
-        return bool(st.waiting or st.running or self._cancels or st.has_releases
+        return bool(st.waiting or st.running or self._cancels or st.has_releases or self._flying
                     or self.recovery.pending or self.sessions.switching or self.fanout.pending)
 
     async def step(self) -> bool:
@@ -261,27 +245,35 @@ class Engine:
             await self.text_later.settle()
             return False
         began = time.monotonic()
-        # The drivers as planned: a block table is only good on the
-        # incarnation it was planned for (one may restart during this
-        # step's memory calls and copies).
-        incarnations = {i: d.incarnation for i, d in st.drivers.items()}
         t0 = self.clock()
-        ledger = BlockLedger(st.shapes(), [*st.running, *self.sessions.pinned()], self.kv_quotas, self._block_counts)
-        p = plan(st.running, st.waiting, st.policy, ledger, self.limits, began)
-        self._quota_verdicts(p, ledger)
-        victims = [seq for seq in p.preempted if self._preempt(seq)]
-        self.sessions.hand_over(p)
-        self.sessions.relieve_pressure(p, ledger, self.limits.prefill_chunk)
-        schedule_epilogues(self.sessions, p, ledger)  # finished turns' final tokens, for their pins
-        work, failed = await reserve_plan(st, self.sessions, self.kv, p, victims, incarnations)
-        if failed or not work:
-            await self.text_later.settle()
-        for seq, why in failed:
-            self._fail_once(seq, why)
-        if not work:
-            return False
+        flying, self._flying = self._flying, None
+        if flying is not None:
+            # Sent while the last step ran (async scheduling): it is this step.
+            work, incarnations, num_tokens = flying.work, flying.incarnations, len(flying.work)
+        else:
+            # The drivers as planned: a block table is only good on the incarnation
+            # it was planned for (one may restart during the memory calls and copies).
+            incarnations = {i: d.incarnation for i, d in st.drivers.items()}
+            ledger = BlockLedger(st.shapes(), [*st.running, *self.sessions.pinned()], self.kv_quotas,
+                                 self._block_counts)
+            p = plan(st.running, st.waiting, st.policy, ledger, self.limits, began)
+            self._quota_verdicts(p, ledger)
+            victims = [seq for seq in p.preempted if self._preempt(seq)]
+            self.sessions.hand_over(p)
+            self.sessions.relieve_pressure(p, ledger, self.limits.prefill_chunk)
+            schedule_epilogues(self.sessions, p, ledger)  # finished turns' final tokens, for their pins
+            work, failed = await reserve_plan(st, self.sessions, self.kv, p, victims, incarnations)
+            num_tokens = p.num_tokens
+            if failed or not work:
+                await self.text_later.settle()
+            for seq, why in failed:
+                self._fail_once(seq, why)
+            if not work:
+                return False
+        chain = (lambda w: self._send_next(w, incarnations)) if self.config.async_steps and self._tg else None
         result = await execute_step(st, work, incarnations, self.config.overlap, self.kv_quotas,  # + next Reserve
-                                    self.text_later.settle if self.text_later else None)
+                                    self.text_later.settle if self.text_later else None,
+                                    flying=flying, chain=chain)
         self.recovery.pools_lost(result.lost_pools)
         for seq, why in result.refused:
             self._fail_once(seq, why, computed=False)
@@ -292,9 +284,17 @@ class Engine:
         self.steps += 1
         self.last_step_s = self.clock() - t0
         if self.last_step_s > 0:
-            self._tokens_per_s = 0.8 * self._tokens_per_s + 0.2 * (p.num_tokens / self.last_step_s)
+            self._tokens_per_s = 0.8 * self._tokens_per_s + 0.2 * (num_tokens / self.last_step_s)
         self.limits = self.tuning.after_step(work, self.last_step_s, st, self.limits)
         return True
+
+    def _send_next(self, work: list[Work], incarnations: dict[str, int]) -> InFlight | None:
+        """Async scheduling: step N+1 behind step N, unless something is to be
+        applied or planned first (_overlap.py `send_next`)."""
+        if not (self.state.waiting or self._cancels or self.recovery.pending or self.sessions.switching
+                or self.fanout.pending or self._tg is None):
+            self._flying = send_next(self.state, self._tg, work, incarnations, self.limits)
+        return self._flying
 
     async def _apply_changes(self) -> None:
         st = self.state

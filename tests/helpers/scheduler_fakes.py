@@ -112,7 +112,7 @@ class FakeDriver:
                 self.kv.setdefault(s.block_table[p // bs], [None] * bs)[p % bs] = t
             token = next_token(history + list(s.token_ids)) if s.sample else -1
             outputs.append(dp.SeqOutput(s.seq_id, token))
-        self.table.record(steps, [o.error for o in outputs])
+        self.table.record(steps, [o.error for o in outputs], [o.token for o in outputs])
         self.steps += 1
         self.batch_sizes.append(len(steps))
         self.tokens_per_step.append(sum(len(s.token_ids) for s in steps))

@@ -127,3 +127,31 @@ def test_a_step_made_whole_is_checked_as_a_full_check_would_in_bulk_or_not() -> 
             for s, e in zip(whole_steps, errors):
                 if e:
                     held.pop(s.seq_id, None)
+
+
+def test_a_chain_delta_runs_on_the_token_the_last_step_sampled() -> None:
+    t = SeqTable()
+    steps, _ = t.expand(dp.Execute([dp.StepSeq(7, [1, 2, 3], 0, [3], True, PENALTY, [])], epoch="e"))
+    t.record(steps, [None], [42])
+    # sent before the scheduler knew 42: no tokens, `chain`
+    (s,), resend = t.expand(dp.Execute(deltas=[dp.StepDelta(7, [], 3, 1, [5], chain=True)], epoch="e"))
+    assert resend == [] and (s.token_ids, s.start_pos, s.block_table) == ([42], 3, [3, 5])
+    assert s.prior_token_ids == [1, 2, 3]  # a penalty reads the history up to the chained token
+    t.record([s], [None], [43])
+    (s,), _ = t.expand(dp.Execute(deltas=[dp.StepDelta(7, [], 4, 2, chain=True)], epoch="e"))
+    assert s.token_ids == [43] and s.prior_token_ids == [1, 2, 3, 42]
+
+
+def test_a_chain_delta_with_no_sampled_token_to_run_on_is_answered_resend() -> None:
+    t = SeqTable()
+    # a prefill chunk that sampled nothing; a step recorded without its tokens
+    steps, _ = t.expand(dp.Execute([dp.StepSeq(1, [1, 2], 0, [3], False), dp.StepSeq(2, [1], 0, [4])], epoch="e"))
+    t.record(steps, [None, None], [-1])
+    _, resend = t.expand(dp.Execute(deltas=[dp.StepDelta(1, [], 2, 1, chain=True),
+                                            dp.StepDelta(2, [], 1, 1, chain=True)], epoch="e"))
+    assert [o.seq_id for o in resend] == [1, 2] and all(o.resend and "sampled no token" in o.error for o in resend)
+    # a chain delta that carries tokens is malformed: resend, nothing runs
+    steps, _ = t.expand(dp.Execute([dp.StepSeq(3, [1], 0, [5])], epoch="e"))
+    t.record(steps, [None], [9])
+    steps, resend = t.expand(dp.Execute(deltas=[dp.StepDelta(3, [9], 1, 1, chain=True)], epoch="e"))
+    assert not steps and "carries no tokens" in resend[0].error

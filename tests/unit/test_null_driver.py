@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 from drivers.null import ALPHABET, EOS, NullDriver, continuation, next_token
@@ -132,3 +133,22 @@ def cli_namespace(cli: Any, *flags: str) -> Any:
     finally:
         cli.cmd_up = real
     return captured[0]
+
+
+async def test_steps_sent_back_to_back_run_in_order_each_on_the_token_before(tmp_path: Path) -> None:
+    """Async scheduling: step N+1 arrives before N's reply; the driver runs
+    them in arrival order and feeds N+1 the token N sampled."""
+    drv = null(tmp_path)
+    await drv.on_start()
+    prompt = [256, 104, 105]
+    first = dp.Execute([step(1, prompt, 0, [0, 1])], epoch="e")
+    chained = [dp.Execute(deltas=[dp.StepDelta(1, [], len(prompt) + i, 2, chain=True)], epoch="e") for i in range(4)]
+    outs: list[dp.Executed] = []
+
+    async def send(msg: dp.Execute) -> None:
+        outs.append(await drv.execute(msg, None))  # type: ignore[arg-type]
+
+    async with anyio.create_task_group() as tg:
+        for msg in [first, *chained]:
+            tg.start_soon(send, msg)
+    assert [o.outputs[0].token for o in outs] == continuation(prompt, 5)

@@ -221,7 +221,9 @@ async def test_driver_death_requeues_its_sequences_for_recompute_on_another_driv
 
 
 async def test_memory_restart_reregisters_live_sequences_without_recompute() -> None:
-    async with running() as (engine, backend):
+    # (each step planned after the last came back: with async steps, the step
+    # sent ahead across the restart is recomputed, tests/unit/test_scheduler_async_steps.py)
+    async with running(SchedulerConfig(async_steps=False)) as (engine, backend):
         streams = [Stream(engine, prompt=f"mem {i}", max_tokens=40) for i in range(3)]
         with anyio.fail_after(10):
             while sum(len(s.events) for s in streams) < 15:

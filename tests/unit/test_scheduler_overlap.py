@@ -3,7 +3,7 @@ step runs (up to `MAX_AHEAD` at once, so a steady decode calls the memory
 server once in that many steps), so a steady step awaits one round trip;
 overlapped slots are thrown away when the step fails, the driver restarts
 or the memory server does, and a sequence that ends in step N gets no extra
-token."""
+token. Each step here is planned after the last came back (async_steps off)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,10 @@ from services.scheduler._overlap import take_covered
 from tests.helpers.scheduler_fakes import FakeDriver, InProcessBackend, Stream, expected, running
 
 LENGTHS = (5, 17, 40)
+# The overlap alone, each step planned after the last came back (async
+# scheduling, which sends a step before that, has its own tests:
+# tests/unit/test_scheduler_async_steps.py).
+PLAIN = SchedulerConfig(async_steps=False)
 
 
 async def blocks_free(backend: InProcessBackend) -> None:
@@ -55,7 +59,7 @@ async def wait_held(backend: InProcessBackend, steps: int) -> None:
 async def test_greedy_output_is_unchanged_and_a_steady_step_awaits_one_round_trip() -> None:
     results = {}
     for overlap in (False, True):
-        async with running(SchedulerConfig(overlap=overlap)) as (engine, backend):
+        async with running(SchedulerConfig(overlap=overlap, async_steps=False)) as (engine, backend):
             backend.execute_turns = 8  # the device is busy while the Reserve runs
             streams = [Stream(engine, prompt=f"overlap {i}", max_tokens=n, request_id=f"r{i}")
                        for i, n in enumerate(LENGTHS)]
@@ -84,7 +88,7 @@ async def test_greedy_output_is_unchanged_and_a_steady_step_awaits_one_round_tri
 async def test_a_sequence_that_ends_in_a_step_gets_no_extra_token_and_its_slot_is_freed() -> None:
     ref = expected("stop here", 30)
     k = next(i for i in range(5, 30) if ref[i] not in ref[:i])  # a token seen first at k
-    async with running() as (engine, backend):
+    async with running(PLAIN) as (engine, backend):
         backend.execute_turns = 4
         other = Stream(engine, prompt="keep going", max_tokens=30, request_id="o")
         s = Stream(engine, prompt="stop here", max_tokens=30, stop_token_ids=[ref[k]], request_id="s")
@@ -120,7 +124,7 @@ class RefusingDriver(FakeDriver):
 
 
 async def test_a_failed_steps_overlapped_reservation_is_discarded_and_recomputed() -> None:
-    async with running(drivers={"cpu": RefusingDriver(at=6)}) as (engine, backend):
+    async with running(PLAIN, drivers={"cpu": RefusingDriver(at=6)}) as (engine, backend):
         backend.execute_turns = 4
         streams = [Stream(engine, prompt=f"fail {i}", max_tokens=12) for i in range(3)]
         finals = [await s.result() for s in streams]
@@ -141,7 +145,7 @@ async def test_a_failed_steps_overlapped_reservation_is_discarded_and_recomputed
 
 async def test_a_driver_restart_throws_the_overlapped_reservation_away() -> None:
     drivers = {"cpu": FakeDriver(64)}
-    async with running(drivers=drivers) as (engine, backend):
+    async with running(PLAIN, drivers=drivers) as (engine, backend):
         backend.hold_steps = anyio.Event()
         s = Stream(engine, prompt="restart me", max_tokens=20)
         await wait_held(backend, 5)
@@ -168,7 +172,7 @@ async def test_a_driver_restart_throws_the_overlapped_reservation_away() -> None
 
 
 async def test_a_memory_restart_throws_the_overlapped_reservation_away() -> None:
-    async with running() as (engine, backend):
+    async with running(PLAIN) as (engine, backend):
         backend.hold_steps = anyio.Event()
         s = Stream(engine, prompt="memory restarts", max_tokens=20)
         await wait_held(backend, 5)

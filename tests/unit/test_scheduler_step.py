@@ -105,7 +105,7 @@ class ForgetfulDriver(FakeDriver):
 
 
 async def test_a_driver_that_lost_a_sequences_state_gets_it_in_full_and_the_output_is_unchanged() -> None:
-    async with running(drivers={"cpu": ForgetfulDriver(at=5)}) as (engine, backend):
+    async with running(SchedulerConfig(async_steps=False), drivers={"cpu": ForgetfulDriver(at=5)}) as (engine, backend):
         streams = [Stream(engine, prompt=f"forget {i}", max_tokens=12) for i in range(3)]
         finals = [await s.result() for s in streams]
     for i, (s, f) in enumerate(zip(streams, finals)):

@@ -72,11 +72,12 @@ async def test_text_is_complete_and_in_order_whatever_ends_the_stream() -> None:
         stopped = Stream(engine, prompt_ids=prompt, max_tokens=40, stop=[stop_at], request_id="stop")
         cancelled = Stream(engine, prompt_ids=prompt, max_tokens=200, request_id="cancel")
         late = Stream(engine, prompt_ids=prompt, max_tokens=200, request_id="late",
-                      deadline_ns=time.time_ns() + 200_000_000)
+                      deadline_ns=time.time_ns() + 600_000_000_000)
         with anyio.fail_after(10):
-            while len(cancelled.events) < 5:
+            while len(cancelled.events) < 5 or len(late.events) < 5:
                 await anyio.sleep(0)
         engine.cancel("", "cancel")
+        late.submit.deadline_ns = time.time_ns()  # its deadline passes now (it had started: not an error)
         finals = {s.submit.request_id: (s, await s.result()) for s in (plain, stopped, cancelled, late)}
     reasons = {rid: f.finish_reason for rid, (_, f) in finals.items()}
     assert reasons == {"plain": FinishReason.LENGTH, "stop": FinishReason.STOP, "cancel": FinishReason.CANCELLED,
