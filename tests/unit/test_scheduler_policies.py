@@ -250,3 +250,14 @@ def test_config_errors_name_the_field(tmp_path: object) -> None:
     with pytest.raises(BadRequest, match="scheduler config"):
         load_scheduler_config(None, policy="lottery")
     assert load_scheduler_config(None, policy="mlfq").policy.name == PolicyName.MLFQ
+
+
+def test_the_tuners_late_requests_start_after_the_rest_and_still_start_when_there_is_room() -> None:
+    # Limits.late (the tuner's choice on overload: requests past their
+    # first-token objective) moves them behind the line, in its order.
+    sim = Sim(make_policy(PolicyConfig(name=PolicyName.FCFS)), Limits(100, 2, 100))
+    a, b, c = sim.add(seq(arrival=0.0)), sim.add(seq(arrival=0.1)), sim.add(seq(arrival=0.2))
+    sim.limits = Limits(100, 2, 100, frozenset({a.seq_id}))
+    assert [s for s, _ in sim.step().scheduled] == [b, c]
+    sim.limits = Limits(100, 3, 100, frozenset({a.seq_id}))
+    assert [s for s, _ in sim.step().scheduled] == [b, c, a]  # room for it: it starts
