@@ -44,6 +44,9 @@ from services.scheduler._request import Ahead, Seq
 # Slots a decode reserves ahead at once (the memory server's MAX_AHEAD): a
 # steady decode then makes one memory call in that many steps, not each.
 AHEAD = mp.MAX_AHEAD
+# With async steps, a decode renews while this many steps' slots are left
+# beyond the next: the renewal has that many steps to come back.
+RENEW_AT = AHEAD // 2
 from services.scheduler._state import EngineState
 from services.scheduler.planner import Limits
 
@@ -109,7 +112,11 @@ async def reserve_ahead(state: EngineState, work: list[Work], quotas: Mapping[st
     `margin`: renew also when the slots end within that many steps after
     the next (async scheduling sends step N+2 before this Reserve is back).
     None: there was nothing to send."""
-    items = _ahead_items(state, work, quotas, margin)
+    return await _reserve_items(state, _ahead_items(state, work, quotas, margin))
+
+
+async def _reserve_items(state: EngineState, items: list[tuple[Seq, mp.SeqReserve]]
+                         ) -> list[tuple[Seq, mp.SeqReserve, mp.SeqBlocks]] | None:
     release, discard = state.take_releases()
     if not items and not release and not discard:
         return None
@@ -137,6 +144,48 @@ def apply_ahead(replies: list[tuple[Seq, mp.SeqReserve, mp.SeqBlocks]], incarnat
             seq.table_synced = start
         copies = ((got.cow_src, got.cow_dst),) if got.cow_src >= 0 else ()
         seq.ahead = Ahead(pool, incarnations.get(pool, -1), copies, known + item.ahead)
+
+
+@dataclass(eq=False)
+class Renewal:
+    """Async scheduling: a slot renewal (with the releases pending) that runs
+    across steps, the loop never waiting on it: a decode renews while
+    `RENEW_AT` slots are left, so the reply is back before they run out. It
+    is applied at the first step boundary after it came back (`settle`),
+    only to the sequences it was sent for that still run unchanged since."""
+
+    incarnations: dict[str, int]
+    memory_generation: int
+    seqs: set[int] = field(default_factory=set)  # id() of the sequences it renews
+    replies: list[tuple[Seq, mp.SeqReserve, mp.SeqBlocks]] = field(default_factory=list)
+    done: anyio.Event = field(default_factory=anyio.Event)
+
+    async def run(self, state: EngineState, work: list[Work], quotas: Mapping[str, int]) -> None:
+        try:
+            items = _ahead_items(state, work, quotas, RENEW_AT)
+            self.seqs = {id(seq) for seq, _ in items}
+            self.replies = await _reserve_items(state, items) or []
+        finally:
+            self.done.set()
+
+
+async def settle(state: EngineState, wait: bool) -> None:
+    """Apply the renewal in flight if it is back (`wait`: await it first, as
+    before a Reserve that could name one of its sequences; counted then in
+    `critical_rpcs`, the loop waiting on it)."""
+    r = state.renewal
+    if r is None or not (wait or r.done.is_set()):
+        return
+    if not r.done.is_set():
+        state.critical_rpcs += 1
+        await r.done.wait()
+    state.renewal = None
+    if r.memory_generation != state.memory_generation:
+        return  # the memory server restarted: its sequences were re-registered without these slots
+    running = {id(s) for s in state.running}
+    apply_ahead([(seq, item, got) for seq, item, got in r.replies
+                 if id(seq) in running and not seq.request.done.is_set() and seq.mem_known == item.start],
+                r.incarnations)
 
 
 @dataclass(eq=False)
@@ -207,8 +256,8 @@ def send_next(state: EngineState, tg: TaskGroup, work: list[Work], incarnations:
 
 async def execute_step(state: EngineState, work: list[Work], incarnations: dict[str, int], overlap: bool,
                        quotas: Mapping[str, int], beside: Callable[[], Coroutine[Any, Any, None]] | None = None,
-                       *, flying: InFlight | None = None,
-                       chain: Callable[[list[Work]], InFlight | None] | None = None) -> StepResult:
+                       *, flying: InFlight | None = None, chain: Callable[[list[Work]], InFlight | None] | None = None,
+                       background: TaskGroup | None = None) -> StepResult:
     """Run `work` on the drivers (`execute`) and, with `overlap`, reserve
     the next step's decode slots meanwhile (a new block under a tenant's
     `quotas` is left to the next plan). The overlapped Reserve counts in
@@ -218,9 +267,10 @@ async def execute_step(state: EngineState, work: list[Work], incarnations: dict[
 
     Async scheduling: `flying` is this step, already sent while the last one
     ran (its replies are applied here, not before); `chain` is called once
-    this step's Executes are built, to send the next one behind them. The
-    Reserve then counts in `critical_rpcs` only when it came back after that
-    one too (the driver had nothing queued)."""
+    this step's Executes are built, to send the next one behind them. With
+    `background` (async steps), the Reserve is a `Renewal` that runs in it
+    across steps, unless one is in flight already; else it counts in
+    `critical_rpcs` only when it came back after the step sent ahead too."""
     if not overlap and beside is None and flying is None and chain is None:
         return await execute(state, work, incarnations)
     if flying is not None:
@@ -252,7 +302,11 @@ async def execute_step(state: EngineState, work: list[Work], incarnations: dict[
         tg.start_soon(run)  # first: the Execute leaves before anything else is done
         if chain is not None:
             nxt = chain(work)  # step N+1, behind this one on each driver
-        if overlap:
+        if overlap and background is not None:
+            if state.renewal is None:
+                state.renewal = r = Renewal(dict(incarnations), state.memory_generation)
+                background.start_soon(r.run, state, work, quotas)
+        elif overlap:
             tg.start_soon(reserve)
         if beside is not None:
             tg.start_soon(beside)
@@ -264,4 +318,5 @@ async def execute_step(state: EngineState, work: list[Work], incarnations: dict[
     return result
 
 
-__all__ = ["InFlight", "apply_ahead", "chain_work", "execute_step", "reserve_ahead", "take_covered"]
+__all__ = ["InFlight", "Renewal", "apply_ahead", "chain_work", "execute_step", "reserve_ahead", "send_next", "settle",
+           "take_covered"]

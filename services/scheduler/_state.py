@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import anyio
 
@@ -26,6 +26,9 @@ from ipc.protocol import memory as mp
 from services.scheduler._request import Seq, State
 from services.scheduler.planner import PoolShape
 from services.scheduler.policies import Policy
+
+if TYPE_CHECKING:
+    from services.scheduler._overlap import Renewal
 
 log = get_logger()
 
@@ -67,6 +70,7 @@ class EngineState:
         # Bumped when the memory server is lost or restarts: a step chained
         # before that (async scheduling) used slots the new one never gave.
         self.memory_generation = 0
+        self.renewal: Renewal | None = None  # async steps: slots renewed across steps (_overlap.py)
         self.swapped_out = self.swapped_in = 0  # sequences moved to / from the swap tier
         # Round trips the loop awaited (concurrent ones count once) and the
         # encoded bytes of every Execute sent (SchedulerStatsReply).
@@ -78,7 +82,7 @@ class EngineState:
         # and this scheduler's epoch (a driver forgets all on a new one).
         self.driver_drops: dict[str, list[int]] = {}
         self.epoch = uuid.uuid4().hex[:12]
-        self._memory_scope: anyio.CancelScope | None = None
+        self._memory_scopes: set[anyio.CancelScope] = set()  # the calls in flight
         self._wake = anyio.Event()
 
     def shapes(self) -> dict[str, PoolShape]:
@@ -212,7 +216,7 @@ class EngineState:
         the overlapped Reserve only when the drivers waited on it)."""
         self.critical_rpcs += critical
         with anyio.CancelScope() as scope:
-            self._memory_scope = scope
+            self._memory_scopes.add(scope)
             try:
                 return await call
             except Unavailable as exc:
@@ -221,15 +225,15 @@ class EngineState:
             except LlmosError as exc:
                 log.error("scheduler.memory_failed", error=str(exc))
             finally:
-                self._memory_scope = None
+                self._memory_scopes.discard(scope)
         return None
 
     def memory_lost(self) -> None:
-        """The memory server died: the call in flight is abandoned."""
+        """The memory server died: the calls in flight are abandoned."""
         self.memory_down = True
         self.memory_generation += 1
-        if self._memory_scope is not None:
-            self._memory_scope.cancel()
+        for scope in self._memory_scopes:
+            scope.cancel()
 
     # Waking the loop.
 

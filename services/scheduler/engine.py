@@ -48,7 +48,7 @@ from services.scheduler._recovery import Recovery
 from services.scheduler._state import Backend, EngineState
 from services.scheduler._text import TextLater, feed_step
 from services.scheduler._engine_info import engine_stats, request_info
-from services.scheduler._overlap import InFlight, execute_step, send_next
+from services.scheduler._overlap import InFlight, execute_step, send_next, settle
 from services.scheduler._step import reserve_plan
 from text.stream import TextStream
 from services.scheduler._tuning import Tuning
@@ -82,8 +82,7 @@ class Engine:
         self.text_later = TextLater()  # last step's text that waits for the next Execute (_text.py)
         self._flying: InFlight | None = None  # async scheduling: the next step, sent while this one runs
         self._tg: TaskGroup | None = None  # where its Executes are awaited (run()'s; None: no async steps)
-        # Counters for Stats and Overloaded's retry_after_s.
-        self.steps = self.tokens_generated = self.preemptions = self.num_finished = 0
+        self.steps = self.tokens_generated = self.preemptions = self.num_finished = 0  # for Stats, retry_after_s
         self.last_step_s = self._tokens_per_s = 0.0
 
     def set_model(self, model: Model) -> None:
@@ -246,6 +245,7 @@ class Engine:
             return False
         began = time.monotonic()
         t0 = self.clock()
+        await settle(st, wait=self._flying is None)  # async steps' slot renewal: awaited only before a plan
         flying, self._flying = self._flying, None
         if flying is not None:
             # Sent while the last step ran (async scheduling): it is this step.
@@ -270,10 +270,10 @@ class Engine:
                 self._fail_once(seq, why)
             if not work:
                 return False
-        chain = (lambda w: self._send_next(w, incarnations)) if self.config.async_steps and self._tg else None
+        tg = self._tg if self.config.async_steps else None
         result = await execute_step(st, work, incarnations, self.config.overlap, self.kv_quotas,  # + next Reserve
-                                    self.text_later.settle if self.text_later else None,
-                                    flying=flying, chain=chain)
+                                    self.text_later.settle if self.text_later else None, flying=flying,
+                                    chain=(lambda w: self._send_next(w, incarnations)) if tg else None, background=tg)
         self.recovery.pools_lost(result.lost_pools)
         for seq, why in result.refused:
             self._fail_once(seq, why, computed=False)

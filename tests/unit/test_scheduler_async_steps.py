@@ -72,6 +72,22 @@ async def test_pipelined_greedy_output_equals_the_output_planned_step_by_step() 
     assert st.critical_rpcs <= st0.critical_rpcs
 
 
+async def test_with_instant_steps_the_loop_waits_on_no_memory_call_once_decodes_run() -> None:
+    """The slot renewal runs across steps (`Renewal`): a decode renews while
+    half its slots are left, so even a 0 ms step never waits for it."""
+    async with running(ASYNC) as (engine, backend):
+        backend.execute_turns = 0  # the device answers at once: a Reserve takes longer than a step
+        streams = [Stream(engine, prompt=f"instant {i}", max_tokens=40, request_id=f"i{i}") for i in range(3)]
+        finals = [await s.result() for s in streams]
+        await blocks_free(backend)
+        st = engine.stats()
+    assert [s.tokens(f) for s, f in zip(streams, finals)] == [expected(f"instant {i}", 40) for i in range(3)]
+    # the first step's Reserve, one Execute per step, the last Release
+    assert st.critical_rpcs == st.steps + 2
+    renewals = [r for _, r in backend.calls if isinstance(r, mp.Reserve) and any(i.ahead for i in r.seqs)]
+    assert len(renewals) >= 40 // mp.MAX_AHEAD
+
+
 @pytest.mark.parametrize("how", ["stop_id", "max_tokens", "stop_string"])
 async def test_a_sequence_that_ends_in_step_n_never_streams_its_n_plus_1_token(how: str) -> None:
     ref = expected("stop here", 40)

@@ -34,11 +34,12 @@ SCHEDULER_SWITCH_INTERVAL_S = 0.0005
 POOL = "null"
 
 
-def scheduler_toml(max_seqs: int) -> str:
+def scheduler_toml(max_seqs: int, async_steps: bool = True) -> str:
     """Room for every sequence at once, one tenant's flood allowed (the bench
     is one tenant), and the online tuner off: the limits stay as set and
-    nothing is refused early."""
+    nothing is refused early. `async_steps`: the scheduler's knob."""
     return (f"[scheduler]\ntoken_budget = 8192\nmax_num_seqs = {max_seqs}\nmax_waiting = 2048\n"
+            f"async_steps = {'true' if async_steps else 'false'}\n"
             "max_waiting_tokens = 16000000\nmax_waiting_share = 1.0\n\n"
             "[scheduler.tuner]\nenabled = false\nreject_factor = 0.0\n")
 
@@ -101,12 +102,13 @@ class OsTarget:
 
 
 @asynccontextmanager
-async def booted_os(home: Path, step_ms: float, max_seqs: int, num_blocks: int) -> AsyncIterator[OsTarget]:
+async def booted_os(home: Path, step_ms: float, max_seqs: int, num_blocks: int,
+                    async_steps: bool = True) -> AsyncIterator[OsTarget]:
     """`llmos up`'s processes with auth on, the null driver simulating
     `step_ms` steps, the scheduler configured by `scheduler_toml`."""
     home.mkdir(parents=True, exist_ok=True)
     cfg = home / "steps-scheduler.toml"
-    cfg.write_text(scheduler_toml(max_seqs))
+    cfg.write_text(scheduler_toml(max_seqs, async_steps))
     children = [ChildSpec("security", "services.security"), ChildSpec("memory", "services.memory"),
                 ChildSpec("null", "drivers", service="driver", args=["null", *null_args(step_ms, num_blocks)]),
                 ChildSpec("scheduler", "services.scheduler", args=["--config", str(cfg)])]
@@ -183,10 +185,11 @@ class InProcTarget:
 
 
 @asynccontextmanager
-async def inproc_engine(home: Path, step_ms: float, max_seqs: int, num_blocks: int) -> AsyncIterator[InProcTarget]:
+async def inproc_engine(home: Path, step_ms: float, max_seqs: int, num_blocks: int,
+                        async_steps: bool = True) -> AsyncIterator[InProcTarget]:
     home.mkdir(parents=True, exist_ok=True)
     cfg = home / "steps-scheduler.toml"
-    cfg.write_text(scheduler_toml(max_seqs))
+    cfg.write_text(scheduler_toml(max_seqs, async_steps))
     config: SchedulerConfig = load_scheduler_config(cfg)
     driver = NullDriver(null_args(step_ms, num_blocks), instance=POOL, home=str(home))
     await driver.on_start()

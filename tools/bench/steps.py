@@ -1,6 +1,6 @@
 """The engine step through the whole OS, on the null driver (issue 15).
 
-    python -m tools.bench.steps [--quick] [--json PATH]
+    python -m tools.bench.steps [--quick] [--json PATH] [--async-steps {on,off,both}]
 
 The null driver (drivers/null.py) runs no model: it answers each Execute
 after a simulated step time, so what is left is the OS's own cost per step.
@@ -34,11 +34,16 @@ critical_rpcs, execute_bytes) are read at both ends. Figures:
   (user + system, all threads, /proc) per step over the same window, at
   0 ms b64 / b256 and 5 ms b64: where a step's time goes.
 
+Async scheduling (the scheduler's `async_steps`, on by default) is on in
+the os and inproc columns; `--async-steps both` (the default) adds the OS
+path with it off ("os sync"), side by side; `on` or `off` runs one mode.
+
 The client (this process) shares the machine's cores with the OS it drives.
 """
 
 from __future__ import annotations
 
+import functools
 import random
 import time
 import uuid
@@ -217,26 +222,38 @@ def cpu_rows(results: dict[str, dict[str, float]]) -> list[tuple[str, ...]]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = parser(__doc__.split("\n\n")[0])
+    ap.add_argument("--async-steps", choices=("on", "off", "both"), default="both",
+                    help="the scheduler's async scheduling: on (os, inproc), off (os sync, inproc sync) or both")
     args = ap.parse_args(argv)
     import tempfile
 
-    async def both() -> dict[str, dict[str, float]]:
+    modes = {"on": (True,), "off": (False,), "both": (True, False)}[args.async_steps]
+    runs: list[tuple[str, Boot]] = []
+    for on in modes:
+        sfx = "" if on else " sync"
+        runs.append((f"os{sfx}", functools.partial(booted_os, async_steps=on)))
+        if on or len(modes) == 1:  # (the in-process engine without async: only when asked alone)
+            runs.append((f"inproc{sfx}", functools.partial(inproc_engine, async_steps=on)))
+
+    async def all_runs() -> dict[str, dict[str, float]]:
         out: dict[str, dict[str, float]] = {}
-        for name, boot in (("os", booted_os), ("inproc", inproc_engine)):
+        for name, boot in runs:
             home = Path(tempfile.mkdtemp(prefix="llmos-steps-", dir="/tmp"))
             began = time.perf_counter()
             out[name] = await run_target(boot, home, args.quick)
             print(f"  {name}: {time.perf_counter() - began:.0f} s", flush=True)
         return out
 
-    results = anyio.run(both, backend="asyncio", backend_options={"use_uvloop": True})
+    results = anyio.run(all_runs, backend="asyncio", backend_options={"use_uvloop": True})
     names = [*TARGETS, "steps_per_s_0ms_b64", "steps_per_s_0ms_b256", "long_prompt_ttft_s"]
-    rows = [("figure", "os", "inproc", "target")]
-    rows += [(n, fmt(results["os"].get(n)), fmt(results["inproc"].get(n)), TARGETS.get(n, "")) for n in names]
+    rows = [("figure", *results, "target")]
+    rows += [(n, *(fmt(r.get(n)) for r in results.values()), TARGETS.get(n, "")) for n in names]
     print_table("engine steps on the null driver (issue 15)", rows)
     print_table("CPU per step, ms, by process (user + system, all threads)", cpu_rows(results))
-    extra: dict[str, Any] = {"inproc": results["inproc"], "targets": TARGETS, "quick": args.quick}
-    write_result(args.json, "steps", results["os"], extra)
+    main_name = next(iter(results))
+    extra: dict[str, Any] = {k: v for k, v in results.items() if k != main_name}
+    extra.update({"targets": TARGETS, "quick": args.quick, "async_steps": main_name == "os"})
+    write_result(args.json, "steps", results[main_name], extra)
     return 0
 
 
