@@ -122,6 +122,30 @@ async def test_by_default_a_late_request_is_queued_and_its_status_carries_the_es
     assert finished.estimated_ttft_s == -1.0
 
 
+async def test_on_overload_a_request_still_in_time_starts_before_one_past_its_first_token_objective() -> None:
+    # Two slots, both taken; "old" waits past its 100 ms first-token
+    # objective (on the engine's modelled clock); "new" arrives just before
+    # a slot frees. The tuner starts "new" first (it can still meet its
+    # objective; "old" cannot), then "old" when the next slot frees. In line
+    # order "old" (30 tokens, ~330 ms) would have kept "new" past its
+    # objective too.
+    config = SchedulerConfig(max_num_seqs=2,
+                             tuner=TunerConfig(enabled=True, objective=Objective(ttft_ms=100, tpot_ms=1000)))
+    async with running(config, {"cpu": FakeDriver(1024)}) as (engine, backend):
+        modelled(engine, backend, 0.010, 0.0005)
+        long = Stream(engine, prompt="long reply", max_tokens=240, ignore_eos=True)
+        short = Stream(engine, prompt="shorter reply", max_tokens=60, ignore_eos=True)
+        await until(lambda: engine.steps >= 24)
+        assert engine.tuning.tuner is not None and engine.tuning.tuner.model.sure
+        old = Stream(engine, prompt="old", max_tokens=30, ignore_eos=True)
+        await until(lambda: len(short.events) >= 56)
+        new = Stream(engine, prompt="new", max_tokens=30, ignore_eos=True)
+        finals = [await s.result() for s in (new, old, short, long)]
+    first_new, first_old = new.sink.request.first_token, old.sink.request.first_token
+    assert 0 < first_new < first_old, (first_new, first_old)
+    assert [len(s.tokens(f)) for s, f in zip((new, old), finals)] == [30, 30]  # both served in full
+
+
 async def test_with_the_tuner_off_the_limits_stay_and_nothing_is_refused_early() -> None:
     config = SchedulerConfig(token_budget=256, max_num_seqs=2,
                              tuner=TunerConfig(enabled=False, objective=Objective(ttft_ms=100, tpot_ms=50)))
