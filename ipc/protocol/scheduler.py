@@ -297,3 +297,6 @@ class SchedulerStatsReply(Message):
     tuner: str = ""
     tuner_changes: int = 0
     tuner_resets: int = 0
+    # Async scheduling (issue 15): steps sent to the drivers before the step
+    # before them came back (of `steps`).
+    steps_ahead: int = 0

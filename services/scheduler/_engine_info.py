@@ -47,7 +47,8 @@ def engine_stats(engine: Engine) -> sp.SchedulerStatsReply:
                                   engine.last_step_s, len(engine.sessions), engine.sessions.suspended(),
                                   seq_blocks(pinned), 0.0, 0.0,  # tpot_target_ms, step_ms: tuning's
                                   engine.config.preemption.value, st.swapped_out, st.swapped_in,
-                                  quota_waits, engine.kv.refused, st.critical_rpcs, st.execute_bytes), engine.limits)
+                                  quota_waits, engine.kv.refused, st.critical_rpcs, st.execute_bytes,
+                                  steps_ahead=st.steps_ahead), engine.limits)
 
 
 __all__ = ["engine_stats", "request_info"]

@@ -251,6 +251,7 @@ def send_next(state: EngineState, tg: TaskGroup, work: list[Work], incarnations:
     result = StepResult()
     flying = InFlight(nxt, incarnations, prepare(state, nxt, incarnations, result), result)
     tg.start_soon(flying.fly, state)
+    state.steps_ahead += 1
     return flying
 
 

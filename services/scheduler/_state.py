@@ -76,6 +76,7 @@ class EngineState:
         # encoded bytes of every Execute sent (SchedulerStatsReply).
         self.critical_rpcs = 0
         self.execute_bytes = 0
+        self.steps_ahead = 0  # sent before the step before them came back (async scheduling)
         self._releases: list[int] = []  # their last reserved step ran
         self._discards: list[int] = []  # their last reserved step never ran
         # Per pool, sequences its driver is to forget (with its next Execute),

@@ -29,6 +29,8 @@ critical_rpcs, execute_bytes) are read at both ends. Figures:
   steps) while a 30,000-token text prompt arrives, minus the step time;
   long_prompt_baseline_ms: the same over an equal window with no prompt
   arriving (the machine's own noise);
+* steps_ahead_frac_*: the share of steps sent before the step before them
+  came back (async scheduling; SchedulerStats.steps_ahead);
 * cpu_ms_per_step: per process (kernel, scheduler, memory, driver,
   security, client; in process: the one process), milliseconds of CPU
   (user + system, all threads, /proc) per step over the same window, at
@@ -118,6 +120,7 @@ async def saturate(target: Target, batch: int, context: int, window_s: float, rn
     if steps > 0:
         rpcs = getattr(s1, "critical_rpcs", None)
         out["rpcs_per_step"] = (rpcs - s0.critical_rpcs) / steps if rpcs is not None else float("nan")
+        out["steps_ahead_frac"] = (s1.steps_ahead - s0.steps_ahead) / steps
         nbytes = getattr(s1, "execute_bytes", None)
         out["execute_bytes_per_step"] = (nbytes - s0.execute_bytes) / steps if nbytes is not None else float("nan")
         out.update({f"cpu_ms_{role}": (c1[role] - c0[role]) * 1e3 / steps for role in pids})
@@ -178,6 +181,8 @@ async def run_target(boot: Boot, home: Path, quick: bool) -> dict[str, float]:
                 f[f"execute_bytes_per_step_b256_ctx{ctx}"] = r.get("execute_bytes_per_step", float("nan"))
             if ctx == 256:
                 f.update({f"cpu_ms_per_step_0ms_b{batch}_{k[7:]}": v for k, v in r.items() if k.startswith("cpu_ms_")})
+            if ctx == 256:
+                f[f"steps_ahead_frac_0ms_b{batch}"] = r.get("steps_ahead_frac", float("nan"))
             if (batch, ctx) == (256, 256):
                 f["overhead_ms_per_step_b256"] = 1e3 / r["steps_per_s"]
                 f["steps_per_s_0ms_b256"] = r["steps_per_s"]
@@ -188,6 +193,7 @@ async def run_target(boot: Boot, home: Path, quick: bool) -> dict[str, float]:
             r = await saturate(t, 64, 256, window, rng)
             print(f"  {t.name} {step_ms:g} ms b64: {r}", flush=True)
             f[f"busy_frac_{step_ms:g}ms_b64"] = r["steps_per_s"] * step_ms / 1e3
+            f[f"steps_ahead_frac_{step_ms:g}ms_b64"] = r.get("steps_ahead_frac", float("nan"))
             if step_ms == 5.0:
                 f["steps_per_s_5ms_b64"] = r["steps_per_s"]
                 f.update({f"cpu_ms_per_step_5ms_b64_{k[7:]}": v for k, v in r.items() if k.startswith("cpu_ms_")})
@@ -245,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
         return out
 
     results = anyio.run(all_runs, backend="asyncio", backend_options={"use_uvloop": True})
-    names = [*TARGETS, "steps_per_s_0ms_b64", "steps_per_s_0ms_b256", "long_prompt_ttft_s"]
+    names = [*TARGETS, "steps_per_s_0ms_b64", "steps_per_s_0ms_b256", "long_prompt_ttft_s",
+             "steps_ahead_frac_5ms_b64", "steps_ahead_frac_2ms_b64", "steps_ahead_frac_0ms_b256"]
     rows = [("figure", *results, "target")]
     rows += [(n, *(fmt(r.get(n)) for r in results.values()), TARGETS.get(n, "")) for n in names]
     print_table("engine steps on the null driver (issue 15)", rows)
