@@ -355,8 +355,10 @@ class AutoTuner:
 
         The batch is projected over each request's remaining tokens, the
         replies ending at their max_tokens: over its next r steps a request
-        sees r * a + per_decode * sum(min(left_i, r)) + bp * (the prefill
-        queued in the batch), which must stay within (1 + headroom) / 2 of
+        sees r * a + per_decode * sum(min(left_i, r)), plus bp times the
+        prompts admitted after it (the running prompts' own prefill is the
+        token budget's to spread, by their deadlines: a document's is not
+        all in a chat's next steps), which must stay within (1 + headroom) / 2 of
         its slack (its allowance times r; a newcomer's objective times its
         reply). A request already predicted to miss before any admission is
         not protected (holding others back would not save it), nor is a
@@ -370,10 +372,8 @@ class AutoTuner:
             lefts.append(r)
             if allow >= base:
                 members.append([r, margin * allow * r, 0.0])
-        pending = 0
         for x in view.demands:
             if x.running:
-                pending += x.tokens
                 lefts.append(x.output)
                 if math.isfinite(x.tpot_s):
                     members.append([x.output, margin * x.tpot_s * x.output, 0.0])
@@ -384,7 +384,7 @@ class AutoTuner:
 
         def project(r: float) -> float:  # over the next r steps, the batch as it is
             k = bisect.bisect_left(lefts, r)
-            return r * a + per_decode * (prefix[k] + r * (len(lefts) - k)) + bp * pending
+            return r * a + per_decode * (prefix[k] + r * (len(lefts) - k))
 
         for m in members:
             m[2] = project(m[0])
