@@ -13,7 +13,7 @@ from ipc import codec
 from ipc.errors import DeadlineExceeded, Error, ErrorCode, LlmosError, Unavailable
 from ipc.protocol import driver as dp
 from ipc.protocol import memory as mp
-from services.scheduler._request import Seq
+from services.scheduler._request import Seq, State
 from services.scheduler._kv_quota import KvQuotas
 from services.scheduler._sessions import SessionTable
 from services.scheduler._state import DriverState, EngineState
@@ -289,9 +289,10 @@ def _current(state: EngineState, w: Work, sent: Sent, running: set[int]) -> bool
     if not w.chain:
         return True
     seq = w.seq
-    if (seq.request.done.is_set() or seq.num_computed != w.start or seq.pool != sent.pool
+    ended = seq.request.state is State.FINISHED
+    if (ended or seq.num_computed != w.start or seq.pool != sent.pool
             or sent.memory_generation != state.memory_generation or id(seq) not in running):
-        if not seq.request.done.is_set() and seq.driver_key == (sent.pool, sent.incarnation):
+        if not ended and seq.driver_key == (sent.pool, sent.incarnation):
             seq.driver_key = None  # the driver's copy moved on without us
         return False
     return True

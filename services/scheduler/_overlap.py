@@ -39,7 +39,7 @@ from anyio.abc import TaskGroup
 from common.logs import get_logger
 from ipc.protocol import memory as mp
 from services.scheduler._execute import Sent, StepResult, Work, apply, execute, prepare, send_all
-from services.scheduler._request import Ahead, Seq
+from services.scheduler._request import Ahead, Seq, State
 
 # Slots a decode reserves ahead at once (the memory server's MAX_AHEAD): a
 # steady decode then makes one memory call in that many steps, not each.
@@ -216,26 +216,28 @@ def chain_work(state: EngineState, work: list[Work], incarnations: dict[str, int
     next plan decides. A sequence whose last token N samples is left out."""
     nxt: list[Work] = []
     running = {id(s) for s in state.running}
-    drivers = state.drivers
+    # Per pool: (incarnation, block size), for a driver up on the planned incarnation.
+    pools = {pool: (d.incarnation, d.shape.block_size) for pool, d in state.drivers.items()
+             if incarnations.get(pool, -1) == d.incarnation}
+    finished = State.FINISHED
     for w in work:
         seq = w.seq
         req = seq.request
-        if req.done.is_set() or id(seq) not in running:
+        if req.state is finished or id(seq) not in running:
             continue  # ended: nothing follows
-        if not w.samples or req.submit.session or seq.swapped or seq.epilogue:
-            return None
         pos = w.end  # step N+1 computes position `pos`, its token the one N samples
+        if not (w.chain or pos == len(seq.tokens)) or seq.epilogue or req.submit.session or seq.swapped:
+            return None  # a prefill chunk that samples nothing, or not a plain decode
         if seq.max_len and pos + 1 >= seq.max_len:
             continue  # N samples its last token
         pool = seq.pool or ""
-        incarnation = incarnations.get(pool, -1)
         a = seq.ahead
-        d = drivers.get(pool)
-        if (a is None or a.copies or a.pool != pool or a.incarnation != incarnation or pos >= a.until
-                or d is None or d.incarnation != incarnation or seq.driver_key != (pool, incarnation)
-                or seq.driver_pos != pos or len(seq.block_table) * d.shape.block_size <= pos):
+        shape = pools.get(pool)
+        if (shape is None or a is None or a.copies or pos >= a.until or a.pool != pool or a.incarnation != shape[0]
+                or seq.driver_pos != pos or seq.driver_key != (pool, shape[0])
+                or len(seq.block_table) * shape[1] <= pos):
             return None
-        nxt.append(Work(seq, pos, pos + 1, [], chain=True))
+        nxt.append(Work(seq, pos, pos + 1, [], True))
     return nxt or None
 
 
