@@ -364,19 +364,21 @@ class AutoTuner:
         not protected (holding others back would not save it), nor is a
         newcomer's own objective when no batch at all would meet it."""
         margin = (1 + self.headroom) / 2  # half the headroom: a wrong "no" costs a first token
-        # Members: [steps left, slack left in seconds, time projected so far].
+        # Members: [steps left, slack left in seconds, time projected so far,
+        # 1 if decoding (a newcomer's prompt, computed at once, slows its
+        # steps; a prompt still in prefill gets its first token after it)].
         members: list[list[float]] = []
         lefts: list[int] = []
         for i, allow in enumerate(view.allowances):
             r = view.left[i] if i < len(view.left) else 1
             lefts.append(r)
             if allow >= base:
-                members.append([r, margin * allow * r, 0.0])
+                members.append([r, margin * allow * r, 0.0, 1.0])
         for x in view.demands:
             if x.running:
                 lefts.append(x.output)
                 if math.isfinite(x.tpot_s):
-                    members.append([x.output, margin * x.tpot_s * x.output, 0.0])
+                    members.append([x.output, margin * x.tpot_s * x.output, 0.0, 0.0])
         lefts.sort()
         prefix = [0]
         for n in lefts:
@@ -402,15 +404,15 @@ class AutoTuner:
             if batch >= self.ceiling.max_num_seqs:
                 return None
             r, p = x.output, x.tokens
-            if any(m[2] + per_decode * min(r, m[0]) + bp * p > m[1] for m in members):
+            if any(m[2] + per_decode * min(r, m[0]) + bp * p * m[3] > m[1] for m in members):
                 return batch
             new: list[float] | None = None
             if math.isfinite(x.tpot_s):
-                new = [r, margin * x.tpot_s * r, own(x)]
+                new = [r, margin * x.tpot_s * r, own(x), 0.0]
                 if new[2] > new[1] and r * (a + per_decode) <= new[1]:
                     return batch  # it would miss now, and meets in a smaller batch: it waits for one
             for m in members:
-                m[2] += per_decode * min(r, m[0]) + bp * p
+                m[2] += per_decode * min(r, m[0]) + bp * p * m[3]
             if new is not None and new[2] <= new[1]:
                 members.append(new)
             added.append(x)
@@ -425,7 +427,7 @@ class AutoTuner:
         typical = Demand(math.inf, p, False, r, view.tpot_s)
         most = near - batch
         for m in members:
-            inc = per_decode * min(r, m[0]) + bp * p
+            inc = per_decode * min(r, m[0]) + bp * p  # arrivals to come: every member decodes by then
             if inc > 0:
                 most = min(most, int((m[1] - m[2]) / inc))
         slack = margin * view.tpot_s * r
