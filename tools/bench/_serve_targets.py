@@ -116,7 +116,7 @@ class RunnerBackend:
             if req.copies:
                 self.runner.copy_blocks(req.copies)
             results = self.runner.execute(steps, trust)
-            self.seqs.record(steps, [r.error for r in results])
+            self.seqs.record(steps, [r.error for r in results], [r.token for r in results])
             return [dp.SeqOutput(r.seq_id, -1 if r.token is None else r.token, r.logprob or 0.0,
                                  list(r.top_logprobs), r.error or "") for r in results]
 
