@@ -94,6 +94,7 @@ class RunnerBackend:
     def __init__(self, runner: ModelRunner):
         self.runner = runner
         self.seqs = SeqTable()  # each running sequence as the engine last sent it
+        self._step_lock = anyio.Lock()  # steps one at a time, in arrival order, as a driver runs them
         self.memory = MemoryManager()
         info = runner.info
         self.memory.register_pool(mp.RegisterPool(POOL, info.num_blocks, info.block_size))
@@ -108,20 +109,21 @@ class RunnerBackend:
         return self.memory.reregister(req)
 
     async def execute(self, instance: str, req: dp.Execute) -> dp.Executed:
-        began = time.perf_counter()
-        # As the driver does (drivers/base.py): deltas made whole from what it keeps.
-        steps, trust, resend = self.seqs.expand_trusted(req)
+        async with self._step_lock:  # (a step sent ahead, async steps, waits for the one before)
+            began = time.perf_counter()
+            # As the driver does (drivers/base.py): deltas made whole from what it keeps.
+            steps, trust, resend = self.seqs.expand_trusted(req)
 
-        def run() -> list[dp.SeqOutput]:
-            if req.copies:
-                self.runner.copy_blocks(req.copies)
-            results = self.runner.execute(steps, trust)
-            self.seqs.record(steps, [r.error for r in results], [r.token for r in results])
-            return [dp.SeqOutput(r.seq_id, -1 if r.token is None else r.token, r.logprob or 0.0,
-                                 list(r.top_logprobs), r.error or "") for r in results]
+            def run() -> list[dp.SeqOutput]:
+                if req.copies:
+                    self.runner.copy_blocks(req.copies)
+                results = self.runner.execute(steps, trust)
+                self.seqs.record(steps, [r.error for r in results], [r.token for r in results])
+                return [dp.SeqOutput(r.seq_id, -1 if r.token is None else r.token, r.logprob or 0.0,
+                                     list(r.top_logprobs), r.error or "") for r in results]
 
-        outputs = await anyio.to_thread.run_sync(run)
-        return dp.Executed(outputs + resend, time.perf_counter() - began)
+            outputs = await anyio.to_thread.run_sync(run)
+            return dp.Executed(outputs + resend, time.perf_counter() - began)
 
 
     async def swap_out(self, req: mp.SwapOut) -> mp.SwapOutReply:
