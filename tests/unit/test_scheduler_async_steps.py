@@ -11,6 +11,7 @@ import anyio
 import pytest
 
 from common.config.scheduler import SchedulerConfig
+from ipc.errors import BadRequest
 from ipc.protocol import driver as dp
 from ipc.protocol import memory as mp
 from ipc.protocol.scheduler import FinishReason
@@ -202,3 +203,61 @@ async def test_a_step_waits_for_a_new_arrival_to_be_planned() -> None:
         f1, f2 = await first.result(), await late.result()
     assert first.tokens(f1) == expected("first", 30) and late.tokens(f2) == expected("late", 10)
     assert chained(backend, first.sink.request.seq.seq_id)
+
+
+class RefusingDriver(FakeDriver):
+    """Refuses the whole step `at` (a live driver's error: nothing ran)."""
+
+    def __init__(self, at: int):
+        super().__init__(64)
+        self.at = at
+        self.seen = 0
+
+    def execute(self, req: dp.Execute) -> dp.Executed:
+        self.seen += 1
+        if self.seen == self.at:
+            raise BadRequest("this step is refused")
+        return super().execute(req)
+
+
+async def test_a_refused_step_n_drops_the_step_sent_behind_it_and_outputs_are_unchanged() -> None:
+    refusing = RefusingDriver(at=9)
+    drivers: dict[str, FakeDriver] = {"cpu": refusing}
+    async with running(ASYNC, drivers) as (engine, backend):
+        backend.execute_turns = 4
+        streams = [Stream(engine, prompt=f"refuse {i}", max_tokens=20, request_id=f"x{i}") for i in range(3)]
+        finals = [await s.result() for s in streams]
+        await blocks_free(backend)
+    for i, (s, f) in enumerate(zip(streams, finals)):
+        assert f.finish_reason == FinishReason.LENGTH and s.tokens(f) == expected(f"refuse {i}", 20)
+    ex = executes(backend)
+    refused = ex[refusing.at - 1]
+    # the step behind the refused one had been sent before the refusal came back ...
+    behind = ex[refusing.at]
+    assert refused.deltas and behind.deltas and all(d.chain for d in behind.deltas)
+    # ... and was dropped with it: each sequence starts over (from what the prefix cache kept), sent in full
+    ids = {d.seq_id for d in refused.deltas}
+    assert ids <= {st.seq_id for e in ex[refusing.at + 1:] for st in e.steps}
+
+
+class TokenlessDriver(FakeDriver):
+    """Keeps its sequences but not the tokens it sampled: every chain delta
+    is answered resend."""
+
+    def execute(self, req: dp.Execute) -> dp.Executed:
+        record = self.table.record
+        self.table.record = lambda steps, errors, tokens=(): record(steps, errors)  # type: ignore[method-assign]
+        try:
+            return super().execute(req)
+        finally:
+            self.table.record = record  # type: ignore[method-assign]
+
+
+async def test_a_driver_that_cannot_chain_is_answered_in_full_and_outputs_are_unchanged() -> None:
+    async with running(ASYNC, {"cpu": TokenlessDriver(64)}) as (engine, backend):
+        streams = [Stream(engine, prompt=f"tokenless {i}", max_tokens=16, request_id=f"t{i}") for i in range(2)]
+        finals = [await s.result() for s in streams]
+        await blocks_free(backend)
+    for i, (s, f) in enumerate(zip(streams, finals)):
+        assert f.finish_reason == FinishReason.LENGTH and s.tokens(f) == expected(f"tokenless {i}", 16)
+    assert chained(backend)  # tried, answered resend, sent in full
