@@ -321,7 +321,8 @@ class AutoTuner:
         # The batch cap binds on admissions only (never below the batch), and
         # is set only as the load nears it.
         if bd + bc > 0:
-            most = self._admits(view, a, bd + bc * self.context / 1000.0, bp if cost_known else 0.0, base)
+            most = self._admits(view, a, bd + bc * self.context / 1000.0, bp if cost_known else 0.0, base,
+                                max(1, budget - d))
             if most is not None and max(view.running, most) < c.max_num_seqs:
                 seqs = max(view.running, most)
                 reasons.append(f"a batch over {seqs} is predicted to make a request miss its per-token "
@@ -338,6 +339,11 @@ class AutoTuner:
         prefilling = sum(1 for x in view.demands if x.running)
         if prefilling and d and budget - d < sum(min(x.tokens, chunk) for x in view.demands if x.running):
             fair = max(self.min_chunk, (budget - d) // prefilling)
+            if d + fair * prefilling > budget:  # a cut budget takes the chunks' floor, else the chunks shrink
+                if d + fair * prefilling <= c.token_budget:
+                    budget = d + fair * prefilling
+                else:
+                    fair = max(1, (budget - d) // prefilling)
             if fair < chunk:
                 chunk = fair
                 reasons.append(f"a prefill chunk of {fair}: {prefilling} prompts ordered before {d} decodes "
@@ -347,7 +353,8 @@ class AutoTuner:
             return self._to(c, "configured", "no objective at risk at the configured limits")
         return self._to(knobs, "tuned", "; ".join(reasons))
 
-    def _admits(self, view: View, a: float, per_decode: float, bp: float, base: float) -> int | None:
+    def _admits(self, view: View, a: float, per_decode: float, bp: float, base: float,
+                room: int) -> int | None:
         """The batch size at which admitting the next waiting request (in the
         line's order) is predicted to make a request miss its per-token
         objective, or None when admitting them all is not — then, as the load
@@ -358,27 +365,30 @@ class AutoTuner:
         sees r * a + per_decode * sum(min(left_i, r)), plus bp times the
         prompts admitted after it (the running prompts' own prefill is the
         token budget's to spread, by their deadlines: a document's is not
-        all in a chat's next steps), which must stay within (1 + headroom) / 2 of
+        all in a chat's next steps; nor is a newcomer's beyond the `room`
+        tokens of prefill a step takes, times its r steps: the token budget
+        spreads it), which must stay within (1 + headroom) / 2 of
         its slack (its allowance times r; a newcomer's objective times its
         reply). A request already predicted to miss before any admission is
         not protected (holding others back would not save it), nor is a
         newcomer's own objective when no batch at all would meet it."""
         margin = (1 + self.headroom) / 2  # half the headroom: a wrong "no" costs a first token
         # Members: [steps left, slack left in seconds, time projected so far,
-        # 1 if decoding (a newcomer's prompt, computed at once, slows its
-        # steps; a prompt still in prefill gets its first token after it)].
+        # 1 if decoding (a newcomer's prompt slows its steps, at most `room`
+        # tokens a step; a prompt still in prefill gets its first token after
+        # it), newcomers' prompt tokens charged to it so far].
         members: list[list[float]] = []
         lefts: list[int] = []
         for i, allow in enumerate(view.allowances):
             r = view.left[i] if i < len(view.left) else 1
             lefts.append(r)
             if allow >= base:
-                members.append([r, margin * allow * r, 0.0, 1.0])
+                members.append([r, margin * allow * r, 0.0, 1.0, 0.0])
         for x in view.demands:
             if x.running:
                 lefts.append(x.output)
                 if math.isfinite(x.tpot_s):
-                    members.append([x.output, margin * x.tpot_s * x.output, 0.0, 0.0])
+                    members.append([x.output, margin * x.tpot_s * x.output, 0.0, 0.0, 0.0])
         lefts.sort()
         prefix = [0]
         for n in lefts:
@@ -397,22 +407,27 @@ class AutoTuner:
         def own(x: Demand) -> float:  # a newcomer's projection: the batch, those admitted before it, itself
             r = x.output
             return (project(r) + per_decode * (sum(min(y.output, r) for y in added) + r)
-                    + bp * sum(y.tokens for y in added))
+                    + bp * min(sum(y.tokens for y in added), r * room))
+
+        def prompt(m: list[float], p: int) -> float:  # what a newcomer's p prompt tokens add to member m
+            cap = m[0] * room
+            return bp * m[3] * (min(m[4] + p, cap) - min(m[4], cap))
 
         # In the order they would start: those past their first-token objective last.
         for x in sorted((x for x in view.demands if not x.running), key=lambda x: x.deadline_s <= 0):
             if batch >= self.ceiling.max_num_seqs:
                 return None
             r, p = x.output, x.tokens
-            if any(m[2] + per_decode * min(r, m[0]) + bp * p * m[3] > m[1] for m in members):
+            if any(m[2] + per_decode * min(r, m[0]) + prompt(m, p) > m[1] for m in members):
                 return batch
             new: list[float] | None = None
             if math.isfinite(x.tpot_s):
-                new = [r, margin * x.tpot_s * r, own(x), 0.0]
+                new = [r, margin * x.tpot_s * r, own(x), 0.0, 0.0]
                 if new[2] > new[1] and r * (a + per_decode) <= new[1]:
                     return batch  # it would miss now, and meets in a smaller batch: it waits for one
             for m in members:
-                m[2] += per_decode * min(r, m[0]) + bp * p * m[3]
+                m[2] += per_decode * min(r, m[0]) + prompt(m, p)
+                m[4] += p * m[3]
             if new is not None and new[2] <= new[1]:
                 members.append(new)
             added.append(x)
@@ -429,7 +444,12 @@ class AutoTuner:
         for m in members:
             inc = per_decode * min(r, m[0]) + bp * p  # arrivals to come: every member decodes by then
             if inc > 0:
-                most = min(most, int((m[1] - m[2]) / inc))
+                fit = int((m[1] - m[2]) / inc)
+                # Their prompts reach it at most `room` tokens a step.
+                rest = m[1] - m[2] - bp * max(0.0, m[0] * room - m[4])
+                if per_decode > 0 and rest > 0:
+                    fit = max(fit, int(rest / (per_decode * min(r, m[0]))))
+                most = min(most, fit)
         slack = margin * view.tpot_s * r
         first, inc = own(typical), per_decode * r + bp * p  # the j-th of them ends at first + (j - 1) * inc
         if first > slack and r * (a + per_decode) <= slack:
