@@ -6,8 +6,8 @@ import math
 import random
 
 from tools.bench._serve_load import Timing
-from tools.bench.tuning import (CHAT, DOC, FULL, OBJECTIVES, QUICK, Outcome, Run, bursty, figures, ramp, ratio, salted,
-                                steady)
+from tools.bench.tuning import (CHAT, DOC, FULL, OBJECTIVES, QUICK, Outcome, Run, arm_order, bursty, figures, ramp,
+                                ratio, salted, steady, summarize)
 
 
 def test_the_three_workloads_have_their_shapes() -> None:
@@ -62,3 +62,15 @@ def test_each_arm_gets_prompts_no_earlier_arm_cached() -> None:
     assert all(a.prompt[0] == 1 and b.prompt[0] == 2 and a.prompt[1:] == b.prompt[1:] == r.prompt[1:]
                and (a.at, a.max_tokens, a.priority) == (r.at, r.max_tokens, r.priority)
                for a, b, r in zip(one, two, work))
+
+
+def test_arms_in_rounds_alternate_their_order_and_count_every_round() -> None:
+    assert arm_order(["tuner", "a", "b"], 2) == ["tuner", "a", "b", "b", "a", "tuner"]
+    assert arm_order(["tuner", "a"], 1) == ["tuner", "a"] and QUICK.rounds_of("bursty") == 2
+    assert QUICK.rounds_of("steady") == FULL.rounds_of("bursty") == 1
+    work = bursty(QUICK, random.Random(1))[:3]
+    met = Outcome(Timing(submitted=0.0, first=0.5, last=0.5 + 9 * 0.05, tokens=10))
+    late = Outcome(Timing(submitted=0.0, first=1.5, last=1.58, tokens=2))
+    r = summarize(QUICK, "tuner", "bursty", work, [[met, late, Outcome(gave_up=True)], [met, met, met]], (512, 64), 3)
+    assert (r.requests, r.met, r.gave_up, r.rounds) == (6, 4, 1, 2)
+    assert r.goodput_rps == 4 / (2 * QUICK.seconds)  # per second of both rounds' arrival windows

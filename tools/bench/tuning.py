@@ -28,7 +28,11 @@ Settings: the tuner (the default: it starts from the [scheduler] limits,
 cap with the tuner off (today's default static setting, 512 x 64, among
 them; the chunk 512, so a budget under it is the chunk too). The system boots
 once; each workload is served by every setting in turn, the scheduler
-restarted alone with the setting's table before each.
+restarted alone with the setting's table before each. With `--quick`,
+bursty is served in two rounds, the second in the reverse order (tuner,
+statics..., statics reversed, tuner): every arm gets six bursts, and a
+drift in the machine's other load weighs on them alike; an arm's figures
+are over both rounds (met and requests summed).
 
 Objectives (the scheduler's own, by priority, and what is judged here):
 chat (priority 0) the default, a first token within 1 s and 100 ms per
@@ -91,13 +95,24 @@ class Plan:
     doc_tokens: tuple[int, int]
     ramp: tuple[float, float]  # arrivals per second at the start and the end
     sweep: tuple[tuple[int, int], ...]  # static (token budget, batch cap)
+    # Rounds per workload (default 1): every setting serves the workload
+    # once a round, in the settings' order, then reversed, and so on (a
+    # drift in the machine's load weighs on every arm alike); each arm's
+    # figures are over all its rounds.
+    rounds: tuple[tuple[str, int], ...] = ()
+
+    def rounds_of(self, workload: str) -> int:
+        return dict(self.rounds).get(workload, 1)
 
 
 FULL = Plan(40.0, 1.5, 6.0, 3, (1200, 1600), (0.5, 8.0),
             tuple((b, s) for b in (128, 256, 512) for s in (16, 32, 64)))
 # Quick arms of 16 s (12 s until issue 19's third pass: at 17 steady requests one request was 6 points of
 # the ratio, and arms' spread from run to run was larger than the gaps measured). ~8 min in all on 2 cores.
-QUICK = Plan(16.0, 1.5, 6.0, 3, (1200, 1600), (0.5, 8.0), ((128, 16), (128, 64), (256, 64), (512, 16), DEFAULT))
+# Bursty in two rounds (issue 19, fourth pass: the same static arm met 9 and 17 of 18 in two runs on a
+# loaded machine, its goodput hanging on where three bursts fell among the machine's other work): ~11 min.
+QUICK = Plan(16.0, 1.5, 6.0, 3, (1200, 1600), (0.5, 8.0), ((128, 16), (128, 64), (256, 64), (512, 16), DEFAULT),
+             (("bursty", 2),))
 
 
 def steady(plan: Plan, rng: random.Random) -> list[Req]:
@@ -170,6 +185,7 @@ class Run:
     # median over both classes moves with which class the middle falls in).
     chat_ttft_p50_ms: float = 0.0
     chat_tpot_p50_ms: float = 0.0
+    rounds: int = 1  # the workload served this many times (met and requests summed over them)
 
 
 async def serve(client: AsyncClient, req: Req, out: Outcome) -> None:
@@ -265,23 +281,35 @@ def salted(workload: list[Req], salt: int) -> list[Req]:
     return [Req(r.index, [salt, *r.prompt[1:]], r.max_tokens, r.at, r.priority) for r in workload]
 
 
-async def run_one(client: AsyncClient, plan: Plan, setting: str, name: str, workload: list[Req], salt: int) -> Run:
+async def serve_arm(client: AsyncClient, workload: list[Req], salt: int) -> tuple[list[Outcome], int]:
+    """One setting serves `workload` once (its prompts salted): each request's
+    outcome, and the tuner's changes counted by the scheduler."""
     await client.generate(list(range(32, 96)), max_tokens=4, params=GREEDY, ignore_eos=True)  # warm up
     outcomes = await replay(client, salted(workload, salt))
     await idle(client)
     st = await client.scheduler_stats()
-    served = [o.timing for o in outcomes if o.timing.tokens]
-    met = sum(o.met for o in outcomes)
-    r = Run(setting, name, len(outcomes), met, sum(o.refused for o in outcomes), sum(o.gave_up for o in outcomes),
-            met / plan.seconds, percentile([t.ttft * 1e3 for t in served], 50),
+    return outcomes, st.tuner_changes
+
+
+def summarize(plan: Plan, setting: str, name: str, workload: list[Req], rounds: list[list[Outcome]],
+              limits: tuple[int, int], tuner_changes: int) -> Run:
+    """One arm's figures over its rounds (each the whole of `workload`)."""
+    pairs = [(o, q) for outcomes in rounds for o, q in zip(outcomes, workload)]
+    served = [o.timing for o, _ in pairs if o.timing.tokens]
+    met = sum(o.met for o, _ in pairs)
+    r = Run(setting, name, len(pairs), met, sum(o.refused for o, _ in pairs), sum(o.gave_up for o, _ in pairs),
+            met / (plan.seconds * len(rounds)), percentile([t.ttft * 1e3 for t in served], 50),
             percentile([x * 1e3 for t in served if (x := t.tpot) is not None], 50),
-            st.token_budget, st.max_num_seqs, st.tuner_changes)
-    chats = [o.timing for o, q in zip(outcomes, workload) if o.timing.tokens and q.priority == CHAT]
+            limits[0], limits[1], tuner_changes, rounds=len(rounds))
+    chats = [o.timing for o, q in pairs if o.timing.tokens and q.priority == CHAT]
     r.chat_ttft_p50_ms = percentile([t.ttft * 1e3 for t in chats], 50)
     r.chat_tpot_p50_ms = percentile([x * 1e3 for t in chats if (x := t.tpot) is not None], 50)
-    print(f"  {setting:>14} {name:>7}: {r.met}/{r.requests} met, {r.refused} refused, {r.gave_up} gave up, "
-          f"limits at the end {r.token_budget}x{r.max_num_seqs}", file=sys.stderr, flush=True)
     return r
+
+
+def arm_order(settings: list[str], rounds: int) -> list[str]:
+    """Each setting once a round: in order, then reversed, and so on."""
+    return [s for k in range(rounds) for s in (settings if k % 2 == 0 else settings[::-1])]
 
 
 def ratio(a: float, b: float) -> float:
@@ -325,6 +353,8 @@ async def main_async(home: Path, quick: bool, only: list[str] | None = None) -> 
     table = home / "scheduler.toml"
     scheduler_table(table, *settings[0][1:])
     runs: list[Run] = []
+    by_name = {setting: (budget, seqs, tuner) for setting, budget, seqs, tuner in settings}
+    salt = 0
     async with booted(home, table) as client:
         await warm_up(client)
         # Workload by workload, every setting in turn (each with a fresh
@@ -332,12 +362,27 @@ async def main_async(home: Path, quick: bool, only: list[str] | None = None) -> 
         # workload's comparison less than a whole setting run apart.
         first = True
         for name, workload in workloads.items():
-            for setting, budget, seqs, tuner in settings:
+            got: dict[str, list[list[Outcome]]] = {setting: [] for setting in by_name}
+            changes: dict[str, int] = {}
+            limits: dict[str, tuple[int, int]] = {}
+            for setting in arm_order(list(by_name), plan.rounds_of(name)):
+                budget, seqs, tuner = by_name[setting]
                 if not first:
                     scheduler_table(table, budget, seqs, tuner)
                     await restart_scheduler(client, budget, tuner)
                 first = False
-                runs.append(await run_one(client, plan, setting, name, workload, salt=len(runs) + 1))
+                salt += 1
+                outcomes, n = await serve_arm(client, workload, salt)
+                st = await client.scheduler_stats()
+                got[setting].append(outcomes)
+                changes[setting] = changes.get(setting, 0) + n
+                limits[setting] = (st.token_budget, st.max_num_seqs)
+                met = sum(o.met for o in outcomes)
+                print(f"  {setting:>14} {name:>7}: {met}/{len(outcomes)} met, {sum(o.refused for o in outcomes)} "
+                      f"refused, {sum(o.gave_up for o in outcomes)} gave up, limits at the end "
+                      f"{st.token_budget}x{st.max_num_seqs}", file=sys.stderr, flush=True)
+            for setting in by_name:
+                runs.append(summarize(plan, setting, name, workload, got[setting], limits[setting], changes[setting]))
     return runs, figures(runs)
 
 
