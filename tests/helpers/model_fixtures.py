@@ -14,6 +14,7 @@ from drivers.model.runner import ModelRunner
 from drivers.model.sampling import Sample, Sampler, SampleRow
 from ipc.protocol.driver import StepSeq
 from ipc.protocol.sampling import SamplingParams
+from tests.helpers.stacks import EXACT_DTYPE
 
 TOKENIZER_VOCAB = 280     # byte-level BPE: 256 bytes + 22 merges, then <s> </s>
 MODEL_VOCAB = 300         # the model's embedding is padded past the tokenizer
@@ -134,7 +135,7 @@ async def local_greedy(ckpt: Path, prompt: list[int], n: int) -> list[int]:
 
 
 def _greedy(ckpt: Path, prompt: list[int], n: int) -> list[int]:
-    runner = ModelRunner.load(str(ckpt), kv_cache_bytes=2 * 2**20, num_threads=1)
+    runner = ModelRunner.load(str(ckpt), kv_cache_bytes=2 * 2**20, num_threads=1, dtype=EXACT_DTYPE)
     bs = runner.info.block_size
     table = list(range((len(prompt) + n) // bs + 1))
     greedy = SamplingParams(temperature=0.0)

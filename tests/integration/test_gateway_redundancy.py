@@ -21,6 +21,7 @@ from kernel.config import ChildSpec, SupervisorConfig
 from tests.helpers.cli import llmos as run_cli
 from tests.helpers.net import free_port
 from tools.testing import RunningLlmos, running_llmos
+from tests.helpers.stacks import DRIVER_DTYPE_ARGS
 
 MAX_TOKENS = 400
 
@@ -40,7 +41,7 @@ def children(ckpt: Path, port: int) -> list[ChildSpec]:
     return [ChildSpec("security", "services.security"),
             ChildSpec("memory", "services.memory"),
             ChildSpec("cpu", "drivers", service="driver",
-                      args=["cpu", "--model", str(ckpt), "--kv-cache-mb", "8", "--threads", "1"]),
+                      args=["cpu", "--model", str(ckpt), "--kv-cache-mb", "8", "--threads", "1", *DRIVER_DTYPE_ARGS]),
             ChildSpec("scheduler", "services.scheduler"),
             ChildSpec("gateway", "services.gateway", args=["--listen", listen], listen=listen, instances=2,
                       significant=False, shutdown_timeout_s=35.0)]

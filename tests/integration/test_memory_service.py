@@ -14,6 +14,7 @@ from ipc.protocol import memory as mp
 from kernel.config import ChildSpec
 from tools.testing import running_llmos
 from tests.helpers.model_fixtures import make_checkpoint
+from tests.helpers.stacks import DRIVER_DTYPE_ARGS
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +27,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def children(ckpt: Path) -> list[ChildSpec]:
     return [ChildSpec("memory", "services.memory"),
             ChildSpec("cpu", "drivers.cpu", service="driver",
-                      args=["--model", str(ckpt), "--kv-cache-mb", "1", "--threads", "1"])]
+                      args=["--model", str(ckpt), "--kv-cache-mb", "1", "--threads", "1", *DRIVER_DTYPE_ARGS])]
 
 
 async def next_event(events: Any, kind: type, timeout: float = 60) -> Any:

@@ -20,7 +20,7 @@ from sdk.client import AsyncClient
 from sdk.generate import Completion
 from tools.testing import REPO_ROOT, RunningLlmos, running_llmos
 from tests.helpers.model_fixtures import local_greedy
-from tests.helpers.stacks import children
+from tests.helpers.stacks import DRIVER_DTYPE_ARGS, children
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
@@ -153,7 +153,7 @@ async def test_swap_mode_preemption_keeps_outputs_exact_over_real_processes(home
     driver's host tier and comes back — outputs equal the undisturbed run."""
     driver = ChildSpec("cpu", "drivers", service="driver",
                        args=["cpu", "--model", str(checkpoint), "--kv-cache-mb", str(12 * 8192 / 2**20),
-                             "--host-slots", "64", "--threads", "1"])
+                             "--host-slots", "64", "--threads", "1", *DRIVER_DTYPE_ARGS])
     kids = [ChildSpec("memory", "services.memory"), driver,
             ChildSpec("scheduler", "services.scheduler", args=["--preemption", "swap", "--max-seqs", "8"])]
     prompts = [[11 + i, 30, 41, 52, 63, 74, 85, 96, 107, 20, 21, 22, 23, 24, 25, 26, 27, 28] for i in range(6)]

@@ -12,6 +12,7 @@ from ipc.protocol import memory as mp
 from kernel.config import ChildSpec
 from tools.testing import running_llmos
 from tests.helpers.model_fixtures import local_greedy
+from tests.helpers.stacks import DRIVER_DTYPE_ARGS
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
@@ -20,7 +21,7 @@ def children(ckpt: Path) -> list[ChildSpec]:
     return [ChildSpec("memory", "services.memory"),
             ChildSpec("cpu", "drivers", service="driver",
                       args=["cpu", "--model", str(ckpt), "--kv-cache-mb", "2", "--threads", "1",
-                            "--host-slots", "64"]),
+                            "--host-slots", "64", *DRIVER_DTYPE_ARGS]),
             ChildSpec("scheduler", "services.scheduler")]
 
 

@@ -19,6 +19,7 @@ from kernel.config import ChildSpec
 from tools.testing import RunningLlmos, running_llmos
 from tests.helpers.audit import wait_audit
 from tests.helpers.net import free_port
+from tests.helpers.stacks import DRIVER_DTYPE_ARGS
 
 LIMIT = 1 << 20  # the gateway's max_body_bytes in these tests
 HEAD_TIMEOUT_S = 2.0
@@ -33,7 +34,7 @@ def system(home: Path, ckpt: Path, port: int) -> list[ChildSpec]:
     return [ChildSpec("security", "services.security"),
             ChildSpec("memory", "services.memory"),
             ChildSpec("cpu", "drivers", service="driver",
-                      args=["cpu", "--model", str(ckpt), "--kv-cache-mb", "2", "--threads", "1"]),
+                      args=["cpu", "--model", str(ckpt), "--kv-cache-mb", "2", "--threads", "1", *DRIVER_DTYPE_ARGS]),
             ChildSpec("scheduler", "services.scheduler"),
             ChildSpec("gateway", "services.gateway",
                       args=["--listen", f"127.0.0.1:{port}", "--config", str(toml)])]

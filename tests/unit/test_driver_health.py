@@ -15,12 +15,13 @@ from drivers.model.runner import ModelRunner
 from ipc.errors import Internal
 from ipc.protocol import driver as dp
 from ipc.protocol.sampling import SamplingParams
+from tests.helpers.stacks import EXACT_DTYPE
 
 GREEDY = SamplingParams(temperature=0.0)
 
 
 def load(path: Path) -> ModelRunner:
-    return ModelRunner.load(str(path), kv_cache_bytes=1 << 20, block_size=4)
+    return ModelRunner.load(str(path), kv_cache_bytes=1 << 20, block_size=4, dtype=EXACT_DTYPE)
 
 
 def step(runner: ModelRunner, seq_id: int = 1) -> list[Any]:

@@ -11,6 +11,7 @@ import torch
 from drivers.model.runner import ModelRunner
 from ipc.protocol.driver import StepSeq
 from ipc.protocol.sampling import SamplingParams
+from tests.helpers.stacks import EXACT_DTYPE
 from tests.helpers.model_fixtures import (
     MODEL_VOCAB, TOKENIZER_VOCAB, hf_logits, make_checkpoint, prefill_then_decode, recording)
 
@@ -33,6 +34,7 @@ CASES = [
 
 
 def load(path: Path, **kw: object) -> ModelRunner:
+    kw.setdefault("dtype", EXACT_DTYPE)  # exact comparisons (tests/helpers/stacks.py)
     return ModelRunner.load(str(path), kv_cache_bytes=1 << 20, block_size=4, **kw)  # type: ignore[arg-type]
 
 

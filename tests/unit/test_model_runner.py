@@ -14,6 +14,7 @@ from drivers.model.runner import ModelRunner
 from drivers.model.step import SeqResult
 from ipc.protocol.driver import StepSeq
 from ipc.protocol.sampling import SamplingParams
+from tests.helpers.stacks import EXACT_DTYPE
 from tests.helpers.model_fixtures import make_checkpoint, recording
 
 BS = 4
@@ -29,6 +30,7 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def load(path: Path, **kw: object) -> ModelRunner:
+    kw.setdefault("dtype", EXACT_DTYPE)  # exact comparisons (tests/helpers/stacks.py)
     return ModelRunner.load(str(path), kv_cache_bytes=1 << 20, block_size=BS, **kw)  # type: ignore[arg-type]
 
 
