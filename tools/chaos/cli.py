@@ -25,6 +25,10 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--model", default="demo", help="'demo' (default) or a local Hugging Face directory")
     ap.add_argument("--clients", type=int, default=12, help="concurrent streaming clients (a quarter over HTTP)")
     ap.add_argument("--faults-per-minute", type=float, default=30.0)
+    ap.add_argument("--dtype", default="float32",
+                    help="the driver's dtype (default float32: unfaulted greedy requests must equal the reference "
+                         "token for token, which bfloat16's shape-dependent rounding does not keep; 'auto' as "
+                         "`llmos up`); not with --attach")
     ap.add_argument("--attach", action="store_true", help="use the llmos running under --home instead of booting one")
     ap.add_argument("--abuse", action="store_true",
                     help="abusive clients beside the honest ones (oversized prompts, disguised kernel ops, unread "
@@ -50,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = ChaosConfig(duration_s=args.duration, seed=args.seed, model=args.model, clients=args.clients,
                       http_clients=-1, faults_per_minute=args.faults_per_minute, attach=args.attach,
                       command="llmos " + shlex.join(sys.argv[1:]), abuse=_abuse_config(args, AbuseConfig),
-                      node_faults_per_minute=node_faults)
+                      node_faults_per_minute=node_faults, dtype=args.dtype)
     if args.attach:
         home = llmos_home(args.home)
     else:

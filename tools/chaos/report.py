@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 
 
 def write_report(out: Path, history: History, verdict: Verdict, cfg: "ChaosConfig", *, plan_size: int,
-                 peak_rss_mb: dict[str, float], model: str, abuse: dict[str, Any] | None = None) -> dict[str, Any]:
+                 peak_rss_mb: dict[str, float], model: str, dtype: str = "",
+                 abuse: dict[str, Any] | None = None) -> dict[str, Any]:
     history.write(out)
     figs = figures.summarize(history)
     tp = figures.throughput(history)
@@ -34,6 +35,7 @@ def write_report(out: Path, history: History, verdict: Verdict, cfg: "ChaosConfi
         "seed": cfg.seed,
         "duration_s": cfg.duration_s,
         "model": model,
+        "dtype": dtype,  # the driver's, as it reported it
         "clients": cfg.clients,
         "holds": verdict.holds and (abuse is None or abuse["holds"]),
         "violations": verdict.violations() + (abuse["violations"] if abuse is not None else []),
@@ -76,7 +78,7 @@ def write_report(out: Path, history: History, verdict: Verdict, cfg: "ChaosConfi
 def summary(report: dict[str, Any]) -> str:
     f, r = report["faults"], report["requests"]
     lines = [f"llmos chaos — seed {report['seed']}, {report['duration_s']:g}s, {report['clients']} clients, "
-             f"model {report['model']}",
+             f"model {report['model']} ({report.get('dtype') or 'dtype unknown'})",
              f"  faults fired      {f['total']} (planned {f['planned']}, skipped {f['skipped']}): "
              + ", ".join(f"{k}={v}" for k, v in sorted(f["by_kind"].items())),
              "  by service        " + ", ".join(f"{s}={sum(k.values())}" for s, k in sorted(f["by_service"].items())),

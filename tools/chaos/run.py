@@ -53,6 +53,12 @@ class ChaosConfig:
     command: str = ""
     abuse: AbuseConfig | None = None  # abusive clients beside the honest ones (tools/chaos/abuse.py)
     node_faults_per_minute: float = 0.0  # driver nodes lost (the Ray launcher only: tools/chaos/nodes.py)
+    # The driver's dtype. The checker holds every unfaulted greedy request to
+    # the reference run token for token, though the two batch it with other
+    # requests differently: float32's rounding stays far below the model's
+    # margins, bfloat16's (`auto` on AMX or AVX-512 BF16) differs with each
+    # matmul shape and flips near-ties, which would read as a broken contract.
+    dtype: str = "float32"
 
 
 @dataclass
@@ -70,11 +76,12 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def chaos_children(model: str, kv_cache_mb: int, http: str) -> list[ChildSpec]:
+def chaos_children(model: str, kv_cache_mb: int, http: str, dtype: str = "float32") -> list[ChildSpec]:
     """`llmos up`'s children, with the priority policy so priorities matter,
     and the echo test service (the fuzzers probe and kill it)."""
     return [msgspec.structs.replace(c, args=[*c.args, "--policy", "priority"]) if c.name == "scheduler" else c
-            for c in default_children(model, {"cpu": 1}, http, kv_cache_mb=kv_cache_mb)] + [echo_child()]
+            for c in default_children(model, {"cpu": 1}, http, kv_cache_mb=kv_cache_mb,
+                                      driver_args=["--dtype", dtype] if dtype else None)] + [echo_child()]
 
 
 async def run_chaos(home: Path, cfg: ChaosConfig, out: Path, nodes: SimNodes | None = None) -> ChaosResult:
@@ -91,7 +98,7 @@ async def run_chaos(home: Path, cfg: ChaosConfig, out: Path, nodes: SimNodes | N
             admin = await stack.enter_async_context(await AsyncClient.connect(home=home))
         else:
             http = f"127.0.0.1:{_free_port()}" if "gateway" in cfg.services else ""
-            children = chaos_children(cfg.model, cfg.kv_cache_mb, http)
+            children = chaos_children(cfg.model, cfg.kv_cache_mb, http, cfg.dtype)
             if nodes is not None:
                 nodes.home = home
                 children = on_nodes(children, nodes.drivers)
@@ -170,7 +177,7 @@ async def run_chaos(home: Path, cfg: ChaosConfig, out: Path, nodes: SimNodes | N
         leaked_pids = leaked(seen | current)  # after shutdown nothing may be left
     verdict = check(history, reference, text_of, leaked_pids=leaked_pids, kernel_restarted=kernel_restarted)
     report = write_report(out, history, verdict, cfg, plan_size=len(plan), peak_rss_mb=sampler.peak_rss_mb,
-                          model=desc.name, abuse=abuse_report)
+                          model=desc.name, dtype=desc.dtype, abuse=abuse_report)
     return ChaosResult(history, verdict, report, out)
 
 
