@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 from pathlib import Path
+from typing import Literal
 
 import msgspec
 
@@ -133,8 +134,11 @@ class SchedulerConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     # Async scheduling: while step N runs, step N+1 (the same decodes, their
     # slots reserved ahead) goes to the driver, which feeds each the token it
     # sampled in N; a sequence that ended in N has its N+1 token dropped
-    # (docs/scheduler.md, "Async steps"). Needs `overlap`.
-    async_steps: bool = True
+    # (docs/scheduler.md, "Async steps"). Needs `overlap`. "auto" (the
+    # default): for every driver but one that computes on the host's CPU
+    # cores, where the scheduler's and kernel's work it moves beside the
+    # forward pass would compete with it; true: for every driver.
+    async_steps: bool | Literal["auto"] = "auto"
     # How a sequence preempted for blocks keeps its KV (see PreemptionMode).
     preemption: PreemptionMode = PreemptionMode.RECOMPUTE
     # Objectives and online tuning (on by default; see TunerConfig).

@@ -216,9 +216,10 @@ def chain_work(state: EngineState, work: list[Work], incarnations: dict[str, int
     next plan decides. A sequence whose last token N samples is left out."""
     nxt: list[Work] = []
     running = {id(s) for s in state.running}
-    # Per pool: (incarnation, block size), for a driver up on the planned incarnation.
+    # Per pool: (incarnation, block size), for a driver up on the planned
+    # incarnation that takes steps sent ahead (`DriverState.chains`).
     pools = {pool: (d.incarnation, d.shape.block_size) for pool, d in state.drivers.items()
-             if incarnations.get(pool, -1) == d.incarnation}
+             if incarnations.get(pool, -1) == d.incarnation and d.chains}
     finished = State.FINISHED
     for w in work:
         seq = w.seq

@@ -37,11 +37,11 @@ class Recovery:
     def pending(self) -> bool:
         return bool(self._lost_pools or self._lost_seqs or self._reregister)
 
-    def driver_up(self, instance: str, shape: PoolShape) -> None:
+    def driver_up(self, instance: str, shape: PoolShape, chains: bool = True) -> None:
         if instance in self.state.drivers:
             # A restart we did not see die: whatever it held is gone.
             self._lost_pools.add(instance)
-        self.state.drivers[instance] = DriverState(shape, next(self._incarnations))
+        self.state.drivers[instance] = DriverState(shape, next(self._incarnations), chains)
         self.state.wake()
 
     def driver_down(self, instance: str) -> None:

@@ -11,10 +11,9 @@ Each step, top to bottom:
   3. the memory work (_step.py): swap-ins of the swapped sequences the plan
      runs, one batched `Reserve` carrying the releases — none when every
      decode's slot was reserved while the last step ran;
-  4. one `Execute` per driver, concurrently, and beside them the next
-     step's `Reserve` (the overlap, _overlap.py) and, with `async_steps`,
-     the next step itself when it is the same decodes one token on (it is
-     then this loop's next step 4: steps 2-3 are skipped);
+  4. one `Execute` per driver, concurrently, and beside them the next step's
+     `Reserve` (the overlap, _overlap.py) and, with async steps, the next step
+     itself when it is the same decodes one token on (steps 2-3 skipped);
   5. new tokens to their requests, at most one `TokenDelta` per client.
 
 The lines, the drivers, the KV to release and the memory handle belong to
@@ -93,7 +92,8 @@ class Engine:
         num_blocks, block_size = meta.get("num_blocks"), meta.get("block_size")
         if not isinstance(num_blocks, int) or not isinstance(block_size, int):
             return
-        self.recovery.driver_up(instance, PoolShape(num_blocks, block_size))
+        chains = self.config.async_steps is True or meta.get("device") != "cpu"  # "auto": not on host cores
+        self.recovery.driver_up(instance, PoolShape(num_blocks, block_size), chains)
 
     def driver_down(self, instance: str) -> None:
         self.recovery.driver_down(instance)

@@ -47,8 +47,9 @@ def reference(prompt: list[int], n: int) -> list[int]:
 
 
 class FakeDriver:
-    def __init__(self, num_blocks: int, block_size: int = 4, host_slots: int = 0):
+    def __init__(self, num_blocks: int, block_size: int = 4, host_slots: int = 0, device: str = "fake"):
         self.num_blocks = num_blocks
+        self.device = device  # what its READY meta reports (a real one: "cpu", "cuda:0", "null")
         self.block_size = block_size
         self.host_slots = host_slots
         self.kv: dict[int, list[int | None]] = {}
@@ -62,7 +63,8 @@ class FakeDriver:
 
     @property
     def meta(self) -> dict[str, str | int | float | bool]:
-        return {"num_blocks": self.num_blocks, "block_size": self.block_size, "host_slots": self.host_slots}
+        return {"num_blocks": self.num_blocks, "block_size": self.block_size, "host_slots": self.host_slots,
+                "device": self.device}
 
     def restart(self) -> None:
         self.kv.clear()

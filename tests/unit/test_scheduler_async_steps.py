@@ -261,3 +261,29 @@ async def test_a_driver_that_cannot_chain_is_answered_in_full_and_outputs_are_un
     for i, (s, f) in enumerate(zip(streams, finals)):
         assert f.finish_reason == FinishReason.LENGTH and s.tokens(f) == expected(f"tokenless {i}", 16)
     assert chained(backend)  # tried, answered resend, sent in full
+
+
+@pytest.mark.parametrize("setting, device, ahead", [
+    ("auto", "cpu", False),  # the forward pass uses the host's cores: steps are planned one by one
+    ("auto", "cuda:0", True),
+    ("auto", "null", True),
+    (True, "cpu", True),  # asked for on every driver
+    (False, "cuda:0", False),
+])
+async def test_auto_sends_steps_ahead_except_to_a_driver_on_the_host_cpu(setting: bool | str, device: str,
+                                                                         ahead: bool) -> None:
+    config = SchedulerConfig(async_steps=setting)  # type: ignore[arg-type]
+    async with running(config, drivers={"d": FakeDriver(64, device=device)}) as (engine, backend):
+        backend.execute_turns = 8  # the device is busy while the loop plans
+        stream = Stream(engine, prompt="auto", max_tokens=24, request_id="r")
+        final = await stream.result()
+        assert stream.tokens(final) == expected("auto", 24)  # the same tokens either way
+        assert bool(chained(backend)) is ahead
+        assert (engine.stats().steps_ahead > 0) is ahead
+
+
+def test_the_default_is_auto_and_the_setting_is_checked() -> None:
+    assert SchedulerConfig().async_steps == "auto"
+    import msgspec
+    with pytest.raises(msgspec.ValidationError):
+        msgspec.convert({"async_steps": "sometimes"}, SchedulerConfig)

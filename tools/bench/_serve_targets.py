@@ -167,7 +167,7 @@ async def inproc_engine(home: Path, config: SchedulerConfig, kv_cache_mb: int) -
     try:
         engine = Engine(config, RunnerBackend(runner))
         info = runner.info
-        engine.driver_up(POOL, {"num_blocks": info.num_blocks, "block_size": info.block_size})
+        engine.driver_up(POOL, {"num_blocks": info.num_blocks, "block_size": info.block_size, "device": info.device})
         engine.set_model(Model(runner.tokenizer, frozenset(info.eos_token_ids), info.max_model_len))
         async with anyio.create_task_group() as tg:
             tg.start_soon(engine.run)
