@@ -8,10 +8,11 @@ least important running sequence on it is preempted (possibly the one being
 planned). Then waiting sequences, in policy order, while budget, cap and
 blocks last; a new sequence is placed on the driver with the most free
 blocks per sequence it runs (its free blocks less those its queued prefill
-will take, over its batch: `BlockLedger.placement`) and stays there. When the batch is full, a waiting sequence may first
-displace a running one if the policy says so (`Policy.yields_to`), and the
-running ones the waiting head outranks may sit out the step in which it
-starts (`Policy.defers`: its first token is not slowed by their decodes).
+will take, over its batch: `BlockLedger.placement`) and stays there. When
+the batch is full, a waiting sequence may first displace a running one if
+the policy says so (`Policy.yields_to`), and the running ones the waiting
+head outranks may sit out the step in which it starts (`Policy.defers`:
+its first token is not slowed by their decodes).
 
 KV-block quotas (a tenant's blocks over every pool) are planned like pools:
 a running sequence short of its tenant's quota preempts a less important
@@ -28,6 +29,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
+from services.scheduler._block_counts import BlockCounts  # re-exported: the engine keeps one for its ledgers
 from services.scheduler._request import Seq
 from services.scheduler.policies import Policy
 
@@ -77,58 +79,6 @@ class _Held(Counter[str]):
             self[tenant] += blocks
         else:
             self._added[tenant] = self._added.get(tenant, 0) + blocks
-
-
-class BlockCounts:
-    """The distinct blocks per pool that a set of sequences holds, kept from
-    one step to the next: `distinct` updates it from the sequences whose
-    block table changed since (a C-level list compare tells; a decode that
-    took no block is that compare alone, one that took a block or copied
-    one on write adds and removes only its table's tail), so a ledger built
-    every step does not hash every block of every context again."""
-
-    def __init__(self) -> None:
-        self._refs: dict[str, Counter[int]] = {}  # pool -> block -> holders
-        # id(seq) -> (the sequence, its pool and block table as counted)
-        self._counted: dict[int, tuple[Seq, str, list[int]]] = {}
-
-    def distinct(self, seqs: Iterable[Seq]) -> dict[str, int]:
-        """pool -> distinct blocks `seqs` hold (each sequence's table on its pool)."""
-        counted = self._counted
-        now: set[int] = set()
-        for s in seqs:
-            key, table, pool = id(s), s.block_table, s.pool or ""
-            if key in now:
-                continue
-            now.add(key)
-            old = counted.get(key)
-            if old is not None and old[1] == pool and old[2] == table:
-                continue
-            refs = self._refs.setdefault(pool, Counter())
-            prev = old[2] if old is not None and old[1] == pool else []
-            n = len(prev)
-            if n and table[:n - 1] == prev[:n - 1]:
-                # Only the tail changed (a block taken, a copy on write).
-                self._drop(pool, prev[n - 1:])
-                refs.update(table[n - 1:])
-            else:
-                if old is not None:
-                    self._drop(old[1], old[2])
-                refs.update(table)
-            counted[key] = (s, pool, list(table))
-        for key in [k for k in counted if k not in now]:
-            _, pool, table = counted.pop(key)
-            self._drop(pool, table)
-        return {p: len(refs) for p, refs in self._refs.items()}
-
-    def _drop(self, pool: str, blocks: list[int]) -> None:
-        refs = self._refs[pool]
-        for b in blocks:
-            n = refs[b] - 1
-            if n:
-                refs[b] = n
-            else:
-                del refs[b]
 
 
 class BlockLedger:

@@ -76,80 +76,15 @@ from ipc.protocol.sampling import SamplingParams
 from kernel.config import ChildSpec, default_children
 from sdk.client import AsyncClient
 from tools.bench._serve_load import Req, Timing, random_ids
+# The workloads (those that tests import from here too).
+from tools.bench._tuning_workloads import (CHAT, DEFAULT, DOC, FULL, QUICK, WORKLOADS, Plan, bursty, ramp,
+                                           steady)
 from tools.bench.common import parser, percentile, print_table, write_result
 from tools.testing import running_llmos
 
 GREEDY = SamplingParams(temperature=0.0)
-CHAT, DOC = 0, 1  # priorities
 OBJECTIVES = {CHAT: Objective(), DOC: Objective(ttft_ms=10_000, tpot_ms=100)}
 GIVE_UP_X = 5.0
-DEFAULT = (512, 64)  # today's default static setting: token budget, batch cap (prefill chunk 512)
-
-
-@dataclass(frozen=True)
-class Plan:
-    seconds: float  # each workload's arrival window
-    chat_rate: float  # steady chat, arrivals per second
-    burst_every_s: float
-    burst_size: int
-    doc_tokens: tuple[int, int]
-    ramp: tuple[float, float]  # arrivals per second at the start and the end
-    sweep: tuple[tuple[int, int], ...]  # static (token budget, batch cap)
-    # Rounds per workload (default 1): every setting serves the workload
-    # once a round, in the settings' order, then reversed, and so on (a
-    # drift in the machine's load weighs on every arm alike); each arm's
-    # figures are over all its rounds.
-    rounds: tuple[tuple[str, int], ...] = ()
-
-    def rounds_of(self, workload: str) -> int:
-        return dict(self.rounds).get(workload, 1)
-
-
-FULL = Plan(40.0, 1.5, 6.0, 3, (1200, 1600), (0.5, 8.0),
-            tuple((b, s) for b in (128, 256, 512) for s in (16, 32, 64)))
-# Quick arms of 16 s (12 s until issue 19's third pass: at 17 steady requests one request was 6 points of
-# the ratio, and arms' spread from run to run was larger than the gaps measured). ~8 min in all on 2 cores.
-# Bursty in two rounds (issue 19, fourth pass: the same static arm met 9 and 17 of 18 in two runs on a
-# loaded machine, its goodput hanging on where three bursts fell among the machine's other work): ~11 min.
-QUICK = Plan(16.0, 1.5, 6.0, 3, (1200, 1600), (0.5, 8.0), ((128, 16), (128, 64), (256, 64), (512, 16), DEFAULT),
-             (("bursty", 2),))
-
-
-def steady(plan: Plan, rng: random.Random) -> list[Req]:
-    return _poisson(rng, plan.seconds, lambda t: plan.chat_rate, (32, 192), (32, 96))
-
-
-def bursty(plan: Plan, rng: random.Random) -> list[Req]:
-    chats = _poisson(rng, plan.seconds, lambda t: plan.chat_rate * 2 / 3, (32, 128), (48, 128))
-    longs = [Req(0, random_ids(rng, rng.randint(*plan.doc_tokens)), rng.randint(8, 16), at + 0.05 * k, DOC)
-             for at in _range(plan.burst_every_s / 2, plan.seconds, plan.burst_every_s)
-             for k in range(plan.burst_size)]
-    return _indexed(sorted(chats + longs, key=lambda r: r.at))
-
-
-def ramp(plan: Plan, rng: random.Random) -> list[Req]:
-    lo, hi = plan.ramp
-    return _poisson(rng, plan.seconds, lambda t: lo + (hi - lo) * t / plan.seconds, (32, 192), (32, 64))
-
-
-WORKLOADS = {"steady": steady, "bursty": bursty, "ramp": ramp}
-
-
-def _poisson(rng: random.Random, seconds: float, rate: object, prompt: tuple[int, int],
-             output: tuple[int, int]) -> list[Req]:
-    out, at = [], 0.0
-    while at < seconds:
-        out.append(Req(0, random_ids(rng, rng.randint(*prompt)), rng.randint(*output), at))
-        at += rng.expovariate(rate(at))  # type: ignore[operator]
-    return _indexed(out)
-
-
-def _range(start: float, stop: float, step: float) -> list[float]:
-    return [start + i * step for i in range(int((stop - start) / step) + 1) if start + i * step < stop]
-
-
-def _indexed(reqs: list[Req]) -> list[Req]:
-    return [Req(i, r.prompt, r.max_tokens, r.at, r.priority) for i, r in enumerate(reqs)]
 
 
 @dataclass

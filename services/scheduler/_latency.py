@@ -1,0 +1,167 @@
+"""The step-time model the tuner plans from.
+
+A decoding sequence gets one token per step, so its time per output token
+is the step time; a step's time grows with what it computes. `LatencyModel`
+fits, over a sliding window of recent steps,
+
+    step_s ~ a + b_d * decodes + b_p * prefill_tokens + b_c * context / 1000
+
+(`context`: the KV positions the step's decodes read — their context
+lengths; a prefill chunk's attention is small beside its other work at
+these sizes and left in `b_p`), with every coefficient kept >= 0, and
+watches its own error: when the last steps all run slower (or faster) than
+it predicts by a wide margin — a slower machine, a second tenant's process,
+a restarted driver — it rescales the older steps by that ratio and refits
+(a reset), rather than averaging the old machine with the new one for a
+whole window.
+
+Pure Python with no clock of its own: the engine reports each step's shape
+and measured duration.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+
+Vec = tuple[float, float, float, float]
+
+
+@dataclass(frozen=True, slots=True)
+class StepShape:
+    decodes: int  # sequences computing one token
+    prefill: int  # tokens of prompt (or recompute) chunks
+    context: int  # KV positions the decodes read (their context lengths, summed)
+
+
+def features(s: StepShape) -> Vec:
+    return (1.0, float(s.decodes), float(s.prefill), s.context / 1000.0)
+
+
+class LatencyModel:
+    def __init__(self, window: int = 64, *, min_samples: int = 12, max_rel_error: float = 0.35,
+                 drift_steps: int = 12, drift_ratio: float = 1.4):
+        self.samples: deque[tuple[Vec, float]] = deque(maxlen=window)
+        self.min_samples = min_samples
+        self.max_rel_error = max_rel_error
+        self.coef: Vec | None = None
+        self.rel_error = math.inf
+        self.resets = 0
+        self._sure = False
+        self._steps = 0
+        self._reset_at: deque[int] = deque(maxlen=2)
+        self._drift: deque[float] = deque(maxlen=drift_steps)
+        self._drift_log = math.log(drift_ratio)
+
+    @property
+    def sure(self) -> bool:
+        """Enough steps and a small error; once sure, it stays so until the
+        error passes 1.5x `max_rel_error` (no flapping at the threshold). A
+        machine whose speed needed two resets within one window is not
+        steady enough to plan on: unsure until the older reset leaves it."""
+        return self.coef is not None and len(self.samples) >= self.min_samples and self._sure and not self.unsteady
+
+    @property
+    def unsteady(self) -> bool:
+        return len(self._reset_at) == 2 and self._steps - self._reset_at[0] < (self.samples.maxlen or 0)
+
+    @property
+    def prefill_known(self) -> bool:
+        """Whether a step in the window computed prefill (else b_p is a guess)."""
+        return any(x[2] > 0 for x, _ in self.samples)
+
+    def predict(self, shape: StepShape) -> float:
+        return self._predict(features(shape))
+
+    def _predict(self, x: Vec) -> float:
+        c = self.coef or (0.0, 0.0, 0.0, 0.0)
+        return sum(ci * xi for ci, xi in zip(c, x))
+
+    def add(self, shape: StepShape, step_s: float) -> float | None:
+        """Record a step; returns measured / predicted when the recent steps
+        all ran slower (or all faster) than predicted by `drift_ratio` or
+        more: the machine's speed changed, so the older steps are rescaled
+        by that ratio (their shape still tells the costs apart) and the
+        model refitted."""
+        x = features(shape)
+        self.samples.append((x, step_s))
+        self._steps += 1
+        pred = self._predict(x)
+        if self.coef is None or pred <= 0:
+            return None
+        self._drift.append(math.log(step_s / pred))
+        if len(self._drift) < (self._drift.maxlen or 0):
+            return None
+        mean = sum(self._drift) / len(self._drift)
+        if abs(mean) < self._drift_log or not all((d > 0) == (mean > 0) for d in self._drift):
+            return None
+        ratio = math.exp(mean)
+        n_old = len(self.samples) - len(self._drift)
+        rescaled = [(x, y * ratio if i < n_old else y) for i, (x, y) in enumerate(self.samples)]
+        self.samples.clear()
+        self.samples.extend(rescaled)
+        self._drift.clear()
+        self.resets += 1
+        self._reset_at.append(self._steps)
+        self.fit()
+        return ratio
+
+    def fit(self) -> None:
+        """Least squares with the coefficients kept >= 0: a feature whose
+        coefficient comes out negative (noise, or a feature that did not
+        vary) is dropped and the rest refitted."""
+        if len(self.samples) < 4:
+            return
+        active = [0, 1, 2, 3]
+        while active:
+            coef = _solve(self.samples, active)
+            if coef is None:
+                return
+            worst = min(active, key=lambda i: coef[i])
+            if coef[worst] >= 0:
+                break
+            active.remove(worst)
+        self.coef = coef
+        ys = [y for _, y in self.samples]
+        sq = sum((y - self._predict(x)) ** 2 for x, y in self.samples)
+        mean = sum(ys) / len(ys)
+        self.rel_error = math.sqrt(sq / len(ys)) / mean if mean > 0 else math.inf
+        if self.rel_error <= self.max_rel_error:
+            self._sure = True
+        elif self.rel_error > 1.5 * self.max_rel_error:
+            self._sure = False
+
+
+def _solve(samples: deque[tuple[Vec, float]], active: list[int]) -> Vec | None:
+    """Ridge-stabilised normal equations over the `active` features
+    (columns scaled to unit RMS, so a feature that never varies is split
+    evenly with the intercept instead of blowing up)."""
+    n = len(active)
+    scale = [math.sqrt(sum(x[i] ** 2 for x, _ in samples) / len(samples)) or 1.0 for i in active]
+    a = [[0.0] * (n + 1) for _ in range(n)]
+    for x, y in samples:
+        z = [x[i] / s for i, s in zip(active, scale)]
+        for r in range(n):
+            for c in range(n):
+                a[r][c] += z[r] * z[c]
+            a[r][n] += z[r] * y
+    ridge = 1e-6 * max(1.0, max(a[r][r] for r in range(n)))
+    for r in range(n):
+        a[r][r] += ridge
+    for col in range(n):  # Gauss-Jordan with partial pivoting
+        piv = max(range(col, n), key=lambda r: abs(a[r][col]))
+        if abs(a[piv][col]) < 1e-15:
+            return None
+        a[col], a[piv] = a[piv], a[col]
+        for r in range(n):
+            if r != col:
+                f = a[r][col] / a[col][col]
+                a[r] = [v - f * w for v, w in zip(a[r], a[col])]
+    out = [0.0, 0.0, 0.0, 0.0]
+    for r, i in enumerate(active):
+        out[i] = a[r][n] / a[r][r] / scale[r]
+    return (out[0], out[1], out[2], out[3])
+
+
+__all__ = ["LatencyModel", "StepShape", "Vec", "features"]
