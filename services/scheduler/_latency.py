@@ -8,7 +8,12 @@ fits, over a sliding window of recent steps,
 
 (`context`: the KV positions the step's decodes read — their context
 lengths; a prefill chunk's attention is small beside its other work at
-these sizes and left in `b_p`), with every coefficient kept >= 0, and
+these sizes and left in `b_p`), with every coefficient kept >= 0 and
+the fixed cost `a` at least `FLOOR` times what near-idle steps took beyond their decodes' share (a
+window of decode-only steps whose decodes and context rise together does
+not tell the fixed cost from the per-decode one: unconstrained, a noisy
+fit slid to a ~0 ms fixed cost and a ~6 ms decode where the steps said
+~35 and ~2), and
 watches its own error: when the last steps all run slower (or faster) than
 it predicts by a wide margin — a slower machine, a second tenant's process,
 a restarted driver — it rescales the older steps by that ratio and refits
@@ -26,6 +31,7 @@ from collections import deque
 from dataclasses import dataclass
 
 Vec = tuple[float, float, float, float]
+FLOOR = 0.8  # the fixed cost's least share of a near-idle step's (less its decodes')
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +48,7 @@ def features(s: StepShape) -> Vec:
 class LatencyModel:
     def __init__(self, window: int = 64, *, min_samples: int = 12, max_rel_error: float = 0.35,
                  drift_steps: int = 12, drift_ratio: float = 1.4):
+        self.idle_s = 0.0  # smoothed, a near-idle step's time less its decodes' share (the fixed cost's floor)
         self.samples: deque[tuple[Vec, float]] = deque(maxlen=window)
         self.min_samples = min_samples
         self.max_rel_error = max_rel_error
@@ -88,6 +95,9 @@ class LatencyModel:
         self.samples.append((x, step_s))
         self._steps += 1
         pred = self._predict(x)
+        if self.coef is not None and shape.decodes <= 2 and not shape.prefill:
+            fixed = max(0.0, step_s - (pred - self.coef[0]))
+            self.idle_s = fixed if not self.idle_s else 0.9 * self.idle_s + 0.1 * fixed
         if self.coef is None or pred <= 0:
             return None
         self._drift.append(math.log(step_s / pred))
@@ -104,24 +114,27 @@ class LatencyModel:
         self._drift.clear()
         self.resets += 1
         self._reset_at.append(self._steps)
+        self.idle_s *= ratio
         self.fit()
         return ratio
 
     def fit(self) -> None:
         """Least squares with the coefficients kept >= 0: a feature whose
         coefficient comes out negative (noise, or a feature that did not
-        vary) is dropped and the rest refitted."""
+        vary) is dropped and the rest refitted. The fixed cost is kept at
+        least `FLOOR` times what near-idle steps (two decodes or fewer, no
+        prefill) took beyond their decodes' share: a fit under it is
+        refitted with the fixed cost held there."""
         if len(self.samples) < 4:
             return
-        active = [0, 1, 2, 3]
-        while active:
-            coef = _solve(self.samples, active)
-            if coef is None:
-                return
-            worst = min(active, key=lambda i: coef[i])
-            if coef[worst] >= 0:
-                break
-            active.remove(worst)
+        coef = self._fit(self.samples, [0, 1, 2, 3])
+        floor = FLOOR * self.idle_s
+        if coef is not None and coef[0] < floor:
+            rest = deque((x, y - floor) for x, y in self.samples)
+            held = self._fit(rest, [1, 2, 3])
+            coef = None if held is None else (floor, held[1], held[2], held[3])
+        if coef is None:
+            return
         self.coef = coef
         ys = [y for _, y in self.samples]
         sq = sum((y - self._predict(x)) ** 2 for x, y in self.samples)
@@ -131,6 +144,18 @@ class LatencyModel:
             self._sure = True
         elif self.rel_error > 1.5 * self.max_rel_error:
             self._sure = False
+
+    def _fit(self, samples: deque[tuple[Vec, float]], active: list[int]) -> Vec | None:
+        active = list(active)
+        while active:
+            coef = _solve(samples, active)
+            if coef is None:
+                return None
+            worst = min(active, key=lambda i: coef[i])
+            if coef[worst] >= 0:
+                return coef
+            active.remove(worst)
+        return None
 
 
 def _solve(samples: deque[tuple[Vec, float]], active: list[int]) -> Vec | None:
