@@ -90,7 +90,7 @@ def _ahead_items(state: EngineState, work: list[Work], quotas: Mapping[str, int]
                 and a.incarnation == d.incarnation):
             continue  # its slots reach past the next step (and `margin` more) already: no item
         if (d is None or w.end != n or seq.request.submit.session or seq.swapped or not seq.mem_known
-                or seq.request.done.is_set()):
+                or seq.request.ended):
             continue  # nothing follows it in the next step, or not as a decode (a session's turn: see above)
         k = AHEAD if not seq.max_len else min(AHEAD, seq.max_len - 1 - n)  # its last token is never computed
         if quotas and seq.tenant in quotas:
@@ -184,7 +184,7 @@ async def settle(state: EngineState, wait: bool) -> None:
         return  # the memory server restarted: its sequences were re-registered without these slots
     running = {id(s) for s in state.running}
     apply_ahead([(seq, item, got) for seq, item, got in r.replies
-                 if id(seq) in running and not seq.request.done.is_set() and seq.mem_known == item.start],
+                 if id(seq) in running and not seq.request.ended and seq.mem_known == item.start],
                 r.incarnations)
 
 
@@ -216,9 +216,9 @@ def chain_work(state: EngineState, work: list[Work], incarnations: dict[str, int
     next plan decides. A sequence whose last token N samples is left out."""
     nxt: list[Work] = []
     running = {id(s) for s in state.running}
-    # Per pool: (incarnation, block size), for a driver up on the planned
-    # incarnation that takes steps sent ahead (`DriverState.chains`).
-    pools = {pool: (d.incarnation, d.shape.block_size) for pool, d in state.drivers.items()
+    # Per pool: (incarnation, block size, driver key), for a driver up on the
+    # planned incarnation that takes steps sent ahead (`DriverState.chains`).
+    pools = {pool: (d.incarnation, d.shape.block_size, (pool, d.incarnation)) for pool, d in state.drivers.items()
              if incarnations.get(pool, -1) == d.incarnation and d.chains}
     finished = State.FINISHED
     for w in work:
@@ -229,13 +229,14 @@ def chain_work(state: EngineState, work: list[Work], incarnations: dict[str, int
         pos = w.end  # step N+1 computes position `pos`, its token the one N samples
         if not (w.chain or pos == len(seq.tokens)) or seq.epilogue or req.submit.session or seq.swapped:
             return None  # a prefill chunk that samples nothing, or not a plain decode
-        if seq.max_len and pos + 1 >= seq.max_len:
+        max_len = seq.max_len
+        if max_len and pos + 1 >= max_len:
             continue  # N samples its last token
         pool = seq.pool or ""
         a = seq.ahead
         shape = pools.get(pool)
         if (shape is None or a is None or a.copies or pos >= a.until or a.pool != pool or a.incarnation != shape[0]
-                or seq.driver_pos != pos or seq.driver_key != (pool, shape[0])
+                or seq.driver_pos != pos or seq.driver_key != shape[2]
                 or len(seq.block_table) * shape[1] <= pos):
             return None
         nxt.append(Work(seq, pos, pos + 1, [], True))

@@ -49,7 +49,7 @@ class Ahead:
     until: int = 0
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Seq:
     # The sequence's id on both wires (the driver's `StepSeq.seq_id`, the
     # memory server's `seq_id`); unique in this scheduler, and the same over
@@ -145,16 +145,20 @@ class Sink:
     def flush(self) -> None:
         """Send what the client lacks as one `TokenDelta` (nothing if it lacks nothing)."""
         r = self.request
-        if self.superseded or len(r.generated) <= self.sent:
+        generated, sent = r.generated, self.sent
+        if self.superseded or len(generated) <= sent:
             return
-        start = self._text_start()
+        start = self.sent_text
         if start is None:
-            return
-        ids = r.generated[self.sent:]
-        delta = TokenDelta(r.request_id, self.sent, ids, r.text.text[start:], r.logprobs[self.sent:],
-                           r.top_logprobs[self.sent:])
-        self.sent = len(r.generated)
-        self.sent_text = len(r.text.text)
+            start = self._text_start()
+            if start is None:
+                return
+        text = r.text.text
+        tops = r.top_logprobs
+        delta = TokenDelta(r.request_id, sent, generated[sent:], text[start:], r.logprobs[sent:],
+                           tops[sent:] if tops else [])
+        self.sent = len(generated)
+        self.sent_text = len(text)
         self.emit(delta)
 
     def _text_start(self) -> int | None:
@@ -213,6 +217,7 @@ class Request:
         self.error: LlmosError | None = None  # answered as an error instead of `Finished`
         self.error_message = ""
         self.done = anyio.Event()
+        self.ended = False  # done.is_set(), as a plain attribute (read per sequence per step)
         self.sink: Sink | None = None
         self.arrived = time.monotonic()
         self.first_scheduled = 0.0
@@ -312,6 +317,7 @@ class Request:
         self.error_message = message
         self.state = State.FINISHED
         self.finished_at = time.monotonic()
+        self.ended = True
         self.done.set()
         if self.sink is not None:
             self.sink.wake()

@@ -55,6 +55,7 @@ class TextLater:
 
     def __init__(self) -> None:
         self.batch: list[tuple[Request, int]] = []
+        self._deadline = 0  # the earliest deadline (deadline_ns) of a request in `batch`; 0: none
 
     def __bool__(self) -> bool:
         return bool(self.batch)
@@ -64,11 +65,18 @@ class TextLater:
         (those that end, or could end, by their text or with this id)."""
         now = []
         later = self.batch
-        for req, token in live:
-            if req.submit.stop or req.session is not None or req.end_reason(token) is not None:
-                now.append((req, token))
+        deadline = self._deadline
+        for item in live:
+            req, token = item
+            submit = req.submit
+            if submit.stop or submit.session or req.end_reason(token) is not None:  # (a session's turn)
+                now.append(item)
             else:
-                later.append((req, token))
+                later.append(item)
+                d = submit.deadline_ns
+                if d > 0 and (deadline == 0 or d < deadline):
+                    deadline = d
+        self._deadline = deadline
         return now
 
     def requests(self) -> set[int]:
@@ -81,15 +89,14 @@ class TextLater:
         request's deadline passed."""
         if not self.batch:
             return False
-        wall = time.time_ns()
-        return urgent or any(0 < req.submit.deadline_ns <= wall for req, _ in self.batch)
+        return urgent or 0 < self._deadline <= time.time_ns()
 
     async def settle(self) -> None:
         """Feed what waits (in a worker thread) and send each request's delta."""
-        batch, self.batch = self.batch, []
+        batch, self.batch, self._deadline = self.batch, [], 0
         if not batch:
             return
         await feed_step(batch)
         for req, _ in batch:
-            if not req.done.is_set() and req.sink is not None:
+            if not req.ended and req.sink is not None:
                 req.sink.flush()

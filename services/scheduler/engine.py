@@ -350,19 +350,24 @@ class Engine:
         self.state.requeue(seq)
 
     async def _deliver(self, produced: list[Produced]) -> None:
-        live = [out for out in produced if not out.seq.request.done.is_set()]
-        for out in live:
-            out.seq.tokens.append(out.token)
-            self.tokens_generated += 1
-            out.seq.request.record(out.token, out.logprob, out.top_logprobs)
-        now = self.text_later.split([(out.seq.request, out.token) for out in live])  # the rest: beside the next step
+        live: list[tuple[Request, int]] = []  # one pass over the step's outputs: the ids, recorded
+        for out in produced:
+            seq = out.seq
+            req = seq.request
+            if req.ended:
+                continue
+            token = out.token
+            seq.tokens.append(token)
+            req.record(token, out.logprob, out.top_logprobs)
+            live.append((req, token))
+        self.tokens_generated += len(live)
+        now = self.text_later.split(live)  # the rest: beside the next step
         await feed_step(now)  # text: in a worker thread (_text.py)
         waits = self.text_later.requests()
-        for out in live:
-            req = out.seq.request
-            if req.done.is_set() or id(req) in waits:
+        for req, token in live:
+            if req.ended or id(req) in waits:
                 continue
-            reason = req.end_reason(out.token)
+            reason = req.end_reason(token)
             if reason is not None:
                 self._end(req, reason)
             elif req.sink is not None:
