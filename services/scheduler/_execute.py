@@ -241,7 +241,8 @@ def apply(state: EngineState, sent: Sent, result: StepResult) -> None:
     meanwhile, or any after the memory server restarted, has its output
     dropped (never streamed) and goes in full next time."""
     pool, d, incarnation, items = sent.pool, sent.driver, sent.incarnation, sent.items
-    running = {id(s) for s in state.running} if any(w.chain for w in items) else set()
+    chained = any(w.chain for w in items)
+    running = {id(s) for s in state.running} if chained else set()
     if sent.refused:
         result.refused.extend((w.seq, sent.refused) for w in items if _current(state, w, sent, running))
         return
@@ -253,7 +254,7 @@ def apply(state: EngineState, sent: Sent, result: StepResult) -> None:
     if reply is None or incarnation != d.incarnation or state.drivers.get(pool) is not d:
         # (A chained step's driver restarted after the step before reported
         # it: the recovery has it already, and may have started others there.)
-        if reply is None and state.drivers.get(pool) is d or not any(w.chain for w in items):
+        if reply is None and state.drivers.get(pool) is d or not chained:
             result.lost_pools.add(pool)
         for w in items:
             if _current(state, w, sent, running):
@@ -261,9 +262,14 @@ def apply(state: EngineState, sent: Sent, result: StepResult) -> None:
         return
     outputs = {o.seq_id: o for o in reply.outputs}
     produced = result.produced
+    finished = State.FINISHED
+    same_memory = sent.memory_generation == state.memory_generation
     for w in items:
         seq, end = w.seq, w.end
-        if not _current(state, w, sent, running):
+        # (`_current`, its test inlined: it is asked of every chained sequence)
+        if w.chain and (seq.request.state is finished or seq.num_computed != w.start or seq.pool != pool
+                        or not same_memory or id(seq) not in running):
+            _current(state, w, sent, running)  # False: it resets what the driver holds
             continue
         out = outputs.get(seq.seq_id)
         if out is not None and out.resend:
