@@ -62,6 +62,9 @@ class Decision:
     knobs: Knobs
     state: str  # "learning", "fallback", "configured" or "tuned"
     why: str
+    # Admissions stop at the batch because the model predicts that one more
+    # makes a running request that can still meet its per-token objective miss it.
+    held: bool = False
 
 
 def _ewma(avg: float, x: float) -> float:
@@ -110,6 +113,7 @@ class AutoTuner:
         self.context = 0.0  # smoothed context per decode
         self._since = 0
         self._warmup = warmup
+        self._cap_why = ""  # what set _admits' answer: "running" (a running request's objective) or "own"
 
     def observe(self, shape: StepShape, step_s: float) -> float | None:
         """A step of `shape` took `step_s`: returns measured / predicted
@@ -172,9 +176,18 @@ class AutoTuner:
                 reasons.append(f"a prefill chunk of {cut}: a waiting prompt's first-token deadline comes first")
         # The batch cap binds on admissions only (never below the batch), and
         # is set only as the load nears it.
+        held = False
         if bd + bc > 0:
             most = self._admits(view, a, bd + bc * self.context / 1000.0, bp if cost_known else 0.0, base,
                                 max(1, budget - d))
+            if most is not None and most <= view.running < c.max_num_seqs and not any(x.running for x in view.demands):
+                # Nothing would prefill and the budget would go unused: the
+                # batch is held only for a running request's objective; a
+                # newcomer held for its own (a smaller batch later) starts.
+                if self._cap_why == "running":
+                    held = True
+                else:
+                    most = view.running + 1
             if most is not None and max(view.running, most) < c.max_num_seqs:
                 seqs = max(view.running, most)
                 reasons.append(f"a batch over {seqs} is predicted to make a request miss its per-token "
@@ -203,7 +216,7 @@ class AutoTuner:
         knobs = Knobs(budget, seqs, min(chunk, budget), late_last)
         if knobs == c:
             return self._to(c, "configured", "no objective at risk at the configured limits")
-        return self._to(knobs, "tuned", "; ".join(reasons))
+        return self._to(knobs, "tuned", "; ".join(reasons), held)
 
     def _admits(self, view: View, a: float, per_decode: float, bp: float, base: float,
                 room: int) -> int | None:
@@ -271,11 +284,13 @@ class AutoTuner:
                 return None
             r, p = x.output, x.tokens
             if any(m[2] + per_decode * min(r, m[0]) + prompt(m, p) > m[1] for m in members):
+                self._cap_why = "running"
                 return batch
             new: list[float] | None = None
             if math.isfinite(x.tpot_s):
                 new = [r, margin * x.tpot_s * r, own(x), 0.0, 0.0]
                 if new[2] > new[1] and r * (a + per_decode) <= new[1]:
+                    self._cap_why = "own"
                     return batch  # it would miss now, and meets in a smaller batch: it waits for one
             for m in members:
                 m[2] += per_decode * min(r, m[0]) + prompt(m, p)
@@ -293,6 +308,7 @@ class AutoTuner:
         r, p = max(1, round(view.arrival[1])), round(view.arrival[0])
         typical = Demand(math.inf, p, False, r, view.tpot_s)
         most = near - batch
+        self._cap_why = "running"
         for m in members:
             inc = per_decode * min(r, m[0]) + bp * p  # arrivals to come: every member decodes by then
             if inc > 0:
@@ -304,10 +320,13 @@ class AutoTuner:
                 most = min(most, fit)
         slack = margin * view.tpot_s * r
         first, inc = own(typical), per_decode * r + bp * p  # the j-th of them ends at first + (j - 1) * inc
+        mine = most
         if first > slack and r * (a + per_decode) <= slack:
-            most = 0
+            mine = 0
         elif first <= slack:
-            most = min(most, 1 + int((slack - first) / inc) if inc > 0 else most)
+            mine = min(most, 1 + int((slack - first) / inc) if inc > 0 else most)
+        if mine < most:
+            self._cap_why, most = "own", mine
         return None if batch + most >= near else batch + max(0, most)
 
     def _needed(self, demands: tuple[Demand, ...], base: float, bp: float) -> int:
@@ -343,9 +362,9 @@ class AutoTuner:
         # Never under an even share of the room: the step still fills it.
         return max(self.min_chunk, room // len(demands), (room - urgent) // len(long))
 
-    def _to(self, knobs: Knobs, state: str, why: str) -> Decision:
+    def _to(self, knobs: Knobs, state: str, why: str, held: bool = False) -> Decision:
         self.state = state
-        return Decision(knobs, state, why)
+        return Decision(knobs, state, why, held)
 
 
 __all__ = ["AutoTuner", "Decision", "Demand", "Knobs", "LatencyModel", "StepShape", "View", "features"]

@@ -13,7 +13,7 @@ import math
 import random
 from dataclasses import dataclass, field
 
-from services.scheduler.autotune import AutoTuner, Demand, Knobs, StepShape, View
+from services.scheduler.autotune import AutoTuner, Decision, Demand, Knobs, StepShape, View
 
 
 @dataclass
@@ -75,6 +75,13 @@ class Sim:
     waiting: list[Req] = field(default_factory=list)
     knobs: Knobs | None = None
     stalled: int = 0  # running requests a step left out (a cap or budget under the batch)
+    # Steps with token budget left, nothing prefilling, and a request waiting
+    # that the configured limits would admit: `held` where the tuner's model
+    # predicted that one more would make a running request miss its per-token
+    # objective, `blocked` otherwise.
+    blocked: int = 0
+    held: int = 0
+    decision: Decision | None = None
     arrival: tuple[float, float] = (0.0, 0.0)  # arrivals' mean prompt and output, smoothed (as Tuning keeps it)
 
     def run(self, reqs: list[Req], until: float = math.inf) -> list[Req]:
@@ -93,6 +100,12 @@ class Sim:
                 self.now = line[0].at
                 continue
             sched = self._plan(knobs, waiting)
+            idle = sum(n for _, n in sched) < knobs.token_budget and all(r.computed >= r.prompt for r, _ in sched)
+            if idle and waiting and len(self.running) < self.ceiling.max_num_seqs:
+                if self.decision is not None and self.decision.held:
+                    self.held += 1
+                else:
+                    self.blocked += 1
             decodes = [r for r, _ in sched if r.computed >= r.prompt]
             shape = StepShape(len(decodes), sum(n for r, n in sched if r.computed < r.prompt),
                               sum(r.prompt + r.generated for r in decodes))
@@ -113,7 +126,8 @@ class Sim:
             self.running = [r for r in self.running if not r.done_at]
             if self.tuner is not None:
                 self.tuner.observe(shape, step)
-                knobs = self.tuner.plan(self.view(waiting)).knobs
+                self.decision = self.tuner.plan(self.view(waiting))
+                knobs = self.decision.knobs
             self.knobs = knobs
         return reqs
 
