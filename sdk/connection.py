@@ -42,6 +42,50 @@ log = get_logger()
 Answer = tuple[Header, list[Any]]
 # Put in a call's queue when its wait for an answer times out (`_next`).
 _TICK: Answer = (Header(PROTOCOL_VERSION, 0), [])
+
+
+class _Tick:
+    """Puts `_TICK` in a call's queue once a wait (`arm`) has lasted its
+    seconds. One timer serves all of the call's waits: a wait that ends first
+    leaves it to fire, and it then waits on for the wait after, if any (a
+    timer per event cost a stream's client a fifth of its CPU: uvloop makes
+    each one a libuv handle)."""
+
+    __slots__ = ("_q", "_loop", "_handle", "_due")
+
+    def __init__(self, q: asyncio.Queue[Answer]):
+        self._q = q
+        self._loop = asyncio.get_running_loop()
+        self._handle: asyncio.TimerHandle | None = None
+        self._due = 0.0  # loop time the wait in progress ends (0: none waits)
+
+    def arm(self, wait: float) -> None:
+        self._due = due = self._loop.time() + wait
+        handle = self._handle
+        if handle is not None and handle.when() > due:  # (a shorter wait than the one it was set for)
+            handle.cancel()
+            handle = None
+        if handle is None:
+            self._handle = self._loop.call_at(due, self._fire)
+
+    def disarm(self) -> None:
+        self._due = 0.0
+
+    def _fire(self) -> None:
+        self._handle = None
+        due = self._due
+        if not due:
+            return  # no wait in progress: the next one arms it again
+        if self._loop.time() < due:
+            self._handle = self._loop.call_at(due, self._fire)  # armed again since: the rest of that wait
+            return
+        self._due = 0.0
+        self._q.put_nowait(_TICK)
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
 RequestHandler = Callable[[Header, list[Any]], None]
 
 
@@ -201,19 +245,22 @@ class Connection:
         deadline_ns = time.time_ns() + int(timeout * 1e9) if timeout else 0
         q: asyncio.Queue[Answer] = asyncio.Queue()
         self._calls[msg_id] = q
+        tick = _Tick(q)
         try:
             if not self.send(self._request_header(dst, msg, deadline_ns, msg_id, trace_id, kind), msg, buffers):
                 raise Unavailable(f"cannot send to the kernel at {self.endpoint}")
             end = time.monotonic() + timeout if timeout else None
             while True:
-                header, payload = await self._next(q, end, dst, msg)
+                header, payload = await self._next(q, tick, end, dst, msg)
                 yield header, payload
                 if header.kind != Kind.EVENT:
                     return
         finally:
             self._calls.pop(msg_id, None)
+            tick.close()
 
-    async def _next(self, q: asyncio.Queue[Answer], end: float | None, dst: str, msg: Message) -> Answer:
+    async def _next(self, q: asyncio.Queue[Answer], tick: _Tick, end: float | None, dst: str,
+                    msg: Message) -> Answer:
         since = time.monotonic()
         if since - self.last_sent > HEARTBEAT_INTERVAL_S:
             # The kernel cancels the requests of a client silent for too long,
@@ -226,13 +273,13 @@ class Connection:
                 if wait <= 0:
                     raise DeadlineExceeded(f"{op_of(msg)} to {dst!r} timed out")
             # A timer that wakes the get, rather than a cancel scope around
-            # it: one TimerHandle per event, not a scope (a stream of tokens
-            # spent a quarter of its client's CPU on scopes).
-            tick = asyncio.get_running_loop().call_later(wait, q.put_nowait, _TICK)
+            # it (a stream of tokens spent a quarter of its client's CPU on
+            # scopes), and one per call, not per event (_Tick).
+            tick.arm(wait)
             try:
                 got = await q.get()
             finally:
-                tick.cancel()
+                tick.disarm()
             if got is not _TICK:
                 return got
             if self.closed:
