@@ -211,12 +211,13 @@ async def _chunks(conn: RequestPath, submit: Submit, max_resubmits: int, patienc
                         raise Internal(f"request {submit.request_id}: tokens from {ev.offset} arrived while "
                                        f"{base + len(held)} are held (a gap or a repeat)")
                     held.extend(ev.token_ids)
+                    # The event's lists were decoded for this chunk alone: handed on, not copied.
                     if isinstance(ev, Finished):
-                        yield Chunk(ev.request_id, ev.offset, list(ev.token_ids), ev.text, ev.finish_reason,
-                                    ev.usage, ev.error, list(ev.logprobs), list(ev.top_logprobs))
+                        yield Chunk(ev.request_id, ev.offset, ev.token_ids, ev.text, ev.finish_reason,
+                                    ev.usage, ev.error, ev.logprobs, ev.top_logprobs)
                         return
-                    yield Chunk(ev.request_id, ev.offset, list(ev.token_ids), ev.text,
-                                logprobs=list(ev.logprobs), top_logprobs=list(ev.top_logprobs))
+                    yield Chunk(ev.request_id, ev.offset, ev.token_ids, ev.text, None, None, "", ev.logprobs,
+                                ev.top_logprobs)
         except (Unavailable, Overloaded) as exc:
             if isinstance(exc, Overloaded):
                 if not attempt:
