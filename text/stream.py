@@ -41,6 +41,10 @@ class TextStream:
         buf = self._held + new
         if not buf:
             return ""
+        if not self._stop:  # nothing to hold back but an incomplete character (the detokenizer's)
+            self._held = ""
+            self.text += buf
+            return buf
         cut = _first_stop(buf, self._stop)
         if cut >= 0:
             self.stopped = True

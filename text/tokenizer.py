@@ -62,6 +62,10 @@ class ByteTokenizer(Tokenizer):
         return [self.bos_token_id, *ids] if add_special_tokens and self.bos_token_id is not None else ids
 
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
+        try:
+            return bytes(ids).decode("utf-8", errors="replace")  # all bytes: the usual case, in C
+        except ValueError:
+            pass  # a special id (or one out of range) among them
         data = bytearray()
         for i in ids:
             if 0 <= i < 256:
