@@ -27,6 +27,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ipc.errors import LlmosError
+from common.config.driver import REPRODUCIBLE_DTYPE
 from common.home import admin_key_path, front_endpoint, llmos_home
 from ipc.protocol import security as sec
 from ipc.protocol.kernel import ChildState
@@ -112,9 +113,10 @@ async def demo(home: Path, requests: int = REQUESTS, max_tokens: int = MAX_TOKEN
     console.print("  [yellow]the demo model has random weights: what it generates is noise[/] (random bytes, "
                   "control characters shown escaped); the demo is about the OS around it. To serve a real "
                   "model: [bold]llmos up --model DIR[/] (a local Hugging Face checkpoint)")
-    console.print("  booting: security, echo, memory, cpu driver (demo model; generated on first use), "
-                  "scheduler, HTTP gateway…")
-    children = default_children("demo", {"cpu": 1}, f"127.0.0.1:{port}", kv_cache_mb=64)
+    console.print("  booting: security, echo, memory, cpu driver (demo model, generated on first use; float32, "
+                  "so the greedy reruns below compare token for token), scheduler, HTTP gateway…")
+    children = default_children("demo", {"cpu": 1}, f"127.0.0.1:{port}", kv_cache_mb=64,
+                                driver_args=["--dtype", REPRODUCIBLE_DTYPE])
     async with running_llmos(home, children, auth=True, ready_timeout=900) as llmos:
         st = await llmos.status()
         console.print(f"  kernel pid {st.pid}; SDK endpoint {front_endpoint(home)}")

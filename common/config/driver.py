@@ -14,6 +14,13 @@ from ipc.errors import BadRequest
 
 # "auto" and drivers/model/dtypes.py TORCH_DTYPES (kept in step by tests/unit/test_config.py)
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# The dtype of a run that holds greedy output to another run token for token
+# although the two batch the requests differently or recompute them after a
+# fault (`llmos demo`, `llmos chaos`, the tests): float32's rounding stays far
+# below a model's margins; bfloat16 (`auto` on AMX or AVX-512 BF16) rounds
+# per matmul shape, so the same request batched with other neighbours may
+# take the other side of a near-tie.
+REPRODUCIBLE_DTYPE = "float32"
 
 
 class DriverConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

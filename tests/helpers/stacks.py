@@ -5,16 +5,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from common.config.driver import REPRODUCIBLE_DTYPE
 from kernel.config import ChildSpec
 
 # The dtype of every test that compares tokens across compute paths (a batch
-# against each sequence alone, a recompute after a fault against the
-# undisturbed run, llmos against the model run here). `auto` picks bfloat16
-# on a CPU with AMX or AVX-512 BF16, and bf16 rounds differently for each
-# shape of a matmul, so greedy output there may differ from step to step of
-# the same model at a near tie; float32's differences stay far below the
-# test checkpoints' margins. Tests of bf16 itself ask for it by name.
-EXACT_DTYPE = "float32"
+# against each sequence alone, a recompute after a kill against the
+# undisturbed run, llmos against the model run here): common/config/driver.py.
+# Tests of bf16 itself ask for it by name.
+EXACT_DTYPE = REPRODUCIBLE_DTYPE
 DRIVER_DTYPE_ARGS = ["--dtype", EXACT_DTYPE]
 
 

@@ -18,6 +18,7 @@ import msgspec
 from text.shipped import tokenizer_from_files
 from ipc.protocol import security as sec
 from ipc.protocol.driver import DRIVER, DescribeModel, ModelDescription
+from common.config.driver import REPRODUCIBLE_DTYPE
 from kernel.config import ChildSpec, default_children, echo_child
 from sdk.client import AsyncClient
 from tools.testing import running_llmos
@@ -53,12 +54,9 @@ class ChaosConfig:
     command: str = ""
     abuse: AbuseConfig | None = None  # abusive clients beside the honest ones (tools/chaos/abuse.py)
     node_faults_per_minute: float = 0.0  # driver nodes lost (the Ray launcher only: tools/chaos/nodes.py)
-    # The driver's dtype. The checker holds every unfaulted greedy request to
-    # the reference run token for token, though the two batch it with other
-    # requests differently: float32's rounding stays far below the model's
-    # margins, bfloat16's (`auto` on AMX or AVX-512 BF16) differs with each
-    # matmul shape and flips near-ties, which would read as a broken contract.
-    dtype: str = "float32"
+    # The driver's dtype: the checker holds every unfaulted greedy request to
+    # the reference run token for token (common/config/driver.py).
+    dtype: str = REPRODUCIBLE_DTYPE
 
 
 @dataclass
@@ -76,7 +74,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def chaos_children(model: str, kv_cache_mb: int, http: str, dtype: str = "float32") -> list[ChildSpec]:
+def chaos_children(model: str, kv_cache_mb: int, http: str, dtype: str = REPRODUCIBLE_DTYPE) -> list[ChildSpec]:
     """`llmos up`'s children, with the priority policy so priorities matter,
     and the echo test service (the fuzzers probe and kill it)."""
     return [msgspec.structs.replace(c, args=[*c.args, "--policy", "priority"]) if c.name == "scheduler" else c
