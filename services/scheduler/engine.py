@@ -352,17 +352,12 @@ class Engine:
     async def _deliver(self, produced: list[Produced]) -> None:
         live: list[tuple[Request, int]] = []  # one pass over the step's outputs: the ids, recorded
         for out in produced:
-            seq = out.seq
-            req = seq.request
-            if req.ended:
-                continue
-            token = out.token
-            seq.tokens.append(token)
-            req.record(token, out.logprob, out.top_logprobs)
-            live.append((req, token))
+            if not (req := out.seq.request).ended:
+                out.seq.tokens.append(out.token)
+                req.record(out.token, out.logprob, out.top_logprobs)
+                live.append((req, out.token))
         self.tokens_generated += len(live)
-        now = self.text_later.split(live)  # the rest: beside the next step
-        await feed_step(now)  # text: in a worker thread (_text.py)
+        await feed_step(self.text_later.split(live))  # text now, in a worker thread; the rest beside the next step
         waits = self.text_later.requests()
         for req, token in live:
             if req.ended or id(req) in waits:
