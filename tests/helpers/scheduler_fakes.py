@@ -261,3 +261,15 @@ class Stream:
 
 def expected(prompt: str, n: int) -> list[int]:
     return reference(TOK.encode(prompt), n)
+
+
+async def blocks_free(backend: InProcessBackend) -> None:
+    """Until the memory server holds no block (what a finished run must leave)."""
+    with anyio.fail_after(10):
+        while any(p.used for p in backend.memory.stats(mp.MemoryStats()).pools):
+            await anyio.sleep(0)
+
+
+def executes(backend: InProcessBackend) -> list[dp.Execute]:
+    """Every Execute the engine sent, in order."""
+    return [m for _, m in backend.calls if isinstance(m, dp.Execute)]

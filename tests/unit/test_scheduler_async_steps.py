@@ -15,20 +15,11 @@ from ipc.errors import BadRequest
 from ipc.protocol import driver as dp
 from ipc.protocol import memory as mp
 from ipc.protocol.scheduler import FinishReason
-from tests.helpers.scheduler_fakes import TOK, FakeDriver, InProcessBackend, Stream, expected, running
+from tests.helpers.scheduler_fakes import (FakeDriver, InProcessBackend, Stream, TOK, blocks_free, executes,
+                                           expected, running)
 
 ASYNC = SchedulerConfig(async_steps=True)
 PLAIN = SchedulerConfig(async_steps=False)
-
-
-async def blocks_free(backend: InProcessBackend) -> None:
-    with anyio.fail_after(10):
-        while any(p.used for p in backend.memory.stats(mp.MemoryStats()).pools):
-            await anyio.sleep(0)
-
-
-def executes(backend: InProcessBackend) -> list[dp.Execute]:
-    return [m for _, m in backend.calls if isinstance(m, dp.Execute)]
 
 
 def chained(backend: InProcessBackend, seq_id: int | None = None) -> list[dp.StepDelta]:

@@ -15,7 +15,8 @@ from ipc.protocol import driver as dp
 from ipc.protocol import memory as mp
 from ipc.protocol.scheduler import FinishReason
 from services.scheduler._overlap import take_covered
-from tests.helpers.scheduler_fakes import FakeDriver, InProcessBackend, Stream, expected, running
+from tests.helpers.scheduler_fakes import (FakeDriver, InProcessBackend, Stream, blocks_free, executes,
+                                           expected, running)
 
 LENGTHS = (5, 17, 40)
 # The overlap alone, each step planned after the last came back (async
@@ -24,23 +25,14 @@ LENGTHS = (5, 17, 40)
 PLAIN = SchedulerConfig(async_steps=False)
 
 
-async def blocks_free(backend: InProcessBackend) -> None:
-    with anyio.fail_after(10):
-        while any(p.used for p in backend.memory.stats(mp.MemoryStats()).pools):
-            await anyio.sleep(0)
-
-
-def executes(backend: InProcessBackend) -> list[dp.Execute]:
-    return [m for _, m in backend.calls if isinstance(m, dp.Execute)]
-
-
 def reserves(backend: InProcessBackend) -> list[mp.Reserve]:
     return [m for _, m in backend.calls if isinstance(m, mp.Reserve)]
 
 
 def ran(ex: dp.Execute, seq_id: int) -> tuple[int, int] | None:
     """(first, end) positions `ex` computed for `seq_id` (None: not in it)."""
-    for s in [*ex.steps, *ex.deltas]:
+    items: list[dp.StepSeq | dp.StepDelta] = [*ex.steps, *ex.deltas]
+    for s in items:
         if s.seq_id == seq_id:
             return s.start_pos, s.start_pos + len(s.token_ids)
     return None

@@ -12,13 +12,7 @@ from ipc.protocol import memory as mp
 from ipc.protocol.sampling import SamplingParams
 from ipc.protocol.scheduler import FinishReason
 from common.config.scheduler import SchedulerConfig
-from tests.helpers.scheduler_fakes import FakeDriver, InProcessBackend, Stream, expected, running
-
-
-async def blocks_free(backend: InProcessBackend) -> None:
-    with anyio.fail_after(10):
-        while any(p.used for p in backend.memory.stats(mp.MemoryStats()).pools):
-            await anyio.sleep(0)
+from tests.helpers.scheduler_fakes import FakeDriver, Stream, blocks_free, executes, expected, running
 
 
 async def test_each_step_makes_one_memory_call_and_finished_blocks_go_with_the_next_one() -> None:
@@ -64,10 +58,6 @@ async def test_an_idle_engine_frees_a_cancelled_requests_blocks_at_once() -> Non
         await blocks_free(backend)
     assert final.finish_reason == FinishReason.CANCELLED
     assert backend.calls[-1][0] == "release"
-
-
-def executes(backend: InProcessBackend) -> list[dp.Execute]:
-    return [m for k, m in backend.calls if isinstance(m, dp.Execute)]
 
 
 async def test_a_steady_decodes_execute_does_not_grow_with_its_context_even_with_a_penalty() -> None:

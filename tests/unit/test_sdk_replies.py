@@ -5,7 +5,6 @@ shares one zmq context. The kernel side here is a bare ROUTER on inproc://."""
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -13,20 +12,17 @@ import anyio
 import msgspec
 import pytest
 import zmq
-import zmq.asyncio
 
 from ipc import codec
-from ipc.envelope import PROTOCOL_VERSION, Header, Kind, decode_header, encode_header
+from ipc.envelope import Kind
 from ipc.errors import Internal
 from ipc.protocol import kernel as kp
 from ipc.protocol import scheduler as sp
 from ipc.protocol.base import Message, Request, message_types, reply_type
 from ipc.protocol.echo import Count, Counted, CountDone, Echo, EchoReply
 from sdk.connection import Connection
+from tests.helpers.fake_kernel import FakeKernel
 from sdk.service import Context, Service, handler
-
-_names = itertools.count()
-
 
 def test_every_request_declares_a_registered_reply_type() -> None:
     requests = [t for t in message_types() if issubclass(t, Request)]
@@ -72,30 +68,6 @@ def test_a_handler_must_answer_with_the_declared_reply_type() -> None:
             @handler
             async def counted(self, msg: Counted, ctx: Context) -> CountDone:
                 return CountDone(0)
-
-
-class FakeKernel:
-    """A ROUTER on the process's shared context that answers each request
-    with what `answer` returns: (kind, body) pairs, in order."""
-
-    def __init__(self) -> None:
-        self.endpoint = f"inproc://fake-kernel-{next(_names)}"
-        self._sock = zmq.asyncio.Context.shadow(zmq.Context.instance()).socket(zmq.ROUTER)
-        self._sock.bind(self.endpoint)
-
-    async def serve_one(self, answers: list[tuple[Kind, Message]]) -> Header:
-        while True:  # past a closed connection's DISCONNECT, a heartbeat
-            ident, _, raw, *_body = await self._sock.recv_multipart()
-            header = decode_header(raw)
-            if header.kind == Kind.REQUEST:
-                break
-        for kind, body in answers:
-            out = Header(PROTOCOL_VERSION, kind, header.msg_id, op=type(body).__name__)
-            await self._sock.send_multipart([ident, b"", encode_header(out), codec.encode(body)])
-        return header
-
-    def close(self) -> None:
-        self._sock.close(linger=0)
 
 
 @pytest.fixture

@@ -11,38 +11,12 @@ from collections.abc import AsyncIterator
 import anyio
 import pytest
 
-import zmq
-import zmq.asyncio
-
-from ipc import codec
-from ipc.envelope import PROTOCOL_VERSION, Header, Kind, decode_header, encode_header
+from ipc.envelope import Kind
 from ipc.errors import DeadlineExceeded
 from ipc.protocol.echo import Count, Counted, CountDone, Echo, EchoReply
 from ipc.protocol.base import Message
 from sdk.connection import Connection
-
-
-class FakeKernel:
-    """A ROUTER on the process's shared context that answers one request
-    with the (kind, body) pairs given, in order."""
-
-    def __init__(self) -> None:
-        self.endpoint = f"inproc://fake-kernel-waits-{id(self)}"
-        self._sock = zmq.asyncio.Context.shadow(zmq.Context.instance()).socket(zmq.ROUTER)
-        self._sock.bind(self.endpoint)
-
-    async def serve_one(self, answers: list[tuple[Kind, Message]]) -> None:
-        while True:  # past a heartbeat
-            ident, _, raw, *_body = await self._sock.recv_multipart()
-            header = decode_header(raw)
-            if header.kind == Kind.REQUEST:
-                break
-        for kind, body in answers:
-            out = Header(PROTOCOL_VERSION, kind, header.msg_id, op=type(body).__name__)
-            await self._sock.send_multipart([ident, b"", encode_header(out), codec.encode(body)])
-
-    def close(self) -> None:
-        self._sock.close(linger=0)
+from tests.helpers.fake_kernel import FakeKernel
 
 
 @pytest.fixture

@@ -16,14 +16,11 @@ from ipc.protocol import driver as dp
 from ipc.protocol import memory as mp
 from ipc.protocol.scheduler import FinishReason
 from services.scheduler.engine import Engine
-from tests.helpers.scheduler_fakes import TOK, FakeDriver, InProcessBackend, Stream, reference, running
+from tests.helpers.scheduler_fakes import (FakeDriver, InProcessBackend, Stream, TOK, executes, reference,
+                                           running)
 
 FIRST = TOK.encode("the first turn of a chat")
 SECOND = TOK.encode(" and the second", add_special_tokens=False)
-
-
-def executes(backend: InProcessBackend) -> list[dp.Execute]:
-    return [m for _, m in backend.calls if isinstance(m, dp.Execute)]
 
 
 def item(ex: dp.Execute, seq_id: int) -> dp.StepSeq | dp.StepDelta | None:
