@@ -47,7 +47,7 @@ def features(s: StepShape) -> Vec:
 
 class LatencyModel:
     def __init__(self, window: int = 64, *, min_samples: int = 12, max_rel_error: float = 0.35,
-                 drift_steps: int = 12, drift_ratio: float = 1.4):
+                 drift_steps: int = 12, drift_ratio: float = 1.4, trust_steps: int = 8, trust_ratio: float = 1.25):
         self.idle_s = 0.0  # smoothed, a near-idle step's time less its decodes' share (the fixed cost's floor)
         self.samples: deque[tuple[Vec, float]] = deque(maxlen=window)
         self.min_samples = min_samples
@@ -60,6 +60,8 @@ class LatencyModel:
         self._reset_at: deque[int] = deque(maxlen=2)
         self._drift: deque[float] = deque(maxlen=drift_steps)
         self._drift_log = math.log(drift_ratio)
+        self._trust_steps = trust_steps
+        self._trust_log = math.log(trust_ratio)
 
     @property
     def sure(self) -> bool:
@@ -68,6 +70,33 @@ class LatencyModel:
         machine whose speed needed two resets within one window is not
         steady enough to plan on: unsure until the older reset leaves it."""
         return self.coef is not None and len(self.samples) >= self.min_samples and self._sure and not self.unsteady
+
+    @property
+    def recent_ratio(self) -> float | None:
+        """Measured / predicted over the last `trust_steps` steps (geometric
+        mean), or None until that many were predicted since the last fit
+        from scratch or reset."""
+        n = self._trust_steps
+        if self.coef is None or len(self._drift) < n:
+            return None
+        recent = list(self.samples)[-n:]
+        if any(self._predict(x) <= 0 for x, _ in recent):
+            return None
+        return math.exp(sum(math.log(y / self._predict(x)) for x, y in recent) / n)
+
+    @property
+    def trusted(self) -> bool:
+        """Sure, and the last steps ran within `trust_ratio` of what it
+        predicted: an error its fit's residual does not show (a model
+        rescaled by a reset, a machine that just sped up) keeps it from
+        binding anything until it holds again."""
+        r = self.recent_ratio
+        return self.sure and r is not None and abs(math.log(r)) <= self._trust_log
+
+    @property
+    def max_decodes(self) -> int:
+        """The largest batch of decodes a step in the window ran."""
+        return int(max((x[1] for x, _ in self.samples), default=0.0))
 
     @property
     def unsteady(self) -> bool:

@@ -156,7 +156,10 @@ class AutoTuner:
         cost_known = m.prefill_known and bp > 0
         # Only a step predicted over the allowance by more than the model's
         # own error: within it, the prediction does not say a request misses.
-        if static_p and cost_known and (base + bp * static_p) / (1 + m.rel_error) > allow:
+        # The cut and the cap bind only on a model the last steps bear out
+        # (its fit's residual does not show a machine that just sped up).
+        trusted = m.trusted
+        if static_p and cost_known and trusted and (base + bp * static_p) / (1 + m.rel_error) > allow:
             need = self._needed(view.demands, base, bp)
             # Short waiting prompts (chats) start in this step all the same: a
             # one-off cost, where waiting behind the cut would cost their first token.
@@ -177,9 +180,11 @@ class AutoTuner:
         # The batch cap binds on admissions only (never below the batch), and
         # is set only as the load nears it.
         held = False
-        if bd + bc > 0:
+        if bd + bc > 0 and trusted:
             most = self._admits(view, a, bd + bc * self.context / 1000.0, bp if cost_known else 0.0, base,
                                 max(1, budget - d))
+            if most is not None and most >= 4 * m.max_decodes + 16:
+                most = None  # a miss predicted only far beyond the batches it saw: an extrapolation
             if most is not None and most <= view.running < c.max_num_seqs and not any(x.running for x in view.demands):
                 # Nothing would prefill and the budget would go unused: the
                 # batch is held only for a running request's objective; a
@@ -215,7 +220,11 @@ class AutoTuner:
                                    "would take their tokens (a stalled stream)")
         knobs = Knobs(budget, seqs, min(chunk, budget), late_last)
         if knobs == c:
-            return self._to(c, "configured", "no objective at risk at the configured limits")
+            r = m.recent_ratio
+            why = ("no objective at risk at the configured limits" if trusted else
+                   "model unchecked since its last fit from scratch" if r is None else
+                   f"model off: the last steps ran {r:.2f}x the time it predicted")
+            return self._to(c, "configured" if trusted else "fallback", why)
         return self._to(knobs, "tuned", "; ".join(reasons), held)
 
     def _admits(self, view: View, a: float, per_decode: float, bp: float, base: float,

@@ -194,3 +194,18 @@ def goodput(reqs: list[Req]) -> int:
 def fresh(reqs: list[Req]) -> list[Req]:
     """The same workload, not yet served (to replay it under other limits)."""
     return [Req(r.at, r.prompt, r.output, r.ttft_s, r.tpot_s) for r in reqs]
+
+
+def bench_chat(seed: int, rate: tuple[float, float], output: tuple[int, int]) -> list[Req]:
+    """tools.bench.tuning's chat workloads: 12 s of Poisson arrivals whose
+    rate climbs linearly from rate[0] to rate[1], prompts of 32-192 tokens."""
+    rng = random.Random(seed)
+    out, at = [], 0.0
+    while at < 12.0:
+        out.append(Req(at, rng.randint(32, 192), rng.randint(*output)))
+        at += rng.expovariate(rate[0] + (rate[1] - rate[0]) * at / 12.0)
+    return out
+
+
+def median(xs: list[float]) -> float:
+    return sorted(xs)[len(xs) // 2]

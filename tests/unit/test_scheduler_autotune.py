@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 
 from services.scheduler.autotune import AutoTuner, Demand, Knobs, LatencyModel, StepShape, View
-from tests.helpers.tuner_sim import Device, Req, Sim, chats, documents, fresh, goodput
+from tests.helpers.tuner_sim import Device, Req, Sim, bench_chat, chats, documents, fresh, goodput, median
 
 CEILING = Knobs(512, 64, 512)  # today's default static setting
 
@@ -118,21 +118,6 @@ def test_on_a_machine_too_slow_for_any_objective_it_never_does_worse_than_the_co
     _, static = serve(work, tuned=False, device=Device(speed=5.0))
     assert goodput(tuned) >= goodput(static)
     assert all(r.done_at for r in tuned)
-
-
-def bench_chat(seed: int, rate: tuple[float, float], output: tuple[int, int]) -> list[Req]:
-    """tools.bench.tuning's chat workloads: 12 s of Poisson arrivals whose
-    rate climbs linearly from rate[0] to rate[1], prompts of 32-192 tokens."""
-    rng = random.Random(seed)
-    out, at = [], 0.0
-    while at < 12.0:
-        out.append(Req(at, rng.randint(32, 192), rng.randint(*output)))
-        at += rng.expovariate(rate[0] + (rate[1] - rate[0]) * at / 12.0)
-    return out
-
-
-def median(xs: list[float]) -> float:
-    return sorted(xs)[len(xs) // 2]
 
 
 def test_a_light_chat_load_on_a_slower_machine_loses_nothing_to_the_configured_limits() -> None:
@@ -371,3 +356,4 @@ def test_a_newcomer_held_for_its_own_objective_starts_when_nothing_would_prefill
     chat = Demand(0.9, 60, False, 50, 0.045)
     d = tuner.plan(View(16, 16 * 300, (0.2,) * 16, (chat,), 16, 1, 0.045, (50,) * 16))
     assert d.knobs.max_num_seqs >= 17 and not d.held, d.why
+
