@@ -12,6 +12,7 @@ from pathlib import Path
 
 from typing import TYPE_CHECKING
 
+from common.config.driver import REPRODUCIBLE_DTYPE
 from common.home import llmos_home
 
 if TYPE_CHECKING:
@@ -25,7 +26,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--model", default="demo", help="'demo' (default) or a local Hugging Face directory")
     ap.add_argument("--clients", type=int, default=12, help="concurrent streaming clients (a quarter over HTTP)")
     ap.add_argument("--faults-per-minute", type=float, default=30.0)
-    ap.add_argument("--dtype", default="float32",  # common/config/driver.py REPRODUCIBLE_DTYPE
+    ap.add_argument("--dtype", default=REPRODUCIBLE_DTYPE,
                     help="the driver's dtype (default float32: unfaulted greedy requests must equal the reference "
                          "token for token, which bfloat16's shape-dependent rounding does not keep; 'auto' as "
                          "`llmos up`); not with --attach")
