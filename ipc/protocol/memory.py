@@ -220,7 +220,9 @@ class Reregister(Request["ReregisterReply"]):
     """Tell a (restarted) memory server which sequences are live. Each listed
     sequence replaces any of the same id; one that fails is left unknown
     (recompute it). With `replace`, every other sequence is released (a
-    restarted scheduler starts from a clean slate)."""
+    restarted scheduler starts from a clean slate). What is released here
+    offers the prefix cache only blocks already known computed: the slots of
+    a dead scheduler's last Reserve may never have been written."""
 
     seqs: list[SeqState]
     replace: bool = False

@@ -179,11 +179,16 @@ class MemoryManager:
         return SwapInReply(out)
 
     def reregister(self, req: Reregister) -> ReregisterReply:
+        # What is released here is released as not computed: its last
+        # reserved slots may never have been written (a scheduler killed
+        # between a step's Reserve and its Execute), so only the blocks
+        # already keyed under a `computed` the caller reported stay in the
+        # prefix cache; a listed sequence's own claim re-keys what it holds.
         released: list[int] = []
         if req.replace:
             listed = {s.seq_id for s in req.seqs}
             for sid, seq in list(self._seqs.items()):
-                _allocator.release(seq)
+                _allocator.release(seq, computed=False)
                 del self._seqs[sid]
                 if sid not in listed:
                     released.append(sid)
@@ -194,7 +199,7 @@ class MemoryManager:
                 tokens = _tokens(st.seq_id, st.tokens)
                 old = self._seqs.pop(st.seq_id, None)
                 if old is not None:
-                    _allocator.release(old)
+                    _allocator.release(old, computed=False)
                 seq = Sequence(st.seq_id, st.tenant, pool, root_key(st.tenant, st.cache_salt),
                                tokens)
                 if st.blocks or st.num_computed:

@@ -1,0 +1,114 @@
+"""A scheduler killed between a step's Reserve and its Execute (the session
+history defect): the memory server had reserved that step's slots and knew
+their tokens, but the driver never wrote their KV. The next scheduler's
+boot releases the dead one's sequences (`Reregister([], replace=True)`);
+their blocks must not reach the prefix cache as computed, or the next
+request on the same tokens is served KV that was never written (a real
+driver then answers from a stale slot: a restored session's turn took a
+runner-up token about once in 14 runs under load).
+
+Over the real engine loop and memory manager with the fake paged driver,
+which derives each token from the KV it reads back (an unwritten slot is an
+error), so serving a slot that was never computed changes the answer."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import anyio
+
+from common.config.scheduler import SchedulerConfig
+from ipc.protocol import memory as mp
+from services.scheduler._history import Histories, HistoryStore
+from services.scheduler.engine import Engine, Model
+from tests.helpers.scheduler_fakes import TOK, FakeDriver, InProcessBackend, Stream, reference
+
+BS = 4  # the fake driver's block size
+
+
+@asynccontextmanager
+async def scheduler(backend: InProcessBackend, home: Path,
+                    config: SchedulerConfig | None = None) -> AsyncIterator[Engine]:
+    """One scheduler instance over `backend` (the memory server and driver
+    outlive it), booting as the service does; leaving the block kills it:
+    whatever it had in flight is abandoned."""
+    await backend.reregister(mp.Reregister([], replace=True))  # service._boot's clean slate
+    engine = Engine(config or SchedulerConfig(), backend)
+    engine.sessions.histories = Histories(HistoryStore(home / "sessions"))
+    for name, d in backend.drivers.items():
+        engine.driver_up(name, d.meta)
+    engine.set_model(Model(TOK, frozenset(TOK.eos_token_ids), 256))
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(engine.run)
+        try:
+            yield engine
+        finally:
+            tg.cancel_scope.cancel()
+
+
+async def until_held(backend: InProcessBackend, cond) -> None:  # type: ignore[no-untyped-def]
+    """Let Executes through one by one until `cond()` holds and the next one waits."""
+    with anyio.fail_after(10):
+        while not (cond() and backend.held):
+            if backend.held and not cond() and backend.hold_steps is not None:
+                backend.hold_steps.set()
+                backend.hold_steps = anyio.Event()
+            await anyio.sleep(0)
+
+
+async def test_a_restored_sessions_turn_after_a_kill_before_the_epilogue_ran_answers_from_its_history(
+        tmp_path: Path) -> None:
+    driver = FakeDriver(64, BS)
+    backend = InProcessBackend({"cpu": driver})
+    first = TOK.encode("the first turn")  # BOS + 14 tokens, 5 generated: the history fills 5 blocks
+    second = TOK.encode(" and the next", add_special_tokens=False)
+    async with scheduler(backend, tmp_path) as engine:
+        s = Stream(engine, prompt_ids=first, max_tokens=5, session="chat")
+        backend.hold_steps = anyio.Event()
+        await until_held(backend, s.sink.request.done.is_set)
+        final = await s.result()
+        await engine.sessions.histories.persist(("", "chat"))  # before the answer goes out, as the service does
+        history = first + s.tokens(final)
+        assert len(history) % BS == 0
+        # The epilogue's Reserve (the final token's slot, completing the last
+        # block) reached the memory server; its Execute waits on the driver.
+        seq = s.sink.request.seq
+        assert seq.epilogue and backend.memory.sequence(seq.seq_id).num_slots == len(history)
+    backend.hold_steps = None  # the scheduler is gone: its epilogue never runs
+    p = len(history) - 1
+    assert driver.kv[seq.block_table[p // BS]][p % BS] is None
+
+    async with scheduler(backend, tmp_path) as engine:
+        assert await engine.sessions.histories.ensure(("", "chat")) is not None  # from disk, as the service does
+        turn = Stream(engine, prompt_ids=second, max_tokens=8, session="chat")
+        got = await turn.result()
+    assert got.error == "", got.error
+    assert got.usage.history_tokens == len(history)
+    assert turn.tokens(got) == reference(history + second, 8)
+    assert got.usage.cached_tokens < len(history)  # the last block is recomputed
+
+
+async def test_a_prompt_resubmitted_after_a_kill_before_its_prefill_chunk_ran_is_answered_from_its_tokens(
+        tmp_path: Path) -> None:
+    # The tuner's cut budget chunks a prefill the same way: each chunk's
+    # Reserve comes first, with every prompt token it knows.
+    driver = FakeDriver(64, BS)
+    backend = InProcessBackend({"cpu": driver})
+    prompt = TOK.encode("a prompt long enough for three chunks")
+    config = SchedulerConfig(prefill_chunk=8, token_budget=8)
+    async with scheduler(backend, tmp_path, config) as engine:
+        backend.hold_steps = anyio.Event()
+        s = Stream(engine, prompt_ids=prompt, max_tokens=4, request_id="r")
+        await until_held(backend, lambda: True)  # the first chunk's Execute waits
+        seq = s.sink.request.seq
+        assert 0 < backend.memory.sequence(seq.seq_id).num_slots < len(prompt)
+    backend.hold_steps = None
+    assert not driver.kv  # nothing was ever written
+
+    async with scheduler(backend, tmp_path, config) as engine:
+        again = Stream(engine, prompt_ids=prompt, max_tokens=4, request_id="r")
+        got = await again.result()
+    assert got.error == "", got.error
+    assert again.tokens(got) == reference(prompt, 4)
