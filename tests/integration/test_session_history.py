@@ -15,7 +15,7 @@ import pytest
 from ipc.errors import BadRequest, NotFound
 from ipc.protocol import security as sec
 from sdk.client import AsyncClient
-from tools.testing import FIXED_LIMITS, running_llmos
+from tools.testing import running_llmos
 from tests.helpers.model_fixtures import local_greedy
 from tests.helpers.stacks import children, secured_children
 
@@ -111,11 +111,7 @@ async def test_the_history_survives_a_scheduler_sigkill_and_names_are_never_path
         home: Path, checkpoint: Path) -> None:
     hostile = "../../../../tmp/llmos-evil/x"
     n = 10
-    # Fixed limits: with the tuner on, under load, the streamed turn after the restart once in ~15 runs
-    # took a runner-up token (logit margin 0.10, the same token each time): an open defect in how a
-    # tuned (cut) prefill of a restored session's turn is computed, recorded in the closing note of
-    # 2026-12-01's third session with its repro. This test's point is the history surviving the kill.
-    async with running_llmos(home, children(checkpoint), scheduler=FIXED_LIMITS) as llmos:
+    async with running_llmos(home, children(checkpoint)) as llmos:
         c = llmos.client
         history: list[int] = []
         for k in range(2):
