@@ -147,6 +147,18 @@ def test_reregister_replace_releases_everything_else() -> None:
     assert len(m.sequence(2).tokens) == 4
 
 
+def test_reregister_caches_only_what_was_reported_computed() -> None:
+    # A scheduler killed between a step's Reserve and its Execute: the next
+    # one's clean slate must not offer that step's slots to the prefix cache.
+    m = two_pools()
+    prompt = list(range(1, 14))  # 13 tokens: 3 full blocks and one more
+    reserve(m, 1, 0, prompt, 4)  # the first chunk's slots (its step ran)
+    m.reserve(Reserve([SeqReserve(1, 13, [], 8, computed=4)]))  # the second chunk's (it never ran)
+    m.reregister(Reregister([], replace=True))
+    # Only the first block, reported computed by the second Reserve, is served.
+    assert reserve(m, 2, 0, prompt, 13).num_cached == BS
+
+
 def test_every_request_and_reply_survives_the_wire() -> None:
     m = two_pools()
     requests: list[MemoryRequest] = [
