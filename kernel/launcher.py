@@ -36,6 +36,9 @@ class ChildProcess(Protocol):
 
 
 class Launcher(ABC):
+    # Its children are processes of this host (their pids are /proc's).
+    local = True
+
     @abstractmethod
     async def spawn(self, spec: ChildSpec, instance: str, env: dict[str, str]) -> ChildProcess:
         """Start one instance of `spec`; `env` carries the boot secret and endpoints."""

@@ -125,6 +125,8 @@ class RayChild:
 
 
 class RayLauncher(Launcher):
+    local = False  # pids are the nodes' (a kernel cannot read another host's /proc)
+
     def __init__(self, config: LauncherConfig):
         self.config = config
         self.ray = import_ray()

@@ -34,7 +34,9 @@ from common.home import run_dir
 from ipc.protocol import kernel as kp
 from ipc.protocol.kernel import ChildState
 from kernel.config import ChildSpec, Restart, Strategy, SupervisorConfig
+from kernel import procstat
 from kernel.launcher import ChildProcess, Launcher
+from kernel.procstat import ProcSample
 from common.logs import get_logger
 
 log = get_logger()
@@ -318,6 +320,15 @@ class Supervisor:
                 _signal(c.process, sig)
                 killed.append(c.instance)
         return killed
+
+    def sample(self, instance: str, pid: int) -> ProcSample | None:
+        """/proc's view of a child this supervisor runs on this host with `pid`."""
+        if not self.launcher.local:
+            return None
+        for c in self.children:
+            if c.instance == instance and c.process is not None and c.process.pid == pid:
+                return procstat.sample(pid)
+        return None
 
     def kill_quietly(self, instance: str, pid: int) -> None:
         """SIGKILL one instance if it is still the process with `pid`."""

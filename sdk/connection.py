@@ -276,6 +276,7 @@ class Connection:
             # it (a stream of tokens spent a quarter of its client's CPU on
             # scopes), and one per call, not per event (_Tick).
             tick.arm(wait)
+            armed = time.monotonic()
             try:
                 got = await q.get()
             finally:
@@ -287,7 +288,11 @@ class Connection:
             self._on_monitor()  # in case the monitor's wake-up was missed
             if self.refusal is not None:
                 raise self.refusal
-            if time.monotonic() - max(self.last_heard, since) > HEARTBEAT_EXPIRY_S:
+            now = time.monotonic()
+            # A wake-up this late means this process did not run: what the
+            # kernel sent meanwhile may still be unread, so judge it next time.
+            stalled = now - armed > wait + HEARTBEAT_INTERVAL_S / 2
+            if not stalled and now - max(self.last_heard, since) > HEARTBEAT_EXPIRY_S:
                 raise Unavailable(f"the kernel at {self.endpoint} stopped answering")
             self.send_control(Kind.HEARTBEAT)
 

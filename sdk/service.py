@@ -239,10 +239,23 @@ class Service:
 
     async def _heartbeat(self) -> None:
         conn = self.conn
+        last, cpu = time.monotonic(), time.thread_time()
         while True:
             await anyio.sleep(HEARTBEAT_INTERVAL_S)
             conn.send_control(Kind.HEARTBEAT)
-            silent = time.monotonic() - conn.last_heard
+            now, cpu_now = time.monotonic(), time.thread_time()
+            late = now - last > HEARTBEAT_INTERVAL_S * 1.5
+            if late:
+                # This loop did not get to run for that long: the kernel may
+                # count our heartbeats missed (the kernel's own is
+                # kernel.ticker_late). loop_cpu_s near the interval: our own
+                # work held the loop; near 0: the host did not run us.
+                log.warning("service.heartbeat_late", late_s=round(now - last - HEARTBEAT_INTERVAL_S, 3),
+                            loop_cpu_s=round(cpu_now - cpu, 3))
+            last, cpu = now, cpu_now
+            # After our own stall the kernel's heartbeats may still wait unread:
+            # judge it on the next round, once they were read.
+            silent = 0.0 if late else now - conn.last_heard
             if silent > HEARTBEAT_EXPIRY_S or os.getppid() != self._parent:
                 # The kernel is gone: an orphan must not linger.
                 self.stop(f"kernel silent for {silent:.1f}s")

@@ -66,7 +66,7 @@ def test_fuzzed_frames_and_http_never_crash_or_hang_anything(system: tuple[Block
     assert out["http"]["examples"] == 300 and out["http"]["unexpected"] == [], out["http"]
     assert out["probe"]["failures"] == [] and out["probe"]["ok"] > 0 and out["probe"]["generations"] > 0
     assert out["kernel_exceptions"] == 0, "the kernel's last-resort handler caught an exception (see kernel.log)"
-    assert out["kernel_alive"] and out["no_service_restarted"], out["restarts"]
+    assert out["kernel_alive"] and out["no_service_restarted"], (out["restarted"], out["why"])
     assert fuzz_held(out)
     assert llmos.kernel.poll() is None
 

@@ -14,6 +14,7 @@ from ipc.protocol.echo import Echo
 from kernel.config import KernelConfig
 from kernel.inbox import Inbox
 from kernel.liveness import Liveness
+from kernel.procstat import ProcSample
 from kernel.routing import Router
 
 SECRET = "boot-secret"
@@ -64,12 +65,17 @@ class FakeChildren:
     def __init__(self) -> None:
         self.ready: list[tuple[str, int]] = []
         self.killed: list[tuple[str, int]] = []
+        self.procs: dict[str, ProcSample] = {}
 
     def on_ready(self, instance: str, pid: int) -> None:
         self.ready.append((instance, pid))
 
     def kill_quietly(self, instance: str, pid: int) -> None:
         self.killed.append((instance, pid))
+
+    def sample(self, instance: str, pid: int) -> ProcSample | None:
+        """What the host says of the instance's process: tests set `procs[instance]`."""
+        return self.procs.get(instance)
 
     def kill(self, target: str, sig_name: str = "SIGKILL") -> list[str]:
         return [target]

@@ -3,11 +3,15 @@ ops, driven through the routing state machine with fake ports."""
 
 from __future__ import annotations
 
+import pytest
+
 from ipc import codec
 from ipc.envelope import Kind
 from ipc.errors import ErrorCode
 from ipc.heartbeat import HEARTBEAT_EXPIRY_S, HEARTBEAT_INTERVAL_S
 from ipc.protocol import kernel as kp
+from kernel.liveness import OVERDUE_S, STARVED_LIMIT_S, TICK_S
+from kernel.procstat import ProcSample
 from tests.helpers.router_rig import CLIENT, Rig
 
 _events = codec.decoder([kp.Subscribed, kp.ServiceUp, kp.ServiceDown])
@@ -98,3 +102,70 @@ def test_without_a_supervisor_kill_is_unavailable() -> None:
     rig.router.children = None
     rig.request(kp.KERNEL, 5, op="Kill", body=codec.encode(kp.Kill("echo", "SIGKILL")))
     assert rig.front.errors() == [(5, ErrorCode.UNAVAILABLE, "this kernel runs without a supervisor")]
+
+
+def _silent_for(rig: Rig, seconds: float, step: float = TICK_S) -> None:
+    """Tick the kernel's clock through `seconds` of silence, a tick at a time."""
+    end = rig.now + seconds
+    while rig.now < end:
+        rig.now = min(rig.now + step, end)
+        rig.liveness.tick(rig.now)
+
+
+def test_a_runnable_instance_that_was_not_run_is_starved_not_hung_until_the_limit() -> None:
+    rig = Rig()
+    rig.ready("echo")
+    rig.children.procs["echo"] = ProcSample("R", 5.0)  # runnable, and the host gives it no CPU
+    _silent_for(rig, HEARTBEAT_EXPIRY_S + 1)
+    assert rig.children.killed == [] and "echo" in rig.router.registry.by_name
+    _silent_for(rig, STARVED_LIMIT_S - HEARTBEAT_EXPIRY_S)
+    assert rig.children.killed == [("echo", 100)] and "echo" not in rig.router.registry.by_name
+
+
+@pytest.mark.parametrize("then, now", [
+    (ProcSample("S", 5.0), ProcSample("S", 5.0)),  # blocked: a deadlock, a call that never returns
+    (ProcSample("T", 5.0), ProcSample("T", 5.0)),  # stopped (SIGSTOP)
+    (ProcSample("R", 5.0), ProcSample("R", 7.0)),  # spinning: it had the CPU and did not answer
+    (ProcSample("R", 5.0), ProcSample("D", 5.0)),  # in an uninterruptible wait
+])
+def test_a_blocked_stopped_or_spinning_instance_is_hung_at_the_expiry(then: ProcSample, now: ProcSample) -> None:
+    rig = Rig()
+    rig.ready("echo")
+    rig.children.procs["echo"] = then
+    _silent_for(rig, OVERDUE_S + TICK_S)
+    rig.children.procs["echo"] = now
+    _silent_for(rig, HEARTBEAT_EXPIRY_S - OVERDUE_S)
+    assert rig.children.killed == [("echo", 100)]
+
+
+def test_an_instance_the_host_cannot_describe_is_hung_at_the_expiry() -> None:
+    rig = Rig()  # no /proc sample: a remote (Ray) instance, or not this kernel's child
+    rig.ready("echo")
+    _silent_for(rig, HEARTBEAT_EXPIRY_S + TICK_S)
+    assert rig.children.killed == [("echo", 100)]
+
+
+def test_a_starved_instance_that_answers_again_is_judged_afresh_next_time() -> None:
+    rig = Rig()
+    echo = rig.ready("echo")
+    rig.children.procs["echo"] = ProcSample("R", 5.0)
+    _silent_for(rig, HEARTBEAT_EXPIRY_S + 1)
+    rig.control(echo, Kind.HEARTBEAT, front=False)  # it got the CPU back
+    rig.liveness.tick(rig.now)
+    rig.children.procs["echo"] = ProcSample("R", 6.0)
+    _silent_for(rig, OVERDUE_S + TICK_S)
+    rig.children.procs["echo"] = ProcSample("R", 9.0)  # and now spins without answering
+    _silent_for(rig, HEARTBEAT_EXPIRY_S - OVERDUE_S)
+    assert rig.children.killed == [("echo", 100)]
+
+
+def test_silence_while_the_kernel_itself_was_not_running_does_not_count() -> None:
+    rig = Rig()
+    rig.ready("echo")
+    rig.request("echo", 1, client=b"caller")
+    rig.now += HEARTBEAT_EXPIRY_S + 2  # the kernel's clock fell behind: heartbeats wait unread
+    rig.liveness.resumed_at = rig.now
+    rig.liveness.tick(rig.now)
+    assert rig.children.killed == [] and rig.router.clients.in_flight(b"caller") == 1
+    _silent_for(rig, HEARTBEAT_EXPIRY_S + TICK_S)  # silent after the kernel ran again: hung, and gone
+    assert rig.children.killed == [("echo", 100)] and b"caller" not in rig.router.clients_seen

@@ -179,6 +179,21 @@ def kernel_exceptions(home: Path) -> int:
         return sum(1 for line in f if b'"kernel.message_failed"' in line)
 
 
+def kernel_verdicts(home: Path, instances: list[str]) -> list[str]:
+    """Why the kernel took these instances down or spared them, from its log."""
+    log = logs_dir(home) / "kernel.log"
+    if not instances or not log.exists():
+        return []
+    found = []
+    with open(log, "rb") as f:
+        for line in f:
+            if b'"kernel.instance_down"' in line or b'"kernel.instance_starved"' in line:
+                ev = json.loads(line)
+                if ev.get("instance") in instances:
+                    found.append(f"{ev['instance']}: {ev.get('reason') or 'starved, kept'} at {ev.get('timestamp')}")
+    return found
+
+
 async def run_fuzz(home: Path, *, frames: int, http_examples: int, seed: int = 0,
                    rate: float = 0.0) -> dict[str, Any]:
     """Fuzz the llmos running under `home`; return the figures and findings."""
@@ -211,13 +226,16 @@ async def run_fuzz(home: Path, *, frames: int, http_examples: int, seed: int = 0
                                                                        http_examples, seed))
                 stop.set()
             after = await admin.status()
-    same = {i.instance: i.pid for i in before.instances} == {i.instance: i.pid for i in after.instances}
+    pids = {i.instance: i.pid for i in after.instances}
+    restarted = sorted(i.instance for i in before.instances if pids.get(i.instance) != i.pid)
     return {
         "seed": seed,
         "rate_per_socket": rate or None,
         "kernel_alive": after.pid == before.pid,
         "kernel_exceptions": kernel_exceptions(home) - exceptions_before,
-        "no_service_restarted": same,
+        "no_service_restarted": not restarted and len(pids) == len(before.instances),
+        "restarted": restarted,
+        "why": kernel_verdicts(home, restarted),
         "restarts": {i.instance: i.restarts for i in after.instances},
         "probe": {"ok": prober.ok, "generations": prober.generations, "failures": prober.failures},
         "front": _flood_json(results["front"]),
