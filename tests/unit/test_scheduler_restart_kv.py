@@ -4,8 +4,10 @@ their tokens, but the driver never wrote their KV. The next scheduler's
 boot releases the dead one's sequences (`Reregister([], replace=True)`);
 their blocks must not reach the prefix cache as computed, or the next
 request on the same tokens is served KV that was never written (a real
-driver then answers from a stale slot: a restored session's turn took a
-runner-up token about once in 14 runs under load).
+driver then reads a zeroed or stale slot: in the integration test of a
+session through a scheduler SIGKILL, the turns after the restart reused the
+history's block whose last slot turn 2's epilogue never wrote, and the
+second of them took a runner-up token about once in 14 runs under load).
 
 Over the real engine loop and memory manager with the fake paged driver,
 which derives each token from the KV it reads back (an unwritten slot is an
