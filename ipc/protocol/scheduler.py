@@ -300,3 +300,6 @@ class SchedulerStatsReply(Message):
     # Async scheduling (issue 15): steps sent to the drivers before the step
     # before them came back (of `steps`).
     steps_ahead: int = 0
+    # Steps the tuner planned with token budget left idle, to keep a running
+    # stream within its per-token objective (issue 19's `Decision.held`).
+    tuner_held_steps: int = 0

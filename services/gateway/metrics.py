@@ -100,7 +100,9 @@ class _Snapshot:
                                      ("tokens_generated", s.tokens_generated, "tokens generated"),
                                      ("steps", s.steps, "engine steps"),
                                      ("tuner_changes", s.tuner_changes, "limit changes the tuner made"),
-                                     ("tuner_resets", s.tuner_resets, "step-time model resets (speed changes)")):
+                                     ("tuner_resets", s.tuner_resets, "step-time model resets (speed changes)"),
+                                     ("tuner_held_steps", s.tuner_held_steps,
+                                      "steps planned with budget left idle to keep a stream within its objective")):
                 m = CounterMetricFamily(f"llmos_scheduler_{name}", f"Scheduler: {doc}")
                 m.add_metric([], value)
                 yield m

@@ -61,6 +61,7 @@ class Tuning:
         self.clock = clock
         self._last_end = 0.0
         self.changes = 0
+        self.held_steps = 0  # steps planned with budget left idle to protect a stream
         self._logged: Decision | None = None
         # Live sequence id -> [arrived, first decode seen, tokens then] on
         # the engine's clock (the time its TPOT slack is counted on).
@@ -120,6 +121,7 @@ class Tuning:
                      why=f"the last steps ran {shift:.2f}x the time the model predicted: refitted on them")
         decision = self.tuner.plan(self.view(state, limits))
         self._log(decision)
+        self.held_steps += decision.held
         k = decision.knobs
         late = self._late(state) if k.late_last else frozenset()
         return Limits(k.token_budget, k.max_num_seqs, k.prefill_chunk, late)
@@ -209,7 +211,7 @@ class Tuning:
             slo_met=self.slo.met, slo_missed=self.slo.missed, slo_rejected=self.slo.rejected,
             goodput_rps=self.slo.goodput(), ttft_objective_ms=o.ttft_ms, tpot_objective_ms=o.tpot_ms,
             prefill_chunk=limits.prefill_chunk, tuner=t.state if t else "off", tuner_changes=self.changes,
-            tuner_resets=t.model.resets if t else 0)
+            tuner_resets=t.model.resets if t else 0, tuner_held_steps=self.held_steps)
 
 
 def _values(k: Knobs) -> tuple[int, int, int]:

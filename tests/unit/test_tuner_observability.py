@@ -50,6 +50,7 @@ async def test_each_change_is_logged_with_why_and_shows_in_metrics_and_top() -> 
     assert stats.tuner == changes[-1]["state"] == "configured"  # the prompts done: nothing at risk
     assert [s.labels for s in families["llmos_scheduler_tuner_state"].samples] == [{"state": "configured"}]
     assert families["llmos_scheduler_tuner_changes"].samples[0].value == stats.tuner_changes
+    assert families["llmos_scheduler_tuner_held_steps"].samples[0].value == stats.tuner_held_steps
 
     console = Console(width=200, record=True)
     console.print(tuner_view(stats))
