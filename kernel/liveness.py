@@ -9,7 +9,9 @@ Silence is not always a hang. Two cases get bounded grace (departure 30 in
 docs/architecture.md):
 - The kernel itself did not run: after its own clock fell behind, the
   heartbeats that arrived meanwhile still wait unread in its sockets (the
-  timer runs before the socket pump), so silence counts from when it resumed.
+  timer runs before the socket pump), so the stall is not counted as anyone's
+  silence (`ipc.heartbeat.Stalls`: only the stall, so a kernel late on every
+  tick still finds a hung instance after 3 s of its own running time).
 - The host did not run the instance: a local instance whose process is
   runnable (state R) and used under a tenth of a core while its heartbeats
   were overdue is starved of CPU, not hung. It is logged
@@ -25,7 +27,7 @@ from typing import Callable
 import anyio
 
 from common.logs import get_logger
-from ipc.heartbeat import HEARTBEAT_EXPIRY_S, HEARTBEAT_INTERVAL_S
+from ipc.heartbeat import HEARTBEAT_EXPIRY_S, HEARTBEAT_INTERVAL_S, Stalls
 from kernel.keys import audit_refusals
 from kernel.procstat import ProcSample
 from kernel.registry import Instance
@@ -72,7 +74,7 @@ class Liveness:
         self._router = router
         self._trim = trim
         self._trimmed_at = (0.0, 0)  # (monotonic, messages handled) at the last heap trim
-        self.resumed_at = 0.0  # when the kernel last ran again after its clock fell behind
+        self.stalls = Stalls()  # when the kernel's clock fell behind: its own stalls
         # Overdue instances: (when, their process's sample then); None where the host cannot say.
         self._overdue: dict[Instance, tuple[float, ProcSample | None]] = {}
         self._starved: set[Instance] = set()  # logged as starved in this silence
@@ -86,7 +88,7 @@ class Liveness:
                 # The loop was busy (or not run) for that long: peers may miss
                 # our heartbeats, and theirs still wait unread.
                 log.warning("kernel.ticker_late", late_s=round(now - last - TICK_S, 3))
-                self.resumed_at = now
+                self.stalls.note(last + TICK_S, now)
             last = now
             self.tick(now)
 
@@ -95,9 +97,11 @@ class Liveness:
         r.replies.end_tick()
         audit_refusals(r.keyring, r.guard)
         r.publish_audit()
-        since = self.resumed_at
+        stalls = self.stalls
         for inst in list(r.registry.by_identity.values()):
-            silent = now - max(inst.last_seen, since)
+            silent = now - inst.last_seen
+            if silent > OVERDUE_S:
+                silent = stalls.silence(now, inst.last_seen)
             if silent > HEARTBEAT_EXPIRY_S:
                 if not self._starved_not_hung(inst, now, silent):
                     self._forget(inst)
@@ -117,7 +121,7 @@ class Liveness:
         # A client silent past the expiry while it has requests in flight is
         # gone (killed, or its host is): what it asked for is cancelled.
         silent_clients = [ident for ident, seen in r.clients_seen.items()
-                          if now - max(seen, since) > HEARTBEAT_EXPIRY_S]
+                          if now - seen > HEARTBEAT_EXPIRY_S and stalls.silence(now, seen) > HEARTBEAT_EXPIRY_S]
         for ident in silent_clients:
             r.client_gone(ident, "client stopped answering")
         self._trim_heap(now)

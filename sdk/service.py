@@ -32,7 +32,7 @@ from ipc import codec
 from common.capability import Restrictions
 from ipc.envelope import MAX_BATCH, PROTOCOL_VERSION, BatchedEvent, Header, Kind, events_message
 from ipc.errors import EX_CONFIG, BadRequest, ConfigError, DeadlineExceeded, Internal, LlmosError, Unavailable
-from ipc.heartbeat import HEARTBEAT_EXPIRY_S, HEARTBEAT_INTERVAL_S
+from ipc.heartbeat import HEARTBEAT_EXPIRY_S, HEARTBEAT_INTERVAL_S, Stalls
 from common.home import back_endpoint, llmos_home
 from ipc.protocol import kernel as kp
 from ipc.protocol.base import Message, ReplyT, Request, op_of, reply_type
@@ -239,23 +239,25 @@ class Service:
 
     async def _heartbeat(self) -> None:
         conn = self.conn
+        stalls = Stalls()
         last, cpu = time.monotonic(), time.thread_time()
         while True:
             await anyio.sleep(HEARTBEAT_INTERVAL_S)
             conn.send_control(Kind.HEARTBEAT)
             now, cpu_now = time.monotonic(), time.thread_time()
-            late = now - last > HEARTBEAT_INTERVAL_S * 1.5
-            if late:
+            if now - last > HEARTBEAT_INTERVAL_S * 1.5:
                 # This loop did not get to run for that long: the kernel may
                 # count our heartbeats missed (the kernel's own is
                 # kernel.ticker_late). loop_cpu_s near the interval: our own
                 # work held the loop; near 0: the host did not run us.
                 log.warning("service.heartbeat_late", late_s=round(now - last - HEARTBEAT_INTERVAL_S, 3),
                             loop_cpu_s=round(cpu_now - cpu, 3))
+                # The kernel's heartbeats of that span may still wait unread:
+                # it is not the kernel's silence (only the span: a loop late
+                # every time still finds a dead kernel).
+                stalls.note(last + HEARTBEAT_INTERVAL_S, now)
             last, cpu = now, cpu_now
-            # After our own stall the kernel's heartbeats may still wait unread:
-            # judge it on the next round, once they were read.
-            silent = 0.0 if late else now - conn.last_heard
+            silent = stalls.silence(now, conn.last_heard)
             if silent > HEARTBEAT_EXPIRY_S or os.getppid() != self._parent:
                 # The kernel is gone: an orphan must not linger.
                 self.stop(f"kernel silent for {silent:.1f}s")

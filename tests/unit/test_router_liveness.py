@@ -163,9 +163,40 @@ def test_silence_while_the_kernel_itself_was_not_running_does_not_count() -> Non
     rig = Rig()
     rig.ready("echo")
     rig.request("echo", 1, client=b"caller")
+    stalled_from = rig.now + TICK_S
     rig.now += HEARTBEAT_EXPIRY_S + 2  # the kernel's clock fell behind: heartbeats wait unread
-    rig.liveness.resumed_at = rig.now
+    rig.liveness.stalls.note(stalled_from, rig.now)
     rig.liveness.tick(rig.now)
     assert rig.children.killed == [] and rig.router.clients.in_flight(b"caller") == 1
     _silent_for(rig, HEARTBEAT_EXPIRY_S + TICK_S)  # silent after the kernel ran again: hung, and gone
     assert rig.children.killed == [("echo", 100)] and b"caller" not in rig.router.clients_seen
+
+
+def test_a_kernel_late_on_every_tick_still_finds_a_hung_instance_and_a_gone_client() -> None:
+    """Only the kernel's stalls are forgiven, not the time it ran between
+    them: a kernel always behind (a flood, a starved host) must not keep a
+    hung instance, or a vanished client's requests, forever."""
+    rig = Rig()
+    rig.ready("echo")
+    rig.request("echo", 1, client=b"caller")
+    ticks = 0
+    while not rig.children.killed and ticks < 4 * HEARTBEAT_EXPIRY_S / TICK_S:
+        stalled_from = rig.now + TICK_S
+        rig.now += TICK_S + HEARTBEAT_INTERVAL_S  # every tick a second late
+        rig.liveness.stalls.note(stalled_from, rig.now)
+        rig.liveness.tick(rig.now)
+        ticks += 1
+    assert rig.children.killed == [("echo", 100)] and b"caller" not in rig.router.clients_seen
+    assert ticks <= HEARTBEAT_EXPIRY_S / TICK_S + 1  # after 3 s of the kernel's own running time
+
+
+def test_a_live_instance_is_kept_through_the_kernels_stalls() -> None:
+    rig = Rig()
+    echo = rig.ready("echo")
+    for _ in range(int(4 * HEARTBEAT_EXPIRY_S / TICK_S)):
+        stalled_from = rig.now + TICK_S
+        rig.now += TICK_S + HEARTBEAT_EXPIRY_S  # longer than the expiry each time
+        rig.liveness.stalls.note(stalled_from, rig.now)
+        rig.liveness.tick(rig.now)  # before the pump: the heartbeat sent meanwhile is unread
+        rig.control(echo, Kind.HEARTBEAT, front=False)
+    assert rig.children.killed == [] and "echo" in rig.router.registry.by_name
