@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Mapping
-from contextlib import aclosing
 from pathlib import Path
 from typing import AsyncGenerator
 
@@ -138,11 +137,7 @@ class Requester:
             await self.keeper.ensure_fresh()
         return await self.conn.call(dst, msg, timeout=timeout, trace_id=trace_id)
 
-    async def stream(self, dst: str, msg: Message, *, timeout: float | None = None,
-                     trace_id: str = "") -> AsyncGenerator[Message, None]:
-        if self.keeper is not None:
-            await self.keeper.ensure_fresh()
-        # aclosing: a caller that stops early frees the call's slot at once, not at garbage collection.
-        async with aclosing(self.conn.stream(dst, msg, timeout=timeout, trace_id=trace_id)) as answers:
-            async for m in answers:
-                yield m
+    def stream(self, dst: str, msg: Message, *, timeout: float | None = None,
+               trace_id: str = "") -> AsyncGenerator[Message, None]:
+        ready = self.keeper.ensure_fresh if self.keeper is not None else None
+        return self.conn.stream(dst, msg, timeout=timeout, trace_id=trace_id, ready=ready)

@@ -23,7 +23,7 @@ import itertools
 import operator
 import time
 from collections import deque
-from typing import Any, AsyncGenerator, AsyncIterator, Callable
+from typing import Any, AsyncGenerator, AsyncIterator, Awaitable, Callable
 
 import msgspec
 import zmq
@@ -250,11 +250,15 @@ class Connection:
                 return self._reply(header, payload, type(msg))
         raise Internal("stream ended without a reply")  # pragma: no cover - _exchange always ends on one
 
-    async def stream(self, dst: str, msg: Message, *, timeout: float | None = None,
-                     trace_id: str = "") -> AsyncGenerator[Message, None]:
+    async def stream(self, dst: str, msg: Message, *, timeout: float | None = None, trace_id: str = "",
+                     ready: Callable[[], Awaitable[None]] | None = None) -> AsyncGenerator[Message, None]:
         """Yield every EVENT body, then the final REPLY body (of the type a
         `Request` declares; a message that is not one, e.g. `Subscribe`, is
-        answered by events only); an ERROR raises."""
+        answered by events only); an ERROR raises. `ready` is awaited before
+        the request leaves (sdk/auth.py: the token renewed), here rather than
+        in a generator around this one, which cost each event a layer."""
+        if ready is not None:
+            await ready()
         async for header, payload in self._exchange(dst, msg, timeout, trace_id, (), Kind.REQUEST):
             if header.kind == Kind.EVENT:
                 yield self._events.decode(self._body(header, payload), f"{header.op} event")
