@@ -114,3 +114,28 @@ async def test_a_prompt_resubmitted_after_a_kill_before_its_prefill_chunk_ran_is
         got = await again.result()
     assert got.error == "", got.error
     assert again.tokens(got) == reference(prompt, 4)
+
+
+async def test_a_scheduler_restart_mid_decode_keeps_the_prefix_cache_but_for_the_last_steps(
+        tmp_path: Path) -> None:
+    """Released as not computed, a dead scheduler's sequences still leave in
+    the prefix cache every block an earlier Reserve reported computed: the
+    re-submitted request recomputes only the last steps' blocks, not all."""
+    driver = FakeDriver(64, BS)
+    backend = InProcessBackend({"cpu": driver})
+    prompt = TOK.encode("a prompt that fills several blocks")
+    async with scheduler(backend, tmp_path) as engine:
+        backend.hold_steps = anyio.Event()
+        s = Stream(engine, prompt_ids=prompt, max_tokens=40, request_id="r")
+        await until_held(backend, lambda: len(s.sink.request.seq.tokens) >= len(prompt) + 15)
+        seq = s.sink.request.seq
+        computed, tokens = seq.num_computed, list(seq.tokens)
+    backend.hold_steps = None
+
+    async with scheduler(backend, tmp_path) as engine:
+        again = Stream(engine, prompt_ids=tokens, max_tokens=4)
+        got = await again.result()
+    assert got.error == "", got.error
+    assert again.tokens(got) == reference(tokens, 4)
+    # The block the last executed step filled was never reported computed: only it is recomputed.
+    assert got.usage.cached_tokens >= (computed // BS - 1) * BS, (got.usage.cached_tokens, computed)
