@@ -357,9 +357,9 @@ class Engine:
                 req.record(out.token, out.logprob, out.top_logprobs)
                 live.append((req, out.token))
         self.tokens_generated += len(live)
-        await feed_step(self.text_later.split(live))  # text now, in a worker thread; the rest beside the next step
-        waits = self.text_later.requests()
-        for req, token in live:
+        await feed_step(now := self.text_later.split(live))  # text now (worker thread); the rest beside the next step
+        waits = self.text_later.requests() if now else set()
+        for req, token in now:
             if req.ended or id(req) in waits:
                 continue
             reason = req.end_reason(token)
