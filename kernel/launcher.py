@@ -36,8 +36,10 @@ class ChildProcess(Protocol):
 
 
 class Launcher(ABC):
-    # Its children are processes of this host (their pids are /proc's).
-    local = True
+    # Its children are processes of this host (their pids are /proc's). Off
+    # unless a launcher says so: a pid from another host read in this one's
+    # /proc is some other process, whose state could spare a hung instance.
+    local = False
 
     @abstractmethod
     async def spawn(self, spec: ChildSpec, instance: str, env: dict[str, str]) -> ChildProcess:
@@ -52,6 +54,8 @@ class LocalLauncher(Launcher):
     With one, the terminal is the console's: a child's JSON lines go only to
     its log file (LLMOS_LOG_STDERR=0) and whatever else it writes (a traceback
     before its logger started) to LLMOS_HOME/logs/<instance>.out."""
+
+    local = True
 
     def __init__(self, python: str = sys.executable, output_home: Path | None = None):
         self.python = python

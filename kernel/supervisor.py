@@ -322,11 +322,13 @@ class Supervisor:
         return killed
 
     def sample(self, instance: str, pid: int) -> ProcSample | None:
-        """/proc's view of a child this supervisor runs on this host with `pid`."""
+        """/proc's view of a child this supervisor runs on this host with `pid`
+        (none once it exited: the pid may be another process's by then)."""
         if not self.launcher.local:
             return None
         for c in self.children:
-            if c.instance == instance and c.process is not None and c.process.pid == pid:
+            p = c.process
+            if c.instance == instance and p is not None and p.pid == pid and p.returncode is None:
                 return procstat.sample(pid)
         return None
 

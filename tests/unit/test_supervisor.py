@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import signal
 from pathlib import Path
 from typing import Callable
@@ -43,9 +44,15 @@ class FakeProcess:
     def kill(self) -> None:
         self.send_signal(signal.SIGKILL)
 
+    @property
+    def returncode(self) -> int | None:
+        return self.rc
+
 
 class FakeLauncher:
     """Spawns FakeProcesses; `behaviour[instance]` says what a new one does."""
+
+    local = False  # its pids are not this host's
 
     def __init__(self) -> None:
         self.spawned: list[FakeProcess] = []
@@ -275,3 +282,22 @@ def test_an_exit_status_is_classified_and_shown_as_before(rc: int, kind: ExitKin
     # the child's own reason replaces the status where it wrote one
     assert str(Exit(ExitKind.CONFIG, EX_CONFIG, "no CUDA device")) == "no CUDA device"
     assert str(Exit(ExitKind.STARTUP_TIMEOUT, signal.SIGKILL, "2.5")) == "not ready within 2.5s"
+
+
+async def test_the_host_is_asked_only_about_a_live_local_child_with_that_pid() -> None:
+    """What spares a silent instance as starved (kernel/liveness.py) is read
+    from /proc only for this supervisor's own live child on this host: never
+    for another instance's pid, a remote launcher's pid, or one that exited
+    (its pid may be another process's by then)."""
+    sup, launcher, _, _ = make([ChildSpec("a", "m"), ChildSpec("b", "m")])
+    async with anyio.create_task_group() as tg:
+        await tg.start(sup.run)
+        a = launcher.live("a")
+        a.pid = os.getpid()  # a process /proc can describe
+        assert sup.sample("a", a.pid) is None  # a remote launcher's pid means nothing here
+        launcher.local = True
+        assert sup.sample("a", a.pid) is not None
+        assert sup.sample("b", a.pid) is None and sup.sample("a", a.pid + 1) is None
+        await sup.stop_all()
+        assert a.rc is not None and sup.sample("a", a.pid) is None
+        tg.cancel_scope.cancel()
