@@ -33,7 +33,7 @@ from ipc import codec
 from ipc.curve import CurveClient
 from ipc.envelope import PROTOCOL_VERSION, Header, Kind, decode_event_batch, decode_header, encode_header
 from ipc.errors import BadRequest, DeadlineExceeded, Error, Internal, LlmosError, Unauthorized, Unavailable
-from ipc.heartbeat import HEARTBEAT_EXPIRY_S, HEARTBEAT_INTERVAL_S
+from ipc.heartbeat import HEARTBEAT_EXPIRY_S, HEARTBEAT_INTERVAL_S, Stalls
 from ipc.protocol.base import Message, ReplyT, Request, op_of
 from ipc.sockets import MAX_MESSAGE_BYTES, Channel, connect_dealer
 from common.logs import get_logger
@@ -140,6 +140,7 @@ class Connection:
         self._ids = itertools.count(1)
         self._calls: dict[int, _Answers] = {}
         self.last_heard = time.monotonic()
+        self._stalls = Stalls()  # spans this process's loop did not run (a late wake-up)
         self.on_request: RequestHandler | None = None
         self.on_disconnect: Callable[[], None] | None = None
         # DISCONNECT carrying a msg id: the requester of that request is gone.
@@ -322,10 +323,12 @@ class Connection:
             if self.refusal is not None:
                 raise self.refusal
             now = time.monotonic()
-            # A wake-up this late means this process did not run: what the
-            # kernel sent meanwhile may still be unread, so judge it next time.
-            stalled = now - armed > wait + HEARTBEAT_INTERVAL_S / 2
-            if not stalled and now - max(self.last_heard, since) > HEARTBEAT_EXPIRY_S:
+            if now - armed > wait + HEARTBEAT_INTERVAL_S / 2:
+                # This process did not run: what the kernel sent meanwhile may
+                # still be unread, so that span is not the kernel's silence
+                # (only the span: a client late every time still finds it dead).
+                self._stalls.note(armed + wait, now)
+            if self._stalls.silence(now, max(self.last_heard, since)) > HEARTBEAT_EXPIRY_S:
                 raise Unavailable(f"the kernel at {self.endpoint} stopped answering")
             self.send_control(Kind.HEARTBEAT)
 
