@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 
-from tools.bench._serve_load import Timing
-from tools.bench.tuning import (CHAT, DOC, FULL, OBJECTIVES, QUICK, Outcome, Run, arm_order, bursty, figures, ramp,
-                                ratio, salted, steady, summarize)
+import pytest
+
+from tools.bench._serve_load import Req, Timing
+from tools.bench._tuning_workloads import MAX_BURST, REFERENCE_PREFILL_TPS, burst_prefill_s, sized_bursty
+from tools.bench.tuning import (CHAT, DOC, FULL, OBJECTIVES, QUICK, Calibration, Outcome, Run, arm_order, bursty,
+                                draw, figures, ramp, ratio, salted, sized_workload, steady, summarize)
 
 
 def test_the_three_workloads_have_their_shapes() -> None:
@@ -74,3 +78,48 @@ def test_arms_in_rounds_alternate_their_order_and_count_every_round() -> None:
     r = summarize(QUICK, "tuner", "bursty", work, [[met, late, Outcome(gave_up=True)], [met, met, met]], (512, 64), 3)
     assert (r.requests, r.met, r.gave_up, r.rounds) == (6, 4, 1, 2)
     assert r.goodput_rps == 4 / (2 * QUICK.seconds)  # per second of both rounds' arrival windows
+
+
+def test_a_faster_machine_gets_a_proportionally_larger_burst_within_bounds() -> None:
+    ref = sized_bursty(QUICK, REFERENCE_PREFILL_TPS)
+    assert ref == QUICK  # the reference machine serves the fixed workload
+    assert sized_bursty(QUICK, 2 * REFERENCE_PREFILL_TPS).burst_size == 2 * QUICK.burst_size
+    assert sized_bursty(QUICK, 3 * REFERENCE_PREFILL_TPS).burst_size == 3 * QUICK.burst_size
+    assert sized_bursty(QUICK, REFERENCE_PREFILL_TPS / 3).burst_size == 1
+    assert sized_bursty(QUICK, REFERENCE_PREFILL_TPS / 100).burst_size == 1  # never an empty burst
+    assert sized_bursty(QUICK, 100 * REFERENCE_PREFILL_TPS).burst_size == MAX_BURST
+    # A burst's prefill takes the reference's seconds, whatever the machine (to a whole document).
+    for speed in (1.0, 1.4, 2.0, 2.5, 3.3):
+        tps = speed * REFERENCE_PREFILL_TPS
+        sized = sized_bursty(QUICK, tps)
+        assert abs(burst_prefill_s(sized, tps) - burst_prefill_s(QUICK, REFERENCE_PREFILL_TPS)) <= (
+            0.5 * sum(QUICK.doc_tokens) / 2 / tps + 1e-9)
+        # Only the burst's size moves: the documents, their spacing and the chats stay.
+        assert (sized.doc_tokens, sized.burst_every_s, sized.chat_rate, sized.seconds, sized.rounds) == (
+            QUICK.doc_tokens, QUICK.burst_every_s, QUICK.chat_rate, QUICK.seconds, QUICK.rounds)
+    assert math.isclose(burst_prefill_s(QUICK, REFERENCE_PREFILL_TPS), 1.75)
+    # Documents stay within the demo model's context (2,048 positions) with their replies.
+    work = bursty(sized_bursty(QUICK, 2 * REFERENCE_PREFILL_TPS), random.Random(1))
+    docs = [r for r in work if r.priority == DOC]
+    assert len(docs) == 3 * 2 * QUICK.burst_size and all(len(r.prompt) + r.max_tokens <= 2048 for r in docs)
+    for bad in (0.0, -1.0, math.nan, math.inf):
+        with pytest.raises(ValueError, match="prefill_tps"):
+            sized_bursty(QUICK, bad)
+
+
+def test_the_fixed_workloads_are_unchanged_and_the_sized_bursty_keeps_the_fixed_chats() -> None:
+    workloads, before_bursty = draw(QUICK)
+    assert {n: (len(w), digest(w)) for n, w in workloads.items()} == {
+        "steady": (24, "e08fd1f6e835d5ab"), "bursty": (35, "98e94ff90c7d49ae"), "ramp": (79, "2168bfaca065fd5f")}
+    cal = Calibration(2.5 * REFERENCE_PREFILL_TPS, [], 20.0)
+    sized = sized_workload(QUICK, before_bursty, cal)
+    assert cal.burst_size == 8 and math.isclose(cal.burst_prefill_s, 8 * 1400 / (2.5 * REFERENCE_PREFILL_TPS))
+    chats = [(r.prompt, r.max_tokens, r.at) for r in sized if r.priority == CHAT]
+    assert chats == [(r.prompt, r.max_tokens, r.at) for r in workloads["bursty"] if r.priority == CHAT]
+    assert sum(r.priority == DOC for r in sized) == 3 * 8  # three bursts in the 16 s window
+    assert [r.index for r in sized] == list(range(len(sized))) and sized == sorted(sized, key=lambda r: r.at)
+
+
+def digest(work: list[Req]) -> str:
+    return hashlib.sha256(repr([(r.index, r.prompt, r.max_tokens, r.at, r.priority) for r in work]).encode()
+                          ).hexdigest()[:16]

@@ -1,7 +1,7 @@
 """Tuning: the online tuner (on by default) against static settings, on SLO goodput, through the
 OS path.
 
-    python -m tools.bench.tuning [--quick] [--json PATH] [--workload steady|bursty|ramp ...]
+    python -m tools.bench.tuning [--quick] [--json PATH] [--workload steady|bursty|ramp ...] [--fixed-load]
 
 The demo model, greedy, EOS ignored, requests streamed through the SDK to
 `llmos up`'s processes (kernel, memory server, CPU driver, scheduler; auth
@@ -10,18 +10,43 @@ off). Three workloads, each replayed against every setting:
 * steady    - interactive chat: Poisson arrivals, prompts of 32-192 tokens,
               replies of 32-96;
 * bursty    - streaming chats (about one a second, replies of 48-128
-              tokens) into which a burst of three documents (prompts of
-              1,200-1,600 tokens, replies of 8-16) lands every 6 s: a burst
-              is ~4,200 prompt tokens, 1.5-2 s of prefill on two quiet
-              cores, in 512-token chunks at the static default, with the
-              chats' and documents' decodes waiting on each (until
-              2026-12-01 two documents of 900-1,200 tokens every 5 s: the
-              default met 11/11, so the workload told no setting apart);
+              tokens) into which a burst of documents (prompts of
+              1,200-1,600 tokens, replies of 8-16) lands every 6 s, sized
+              to the machine (below): as many documents as make a burst
+              1.75 s of prefill at the static default (512-token chunks),
+              with the chats' and documents' decodes waiting on each;
+              `--fixed-load`: three documents a burst whatever the machine
+              (~4,200 prompt tokens; until 2026-12-01 two documents of
+              900-1,200 tokens every 5 s: the default met 11/11, so the
+              workload told no setting apart);
 * ramp      - chat whose arrival rate climbs linearly from light to well
               past what a 2-core machine serves (overload).
 
-The rates are sized for a quiet 2-core CPU machine (about 330 generated
-tokens/s at saturation through the OS path: docs/benchmarks.md, Serve).
+The chat rates are sized for a quiet 2-core CPU machine (about 330
+generated tokens/s at saturation through the OS path: docs/benchmarks.md,
+Serve).
+
+Sizing (issue 19, fourth session). A fixed burst measured the CPU, not the
+tuner: three documents were 1.5-2 s of prefill on the AMD EPYC (float32)
+the workload was built on, where the default static setting met 4 of 18,
+and well under a second on an AMX Xeon (bf16), where it met 57-60 of 70.
+So after the warm-up, with the default static setting (512 x 64, tuner
+off) and nothing else running, the bench times CALIBRATION_DOCS documents
+of CALIBRATION_DOC_TOKENS tokens alone (first token only) and one lone chat:
+prefill tokens/s is the documents' median, the decode step a chat's mean
+time per output token; both are printed and recorded in the JSON
+(`calibration`). The burst then holds burst_size x measured / REFERENCE_
+PREFILL_TPS documents (2,400 tokens/s, the EPYC's; rounded, 1 to MAX_BURST):
+its prefill takes the seconds the reference's three did, its lengths, its
+spacing and the chats unchanged (tools/bench/_tuning_workloads.py,
+`sized_bursty`). A machine the measurement finds loaded gets a smaller
+burst: the overload is sized to the machine as it is during the run.
+Steady and ramp are not sized: steady is the light load where nothing should
+be at risk (what it tests is that the tuner's middle does not pay), and the
+ramp's overload is a rate climbing to 8 a second of chats, decode-bound,
+which a prefill figure does not size (on the quiet AMX Xeon every static arm
+met 79/79 of it: a decode-sized ramp is left to its own change; the
+calibration's decode step is recorded for it).
 
 Settings: the tuner (the default: it starts from the [scheduler] limits,
 512 x 64, chunk 512) and a sweep of static settings, token budget x batch
@@ -77,14 +102,16 @@ from kernel.config import ChildSpec, default_children
 from sdk.client import AsyncClient
 from tools.bench._serve_load import Req, Timing, random_ids
 # The workloads (those that tests import from here too).
-from tools.bench._tuning_workloads import (CHAT, DEFAULT, DOC, FULL, QUICK, WORKLOADS, Plan, bursty, ramp,
-                                           steady)
+from tools.bench._tuning_workloads import (CHAT, DEFAULT, DOC, FULL, MAX_BURST, QUICK, REFERENCE_PREFILL_TPS,
+                                           WORKLOADS, Plan, burst_prefill_s, bursty, ramp, sized_bursty, steady)
 from tools.bench.common import parser, percentile, print_table, write_result
 from tools.testing import running_llmos
 
 GREEDY = SamplingParams(temperature=0.0)
 OBJECTIVES = {CHAT: Objective(), DOC: Objective(ttft_ms=10_000, tpot_ms=100)}
 GIVE_UP_X = 5.0
+CALIBRATION_DOCS = 3
+CALIBRATION_DOC_TOKENS = 1536  # three 512-token chunks at the default budget
 
 
 @dataclass
@@ -208,6 +235,41 @@ async def warm_up(client: AsyncClient) -> None:
             tg.start_soon(lambda: client.generate(random_ids(rng, 96), max_tokens=32, params=GREEDY, ignore_eos=True))
 
 
+@dataclass
+class Calibration:
+    """What this machine did with the demo model through the OS at the default static setting, alone."""
+    prefill_tps: float  # the median of the documents' prompt tokens / time to first token
+    prefill_runs_tps: list[float]
+    decode_step_ms: float  # a lone chat's mean time per output token
+    reference_prefill_tps: float = REFERENCE_PREFILL_TPS
+    fixed_load: bool = False  # the fixed bursty workload was served (not sized from this)
+    burst_size: int = 0  # documents per burst served
+    burst_prefill_s: float = 0.0  # one burst's prefill at prefill_tps
+    reference_burst_prefill_s: float = 0.0  # the fixed burst's on the reference machine
+
+
+async def calibrate(client: AsyncClient, rng: random.Random) -> Calibration:
+    """Time CALIBRATION_DOCS documents one at a time (their first token: the prompt's prefill) and one
+    chat's decode, nothing else running. The documents' prompts are random: no prefix is cached."""
+    runs = []
+    for _ in range(CALIBRATION_DOCS):
+        t = Timing(submitted=time.perf_counter())
+        async with client.stream_generate(random_ids(rng, CALIBRATION_DOC_TOKENS), max_tokens=1, params=GREEDY,
+                                          ignore_eos=True) as stream:
+            async for chunk in stream:
+                t.got(len(chunk.token_ids))
+        if not t.tokens:
+            raise RuntimeError("calibration: a document got no token")
+        runs.append(CALIBRATION_DOC_TOKENS / t.ttft)
+    chat = Timing(submitted=time.perf_counter())
+    async with client.stream_generate(random_ids(rng, 64), max_tokens=33, params=GREEDY, ignore_eos=True) as stream:
+        async for chunk in stream:
+            chat.got(len(chunk.token_ids))
+    if chat.tpot is None:
+        raise RuntimeError(f"calibration: the chat got {chat.tokens} tokens, not 33")
+    return Calibration(percentile(runs, 50), runs, chat.tpot * 1e3)
+
+
 def salted(workload: list[Req], salt: int) -> list[Req]:
     """The workload with each prompt's first token replaced by `salt`: the
     same lengths and arrivals, but no prompt shares a cached prefix with an
@@ -279,33 +341,66 @@ def figures(runs: list[Run]) -> dict[str, float]:
     return out
 
 
-async def main_async(home: Path, quick: bool, only: list[str] | None = None) -> tuple[list[Run], dict[str, float]]:
-    plan = QUICK if quick else FULL
+def draw(plan: Plan) -> tuple[dict[str, list[Req]], tuple[object, ...]]:
+    """The three workloads, drawn in order from one seed (the same with --workload), and the seed's state
+    before bursty's draw (a sized bursty is drawn from it: the same chats)."""
     rng = random.Random(19)
-    workloads = {name: make(plan, rng) for name, make in WORKLOADS.items()}  # all drawn: the same with --workload
+    workloads, before_bursty = {}, rng.getstate()
+    for name, make in WORKLOADS.items():
+        if name == "bursty":
+            before_bursty = rng.getstate()
+        workloads[name] = make(plan, rng)
+    return workloads, before_bursty
+
+
+def sized_workload(plan: Plan, before_bursty: tuple[object, ...], cal: Calibration) -> list[Req]:
+    """Bursty sized to the calibrated machine (`sized_bursty`), its chats those of the fixed draw; notes
+    the burst in `cal`."""
+    sized = sized_bursty(plan, cal.prefill_tps)
+    cal.burst_size, cal.burst_prefill_s = sized.burst_size, burst_prefill_s(sized, cal.prefill_tps)
+    rng = random.Random()
+    rng.setstate(before_bursty)
+    return bursty(sized, rng)
+
+
+async def main_async(home: Path, quick: bool, only: list[str] | None = None,
+                     fixed_load: bool = False) -> tuple[list[Run], dict[str, float], Calibration]:
+    plan = QUICK if quick else FULL
+    workloads, before_bursty = draw(plan)
     workloads = {name: w for name, w in workloads.items() if not only or name in only}
     settings = [("tuner", *DEFAULT, True)] + [(f"static {b}x{s}", b, s, False) for b, s in plan.sweep]
     table = home / "scheduler.toml"
-    scheduler_table(table, *settings[0][1:])
+    scheduler_table(table, *DEFAULT, False)  # the calibration's setting: every arm restarts the scheduler
     runs: list[Run] = []
     by_name = {setting: (budget, seqs, tuner) for setting, budget, seqs, tuner in settings}
     salt = 0
     async with booted(home, table) as client:
         await warm_up(client)
+        cal = await calibrate(client, random.Random(7))
+        cal.fixed_load = fixed_load
+        cal.reference_burst_prefill_s = burst_prefill_s(plan, REFERENCE_PREFILL_TPS)
+        if fixed_load:
+            cal.burst_size, cal.burst_prefill_s = plan.burst_size, burst_prefill_s(plan, cal.prefill_tps)
+        elif "bursty" in workloads:
+            workloads["bursty"] = sized_workload(plan, before_bursty, cal)
+        print(f"  this machine, alone, at the default static setting: prefill {cal.prefill_tps:.0f} tokens/s "
+              f"(runs {', '.join(f'{x:.0f}' for x in cal.prefill_runs_tps)}; the reference "
+              f"{REFERENCE_PREFILL_TPS:.0f}), decode step {cal.decode_step_ms:.1f} ms; bursty: "
+              f"{cal.burst_size} documents a burst{' (--fixed-load)' if fixed_load else ''}, "
+              f"{cal.burst_prefill_s:.2f} s of prefill each (the reference's {cal.reference_burst_prefill_s:.2f} s)"
+              + (f"; capped at {MAX_BURST}: a burst overloads this machine less than the reference"
+                 if not fixed_load and cal.burst_size == MAX_BURST else ""), file=sys.stderr, flush=True)
         # Workload by workload, every setting in turn (each with a fresh
         # scheduler): a machine whose load drifts (others' work) biases one
         # workload's comparison less than a whole setting run apart.
-        first = True
         for name, workload in workloads.items():
             got: dict[str, list[list[Outcome]]] = {setting: [] for setting in by_name}
             changes: dict[str, int] = {}
             limits: dict[str, tuple[int, int]] = {}
             for setting in arm_order(list(by_name), plan.rounds_of(name)):
                 budget, seqs, tuner = by_name[setting]
-                if not first:
-                    scheduler_table(table, budget, seqs, tuner)
-                    await restart_scheduler(client, budget, tuner)
-                first = False
+                scheduler_table(table, budget, seqs, tuner)
+                await restart_scheduler(client, budget, tuner)
                 salt += 1
                 outcomes, n = await serve_arm(client, workload, salt)
                 st = await client.scheduler_stats()
@@ -318,7 +413,7 @@ async def main_async(home: Path, quick: bool, only: list[str] | None = None) -> 
                       f"{st.token_budget}x{st.max_num_seqs}", file=sys.stderr, flush=True)
             for setting in by_name:
                 runs.append(summarize(plan, setting, name, workload, got[setting], limits[setting], changes[setting]))
-    return runs, figures(runs)
+    return runs, figures(runs), cal
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -326,13 +421,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--home", type=Path, help="LLMOS_HOME for the runs (default: $LLMOS_HOME/bench/tuning)")
     ap.add_argument("--workload", action="append", choices=list(WORKLOADS),
                     help="serve only this workload (repeat for more; default: all three)")
+    ap.add_argument("--fixed-load", action="store_true",
+                    help="serve the fixed bursty workload (three documents a burst, as before 2026-12-01's fourth "
+                         "session) instead of one sized to this machine's measured prefill")
     args = ap.parse_args(argv)
     home = (args.home or llmos_home() / "bench" / "tuning").resolve()
     home.mkdir(parents=True, exist_ok=True)
     print(f"tuning bench ({'quick' if args.quick else 'full'}), home {home}", file=sys.stderr)
     began = time.monotonic()
-    runs, figs = anyio.run(main_async, home, args.quick, args.workload, backend="asyncio",
-                           backend_options={"use_uvloop": True})
+    runs, figs, cal = anyio.run(main_async, home, args.quick, args.workload, args.fixed_load, backend="asyncio",
+                                backend_options={"use_uvloop": True})
     took = time.monotonic() - began
     rows = [("setting", "workload", "met/requests", "refused", "gave up", "goodput/s", "TTFT p50 ms",
              "TPOT p50 ms", "budget x cap (end)")]
@@ -361,6 +459,7 @@ def main(argv: list[str] | None = None) -> int:
                 ">= 0.95 vs best, >= 1.3 vs default on bursty, medians <= 1.10)", fig_rows)
     print(f"\n{took:.0f} s", file=sys.stderr)
     write_result(args.json, "tuning", figs, {"quick": args.quick, "seconds": round(took),
+                                             "calibration": asdict(cal),
                                              "runs": [asdict(r) for r in runs],
                                              "objectives": {str(k): msgspec.to_builtins(o)
                                                             for k, o in OBJECTIVES.items()}})
