@@ -242,9 +242,8 @@ def apply(state: EngineState, sent: Sent, result: StepResult) -> None:
     dropped (never streamed) and goes in full next time."""
     pool, d, incarnation, items = sent.pool, sent.driver, sent.incarnation, sent.items
     chained = any(w.chain for w in items)
-    running = {id(s) for s in state.running} if chained else set()
     if sent.refused:
-        result.refused.extend((w.seq, sent.refused) for w in items if _current(state, w, sent, running))
+        result.refused.extend((w.seq, sent.refused) for w in items if _current(state, w, sent))
         return
     # The reply is only good if the driver that ran it is the one whose KV
     # the block tables describe: a restarted driver would answer from empty
@@ -257,19 +256,19 @@ def apply(state: EngineState, sent: Sent, result: StepResult) -> None:
         if reply is None and state.drivers.get(pool) is d or not chained:
             result.lost_pools.add(pool)
         for w in items:
-            if _current(state, w, sent, running):
+            if _current(state, w, sent):
                 w.seq.driver_key = None
         return
     outputs = {o.seq_id: o for o in reply.outputs}
     produced = result.produced
-    finished = State.FINISHED
+    running = State.RUNNING
     same_memory = sent.memory_generation == state.memory_generation
     for w in items:
         seq, end = w.seq, w.end
         # (`_current`, its test inlined: it is asked of every chained sequence)
-        if w.chain and (seq.request.state is finished or seq.num_computed != w.start or seq.pool != pool
-                        or not same_memory or id(seq) not in running):
-            _current(state, w, sent, running)  # False: it resets what the driver holds
+        if w.chain and (seq.request.state is not running or seq.num_computed != w.start or seq.pool != pool
+                        or not same_memory):
+            _current(state, w, sent)  # False: it resets what the driver holds
             continue
         out = outputs.get(seq.seq_id)
         if out is not None and out.resend:
@@ -288,16 +287,18 @@ def apply(state: EngineState, sent: Sent, result: StepResult) -> None:
             produced.append(Produced(seq, out.token, out.logprob, out.top_logprobs))
 
 
-def _current(state: EngineState, w: Work, sent: Sent, running: set[int]) -> bool:
+def _current(state: EngineState, w: Work, sent: Sent) -> bool:
     """Whether `w`'s outcome still applies: always for a planned step; for
     a chained one, while its sequence runs on from where the step before
-    left it, with the memory server that reserved its slot."""
+    left it, with the memory server that reserved its slot. (Its request's
+    `state` says whether it runs: `EngineState` keeps the two in step.)"""
     if not w.chain:
         return True
     seq = w.seq
-    ended = seq.request.state is State.FINISHED
-    if (ended or seq.num_computed != w.start or seq.pool != sent.pool
-            or sent.memory_generation != state.memory_generation or id(seq) not in running):
+    now = seq.request.state
+    ended = now is State.FINISHED
+    if (now is not State.RUNNING or seq.num_computed != w.start or seq.pool != sent.pool
+            or sent.memory_generation != state.memory_generation):
         if not ended and seq.driver_key == (sent.pool, sent.incarnation):
             seq.driver_key = None  # the driver's copy moved on without us
         return False

@@ -59,12 +59,12 @@ def take_covered(state: EngineState, scheduled: list[tuple[Seq, int]], incarnati
     call this step), and the rest, to reserve now."""
     covered: list[Work] = []
     rest: list[tuple[Seq, int]] = []
-    running = {id(s) for s in state.running}
+    running = State.RUNNING  # (a request's state says whether its sequence runs: _state.py)
     drivers = state.drivers
     for seq, n in scheduled:
         a = seq.ahead
         if (a is not None and a.pool == seq.pool and incarnations.get(a.pool, -1) == a.incarnation
-                and a.pool in drivers and not seq.swapped and id(seq) in running
+                and a.pool in drivers and not seq.swapped and seq.request.state is running
                 and 0 < n and seq.num_computed + n <= a.until):
             start = seq.num_computed
             end = start + n
@@ -182,10 +182,9 @@ async def settle(state: EngineState, wait: bool) -> None:
     state.renewal = None
     if r.memory_generation != state.memory_generation:
         return  # the memory server restarted: its sequences were re-registered without these slots
-    running = {id(s) for s in state.running}
+    running = State.RUNNING
     apply_ahead([(seq, item, got) for seq, item, got in r.replies
-                 if id(seq) in running and not seq.request.ended and seq.mem_known == item.start],
-                r.incarnations)
+                 if seq.request.state is running and seq.mem_known == item.start], r.incarnations)
 
 
 @dataclass(eq=False)
@@ -215,17 +214,16 @@ def chain_work(state: EngineState, work: list[Work], incarnations: dict[str, int
     turn, a slot not reserved ahead, a driver that will not hold it): the
     next plan decides. A sequence whose last token N samples is left out."""
     nxt: list[Work] = []
-    running = {id(s) for s in state.running}
     # Per pool: (incarnation, block size, driver key), for a driver up on the
     # planned incarnation that takes steps sent ahead (`DriverState.chains`).
     pools = {pool: (d.incarnation, d.shape.block_size, (pool, d.incarnation)) for pool, d in state.drivers.items()
              if incarnations.get(pool, -1) == d.incarnation and d.chains}
-    finished = State.FINISHED
+    running = State.RUNNING
     for w in work:
         seq = w.seq
         req = seq.request
-        if req.state is finished or id(seq) not in running:
-            continue  # ended: nothing follows
+        if req.state is not running:
+            continue  # ended or out of the batch: nothing follows
         pos = w.end  # step N+1 computes position `pos`, its token the one N samples
         if not (w.chain or pos == len(seq.tokens)) or seq.epilogue or req.submit.session or seq.swapped:
             return None  # a prefill chunk that samples nothing, or not a plain decode

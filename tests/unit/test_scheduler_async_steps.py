@@ -15,6 +15,7 @@ from ipc.errors import BadRequest
 from ipc.protocol import driver as dp
 from ipc.protocol import memory as mp
 from ipc.protocol.scheduler import FinishReason
+from services.scheduler._request import State
 from tests.helpers.scheduler_fakes import (FakeDriver, InProcessBackend, Stream, TOK, blocks_free, executes,
                                            expected, running)
 
@@ -278,3 +279,35 @@ def test_the_default_is_auto_and_the_setting_is_checked() -> None:
     import msgspec
     with pytest.raises(msgspec.ValidationError):
         msgspec.convert({"async_steps": "sometimes"}, SchedulerConfig)
+
+
+async def test_a_request_state_says_whether_its_sequence_runs_through_preemption_and_cancels() -> None:
+    """Steps sent ahead, and the renewals, read a request's `state` to know
+    whether its sequence still runs (not a scan of the running line): the
+    two must agree at every step boundary, through preemption and a cancel,
+    and the output not change."""
+    seen: list[bool] = []
+    async with running(ASYNC, {"cpu": FakeDriver(14)}) as (engine, backend):
+        step = engine.step
+
+        async def checked() -> bool:
+            ran = await step()
+            st = engine.state
+            live = [*engine.requests.values()]
+            seen.append(all((r.state is State.RUNNING) == any(s is r.seq for s in st.running) for r in live))
+            return ran
+
+        engine.step = checked  # type: ignore[method-assign]
+        backend.execute_turns = 2
+        streams = [Stream(engine, prompt=f"line {i}", max_tokens=30, request_id=f"q{i}") for i in range(3)]
+        gone = Stream(engine, prompt="cancelled", max_tokens=30, request_id="c")
+        with anyio.fail_after(10):
+            while len(gone.events) < 3:
+                await anyio.sleep(0)
+        assert engine.cancel("", "c")
+        finals = [await s.result() for s in streams]
+        await gone.result()
+        await blocks_free(backend)
+        assert engine.stats().preemptions > 0
+    assert [s.tokens(f) for s, f in zip(streams, finals)] == [expected(f"line {i}", 30) for i in range(3)]
+    assert len(seen) > 30 and all(seen)
