@@ -37,6 +37,8 @@ import anyio
 from anyio.abc import TaskGroup
 
 from common.logs import get_logger
+from ipc import codec
+from ipc.protocol import driver as dp
 from ipc.protocol import memory as mp
 from services.scheduler._execute import Sent, StepResult, Work, apply, execute, prepare, send_all
 from services.scheduler._request import Ahead, Seq, State
@@ -207,17 +209,25 @@ class InFlight:
             self.done.set()
 
 
-def chain_work(state: EngineState, work: list[Work], incarnations: dict[str, int]) -> list[Work] | None:
+def chain_step(state: EngineState, work: list[Work], incarnations: dict[str, int], limits: Limits
+               ) -> tuple[list[Work], list[Sent]] | None:
     """Step N+1 for step N's `work`, to send before N returns: each decode
-    one position on, its input the token N samples. None when the step
+    one position on, its input the token N samples (`StepDelta.chain`), and
+    each pool's `Execute` for it, built in the same pass. None when the step
     after is not that (a prefill chunk that samples nothing, a session's
-    turn, a slot not reserved ahead, a driver that will not hold it): the
-    next plan decides. A sequence whose last token N samples is left out."""
+    turn, a slot not reserved ahead, a driver that will not hold it) or it
+    would not fit `limits`: the next plan decides. A sequence whose last
+    token N samples is left out. What each driver will hold once the step
+    ran is recorded (as `prepare` does) only when it is sent."""
     nxt: list[Work] = []
     # Per pool: (incarnation, block size, driver key), for a driver up on the
     # planned incarnation that takes steps sent ahead (`DriverState.chains`).
     pools = {pool: (d.incarnation, d.shape.block_size, (pool, d.incarnation)) for pool, d in state.drivers.items()
              if incarnations.get(pool, -1) == d.incarnation and d.chains}
+    by_pool: dict[str, tuple[list[Work], list[dp.StepDelta]]] = {}
+    last_pool: str | None = None
+    items: list[Work] = []
+    deltas: list[dp.StepDelta] = []
     running = State.RUNNING
     for w in work:
         seq = w.seq
@@ -233,25 +243,41 @@ def chain_work(state: EngineState, work: list[Work], incarnations: dict[str, int
         pool = seq.pool or ""
         a = seq.ahead
         shape = pools.get(pool)
+        table = seq.block_table
         if (shape is None or a is None or a.copies or pos >= a.until or a.pool != pool or a.incarnation != shape[0]
-                or seq.driver_pos != pos or seq.driver_key != shape[2]
-                or len(seq.block_table) * shape[1] <= pos):
+                or seq.driver_pos != pos or seq.driver_key != shape[2] or len(table) * shape[1] <= pos):
             return None
-        nxt.append(Work(seq, pos, pos + 1, [], True))
-    return nxt or None
+        if pool != last_pool:
+            items, deltas = by_pool.setdefault(pool, ([], []))
+            last_pool = pool
+        chained = Work(seq, pos, pos + 1, [], True)
+        nxt.append(chained)
+        items.append(chained)
+        synced = seq.table_synced
+        deltas.append(dp.StepDelta(seq.seq_id, [], pos, synced, table[synced:], True, True))
+    if not nxt or len(nxt) > limits.max_num_seqs or len(nxt) > limits.token_budget:
+        return None
+    for w in nxt:
+        seq = w.seq
+        seq.driver_pos, seq.table_synced = w.end, len(seq.block_table)  # (its driver key is the pool's already)
+    sents = []
+    for pool, (items, deltas) in by_pool.items():
+        msg = dp.Execute([], [], deltas, state.driver_drops.pop(pool, []), state.epoch)
+        state.execute_bytes += len(codec.encode(msg))
+        sents.append(Sent(pool, state.drivers[pool], pools[pool][0], items, msg, state.memory_generation))
+    return nxt, sents
 
 
 def send_next(state: EngineState, tg: TaskGroup, work: list[Work], incarnations: dict[str, int],
               limits: Limits) -> InFlight | None:
-    """Send step N+1 (`chain_work`) behind step N, its Executes awaited in
+    """Send step N+1 (`chain_step`) behind step N, its Executes awaited in
     `tg`, when it fits `limits`; None: the next step is planned as usual."""
     if state.memory_down:
         return None
-    nxt = chain_work(state, work, incarnations)
-    if nxt is None or len(nxt) > limits.max_num_seqs or len(nxt) > limits.token_budget:
+    chained = chain_step(state, work, incarnations, limits)
+    if chained is None:
         return None
-    result = StepResult()
-    flying = InFlight(nxt, incarnations, prepare(state, nxt, incarnations, result), result)
+    flying = InFlight(chained[0], incarnations, chained[1], StepResult())
     tg.start_soon(flying.fly, state)
     state.steps_ahead += 1
     return flying
@@ -321,5 +347,5 @@ async def execute_step(state: EngineState, work: list[Work], incarnations: dict[
     return result
 
 
-__all__ = ["InFlight", "Renewal", "apply_ahead", "chain_work", "execute_step", "reserve_ahead", "send_next", "settle",
+__all__ = ["InFlight", "Renewal", "apply_ahead", "chain_step", "execute_step", "reserve_ahead", "send_next", "settle",
            "take_covered"]

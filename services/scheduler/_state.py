@@ -55,7 +55,7 @@ class DriverState:
     # Bumped each time a driver of this name comes up: a block table is only
     # good on the incarnation it was planned for.
     incarnation: int
-    # Async steps are sent to it (_overlap.py `chain_work`): not to a driver
+    # Async steps are sent to it (_overlap.py `chain_step`): not to a driver
     # on the host's CPU cores under `async_steps = "auto"`.
     chains: bool = True
     # The steps in flight on it (two with async scheduling).
