@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import anyio
+import msgspec
 
 from common.logs import get_logger
 from ipc import codec
@@ -21,8 +22,10 @@ from services.scheduler._state import DriverState, EngineState
 log = get_logger()
 
 
-@dataclass(slots=True, eq=False)
-class Work:
+# Work and Produced are made per sequence per step: msgspec Structs, not
+# dataclasses, for their C-built __init__ (a dataclass's is Python: 0.5 us
+# against 0.2 on this box); gc=False as neither is ever in a reference cycle.
+class Work(msgspec.Struct, eq=False, gc=False):
     """One sequence's share of a step: the KV of positions [start, end) is
     computed, after the copy-on-write block copies (src, dst)."""
 
@@ -41,12 +44,11 @@ class Work:
         return self.chain or self.end == len(self.seq.tokens) and not self.seq.epilogue
 
 
-@dataclass(slots=True)
-class Produced:
+class Produced(msgspec.Struct, gc=False):
     seq: Seq
     token: int
     logprob: float
-    top_logprobs: list[tuple[int, float]] = field(default_factory=list)
+    top_logprobs: list[tuple[int, float]] = []
 
 
 @dataclass(slots=True)
