@@ -26,27 +26,29 @@ The chat rates are sized for a quiet 2-core CPU machine (about 330
 generated tokens/s at saturation through the OS path: docs/benchmarks.md,
 Serve).
 
-Sizing (issue 19, fourth session). A fixed burst measured the CPU, not the
-tuner: three documents were 1.5-2 s of prefill on the AMD EPYC (float32)
-the workload was built on, where the default static setting met 4 of 18,
-and well under a second on an AMX Xeon (bf16), where it met 57-60 of 70.
-So after the warm-up, with the default static setting (512 x 64, tuner
+Sizing (issue 19, fourth session). A fixed burst measures the machine (and
+the tree), not the tuner: on the AMD EPYC (float32) the workload was built
+on the default static setting met 4 of 18, on an AMX Xeon (bf16) 57-60 of
+70. So after the warm-up, with the default static setting (512 x 64, tuner
 off) and nothing else running, the bench times CALIBRATION_DOCS documents
-of CALIBRATION_DOC_TOKENS tokens alone (first token only) and one lone chat:
-prefill tokens/s is the documents' median, the decode step a chat's mean
-time per output token; both are printed and recorded in the JSON
-(`calibration`). The burst then holds burst_size x measured / REFERENCE_
-PREFILL_TPS documents (2,400 tokens/s, the EPYC's; rounded, 1 to MAX_BURST):
-its prefill takes the seconds the reference's three did, its lengths, its
-spacing and the chats unchanged (tools/bench/_tuning_workloads.py,
-`sized_bursty`). A machine the measurement finds loaded gets a smaller
-burst: the overload is sized to the machine as it is during the run.
+of CALIBRATION_DOC_TOKENS tokens alone (to their first token) and one lone
+chat: prefill tokens/s is the documents' median, the decode step the chat's
+mean time per output token; both are printed and recorded in the JSON
+(`calibration`). The burst then holds 3 x measured / reference documents
+(REFERENCE_PREFILL_TPS, 2,400 tokens/s, the EPYC's; rounded, 1 to
+MAX_BURST), so its prefill takes the seconds the reference's three did (a
+chat arriving in a burst waits those seconds for its first token at the
+default); the documents' lengths, the bursts' spacing and the chats are
+unchanged (tools/bench/_tuning_workloads.py, `sized_bursty`). A machine the
+measurement finds loaded gets a smaller burst: the overload is sized to the
+machine as it is during the run. The decode step is recorded, not used: the
+chats' per-token misses depend on it too (docs/benchmarks.md, issue 19's
+sized bursty).
 Steady and ramp are not sized: steady is the light load where nothing should
 be at risk (what it tests is that the tuner's middle does not pay), and the
-ramp's overload is a rate climbing to 8 a second of chats, decode-bound,
-which a prefill figure does not size (on the quiet AMX Xeon every static arm
-met 79/79 of it: a decode-sized ramp is left to its own change; the
-calibration's decode step is recorded for it).
+ramp's overload is a rate climbing to 8 chats a second, decode-bound, which
+a prefill figure does not size (on the quiet AMX Xeon every static arm met
+79/79 of it: a decode-sized ramp is left to its own change).
 
 Settings: the tuner (the default: it starts from the [scheduler] limits,
 512 x 64, chunk 512) and a sweep of static settings, token budget x batch
