@@ -6,6 +6,7 @@ this process with the memory manager and the null driver's own handler
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 import time
@@ -31,6 +32,7 @@ from tools.testing import running_llmos
 
 GREEDY = SamplingParams(temperature=0.0)
 SCHEDULER_SWITCH_INTERVAL_S = 0.0005
+SCHEDULER_GC_THRESHOLD = (10_000, 10, 10)
 POOL = "null"
 
 
@@ -197,8 +199,9 @@ async def inproc_engine(home: Path, step_ms: float, max_seqs: int, num_blocks: i
     engine.driver_up(POOL, driver.ready_meta())
     tok = load_tokenizer(driver.model_dir)
     engine.set_model(Model(tok, frozenset(tok.eos_token_ids), driver.limits.max_model_len))
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(SCHEDULER_SWITCH_INTERVAL_S)  # as services/scheduler/__main__.py sets it
+    interval, threshold = sys.getswitchinterval(), gc.get_threshold()
+    sys.setswitchinterval(SCHEDULER_SWITCH_INTERVAL_S)  # as services/scheduler/__main__.py sets them
+    gc.set_threshold(*SCHEDULER_GC_THRESHOLD)
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(engine.run)
@@ -206,6 +209,7 @@ async def inproc_engine(home: Path, step_ms: float, max_seqs: int, num_blocks: i
             tg.cancel_scope.cancel()
     finally:
         sys.setswitchinterval(interval)
+        gc.set_threshold(*threshold)
 
 
 __all__ = ["InProcTarget", "OsTarget", "Target", "booted_os", "cpu_seconds", "inproc_engine"]
