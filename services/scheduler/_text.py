@@ -32,10 +32,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import anyio
 
 from services.scheduler._request import Request
+
+if TYPE_CHECKING:
+    from services.scheduler._execute import Produced
 
 
 def _feed(batch: Sequence[tuple[Request, int]]) -> None:
@@ -60,24 +64,35 @@ class TextLater:
     def __bool__(self) -> bool:
         return bool(self.batch)
 
-    def split(self, live: Sequence[tuple[Request, int]]) -> list[tuple[Request, int]]:
-        """Keep the ids whose text can wait; return the rest, to feed now
-        (those that end, or could end, by their text or with this id)."""
+    def record(self, produced: Sequence[Produced]) -> tuple[list[tuple[Request, int]], int]:
+        """One pass over a step's outputs: each live one's id recorded (on
+        its sequence, and its request's `record`) and its text kept to feed
+        later when it can wait; returns the ids whose text is fed now (those
+        that end, or could end, by their text or with this id), and how many
+        were recorded."""
         now = []
         later = self.batch
         deadline = self._deadline
-        for item in live:
-            req, token = item
+        n = 0
+        for out in produced:
+            seq = out.seq
+            req = seq.request
+            if req.ended:
+                continue
+            token = out.token
+            seq.tokens.append(token)
+            req.record(token, out.logprob, out.top_logprobs)
+            n += 1
             submit = req.submit
             if submit.stop or submit.session or req.end_reason(token) is not None:  # (a session's turn)
-                now.append(item)
+                now.append((req, token))
             else:
-                later.append(item)
+                later.append((req, token))
                 d = submit.deadline_ns
                 if d > 0 and (deadline == 0 or d < deadline):
                     deadline = d
         self._deadline = deadline
-        return now
+        return now, n
 
     def requests(self) -> set[int]:
         """The ids (`id()`) of the requests whose text waits."""

@@ -350,14 +350,9 @@ class Engine:
         self.state.requeue(seq)
 
     async def _deliver(self, produced: list[Produced]) -> None:
-        live: list[tuple[Request, int]] = []  # one pass over the step's outputs: the ids, recorded
-        for out in produced:
-            if not (req := out.seq.request).ended:
-                out.seq.tokens.append(out.token)
-                req.record(out.token, out.logprob, out.top_logprobs)
-                live.append((req, out.token))
-        self.tokens_generated += len(live)
-        await feed_step(now := self.text_later.split(live))  # text now (worker thread); the rest beside the next step
+        now, recorded = self.text_later.record(produced)  # one pass: the ids recorded, the text that can wait kept
+        self.tokens_generated += recorded
+        await feed_step(now)  # text now (worker thread); the rest beside the next step
         waits = self.text_later.requests() if now else set()
         for req, token in now:
             if req.ended or id(req) in waits:
