@@ -9,9 +9,10 @@ import random
 import pytest
 
 from tools.bench._serve_load import Req, Timing
-from tools.bench._tuning_workloads import MAX_BURST, REFERENCE_PREFILL_TPS, burst_prefill_s, sized_bursty
-from tools.bench.tuning import (CHAT, DOC, FULL, OBJECTIVES, QUICK, Calibration, Outcome, Run, arm_order, bursty,
-                                draw, figures, ramp, ratio, salted, sized_workload, steady, summarize)
+from tools.bench._tuning_client import OBJECTIVES, Calibration, Outcome, salted
+from tools.bench._tuning_workloads import (CHAT, DOC, FULL, MAX_BURST, QUICK, REFERENCE_PREFILL_TPS, burst_prefill_s,
+                                           bursty, ramp, sized_bursty, steady)
+from tools.bench.tuning import Run, arm_order, draw, figures, ratio, sized_workload, summarize
 
 
 def test_the_three_workloads_have_their_shapes() -> None:
