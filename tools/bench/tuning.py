@@ -1,7 +1,7 @@
 """Tuning: the online tuner (on by default) against static settings, on SLO goodput, through the
 OS path.
 
-    python -m tools.bench.tuning [--quick] [--json PATH] [--workload steady|bursty|ramp ...] [--fixed-load]
+    python -m tools.bench.tuning [--quick] [--json PATH] [--workload steady|bursty|ramp ...] [--sized]
 
 The demo model, greedy, EOS ignored, requests streamed through the SDK to
 `llmos up`'s processes (kernel, memory server, CPU driver, scheduler; auth
@@ -11,14 +11,12 @@ off). Three workloads, each replayed against every setting:
               replies of 32-96;
 * bursty    - streaming chats (about one a second, replies of 48-128
               tokens) into which a burst of documents (prompts of
-              1,200-1,600 tokens, replies of 8-16) lands every 6 s, sized
-              to the machine (below): as many documents as make a burst
-              1.75 s of prefill at the static default (512-token chunks),
-              with the chats' and documents' decodes waiting on each;
-              `--fixed-load`: three documents a burst whatever the machine
-              (~4,200 prompt tokens; until 2026-12-01 two documents of
-              900-1,200 tokens every 5 s: the default met 11/11, so the
-              workload told no setting apart);
+              1,200-1,600 tokens, replies of 8-16) lands every 6 s: three
+              documents a burst (~4,200 prompt tokens; until 2026-12-01 two
+              documents of 900-1,200 tokens every 5 s: the default met
+              11/11, so the workload told no setting apart); `--sized`:
+              as many documents as make a burst 1.75 s of prefill on this
+              machine (below, experimental);
 * ramp      - chat whose arrival rate climbs linearly from light to well
               past what a 2-core machine serves (overload).
 
@@ -26,7 +24,7 @@ The chat rates are sized for a quiet 2-core CPU machine (about 330
 generated tokens/s at saturation through the OS path: docs/benchmarks.md,
 Serve).
 
-Sizing (issue 19, fourth session). A fixed burst measures the machine (and
+Sizing (`--sized`, issue 19, fourth session; not the default). A fixed burst measures the machine (and
 the tree), not the tuner: on the AMD EPYC (float32) the workload was built
 on the default static setting met 4 of 18, on an AMX Xeon (bf16) 57-60 of
 70. So after the warm-up, with the default static setting (512 x 64, tuner
@@ -43,7 +41,11 @@ unchanged (tools/bench/_tuning_workloads.py, `sized_bursty`). A machine the
 measurement finds loaded gets a smaller burst: the overload is sized to the
 machine as it is during the run. The decode step is recorded, not used: the
 chats' per-token misses depend on it too (docs/benchmarks.md, issue 19's
-sized bursty).
+sized bursty). Why it is not the default: on the quiet AMX Xeon the
+calibration read 1,608 and 3,218 tokens/s in two runs minutes apart (2 and
+4 documents a burst), and at 4 every arm collapsed (0-12 of 38 met, the
+default 0-1): a burst sized by prefill alone is not the same overload on
+another machine, and the figure moved with the calibration's noise.
 Steady and ramp are not sized: steady is the light load where nothing should
 be at risk (what it tests is that the tuner's middle does not pay), and the
 ramp's overload is a rate climbing to 8 chats a second, decode-bound, which
@@ -200,7 +202,8 @@ def sized_workload(plan: Plan, before_bursty: tuple[object, ...], cal: Calibrati
 
 
 async def main_async(home: Path, quick: bool, only: list[str] | None = None,
-                     fixed_load: bool = False) -> tuple[list[Run], dict[str, float], Calibration]:
+                     sized: bool = False) -> tuple[list[Run], dict[str, float], Calibration]:
+    fixed_load = not sized
     plan = QUICK if quick else FULL
     workloads, before_bursty = draw(plan)
     workloads = {name: w for name, w in workloads.items() if not only or name in only}
@@ -222,7 +225,7 @@ async def main_async(home: Path, quick: bool, only: list[str] | None = None,
         print(f"  this machine, alone, at the default static setting: prefill {cal.prefill_tps:.0f} tokens/s "
               f"(runs {', '.join(f'{x:.0f}' for x in cal.prefill_runs_tps)}; the reference "
               f"{REFERENCE_PREFILL_TPS:.0f}), decode step {cal.decode_step_ms:.1f} ms; bursty: "
-              f"{cal.burst_size} documents a burst{' (--fixed-load)' if fixed_load else ''}, "
+              f"{cal.burst_size} documents a burst{'' if fixed_load else ' (--sized)'}, "
               f"{cal.burst_prefill_s:.2f} s of prefill each (the reference's {cal.reference_burst_prefill_s:.2f} s)"
               + (f"; capped at {MAX_BURST}: a burst overloads this machine less than the reference"
                  if not fixed_load and cal.burst_size == MAX_BURST else ""), file=sys.stderr, flush=True)
@@ -257,15 +260,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--home", type=Path, help="LLMOS_HOME for the runs (default: $LLMOS_HOME/bench/tuning)")
     ap.add_argument("--workload", action="append", choices=list(WORKLOADS),
                     help="serve only this workload (repeat for more; default: all three)")
-    ap.add_argument("--fixed-load", action="store_true",
-                    help="serve the fixed bursty workload (three documents a burst, as before 2026-12-01's fourth "
-                         "session) instead of one sized to this machine's measured prefill")
+    ap.add_argument("--sized", action="store_true",
+                    help="size bursty's bursts to this machine's measured prefill instead of three documents a "
+                         "burst (experimental: not the default, see the module's docstring)")
     args = ap.parse_args(argv)
     home = (args.home or llmos_home() / "bench" / "tuning").resolve()
     home.mkdir(parents=True, exist_ok=True)
     print(f"tuning bench ({'quick' if args.quick else 'full'}), home {home}", file=sys.stderr)
     began = time.monotonic()
-    runs, figs, cal = anyio.run(main_async, home, args.quick, args.workload, args.fixed_load, backend="asyncio",
+    runs, figs, cal = anyio.run(main_async, home, args.quick, args.workload, args.sized, backend="asyncio",
                                 backend_options={"use_uvloop": True})
     took = time.monotonic() - began
     rows = [("setting", "workload", "met/requests", "refused", "gave up", "goodput/s", "TTFT p50 ms",
