@@ -47,7 +47,8 @@ def features(s: StepShape) -> Vec:
 
 class LatencyModel:
     def __init__(self, window: int = 64, *, min_samples: int = 12, max_rel_error: float = 0.35,
-                 drift_steps: int = 12, drift_ratio: float = 1.4, trust_steps: int = 8, trust_ratio: float = 1.25):
+                 drift_steps: int = 12, drift_ratio: float = 1.4, trust_steps: int = 8, trust_ratio: float = 1.25,
+                 trust_again_ratio: float = 1.15):
         self.idle_s = 0.0  # smoothed, a near-idle step's time less its decodes' share (the fixed cost's floor)
         self.samples: deque[tuple[Vec, float]] = deque(maxlen=window)
         self.min_samples = min_samples
@@ -62,6 +63,11 @@ class LatencyModel:
         self._drift_log = math.log(drift_ratio)
         self._trust_steps = trust_steps
         self._trust_log = math.log(trust_ratio)
+        # Trust once lost comes back only within this tighter band (hysteresis):
+        # a ratio hovering at `trust_ratio` flipped it, and the tuner's cap with
+        # it, every second on a machine whose speed wandered (stolen CPU).
+        self._trust_again_log = math.log(trust_again_ratio)
+        self._trusting = False
 
     @property
     def sure(self) -> bool:
@@ -89,9 +95,18 @@ class LatencyModel:
         """Sure, and the last steps ran within `trust_ratio` of what it
         predicted: an error its fit's residual does not show (a model
         rescaled by a reset, a machine that just sped up) keeps it from
-        binding anything until it holds again."""
+        binding anything until it holds again, within `trust_again_ratio`.
+        (Idempotent for one step: it only moves with the recent ratio.)"""
         r = self.recent_ratio
-        return self.sure and r is not None and abs(math.log(r)) <= self._trust_log
+        if r is None:
+            self._trusting = False
+        else:
+            off = abs(math.log(r))
+            if off <= self._trust_again_log or (self._trusting and off <= self._trust_log):
+                self._trusting = True
+            else:
+                self._trusting = False
+        return self.sure and self._trusting
 
     @property
     def max_decodes(self) -> int:
