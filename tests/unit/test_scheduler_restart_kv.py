@@ -25,7 +25,7 @@ from common.config.scheduler import SchedulerConfig
 from ipc.protocol import memory as mp
 from services.scheduler._history import Histories, HistoryStore
 from services.scheduler.engine import Engine, Model
-from tests.helpers.scheduler_fakes import TOK, FakeDriver, InProcessBackend, Stream, reference
+from tests.helpers.scheduler_fakes import TOK, FakeDriver, InProcessBackend, Stream, expected, reference, running
 
 BS = 4  # the fake driver's block size
 
@@ -139,3 +139,38 @@ async def test_a_scheduler_restart_mid_decode_keeps_the_prefix_cache_but_for_the
     assert again.tokens(got) == reference(tokens, 4)
     # The block the last executed step filled was never reported computed: only it is recomputed.
     assert got.usage.cached_tokens >= (computed // BS - 1) * BS, (got.usage.cached_tokens, computed)
+
+
+async def test_a_reserve_the_restarted_memory_server_answered_before_the_reregistration_runs_nothing() -> None:
+    """The chaos run's wrong token: the memory server restarted while the
+    scheduler was stopped, and a new request's first Reserve reached the new,
+    empty server before the scheduler re-registered its live sequences. That
+    server handed out the blocks the driver still held for a decoding
+    sequence; the new prompt's prefill wrote over their KV, and the decoding
+    sequence's next token was read from it. The restart's notice reaches the
+    scheduler before that reply (one connection, in order): the reply must
+    start nothing."""
+    drivers = {"cpu": FakeDriver(64, BS)}
+    async with running(SchedulerConfig(), drivers) as (engine, backend):
+        live = Stream(engine, prompt="The kernel routes messages", max_tokens=16, ignore_eos=True)
+        with anyio.fail_after(10):
+            while len(live.events) < 4:
+                await anyio.sleep(0)
+        reserve = backend.reserve
+        restarted = False
+
+        async def restart_under(req: mp.Reserve) -> mp.ReserveReply:
+            nonlocal restarted
+            if not restarted and any(i.start == 0 and i.tokens for i in req.seqs):
+                restarted = True
+                backend.restart_memory()
+                engine.memory_restarted()  # its notice, read before the reply
+            return await reserve(req)
+
+        backend.reserve = restart_under  # type: ignore[method-assign]
+        late = Stream(engine, prompt="another prompt, other tokens", max_tokens=8, ignore_eos=True)
+        finals = [await live.result(), await late.result()]
+    assert restarted
+    assert [f.error for f in finals] == ["", ""]
+    assert live.tokens(finals[0]) == expected("The kernel routes messages", 16)
+    assert late.tokens(finals[1]) == expected("another prompt, other tokens", 8)
