@@ -76,12 +76,16 @@ async def reserve(state: EngineState, scheduled: list[tuple[Seq, int]]) -> tuple
                                    seq.tenant if first else "", (seq.pool or "") if first else "",
                                    computed=-1 if first else seq.num_computed))
     # The KV to release rides on the same call, applied first.
-    release, discard = state.take_releases()
     generation = state.memory_generation
+    if state.memory_synced != generation:
+        # A restarted memory server not yet told which blocks the drivers
+        # hold would hand them out again: wait for the re-registration.
+        return [], []
+    release, discard = state.take_releases()
     reply = await state.memory(state.backend.reserve(mp.Reserve(items, release, discard)))
     if generation != state.memory_generation:
         # The memory server restarted while the call was out: a reply from
-        # the new one hands out blocks its driver still holds for live
+        # the new one hands out blocks a driver still holds for live
         # sequences (not re-registered yet), so running on them would write
         # over their KV. Nothing starts; the re-registration (replace=True)
         # drops what the new server reserved, and the releases died with the old.

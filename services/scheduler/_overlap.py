@@ -119,6 +119,8 @@ async def reserve_ahead(state: EngineState, work: list[Work], quotas: Mapping[st
 
 async def _reserve_items(state: EngineState, items: list[tuple[Seq, mp.SeqReserve]]
                          ) -> list[tuple[Seq, mp.SeqReserve, mp.SeqBlocks]] | None:
+    if state.memory_synced != state.memory_generation:
+        return []  # a restarted memory server, not re-registered yet (_execute.reserve)
     release, discard = state.take_releases()
     if not items and not release and not discard:
         return None

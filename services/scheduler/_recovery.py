@@ -96,6 +96,7 @@ async def reregister_live(state: EngineState, sessions: SessionTable) -> bool:
     is recomputed: its slots' bookkeeping died with the server. False: the
     memory server went down again (retry when it is back)."""
     state.forget_releases()
+    generation = state.memory_generation
     states: list[mp.SeqState] = []
     by_id: dict[int, Seq] = {}
     pinned = set(sessions.pinned())
@@ -115,7 +116,10 @@ async def reregister_live(state: EngineState, sessions: SessionTable) -> bool:
             seq.reset(keep_pool=True)
     sessions.memory_restarted()
     reply = await state.memory(state.backend.reregister(mp.Reregister(states, replace=True)))
-    done = isinstance(reply, mp.ReregisterReply)
+    # (Restarted again while the call was out: the next one re-registers.)
+    done = isinstance(reply, mp.ReregisterReply) and generation == state.memory_generation
+    if done:
+        state.memory_synced = generation
     if isinstance(reply, mp.ReregisterReply):
         for f in reply.failures:
             log.warning("scheduler.reregister_failed", seq=f.seq_id, error=f.error.message)

@@ -73,6 +73,10 @@ class EngineState:
         # Bumped when the memory server is lost or restarts: a step chained
         # before that (async scheduling) used slots the new one never gave.
         self.memory_generation = 0
+        # The generation the memory server's view was last re-registered for
+        # (_recovery.py): while it lags, the server (a restarted one) does not
+        # know which blocks the drivers hold, and no slot is reserved from it.
+        self.memory_synced = 0
         self.renewal: Renewal | None = None  # async steps: slots renewed across steps (_overlap.py)
         self.swapped_out = self.swapped_in = 0  # sequences moved to / from the swap tier
         # Round trips the loop awaited (concurrent ones count once) and the

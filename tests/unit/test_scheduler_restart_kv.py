@@ -174,3 +174,45 @@ async def test_a_reserve_the_restarted_memory_server_answered_before_the_reregis
     assert [f.error for f in finals] == ["", ""]
     assert live.tokens(finals[0]) == expected("The kernel routes messages", 16)
     assert late.tokens(finals[1]) == expected("another prompt, other tokens", 8)
+
+
+async def test_a_memory_server_restarted_again_while_being_reregistered_is_reregistered_too() -> None:
+    """A second restart while the re-registration was out: the one that
+    answered it is gone, and its successor knows nothing of the live
+    sequences; it is told too before anything is reserved from it, so the
+    decoding sequence keeps its KV and a new prompt gets blocks of its own.
+    (Before: the flag was cleared though the server was new; the live
+    sequence's next Reserve was refused as unknown and it was recomputed.)"""
+    drivers = {"cpu": FakeDriver(64, BS)}
+    async with running(SchedulerConfig(async_steps=False), drivers) as (engine, backend):
+        live = Stream(engine, prompt="The kernel routes messages", max_tokens=16, ignore_eos=True)
+        with anyio.fail_after(10):
+            while len(live.events) < 4:
+                await anyio.sleep(0)
+        reregister = backend.reregister
+        calls = 0
+
+        async def restart_under(req: mp.Reregister) -> mp.ReregisterReply:
+            nonlocal calls
+            calls += 1
+            first = backend.memory
+            if calls == 1:
+                backend.restart_memory()
+                engine.memory_restarted()
+                return first.reregister(req)  # answered by the one now gone
+            return await reregister(req)
+
+        backend.reregister = restart_under  # type: ignore[method-assign]
+        engine.memory_down()
+        backend.restart_memory()
+        engine.memory_restarted()
+        late = Stream(engine, prompt="another prompt, other tokens", max_tokens=8, ignore_eos=True)
+        finals = [await live.result(), await late.result()]
+        computed = sum(drivers["cpu"].tokens_per_step)
+    assert [f.error for f in finals] == ["", ""]
+    assert live.tokens(finals[0]) == expected("The kernel routes messages", 16)
+    assert late.tokens(finals[1]) == expected("another prompt, other tokens", 8)
+    # every position's KV computed once: the live sequence's blocks were adopted by the last server
+    prompts = len(TOK.encode("The kernel routes messages")) + len(TOK.encode("another prompt, other tokens"))
+    assert computed == prompts + 15 + 7
+    assert calls == 2
