@@ -213,10 +213,16 @@ def prepare(state: EngineState, work: list[Work], incarnations: dict[str, int], 
             if w.copies:
                 copies.extend(w.copies)
             seq.driver_key, seq.driver_pos, seq.table_synced = key, end, len(seq.block_table)
-        msg = dp.Execute(steps, copies, deltas, state.driver_drops.pop(pool, []), state.epoch)
-        state.execute_bytes += len(codec.encode(msg))
-        sents.append(Sent(pool, d, incarnation, items, msg, state.memory_generation))
+        sents.append(seal(state, pool, d, incarnation, items, steps, copies, deltas))
     return sents
+
+
+def seal(state: EngineState, pool: str, d: DriverState, incarnation: int, items: list[Work],
+         steps: list[dp.StepSeq], copies: list[tuple[int, int]], deltas: list[dp.StepDelta]) -> Sent:
+    """One pool's `Execute` for `items`, with the drops owed to its driver, counted in `execute_bytes`."""
+    msg = dp.Execute(steps, copies, deltas, state.driver_drops.pop(pool, []), state.epoch)
+    state.execute_bytes += len(codec.encode(msg))
+    return Sent(pool, d, incarnation, items, msg, state.memory_generation)
 
 
 async def send_all(state: EngineState, sents: list[Sent]) -> None:

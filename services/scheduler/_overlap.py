@@ -37,10 +37,9 @@ import anyio
 from anyio.abc import TaskGroup
 
 from common.logs import get_logger
-from ipc import codec
 from ipc.protocol import driver as dp
 from ipc.protocol import memory as mp
-from services.scheduler._execute import Sent, StepResult, Work, apply, execute, prepare, send_all
+from services.scheduler._execute import Sent, StepResult, Work, apply, execute, prepare, seal, send_all
 from services.scheduler._request import Ahead, Seq, State
 
 # Slots a decode reserves ahead at once (the memory server's MAX_AHEAD): a
@@ -264,9 +263,7 @@ def chain_step(state: EngineState, work: list[Work], incarnations: dict[str, int
         seq.driver_pos, seq.table_synced = w.end, len(seq.block_table)  # (its driver key is the pool's already)
     sents = []
     for pool, (items, deltas) in by_pool.items():
-        msg = dp.Execute([], [], deltas, state.driver_drops.pop(pool, []), state.epoch)
-        state.execute_bytes += len(codec.encode(msg))
-        sents.append(Sent(pool, state.drivers[pool], pools[pool][0], items, msg, state.memory_generation))
+        sents.append(seal(state, pool, state.drivers[pool], pools[pool][0], items, [], [], deltas))
     return nxt, sents
 
 
